@@ -1,0 +1,93 @@
+"""Realtime messages: the seed's four pipeline messages plus job status messages.
+
+Every message carries ``type``, ``job_id``, ``timestamp`` (ISO-8601 UTC, ``Z``), an ``event_id``
+(UUID, so a retried delivery is stored once) and ``seq``, the per-job sequence number (1, 2, 3 …)
+that the event store assigns when it stores the message, before anyone sees it.
+"""
+
+from __future__ import annotations
+
+import uuid
+from datetime import UTC, datetime
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
+
+JobStatus = Literal["queued", "running", "succeeded", "failed", "cancelled", "crashed"]
+TERMINAL_STATUSES: frozenset[str] = frozenset({"succeeded", "failed", "cancelled", "crashed"})
+
+
+def utc_timestamp() -> str:
+    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+class _Event(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    job_id: str
+    seq: int | None = None
+    timestamp: str = Field(default_factory=utc_timestamp)
+    event_id: str = Field(default_factory=lambda: uuid.uuid4().hex)
+
+
+class StageStart(_Event):
+    type: Literal["pipeline_stage_start"] = "pipeline_stage_start"
+    stage_index: int
+    plugin: str
+    tool: str
+    attempt: int = 1
+
+
+class StageEnd(_Event):
+    type: Literal["pipeline_stage_end"] = "pipeline_stage_end"
+    stage_index: int
+    plugin: str
+    tool: str
+    duration_ms: int
+    ok: bool
+    result_size_bytes: int
+    peak_memory_mb: float | None = None
+
+
+class PipelineError(_Event):
+    type: Literal["pipeline_error"] = "pipeline_error"
+    stage_index: int | None
+    plugin: str | None
+    tool: str | None = None
+    error: str
+    error_type: str
+
+
+class PipelineProgress(_Event):
+    type: Literal["pipeline_progress"] = "pipeline_progress"
+    stages_total: int
+    stages_completed: int
+    percent: int
+
+
+class JobStatusEvent(_Event):
+    """The job's status changed. Terminal ones carry the result envelope."""
+
+    type: Literal["job_status"] = "job_status"
+    status: JobStatus
+    flow_run_id: str | None = None
+    envelope: dict[str, Any] | None = None
+
+
+Event = Annotated[
+    StageStart | StageEnd | PipelineError | PipelineProgress | JobStatusEvent, Field(discriminator="type")
+]
+EVENT_ADAPTER: TypeAdapter[Event] = TypeAdapter(Event)
+
+
+def parse_event(data: dict[str, Any]) -> Event:
+    return EVENT_ADAPTER.validate_python(data)
+
+
+def progress(job_id: str, completed: int, total: int) -> PipelineProgress:
+    percent = round(100 * completed / total) if total else 100
+    return PipelineProgress(job_id=job_id, stages_total=total, stages_completed=completed, percent=percent)
+
+
+def is_terminal(event: BaseModel) -> bool:
+    return isinstance(event, JobStatusEvent) and event.status in TERMINAL_STATUSES

@@ -1,0 +1,115 @@
+"""Pipeline definition, as the user writes it, and the result envelope a run returns.
+
+``PipelineStage`` and ``PipelineDefinition`` keep the seed's exact fields; ``timeout_seconds`` on
+the definition is the per-stage timeout, a stage's own ``timeout_seconds`` overrides it.
+A pipeline file may be the definition object or the seed's job form ``{"pipeline": [stages]}``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+StageStatus = Literal["pending", "running", "completed", "failed", "skipped"]
+
+
+class PipelineStage(BaseModel):
+    """One step: a plugin's tool with its config."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    plugin: str = Field(min_length=1, max_length=200, description="Plugin name or alias.")
+    tool: str = Field(min_length=1, max_length=200, description="Tool name.")
+    config: dict[str, Any] = Field(default_factory=dict, description="Tool configuration (validated by the tool).")
+    timeout_seconds: float | None = Field(None, description="This stage's timeout; default: the pipeline's.")
+    retries: int = Field(0, ge=0, le=10, description="Prefect task retries for this stage.")
+
+    @field_validator("timeout_seconds")
+    @classmethod
+    def _positive_finite(cls, value: float | None) -> float | None:
+        if value is not None and (not math.isfinite(value) or value <= 0):
+            raise ValueError("timeout_seconds must be a positive number")
+        return value
+
+
+class PipelineDefinition(BaseModel):
+    """An ordered list of stages; stage N's outputs feed stage N+1."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    stages: list[PipelineStage] = Field(min_length=1, description="The stages, in order.")
+    timeout_seconds: float = Field(300.0, description="Timeout of each stage, in seconds.")
+    description: str = Field("", max_length=10_000)
+
+    @field_validator("timeout_seconds")
+    @classmethod
+    def _positive_finite(cls, value: float) -> float:
+        if not math.isfinite(value) or value <= 0:
+            raise ValueError("timeout_seconds must be a positive number")
+        return value
+
+    @model_validator(mode="before")
+    @classmethod
+    def _accept_seed_list_form(cls, data: Any) -> Any:
+        # The seed writes jobs as {"pipeline": [stages]}; a bare list of stages is accepted too.
+        if isinstance(data, list):
+            return {"stages": data}
+        if isinstance(data, dict) and "stages" not in data and isinstance(data.get("pipeline"), list):
+            rest = {k: v for k, v in data.items() if k in ("timeout_seconds", "description")}
+            return {"stages": data["pipeline"], **rest}
+        return data
+
+    def stage_timeout(self, index: int) -> float:
+        return self.stages[index].timeout_seconds or self.timeout_seconds
+
+
+def pipeline_json_schema() -> dict[str, Any]:
+    """The published JSON Schema of pipeline files (``forgeflow schema``)."""
+    schema = PipelineDefinition.model_json_schema()
+    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+    schema["$id"] = "https://forgeflow.dev/schemas/pipeline.json"
+    return schema
+
+
+class StageReport(BaseModel):
+    """What happened to one stage of one run."""
+
+    index: int
+    plugin: str
+    tool: str
+    status: StageStatus = "pending"
+    duration_ms: float | None = None
+    result_size_bytes: int | None = None
+    peak_memory_mb: float | None = None
+    error: str | None = None
+    error_type: str | None = None
+
+
+class ResultEnvelope(BaseModel):
+    """``{ok, result, stages_executed}`` or ``{ok: false, error, error_type, stage_failed, partial_result}``.
+
+    ``stage_failed`` is 0-based. ``stages`` reports every stage (completed, failed, skipped).
+    """
+
+    ok: bool
+    result: dict[str, Any] | None = None
+    stages_executed: int = 0
+    error: str | None = None
+    error_type: str | None = None
+    stage_failed: int | None = None
+    partial_result: dict[str, Any] | None = None
+    stages: list[StageReport] = Field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The envelope with the keys of its kind only (success or failure)."""
+        data = self.model_dump(mode="json")
+        drop = ("error", "error_type", "stage_failed", "partial_result") if self.ok else ("result",)
+        return {k: v for k, v in data.items() if k not in drop}
+
+
+def canonical_json(value: Any) -> str:
+    """The one serialization of results: sorted keys, no spaces. Same result → same bytes."""
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)

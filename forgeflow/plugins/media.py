@@ -1,0 +1,307 @@
+"""Content-addressed media store and frame reading.
+
+Images and videos travel between stages by reference, ``sha256:<hex>``, never inline. The store
+keeps each file once under its SHA-256 with a small JSON sidecar (kind, media type, original name).
+:class:`MediaReader` decodes frames from a stored file or an allowed local path, enforcing size,
+frame-count and resolution limits, and turns every decoding failure into a :class:`MediaError`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import tempfile
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import IO, Any, Literal
+
+from forgeflow.plugins.errors import MediaError, MediaNotFound, MediaTooLarge
+
+REF_PREFIX = "sha256:"
+_REF_RE = re.compile(r"^sha256:([0-9a-f]{64})$")
+_CHUNK = 1024 * 1024
+
+MediaKind = Literal["image", "video"]
+
+
+@dataclass(frozen=True)
+class MediaInfo:
+    ref: str
+    sha256: str
+    size_bytes: int
+    kind: MediaKind
+    media_type: str
+    filename: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def sniff(head: bytes) -> tuple[MediaKind, str, str] | None:
+    """Recognise an image or video container from its first bytes: (kind, media type, extension)."""
+    if head.startswith(b"\xff\xd8\xff"):
+        return "image", "image/jpeg", ".jpg"
+    if head.startswith(b"\x89PNG\r\n\x1a\n"):
+        return "image", "image/png", ".png"
+    if head.startswith(b"BM"):
+        return "image", "image/bmp", ".bmp"
+    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
+        return "image", "image/webp", ".webp"
+    if head[:4] == b"RIFF" and head[8:12] == b"AVI ":
+        return "video", "video/x-msvideo", ".avi"
+    if head[4:8] == b"ftyp":
+        brand = head[8:12]
+        if brand == b"qt  ":
+            return "video", "video/quicktime", ".mov"
+        return "video", "video/mp4", ".mp4"
+    if head.startswith(b"\x1a\x45\xdf\xa3"):
+        return "video", "video/x-matroska", ".mkv"
+    if head[:4] in (b"II*\x00", b"MM\x00*"):
+        return "image", "image/tiff", ".tif"
+    return None
+
+
+class MediaStore:
+    """A folder of media files named by their SHA-256."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
+
+    def _blob(self, digest: str) -> Path:
+        return self.root / digest[:2] / digest
+
+    def _sidecar(self, digest: str) -> Path:
+        return self.root / digest[:2] / f"{digest}.json"
+
+    def put_bytes(self, data: bytes, filename: str | None = None) -> MediaInfo:
+        import io
+
+        return self.put_stream(io.BytesIO(data), filename=filename, max_bytes=len(data) + 1)
+
+    def put_file(self, path: Path, filename: str | None = None, max_bytes: int | None = None) -> MediaInfo:
+        path = Path(path)
+        if not path.is_file():
+            raise MediaNotFound(f"media file not found: {path}")
+        with path.open("rb") as fh:
+            return self.put_stream(fh, filename=filename or path.name, max_bytes=max_bytes)
+
+    def put_stream(self, stream: IO[bytes], filename: str | None = None, max_bytes: int | None = None) -> MediaInfo:
+        """Copy a stream into the store, hashing as it goes; refuse it past ``max_bytes``."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        digest = hashlib.sha256()
+        size = 0
+        head = b""
+        fd, tmp_name = tempfile.mkstemp(dir=self.root, prefix=".upload-")
+        try:
+            with os.fdopen(fd, "wb") as out:
+                while chunk := stream.read(_CHUNK):
+                    size += len(chunk)
+                    if max_bytes is not None and size > max_bytes:
+                        raise MediaTooLarge(f"media is larger than the limit of {max_bytes} bytes")
+                    if len(head) < 64:
+                        head += chunk[: 64 - len(head)]
+                    digest.update(chunk)
+                    out.write(chunk)
+            if size == 0:
+                raise MediaError("media is empty (0 bytes)")
+            kind = sniff(head)
+            if kind is None:
+                raise MediaError("unsupported media: not a known image (JPEG, PNG, BMP, WebP, TIFF) or video (MP4, MOV, AVI, MKV)")
+            hexdigest = digest.hexdigest()
+            blob = self._blob(hexdigest)
+            blob.parent.mkdir(parents=True, exist_ok=True)
+            info = MediaInfo(REF_PREFIX + hexdigest, hexdigest, size, kind[0], kind[1], filename)
+            if not blob.exists():
+                os.replace(tmp_name, blob)
+            sidecar = self._sidecar(hexdigest)
+            if not sidecar.exists():
+                _atomic_write(sidecar, json.dumps(info.to_dict()).encode())
+            return info
+        finally:
+            if os.path.exists(tmp_name):
+                os.unlink(tmp_name)
+
+    def info(self, ref: str) -> MediaInfo:
+        digest = self._digest(ref)
+        sidecar = self._sidecar(digest)
+        if not sidecar.exists() or not self._blob(digest).exists():
+            raise MediaNotFound(f"unknown media ref {ref!r}")
+        return MediaInfo(**json.loads(sidecar.read_text()))
+
+    def path(self, ref: str) -> Path:
+        digest = self._digest(ref)
+        blob = self._blob(digest)
+        if not blob.exists():
+            raise MediaNotFound(f"unknown media ref {ref!r}")
+        return blob
+
+    def resolve(self, source: str, input_roots: list[Path] | tuple[Path, ...] = ()) -> Path:
+        """A media ref or a local path inside one of ``input_roots`` → the file to read."""
+        if not isinstance(source, str) or not source:
+            raise MediaError("media must be a media ref ('sha256:...') or a local path")
+        if source.startswith(REF_PREFIX):
+            return self.path(source)
+        candidate = Path(source).expanduser()
+        if not candidate.is_absolute():
+            raise MediaError(f"media path must be absolute: {source!r}")
+        real = candidate.resolve()
+        roots = [Path(r).expanduser().resolve() for r in input_roots]
+        if not any(real == root or root in real.parents for root in roots):
+            allowed = ", ".join(str(r) for r in roots) or "none configured (FORGEFLOW_MEDIA_INPUT_ROOTS)"
+            raise MediaError(f"media path {source!r} is outside the allowed media roots: {allowed}")
+        if not real.is_file():
+            raise MediaNotFound(f"media file not found: {source}")
+        return real
+
+    @staticmethod
+    def _digest(ref: str) -> str:
+        match = _REF_RE.match(ref or "")
+        if not match:
+            raise MediaError(f"malformed media ref {ref!r}: expected 'sha256:' and 64 hex digits")
+        return match.group(1)
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
+    with os.fdopen(fd, "wb") as fh:
+        fh.write(data)
+    os.replace(tmp, path)
+
+
+@dataclass(frozen=True)
+class Frame:
+    index: int
+    timestamp_s: float
+    image: Any  # numpy.ndarray, HxWx3 BGR uint8
+
+
+class MediaReader:
+    """Decode the frames of one image or video file with limits.
+
+    An image is a one-frame video at timestamp 0. ``frames(stride, max_frames)`` yields every
+    ``stride``-th frame up to the smaller of ``max_frames`` and the reader's own limit.
+    """
+
+    def __init__(self, path: Path, *, max_bytes: int, max_frames: int, max_pixels: int) -> None:
+        self.path = Path(path)
+        self.max_frames = max_frames
+        self.max_pixels = max_pixels
+        if not self.path.is_file():
+            raise MediaNotFound(f"media file not found: {self.path}")
+        size = self.path.stat().st_size
+        if size == 0:
+            raise MediaError(f"media file is empty (0 bytes): {self.path.name}")
+        if size > max_bytes:
+            raise MediaTooLarge(f"media file is {size} bytes, over the limit of {max_bytes}")
+        with self.path.open("rb") as fh:
+            sniffed = sniff(fh.read(64))
+        if sniffed is None:
+            raise MediaError(f"unsupported or corrupt media: {self.path.name}")
+        self.kind: MediaKind = sniffed[0]
+        self.media_type = sniffed[1]
+        self.fps, self.frame_count, self.width, self.height = self._probe()
+
+    def _probe(self) -> tuple[float, int, int, int]:
+        import cv2
+
+        if self.kind == "image":
+            image = self._read_image()
+            height, width = image.shape[:2]
+            self._image = image
+            return 0.0, 1, width, height
+        cap = cv2.VideoCapture(str(self.path))
+        try:
+            if not cap.isOpened():
+                raise MediaError(f"cannot open video (corrupt or truncated?): {self.path.name}")
+            width = int(cap.get(cv2.CAP_PROP_FRAME_WIDTH))
+            height = int(cap.get(cv2.CAP_PROP_FRAME_HEIGHT))
+            fps = float(cap.get(cv2.CAP_PROP_FPS) or 0.0)
+            count = int(cap.get(cv2.CAP_PROP_FRAME_COUNT) or 0)
+        finally:
+            cap.release()
+        if width <= 0 or height <= 0:
+            raise MediaError(f"video has no readable frames: {self.path.name}")
+        self._check_resolution(width, height)
+        return (fps if fps > 0 else 25.0), count, width, height
+
+    def _check_resolution(self, width: int, height: int) -> None:
+        if width * height > self.max_pixels:
+            raise MediaTooLarge(
+                f"frame size {width}x{height} is over the limit of {self.max_pixels} pixels: {self.path.name}"
+            )
+
+    def _read_image(self) -> Any:
+        import cv2
+        import numpy as np
+
+        # Read the header first so a huge image is refused before it is decoded.
+        data = np.fromfile(str(self.path), dtype=np.uint8)
+        header = _image_size(self.path)
+        if header is not None:
+            self._check_resolution(*header)
+        image = cv2.imdecode(data, cv2.IMREAD_COLOR)
+        if image is None or image.size == 0:
+            raise MediaError(f"cannot decode image (corrupt or truncated?): {self.path.name}")
+        self._check_resolution(image.shape[1], image.shape[0])
+        return image
+
+    def frames(self, stride: int = 1, max_frames: int | None = None) -> Iterator[Frame]:
+        import cv2
+
+        if stride < 1:
+            raise ValueError("stride must be >= 1")
+        limit = min(self.max_frames, max_frames) if max_frames else self.max_frames
+        if self.kind == "image":
+            yield Frame(0, 0.0, self._image)
+            return
+        cap = cv2.VideoCapture(str(self.path))
+        try:
+            index = 0
+            yielded = 0
+            while yielded < limit:
+                ok = cap.grab()
+                if not ok:
+                    break
+                if index % stride == 0:
+                    ok, image = cap.retrieve()
+                    if not ok or image is None:
+                        raise MediaError(f"cannot decode frame {index} of {self.path.name} (corrupt video?)")
+                    yield Frame(index, round(index / self.fps, 6), image)
+                    yielded += 1
+                index += 1
+            if index == 0:
+                raise MediaError(f"video has no readable frames (corrupt or truncated?): {self.path.name}")
+        finally:
+            cap.release()
+
+
+def _image_size(path: Path) -> tuple[int, int] | None:
+    """Width and height from a PNG or JPEG header, without decoding the pixels."""
+    import struct
+
+    with path.open("rb") as fh:
+        head = fh.read(26)
+        if head.startswith(b"\x89PNG") and len(head) >= 24:
+            width, height = struct.unpack(">II", head[16:24])
+            return width, height
+        if head.startswith(b"\xff\xd8"):
+            fh.seek(2)
+            while True:
+                marker = fh.read(2)
+                if len(marker) < 2 or marker[0] != 0xFF:
+                    return None
+                if marker[1] in (0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF):
+                    seg = fh.read(7)
+                    if len(seg) < 7:
+                        return None
+                    height, width = struct.unpack(">HH", seg[3:7])
+                    return width, height
+                length_bytes = fh.read(2)
+                if len(length_bytes) < 2:
+                    return None
+                fh.seek(struct.unpack(">H", length_bytes)[0] - 2, os.SEEK_CUR)
+    return None
+

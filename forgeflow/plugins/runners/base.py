@@ -1,0 +1,54 @@
+"""The one interface every sandboxed runner implements: run one tool call, safely.
+
+A runner takes a :class:`ToolCall` (plugin, tool, config, inputs, hard timeout, memory limit) and
+always returns a :class:`CallResult`: ok + outputs, or an error with ``error_type`` and message.
+It never raises for anything the plugin does: exceptions, hangs, memory blow-ups and interpreter
+crashes are all reported as failed results. It also records the plugin's lifecycle transitions.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+from pydantic import BaseModel, Field
+
+
+class ToolCall(BaseModel):
+    """One invocation of one tool, as a runner receives it."""
+
+    plugin: str = Field(description="Canonical plugin name (aliases resolved).")
+    tool: str
+    config: dict[str, Any] = Field(default_factory=dict)
+    inputs: dict[str, Any] = Field(default_factory=dict)
+    timeout_s: float = Field(300.0, gt=0)
+    memory_limit_mb: int | None = Field(None, ge=16)
+    job_id: str | None = None
+    stage_index: int | None = None
+
+
+class CallResult(BaseModel):
+    """What came of a :class:`ToolCall`."""
+
+    ok: bool
+    outputs: dict[str, Any] | None = None
+    error: str | None = None
+    error_type: str | None = None
+    traceback: str | None = None
+    duration_ms: float = 0.0
+    result_size_bytes: int = 0
+    peak_memory_mb: float | None = None
+
+    @classmethod
+    def failure(cls, error_type: str, error: str, duration_ms: float = 0.0, **extra: Any) -> CallResult:
+        return cls(ok=False, error=error, error_type=error_type, duration_ms=duration_ms, **extra)
+
+
+class Runner(Protocol):
+    """Runs tool calls in isolation and reports lifecycle transitions."""
+
+    name: str
+
+    def run(self, call: ToolCall) -> CallResult: ...
+
+    def close(self) -> None:
+        """Stop every worker this runner started."""

@@ -1,0 +1,247 @@
+"""The plugin SDK: what a plugin author writes against.
+
+A plugin is a :class:`Plugin` object exposed through an entry point in the group
+``forgeflow.plugins``. Each tool declares a pydantic config model (its defaults), an input model
+and an output model, and a run function ``fn(inputs, config, ctx) -> output``. The engine reads the
+models' JSON Schemas to validate a pipeline before anything runs, so they are the tool's manifest.
+
+Heavy resources (model weights) are loaded through :func:`resource`, which caches per worker
+process: a warm worker keeps them for every later call.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from forgeflow.plugins.errors import ConfigError, InputError, OutputError, PluginUnavailable
+
+if TYPE_CHECKING:
+    from forgeflow.plugins.media import MediaReader, MediaStore
+
+__all__ = [
+    "EmptyModel",
+    "Plugin",
+    "Tool",
+    "ToolContext",
+    "resource",
+    "format_validation_error",
+]
+
+
+class EmptyModel(BaseModel):
+    """Config or input model of a tool that takes nothing."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+@dataclass
+class ToolContext:
+    """What a running tool may use besides its inputs and config.
+
+    ``media`` opens images and videos by media ref (``sha256:...``) or by a local path inside the
+    allowed input roots, with the host's limits applied. ``put_media`` stores a file the tool made
+    (an annotated video, say) and returns its ref.
+    """
+
+    media_store: MediaStore
+    input_roots: list[Path] = field(default_factory=list)
+    max_bytes: int = 2 * 1024**3
+    max_frames: int = 20_000
+    max_pixels: int = 8192 * 8192
+    job_id: str | None = None
+    stage_index: int | None = None
+    plugin: str = ""
+    tool: str = ""
+
+    def media(self, source: str) -> MediaReader:
+        from forgeflow.plugins.media import MediaReader
+
+        path = self.media_store.resolve(source, input_roots=self.input_roots)
+        return MediaReader(path, max_bytes=self.max_bytes, max_frames=self.max_frames, max_pixels=self.max_pixels)
+
+    def put_media(self, path: Path, filename: str | None = None) -> str:
+        return self.media_store.put_file(path, filename=filename).ref
+
+
+RunFn = Callable[[Any, Any, ToolContext], Any]
+
+
+def format_validation_error(exc: ValidationError) -> str:
+    """One line per pydantic error: ``field.path: message``."""
+    parts = []
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err["loc"]) or "(root)"
+        parts.append(f"{loc}: {err['msg']}")
+    return "; ".join(parts)
+
+
+@dataclass(frozen=True)
+class Tool:
+    """One callable capability of a plugin, with typed config, inputs and outputs."""
+
+    name: str
+    description: str
+    config_model: type[BaseModel]
+    input_model: type[BaseModel]
+    output_model: type[BaseModel]
+    fn: RunFn = field(repr=False)
+    plugin_name: str = ""
+
+    def schemas(self) -> dict[str, dict[str, Any]]:
+        """JSON Schemas of config, input and output (the tool's manifest)."""
+        return {
+            "config": self.config_model.model_json_schema(),
+            "input": self.input_model.model_json_schema(),
+            "output": self.output_model.model_json_schema(),
+        }
+
+    def parse_config(self, config: dict[str, Any] | None) -> BaseModel:
+        try:
+            return self.config_model.model_validate(config or {})
+        except ValidationError as exc:
+            raise ConfigError(
+                f"{self.plugin_name}.{self.name}: invalid config: {format_validation_error(exc)}",
+                plugin=self.plugin_name,
+                tool=self.name,
+            ) from None
+
+    def parse_inputs(self, inputs: dict[str, Any]) -> BaseModel:
+        try:
+            return self.input_model.model_validate(inputs)
+        except ValidationError as exc:
+            raise InputError(
+                f"{self.plugin_name}.{self.name}: invalid input: {format_validation_error(exc)}",
+                plugin=self.plugin_name,
+                tool=self.name,
+            ) from None
+
+    def invoke(self, config: dict[str, Any] | None, inputs: dict[str, Any], ctx: ToolContext) -> dict[str, Any]:
+        """Validate, run, validate the output, and return it as JSON-ready data."""
+        cfg = self.parse_config(config)
+        data = self.parse_inputs(inputs)
+        out = self.fn(data, cfg, ctx)
+        try:
+            model = out if isinstance(out, self.output_model) else self.output_model.model_validate(out)
+        except ValidationError as exc:
+            raise OutputError(
+                f"{self.plugin_name}.{self.name} returned invalid output: {format_validation_error(exc)}",
+                plugin=self.plugin_name,
+                tool=self.name,
+            ) from None
+        return model.model_dump(mode="json")
+
+
+class Plugin:
+    """A named, versioned set of tools; expose one instance through an entry point.
+
+    Example::
+
+        plugin = Plugin("greeter", "1.0.0", aliases=["hello"])
+
+        @plugin.tool(input=GreetIn, output=GreetOut, config=GreetConfig)
+        def greet(inputs: GreetIn, config: GreetConfig, ctx: ToolContext) -> GreetOut:
+            '''Say hello.'''
+            return GreetOut(text=f"{config.greeting}, {inputs.name}")
+    """
+
+    def __init__(
+        self,
+        name: str,
+        version: str,
+        *,
+        aliases: list[str] | tuple[str, ...] = (),
+        description: str = "",
+    ) -> None:
+        self.name = name
+        self.version = version
+        self.aliases = tuple(aliases)
+        self.description = description
+        self.tools: dict[str, Tool] = {}
+        self._availability_check: Callable[[], str | None] | None = None
+
+    def __repr__(self) -> str:
+        return f"Plugin({self.name!r}, {self.version!r}, tools={sorted(self.tools)})"
+
+    def tool(
+        self,
+        name: str | None = None,
+        *,
+        input: type[BaseModel] = EmptyModel,  # noqa: A002 - the manifest's own word
+        output: type[BaseModel],
+        config: type[BaseModel] = EmptyModel,
+        description: str | None = None,
+    ) -> Callable[[RunFn], RunFn]:
+        """Register ``fn(inputs, config, ctx)`` as a tool (its name defaults to the function's)."""
+
+        def register(fn: RunFn) -> RunFn:
+            tool_name = name or fn.__name__
+            if tool_name in self.tools:
+                raise ValueError(f"plugin {self.name!r} already has a tool {tool_name!r}")
+            if len(inspect.signature(fn).parameters) != 3:
+                raise TypeError(f"tool {tool_name!r} must take (inputs, config, ctx)")
+            self.tools[tool_name] = Tool(
+                name=tool_name,
+                description=description or inspect.getdoc(fn) or "",
+                config_model=config,
+                input_model=input,
+                output_model=output,
+                fn=fn,
+                plugin_name=self.name,
+            )
+            return fn
+
+        return register
+
+    def availability_check(self, fn: Callable[[], str | None]) -> Callable[[], str | None]:
+        """Register a cheap check that returns why the plugin cannot run (or None when it can).
+
+        It runs at discovery in every process, the API's included: test for files and installed
+        packages (``importlib.util.find_spec``) here, never import heavy libraries.
+        """
+        self._availability_check = fn
+        return fn
+
+    def unavailable_reason(self) -> str | None:
+        if self._availability_check is None:
+            return None
+        try:
+            return self._availability_check()
+        except Exception as exc:  # a broken check means the plugin cannot be trusted to run
+            return f"availability check failed: {type(exc).__name__}: {exc}"
+
+    def ensure_available(self) -> None:
+        reason = self.unavailable_reason()
+        if reason:
+            raise PluginUnavailable(f"plugin {self.name!r} is unavailable: {reason}", plugin=self.name)
+
+
+T = TypeVar("T")
+
+
+def resource(fn: Callable[..., T]) -> Callable[..., T]:
+    """Cache what ``fn`` loads for the life of the worker process, per distinct arguments.
+
+    Use it for model weights: the first call of a warm worker loads them, later calls reuse them.
+    Thread-safe: concurrent first calls load once.
+    """
+    cache: dict[Any, T] = {}
+    lock = threading.Lock()
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> T:
+        key = (args, tuple(sorted(kwargs.items())))
+        with lock:
+            if key not in cache:
+                cache[key] = fn(*args, **kwargs)
+            return cache[key]
+
+    wrapper.cache_clear = cache.clear  # type: ignore[attr-defined]
+    return wrapper

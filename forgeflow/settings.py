@@ -1,0 +1,95 @@
+"""The one settings object of ForgeFlow.
+
+Every knob is an environment variable with the ``FORGEFLOW_`` prefix (or a ``.env`` file), so the
+API, the CLI, flow-run processes and sandboxed workers on other machines all read the same values.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+def _default_home() -> Path:
+    return Path.home() / ".forgeflow"
+
+
+class Settings(BaseSettings):
+    """ForgeFlow configuration, read from ``FORGEFLOW_*`` environment variables."""
+
+    model_config = SettingsConfigDict(env_prefix="FORGEFLOW_", env_file=".env", extra="ignore")
+
+    home: Path = Field(default_factory=_default_home, description="State folder: databases, media, spool, logs.")
+
+    # --- plugins and runners -------------------------------------------------------------------
+    runner: Literal["process", "docker", "inline"] = Field(
+        "process", description="How stages run: sandboxed process (default), Docker container, or inline (tests only)."
+    )
+    reuse_workers: bool = Field(
+        True, description="Keep one warm worker process per plugin (models stay loaded); false = fresh process per call."
+    )
+    stage_memory_limit_mb: int = Field(4096, ge=64, description="Default memory limit of one stage call.")
+    worker_startup_timeout_s: float = Field(120.0, gt=0, description="Time a worker may take to import its plugin.")
+    docker_image: str = Field("forgeflow-worker:cpu", description="Image the docker runner starts per stage.")
+    docker_gpus: bool = Field(False, description="Request all GPUs for docker stages (needs the nvidia runtime).")
+
+    # --- media -----------------------------------------------------------------------------------
+    media_input_roots: list[Path] = Field(
+        default_factory=list,
+        description="Local folders whose files may be given as job input paths (besides media refs).",
+    )
+    max_media_bytes: int = Field(2 * 1024**3, gt=0, description="Largest image or video accepted (upload or read).")
+    max_frames: int = Field(20_000, gt=0, description="Most frames a stage reads from one video.")
+    max_pixels: int = Field(8192 * 8192, gt=0, description="Largest frame (width x height) a stage decodes.")
+
+    # --- pipelines -------------------------------------------------------------------------------
+    max_stages: int = Field(32, ge=1, description="Most stages in one pipeline.")
+    max_stage_timeout_s: float = Field(6 * 3600.0, gt=0, description="Upper bound of a stage timeout.")
+
+    # --- API service -----------------------------------------------------------------------------
+    api_host: str = Field("127.0.0.1", description="Bind address; anything but loopback requires api_token.")
+    api_port: int = Field(8700, ge=0, le=65535)
+    api_token: SecretStr | None = Field(None, description="Bearer token for every REST and WebSocket call.")
+    database_url: str | None = Field(None, description="SQLAlchemy URL; default: SQLite file in home.")
+    max_upload_bytes: int = Field(512 * 1024**2, gt=0, description="Largest media upload.")
+    max_concurrent_jobs: int = Field(2, ge=1, description="Jobs the local launcher runs at once.")
+    ws_queue_size: int = Field(1000, ge=10, description="Messages buffered per WebSocket client before it is dropped.")
+    ws_ping_interval_s: float = Field(20.0, gt=0)
+
+    # --- where flow runs send their events -------------------------------------------------------
+    api_url: str | None = Field(None, description="Base URL of the API service that ingests flow-run events.")
+    ingest_token: SecretStr | None = Field(None, description="Token for the internal event ingest endpoint.")
+
+    @property
+    def media_root(self) -> Path:
+        return self.home / "media"
+
+    @property
+    def spool_dir(self) -> Path:
+        return self.home / "spool"
+
+    @property
+    def jobs_dir(self) -> Path:
+        return self.home / "jobs"
+
+    @property
+    def logs_dir(self) -> Path:
+        return self.home / "logs"
+
+    @property
+    def lifecycle_db(self) -> Path:
+        return self.home / "plugins.sqlite"
+
+    @property
+    def resolved_database_url(self) -> str:
+        return self.database_url or f"sqlite:///{self.home / 'forgeflow.sqlite'}"
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """The process-wide settings (cached; call ``get_settings.cache_clear()`` after changing env)."""
+    return Settings()

@@ -1,0 +1,227 @@
+"""``testkit``: a small typed chain (numbers → scale → total) and tools that misbehave on purpose."""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import sys
+import time
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field
+
+from forgeflow.plugins import EmptyModel, Plugin, ToolContext
+
+plugin = Plugin("testkit", "0.1.0", aliases=["tk"], description="Test tools for ForgeFlow itself.")
+
+
+# --- a well-behaved typed chain --------------------------------------------------------------
+
+
+class NumbersInput(BaseModel):
+    count: int = Field(ge=0, le=1_000_000)
+
+
+class NumbersConfig(BaseModel):
+    start: int = 0
+
+
+class NumbersOutput(BaseModel):
+    numbers: list[int]
+
+
+@plugin.tool(input=NumbersInput, output=NumbersOutput, config=NumbersConfig)
+def numbers(inputs: NumbersInput, config: NumbersConfig, ctx: ToolContext) -> NumbersOutput:
+    """``count`` consecutive integers from ``start``."""
+    return NumbersOutput(numbers=list(range(config.start, config.start + inputs.count)))
+
+
+class ScaleInput(BaseModel):
+    numbers: list[int]
+
+
+class ScaleConfig(BaseModel):
+    factor: int = 2
+
+
+class ScaleOutput(BaseModel):
+    scaled: list[int]
+
+
+@plugin.tool(input=ScaleInput, output=ScaleOutput, config=ScaleConfig)
+def scale(inputs: ScaleInput, config: ScaleConfig, ctx: ToolContext) -> ScaleOutput:
+    """Multiply every number by ``factor``."""
+    return ScaleOutput(scaled=[n * config.factor for n in inputs.numbers])
+
+
+class TotalInput(BaseModel):
+    scaled: list[int]
+
+
+class TotalOutput(BaseModel):
+    total: int
+
+
+@plugin.tool(input=TotalInput, output=TotalOutput)
+def total(inputs: TotalInput, config: EmptyModel, ctx: ToolContext) -> TotalOutput:
+    """Sum of ``scaled``."""
+    return TotalOutput(total=sum(inputs.scaled))
+
+
+class TextInput(BaseModel):
+    text: str
+
+
+class TextOutput(BaseModel):
+    text_length: int
+
+
+@plugin.tool(input=TextInput, output=TextOutput)
+def measure_text(inputs: TextInput, config: EmptyModel, ctx: ToolContext) -> TextOutput:
+    """Length of ``text`` (its input type is incompatible with ``numbers``' output)."""
+    return TextOutput(text_length=len(inputs.text))
+
+
+class MediaInput(BaseModel):
+    media: str
+
+
+class MediaOutput(BaseModel):
+    media_kind: str
+    frame_count: int
+    width: int
+    height: int
+
+
+@plugin.tool(input=MediaInput, output=MediaOutput)
+def probe_media(inputs: MediaInput, config: EmptyModel, ctx: ToolContext) -> MediaOutput:
+    """Open ``media`` through the SDK and count its frames."""
+    reader = ctx.media(inputs.media)
+    count = sum(1 for _ in reader.frames())
+    return MediaOutput(media_kind=reader.kind, frame_count=count, width=reader.width, height=reader.height)
+
+
+# --- no-op and timing tools ------------------------------------------------------------------
+
+
+@plugin.tool(output=EmptyModel)
+def noop(inputs: EmptyModel, config: EmptyModel, ctx: ToolContext) -> EmptyModel:
+    """Do nothing (benchmarks the cost of a call)."""
+    return EmptyModel()
+
+
+class SleepConfig(BaseModel):
+    seconds: float = Field(0.2, ge=0)
+
+
+class SleepOutput(BaseModel):
+    slept_s: float
+
+
+@plugin.tool(output=SleepOutput, config=SleepConfig)
+def sleep(inputs: EmptyModel, config: SleepConfig, ctx: ToolContext) -> SleepOutput:
+    """Sleep ``seconds`` then succeed."""
+    time.sleep(config.seconds)
+    return SleepOutput(slept_s=config.seconds)
+
+
+class PidOutput(BaseModel):
+    pid: int
+
+
+@plugin.tool(output=PidOutput)
+def pid(inputs: EmptyModel, config: EmptyModel, ctx: ToolContext) -> PidOutput:
+    """The process id that ran the call (shows isolation and worker reuse)."""
+    return PidOutput(pid=os.getpid())
+
+
+# --- tools that misbehave --------------------------------------------------------------------
+
+
+class FailConfig(BaseModel):
+    message: str = "boom"
+    error: Literal["ValueError", "RuntimeError", "KeyError"] = "RuntimeError"
+
+
+@plugin.tool(output=EmptyModel, config=FailConfig)
+def fail(inputs: EmptyModel, config: FailConfig, ctx: ToolContext) -> EmptyModel:
+    """Raise ``error(message)``."""
+    raise {"ValueError": ValueError, "RuntimeError": RuntimeError, "KeyError": KeyError}[config.error](config.message)
+
+
+class HangConfig(BaseModel):
+    seconds: float = 3600.0
+    ignore_sigterm: bool = True
+
+
+@plugin.tool(output=EmptyModel, config=HangConfig)
+def hang(inputs: EmptyModel, config: HangConfig, ctx: ToolContext) -> EmptyModel:
+    """Block for ``seconds`` in a C call, ignoring SIGTERM: only a hard kill stops it."""
+    import signal
+
+    if config.ignore_sigterm:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    time.sleep(config.seconds)
+    return EmptyModel()
+
+
+class AllocateConfig(BaseModel):
+    megabytes: int = Field(8192, ge=1)
+
+
+class AllocateOutput(BaseModel):
+    allocated_mb: int
+
+
+@plugin.tool(output=AllocateOutput, config=AllocateConfig)
+def allocate(inputs: EmptyModel, config: AllocateConfig, ctx: ToolContext) -> AllocateOutput:
+    """Allocate and touch ``megabytes`` of memory, 16 MiB at a time (a leak that grows)."""
+    chunks: list[bytearray] = []
+    for _ in range(config.megabytes // 16):
+        chunks.append(bytearray(b"\x01" * (16 * 1024 * 1024)))
+    return AllocateOutput(allocated_mb=len(chunks) * 16)
+
+
+@plugin.tool(output=EmptyModel)
+def segfault(inputs: EmptyModel, config: EmptyModel, ctx: ToolContext) -> EmptyModel:
+    """Crash the interpreter with SIGSEGV."""
+    ctypes.string_at(0)
+    return EmptyModel()
+
+
+class ExitConfig(BaseModel):
+    code: int = 3
+
+
+@plugin.tool(output=EmptyModel, config=ExitConfig)
+def hard_exit(inputs: EmptyModel, config: ExitConfig, ctx: ToolContext) -> EmptyModel:
+    """Leave with ``os._exit(code)``: no cleanup, no reply."""
+    os._exit(config.code)
+
+
+class SpamConfig(BaseModel):
+    lines: int = 20_000
+
+
+class SpamOutput(BaseModel):
+    lines: int
+
+
+@plugin.tool(output=SpamOutput, config=SpamConfig)
+def spam_stdout(inputs: EmptyModel, config: SpamConfig, ctx: ToolContext) -> SpamOutput:
+    """Print to stdout through Python, and write straight to file descriptor 1."""
+    for i in range(config.lines):
+        print(f"spam line {i} {{\"not\": \"a protocol message\"}}")
+    sys.stdout.flush()
+    os.write(1, b"\x00\x00\x00\x10raw bytes on fd 1\n" * 100)
+    return SpamOutput(lines=config.lines)
+
+
+class BadOutput(BaseModel):
+    value: int
+
+
+@plugin.tool(output=BadOutput)
+def bad_output(inputs: EmptyModel, config: EmptyModel, ctx: ToolContext) -> Any:
+    """Return something the output model rejects."""
+    return {"value": "not a number"}
