@@ -1,0 +1,148 @@
+"""Sandboxed runners: run one tool call in isolation and report what came of it.
+
+``get_runner(settings, registry)`` picks the runner named by ``settings.runner``:
+
+* ``process`` (default): warm per-plugin worker processes (:mod:`.process`, :mod:`.worker`);
+* ``docker``: one container per call (:mod:`.docker`);
+* ``inline``: in the caller's process, **for plugin unit tests only** (:mod:`.inline`).
+
+Every runner implements :class:`~forgeflow.plugins.runners.base.Runner`: ``run(call)`` never raises
+for anything a plugin does, and records lifecycle transitions in ``registry.lifecycle``.
+
+This module also holds what the runners share on the parent side: resolving and validating a call
+before anything is started, and recording lifecycle transitions without ever failing a call.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from forgeflow.plugins.errors import ForgeFlowError
+from forgeflow.plugins.runners.base import CallResult, Runner, ToolCall
+
+if TYPE_CHECKING:
+    from forgeflow.plugins.registry import PluginEntry, PluginRegistry
+    from forgeflow.plugins.sdk import Tool
+    from forgeflow.settings import Settings
+
+__all__ = [
+    "CallResult",
+    "DockerRunner",
+    "InlineRunner",
+    "ProcessRunner",
+    "Runner",
+    "ToolCall",
+    "get_runner",
+]
+
+log = logging.getLogger("forgeflow.runners")
+
+
+def get_runner(settings: Settings, registry: PluginRegistry) -> Runner:
+    """The runner ``settings.runner`` names (``process``, ``docker`` or ``inline``)."""
+    kind = settings.runner
+    if kind == "process":
+        from forgeflow.plugins.runners.process import ProcessRunner
+
+        return ProcessRunner(settings, registry)
+    if kind == "docker":
+        from forgeflow.plugins.runners.docker import DockerRunner
+
+        return DockerRunner(settings, registry)
+    if kind == "inline":
+        from forgeflow.plugins.runners.inline import InlineRunner
+
+        return InlineRunner(settings, registry)
+    raise ValueError(f"unknown runner {kind!r}: expected process, docker or inline")
+
+
+def __getattr__(name: str) -> Any:  # lazy: importing the package starts nothing heavy
+    if name == "ProcessRunner":
+        from forgeflow.plugins.runners.process import ProcessRunner
+
+        return ProcessRunner
+    if name == "InlineRunner":
+        from forgeflow.plugins.runners.inline import InlineRunner
+
+        return InlineRunner
+    if name == "DockerRunner":
+        from forgeflow.plugins.runners.docker import DockerRunner
+
+        return DockerRunner
+    raise AttributeError(name)
+
+
+@dataclass
+class Prepared:
+    """A call that passed the parent-side checks."""
+
+    entry: PluginEntry
+    tool: Tool
+
+    @property
+    def plugin(self) -> str:
+        return self.entry.name
+
+
+def prepare(registry: PluginRegistry, call: ToolCall) -> Prepared | CallResult:
+    """Resolve plugin (aliases too) and tool, and validate config and inputs, before starting anything.
+
+    Returns a failed :class:`CallResult` (UnknownPlugin, UnknownTool, PluginUnavailable, ConfigError,
+    InputError) that names the plugin, tool and field, or the resolved call.
+    """
+    try:
+        entry, tool = registry.tool(call.plugin, call.tool)
+        tool.parse_config(call.config)
+        tool.parse_inputs(call.inputs)
+    except ForgeFlowError as exc:
+        return CallResult.failure(exc.error_type, exc.message)
+    except Exception as exc:  # a validator in plugin code that itself crashes
+        return CallResult.failure("InputError", f"{call.plugin}.{call.tool}: validation failed: {type(exc).__name__}: {exc}")
+    return Prepared(entry, tool)
+
+
+class LifecycleRecorder:
+    """Writes lifecycle transitions to ``registry.lifecycle`` (may be None); never raises.
+
+    Calls rejected before they reach a worker (unknown plugin or tool, unavailable plugin, invalid
+    config or inputs) change no state: the plugin did nothing wrong, the caller did.
+    """
+
+    def __init__(self, registry: PluginRegistry) -> None:
+        self.store = registry.lifecycle
+
+    def _do(self, method: str, *args: Any) -> None:
+        if self.store is None:
+            return
+        try:
+            getattr(self.store, method)(*args)
+        except Exception:  # the lifecycle store must never fail a call
+            log.warning("could not record lifecycle %s%s", method, args[:1], exc_info=True)
+
+    def initialized(self, plugin: str) -> None:
+        self._do("initialized", plugin)
+
+    def running(self, plugin: str) -> None:
+        self._do("running", plugin)
+
+    def finished(self, plugin: str, result: CallResult) -> None:
+        if result.ok:
+            self._do("succeeded", plugin, result.duration_ms)
+        else:
+            self._do("failed", plugin, result.error or "", result.error_type or "Error", result.duration_ms)
+
+
+def result_from_message(message: dict[str, Any]) -> CallResult:
+    """A worker's ``result`` message as a :class:`CallResult`."""
+    return CallResult(
+        ok=bool(message.get("ok")),
+        outputs=message.get("outputs") if message.get("ok") else None,
+        error=message.get("error"),
+        error_type=message.get("error_type"),
+        traceback=message.get("traceback"),
+        duration_ms=float(message.get("duration_ms") or 0.0),
+        result_size_bytes=int(message.get("result_size_bytes") or 0),
+        peak_memory_mb=message.get("peak_memory_mb"),
+    )

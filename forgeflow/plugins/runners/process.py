@@ -1,0 +1,470 @@
+"""The process runner (default): each call runs in a worker process of its plugin.
+
+Warm workers (``settings.reuse_workers=True``, the default) stay alive between calls, so a model a
+tool loads through :func:`forgeflow.plugins.sdk.resource` is loaded once per worker, not per call.
+With ``reuse_workers=False`` every call gets a fresh process (see ``bench/results/runners.md``
+for what each costs).
+
+Isolation, per call:
+
+* **timeout**: the worker runs in its own session / process group; the parent waits on the protocol
+  pipe with a deadline and, when it passes, SIGKILLs the whole group, reaps the worker and answers
+  ``TimeoutError`` (within the timeout plus a few tens of milliseconds);
+* **memory**: the worker caps its own address space (``RLIMIT_AS`` = current size + the limit) so an
+  allocation past the limit raises ``MemoryError`` inside the plugin; a parent-side watchdog samples
+  the resident memory of the worker and its children every 50 ms and kills the group when it grows
+  by more than the limit (``MemoryError`` too). A worker that hit its limit is replaced;
+* **crashes**: EOF on the pipe means the worker died: ``WorkerCrashed`` with the signal or exit code
+  and the last 2 KB of the worker's log (``logs_dir/workers/<plugin>.log``, where everything
+  the plugin prints goes). The next call starts a fresh worker.
+
+Thread-safe: each plugin has a small pool; a call takes an idle worker or starts another one.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import IO, Any
+
+from forgeflow.plugins.runners import LifecycleRecorder, Prepared, prepare, result_from_message
+from forgeflow.plugins.runners.base import CallResult, ToolCall
+from forgeflow.plugins.runners.protocol import (
+    DeadlineExceeded,
+    MessageReader,
+    PeerClosed,
+    ProtocolError,
+    write_message,
+)
+
+log = logging.getLogger("forgeflow.runners.process")
+
+#: Worker logs are truncated when they pass this size.
+LOG_MAX_BYTES = 10 * 1024 * 1024
+#: How much of a worker's log a crash error quotes.
+LOG_TAIL_BYTES = 2048
+#: Resident-memory watchdog period.
+WATCHDOG_PERIOD_S = 0.05
+#: How often the watchdog refreshes the list of the worker's child processes.
+CHILDREN_REFRESH_S = 1.0
+
+
+class _MemoryExceeded(Exception):
+    def __init__(self, rss_bytes: int) -> None:
+        super().__init__(rss_bytes)
+        self.rss_bytes = rss_bytes
+
+
+def describe_exit(returncode: int | None) -> str:
+    """``died with SIGSEGV (signal 11)`` / ``exited with code 3``."""
+    if returncode is None:
+        return "stopped answering"
+    if returncode < 0:
+        try:
+            name = signal.Signals(-returncode).name
+        except ValueError:
+            name = f"signal {-returncode}"
+            return f"died with {name}"
+        extra = " (killed from outside; the kernel's OOM killer?)" if -returncode == signal.SIGKILL else ""
+        return f"died with {name} (signal {-returncode}){extra}"
+    return f"exited with code {returncode}"
+
+
+def worker_log_path(logs_dir: Path, plugin: str) -> Path:
+    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in plugin)
+    return logs_dir / "workers" / f"{safe}.log"
+
+
+def read_log_tail(path: Path, since: int = 0, limit: int = LOG_TAIL_BYTES) -> str:
+    """The last ``limit`` bytes of ``path`` written after offset ``since`` (as text)."""
+    try:
+        size = path.stat().st_size
+        if since > size:  # truncated meanwhile
+            since = 0
+        start = max(since, size - limit)
+        with path.open("rb") as fh:
+            fh.seek(start)
+            data = fh.read(limit)
+    except OSError:
+        return ""
+    return data.decode("utf-8", errors="replace").strip()
+
+
+class Worker:
+    """One live worker process of one plugin (used by one call at a time)."""
+
+    def __init__(self, plugin: str, proc: subprocess.Popen[bytes], log_path: Path) -> None:
+        self.plugin = plugin
+        self.proc = proc
+        self.pid = proc.pid
+        self.pgid = proc.pid  # start_new_session=True: the worker leads its own group
+        self.log_path = log_path
+        assert proc.stdin is not None and proc.stdout is not None
+        self._stdin: IO[bytes] = proc.stdin
+        self.reader = MessageReader(proc.stdout.fileno())
+        self.version: str | None = None
+        self.calls = 0
+        self._ps: Any = None
+        self._children: list[Any] = []
+        self._children_at = 0.0
+
+    # -- life ---------------------------------------------------------------------------------
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def send(self, message: dict[str, Any]) -> None:
+        write_message(self._stdin.fileno(), message)
+
+    def kill(self) -> int | None:
+        """SIGKILL the whole process group and reap the worker; its return code."""
+        try:
+            os.killpg(self.pgid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+        try:
+            rc = self.proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:  # pragma: no cover - SIGKILL is not ignorable
+            rc = None
+        self._close_pipes()
+        return rc
+
+    def stop(self, grace_s: float = 2.0) -> None:
+        """Ask the worker to leave (close its stdin), then kill what is left of its group."""
+        try:
+            self._stdin.close()
+        except OSError:
+            pass
+        try:
+            self.proc.wait(timeout=grace_s)
+        except subprocess.TimeoutExpired:
+            pass
+        self.kill()
+
+    def wait_exit(self, timeout: float) -> int | None:
+        try:
+            return self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            return None
+
+    def _close_pipes(self) -> None:
+        self.reader.close()
+        for stream in (self.proc.stdin, self.proc.stdout):
+            try:
+                if stream is not None:
+                    stream.close()
+            except OSError:
+                pass
+
+    # -- memory -------------------------------------------------------------------------------
+
+    def group_rss(self) -> int:
+        """Resident bytes of the worker and its (recursive) children."""
+        import psutil
+
+        now = time.monotonic()
+        try:
+            if self._ps is None:
+                self._ps = psutil.Process(self.pid)
+            if now - self._children_at > CHILDREN_REFRESH_S:
+                self._children = self._ps.children(recursive=True)
+                self._children_at = now
+            total = self._ps.memory_info().rss
+        except psutil.Error:
+            return 0
+        for child in self._children:
+            try:
+                total += child.memory_info().rss
+            except psutil.Error:
+                pass
+        return total
+
+
+class ProcessRunner:
+    """Runs each call in a sandboxed worker process (warm pool per plugin, or fresh per call)."""
+
+    name = "process"
+
+    def __init__(self, settings: Any, registry: Any, *, max_idle_per_plugin: int = 2) -> None:
+        self.settings = settings
+        self.registry = registry
+        self.reuse_workers: bool = bool(settings.reuse_workers)
+        self.max_idle_per_plugin = max_idle_per_plugin
+        self.lifecycle = LifecycleRecorder(registry)
+        self._lock = threading.Lock()
+        self._idle: dict[str, list[Worker]] = {}
+        self._all: set[Worker] = set()
+        self._closed = False
+        # Workers are spawned from one long-lived thread: PR_SET_PDEATHSIG fires when the *thread*
+        # that forked the worker ends, so spawning from short-lived caller threads (Prefect task
+        # threads, thread pools) would kill warm workers with them.
+        self._spawner = ThreadPoolExecutor(max_workers=1, thread_name_prefix="forgeflow-spawner")
+        self._env = self._worker_env()
+
+    # -- public -------------------------------------------------------------------------------
+
+    def run(self, call: ToolCall) -> CallResult:
+        try:
+            return self._run(call)
+        except Exception as exc:  # a bug here must still not crash the caller
+            log.exception("process runner failed on %s.%s", call.plugin, call.tool)
+            return CallResult.failure("RunnerError", f"{call.plugin}.{call.tool}: runner error: {type(exc).__name__}: {exc}")
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            workers = list(self._all)
+            self._all.clear()
+            self._idle.clear()
+        for worker in workers:
+            worker.kill()
+        self._spawner.shutdown(wait=False)
+
+    def __enter__(self) -> ProcessRunner:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def worker_pids(self, plugin: str | None = None) -> list[int]:
+        """Pids of live workers (all, or of one plugin): for health checks and tests."""
+        with self._lock:
+            return sorted(w.pid for w in self._all if plugin is None or w.plugin == plugin)
+
+    # -- one call -----------------------------------------------------------------------------
+
+    def _run(self, call: ToolCall) -> CallResult:
+        prepared = prepare(self.registry, call)
+        if isinstance(prepared, CallResult):
+            return prepared
+        plugin = prepared.plugin
+        worker, failure = self._acquire(plugin, prepared)
+        if failure is not None:
+            self.lifecycle.finished(plugin, failure)
+            return failure
+        assert worker is not None
+        self.lifecycle.running(plugin)
+        result, reusable = self._call(worker, prepared, call)
+        if reusable:
+            self._release(worker)
+        else:
+            self._discard(worker)
+        self.lifecycle.finished(plugin, result)
+        return result
+
+    def _call(self, worker: Worker, prepared: Prepared, call: ToolCall) -> tuple[CallResult, bool]:
+        label = f"{prepared.plugin}.{prepared.tool.name}"
+        limit_mb = int(call.memory_limit_mb or self.settings.stage_memory_limit_mb)
+        request = {
+            "type": "call",
+            "tool": prepared.tool.name,
+            "config": call.config,
+            "inputs": call.inputs,
+            "memory_limit_mb": limit_mb,
+            "job_id": call.job_id,
+            "stage_index": call.stage_index,
+        }
+        log_offset = _file_size(worker.log_path)
+        baseline = worker.group_rss()
+        limit_bytes = baseline + limit_mb * 1024 * 1024
+        peak_rss = baseline
+
+        def watchdog() -> None:
+            nonlocal peak_rss
+            rss = worker.group_rss()
+            peak_rss = max(peak_rss, rss)
+            if rss > limit_bytes:
+                raise _MemoryExceeded(rss)
+
+        start = time.monotonic()
+        deadline = start + call.timeout_s
+        worker.calls += 1
+        try:
+            worker.send(request)
+            message = worker.reader.read(deadline, tick=WATCHDOG_PERIOD_S, on_tick=watchdog)
+        except DeadlineExceeded:
+            worker.kill()
+            elapsed = (time.monotonic() - start) * 1000.0
+            return CallResult.failure(
+                "TimeoutError",
+                f"{label} timed out after {call.timeout_s:g} s; its process group was killed",
+                duration_ms=elapsed,
+            ), False
+        except _MemoryExceeded as exc:
+            worker.kill()
+            elapsed = (time.monotonic() - start) * 1000.0
+            return CallResult.failure(
+                "MemoryError",
+                f"{label} exceeded its memory limit of {limit_mb} MB (resident memory reached "
+                f"{exc.rss_bytes / 2**20:.0f} MB); its process group was killed",
+                duration_ms=elapsed,
+                peak_memory_mb=round(exc.rss_bytes / 2**20, 1),
+            ), False
+        except (PeerClosed, BrokenPipeError, ConnectionError, ProtocolError, OSError) as exc:
+            elapsed = (time.monotonic() - start) * 1000.0
+            broke = isinstance(exc, ProtocolError)
+            rc = worker.wait_exit(1.0) if not broke else None
+            killed_rc = worker.kill()
+            rc = rc if rc is not None else (None if broke else killed_rc)
+            what = f"broke the protocol ({exc})" if broke else describe_exit(rc)
+            tail = read_log_tail(worker.log_path, since=log_offset)
+            message_text = f"{label}: plugin process {what}"
+            if tail:
+                message_text += f"\n--- worker log (last {LOG_TAIL_BYTES} bytes) ---\n{tail}"
+            return CallResult.failure("WorkerCrashed", message_text, duration_ms=elapsed), False
+        if message.get("type") != "result":
+            worker.kill()
+            return CallResult.failure(
+                "WorkerCrashed", f"{label}: plugin process sent an unexpected {message.get('type')!r} message"
+            ), False
+        result = result_from_message(message)
+        if result.peak_memory_mb is None and peak_rss:
+            result.peak_memory_mb = round(peak_rss / 2**20, 1)
+        recycle = bool(message.get("recycle"))
+        if recycle:
+            # The worker leaves by itself after a MemoryError; make sure of it.
+            worker.wait_exit(2.0)
+            worker.kill()
+        return result, not recycle
+
+    # -- pool ---------------------------------------------------------------------------------
+
+    def _acquire(self, plugin: str, prepared: Prepared) -> tuple[Worker | None, CallResult | None]:
+        if self.reuse_workers:
+            with self._lock:
+                idle = self._idle.get(plugin, [])
+                while idle:
+                    worker = idle.pop()
+                    if worker.alive():
+                        return worker, None
+                    self._all.discard(worker)
+                    worker.kill()
+        return self._start(plugin)
+
+    def _release(self, worker: Worker) -> None:
+        self._trim_log(worker.log_path)
+        if self.reuse_workers and worker.alive():
+            with self._lock:
+                idle = self._idle.setdefault(worker.plugin, [])
+                if not self._closed and len(idle) < self.max_idle_per_plugin:
+                    idle.append(worker)
+                    return
+        self._discard(worker)
+
+    def _discard(self, worker: Worker) -> None:
+        with self._lock:
+            self._all.discard(worker)
+        if worker.alive():
+            worker.stop()
+        else:
+            worker.kill()
+
+    def _worker_env(self) -> dict[str, str]:
+        s = self.settings
+        env = dict(os.environ)
+        env.update(
+            {
+                "FORGEFLOW_HOME": str(s.home),
+                "FORGEFLOW_MEDIA_INPUT_ROOTS": json.dumps([str(p) for p in s.media_input_roots]),
+                "FORGEFLOW_MAX_MEDIA_BYTES": str(s.max_media_bytes),
+                "FORGEFLOW_MAX_FRAMES": str(s.max_frames),
+                "FORGEFLOW_MAX_PIXELS": str(s.max_pixels),
+                "PYTHONUNBUFFERED": "1",
+            }
+        )
+        return env
+
+    def _trim_log(self, path: Path) -> None:
+        try:
+            if path.stat().st_size > LOG_MAX_BYTES:
+                os.truncate(path, 0)  # writers use O_APPEND: they continue at the new end
+        except OSError:
+            pass
+
+    def _start(self, plugin: str) -> tuple[Worker | None, CallResult | None]:
+        log_path = worker_log_path(self.settings.logs_dir, plugin)
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        self._trim_log(log_path)
+        log_offset = _file_size(log_path)
+        cmd = [
+            sys.executable,
+            "-m",
+            "forgeflow.plugins.runners.worker",
+            "--plugin",
+            plugin,
+            "--parent-pid",
+            str(os.getpid()),
+        ]
+
+        def spawn() -> subprocess.Popen[bytes]:
+            with log_path.open("ab") as log_file:
+                return subprocess.Popen(
+                    cmd,
+                    stdin=subprocess.PIPE,
+                    stdout=subprocess.PIPE,
+                    stderr=log_file,
+                    start_new_session=True,
+                    close_fds=True,
+                    env=self._env,
+                )
+
+        start = time.monotonic()
+        try:
+            proc = self._spawner.submit(spawn).result()
+        except Exception as exc:
+            return None, CallResult.failure("RunnerError", f"{plugin}: cannot start a worker process: {exc}")
+        worker = Worker(plugin, proc, log_path)
+        with self._lock:
+            self._all.add(worker)
+        budget = float(self.settings.worker_startup_timeout_s)
+        try:
+            message = worker.reader.read(start + budget)
+        except DeadlineExceeded:
+            self._forget(worker)
+            worker.kill()
+            return None, CallResult.failure(
+                "TimeoutError",
+                f"{plugin}: worker did not become ready within {budget:g} s (worker_startup_timeout_s); killed",
+                duration_ms=(time.monotonic() - start) * 1000.0,
+            )
+        except (PeerClosed, ProtocolError, OSError) as exc:
+            self._forget(worker)
+            rc = worker.wait_exit(1.0) if not isinstance(exc, ProtocolError) else None
+            worker.kill()
+            tail = read_log_tail(log_path, since=log_offset)
+            text = f"{plugin}: plugin process {describe_exit(rc)} while starting"
+            if tail:
+                text += f"\n--- worker log (last {LOG_TAIL_BYTES} bytes) ---\n{tail}"
+            return None, CallResult.failure("WorkerCrashed", text, duration_ms=(time.monotonic() - start) * 1000.0)
+        if message.get("type") == "unavailable":
+            self._forget(worker)
+            worker.stop()
+            return None, CallResult.failure(
+                "PluginUnavailable", f"plugin {plugin!r} is unavailable: {message.get('reason')}"
+            )
+        if message.get("type") != "ready":
+            self._forget(worker)
+            worker.kill()
+            return None, CallResult.failure("WorkerCrashed", f"{plugin}: worker sent {message.get('type')!r} instead of 'ready'")
+        worker.version = message.get("version")
+        self.lifecycle.initialized(plugin)
+        return worker, None
+
+    def _forget(self, worker: Worker) -> None:
+        with self._lock:
+            self._all.discard(worker)
+
+
+def _file_size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except OSError:
+        return 0

@@ -1,0 +1,397 @@
+"""The sandboxed worker: ``python -m forgeflow.plugins.runners.worker --plugin NAME``.
+
+One worker process serves one plugin. It loads the plugin **only** from its installed entry point
+(group ``forgeflow.plugins``), never from a path a request names, says ``ready``, then answers
+``call`` messages one at a time until its stdin closes (see :mod:`.protocol`).
+
+Start-up, in order:
+
+* the protocol gets private duplicates of fds 0 and 1; fd 0 becomes ``/dev/null`` and fd 1 becomes
+  a copy of stderr (the worker's log file), and ``sys.stdout`` is ``sys.stderr``: a plugin's
+  ``print``, ``input()`` or raw ``os.write(1, ...)`` can never corrupt or steal protocol bytes;
+* ``PR_SET_PDEATHSIG = SIGKILL`` (the worker dies with the runner that started it) and
+  ``faulthandler`` (a segfault leaves a Python traceback in the log).
+
+Per call: the address-space limit (``RLIMIT_AS``) is set to the current ``VmSize`` plus the call's
+memory limit and restored afterwards, ``/proc/self/clear_refs`` is reset so ``VmHWM`` gives the
+call's peak memory, and every exception becomes a typed result (``error_type`` = the exception's
+class name, or a ForgeFlow error's ``error_type``). After a ``MemoryError`` the worker answers, then
+exits, so that the next call gets a fresh process with an unfragmented heap.
+
+``--oneshot --request FILE --response FILE`` runs exactly one call from a JSON file and writes the
+result to a JSON file: the Docker runner's container entrypoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import faulthandler
+import json
+import os
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from forgeflow.plugins.media import MediaStore
+    from forgeflow.plugins.sdk import Tool, ToolContext
+    from forgeflow.settings import Settings
+
+PR_SET_PDEATHSIG = 1
+#: ``FORGEFLOW_WORKER_RLIMIT_AS``: ``auto`` (default: on, except on hosts with an NVIDIA driver,
+#: whose CUDA context reserves far more address space than it uses), ``on`` or ``off``. Where it is
+#: off, the runner's resident-memory watchdog alone enforces the limit.
+RLIMIT_ENV = "FORGEFLOW_WORKER_RLIMIT_AS"
+_MEMORY_MESSAGES = ("can't allocate memory", "cannot allocate memory", "std::bad_alloc", "out of memory")
+
+
+# --- process set-up ----------------------------------------------------------------------------
+
+
+def isolate_stdio() -> tuple[int, int]:
+    """Give the protocol private copies of fds 0/1 and point the real ones away from it."""
+    proto_in = os.dup(0)
+    proto_out = os.dup(1)
+    devnull = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(devnull, 0)
+    os.close(devnull)
+    os.dup2(2, 1)
+    sys.stdin = open(os.devnull)  # noqa: SIM115 - lives as long as the process
+    sys.stdout = sys.stderr
+    return proto_in, proto_out
+
+
+def set_parent_death_signal(parent_pid: int | None) -> None:
+    """SIGKILL this process when the parent dies (Linux); exit now if it already has."""
+    import ctypes
+    import signal
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
+    except Exception:  # pragma: no cover - non-Linux
+        return
+    if parent_pid is not None and os.getppid() != parent_pid:
+        os._exit(70)
+
+
+def proc_status_kb(field: str) -> int | None:
+    """A ``kB`` field of ``/proc/self/status`` (VmSize, VmHWM, VmRSS ...), or None."""
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+def reset_peak_memory() -> bool:
+    """Reset VmHWM to the current RSS (``echo 5 > /proc/self/clear_refs``)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def rlimit_wanted() -> bool:
+    mode = os.environ.get(RLIMIT_ENV, "auto").strip().lower()
+    if mode in ("0", "off", "false", "no"):
+        return False
+    if mode in ("1", "on", "true", "yes"):
+        return True
+    return not os.path.exists("/dev/nvidiactl")
+
+
+class AddressSpaceLimit:
+    """``RLIMIT_AS`` soft limit = current VmSize + ``limit_mb`` for the duration of a call."""
+
+    def __init__(self, limit_mb: int | None, enabled: bool) -> None:
+        self.limit_mb = limit_mb
+        self.enabled = enabled and limit_mb is not None
+        self._previous: tuple[int, int] | None = None
+
+    def __enter__(self) -> AddressSpaceLimit:
+        if not self.enabled:
+            return self
+        import resource
+
+        vmsize_kb = proc_status_kb("VmSize")
+        if vmsize_kb is None:
+            self.enabled = False
+            return self
+        soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+        new = vmsize_kb * 1024 + int(self.limit_mb) * 1024 * 1024  # type: ignore[arg-type]
+        if hard != resource.RLIM_INFINITY:
+            new = min(new, hard)
+        try:
+            resource.setrlimit(resource.RLIMIT_AS, (new, hard))
+            self._previous = (soft, hard)
+        except (ValueError, OSError):
+            self.enabled = False
+        return self
+
+    def restore(self) -> None:
+        if self._previous is not None:
+            import resource
+
+            resource.setrlimit(resource.RLIMIT_AS, self._previous)
+            self._previous = None
+
+    def __exit__(self, *exc: object) -> None:
+        self.restore()
+
+
+# --- one call ----------------------------------------------------------------------------------
+
+
+def is_memory_error(exc: BaseException) -> bool:
+    if isinstance(exc, MemoryError):
+        return True
+    if isinstance(exc, RuntimeError):
+        text = str(exc).lower()
+        if "cuda" in text:  # GPU memory is not the stage's host-memory limit
+            return False
+        return any(m in text for m in _MEMORY_MESSAGES)
+    return False
+
+
+def build_context(
+    settings: Settings,
+    plugin: str,
+    tool: str,
+    job_id: str | None = None,
+    stage_index: int | None = None,
+    media_store: MediaStore | None = None,
+) -> ToolContext:
+    from forgeflow.plugins.media import MediaStore
+    from forgeflow.plugins.sdk import ToolContext
+
+    return ToolContext(
+        media_store=media_store or MediaStore(settings.media_root),
+        input_roots=list(settings.media_input_roots),
+        max_bytes=settings.max_media_bytes,
+        max_frames=settings.max_frames,
+        max_pixels=settings.max_pixels,
+        job_id=job_id,
+        stage_index=stage_index,
+        plugin=plugin,
+        tool=tool,
+    )
+
+
+def execute_call(
+    tool: Tool,
+    request: dict[str, Any],
+    ctx: ToolContext,
+    *,
+    enforce_memory: bool,
+    measure_peak: bool,
+) -> dict[str, Any]:
+    """Run one call and describe its outcome as a ``result`` message. Never raises."""
+    from forgeflow.plugins.errors import ForgeFlowError
+    from forgeflow.plugins.runners.protocol import canonical_json
+
+    limit_mb = request.get("memory_limit_mb")
+    label = f"{tool.plugin_name}.{tool.name}"
+    peak_ok = measure_peak and reset_peak_memory()
+    error: BaseException | None = None
+    outputs: dict[str, Any] | None = None
+    limit = AddressSpaceLimit(limit_mb, enforce_memory and rlimit_wanted())
+    start = time.perf_counter()
+    try:
+        with limit:
+            outputs = tool.invoke(request.get("config") or {}, request.get("inputs") or {}, ctx)
+    except BaseException as exc:  # noqa: BLE001 - everything a plugin does becomes a result
+        error = exc
+    finally:
+        limit.restore()
+    duration_ms = (time.perf_counter() - start) * 1000.0
+    peak_kb = proc_status_kb("VmHWM") if peak_ok else None
+    result: dict[str, Any] = {
+        "type": "result",
+        "ok": error is None,
+        "outputs": None,
+        "error": None,
+        "error_type": None,
+        "traceback": None,
+        "duration_ms": round(duration_ms, 3),
+        "result_size_bytes": 0,
+        "peak_memory_mb": round(peak_kb / 1024.0, 1) if peak_kb is not None else None,
+        "recycle": False,
+    }
+    if error is None:
+        try:
+            result["result_size_bytes"] = len(canonical_json(outputs))
+            json.dumps(outputs, allow_nan=False)
+            result["outputs"] = outputs
+            return result
+        except (TypeError, ValueError) as exc:
+            result.update(ok=False, error=f"{label} returned outputs that are not valid JSON: {exc}", error_type="OutputError")
+            return result
+    result["ok"] = False
+    if is_memory_error(error):
+        detail = f"{type(error).__name__}: {error}" if str(error) else type(error).__name__
+        where = f"its memory limit of {limit_mb} MB" if limit.enabled or limit_mb else "the memory available"
+        result.update(
+            error=f"{label} exceeded {where} ({detail})",
+            error_type="MemoryError",
+            recycle=True,
+        )
+    elif isinstance(error, ForgeFlowError):
+        result.update(error=error.message, error_type=error.error_type)
+        if error.error_type not in ("ConfigError", "InputError", "OutputError"):
+            result["traceback"] = _format_traceback(error)
+    else:
+        result.update(error=str(error) or type(error).__name__, error_type=type(error).__name__)
+        result["traceback"] = _format_traceback(error)
+    if isinstance(error, (SystemExit, KeyboardInterrupt)):
+        result["recycle"] = True
+    error.__traceback__ = None  # drop the frames (and whatever they allocated) now
+    return result
+
+
+def _format_traceback(exc: BaseException) -> str:
+    try:
+        return "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))[-16_000:]
+    except Exception:  # pragma: no cover - formatting must never fail the call
+        return f"{type(exc).__name__}: (traceback unavailable)"
+
+
+# --- plugin loading ----------------------------------------------------------------------------
+
+
+def load_plugin(name: str) -> tuple[Any, str | None]:
+    """The installed plugin named ``name`` (entry point group ``forgeflow.plugins``), or why not."""
+    from importlib.metadata import entry_points
+
+    from forgeflow.plugins.registry import ENTRY_POINT_GROUP, load_entry_point
+
+    matches = list(entry_points(group=ENTRY_POINT_GROUP, name=name))
+    if not matches:
+        return None, f"no installed plugin named {name!r} (entry point group {ENTRY_POINT_GROUP!r})"
+    entry = load_entry_point(matches[0])
+    if not entry.available:
+        return None, entry.unavailable_reason
+    return entry.plugin, None
+
+
+class _OverlayMediaStore:
+    """Reads from a read-only media root, writes new media to a writable folder (Docker mode)."""
+
+    def __new__(cls, read_root: Path, write_root: Path) -> MediaStore:  # type: ignore[misc]
+        from forgeflow.plugins.errors import MediaNotFound
+        from forgeflow.plugins.media import MediaInfo, MediaStore
+
+        read_store = MediaStore(read_root)
+
+        class Overlay(MediaStore):
+            def path(self, ref: str) -> Path:
+                try:
+                    return read_store.path(ref)
+                except MediaNotFound:
+                    return MediaStore.path(self, ref)
+
+            def info(self, ref: str) -> MediaInfo:
+                try:
+                    return read_store.info(ref)
+                except MediaNotFound:
+                    return MediaStore.info(self, ref)
+
+        return Overlay(write_root)
+
+
+# --- main loops ----------------------------------------------------------------------------------
+
+
+def serve(plugin_name: str, proto_in: int, proto_out: int) -> int:
+    from forgeflow.plugins.runners.protocol import read_message_blocking, write_message
+    from forgeflow.settings import get_settings
+
+    plugin, reason = load_plugin(plugin_name)
+    if plugin is None:
+        write_message(proto_out, {"type": "unavailable", "reason": reason})
+        return 0
+    settings = get_settings()
+    write_message(proto_out, {"type": "ready", "pid": os.getpid(), "plugin": plugin.name, "version": plugin.version})
+    while True:
+        message = read_message_blocking(proto_in)
+        if message is None or message.get("type") == "shutdown":
+            return 0
+        if message.get("type") != "call":
+            print(f"forgeflow worker: ignoring message of type {message.get('type')!r}", file=sys.stderr)
+            continue
+        result = run_request(plugin, message, settings, measure_peak=True)
+        write_message(proto_out, result)
+        if result.get("recycle"):
+            return 0
+
+
+def run_request(
+    plugin: Any, request: dict[str, Any], settings: Settings, *, measure_peak: bool, media_store: MediaStore | None = None
+) -> dict[str, Any]:
+    tool_name = request.get("tool", "")
+    tool = plugin.tools.get(tool_name)
+    if tool is None:
+        return {
+            "type": "result",
+            "ok": False,
+            "error": f"plugin {plugin.name!r} has no tool {tool_name!r}",
+            "error_type": "UnknownTool",
+            "duration_ms": 0.0,
+        }
+    ctx = build_context(
+        settings, plugin.name, tool.name, request.get("job_id"), request.get("stage_index"), media_store=media_store
+    )
+    return execute_call(tool, request, ctx, enforce_memory=True, measure_peak=measure_peak)
+
+
+def oneshot(plugin_name: str, request_path: Path, response_path: Path, media_out: Path | None) -> int:
+    """Run the single call in ``request_path``; write the result message to ``response_path``."""
+    from forgeflow.settings import get_settings
+
+    def respond(message: dict[str, Any]) -> None:
+        tmp = response_path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(message, allow_nan=False))
+        os.replace(tmp, response_path)
+
+    plugin, reason = load_plugin(plugin_name)
+    if plugin is None:
+        respond({"type": "unavailable", "reason": reason})
+        return 0
+    settings = get_settings()
+    request = json.loads(request_path.read_text())
+    store = _OverlayMediaStore(settings.media_root, media_out) if media_out is not None else None
+    respond(run_request(plugin, request, settings, measure_peak=True, media_store=store))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="forgeflow-worker", description=__doc__.splitlines()[0])
+    parser.add_argument("--plugin", required=True, help="canonical name of an installed plugin")
+    parser.add_argument("--parent-pid", type=int, default=None)
+    parser.add_argument("--oneshot", action="store_true", help="run one call from --request (Docker mode)")
+    parser.add_argument("--request", type=Path)
+    parser.add_argument("--response", type=Path)
+    parser.add_argument("--media-out", type=Path, help="writable folder for media a tool stores (Docker mode)")
+    args = parser.parse_args(argv)
+
+    proto_in, proto_out = isolate_stdio()
+    faulthandler.enable(file=sys.stderr, all_threads=True)
+    if not args.oneshot:
+        set_parent_death_signal(args.parent_pid)
+    print(f"[forgeflow worker pid={os.getpid()} plugin={args.plugin} started {time.strftime('%Y-%m-%dT%H:%M:%S')}]", file=sys.stderr, flush=True)
+    if args.oneshot:
+        if args.request is None or args.response is None:
+            parser.error("--oneshot needs --request and --response")
+        return oneshot(args.plugin, args.request, args.response, args.media_out)
+    return serve(args.plugin, proto_in, proto_out)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
