@@ -26,6 +26,7 @@ class PipelineStage(BaseModel):
     config: dict[str, Any] = Field(default_factory=dict, description="Tool configuration (validated by the tool).")
     timeout_seconds: float | None = Field(None, description="This stage's timeout; default: the pipeline's.")
     retries: int = Field(0, ge=0, le=10, description="Prefect task retries for this stage.")
+    memory_limit_mb: int | None = Field(None, ge=64, description="This stage's memory limit; default: the host's.")
 
     @field_validator("timeout_seconds")
     @classmethod

@@ -1,0 +1,38 @@
+"""``PipelineExecutor``: the seed's entry point to run a pipeline and get its result envelope."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from forgeflow.flows.models import PipelineDefinition
+from forgeflow.flows.pipeline_flow import PipelineFailed, Services, current_services, pipeline_flow, use_services
+
+
+class PipelineExecutor:
+    """Runs a pipeline as one Prefect flow run (one task per stage) in this process.
+
+    Each stage runs in the configured sandboxed runner; realtime messages go to the services'
+    sink. ``execute`` returns ``{"ok": True, "result": {...}, "stages_executed": N}`` or
+    ``{"ok": False, "error", "error_type", "stage_failed", "partial_result", ...}``.
+    """
+
+    def __init__(self, services: Services | None = None) -> None:
+        self.services = services
+
+    def execute(
+        self,
+        pipeline: PipelineDefinition | dict[str, Any] | list[dict[str, Any]],
+        input_data: dict[str, Any],
+        job_id: str,
+    ) -> dict[str, Any]:
+        document = pipeline.model_dump(mode="json") if isinstance(pipeline, PipelineDefinition) else pipeline
+        with use_services(self.services or current_services()):
+            state = pipeline_flow(pipeline=document, input=input_data, job_id=job_id, return_state=True)
+        if state.is_completed():
+            return state.result()
+        outcome = state.result(raise_on_failure=False)
+        if isinstance(outcome, PipelineFailed):
+            return outcome.envelope.to_dict()
+        if isinstance(outcome, BaseException):
+            raise outcome
+        raise RuntimeError(f"flow run ended in state {state.type}: {state.message}")

@@ -1,0 +1,279 @@
+"""A job as its own process: how the API launches pipelines outside its own process.
+
+``python -m forgeflow.flows.job --job-id ID --spec FILE`` runs one job as one Prefect flow run and
+sends its events to the API (``FORGEFLOW_API_URL``, ``FORGEFLOW_INGEST_TOKEN``). Exit codes:
+0 succeeded, 1 failed, 2 invalid, 3 cancelled; anything else means it crashed.
+
+SIGTERM cancels: the running stage's worker is killed, a ``cancelled`` message is sent and the
+flow run is marked Cancelled. SIGKILL runs nothing at all, so :func:`reconcile_crash` builds the
+terminal messages from what the job left behind (its events and its checkpoint) and marks the
+flow run Crashed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+from forgeflow.flows.events import Event, JobStatusEvent, PipelineError
+from forgeflow.flows.models import ResultEnvelope, StageReport
+from forgeflow.flows.pipeline_flow import checkpoint_path
+from forgeflow.settings import Settings, get_settings
+
+log = logging.getLogger(__name__)
+
+EXIT_SUCCEEDED, EXIT_FAILED, EXIT_INVALID, EXIT_CANCELLED = 0, 1, 2, 3
+EXIT_STATUS = {EXIT_SUCCEEDED: "succeeded", EXIT_FAILED: "failed", EXIT_INVALID: "failed", EXIT_CANCELLED: "cancelled"}
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    job_id: str
+    pipeline: dict[str, Any]
+    input: dict[str, Any]
+
+
+class JobCancelled(BaseException):
+    """Raised in the job's main thread by SIGTERM: unwinds the stage and the flow run."""
+
+
+class JobProcess:
+    """A job running in its own process group, started by :meth:`start` or found by :meth:`attach`."""
+
+    def __init__(self, job_id: str, pid: int, popen: subprocess.Popen[bytes] | None = None,
+                 create_time: float | None = None) -> None:
+        self.job_id = job_id
+        self.pid = pid
+        self._popen = popen
+        self._create_time = create_time
+        self._returncode: int | None = None
+
+    @classmethod
+    def start(cls, spec: JobSpec, *, api_url: str, ingest_token: str, env: dict[str, str] | None = None,
+              settings: Settings | None = None) -> JobProcess:
+        settings = settings or get_settings()
+        job_dir = settings.jobs_dir / spec.job_id
+        job_dir.mkdir(parents=True, exist_ok=True)
+        spec_path = job_dir / "spec.json"
+        spec_path.write_text(json.dumps(asdict(spec)), encoding="utf-8")
+        child_env = {
+            **os.environ,
+            **(env or {}),
+            "FORGEFLOW_API_URL": api_url,
+            "FORGEFLOW_INGEST_TOKEN": ingest_token,
+            "FORGEFLOW_HOME": str(settings.home),
+        }
+        with (job_dir / "job.log").open("ab") as log_file:
+            popen = subprocess.Popen(
+                [sys.executable, "-m", "forgeflow.flows.job", "--job-id", spec.job_id, "--spec", str(spec_path)],
+                env=child_env,
+                stdin=subprocess.DEVNULL,
+                stdout=log_file,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        return cls(spec.job_id, popen.pid, popen, _create_time(popen.pid))
+
+    @classmethod
+    def attach(cls, job_id: str, pid: int, create_time: float | None = None) -> JobProcess:
+        """Watch a job process started by an earlier API process (its exit code is then unknown)."""
+        return cls(job_id, pid, None, create_time)
+
+    @property
+    def create_time(self) -> float | None:
+        return self._create_time
+
+    def poll(self) -> int | None:
+        """The exit code, or None while it runs (-1 for an attached process that is gone)."""
+        if self._popen is not None:
+            return self._popen.poll()
+        if self._returncode is None and not self._alive():
+            self._returncode = -1
+        return self._returncode
+
+    def _alive(self) -> bool:
+        try:
+            proc = psutil.Process(self.pid)
+            if self._create_time is not None and abs(proc.create_time() - self._create_time) > 1.0:
+                return False  # the pid was reused
+            return proc.status() != psutil.STATUS_ZOMBIE
+        except psutil.NoSuchProcess:
+            return False
+
+    def wait(self, timeout: float | None = None) -> int | None:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while (code := self.poll()) is None:
+            if deadline is not None and time.monotonic() >= deadline:
+                return None
+            time.sleep(0.05)
+        return code
+
+    def cancel(self, grace_s: float = 10.0) -> int | None:
+        """SIGTERM the job (it cancels cleanly), SIGKILL its whole group after ``grace_s``."""
+        self._signal(signal.SIGTERM)
+        code = self.wait(grace_s)
+        if code is None:
+            self.kill()
+            code = self.wait(5.0)
+        return code
+
+    def kill(self) -> None:
+        self._signal(signal.SIGKILL)
+
+    def _signal(self, sig: int) -> None:
+        try:
+            os.killpg(self.pid, sig)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+
+def _create_time(pid: int) -> float | None:
+    try:
+        return psutil.Process(pid).create_time()
+    except psutil.Error:
+        return None
+
+
+def read_checkpoint(settings: Settings, job_id: str) -> dict[str, Any]:
+    path = checkpoint_path(settings, job_id)
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return {}
+
+
+def reconcile_crash(
+    job_id: str,
+    *,
+    reason: str,
+    flow_run_id: str | None,
+    pipeline: dict[str, Any],
+    events: list[dict[str, Any]],
+    settings: Settings | None = None,
+) -> list[Event]:
+    """Terminal messages for a job whose process died without sending them.
+
+    The running stage (started, never ended) gets a ``pipeline_error``; the job gets a ``crashed``
+    status whose envelope holds the partial result of its checkpoint. The Prefect flow run, which
+    the server still believes Running, is marked Crashed.
+    """
+    settings = settings or get_settings()
+    from forgeflow.flows.validation import parse_definition
+
+    try:
+        stages = parse_definition(pipeline).stages
+    except Exception:
+        stages = []
+    reports = [StageReport(index=i, plugin=s.plugin, tool=s.tool) for i, s in enumerate(stages)]
+    for event in events:
+        index = event.get("stage_index")
+        if index is None or not 0 <= index < len(reports):
+            continue
+        if event.get("type") == "pipeline_stage_start":
+            reports[index].status = "running"
+        elif event.get("type") == "pipeline_stage_end":
+            reports[index].status = "completed" if event.get("ok") else "failed"
+            reports[index].duration_ms = event.get("duration_ms")
+            reports[index].result_size_bytes = event.get("result_size_bytes")
+    running = next((r for r in reports if r.status == "running"), None)
+    failed_index = running.index if running else next((r.index for r in reports if r.status == "pending"), None)
+    for report in reports:
+        if report.status == "running":
+            report.status, report.error, report.error_type = "failed", reason, "FlowRunCrashed"
+        elif report.status == "pending":
+            report.status = "skipped"
+    checkpoint = read_checkpoint(settings, job_id)
+    envelope = ResultEnvelope(
+        ok=False,
+        error=reason,
+        error_type="FlowRunCrashed",
+        stage_failed=failed_index,
+        partial_result=checkpoint.get("partial_result", {}),
+        stages_executed=sum(1 for r in reports if r.status == "completed"),
+        stages=reports,
+    )
+    out: list[Event] = [
+        PipelineError(
+            job_id=job_id,
+            stage_index=running.index if running else None,
+            plugin=running.plugin if running else None,
+            tool=running.tool if running else None,
+            error=reason,
+            error_type="FlowRunCrashed",
+        ),
+        JobStatusEvent(job_id=job_id, status="crashed", flow_run_id=flow_run_id, envelope=envelope.to_dict()),
+    ]
+    if flow_run_id:
+        mark_flow_run(flow_run_id, "crashed", reason)
+    return out
+
+
+def mark_flow_run(flow_run_id: str, status: str, message: str) -> None:
+    """Force the Prefect flow run into Crashed or Cancelled (best effort: Prefect may be down)."""
+    try:
+        from prefect.client.orchestration import get_client
+        from prefect.states import Cancelled, Crashed
+
+        state = Crashed(message=message) if status == "crashed" else Cancelled(message=message)
+        with get_client(sync_client=True) as client:
+            client.set_flow_run_state(flow_run_id, state, force=True)
+    except Exception as exc:  # the job's terminal message matters more than Prefect's bookkeeping
+        log.warning("could not mark flow run %s %s: %s", flow_run_id, status, exc)
+
+
+def run_job(spec: JobSpec, settings: Settings | None = None) -> int:
+    """Run one job in this process with an HttpSink; the exit code says how it ended."""
+    from forgeflow.flows.executor import PipelineExecutor
+    from forgeflow.flows.pipeline_flow import Services
+
+    settings = settings or get_settings()
+    services = Services.from_settings(settings)
+
+    def on_sigterm(signum: int, frame: Any) -> None:
+        raise JobCancelled()
+
+    signal.signal(signal.SIGTERM, on_sigterm)
+    try:
+        envelope = PipelineExecutor(services).execute(spec.pipeline, spec.input, spec.job_id)
+    except JobCancelled:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        flow_run_id = _flow_run_id_of(spec.job_id)
+        if flow_run_id:
+            mark_flow_run(flow_run_id, "cancelled", "cancelled by the user")
+        return EXIT_CANCELLED
+    finally:
+        services.close()
+    if envelope.get("ok"):
+        return EXIT_SUCCEEDED
+    return EXIT_INVALID if envelope.get("error_type") == "PipelineValidationError" else EXIT_FAILED
+
+
+def _flow_run_id_of(job_id: str) -> str | None:
+    from forgeflow.flows.pipeline_flow import last_flow_run_id
+
+    return last_flow_run_id(job_id)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m forgeflow.flows.job", description=__doc__)
+    parser.add_argument("--job-id", required=True)
+    parser.add_argument("--spec", required=True, type=Path)
+    args = parser.parse_args(argv)
+    data = json.loads(args.spec.read_text(encoding="utf-8"))
+    spec = JobSpec(job_id=args.job_id, pipeline=data["pipeline"], input=data.get("input") or {})
+    return run_job(spec)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,93 @@
+"""Fixtures shared by every test: an isolated FORGEFLOW_HOME, the real plugin registry, and a real
+Prefect server started once per test session."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+# Hermetic Prefect and Ultralytics before anything imports them.
+_SESSION_DIR = Path(tempfile.mkdtemp(prefix="forgeflow-tests-"))
+os.environ.setdefault("PREFECT_HOME", str(_SESSION_DIR / "prefect"))
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("DO_NOT_TRACK", "1")
+os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+os.environ.setdefault("FORGEFLOW_HOME", str(_SESSION_DIR / "home"))
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_http(url: str, timeout: float = 60.0, proc: subprocess.Popen | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"process for {url} exited with {proc.returncode}")
+        try:
+            if httpx.get(url, timeout=2).status_code < 500:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    raise TimeoutError(f"{url} did not answer within {timeout}s")
+
+
+@pytest.fixture
+def ff_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    """A fresh FORGEFLOW_HOME for one test; settings are re-read."""
+    from forgeflow.settings import get_settings
+
+    home = tmp_path / "ffhome"
+    monkeypatch.setenv("FORGEFLOW_HOME", str(home))
+    get_settings.cache_clear()
+    yield home
+    get_settings.cache_clear()
+
+
+@pytest.fixture
+def registry(ff_home: Path):
+    """The registry of installed plugins (built-ins and the test plugins), with its own lifecycle file."""
+    from forgeflow.plugins import LifecycleStore, PluginRegistry
+
+    return PluginRegistry.discover(LifecycleStore(ff_home / "plugins.sqlite"))
+
+
+@pytest.fixture(scope="session")
+def prefect_api_url() -> Iterator[str]:
+    """A real Prefect server (SQLite) for the whole session; PREFECT_API_URL points at it."""
+    port = free_port()
+    env = {**os.environ, "PREFECT_UI_ENABLED": "false", "PREFECT_API_URL": ""}
+    env.pop("PREFECT_API_URL")
+    log = open(_SESSION_DIR / "prefect-server.log", "wb")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    url = f"http://127.0.0.1:{port}/api"
+    try:
+        wait_http(f"{url}/health", timeout=90, proc=proc)
+        os.environ["PREFECT_API_URL"] = url
+        yield url
+    finally:
+        os.environ.pop("PREFECT_API_URL", None)
+        proc.terminate()
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()
