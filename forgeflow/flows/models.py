@@ -66,6 +66,11 @@ class PipelineDefinition(BaseModel):
     def stage_timeout(self, index: int) -> float:
         return self.stages[index].timeout_seconds or self.timeout_seconds
 
+    @classmethod
+    def from_legacy(cls, plugin_id: str, tool_name: str, config: dict[str, Any] | None = None) -> PipelineDefinition:
+        """A Phase 11 single-plugin job ``{plugin_id, tool_name, config}`` as a one-stage pipeline."""
+        return cls(stages=[PipelineStage(plugin=plugin_id, tool=tool_name, config=config or {})])
+
 
 def pipeline_json_schema() -> dict[str, Any]:
     """The published JSON Schema of pipeline files (``forgeflow schema``)."""

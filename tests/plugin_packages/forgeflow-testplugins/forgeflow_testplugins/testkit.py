@@ -68,6 +68,20 @@ def total(inputs: TotalInput, config: EmptyModel, ctx: ToolContext) -> TotalOutp
     return TotalOutput(total=sum(inputs.scaled))
 
 
+class LabelInput(BaseModel):
+    total: str
+
+
+class LabelOutput(BaseModel):
+    label: str
+
+
+@plugin.tool(input=LabelInput, output=LabelOutput)
+def label_total(inputs: LabelInput, config: EmptyModel, ctx: ToolContext) -> LabelOutput:
+    """Wants ``total`` as a string: placed after ``total`` (an integer) it is an incompatible stage."""
+    return LabelOutput(label=f"total={inputs.total}")
+
+
 class TextInput(BaseModel):
     text: str
 
