@@ -13,7 +13,9 @@ Tools
 
 Tracking: Ultralytics' ``BYTETracker`` with a fresh tracker per call (ids start at 1 for every
 video, so the same input gives the same ids). A detection the tracker has not confirmed yet (a
-person that appears mid-video is confirmed on its second frame) has ``track_id: null``. A still
+person that appears mid-video is confirmed on its second frame) has ``track_id: null``. A scene
+cut (colour-histogram correlation between consecutive processed frames < ``scene_cut``) retires
+every track, so no id jumps from one shot to a person in the next. A still
 image has no motion to track: its players are numbered 1, 2, … from left to right.
 """
 
@@ -58,6 +60,13 @@ class DetectConfig(VisionConfig):
         description="Detector class ids to keep (default [0] = person); null keeps every class.",
     )
     track: bool = Field(True, description="Assign ByteTrack ids across video frames.")
+    scene_cut: float = Field(
+        0.5,
+        ge=0.0,
+        le=1.0,
+        description="A colour-histogram correlation between consecutive frames below this is a scene cut: "
+        "no track continues across it (0 disables).",
+    )
 
 
 class TrackConfig(VisionConfig):
@@ -67,6 +76,7 @@ class TrackConfig(VisionConfig):
     new_track_thresh: float | None = Field(
         None, ge=0.0, le=1.0, description="Least confidence that starts a new track (default: confidence)."
     )
+    scene_cut: float = Field(0.5, ge=0.0, le=1.0, description="Histogram correlation under which a new scene starts (0 disables).")
 
 
 class PlayersOutput(BaseModel):
@@ -105,6 +115,23 @@ def _new_tracker(confidence: float, *, track_buffer: int = 30, match_thresh: flo
     return BYTETracker(args)
 
 
+def _histogram(image: Any) -> Any:
+    import cv2
+
+    small = cv2.resize(image, (160, 90), interpolation=cv2.INTER_AREA)
+    hsv = cv2.cvtColor(small, cv2.COLOR_BGR2HSV)
+    hist = cv2.calcHist([hsv], [0, 1], None, [30, 32], [0, 180, 0, 256])
+    return cv2.normalize(hist, hist).flatten()
+
+
+def _is_scene_cut(previous: Any, current: Any, threshold: float) -> bool:
+    import cv2
+
+    if previous is None or threshold <= 0:
+        return False
+    return float(cv2.compareHist(previous, current, cv2.HISTCMP_CORREL)) < threshold
+
+
 def detect(
     media: str,
     config: VisionConfig,
@@ -113,6 +140,7 @@ def detect(
     classes: list[int] | None,
     track: bool,
     tracker_options: dict[str, Any] | None = None,
+    scene_cut: float = 0.5,
 ) -> list[FramePlayers]:
     """Detect (and track) players in every selected frame of ``media``."""
     device = resolve_device(config.device)  # before anything heavy: a missing GPU fails fast
@@ -124,6 +152,7 @@ def detect(
     tracker = _new_tracker(config.confidence, **(tracker_options or {})) if track and reader.kind == "video" else None
 
     frames_out: list[FramePlayers] = []
+    previous_hist = None
     for chunk in batched(reader.frames(config.frame_stride, config.max_frames), config.batch):
         results = predict(
             model, [f.image for f in chunk], device=device, imgsz=config.imgsz, confidence=config.confidence, classes=classes
@@ -132,6 +161,13 @@ def detect(
             boxes = result.boxes.cpu().numpy()
             ids: list[int | None] = [None] * len(boxes)
             if tracker is not None:
+                hist = _histogram(frame.image)
+                if _is_scene_cut(previous_hist, hist, scene_cut):
+                    # a new shot: retire every track (ids keep counting up, never reused) and treat
+                    # the frame as a first frame, where ByteTrack confirms new tracks at once
+                    tracker.tracked_stracks, tracker.lost_stracks, tracker.removed_stracks = [], [], []
+                    tracker.frame_id = 0
+                previous_hist = hist
                 rows = tracker.update(boxes, frame.image)
                 for row in rows:
                     ids[int(row[7])] = int(row[4])
@@ -157,7 +193,9 @@ def detect(
 @plugin.tool(input=MediaInput, output=PlayersOutput, config=DetectConfig)
 def detect_players(inputs: MediaInput, config: DetectConfig, ctx: ToolContext) -> PlayersOutput:
     """Detect players (people) per frame: box xyxy, confidence, class and a ByteTrack track id."""
-    return PlayersOutput(players=detect(inputs.media, config, ctx, classes=config.classes, track=config.track))
+    return PlayersOutput(
+        players=detect(inputs.media, config, ctx, classes=config.classes, track=config.track, scene_cut=config.scene_cut)
+    )
 
 
 @plugin.tool(input=MediaInput, output=TracksOutput, config=TrackConfig)
@@ -174,6 +212,7 @@ def track_players(inputs: MediaInput, config: TrackConfig, ctx: ToolContext) -> 
             "match_thresh": config.match_thresh,
             "new_track_thresh": config.new_track_thresh,
         },
+        scene_cut=config.scene_cut,
     )
     seen: dict[int, list[tuple[int, float]]] = {}
     for frame in frames:
