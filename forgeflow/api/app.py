@@ -1,0 +1,162 @@
+"""The FastAPI application: ``create_app(settings) -> FastAPI``.
+
+Start-up (lifespan): open the store and migrate it, discover plugins, settle the ingest token,
+bind the event hub to the loop, then the launcher imports spooled events, re-attaches or
+reconciles the jobs of an earlier run and launches queued ones. Shut-down stops the launcher but
+leaves job processes running (a restarted service picks them up).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import JSONResponse
+
+from forgeflow import __version__
+from forgeflow.api.auth import Authenticator, check_bind
+from forgeflow.api.deps import ApiState, require_auth
+from forgeflow.api.errors import install_error_handlers
+from forgeflow.api.hub import EventHub
+from forgeflow.api.routers import events, health, jobs, media, pipelines, plugins
+from forgeflow.api.store import Store
+from forgeflow.settings import Settings, get_settings
+
+log = logging.getLogger(__name__)
+
+MAX_JSON_BODY = 64 * 1024 * 1024
+
+DESCRIPTION = """\
+ForgeFlow runs multi-plugin computer-vision pipelines: each job is a Prefect flow run with one
+isolated task per stage, and every stage reports realtime messages.
+
+* **Jobs**: `POST /v1/jobs` with `{"pipeline": [stages], "input": {...}}`, a saved template
+  `{"pipeline_id", "input"}`, or the legacy `{"plugin_id", "tool_name", "config", "input"}`.
+* **Realtime**: `WS /v1/ws/jobs/{job_id}?after_seq=N` (one job) and `WS /v1/ws/jobs?after_cursor=N`
+  (all jobs). Messages: `pipeline_stage_start`, `pipeline_stage_end`, `pipeline_error`,
+  `pipeline_progress`, `job_status`, each with `type`, `job_id`, `seq` (1, 2, 3 … per job),
+  `timestamp` and `event_id`. Stored before they are sent: reconnect with the last `seq` you saw.
+* **Auth**: with `FORGEFLOW_API_TOKEN` set (required off loopback) every call needs
+  `Authorization: Bearer <token>`; WebSockets may pass `?token=`.
+* **Errors**: `{"error", "error_type", "field"?, "issues"?}` with a 4xx status.
+"""
+
+TAGS = [
+    {"name": "jobs", "description": "Submit, follow and cancel jobs."},
+    {"name": "pipelines", "description": "Saved pipeline templates and their statistics."},
+    {"name": "plugins", "description": "Installed plugins, tools, schemas, lifecycle and health."},
+    {"name": "media", "description": "Upload images and videos; use the ref as job input."},
+    {"name": "realtime", "description": "Event ingest (internal) and WebSocket streams."},
+    {"name": "health", "description": "Service health."},
+]
+
+
+def local_api_url(settings: Settings, port: int | None = None) -> str:
+    """The URL job processes on this machine use to reach the service."""
+    if settings.api_url:
+        return settings.api_url.rstrip("/")
+    host = settings.api_host
+    if host in ("0.0.0.0", "", "::"):
+        host = "127.0.0.1"
+    if ":" in host and not host.startswith("["):
+        host = f"[{host}]"
+    return f"http://{host}:{port if port is not None else settings.api_port}"
+
+
+def build_state(settings: Settings, *, api_url: str, prefect_api_url: str | None) -> ApiState:
+    from forgeflow.plugins import LifecycleStore, MediaStore, PluginRegistry
+
+    settings.home.mkdir(parents=True, exist_ok=True)
+    store = Store(settings.resolved_database_url)
+    store.migrate()
+    registry = PluginRegistry.discover(LifecycleStore(settings.lifecycle_db))
+    if settings.ingest_token is not None:
+        ingest_token = settings.ingest_token.get_secret_value()
+    else:
+        ingest_token = store.meta_value("ingest_token", lambda: secrets.token_urlsafe(32))
+    api_token = settings.api_token.get_secret_value() if settings.api_token else None
+    return ApiState(
+        settings=settings,
+        store=store,
+        hub=EventHub(settings.ws_queue_size),
+        registry=registry,
+        media=MediaStore(settings.media_root),
+        auth=Authenticator(api_token, ingest_token),
+        api_url=api_url,
+        prefect_api_url=prefect_api_url,
+    )
+
+
+def create_app(
+    settings: Settings | None = None,
+    *,
+    api_url: str | None = None,
+    prefect_api_url: str | None = None,
+    launch_jobs: bool = True,
+) -> FastAPI:
+    """The ForgeFlow API. ``api_url``: where job processes send events (default: the bind address);
+    ``prefect_api_url``: the Prefect server job processes use (default: ``PREFECT_API_URL``)."""
+    settings = settings or get_settings()
+    api_token = settings.api_token.get_secret_value() if settings.api_token else None
+    check_bind(settings.api_host, api_token)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        import os
+
+        from forgeflow.api.launcher import Launcher
+
+        state = await run_in_threadpool(
+            build_state,
+            settings,
+            api_url=api_url or local_api_url(settings),
+            prefect_api_url=prefect_api_url or os.environ.get("PREFECT_API_URL"),
+        )
+        state.hub.bind(asyncio.get_running_loop())
+        app.state.forgeflow = state
+        launcher = Launcher(state)
+        launcher.enabled = launch_jobs
+        state.launcher = launcher
+        await launcher.start()
+        try:
+            yield
+        finally:
+            await launcher.stop()
+            state.store.close()
+
+    app = FastAPI(
+        title="ForgeFlow",
+        version=__version__,
+        description=DESCRIPTION,
+        openapi_tags=TAGS,
+        lifespan=lifespan,
+    )
+    install_error_handlers(app)
+
+    @app.middleware("http")
+    async def _body_limit(request: Request, call_next):  # type: ignore[no-untyped-def]
+        length = request.headers.get("content-length")
+        if (
+            length is not None
+            and length.isdigit()
+            and int(length) > MAX_JSON_BODY
+            and not request.url.path.startswith("/v1/media")
+        ):
+            return JSONResponse(
+                {"error": f"request body over {MAX_JSON_BODY} bytes", "error_type": "RequestTooLarge"}, status_code=413
+            )
+        return await call_next(request)
+
+    secured = [Depends(require_auth)]
+    app.include_router(jobs.router, dependencies=secured)
+    app.include_router(pipelines.router, dependencies=secured)
+    app.include_router(plugins.router, dependencies=secured)
+    app.include_router(media.router, dependencies=secured)
+    app.include_router(events.router)  # ingest: its own token check; WebSockets check in the handler
+    app.include_router(health.router)
+    return app

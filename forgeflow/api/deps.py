@@ -1,0 +1,50 @@
+"""The service's shared state and the FastAPI dependencies that hand it to routes."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from fastapi import Request
+from starlette.requests import HTTPConnection
+
+from forgeflow.api.auth import Authenticator
+from forgeflow.api.hub import EventHub
+from forgeflow.api.store import Store, StoredEvent
+from forgeflow.plugins import MediaStore, PluginRegistry
+from forgeflow.settings import Settings
+
+if TYPE_CHECKING:
+    from forgeflow.api.launcher import Launcher
+
+
+@dataclass
+class ApiState:
+    settings: Settings
+    store: Store
+    hub: EventHub
+    registry: PluginRegistry
+    media: MediaStore
+    auth: Authenticator
+    api_url: str
+    prefect_api_url: str | None
+    launcher: Launcher | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def publish(self, stored: list[StoredEvent]) -> None:
+        self.hub.publish_threadsafe(stored)
+
+    def resolve_plugin(self, name: str) -> str:
+        try:
+            return self.registry.resolve(name).name
+        except Exception:
+            return name
+
+
+def get_state(conn: HTTPConnection) -> ApiState:
+    return conn.app.state.forgeflow  # type: ignore[no-any-return]
+
+
+def require_auth(request: Request) -> None:
+    """Dependency of every REST router: the bearer token, when the service requires one."""
+    get_state(request).auth.check_http(request)

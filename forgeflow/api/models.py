@@ -1,0 +1,290 @@
+"""Request and response schemas of the REST API (they are also its OpenAPI documentation)."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema
+
+from forgeflow.flows.models import PipelineStage
+
+JOB_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$"
+JobStatusName = Literal["queued", "running", "succeeded", "failed", "cancelled", "crashed"]
+
+_STAGE_SCHEMA = PipelineStage.model_json_schema()
+_STAGES_SCHEMA = {"type": "array", "items": _STAGE_SCHEMA, "minItems": 1}
+_PIPELINE_SCHEMA = {
+    "anyOf": [
+        {**_STAGES_SCHEMA, "title": "Stages (the seed's form)"},
+        {
+            "type": "object",
+            "title": "Pipeline definition",
+            "properties": {
+                "stages": _STAGES_SCHEMA,
+                "timeout_seconds": {"type": "number", "exclusiveMinimum": 0, "default": 300.0},
+                "description": {"type": "string", "default": ""},
+            },
+            "required": ["stages"],
+        },
+        {"type": "null"},
+    ],
+    "description": "The stages in order: a list (the seed's form) or a definition object with `stages`.",
+}
+
+RawPipeline = Annotated[list[Any] | dict[str, Any] | None, WithJsonSchema(_PIPELINE_SCHEMA)]
+RawStages = Annotated[list[Any] | None, WithJsonSchema({**_STAGES_SCHEMA, "description": "The stages, in order."})]
+
+SEED_JOB_EXAMPLE = {
+    "job_id": "job-123",
+    "pipeline": [
+        {"plugin": "forgesyte-yolo-tracker", "tool": "detect_players", "config": {"device": "cuda", "confidence": 0.25}},
+        {"plugin": "pose-estimator", "tool": "estimate_poses", "config": {"model": "light"}},
+        {"plugin": "classifier", "tool": "classify_actions", "config": {}},
+    ],
+    "input": {"media": "sha256:<hex of an uploaded clip>"},
+}
+
+
+class ErrorBody(BaseModel):
+    error: str = Field(description="What is wrong, in words.")
+    error_type: str = Field(description="A stable name of the kind of error.")
+    field: str | None = Field(None, description="The request field at fault, dotted (e.g. `pipeline.1.tool`).")
+    issues: list[dict[str, Any]] | None = Field(None, description="Every problem found (validation errors).")
+
+
+class JobCreate(BaseModel):
+    """One of three forms: an inline `pipeline`, a saved template's `pipeline_id`, or the legacy
+    single-plugin `plugin_id` + `tool_name` (+ `config`), which runs as a one-stage pipeline."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [
+                SEED_JOB_EXAMPLE,
+                {"pipeline_id": "soccer-analysis", "input": {"media": "sha256:<hex>"}},
+                {"plugin_id": "videotracker", "tool_name": "detect_players", "config": {}, "input": {"media": "sha256:<hex>"}},
+            ]
+        },
+    )
+
+    job_id: str | None = Field(
+        None,
+        pattern=JOB_ID_PATTERN,
+        description="Client-chosen id; resubmitting the same body with it returns the same job (idempotent).",
+    )
+    pipeline: RawPipeline = None
+    pipeline_id: str | None = Field(None, min_length=1, max_length=200, description="Id of a saved template.")
+    plugin_id: str | None = Field(None, min_length=1, max_length=200, description="Legacy form: plugin name or alias.")
+    tool_name: str | None = Field(None, min_length=1, max_length=200, description="Legacy form: tool name.")
+    config: dict[str, Any] | None = Field(None, description="Legacy form: the tool's config.")
+    input: dict[str, Any] = Field(default_factory=dict, description="Job input; its fields start the context.")
+    timeout_seconds: float | None = Field(None, gt=0, description="Per-stage timeout (with the list form).")
+    description: str | None = Field(None, max_length=10_000)
+
+
+class JobAccepted(BaseModel):
+    job_id: str
+    status: JobStatusName
+    created: bool = Field(description="False when an earlier identical submission with this job_id exists.")
+    pipeline_id: str | None = None
+    links: dict[str, str]
+
+
+class StageState(BaseModel):
+    index: int
+    plugin: str
+    tool: str
+    status: Literal["pending", "running", "completed", "failed", "skipped", "cancelled"]
+    attempt: int = 1
+    started_at: str | None = None
+    ended_at: str | None = None
+    duration_ms: float | None = None
+    result_size_bytes: int | None = None
+    peak_memory_mb: float | None = None
+    error: str | None = None
+    error_type: str | None = None
+
+
+class JobView(BaseModel):
+    job_id: str
+    status: JobStatusName
+    source: Literal["inline", "template", "legacy", "external"]
+    pipeline_id: str | None
+    created_at: str
+    started_at: str | None
+    finished_at: str | None
+    updated_at: str
+    flow_run_id: str | None
+    cancel_requested: bool
+    stages_total: int
+    stages_completed: int
+    current_stage: int | None
+    last_seq: int
+    error: str | None
+    error_type: str | None
+    envelope: dict[str, Any] | None = Field(
+        description="The result envelope once the job ended: `{ok, result, stages_executed}` or "
+        "`{ok: false, error, error_type, stage_failed, partial_result, stages_executed}`."
+    )
+    pipeline: dict[str, Any]
+    input: dict[str, Any]
+
+
+class JobSummary(BaseModel):
+    job_id: str
+    status: JobStatusName
+    source: str
+    pipeline_id: str | None
+    created_at: str
+    started_at: str | None
+    finished_at: str | None
+    stages_total: int
+    stages_completed: int
+    error_type: str | None
+
+
+class JobList(BaseModel):
+    items: list[JobSummary]
+    total: int
+    limit: int
+    offset: int
+    next_offset: int | None
+
+
+class JobPipelineView(BaseModel):
+    job_id: str
+    pipeline: dict[str, Any]
+    pipeline_id: str | None
+    status: JobStatusName
+    stages_total: int
+    stages_executed: int
+    current_stage: int | None
+    percent: int
+    stage_failed: int | None
+    stages: list[StageState]
+
+
+class CancelResult(BaseModel):
+    job_id: str
+    status: JobStatusName
+    cancel_requested: bool
+
+
+class EventList(BaseModel):
+    job_id: str
+    events: list[dict[str, Any]]
+    last_seq: int = Field(description="The job's latest seq; pass it as `after_seq` to continue.")
+    next_after_seq: int | None = Field(description="Set when more events follow (page limit reached).")
+
+
+class IngestBatch(BaseModel):
+    events: list[dict[str, Any]] = Field(max_length=10_000)
+
+
+class IngestResult(BaseModel):
+    received: int
+    stored: int
+    duplicates: int
+
+
+class PipelineCreate(BaseModel):
+    """A template: `name` and `stages` (or the seed's `pipeline` list)."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={"examples": [{"name": "soccer-analysis", "stages": SEED_JOB_EXAMPLE["pipeline"]}]},
+    )
+
+    name: str = Field(min_length=1, max_length=200)
+    stages: RawStages = None
+    pipeline: RawStages = None
+    timeout_seconds: float | None = Field(None, gt=0)
+    description: str | None = Field(None, max_length=10_000)
+
+
+class TemplateSummary(BaseModel):
+    id: str
+    name: str
+    stages: list[dict[str, Any]]
+    created_at: str
+    timeout_seconds: float
+    description: str
+
+
+class StageStats(BaseModel):
+    stage_index: int
+    plugin: str
+    tool: str
+    runs: int
+    completed: int
+    failed: int
+    mean_duration_ms: float | None
+    min_duration_ms: float | None
+    max_duration_ms: float | None
+
+
+class TemplateDetail(TemplateSummary):
+    last_used: str | None
+    success_rate: float | None = Field(description="Succeeded / finished runs (null before any finished).")
+    runs: dict[str, int]
+    mean_duration_ms: float | None = Field(description="Mean wall time of succeeded runs.")
+    stage_stats: list[StageStats]
+    job_input_fields: list[str] = Field(description="Fields a job input must provide for this template.")
+
+
+class PluginLifecycle(BaseModel):
+    plugin: str
+    state: Literal["LOADED", "INITIALIZED", "RUNNING", "FAILED", "UNAVAILABLE"]
+    last_error: str | None = None
+    last_error_type: str | None = None
+    calls: int = 0
+    failures: int = 0
+    last_duration_ms: float | None = None
+    updated_at: float = 0.0
+
+
+class PluginSummary(BaseModel):
+    name: str
+    version: str | None
+    aliases: list[str]
+    description: str
+    available: bool
+    unavailable_reason: str | None
+    tools: list[dict[str, Any]]
+    lifecycle: PluginLifecycle
+
+
+class PluginDetail(PluginSummary):
+    entry_point: str
+
+
+class PluginHealth(BaseModel):
+    plugin: str
+    healthy: bool
+    state: str
+    available: bool
+    reason: str | None
+    last_error: str | None
+    last_error_type: str | None
+    calls: int
+    failures: int
+    last_duration_ms: float | None
+    updated_at: float
+
+
+class MediaView(BaseModel):
+    ref: str = Field(description="Use it as job input: `{\"input\": {\"media\": ref}}`.")
+    sha256: str
+    size_bytes: int
+    kind: Literal["image", "video"]
+    media_type: str
+    filename: str | None = None
+
+
+class Health(BaseModel):
+    status: Literal["ok", "degraded"]
+    version: str
+    database: str
+    jobs_running: int
+    jobs_queued: int
+    websocket_clients: int

@@ -1,0 +1,1 @@
+"""REST and WebSocket routers, one module per resource."""

@@ -1,0 +1,255 @@
+"""Realtime: the internal ingest endpoint and the WebSocket streams.
+
+``POST /internal/v1/events`` (Bearer ingest token) stores each event (dedupe by ``event_id``,
+per-job ``seq``) and only then broadcasts it.
+
+``WS /v1/ws/jobs/{job_id}?after_seq=N`` streams one job: it subscribes first, replays the stored
+messages with ``seq > N`` (default 0: everything) from the database, then sends live ones, skipping
+any ``seq`` already sent and filling a gap from the database, so every message arrives exactly once
+and in order. The stream closes (1000, "job finished") after the terminal ``job_status``.
+
+``WS /v1/ws/jobs?after_cursor=N`` streams every job. Each message also carries ``cursor``, the
+global position of the stream; without ``after_cursor`` it starts with live messages.
+
+A client whose queue (``ws_queue_size``) overflows is closed with code 1013 and a reason naming
+where to resume; the others and the ingestion never wait for it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+from fastapi import APIRouter, Depends, Request, WebSocket
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import JSONResponse
+from pydantic import ValidationError
+from starlette.websockets import WebSocketDisconnect, WebSocketState
+
+from forgeflow.api.deps import ApiState, get_state
+from forgeflow.api.errors import ApiError
+from forgeflow.api.hub import Subscription
+from forgeflow.api.models import ErrorBody, IngestBatch, IngestResult
+from forgeflow.api.store import StoredEvent
+from forgeflow.flows.events import TERMINAL_STATUSES, Event, parse_event
+
+log = logging.getLogger(__name__)
+
+router = APIRouter(tags=["realtime"])
+
+REPLAY_PAGE = 500
+MAX_INGEST_BYTES = 64 * 1024 * 1024
+
+
+def _check_ingest(request: Request) -> None:
+    get_state(request).auth.check_ingest(request)
+
+
+@router.post(
+    "/internal/v1/events",
+    response_model=IngestResult,
+    summary="Ingest events from flow runs (internal)",
+    dependencies=[Depends(_check_ingest)],
+    responses={
+        401: {"model": ErrorBody, "description": "Missing or invalid ingest token."},
+        413: {"model": ErrorBody, "description": "Batch too large."},
+        422: {"model": ErrorBody, "description": "An event is malformed (nothing of the batch is stored)."},
+    },
+)
+async def ingest_events(request: Request, batch: IngestBatch, state: ApiState = Depends(get_state)) -> dict[str, Any]:
+    """Body `{"events": [event, ...]}`. Events are stored (a re-delivered `event_id` once), numbered
+    per job, and then broadcast. Each job's status, stage table and plugin lifecycle follow from them."""
+    parsed: list[Event] = []
+    for index, data in enumerate(batch.events):
+        try:
+            parsed.append(parse_event(data))
+        except ValidationError as exc:
+            err = exc.errors()[0]
+            loc = ".".join(str(p) for p in err["loc"])
+            raise ApiError(
+                422,
+                f"events.{index}: {loc + ': ' if loc else ''}{err['msg']}",
+                "RequestValidationError",
+                field=f"events.{index}" + (f".{loc}" if loc else ""),
+            ) from None
+    stored = await run_in_threadpool(
+        lambda: state.store.ingest(parsed, publish=state.publish, resolve_plugin=state.resolve_plugin)
+    )
+    if state.launcher is not None and any(e.terminal for e in stored):
+        state.launcher.wake()
+    return {"received": len(parsed), "stored": len(stored), "duplicates": len(parsed) - len(stored)}
+
+
+# --- WebSockets -----------------------------------------------------------------------------------
+
+
+@dataclass
+class _Position:
+    last: int
+
+
+async def _deny(websocket: WebSocket, status: int, error: str, error_type: str) -> None:
+    body = {"error": error, "error_type": error_type}
+    try:
+        await websocket.send_denial_response(JSONResponse(body, status_code=status))
+    except RuntimeError:
+        await websocket.close(code=4000 + status, reason=error[:120])
+
+
+def _query_int(websocket: WebSocket, name: str) -> int | None:
+    raw = websocket.query_params.get(name)
+    if raw is None or raw == "":
+        return None
+    if not raw.isdigit():
+        raise ValueError(f"{name} must be a non-negative integer")
+    return int(raw)
+
+
+async def _drain_client(websocket: WebSocket) -> None:
+    """Read (and ignore) what the client sends until it disconnects."""
+    while True:
+        message = await websocket.receive()
+        if message["type"] == "websocket.disconnect":
+            return
+
+
+async def _run_stream(websocket: WebSocket, state: ApiState, sub: Subscription, sender: Any, pos: _Position,
+                      resume_param: str) -> None:
+    reader = asyncio.create_task(_drain_client(websocket))
+    sending = asyncio.create_task(sender)
+    overflow = asyncio.create_task(sub.overflowed.wait())
+    try:
+        done, _ = await asyncio.wait({reader, sending, overflow}, return_when=asyncio.FIRST_COMPLETED)
+        if sending in done and not sending.cancelled():
+            exc = sending.exception()
+            if exc is None and sending.result() == "finished":
+                await _close(websocket, 1000, "job finished")
+            elif exc is not None and not isinstance(exc, (WebSocketDisconnect, OSError, RuntimeError)):
+                log.error("websocket stream failed", exc_info=exc)
+                await _close(websocket, 1011, "internal error; reconnect with " f"{resume_param}={pos.last}")
+        elif overflow in done:
+            sending.cancel()
+            with contextlib.suppress(BaseException):
+                await sending
+            reason = f"slow consumer: over {state.hub.queue_size} messages queued; resume with {resume_param}={pos.last}"
+            await _close(websocket, 1013, reason)
+    finally:
+        state.hub.unsubscribe(sub)
+        for task in (reader, sending, overflow):
+            task.cancel()
+        for task in (reader, sending, overflow):
+            with contextlib.suppress(BaseException):
+                await task
+
+
+async def _close(websocket: WebSocket, code: int, reason: str) -> None:
+    if websocket.application_state == WebSocketState.DISCONNECTED or websocket.client_state == WebSocketState.DISCONNECTED:
+        return
+    with contextlib.suppress(Exception):
+        await asyncio.wait_for(websocket.close(code=code, reason=reason.encode()[:120].decode(errors="ignore")), 10)
+
+
+async def _send_job(websocket: WebSocket, state: ApiState, sub: Subscription, job_id: str, pos: _Position) -> str:
+    store = state.store
+
+    async def send(event: StoredEvent) -> bool:
+        await websocket.send_text(event.payload)
+        pos.last = event.seq
+        return event.terminal
+
+    async def replay(until: int | None = None) -> bool:
+        while True:
+            page = await run_in_threadpool(store.events_after, job_id, pos.last, REPLAY_PAGE)
+            for event in page:
+                if until is not None and event.seq >= until:
+                    return False
+                if await send(event):
+                    return True
+            if len(page) < REPLAY_PAGE:
+                return False
+
+    if await replay():
+        return "finished"
+    job = await run_in_threadpool(store.get_job, job_id)
+    if job is not None and job["status"] in TERMINAL_STATUSES and pos.last >= job["last_seq"]:
+        return "finished"
+    while True:
+        event = await sub.queue.get()
+        if event.seq <= pos.last:
+            continue
+        if event.seq > pos.last + 1 and await replay(until=event.seq):  # a gap: fill it from the store
+            return "finished"
+        if event.seq <= pos.last:
+            continue
+        if await send(event):
+            return "finished"
+
+
+async def _send_all(websocket: WebSocket, state: ApiState, sub: Subscription, pos: _Position) -> str:
+    store = state.store
+
+    def text(event: StoredEvent) -> str:
+        return f'{event.payload[:-1]},"cursor":{event.cursor}}}'
+
+    while True:
+        page = await run_in_threadpool(store.events_after_cursor, pos.last, REPLAY_PAGE)
+        for event in page:
+            await websocket.send_text(text(event))
+            pos.last = event.cursor
+        if len(page) < REPLAY_PAGE:
+            break
+    while True:
+        event = await sub.queue.get()
+        if event.cursor <= pos.last:
+            continue
+        await websocket.send_text(text(event))
+        pos.last = event.cursor
+
+
+@router.websocket("/v1/ws/jobs/{job_id}")
+async def ws_job(websocket: WebSocket, job_id: str) -> None:
+    """Messages of one job: `?after_seq=N` replays what came after N (default 0), then live."""
+    state = get_state(websocket)
+    if not state.auth.ws_allowed(websocket):
+        await _deny(websocket, 401, "missing or invalid API token (header 'Authorization: Bearer' or ?token=)",
+                    "Unauthorized")
+        return
+    try:
+        after = _query_int(websocket, "after_seq") or 0
+    except ValueError as exc:
+        await _deny(websocket, 422, str(exc), "RequestValidationError")
+        return
+    job = await run_in_threadpool(state.store.get_job, job_id)
+    if job is None:
+        await _deny(websocket, 404, f"unknown job {job_id!r}", "NotFound")
+        return
+    await websocket.accept()
+    sub = state.hub.subscribe(job_id)  # subscribe before the replay reads the store
+    pos = _Position(after)
+    await _run_stream(websocket, state, sub, _send_job(websocket, state, sub, job_id, pos), pos, "after_seq")
+
+
+@router.websocket("/v1/ws/jobs")
+async def ws_all_jobs(websocket: WebSocket) -> None:
+    """Messages of every job, each with a global `cursor`; `?after_cursor=N` replays what came after N."""
+    state = get_state(websocket)
+    if not state.auth.ws_allowed(websocket):
+        await _deny(websocket, 401, "missing or invalid API token (header 'Authorization: Bearer' or ?token=)",
+                    "Unauthorized")
+        return
+    try:
+        after = _query_int(websocket, "after_cursor")
+        if after is None:
+            after = _query_int(websocket, "after_seq")  # on this stream, the position is the cursor
+    except ValueError as exc:
+        await _deny(websocket, 422, str(exc), "RequestValidationError")
+        return
+    await websocket.accept()
+    sub = state.hub.subscribe(None)
+    if after is None:
+        after = await run_in_threadpool(state.store.max_cursor)
+    pos = _Position(after)
+    await _run_stream(websocket, state, sub, _send_all(websocket, state, sub, pos), pos, "after_cursor")

@@ -1,0 +1,289 @@
+"""``/v1/jobs``: submit (inline pipeline, saved template, legacy single plugin), read, list, cancel."""
+
+from __future__ import annotations
+
+import hashlib
+import uuid
+from typing import Any
+
+from fastapi import APIRouter, Depends, Path, Query, Response
+from fastapi.concurrency import run_in_threadpool
+
+from forgeflow.api.deps import ApiState, get_state
+from forgeflow.api.errors import ApiError, not_found
+from forgeflow.api.models import (
+    CancelResult,
+    ErrorBody,
+    EventList,
+    JobAccepted,
+    JobCreate,
+    JobList,
+    JobPipelineView,
+    JobStatusName,
+    JobView,
+)
+from forgeflow.api.routers.views import job_summary, job_view, pipeline_view
+from forgeflow.api.store import Conflict
+from forgeflow.flows.models import PipelineDefinition, canonical_json
+
+router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
+
+ERRORS: dict[int | str, dict[str, Any]] = {
+    401: {"model": ErrorBody, "description": "Missing or invalid API token."},
+    404: {"model": ErrorBody, "description": "Unknown job or template."},
+}
+
+
+def validation_error(exc: Any, *, prefix: str, legacy: bool = False) -> ApiError:
+    """A PipelineValidationError as a 422 whose ``field`` points into the request body."""
+    issues = [i.model_dump() for i in exc.issues]
+    first = issues[0] if issues else {}
+    field = None
+    if first:
+        name = first.get("field")
+        kind = first.get("error_type")
+        if legacy:
+            if kind in ("UnknownPlugin", "PluginUnavailable"):
+                field = "plugin_id"
+            elif kind == "UnknownTool":
+                field = "tool_name"
+            elif kind in ("MissingInput", "InputError") and name:
+                field = f"input.{name}"
+            else:
+                field = name or "plugin_id"
+        elif kind in ("MissingInput", "InputError") and name:
+            field = f"input.{name}"
+        else:
+            parts = [prefix]
+            if first.get("stage_index") is not None:
+                parts.append(str(first["stage_index"]))
+            if name:
+                parts.append(name)
+            field = ".".join(parts)
+    return ApiError(422, exc.message, exc.error_type, field=field, issues=issues)
+
+
+def _validate(state: ApiState, definition: PipelineDefinition, input_data: dict[str, Any] | None) -> Any:
+    from forgeflow.flows.validation import validate_pipeline
+
+    return validate_pipeline(definition, input_data, state.registry, state.settings)
+
+
+def parse_pipeline(raw: Any, *, prefix: str) -> PipelineDefinition:
+    from forgeflow.flows.validation import PipelineValidationError, parse_definition
+
+    try:
+        return parse_definition(raw)
+    except PipelineValidationError as exc:
+        raise validation_error(exc, prefix=prefix) from None
+
+
+@router.post(
+    "",
+    status_code=202,
+    response_model=JobAccepted,
+    summary="Submit a job",
+    responses={
+        **ERRORS,
+        200: {"model": JobAccepted, "description": "The same body was submitted before with this job_id."},
+        409: {"model": ErrorBody, "description": "job_id already used with a different body."},
+        413: {"model": ErrorBody, "description": "Request body too large."},
+        422: {"model": ErrorBody, "description": "Malformed request or invalid pipeline (nothing is stored)."},
+    },
+)
+async def submit_job(body: JobCreate, response: Response, state: ApiState = Depends(get_state)) -> dict[str, Any]:
+    """Validates the pipeline against the installed plugins and the job input, stores the job as
+    `queued` and returns at once (202). The job runs as its own Prefect flow run; follow it on
+    `GET /v1/jobs/{job_id}` or `WS /v1/ws/jobs/{job_id}`."""
+    forms = [name for name in ("pipeline", "pipeline_id", "plugin_id") if getattr(body, name) is not None]
+    if not forms:
+        raise ApiError(
+            422,
+            "give the stages in 'pipeline', a saved template in 'pipeline_id', "
+            "or a single plugin with 'plugin_id' and 'tool_name'",
+            "RequestValidationError",
+            field="pipeline",
+        )
+    if len(forms) > 1:
+        raise ApiError(422, f"give only one of 'pipeline', 'pipeline_id', 'plugin_id' (got {', '.join(forms)})",
+                       "RequestValidationError", field=forms[1])
+    form = forms[0]
+    if form != "plugin_id":
+        for name in ("tool_name", "config"):
+            if getattr(body, name) is not None:
+                raise ApiError(422, f"'{name}' belongs to the legacy form with 'plugin_id'", "RequestValidationError",
+                               field=name)
+    template_id = None
+    legacy = False
+    if form == "pipeline":
+        raw: Any = body.pipeline
+        if isinstance(raw, list):
+            raw = {"stages": raw}
+            if body.timeout_seconds is not None:
+                raw["timeout_seconds"] = body.timeout_seconds
+            if body.description is not None:
+                raw["description"] = body.description
+        elif body.timeout_seconds is not None or body.description is not None:
+            raise ApiError(422, "with a pipeline object, put 'timeout_seconds' and 'description' inside it",
+                           "RequestValidationError", field="timeout_seconds")
+        definition = parse_pipeline(raw, prefix="pipeline")
+        source = "inline"
+    elif form == "pipeline_id":
+        if body.timeout_seconds is not None or body.description is not None:
+            raise ApiError(422, "a template's timeout is part of the template", "RequestValidationError",
+                           field="timeout_seconds")
+        template = await run_in_threadpool(state.store.get_template, body.pipeline_id)
+        if template is None:
+            raise not_found("pipeline", body.pipeline_id or "", "list them with GET /v1/pipelines")
+        definition = PipelineDefinition.model_validate(template["definition"])
+        template_id = template["id"]
+        source = "template"
+    else:
+        if body.tool_name is None:
+            raise ApiError(422, "the legacy form needs 'tool_name' with 'plugin_id'", "RequestValidationError",
+                           field="tool_name")
+        stage = {"plugin": body.plugin_id, "tool": body.tool_name, "config": body.config or {}}
+        raw = {"stages": [stage]}
+        if body.timeout_seconds is not None:
+            raw["timeout_seconds"] = body.timeout_seconds
+        definition = parse_pipeline(raw, prefix="pipeline")
+        source = "legacy"
+        legacy = True
+
+    from forgeflow.flows.validation import PipelineValidationError
+
+    try:
+        await run_in_threadpool(_validate, state, definition, body.input)
+    except PipelineValidationError as exc:
+        raise validation_error(exc, prefix="pipeline", legacy=legacy) from None
+
+    pipeline = definition.model_dump(mode="json")
+    request_hash = hashlib.sha256(
+        canonical_json({"source": source, "pipeline_id": template_id, "pipeline": pipeline, "input": body.input}).encode()
+    ).hexdigest()
+    job_id = body.job_id or f"job-{uuid.uuid4().hex}"
+    try:
+        job, created = await run_in_threadpool(
+            lambda: state.store.create_job(
+                job_id=job_id,
+                pipeline=pipeline,
+                input_data=body.input,
+                request_hash=request_hash,
+                source=source,
+                template_id=template_id,
+                publish=state.publish,
+            )
+        )
+    except Conflict as exc:
+        raise ApiError(409, str(exc), "Conflict", field="job_id") from None
+    if created and state.launcher is not None:
+        state.launcher.wake()
+    response.status_code = 202 if created else 200
+    response.headers["Location"] = f"/v1/jobs/{job_id}"
+    return {
+        "job_id": job_id,
+        "status": job["status"],
+        "created": created,
+        "pipeline_id": template_id,
+        "links": {
+            "self": f"/v1/jobs/{job_id}",
+            "pipeline": f"/v1/jobs/{job_id}/pipeline",
+            "events": f"/v1/jobs/{job_id}/events",
+            "websocket": f"/v1/ws/jobs/{job_id}",
+            "cancel": f"/v1/jobs/{job_id}/cancel",
+        },
+    }
+
+
+@router.get("", response_model=JobList, summary="List jobs", responses=ERRORS)
+async def list_jobs(
+    status: list[JobStatusName] | None = Query(None, description="Only jobs in these states (repeat to give several)."),
+    pipeline_id: str | None = Query(None, description="Only jobs of this template."),
+    limit: int = Query(50, ge=1, le=500),
+    offset: int = Query(0, ge=0),
+    state: ApiState = Depends(get_state),
+) -> dict[str, Any]:
+    """Newest first."""
+    rows, total = await run_in_threadpool(state.store.list_jobs, list(status or []), limit, offset, pipeline_id)
+    return {
+        "items": [job_summary(r) for r in rows],
+        "total": total,
+        "limit": limit,
+        "offset": offset,
+        "next_offset": offset + limit if offset + limit < total else None,
+    }
+
+
+JobIdPath = Path(..., min_length=1, max_length=128, description="The job id.")
+
+
+async def _job(state: ApiState, job_id: str) -> dict[str, Any]:
+    job = await run_in_threadpool(state.store.get_job, job_id)
+    if job is None:
+        raise not_found("job", job_id)
+    return job
+
+
+@router.get("/{job_id}", response_model=JobView, summary="A job: status and result envelope", responses=ERRORS)
+async def get_job(job_id: str = JobIdPath, state: ApiState = Depends(get_state)) -> dict[str, Any]:
+    job = await _job(state, job_id)
+    rows = await run_in_threadpool(state.store.stage_rows, job_id)
+    return job_view(job, rows)
+
+
+@router.get(
+    "/{job_id}/pipeline",
+    response_model=JobPipelineView,
+    summary="Pipeline execution state of a job",
+    responses=ERRORS,
+)
+async def get_job_pipeline(job_id: str = JobIdPath, state: ApiState = Depends(get_state)) -> dict[str, Any]:
+    """`{job_id, pipeline, stages_executed, current_stage, status}` plus every stage's status,
+    timings and error."""
+    job = await _job(state, job_id)
+    rows = await run_in_threadpool(state.store.stage_rows, job_id)
+    return pipeline_view(job, rows)
+
+
+@router.get("/{job_id}/events", response_model=EventList, summary="Stored messages of a job", responses=ERRORS)
+async def get_job_events(
+    job_id: str = JobIdPath,
+    after_seq: int = Query(0, ge=0, description="Only messages with a larger seq."),
+    limit: int = Query(1000, ge=1, le=10_000),
+    state: ApiState = Depends(get_state),
+) -> dict[str, Any]:
+    import json
+
+    job = await _job(state, job_id)
+    stored = await run_in_threadpool(state.store.events_after, job_id, after_seq, limit)
+    return {
+        "job_id": job_id,
+        "events": [json.loads(e.payload) for e in stored],
+        "last_seq": job["last_seq"],
+        "next_after_seq": stored[-1].seq if len(stored) == limit and stored[-1].seq < job["last_seq"] else None,
+    }
+
+
+@router.post(
+    "/{job_id}/cancel",
+    response_model=CancelResult,
+    status_code=202,
+    summary="Cancel a job",
+    responses={**ERRORS, 409: {"model": ErrorBody, "description": "The job already ended."}},
+)
+async def cancel_job(job_id: str = JobIdPath, state: ApiState = Depends(get_state)) -> dict[str, Any]:
+    """A queued job is cancelled at once; a running one gets SIGTERM (its flow run is cancelled and
+    its running stage killed), SIGKILL after a grace period. Its terminal `cancelled` message
+    follows on the job's stream."""
+    from forgeflow.flows.events import TERMINAL_STATUSES
+
+    job = await _job(state, job_id)
+    if job["status"] in TERMINAL_STATUSES:
+        raise ApiError(409, f"job {job_id!r} already ended ({job['status']})", "Conflict", status=job["status"])
+    if state.launcher is None:
+        raise ApiError(503, "this service runs no launcher", "Unavailable")
+    try:
+        job = await state.launcher.cancel(job_id)
+    except KeyError:
+        raise not_found("job", job_id) from None
+    return {"job_id": job_id, "status": job["status"], "cancel_requested": True}

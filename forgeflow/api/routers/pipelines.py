@@ -1,0 +1,123 @@
+"""``/v1/pipelines``: saved, validated pipeline templates and their run statistics."""
+
+from __future__ import annotations
+
+import re
+import unicodedata
+from typing import Any
+
+from fastapi import APIRouter, Depends, Response
+from fastapi.concurrency import run_in_threadpool
+
+from forgeflow.api.deps import ApiState, get_state
+from forgeflow.api.errors import ApiError, not_found
+from forgeflow.api.models import ErrorBody, PipelineCreate, TemplateDetail, TemplateSummary
+from forgeflow.api.routers.jobs import parse_pipeline, validation_error
+from forgeflow.api.routers.views import template_summary
+from forgeflow.api.store import Conflict
+from forgeflow.flows.models import PipelineDefinition
+
+router = APIRouter(prefix="/v1/pipelines", tags=["pipelines"])
+
+ERRORS: dict[int | str, dict[str, Any]] = {
+    401: {"model": ErrorBody, "description": "Missing or invalid API token."},
+    404: {"model": ErrorBody, "description": "Unknown pipeline."},
+}
+
+
+def slugify(name: str) -> str:
+    """``"Soccer Analysis"`` → ``"soccer-analysis"``."""
+    text = unicodedata.normalize("NFKD", name).encode("ascii", "ignore").decode()
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:200].strip("-")
+
+
+def _job_input_fields(state: ApiState, definition: PipelineDefinition) -> list[str]:
+    from forgeflow.flows.validation import validate_pipeline
+
+    try:
+        return list(validate_pipeline(definition, None, state.registry, state.settings).job_input_fields)
+    except Exception:
+        return []
+
+
+@router.post(
+    "",
+    status_code=201,
+    response_model=TemplateSummary,
+    summary="Save a pipeline template",
+    responses={
+        **ERRORS,
+        409: {"model": ErrorBody, "description": "A template with this name (id) exists."},
+        422: {"model": ErrorBody, "description": "Malformed or invalid pipeline."},
+    },
+)
+async def create_pipeline(body: PipelineCreate, response: Response, state: ApiState = Depends(get_state)) -> dict[str, Any]:
+    """The stages are validated against the installed plugins (job inputs are checked when a job
+    uses the template). The id is a slug of the name: `"Soccer Analysis"` → `soccer-analysis`."""
+    template_id = slugify(body.name)
+    if not template_id:
+        raise ApiError(422, "the name must contain letters or digits", "RequestValidationError", field="name")
+    if body.stages is not None and body.pipeline is not None:
+        raise ApiError(422, "give the stages in 'stages' or 'pipeline', not both", "RequestValidationError",
+                       field="pipeline")
+    stages = body.stages if body.stages is not None else body.pipeline
+    if stages is None:
+        raise ApiError(422, "a template needs 'stages'", "RequestValidationError", field="stages")
+    raw: dict[str, Any] = {"stages": stages}
+    if body.timeout_seconds is not None:
+        raw["timeout_seconds"] = body.timeout_seconds
+    if body.description is not None:
+        raw["description"] = body.description
+    definition = parse_pipeline(raw, prefix="stages")
+
+    from forgeflow.flows.validation import PipelineValidationError, validate_pipeline
+
+    try:
+        await run_in_threadpool(validate_pipeline, definition, None, state.registry, state.settings)
+    except PipelineValidationError as exc:
+        raise validation_error(exc, prefix="stages") from None
+    try:
+        row = await run_in_threadpool(
+            state.store.create_template, template_id, body.name.strip(), definition.model_dump(mode="json")
+        )
+    except Conflict as exc:
+        raise ApiError(409, str(exc), "Conflict", field="name") from None
+    response.headers["Location"] = f"/v1/pipelines/{template_id}"
+    return template_summary(row)
+
+
+@router.get("", response_model=list[TemplateSummary], summary="List pipeline templates", responses=ERRORS)
+async def list_pipelines(state: ApiState = Depends(get_state)) -> list[dict[str, Any]]:
+    """`[{id, name, stages, created_at}, ...]`, oldest first."""
+    rows = await run_in_threadpool(state.store.list_templates)
+    return [template_summary(r) for r in rows]
+
+
+@router.get("/{pipeline_id}", response_model=TemplateDetail, summary="A template with its statistics", responses=ERRORS)
+async def get_pipeline(pipeline_id: str, state: ApiState = Depends(get_state)) -> dict[str, Any]:
+    """`{id, name, stages, last_used, success_rate, ...}`: run counts by status, mean duration of
+    succeeded runs, and per stage the runs, failures and mean duration."""
+    row = await run_in_threadpool(state.store.get_template, pipeline_id)
+    if row is None:
+        raise not_found("pipeline", pipeline_id)
+    stats = await run_in_threadpool(state.store.template_stats, pipeline_id)
+    summary = template_summary(row)
+    by_index = {s["stage_index"]: s for s in stats.pop("stage_stats")}
+    stage_stats = []
+    for index, stage in enumerate(summary["stages"]):
+        item = by_index.get(index) or {
+            "stage_index": index, "runs": 0, "completed": 0, "failed": 0,
+            "mean_duration_ms": None, "min_duration_ms": None, "max_duration_ms": None,
+        }
+        stage_stats.append({**item, "plugin": stage.get("plugin", ""), "tool": stage.get("tool", "")})
+    definition = PipelineDefinition.model_validate(row["definition"])
+    fields = await run_in_threadpool(_job_input_fields, state, definition)
+    return {**summary, **stats, "stage_stats": stage_stats, "job_input_fields": fields}
+
+
+@router.delete("/{pipeline_id}", status_code=204, summary="Delete a template", responses=ERRORS)
+async def delete_pipeline(pipeline_id: str, state: ApiState = Depends(get_state)) -> Response:
+    """Jobs that used it keep their own copy of the stages."""
+    if not await run_in_threadpool(state.store.delete_template, pipeline_id):
+        raise not_found("pipeline", pipeline_id)
+    return Response(status_code=204)

@@ -1,0 +1,89 @@
+"""``/v1/plugins``: installed plugins, their tools and JSON Schemas, lifecycle and health."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, Depends
+from fastapi.concurrency import run_in_threadpool
+
+from forgeflow.api.deps import ApiState, get_state
+from forgeflow.api.errors import ApiError
+from forgeflow.api.models import ErrorBody, PluginDetail, PluginHealth, PluginSummary
+from forgeflow.plugins.errors import UnknownPlugin
+
+router = APIRouter(prefix="/v1/plugins", tags=["plugins"])
+
+ERRORS: dict[int | str, dict[str, Any]] = {
+    401: {"model": ErrorBody, "description": "Missing or invalid API token."},
+    404: {"model": ErrorBody, "description": "Unknown plugin."},
+}
+
+
+def merged_lifecycle(state: ApiState, name: str, observed: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """The lifecycle file (written by local workers) merged with what ingested stage events say
+    (workers on other machines): the newer state wins, counts take the larger."""
+    local = state.registry.status(name).to_dict()
+    seen = observed.get(name)
+    if seen is None or local["state"] == "UNAVAILABLE":
+        return local
+    merged = dict(local)
+    if (seen["updated_at"] or 0) > (local.get("updated_at") or 0):
+        for key in ("state", "last_error", "last_error_type", "updated_at"):
+            merged[key] = seen[key]
+        if seen["last_duration_ms"] is not None:
+            merged["last_duration_ms"] = seen["last_duration_ms"]
+    merged["calls"] = max(local.get("calls") or 0, seen["calls"] or 0)
+    merged["failures"] = max(local.get("failures") or 0, seen["failures"] or 0)
+    return merged
+
+
+def _describe(state: ApiState, name: str, schemas: bool) -> dict[str, Any]:
+    try:
+        info = state.registry.describe(name, schemas=schemas)
+    except UnknownPlugin as exc:
+        raise ApiError(404, exc.message, "NotFound") from None
+    info["lifecycle"] = merged_lifecycle(state, info["name"], state.store.observed_plugins())
+    return info
+
+
+@router.get("", response_model=list[PluginSummary], summary="Installed plugins", responses=ERRORS)
+async def list_plugins(state: ApiState = Depends(get_state)) -> list[dict[str, Any]]:
+    """Every discovered plugin, the unavailable ones too (with the reason)."""
+
+    def run() -> list[dict[str, Any]]:
+        observed = state.store.observed_plugins()
+        out = []
+        for name in state.registry.names():
+            info = state.registry.describe(name)
+            info["lifecycle"] = merged_lifecycle(state, name, observed)
+            out.append(info)
+        return out
+
+    return await run_in_threadpool(run)
+
+
+@router.get("/{name}", response_model=PluginDetail, summary="A plugin: tools with JSON Schemas, lifecycle", responses=ERRORS)
+async def get_plugin(name: str, state: ApiState = Depends(get_state)) -> dict[str, Any]:
+    """Aliases resolve to the plugin (`videotracker` → `forgesyte-yolo-tracker`)."""
+    return await run_in_threadpool(_describe, state, name, True)
+
+
+@router.get("/{name}/health", response_model=PluginHealth, summary="Health of one plugin", responses=ERRORS)
+async def plugin_health(name: str, state: ApiState = Depends(get_state)) -> dict[str, Any]:
+    """`healthy` is false when the plugin is UNAVAILABLE (with the reason) or its last call FAILED."""
+    info = await run_in_threadpool(_describe, state, name, False)
+    life = info["lifecycle"]
+    return {
+        "plugin": info["name"],
+        "healthy": bool(info["available"]) and life["state"] not in ("FAILED", "UNAVAILABLE"),
+        "state": life["state"],
+        "available": bool(info["available"]),
+        "reason": info["unavailable_reason"] or (life["last_error"] if life["state"] == "FAILED" else None),
+        "last_error": life.get("last_error"),
+        "last_error_type": life.get("last_error_type"),
+        "calls": life.get("calls") or 0,
+        "failures": life.get("failures") or 0,
+        "last_duration_ms": life.get("last_duration_ms"),
+        "updated_at": life.get("updated_at") or 0.0,
+    }

@@ -1,0 +1,116 @@
+"""JSON views of stored rows (shared by routers)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from forgeflow.api.store import iso
+from forgeflow.flows.events import TERMINAL_STATUSES
+
+
+def stage_states(job: dict[str, Any], rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    stages = (job.get("pipeline") or {}).get("stages") or []
+    by_index = {r["stage_index"]: r for r in rows}
+    count = max(len(stages), max(by_index, default=-1) + 1)
+    terminal = job["status"] in TERMINAL_STATUSES
+    out = []
+    for index in range(count):
+        spec = stages[index] if index < len(stages) else {}
+        row = by_index.get(index)
+        state: dict[str, Any] = {
+            "index": index,
+            "plugin": (row and row["plugin"]) or spec.get("plugin", ""),
+            "tool": (row and row["tool"]) or spec.get("tool", ""),
+            "status": row["status"] if row else "pending",
+            "attempt": row["attempt"] if row else 1,
+        }
+        if row:
+            for key in ("started_at", "ended_at", "duration_ms", "result_size_bytes", "peak_memory_mb", "error",
+                        "error_type"):
+                state[key] = row[key]
+        if terminal:
+            if state["status"] == "pending":
+                state["status"] = "skipped"
+            elif state["status"] == "running":
+                state["status"] = "cancelled" if job["status"] == "cancelled" else "failed"
+        out.append(state)
+    return out
+
+
+def current_stage(states: list[dict[str, Any]]) -> int | None:
+    running = [s["index"] for s in states if s["status"] == "running"]
+    return running[-1] if running else None
+
+
+def job_view(job: dict[str, Any], rows: list[dict[str, Any]]) -> dict[str, Any]:
+    states = stage_states(job, rows)
+    return {
+        "job_id": job["id"],
+        "status": job["status"],
+        "source": job["source"],
+        "pipeline_id": job["template_id"],
+        "created_at": iso(job["created_at"]),
+        "started_at": iso(job["started_at"]),
+        "finished_at": iso(job["finished_at"]),
+        "updated_at": iso(job["updated_at"]),
+        "flow_run_id": job["flow_run_id"],
+        "cancel_requested": bool(job["cancel_requested"]),
+        "stages_total": len(states) or job["stages_total"],
+        "stages_completed": sum(1 for s in states if s["status"] == "completed"),
+        "current_stage": current_stage(states),
+        "last_seq": job["last_seq"],
+        "error": job["error"],
+        "error_type": job["error_type"],
+        "envelope": job["envelope"],
+        "pipeline": job["pipeline"],
+        "input": job["input"],
+    }
+
+
+def job_summary(job: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "job_id": job["id"],
+        "status": job["status"],
+        "source": job["source"],
+        "pipeline_id": job["template_id"],
+        "created_at": iso(job["created_at"]),
+        "started_at": iso(job["started_at"]),
+        "finished_at": iso(job["finished_at"]),
+        "stages_total": job["stages_total"],
+        "stages_completed": job["stages_completed"],
+        "error_type": job["error_type"],
+    }
+
+
+def pipeline_view(job: dict[str, Any], rows: list[dict[str, Any]]) -> dict[str, Any]:
+    states = stage_states(job, rows)
+    total = len(states)
+    done = sum(1 for s in states if s["status"] == "completed")
+    envelope = job["envelope"] or {}
+    failed = envelope.get("stage_failed")
+    if failed is None:
+        failed = next((s["index"] for s in states if s["status"] == "failed"), None)
+    return {
+        "job_id": job["id"],
+        "pipeline": job["pipeline"],
+        "pipeline_id": job["template_id"],
+        "status": job["status"],
+        "stages_total": total,
+        "stages_executed": done,
+        "current_stage": current_stage(states),
+        "percent": round(100 * done / total) if total else (100 if job["status"] == "succeeded" else 0),
+        "stage_failed": failed,
+        "stages": states,
+    }
+
+
+def template_summary(row: dict[str, Any]) -> dict[str, Any]:
+    definition = row["definition"] or {}
+    return {
+        "id": row["id"],
+        "name": row["name"],
+        "stages": definition.get("stages", []),
+        "created_at": iso(row["created_at"]),
+        "timeout_seconds": definition.get("timeout_seconds", 300.0),
+        "description": definition.get("description", ""),
+    }

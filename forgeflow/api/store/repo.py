@@ -1,0 +1,668 @@
+"""Repository functions of the API store: jobs, events, templates, plugin observations.
+
+Every write goes through one process-wide lock and one transaction, so a request either stores
+everything it means to or nothing. Events are the source of truth of a job: :meth:`Store.ingest`
+dedupes them by ``event_id``, gives each the job's next ``seq`` (1, 2, 3 … no gaps), stores it,
+derives the job's status, stage table and plugin observations from it in the same transaction, and
+only after the commit hands the stored events to ``publish`` (still under the lock, so the hub sees
+them in commit order).
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import Connection, case, delete, func, insert, select, update
+from sqlalchemy.exc import IntegrityError
+
+from forgeflow.api.store.db import make_engine, migrate
+from forgeflow.api.store.tables import events, jobs, meta, pipelines, plugin_observed, stage_runs
+from forgeflow.flows.events import TERMINAL_STATUSES, Event, JobStatusEvent
+
+CANCEL_ERROR_TYPES = frozenset({"Cancelled", "CancelledError", "JobCancelled"})
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+def iso(value: datetime | None) -> str | None:
+    if value is None:
+        return None
+    if value.tzinfo is None:
+        value = value.replace(tzinfo=UTC)
+    return value.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def parse_ts(text: str | None) -> datetime:
+    if text:
+        try:
+            value = datetime.fromisoformat(text.replace("Z", "+00:00"))
+            return value if value.tzinfo else value.replace(tzinfo=UTC)
+        except ValueError:
+            pass
+    return utcnow()
+
+
+def event_text(data: dict[str, Any]) -> str:
+    """The one JSON text of a stored event: ``type``, ``job_id``, ``seq`` first, no spaces."""
+    head = {"type": data["type"], "job_id": data["job_id"], "seq": data["seq"]}
+    rest = {k: v for k, v in data.items() if k not in head}
+    return json.dumps({**head, **rest}, separators=(",", ":"), ensure_ascii=False)
+
+
+@dataclass(frozen=True)
+class StoredEvent:
+    cursor: int
+    job_id: str
+    seq: int
+    type: str
+    payload: str
+    terminal: bool
+
+
+class Conflict(Exception):
+    """A write that contradicts what is stored (duplicate template, job id reused with another body)."""
+
+
+class Store:
+    def __init__(self, url: str) -> None:
+        self.engine = make_engine(url)
+        self.dialect = self.engine.dialect.name
+        self._write_lock = threading.RLock()
+
+    def migrate(self) -> None:
+        migrate(self.engine)
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    def ping(self) -> None:
+        with self.engine.connect() as conn:
+            conn.execute(select(1))
+
+    # --- meta ----------------------------------------------------------------------------------
+    def meta_value(self, key: str, factory: Callable[[], str]) -> str:
+        """The stored value of ``key``, created by ``factory`` the first time."""
+        with self._write_lock, self.engine.begin() as conn:
+            value = conn.execute(select(meta.c.value).where(meta.c.key == key)).scalar()
+            if value is None:
+                value = factory()
+                conn.execute(insert(meta).values(key=key, value=value))
+            return value
+
+    # --- jobs ----------------------------------------------------------------------------------
+    def create_job(
+        self,
+        *,
+        job_id: str,
+        pipeline: dict[str, Any],
+        input_data: dict[str, Any],
+        request_hash: str,
+        source: str,
+        template_id: str | None,
+        publish: Callable[[list[StoredEvent]], None] | None = None,
+    ) -> tuple[dict[str, Any], bool]:
+        """Insert a queued job and its first message; an existing id with the same body is returned as is.
+
+        Raises :class:`Conflict` when the id exists with a different body.
+        """
+        with self._write_lock:
+            existing = self.get_job(job_id)
+            if existing is not None:
+                if existing["request_hash"] != request_hash:
+                    raise Conflict(f"job {job_id!r} already exists with a different request")
+                return existing, False
+            now = utcnow()
+            try:
+                with self.engine.begin() as conn:
+                    conn.execute(
+                        insert(jobs).values(
+                            id=job_id,
+                            status="queued",
+                            source=source,
+                            template_id=template_id,
+                            pipeline=pipeline,
+                            input=input_data,
+                            request_hash=request_hash,
+                            created_at=now,
+                            updated_at=now,
+                            cancel_requested=False,
+                            last_seq=0,
+                            stages_total=len(pipeline.get("stages", [])),
+                            stages_completed=0,
+                        )
+                    )
+                    stored = self._ingest(conn, [JobStatusEvent(job_id=job_id, status="queued")])
+            except IntegrityError:
+                # Another API process created it first.
+                existing = self.get_job(job_id)
+                if existing is None:
+                    raise
+                if existing["request_hash"] != request_hash:
+                    raise Conflict(f"job {job_id!r} already exists with a different request") from None
+                return existing, False
+            if publish and stored:
+                publish(stored)
+        job = self.get_job(job_id)
+        assert job is not None
+        return job, True
+
+    def get_job(self, job_id: str) -> dict[str, Any] | None:
+        with self.engine.connect() as conn:
+            row = conn.execute(select(jobs).where(jobs.c.id == job_id)).mappings().first()
+        return dict(row) if row else None
+
+    def list_jobs(
+        self, statuses: list[str] | None, limit: int, offset: int, template_id: str | None = None
+    ) -> tuple[list[dict[str, Any]], int]:
+        query = select(jobs)
+        count = select(func.count()).select_from(jobs)
+        if statuses:
+            query = query.where(jobs.c.status.in_(statuses))
+            count = count.where(jobs.c.status.in_(statuses))
+        if template_id:
+            query = query.where(jobs.c.template_id == template_id)
+            count = count.where(jobs.c.template_id == template_id)
+        query = query.order_by(jobs.c.created_at.desc(), jobs.c.id.desc()).limit(limit).offset(offset)
+        with self.engine.connect() as conn:
+            rows = [dict(r) for r in conn.execute(query).mappings()]
+            total = conn.execute(count).scalar() or 0
+        return rows, total
+
+    def stage_rows(self, job_id: str) -> list[dict[str, Any]]:
+        with self.engine.connect() as conn:
+            rows = conn.execute(
+                select(stage_runs).where(stage_runs.c.job_id == job_id).order_by(stage_runs.c.stage_index)
+            ).mappings()
+            return [dict(r) for r in rows]
+
+    def events_after(self, job_id: str, after_seq: int, limit: int = 1000) -> list[StoredEvent]:
+        query = (
+            select(events.c.id, events.c.job_id, events.c.seq, events.c.type, events.c.payload)
+            .where(events.c.job_id == job_id, events.c.seq > after_seq)
+            .order_by(events.c.seq)
+            .limit(limit)
+        )
+        with self.engine.connect() as conn:
+            return [_stored(r) for r in conn.execute(query)]
+
+    def events_after_cursor(self, after_cursor: int, limit: int = 1000) -> list[StoredEvent]:
+        query = (
+            select(events.c.id, events.c.job_id, events.c.seq, events.c.type, events.c.payload)
+            .where(events.c.id > after_cursor)
+            .order_by(events.c.id)
+            .limit(limit)
+        )
+        with self.engine.connect() as conn:
+            return [_stored(r) for r in conn.execute(query)]
+
+    def max_cursor(self) -> int:
+        with self.engine.connect() as conn:
+            return conn.execute(select(func.max(events.c.id))).scalar() or 0
+
+    def event_dicts(self, job_id: str) -> list[dict[str, Any]]:
+        with self.engine.connect() as conn:
+            rows = conn.execute(select(events.c.payload).where(events.c.job_id == job_id).order_by(events.c.seq))
+            return [json.loads(r[0]) for r in rows]
+
+    def has_terminal(self, job_id: str) -> bool:
+        job = self.get_job(job_id)
+        return bool(job and job["status"] in TERMINAL_STATUSES)
+
+    # --- launcher bookkeeping --------------------------------------------------------------------
+    def jobs_to_launch(self, limit: int) -> list[dict[str, Any]]:
+        query = (
+            select(jobs)
+            .where(
+                jobs.c.status == "queued",
+                jobs.c.pid.is_(None),
+                jobs.c.launched_at.is_(None),
+                jobs.c.source != "external",
+            )
+            .order_by(jobs.c.created_at, jobs.c.id)
+            .limit(limit)
+        )
+        with self.engine.connect() as conn:
+            return [dict(r) for r in conn.execute(query).mappings()]
+
+    def launched_active_jobs(self) -> list[dict[str, Any]]:
+        """Jobs a launcher started that have no terminal status yet."""
+        query = select(jobs).where(
+            jobs.c.launched_at.is_not(None), jobs.c.status.not_in(list(TERMINAL_STATUSES))
+        )
+        with self.engine.connect() as conn:
+            return [dict(r) for r in conn.execute(query).mappings()]
+
+    def set_launched(self, job_id: str, pid: int | None, create_time: float | None) -> None:
+        now = utcnow()
+        with self._write_lock, self.engine.begin() as conn:
+            conn.execute(
+                update(jobs)
+                .where(jobs.c.id == job_id)
+                .values(pid=pid, pid_create_time=create_time, launched_at=now, updated_at=now)
+            )
+
+    def set_exit_code(self, job_id: str, code: int | None) -> None:
+        with self._write_lock, self.engine.begin() as conn:
+            conn.execute(update(jobs).where(jobs.c.id == job_id).values(exit_code=code, updated_at=utcnow()))
+
+    def set_cancel_requested(self, job_id: str) -> None:
+        with self._write_lock, self.engine.begin() as conn:
+            conn.execute(
+                update(jobs).where(jobs.c.id == job_id).values(cancel_requested=True, updated_at=utcnow())
+            )
+
+    # --- ingest --------------------------------------------------------------------------------
+    def ingest(
+        self,
+        batch: Iterable[Event],
+        *,
+        publish: Callable[[list[StoredEvent]], None] | None = None,
+        resolve_plugin: Callable[[str], str] | None = None,
+    ) -> list[StoredEvent]:
+        """Store new events (duplicates by ``event_id`` are skipped), then publish them in order."""
+        batch = list(batch)
+        if not batch:
+            return []
+        with self._write_lock:
+            with self.engine.begin() as conn:
+                stored = self._ingest(conn, batch, resolve_plugin)
+            if publish and stored:
+                publish(stored)
+        return stored
+
+    def _ingest(
+        self, conn: Connection, batch: list[Event], resolve_plugin: Callable[[str], str] | None = None
+    ) -> list[StoredEvent]:
+        ids = list({e.event_id for e in batch})
+        existing: set[str] = set()
+        for i in range(0, len(ids), 500):
+            chunk = ids[i : i + 500]
+            existing.update(conn.execute(select(events.c.event_id).where(events.c.event_id.in_(chunk))).scalars())
+        job_rows: dict[str, dict[str, Any]] = {}
+        job_changes: dict[str, dict[str, Any]] = {}
+        stored: list[StoredEvent] = []
+        now = utcnow()
+        for event in batch:
+            if event.event_id in existing:
+                continue
+            existing.add(event.event_id)
+            job = job_rows.get(event.job_id)
+            if job is None:
+                row = (
+                    conn.execute(select(jobs).where(jobs.c.id == event.job_id).with_for_update()).mappings().first()
+                )
+                if row is None:
+                    # Events of a job this service did not submit (a flow run started elsewhere).
+                    conn.execute(
+                        insert(jobs).values(
+                            id=event.job_id,
+                            status="queued",
+                            source="external",
+                            pipeline={"stages": []},
+                            input={},
+                            request_hash="",
+                            created_at=now,
+                            updated_at=now,
+                            cancel_requested=False,
+                            last_seq=0,
+                            stages_total=0,
+                            stages_completed=0,
+                        )
+                    )
+                    row = conn.execute(select(jobs).where(jobs.c.id == event.job_id)).mappings().first()
+                job = dict(row)  # type: ignore[arg-type]
+                job_rows[event.job_id] = job
+                job_changes[event.job_id] = {}
+            seq = job["last_seq"] + 1
+            job["last_seq"] = seq
+            data = event.model_dump(mode="json")
+            data["seq"] = seq
+            text = event_text(data)
+            cursor = conn.execute(
+                insert(events)
+                .values(
+                    job_id=event.job_id,
+                    seq=seq,
+                    event_id=event.event_id,
+                    type=event.type,
+                    payload=text,
+                    received_at=now,
+                )
+                .returning(events.c.id)
+            ).scalar_one()
+            changes = job_changes[event.job_id]
+            changes["last_seq"] = seq
+            self._apply(conn, job, changes, event, resolve_plugin)
+            terminal = event.type == "job_status" and event.status in TERMINAL_STATUSES  # type: ignore[union-attr]
+            stored.append(StoredEvent(cursor, event.job_id, seq, event.type, text, terminal))
+        for job_id, changes in job_changes.items():
+            if changes:
+                changes["updated_at"] = now
+                conn.execute(update(jobs).where(jobs.c.id == job_id).values(**changes))
+        return stored
+
+    def _apply(
+        self,
+        conn: Connection,
+        job: dict[str, Any],
+        changes: dict[str, Any],
+        event: Event,
+        resolve_plugin: Callable[[str], str] | None,
+    ) -> None:
+        """Derive the job row, its stage rows and plugin observations from one new event."""
+        terminal = job["status"] in TERMINAL_STATUSES
+        kind = event.type
+        if kind == "job_status":
+            status = event.status  # type: ignore[union-attr]
+            if event.flow_run_id and not job.get("flow_run_id"):  # type: ignore[union-attr]
+                job["flow_run_id"] = changes["flow_run_id"] = event.flow_run_id  # type: ignore[union-attr]
+            if terminal or status == "queued":
+                return
+            if status == "running":
+                job["status"] = changes["status"] = "running"
+                if job.get("started_at") is None:
+                    job["started_at"] = changes["started_at"] = parse_ts(event.timestamp)
+                return
+            envelope = event.envelope or {}  # type: ignore[union-attr]
+            job["status"] = changes["status"] = status
+            changes["finished_at"] = parse_ts(event.timestamp)
+            changes["envelope"] = envelope
+            if job.get("started_at") is None and status != "cancelled":
+                changes["started_at"] = job.get("created_at")
+            if not envelope.get("ok", status == "succeeded"):
+                changes["error"] = envelope.get("error") or job.get("error") or status
+                changes["error_type"] = envelope.get("error_type") or job.get("error_type")
+            if "stages_executed" in envelope:
+                changes["stages_completed"] = max(int(envelope["stages_executed"] or 0), job["stages_completed"])
+            for report in envelope.get("stages") or []:
+                self._stage_report(conn, job["id"], report)
+            return
+        if kind == "pipeline_progress":
+            changes["stages_total"] = job["stages_total"] = max(event.stages_total, 0)  # type: ignore[union-attr]
+            changes["stages_completed"] = job["stages_completed"] = event.stages_completed  # type: ignore[union-attr]
+            return
+        index = getattr(event, "stage_index", None)
+        if kind == "pipeline_stage_start":
+            if job["status"] == "queued":
+                job["status"] = changes["status"] = "running"
+                job["started_at"] = changes["started_at"] = parse_ts(event.timestamp)
+            self._upsert_stage(
+                conn,
+                job["id"],
+                index,
+                plugin=event.plugin,  # type: ignore[union-attr]
+                tool=event.tool,  # type: ignore[union-attr]
+                status="running",
+                attempt=event.attempt,  # type: ignore[union-attr]
+                started_at=event.timestamp,
+                ended_at=None,
+                duration_ms=None,
+                error=None,
+                error_type=None,
+            )
+            self._observe(conn, event.plugin, resolve_plugin, "RUNNING", ts=event.timestamp)  # type: ignore[union-attr]
+            return
+        if kind == "pipeline_stage_end":
+            ok = event.ok  # type: ignore[union-attr]
+            self._upsert_stage(
+                conn,
+                job["id"],
+                index,
+                plugin=event.plugin,  # type: ignore[union-attr]
+                tool=event.tool,  # type: ignore[union-attr]
+                status="completed" if ok else "failed",
+                ended_at=event.timestamp,
+                duration_ms=event.duration_ms,  # type: ignore[union-attr]
+                result_size_bytes=event.result_size_bytes,  # type: ignore[union-attr]
+                peak_memory_mb=event.peak_memory_mb,  # type: ignore[union-attr]
+            )
+            if ok:
+                self._observe(
+                    conn, event.plugin, resolve_plugin, "INITIALIZED", ts=event.timestamp,  # type: ignore[union-attr]
+                    calls=1, duration_ms=event.duration_ms,  # type: ignore[union-attr]
+                )
+            elif not job.get("cancel_requested"):
+                error = self._stage_error(conn, job["id"], index)
+                self._observe(
+                    conn, event.plugin, resolve_plugin, "FAILED", ts=event.timestamp,  # type: ignore[union-attr]
+                    calls=1, failures=1, duration_ms=event.duration_ms,  # type: ignore[union-attr]
+                    error=error[0] or f"stage {index} failed", error_type=error[1],
+                )
+            return
+        if kind == "pipeline_error":
+            error, error_type = event.error, event.error_type  # type: ignore[union-attr]
+            if not terminal:
+                changes["error"], changes["error_type"] = error, error_type
+            if index is not None:
+                self._upsert_stage(
+                    conn,
+                    job["id"],
+                    index,
+                    plugin=event.plugin or "",  # type: ignore[union-attr]
+                    tool=event.tool or "",  # type: ignore[union-attr]
+                    status="failed",
+                    error=error,
+                    error_type=error_type,
+                )
+            plugin = event.plugin  # type: ignore[union-attr]
+            if plugin and error_type not in CANCEL_ERROR_TYPES and not job.get("cancel_requested"):
+                self._observe(conn, plugin, resolve_plugin, "FAILED", ts=event.timestamp, error=error,
+                              error_type=error_type)
+
+    def _stage_report(self, conn: Connection, job_id: str, report: dict[str, Any]) -> None:
+        index = report.get("index")
+        if not isinstance(index, int):
+            return
+        values: dict[str, Any] = {"plugin": report.get("plugin") or "", "tool": report.get("tool") or ""}
+        if report.get("status"):
+            values["status"] = report["status"]
+        for key in ("duration_ms", "result_size_bytes", "peak_memory_mb", "error", "error_type"):
+            if report.get(key) is not None:
+                values[key] = report[key]
+        current = conn.execute(
+            select(stage_runs.c.status).where(stage_runs.c.job_id == job_id, stage_runs.c.stage_index == index)
+        ).scalar()
+        if current == "completed":
+            values.pop("status", None)  # what a stage_end said stands
+        self._upsert_stage(conn, job_id, index, **values)
+
+    def _upsert_stage(self, conn: Connection, job_id: str, index: int | None, **values: Any) -> None:
+        if index is None:
+            return
+        where = (stage_runs.c.job_id == job_id) & (stage_runs.c.stage_index == index)
+        exists = conn.execute(select(stage_runs.c.stage_index).where(where)).first() is not None
+        if exists:
+            values = {k: v for k, v in values.items() if not (k in ("plugin", "tool") and not v)}
+            if values:
+                conn.execute(update(stage_runs).where(where).values(**values))
+        else:
+            row = {"plugin": "", "tool": "", "status": "pending", "attempt": 1, **values}
+            conn.execute(insert(stage_runs).values(job_id=job_id, stage_index=index, **row))
+
+    def _stage_error(self, conn: Connection, job_id: str, index: int | None) -> tuple[str | None, str | None]:
+        if index is None:
+            return None, None
+        row = conn.execute(
+            select(stage_runs.c.error, stage_runs.c.error_type).where(
+                stage_runs.c.job_id == job_id, stage_runs.c.stage_index == index
+            )
+        ).first()
+        return (row[0], row[1]) if row else (None, None)
+
+    def _observe(
+        self,
+        conn: Connection,
+        plugin: str | None,
+        resolve_plugin: Callable[[str], str] | None,
+        state: str,
+        *,
+        ts: str,
+        calls: int = 0,
+        failures: int = 0,
+        duration_ms: float | None = None,
+        error: str | None = None,
+        error_type: str | None = None,
+    ) -> None:
+        if not plugin:
+            return
+        name = resolve_plugin(plugin) if resolve_plugin else plugin
+        when = parse_ts(ts).timestamp()
+        row = conn.execute(select(plugin_observed).where(plugin_observed.c.plugin == name)).mappings().first()
+        if row is None:
+            conn.execute(
+                insert(plugin_observed).values(
+                    plugin=name,
+                    state=state,
+                    last_error=error,
+                    last_error_type=error_type,
+                    calls=calls,
+                    failures=failures,
+                    last_duration_ms=duration_ms,
+                    updated_at=when,
+                )
+            )
+            return
+        values: dict[str, Any] = {
+            "calls": row["calls"] + calls,
+            "failures": row["failures"] + failures,
+        }
+        if duration_ms is not None:
+            values["last_duration_ms"] = duration_ms
+        if when >= row["updated_at"] or state == "FAILED":
+            values["state"] = state
+            values["updated_at"] = max(when, row["updated_at"])
+            if state == "FAILED":
+                if error is not None or row["state"] != "FAILED":
+                    values["last_error"] = error or row["last_error"]
+                    values["last_error_type"] = error_type or row["last_error_type"]
+        conn.execute(update(plugin_observed).where(plugin_observed.c.plugin == name).values(**values))
+
+    # --- templates -------------------------------------------------------------------------------
+    def create_template(self, template_id: str, name: str, definition: dict[str, Any]) -> dict[str, Any]:
+        now = utcnow()
+        with self._write_lock:
+            if self.get_template(template_id) is not None:
+                raise Conflict(f"a pipeline with the id {template_id!r} already exists")
+            try:
+                with self.engine.begin() as conn:
+                    conn.execute(
+                        insert(pipelines).values(
+                            id=template_id, name=name, definition=definition, created_at=now, updated_at=now
+                        )
+                    )
+            except IntegrityError:
+                raise Conflict(f"a pipeline named {name!r} (id {template_id!r}) already exists") from None
+        template = self.get_template(template_id)
+        assert template is not None
+        return template
+
+    def get_template(self, template_id: str) -> dict[str, Any] | None:
+        with self.engine.connect() as conn:
+            row = conn.execute(select(pipelines).where(pipelines.c.id == template_id)).mappings().first()
+        return dict(row) if row else None
+
+    def list_templates(self) -> list[dict[str, Any]]:
+        with self.engine.connect() as conn:
+            rows = conn.execute(select(pipelines).order_by(pipelines.c.created_at, pipelines.c.id)).mappings()
+            return [dict(r) for r in rows]
+
+    def delete_template(self, template_id: str) -> bool:
+        with self._write_lock, self.engine.begin() as conn:
+            return conn.execute(delete(pipelines).where(pipelines.c.id == template_id)).rowcount > 0
+
+    def template_stats(self, template_id: str) -> dict[str, Any]:
+        with self.engine.connect() as conn:
+            counts = dict(
+                conn.execute(
+                    select(jobs.c.status, func.count()).where(jobs.c.template_id == template_id).group_by(jobs.c.status)
+                ).all()
+            )
+            last_used = conn.execute(select(func.max(jobs.c.created_at)).where(jobs.c.template_id == template_id)).scalar()
+            spans = conn.execute(
+                select(jobs.c.started_at, jobs.c.finished_at).where(
+                    jobs.c.template_id == template_id,
+                    jobs.c.status == "succeeded",
+                    jobs.c.started_at.is_not(None),
+                    jobs.c.finished_at.is_not(None),
+                )
+            ).all()
+            per_stage = conn.execute(
+                select(
+                    stage_runs.c.stage_index,
+                    func.count(),
+                    func.sum(case((stage_runs.c.status == "completed", 1), else_=0)),
+                    func.sum(case((stage_runs.c.status == "failed", 1), else_=0)),
+                    func.avg(case((stage_runs.c.status == "completed", stage_runs.c.duration_ms), else_=None)),
+                    func.min(case((stage_runs.c.status == "completed", stage_runs.c.duration_ms), else_=None)),
+                    func.max(case((stage_runs.c.status == "completed", stage_runs.c.duration_ms), else_=None)),
+                )
+                .select_from(stage_runs.join(jobs, jobs.c.id == stage_runs.c.job_id))
+                .where(jobs.c.template_id == template_id)
+                .group_by(stage_runs.c.stage_index)
+                .order_by(stage_runs.c.stage_index)
+            ).all()
+        finished = sum(counts.get(s, 0) for s in TERMINAL_STATUSES)
+        durations = [
+            (_aware(f) - _aware(s)).total_seconds() * 1000 for s, f in spans if s is not None and f is not None
+        ]
+        return {
+            "last_used": iso(last_used),
+            "runs": {
+                "total": sum(counts.values()),
+                "queued": counts.get("queued", 0),
+                "running": counts.get("running", 0),
+                "succeeded": counts.get("succeeded", 0),
+                "failed": counts.get("failed", 0),
+                "cancelled": counts.get("cancelled", 0),
+                "crashed": counts.get("crashed", 0),
+                "finished": finished,
+            },
+            "success_rate": round(counts.get("succeeded", 0) / finished, 4) if finished else None,
+            "mean_duration_ms": round(sum(durations) / len(durations), 1) if durations else None,
+            "stage_stats": [
+                {
+                    "stage_index": row[0],
+                    "runs": row[1],
+                    "completed": int(row[2] or 0),
+                    "failed": int(row[3] or 0),
+                    "mean_duration_ms": round(float(row[4]), 1) if row[4] is not None else None,
+                    "min_duration_ms": float(row[5]) if row[5] is not None else None,
+                    "max_duration_ms": float(row[6]) if row[6] is not None else None,
+                }
+                for row in per_stage
+            ],
+        }
+
+    # --- plugins -------------------------------------------------------------------------------
+    def observed_plugins(self) -> dict[str, dict[str, Any]]:
+        with self.engine.connect() as conn:
+            return {r["plugin"]: dict(r) for r in conn.execute(select(plugin_observed)).mappings()}
+
+
+def _aware(value: datetime) -> datetime:
+    return value if value.tzinfo else value.replace(tzinfo=UTC)
+
+
+def _stored(row: Any) -> StoredEvent:
+    cursor, job_id, seq, kind, payload = row
+    terminal = kind == "job_status" and _is_terminal_payload(payload)
+    return StoredEvent(cursor, job_id, seq, kind, payload, terminal)
+
+
+def _is_terminal_payload(payload: str) -> bool:
+    try:
+        return json.loads(payload).get("status") in TERMINAL_STATUSES
+    except ValueError:
+        return False
+
+
+def monotonic_ms() -> float:
+    return time.monotonic() * 1000

@@ -1,0 +1,141 @@
+"""The API's tables (SQLAlchemy Core). Alembic migrations in ``forgeflow/api/migrations`` create them.
+
+``jobs``        one row per job: its pipeline and input as submitted, the status derived from its
+                stored events, the result envelope once terminal, and the launcher's bookkeeping.
+``events``      every realtime message, as the exact JSON text that clients receive; ``seq`` per
+                job (1, 2, 3 … no gaps), ``id`` is the global cursor of the all-jobs stream.
+``stage_runs``  per job and stage: status, timings, errors (kept up to date on ingest, so the
+                pipeline view and template statistics need no JSON queries).
+``pipelines``   saved templates, id = slug of the name.
+``plugin_observed``  plugin lifecycle as seen from ingested stage events (workers may run elsewhere).
+``meta``        small key/value settings of this store (the generated ingest token).
+"""
+
+from __future__ import annotations
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    Column,
+    DateTime,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    PrimaryKeyConstraint,
+    String,
+    Table,
+    Text,
+    UniqueConstraint,
+)
+from sqlalchemy.dialects.postgresql import JSONB
+
+NAMING = {
+    "ix": "ix_%(column_0_label)s",
+    "uq": "uq_%(table_name)s_%(column_0_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+metadata = MetaData(naming_convention=NAMING)
+
+JSONType = JSON().with_variant(JSONB(), "postgresql")
+CursorType = BigInteger().with_variant(Integer(), "sqlite")
+TZDateTime = DateTime(timezone=True)
+
+jobs = Table(
+    "jobs",
+    metadata,
+    Column("id", String(128), primary_key=True),
+    Column("status", String(16), nullable=False),
+    Column("source", String(16), nullable=False),  # inline | template | legacy | external
+    Column("template_id", String(200), nullable=True),
+    Column("pipeline", JSONType, nullable=False),
+    Column("input", JSONType, nullable=False),
+    Column("request_hash", String(64), nullable=False),
+    Column("created_at", TZDateTime, nullable=False),
+    Column("updated_at", TZDateTime, nullable=False),
+    Column("started_at", TZDateTime, nullable=True),
+    Column("finished_at", TZDateTime, nullable=True),
+    Column("flow_run_id", String(64), nullable=True),
+    Column("pid", Integer, nullable=True),
+    Column("pid_create_time", Float, nullable=True),
+    Column("launched_at", TZDateTime, nullable=True),
+    Column("exit_code", Integer, nullable=True),
+    Column("cancel_requested", Boolean, nullable=False, default=False),
+    Column("envelope", JSONType, nullable=True),
+    Column("error", Text, nullable=True),
+    Column("error_type", String(200), nullable=True),
+    Column("last_seq", Integer, nullable=False, default=0),
+    Column("stages_total", Integer, nullable=False, default=0),
+    Column("stages_completed", Integer, nullable=False, default=0),
+    Index("ix_jobs_status_created", "status", "created_at"),
+    Index("ix_jobs_created", "created_at"),
+    Index("ix_jobs_template", "template_id"),
+)
+
+events = Table(
+    "events",
+    metadata,
+    Column("id", CursorType, primary_key=True, autoincrement=True),
+    Column("job_id", String(128), ForeignKey("jobs.id", ondelete="CASCADE"), nullable=False),
+    Column("seq", Integer, nullable=False),
+    Column("event_id", String(128), nullable=False),
+    Column("type", String(32), nullable=False),
+    Column("payload", Text, nullable=False),
+    Column("received_at", TZDateTime, nullable=False),
+    UniqueConstraint("job_id", "seq", name="uq_events_job_seq"),
+    UniqueConstraint("event_id", name="uq_events_event_id"),
+)
+
+stage_runs = Table(
+    "stage_runs",
+    metadata,
+    Column("job_id", String(128), ForeignKey("jobs.id", ondelete="CASCADE"), nullable=False),
+    Column("stage_index", Integer, nullable=False),
+    Column("plugin", String(200), nullable=False),
+    Column("tool", String(200), nullable=False),
+    Column("status", String(16), nullable=False),
+    Column("attempt", Integer, nullable=False, default=1),
+    Column("started_at", String(40), nullable=True),
+    Column("ended_at", String(40), nullable=True),
+    Column("duration_ms", Float, nullable=True),
+    Column("result_size_bytes", BigInteger, nullable=True),
+    Column("peak_memory_mb", Float, nullable=True),
+    Column("error", Text, nullable=True),
+    Column("error_type", String(200), nullable=True),
+    PrimaryKeyConstraint("job_id", "stage_index", name="pk_stage_runs"),
+)
+
+pipelines = Table(
+    "pipelines",
+    metadata,
+    Column("id", String(200), primary_key=True),
+    Column("name", String(200), nullable=False),
+    Column("definition", JSONType, nullable=False),
+    Column("created_at", TZDateTime, nullable=False),
+    Column("updated_at", TZDateTime, nullable=False),
+    UniqueConstraint("name", name="uq_pipelines_name"),
+)
+
+plugin_observed = Table(
+    "plugin_observed",
+    metadata,
+    Column("plugin", String(200), primary_key=True),
+    Column("state", String(16), nullable=False),
+    Column("last_error", Text, nullable=True),
+    Column("last_error_type", String(200), nullable=True),
+    Column("calls", Integer, nullable=False, default=0),
+    Column("failures", Integer, nullable=False, default=0),
+    Column("last_duration_ms", Float, nullable=True),
+    Column("updated_at", Float, nullable=False),
+)
+
+meta = Table(
+    "meta",
+    metadata,
+    Column("key", String(64), primary_key=True),
+    Column("value", Text, nullable=False),
+)
