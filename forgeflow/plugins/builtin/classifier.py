@@ -36,7 +36,9 @@ Rules, for one pose at time ``t`` (``H`` = mid-hip, else the box's bottom centre
 A still image (a single frame) or an untracked player can show only ``standing``, ``crouching``,
 ``lying`` and ``arms_raised``; its ``speed`` is null. The primary ``action`` is the first label by
 precedence lying > jumping > running > walking > crouching > arms_raised > standing; ``labels``
-lists every label that applies; ``unknown`` means too few visible keypoints.
+lists every label that applies. With too few visible keypoints to apply any rule, an upright pose
+box (height >= 1.5 x width) is ``standing`` with confidence 0.5 x the pose's detection confidence;
+anything else is ``unknown`` (confidence 0).
 
 Confidence = (mean confidence of the keypoints the deciding rule used) x (margin), where the margin
 is 0.5 + the distance of the feature from its nearest decision threshold in units of that
@@ -123,6 +125,7 @@ class _Obs:
     kp: list[list[float]]
     box: list[float]
     min_conf: float
+    det_conf: float = 1.0
     offset: tuple[float, float] = (0.0, 0.0)
     scale: float = 1.0
     labels: list[str] = field(default_factory=list)
@@ -301,6 +304,11 @@ def _decide(o: _Obs, cfg: ClassifierConfig) -> Action:
         if basis:
             labels.append("standing")
             scores["standing"] = sum(basis) / len(basis)
+    if not labels:
+        width, height = o.box[2] - o.box[0], o.box[3] - o.box[1]
+        if height >= 1.5 * width > 0:  # too few keypoints, but an upright body
+            labels.append("standing")
+            scores["standing"] = 0.5 * o.det_conf
     labels.sort(key=PRECEDENCE.index)
     if not labels:
         return Action(
@@ -343,6 +351,7 @@ def classify(
                 kp=pose.keypoints,
                 box=pose.box,
                 min_conf=cfg.min_keypoint_confidence,
+                det_conf=pose.confidence,
                 offset=offsets.get(frame.frame_index, (0.0, 0.0)),
             )
             row.append(o)
