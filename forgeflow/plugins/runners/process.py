@@ -316,6 +316,14 @@ class ProcessRunner:
             rc = rc if rc is not None else (None if broke else killed_rc)
             what = f"broke the protocol ({exc})" if broke else describe_exit(rc)
             tail = read_log_tail(worker.log_path, since=log_offset)
+            if rc == -signal.SIGABRT and "std::bad_alloc" in tail:
+                # Native code (C++) that cannot allocate aborts instead of raising.
+                return CallResult.failure(
+                    "MemoryError",
+                    f"{label} exceeded its memory limit of {limit_mb} MB (std::bad_alloc in native code; "
+                    f"the plugin process aborted)\n--- worker log (last {LOG_TAIL_BYTES} bytes) ---\n{tail}",
+                    duration_ms=elapsed,
+                ), False
             message_text = f"{label}: plugin process {what}"
             if tail:
                 message_text += f"\n--- worker log (last {LOG_TAIL_BYTES} bytes) ---\n{tail}"

@@ -151,8 +151,14 @@ class AddressSpaceLimit:
 
 
 def is_memory_error(exc: BaseException) -> bool:
+    """A MemoryError, or what libraries raise instead when an allocation or mapping is refused."""
     if isinstance(exc, MemoryError):
         return True
+    if isinstance(exc, (ImportError, OSError)):
+        # A shared library that cannot be mapped under RLIMIT_AS ("failed to map segment from
+        # shared object"), or ENOMEM from the OS.
+        text = str(exc).lower()
+        return "failed to map segment" in text or "cannot allocate memory" in text
     if isinstance(exc, RuntimeError):
         text = str(exc).lower()
         if "cuda" in text:  # GPU memory is not the stage's host-memory limit
@@ -238,6 +244,8 @@ def execute_call(
     if is_memory_error(error):
         detail = f"{type(error).__name__}: {error}" if str(error) else type(error).__name__
         where = f"its memory limit of {limit_mb} MB" if limit.enabled or limit_mb else "the memory available"
+        if isinstance(error, (ImportError, OSError)):
+            detail += "; importing a library needs address space too (torch's CUDA build maps about 4 GB)"
         result.update(
             error=f"{label} exceeded {where} ({detail})",
             error_type="MemoryError",
@@ -364,6 +372,10 @@ def oneshot(plugin_name: str, request_path: Path, response_path: Path, media_out
     if plugin is None:
         respond({"type": "unavailable", "reason": reason})
         return 0
+    try:  # tells the runner the plugin loaded: the call's own timeout starts now
+        (response_path.parent / "ready").touch()
+    except OSError:
+        pass
     settings = get_settings()
     request = json.loads(request_path.read_text())
     store = _OverlayMediaStore(settings.media_root, media_out) if media_out is not None else None

@@ -1,0 +1,57 @@
+"""The inline runner: runs a call in the caller's own process. **For plugin unit tests only.**
+
+It gives the same results as the process runner for everything a plugin does *normally*: the same
+validation and error types (``UnknownTool``, ``ConfigError``, ``InputError``, ``OutputError``,
+the plugin's exception class name with a traceback, ``MemoryError``), the same ``outputs`` and
+``result_size_bytes``, and the same lifecycle transitions. It gives **no isolation**: no timeout
+(a hanging tool hangs the caller), no memory limit (``peak_memory_mb`` is None), and a segfault or
+``os._exit`` takes the caller down with it. ForgeFlow never selects it outside tests
+(``FORGEFLOW_RUNNER=inline`` is for a plugin's own test suite).
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+from forgeflow.plugins.runners import LifecycleRecorder, prepare, result_from_message
+from forgeflow.plugins.runners.base import CallResult, ToolCall
+from forgeflow.plugins.runners.worker import build_context, execute_call
+
+
+class InlineRunner:
+    """Runs tool calls in this process, with the process runner's validation and results."""
+
+    name = "inline"
+
+    def __init__(self, settings: Any, registry: Any) -> None:
+        self.settings = settings
+        self.registry = registry
+        self.lifecycle = LifecycleRecorder(registry)
+        self._initialized: set[str] = set()
+        self._lock = threading.Lock()
+
+    def run(self, call: ToolCall) -> CallResult:
+        prepared = prepare(self.registry, call)
+        if isinstance(prepared, CallResult):
+            return prepared
+        plugin = prepared.plugin
+        with self._lock:
+            first = plugin not in self._initialized
+            self._initialized.add(plugin)
+        if first:
+            self.lifecycle.initialized(plugin)
+        self.lifecycle.running(plugin)
+        ctx = build_context(self.settings, plugin, prepared.tool.name, call.job_id, call.stage_index)
+        request = {
+            "config": call.config,
+            "inputs": call.inputs,
+            "memory_limit_mb": call.memory_limit_mb,
+        }
+        message = execute_call(prepared.tool, request, ctx, enforce_memory=False, measure_peak=False)
+        result = result_from_message(message)
+        self.lifecycle.finished(plugin, result)
+        return result
+
+    def close(self) -> None:
+        """Nothing to stop: no worker processes."""

@@ -1,0 +1,64 @@
+"""The inline runner (plugin unit tests): same results as the process runner, in this process."""
+
+from __future__ import annotations
+
+import os
+
+from pydantic import BaseModel
+
+from forgeflow.plugins import LifecycleState, LifecycleStore, Plugin, PluginRegistry
+
+from ._helpers import call
+
+
+def test_inline_runs_in_this_process(make_runner):
+    runner = make_runner("inline")
+    result = runner.run(call("pid"))
+    assert result.ok and result.outputs == {"pid": os.getpid()}
+    numbers = runner.run(call("numbers", config={"start": 1}, inputs={"count": 2}))
+    assert numbers.outputs == {"numbers": [1, 2]}
+    assert numbers.result_size_bytes == len(b'{"numbers":[1,2]}')
+
+
+def test_inline_errors_match_the_process_runner(make_runner):
+    runner = make_runner("inline")
+    failed = runner.run(call("fail", config={"message": "inline boom"}))
+    assert (failed.error_type, failed.error) == ("RuntimeError", "inline boom")
+    assert "RuntimeError: inline boom" in failed.traceback
+    assert runner.run(call("numbers", inputs={"count": "x"})).error_type == "InputError"
+    assert runner.run(call("bad_output")).error_type == "OutputError"
+    assert runner.run(call("nope")).error_type == "UnknownTool"
+    assert runner.run(call("detect", plugin="needs-weights")).error_type == "PluginUnavailable"
+
+
+def test_inline_with_an_in_memory_plugin_and_lifecycle(tmp_path, make_runner):
+    class In(BaseModel):
+        name: str
+
+    class Out(BaseModel):
+        greeting: str
+
+    class Cfg(BaseModel):
+        greeting: str = "hello"
+
+    plugin = Plugin("greeter", "1.0.0", aliases=["hi"])
+
+    @plugin.tool(input=In, output=Out, config=Cfg)
+    def greet(inputs, config, ctx):
+        """Say hello."""
+        if inputs.name == "error":
+            raise ValueError("no greeting for errors")
+        return Out(greeting=f"{config.greeting}, {inputs.name} ({ctx.plugin}.{ctx.tool})")
+
+    store = LifecycleStore(tmp_path / "lc.sqlite")
+    registry = PluginRegistry.from_plugins([plugin], store)
+    runner = make_runner("inline", registry_=registry)
+    ok = runner.run(call("greet", plugin="hi", inputs={"name": "Ada"}, config={"greeting": "hey"}))
+    assert ok.outputs == {"greeting": "hey, Ada (greeter.greet)"}
+    assert store.get("greeter").state == LifecycleState.INITIALIZED
+    bad = runner.run(call("greet", plugin="greeter", inputs={"name": "error"}))
+    assert bad.error_type == "ValueError"
+    assert store.get("greeter").state == LifecycleState.FAILED
+    assert runner.run(call("greet", plugin="greeter", inputs={"name": "Bob"})).ok
+    assert store.get("greeter").state == LifecycleState.INITIALIZED
+    assert (store.get("greeter").calls, store.get("greeter").failures) == (3, 1)
