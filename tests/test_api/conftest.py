@@ -1,0 +1,300 @@
+"""Fixtures of the API tests: a real uvicorn server on a free port (in a thread, or a subprocess
+for restart tests), real httpx / websockets clients, the real Prefect server of tests/conftest.py,
+and a store on SQLite or on a throwaway PostgreSQL cluster (``@pytest.mark.postgres``)."""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.conftest import free_port, wait_http
+
+TOKEN_HEADER = "Authorization"
+
+THREE_STAGES = [
+    {"plugin": "testkit", "tool": "numbers", "config": {}},
+    {"plugin": "tk", "tool": "scale", "config": {"factor": 3}},
+    {"plugin": "testkit", "tool": "total", "config": {}},
+]
+
+
+# --- PostgreSQL -----------------------------------------------------------------------------------
+
+
+def _pg_bindir() -> Path | None:
+    found = shutil.which("initdb")
+    if found:
+        return Path(os.path.realpath(found)).parent
+    candidates = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"))
+    return Path(candidates[-1]).parent if candidates else None
+
+
+@dataclass
+class PostgresCluster:
+    admin_url: str  # a database the tests may CREATE DATABASE from
+    datadir: Path | None = None
+    bindir: Path | None = None
+    run_as: list[str] = field(default_factory=list)
+
+    def new_database(self) -> str:
+        import psycopg
+
+        name = f"ff_{uuid.uuid4().hex[:12]}"
+        with psycopg.connect(self.admin_url.replace("postgresql+psycopg://", "postgresql://"), autocommit=True) as conn:
+            conn.execute(f'CREATE DATABASE "{name}"')
+        base, _, _ = self.admin_url.rpartition("/")
+        return f"{base}/{name}"
+
+
+@pytest.fixture(scope="session")
+def postgres_cluster() -> Iterator[PostgresCluster]:
+    """FORGEFLOW_TEST_POSTGRES_URL, or a throwaway cluster started with initdb/pg_ctl (skips when
+    neither is available; CI installs Debian's ``postgresql`` package)."""
+    url = os.environ.get("FORGEFLOW_TEST_POSTGRES_URL")
+    if url:
+        if url.startswith("postgresql://"):
+            url = "postgresql+psycopg://" + url[len("postgresql://") :]
+        yield PostgresCluster(url)
+        return
+    bindir = _pg_bindir()
+    if bindir is None:
+        pytest.skip("PostgreSQL is not installed (apt-get install postgresql) and FORGEFLOW_TEST_POSTGRES_URL is unset")
+    root = Path(tempfile.mkdtemp(prefix="forgeflow-pg-"))
+    run_as: list[str] = []
+    if os.geteuid() == 0:  # initdb refuses to run as root
+        run_as = ["runuser", "-u", "postgres", "--"]
+        shutil.chown(root, "postgres", "postgres")
+    datadir, sockdir = root / "data", root / "sock"
+    subprocess.run([*run_as, "mkdir", "-p", str(sockdir)], check=True)
+    subprocess.run(
+        [*run_as, str(bindir / "initdb"), "-D", str(datadir), "-U", "postgres", "-A", "trust", "--no-sync",
+         "-E", "UTF8"],
+        check=True,
+        stdout=subprocess.DEVNULL,
+    )
+    port = free_port()
+    subprocess.run(
+        [*run_as, str(bindir / "pg_ctl"), "-D", str(datadir), "-l", str(root / "log"), "-w", "-t", "60", "-o",
+         f"-p {port} -k {sockdir} -c listen_addresses=127.0.0.1 -c fsync=off -c synchronous_commit=off "
+         "-c full_page_writes=off -c max_connections=200", "start"],
+        check=True,
+        stdout=subprocess.DEVNULL,
+    )
+    try:
+        yield PostgresCluster(f"postgresql+psycopg://postgres@127.0.0.1:{port}/postgres", datadir, bindir, run_as)
+    finally:
+        subprocess.run([*run_as, str(bindir / "pg_ctl"), "-D", str(datadir), "-m", "immediate", "stop"],
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'api.sqlite'}"
+    return request.getfixturevalue("postgres_cluster").new_database()
+
+
+# --- the server -----------------------------------------------------------------------------------
+
+
+@dataclass
+class ApiServer:
+    url: str
+    settings: Any
+    app: Any = None
+    server: Any = None
+    thread: threading.Thread | None = None
+    proc: subprocess.Popen[bytes] | None = None
+    token: str | None = None
+
+    @property
+    def ws_url(self) -> str:
+        return self.url.replace("http://", "ws://")
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {TOKEN_HEADER: f"Bearer {self.token}"} if self.token else {}
+
+    @property
+    def state(self) -> Any:
+        return self.app.state.forgeflow
+
+    def client(self, **kwargs: Any) -> httpx.Client:
+        return httpx.Client(base_url=self.url, headers=self.headers, timeout=30, **kwargs)
+
+    @property
+    def ingest_token(self) -> str:
+        return self.state.auth.ingest_token
+
+    def ingest(self, events: list[dict[str, Any]]) -> httpx.Response:
+        return httpx.post(
+            f"{self.url}/internal/v1/events",
+            json={"events": events},
+            headers={TOKEN_HEADER: f"Bearer {self.ingest_token}"},
+            timeout=30,
+        )
+
+    def stop(self) -> None:
+        if self.server is not None:
+            self.server.should_exit = True
+            if self.thread is not None:
+                self.thread.join(30)
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+
+    def kill(self) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(10)
+
+
+def make_settings(home: Path, port: int, database_url: str | None = None, **overrides: Any) -> Any:
+    from forgeflow.settings import Settings
+
+    return Settings(home=home, api_port=port, database_url=database_url, **overrides)
+
+
+def start_thread_server(settings: Any, *, prefect_api_url: str | None, launch_jobs: bool = True,
+                        token: str | None = None) -> ApiServer:
+    import uvicorn
+
+    from forgeflow.api.app import create_app
+
+    app = create_app(settings, prefect_api_url=prefect_api_url, launch_jobs=launch_jobs)
+    config = uvicorn.Config(
+        app, host="127.0.0.1", port=settings.api_port, log_level="warning", ws_ping_interval=5, ws_ping_timeout=20
+    )
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, name="api-server", daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 60
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            raise RuntimeError("the API server did not start")
+        time.sleep(0.02)
+    return ApiServer(f"http://127.0.0.1:{settings.api_port}", settings, app, server, thread, token=token)
+
+
+def start_subprocess_server(home: Path, port: int, *, database_url: str, prefect_api_url: str,
+                            extra_env: dict[str, str] | None = None) -> ApiServer:
+    env = {
+        **os.environ,
+        "FORGEFLOW_HOME": str(home),
+        "FORGEFLOW_API_PORT": str(port),
+        "FORGEFLOW_DATABASE_URL": database_url,
+        "PREFECT_API_URL": prefect_api_url,
+        **(extra_env or {}),
+    }
+    log = (home / f"api-{port}-{int(time.time() * 1000)}.log").open("wb")
+    proc = subprocess.Popen([sys.executable, "-m", "forgeflow.api.server"], env=env, stdout=log,
+                            stderr=subprocess.STDOUT, start_new_session=True)
+    log.close()
+    url = f"http://127.0.0.1:{port}"
+    wait_http(f"{url}/healthz", timeout=60, proc=proc)
+    return ApiServer(url, make_settings(home, port, database_url), proc=proc)
+
+
+@pytest.fixture
+def api_factory(tmp_path: Path, database_url: str, prefect_api_url: str) -> Iterator[Any]:
+    servers: list[ApiServer] = []
+
+    def factory(*, launch_jobs: bool = True, token: str | None = None, **overrides: Any) -> ApiServer:
+        from pydantic import SecretStr
+
+        if token is not None:
+            overrides["api_token"] = SecretStr(token)
+        settings = make_settings(tmp_path / "home", free_port(), database_url, **overrides)
+        server = start_thread_server(settings, prefect_api_url=prefect_api_url, launch_jobs=launch_jobs, token=token)
+        servers.append(server)
+        return server
+
+    yield factory
+    for server in servers:
+        server.stop()
+
+
+@pytest.fixture
+def api(api_factory: Any) -> ApiServer:
+    """A running API that launches jobs."""
+    return api_factory()
+
+
+@pytest.fixture
+def quiet_api(api_factory: Any) -> ApiServer:
+    """A running API whose launcher starts nothing (events are posted to the ingest endpoint by the test)."""
+    return api_factory(launch_jobs=False)
+
+
+# --- helpers --------------------------------------------------------------------------------------
+
+
+def wait_job(client: httpx.Client, job_id: str, statuses: set[str] | None = None, timeout: float = 120) -> dict[str, Any]:
+    statuses = statuses or {"succeeded", "failed", "cancelled", "crashed"}
+    deadline = time.monotonic() + timeout
+    while True:
+        job = client.get(f"/v1/jobs/{job_id}").json()
+        if job["status"] in statuses:
+            return job
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"job {job_id} still {job['status']} after {timeout}s")
+        time.sleep(0.1)
+
+
+def ws_collect(url: str, *, headers: dict[str, str] | None = None, until_close: bool = True, count: int | None = None,
+               timeout: float = 120) -> tuple[list[dict[str, Any]], Any]:
+    """Messages of a WebSocket until it closes (or ``count`` arrived); returns them and the close frame."""
+    from websockets.exceptions import ConnectionClosed
+    from websockets.sync.client import connect
+
+    messages: list[dict[str, Any]] = []
+    deadline = time.monotonic() + timeout
+    with connect(url, additional_headers=headers or {}, open_timeout=30) as ws:
+        try:
+            while count is None or len(messages) < count:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise TimeoutError(f"got {len(messages)} messages before the timeout")
+                messages.append(json.loads(ws.recv(timeout=remaining)))
+        except ConnectionClosed:
+            pass
+        close = ws.protocol.close_rcvd
+    return messages, close
+
+
+def event(job_id: str, kind: str, **fields: Any) -> dict[str, Any]:
+    return {"type": kind, "job_id": job_id, "event_id": uuid.uuid4().hex, **fields}
+
+
+def stage_events(job_id: str, index: int, plugin: str = "testkit", tool: str = "numbers", ok: bool = True,
+                 total: int = 3) -> list[dict[str, Any]]:
+    out = [
+        event(job_id, "pipeline_stage_start", stage_index=index, plugin=plugin, tool=tool),
+        event(job_id, "pipeline_stage_end", stage_index=index, plugin=plugin, tool=tool, duration_ms=12 + index,
+              ok=ok, result_size_bytes=100),
+    ]
+    if ok:
+        out.append(event(job_id, "pipeline_progress", stages_total=total, stages_completed=index + 1,
+                         percent=round(100 * (index + 1) / total)))
+    return out

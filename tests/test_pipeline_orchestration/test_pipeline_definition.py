@@ -1,0 +1,240 @@
+"""The pipeline definition model and validation before anything runs."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from forgeflow.flows.compat import incompatibility
+from forgeflow.flows.models import PipelineDefinition, PipelineStage, pipeline_json_schema
+from forgeflow.flows.validation import PipelineValidationError, parse_definition, validate_pipeline
+
+SEED_JOB = {
+    "job_id": "job-123",
+    "pipeline": [
+        {"plugin": "forgesyte-yolo-tracker", "tool": "detect_players", "config": {"device": "cuda", "confidence": 0.25}},
+        {"plugin": "pose-estimator", "tool": "estimate_poses", "config": {"model": "light"}},
+        {"plugin": "classifier", "tool": "classify_actions", "config": {}},
+    ],
+}
+
+
+def test_seed_example_model_as_written():
+    pipeline = PipelineDefinition(
+        stages=[
+            PipelineStage(plugin="videotracker", tool="detect_players"),
+            PipelineStage(plugin="pose", tool="estimate_poses"),
+        ],
+        timeout_seconds=60.0,
+    )
+    assert [s.plugin for s in pipeline.stages] == ["videotracker", "pose"]
+    assert pipeline.stages[0].config == {}
+    assert pipeline.timeout_seconds == 60.0
+    assert pipeline.description == ""
+    assert PipelineDefinition(stages=[PipelineStage(plugin="a", tool="b")]).timeout_seconds == 300.0
+
+
+def test_seed_list_form_and_bare_list_are_accepted():
+    from_job = parse_definition(SEED_JOB)
+    assert [s.tool for s in from_job.stages] == ["detect_players", "estimate_poses", "classify_actions"]
+    assert from_job.stages[0].config == {"device": "cuda", "confidence": 0.25}
+    assert parse_definition(SEED_JOB["pipeline"]) == from_job
+
+
+def test_per_stage_timeout_overrides_pipeline_timeout():
+    pipeline = PipelineDefinition(
+        stages=[PipelineStage(plugin="a", tool="b", timeout_seconds=5), PipelineStage(plugin="a", tool="c")],
+        timeout_seconds=30,
+    )
+    assert pipeline.stage_timeout(0) == 5
+    assert pipeline.stage_timeout(1) == 30
+
+
+@pytest.mark.parametrize("timeout", [0, -1, math.inf, math.nan])
+def test_non_positive_or_infinite_timeouts_are_rejected(timeout):
+    with pytest.raises(PipelineValidationError) as err:
+        parse_definition({"stages": [{"plugin": "a", "tool": "b"}], "timeout_seconds": timeout})
+    assert err.value.issues[0].field == "timeout_seconds"
+
+
+def test_empty_stage_list_and_unknown_fields_are_rejected():
+    with pytest.raises(PipelineValidationError) as err:
+        parse_definition({"stages": []})
+    assert err.value.issues[0].field == "stages"
+    with pytest.raises(PipelineValidationError) as err:
+        parse_definition({"stages": [{"plugin": "a", "tool": "b", "confg": {}}]})
+    assert err.value.issues[0].stage_index == 0
+    assert err.value.issues[0].field == "confg"
+
+
+def test_published_json_schema_describes_stages():
+    schema = pipeline_json_schema()
+    assert schema["$schema"].startswith("https://json-schema.org/")
+    assert "stages" in schema["required"]
+    stage = schema["$defs"]["PipelineStage"]
+    assert set(stage["required"]) == {"plugin", "tool"}
+
+
+def test_valid_chain_resolves_aliases_and_fills_config_defaults(registry):
+    validated = validate_pipeline(
+        parse_definition({"pipeline": [{"plugin": "tk", "tool": "numbers"}, {"plugin": "testkit", "tool": "scale"}]}),
+        {"count": 3},
+        registry,
+    )
+    assert [s.plugin for s in validated.stages] == ["testkit", "testkit"]
+    assert validated.stages[1].config == {"factor": 2}
+    assert validated.job_input_fields == ("count",)
+
+
+def issues_of(registry, document, input_data):
+    with pytest.raises(PipelineValidationError) as err:
+        validate_pipeline(parse_definition(document), input_data, registry)
+    return err.value.issues
+
+
+def test_unknown_plugin_and_tool_are_named_with_a_suggestion(registry):
+    issues = issues_of(
+        registry,
+        {"pipeline": [{"plugin": "testkitt", "tool": "numbers"}, {"plugin": "testkit", "tool": "scal"}]},
+        {"count": 1},
+    )
+    assert (issues[0].stage_index, issues[0].error_type) == (0, "UnknownPlugin")
+    assert "did you mean 'testkit'" in issues[0].message
+    assert (issues[1].stage_index, issues[1].error_type) == (1, "UnknownTool")
+    assert "did you mean 'scale'" in issues[1].message
+
+
+@pytest.mark.parametrize(
+    ("plugin", "reason"),
+    [("needs-weights", "weights file not found"), ("broken-import", "No module named 'forgeflow_missing_dependency")],
+)
+def test_unavailable_plugins_are_rejected_with_their_reason(registry, plugin, reason):
+    issues = issues_of(registry, {"pipeline": [{"plugin": plugin, "tool": "detect"}]}, {})
+    assert issues[0].error_type == "PluginUnavailable"
+    assert reason in issues[0].message
+
+
+def test_config_of_the_wrong_type_names_the_field(registry):
+    issues = issues_of(
+        registry,
+        {"pipeline": [{"plugin": "testkit", "tool": "numbers"}, {"plugin": "testkit", "tool": "scale", "config": {"factor": "x"}}]},
+        {"count": 1},
+    )
+    assert [(i.stage_index, i.field, i.error_type) for i in issues] == [(1, "config.factor", "ConfigError")]
+
+
+def test_missing_input_and_incompatible_types_are_named(registry):
+    issues = issues_of(
+        registry,
+        {"pipeline": [
+            {"plugin": "testkit", "tool": "numbers"},
+            {"plugin": "testkit", "tool": "measure_text"},
+            {"plugin": "testkit", "tool": "scale"},
+            {"plugin": "testkit", "tool": "total"},
+            {"plugin": "testkit", "tool": "label_total"},
+        ]},
+        {"count": 2},
+    )
+    by_stage = {i.stage_index: i for i in issues}
+    assert set(by_stage) == {1, 4}
+    assert by_stage[1].field == "text" and by_stage[1].error_type == "MissingInput"
+    assert by_stage[4].field == "total" and by_stage[4].error_type == "IncompatibleStages"
+    assert "integer is not string" in by_stage[4].message
+
+
+def test_job_input_of_the_wrong_type_is_rejected(registry):
+    issues = issues_of(registry, {"pipeline": [{"plugin": "testkit", "tool": "numbers"}]}, {"count": "many"})
+    assert (issues[0].stage_index, issues[0].field, issues[0].error_type) == (0, "count", "InputError")
+    issues = issues_of(registry, {"pipeline": [{"plugin": "testkit", "tool": "numbers"}]}, {"count": -5})
+    assert issues[0].field == "count"  # the field's constraints (ge=0) apply too
+
+
+def test_stage_count_and_timeout_limits(registry, monkeypatch):
+    from forgeflow.settings import get_settings
+
+    monkeypatch.setenv("FORGEFLOW_MAX_STAGES", "2")
+    monkeypatch.setenv("FORGEFLOW_MAX_STAGE_TIMEOUT_S", "60")
+    get_settings.cache_clear()
+    issues = issues_of(
+        registry,
+        {"stages": [{"plugin": "testkit", "tool": "noop"}] * 3, "timeout_seconds": 3600},
+        {},
+    )
+    assert any(i.field == "stages" and "limit of 2" in i.message for i in issues)
+    assert any(i.field == "timeout_seconds" and i.stage_index == 0 for i in issues)
+
+
+def test_template_validation_expects_missing_fields_from_the_job_input(registry):
+    validated = validate_pipeline(
+        parse_definition({"pipeline": [{"plugin": "testkit", "tool": "numbers"}, {"plugin": "testkit", "tool": "scale"}]}),
+        None,
+        registry,
+    )
+    assert validated.job_input_fields == ("count",)
+
+
+@pytest.mark.parametrize(
+    ("src", "dst", "ok"),
+    [
+        ({"type": "integer"}, {"type": "number"}, True),
+        ({"type": "number"}, {"type": "integer"}, False),
+        ({"type": "array", "items": {"type": "integer"}}, {"type": "array", "items": {"type": "number"}}, True),
+        ({"type": "array", "items": {"type": "string"}}, {"type": "array", "items": {"type": "number"}}, False),
+        ({"anyOf": [{"type": "integer"}, {"type": "null"}]}, {"type": "integer"}, False),
+        ({"type": "integer"}, {"anyOf": [{"type": "integer"}, {"type": "null"}]}, True),
+        ({"enum": ["a", "b"]}, {"enum": ["a", "b", "c"]}, True),
+        ({"type": "string"}, {"enum": ["a"]}, False),
+        (
+            {"type": "object", "properties": {"x": {"type": "integer"}, "y": {"type": "integer"}}},
+            {"type": "object", "properties": {"x": {"type": "number"}}, "required": ["x"]},
+            True,
+        ),
+        (
+            {"type": "object", "properties": {"y": {"type": "integer"}}},
+            {"type": "object", "properties": {"x": {"type": "number"}}, "required": ["x"]},
+            False,
+        ),
+        ({"type": "integer"}, {}, True),
+    ],
+)
+def test_schema_compatibility(src, dst, ok):
+    assert (incompatibility(src, dst) is None) is ok
+
+
+def test_compatibility_follows_refs_between_models():
+    src_defs = {"Player": {"type": "object", "properties": {"box": {"type": "array", "items": {"type": "number"}}}, "required": ["box"]}}
+    dst_defs = {"P": {"type": "object", "properties": {"box": {"type": "array", "items": {"type": "number"}}}, "required": ["box"]}}
+    src = {"type": "array", "items": {"$ref": "#/$defs/Player"}}
+    dst = {"type": "array", "items": {"$ref": "#/$defs/P"}}
+    assert incompatibility(src, dst, src_defs, dst_defs) is None
+    dst_defs["P"]["required"] = ["box", "track_id"]
+    assert "track_id" in incompatibility(src, dst, src_defs, dst_defs)
+
+
+def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "forgeflow.cli", *args], capture_output=True, text=True, cwd=cwd, timeout=120)
+
+
+def test_cli_validate_exit_codes_and_messages(tmp_path, ff_home):
+    good = tmp_path / "good.json"
+    good.write_text(json.dumps({"pipeline": [{"plugin": "tk", "tool": "numbers"}, {"plugin": "testkit", "tool": "scale"}]}))
+    result = _cli("validate", str(good), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "valid, 2 stage(s)" in result.stderr
+
+    malformed = tmp_path / "bad.json"
+    malformed.write_text('{"pipeline": [ {"plugin": "tk",, } ]}')
+    result = _cli("validate", str(malformed), cwd=tmp_path)
+    assert result.returncode == 2
+    assert "malformed JSON at line 1" in result.stderr
+
+    unknown = tmp_path / "unknown.json"
+    unknown.write_text(json.dumps({"pipeline": [{"plugin": "tk", "tool": "numbers"}, {"plugin": "nope", "tool": "x"}]}))
+    result = _cli("validate", str(unknown), cwd=tmp_path)
+    assert result.returncode == 2
+    assert "stage 1" in result.stderr and "unknown plugin 'nope'" in result.stderr
