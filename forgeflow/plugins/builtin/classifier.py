@@ -102,7 +102,7 @@ class ClassifierConfig(BaseModel):
 
 class ClassifierInput(BaseModel):
     poses: list[FramePoses] = Field(description="Per-frame poses of the pose stage.")
-    media: str | None = Field(None, description="The video the poses come from (used to remove camera motion).")
+    media: str | None = Field(None, min_length=1, description="The video the poses come from (used to remove camera motion).")
 
 
 class ClassifierOutput(BaseModel):

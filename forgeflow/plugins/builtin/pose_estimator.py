@@ -59,7 +59,7 @@ class PoseConfig(VisionConfig):
 
 
 class PoseInput(BaseModel):
-    media: str = Field(description="The image or video the players were detected in (media ref or allowed local path).")
+    media: str = Field(min_length=1, description="The image or video the players were detected in (media ref or allowed local path).")
     players: list[FramePlayers] = Field(description="Per-frame players of the detection stage.")
 
 

@@ -83,5 +83,6 @@ class FrameActions(_Strict):
 
 class MediaInput(BaseModel):
     media: str = Field(
+        min_length=1,
         description="The image or video: a media ref ('sha256:...') or an absolute local path inside an allowed media root."
     )
