@@ -25,6 +25,7 @@ from prefect import flow, task
 from pydantic import ValidationError
 from prefect.cache_policies import NO_CACHE
 from prefect.context import get_run_context
+from prefect.states import Failed
 
 from forgeflow.flows.events import (
     JobStatusEvent,
@@ -355,8 +356,8 @@ def pipeline_flow(pipeline: dict[str, Any], input: dict[str, Any] | None = None,
     Parameters are plain JSON so the Prefect UI, schedules and the API can all start it:
     ``pipeline`` is a pipeline definition (or the seed's list of stages), ``input`` the job input
     (``{"media": "sha256:..."}``), ``job_id`` the ForgeFlow job (one is made when absent).
-    Returns the result envelope; a failed stage raises :class:`PipelineFailed` (the flow run
-    fails) whose ``envelope`` holds the partial result.
+    Returns the result envelope; after a failed stage the flow run ends Failed and its state
+    carries :class:`PipelineFailed`, whose ``envelope`` holds the partial result.
     """
     services = current_services()
     job_id = job_id or uuid.uuid4().hex
@@ -375,6 +376,9 @@ def pipeline_flow(pipeline: dict[str, Any], input: dict[str, Any] | None = None,
     run.emit(JobStatusEvent(job_id=job_id, status="running", flow_run_id=flow_run_id))
     try:
         return _execute(run, definition, parse_error, input_data).to_dict()
+    except PipelineFailed as failed:
+        # An expected outcome, not a bug: end the run Failed with the envelope, without a traceback.
+        return Failed(message=str(failed), data=failed)  # type: ignore[return-value]
     finally:
         _active_runs.pop(flow_run_id, None)
 

@@ -1,0 +1,320 @@
+"""The ``forgeflow`` command: run and validate pipelines, list plugins, serve the API."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+# Quiet, offline Prefect for a command-line tool (the user's environment still wins).
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("DO_NOT_TRACK", "1")
+os.environ.setdefault("PREFECT_LOGGING_LEVEL", "ERROR")
+os.environ.setdefault("PREFECT_UI_ENABLED", "false")
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+app = typer.Typer(help="ForgeFlow: fault-isolated multi-plugin vision pipelines on Prefect.", no_args_is_help=True)
+plugins_app = typer.Typer(help="Installed plugins and their lifecycle.", no_args_is_help=True)
+app.add_typer(plugins_app, name="plugins")
+console = Console(stderr=True, soft_wrap=True)
+out = Console()
+
+EXIT_OK, EXIT_FAILED, EXIT_INVALID = 0, 1, 2
+
+
+def _registry() -> Any:
+    from forgeflow.plugins import LifecycleStore, PluginRegistry
+    from forgeflow.settings import get_settings
+
+    return PluginRegistry.discover(LifecycleStore(get_settings().lifecycle_db))
+
+
+def _load_document(path: Path) -> dict[str, Any] | list[Any]:
+    """Read a pipeline file, turning unreadable or malformed JSON into a clear message and exit 2."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        console.print(f"[red]cannot read {path}: {exc.strerror or exc}[/red]")
+        raise typer.Exit(EXIT_INVALID) from None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        console.print(f"[red]{path}: malformed JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}[/red]")
+        raise typer.Exit(EXIT_INVALID) from None
+
+
+def _job_input(document: Any, media: Path | None, input_json: str | None) -> dict[str, Any]:
+    """The job input: the file's own ``input``, then ``--input-json``, then ``--input`` media."""
+    data: dict[str, Any] = dict(document.get("input") or {}) if isinstance(document, dict) else {}
+    if input_json:
+        text = Path(input_json).read_text(encoding="utf-8") if Path(input_json).is_file() else input_json
+        try:
+            extra = json.loads(text)
+        except json.JSONDecodeError as exc:
+            console.print(f"[red]--input-json is not valid JSON: {exc.msg}[/red]")
+            raise typer.Exit(EXIT_INVALID) from None
+        if not isinstance(extra, dict):
+            console.print("[red]--input-json must be a JSON object[/red]")
+            raise typer.Exit(EXIT_INVALID)
+        data.update(extra)
+    if media is not None:
+        from forgeflow.plugins import MediaError, MediaStore
+        from forgeflow.settings import get_settings
+
+        settings = get_settings()
+        try:
+            info = MediaStore(settings.media_root).put_file(media, max_bytes=settings.max_media_bytes)
+        except MediaError as exc:
+            console.print(f"[red]--input {media}: {exc.message}[/red]")
+            raise typer.Exit(EXIT_INVALID) from None
+        data["media"] = info.ref
+    return data
+
+
+def _print_issues(exc: Any) -> None:
+    for issue in exc.issues:
+        where = []
+        if issue.stage_index is not None:
+            where.append(f"stage {issue.stage_index}")
+        if issue.plugin:
+            where.append(f"{issue.plugin}.{issue.tool}" if issue.tool else issue.plugin)
+        if issue.field:
+            where.append(f"field '{issue.field}'")
+        console.print(f"[red]✗[/red] {' · '.join(where) or 'pipeline'}: {issue.message} [dim]({issue.error_type})[/dim]")
+
+
+@app.command()
+def validate(
+    file: Path = typer.Argument(..., help="Pipeline JSON file."),
+    media: Path | None = typer.Option(None, "--input", help="Media file the job would read (checks input types)."),
+    input_json: str | None = typer.Option(None, "--input-json", help="Job input as JSON (or a JSON file)."),
+) -> None:
+    """Check a pipeline without running it: plugins, tools, configs, stage compatibility."""
+    from forgeflow.flows.validation import PipelineValidationError, parse_definition, validate_pipeline
+
+    document = _load_document(file)
+    job_input = _job_input(document, media, input_json) if (media or input_json or isinstance(document, dict) and "input" in document) else None
+    try:
+        validated = validate_pipeline(parse_definition(document), job_input, _registry())
+    except PipelineValidationError as exc:
+        _print_issues(exc)
+        raise typer.Exit(EXIT_INVALID) from None
+    console.print(f"[green]✓[/green] {file}: valid, {len(validated.stages)} stage(s)")
+    for stage in validated.stages:
+        console.print(f"  {stage.index}: {stage.plugin}.{stage.tool.name}  → {', '.join(stage.output_fields)}")
+    if validated.job_input_fields:
+        console.print(f"  job input: {', '.join(validated.job_input_fields)}")
+
+
+@app.command()
+def run(
+    file: Path = typer.Argument(..., help="Pipeline JSON file (a definition or the seed's job form)."),
+    media: Path | None = typer.Option(None, "--input", help="Image or video to analyse (becomes input.media)."),
+    input_json: str | None = typer.Option(None, "--input-json", help="Job input as JSON (or a JSON file)."),
+    out_dir: Path | None = typer.Option(None, "--out", help="Write result.json, events.jsonl and annotated media here."),
+    job_id: str | None = typer.Option(None, "--job-id", help="Job id (default: the file's job_id or a new one)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the result envelope as JSON on stdout."),
+) -> None:
+    """Run a pipeline locally on the embedded default (ephemeral Prefect, process runner)."""
+    from forgeflow.flows.executor import PipelineExecutor
+    from forgeflow.flows.models import canonical_json
+    from forgeflow.flows.pipeline_flow import Services
+    from forgeflow.flows.sinks import MemorySink
+    from forgeflow.flows.validation import PipelineValidationError, parse_definition, validate_pipeline
+
+    document = _load_document(file)
+    job_input = _job_input(document, media, input_json)
+    job_id = job_id or (document.get("job_id") if isinstance(document, dict) else None) or f"job-{uuid.uuid4().hex[:12]}"
+    registry = _registry()
+    try:
+        definition = parse_definition(document)
+        validate_pipeline(definition, job_input, registry)
+    except PipelineValidationError as exc:
+        _print_issues(exc)
+        raise typer.Exit(EXIT_INVALID) from None
+
+    sink = MemorySink()
+    with Progress(
+        SpinnerColumn(),
+        TextColumn("{task.description}"),
+        BarColumn(),
+        TextColumn("{task.fields[status]}"),
+        TimeElapsedColumn(),
+        console=console,
+        transient=False,
+    ) as progress:
+        bars = [
+            progress.add_task(f"{i}: {s.plugin}.{s.tool}", total=1, status="pending", start=False)
+            for i, s in enumerate(definition.stages)
+        ]
+        sink.subscribe(lambda event: _show(progress, bars, event))
+        from forgeflow.settings import get_settings
+
+        settings = get_settings()
+        services = Services.from_settings(settings, sink=sink)
+        started = time.perf_counter()
+        try:
+            envelope = PipelineExecutor(services).execute(definition, job_input, job_id)
+        finally:
+            services.close()
+        elapsed = time.perf_counter() - started
+
+    _summary(envelope, elapsed, job_id)
+    if out_dir is not None:
+        _write_outputs(out_dir, envelope, sink, job_input, settings)
+    if as_json:
+        out.print_json(canonical_json(envelope))
+    raise typer.Exit(EXIT_OK if envelope["ok"] else EXIT_FAILED)
+
+
+def _show(progress: Progress, bars: list[Any], event: Any) -> None:
+    index = getattr(event, "stage_index", None)
+    if index is None or not 0 <= index < len(bars):
+        return
+    bar = bars[index]
+    if event.type == "pipeline_stage_start":
+        progress.start_task(bar)
+        progress.update(bar, status="[yellow]running[/yellow]")
+    elif event.type == "pipeline_stage_end":
+        if event.ok:
+            progress.update(bar, completed=1, status=f"[green]done[/green] {event.duration_ms} ms")
+        else:
+            progress.update(bar, status="[red]failed[/red]")
+        progress.stop_task(bar)
+
+
+def _summary(envelope: dict[str, Any], elapsed: float, job_id: str) -> None:
+    table = Table(title=f"job {job_id} · {elapsed:.2f} s", title_justify="left")
+    for column in ("stage", "plugin.tool", "status", "duration", "output", "peak mem"):
+        table.add_column(column, justify="right" if column in ("duration", "output", "peak mem") else "left")
+    colors = {"completed": "green", "failed": "red", "skipped": "dim"}
+    for report in envelope.get("stages", []):
+        status = report["status"]
+        table.add_row(
+            str(report["index"]),
+            f"{report['plugin']}.{report['tool']}",
+            f"[{colors.get(status, 'white')}]{status}[/]",
+            f"{report['duration_ms']:.0f} ms" if report.get("duration_ms") is not None else "",
+            _size(report.get("result_size_bytes")),
+            f"{report['peak_memory_mb']:.0f} MB" if report.get("peak_memory_mb") else "",
+        )
+    console.print(table)
+    result = envelope.get("result") if envelope["ok"] else envelope.get("partial_result")
+    if result:
+        parts = [f"{key}: {len(value)} item(s)" if isinstance(value, list) else f"{key}: {value!r}"[:80]
+                 for key, value in result.items()]
+        console.print(("result · " if envelope["ok"] else "partial result · ") + ", ".join(parts))
+    if not envelope["ok"]:
+        console.print(
+            f"[red]failed at stage {envelope.get('stage_failed')}: {envelope.get('error_type')}: {envelope.get('error')}[/red]"
+        )
+
+
+def _size(value: int | None) -> str:
+    if value is None:
+        return ""
+    return f"{value / 1024:.1f} KB" if value >= 1024 else f"{value} B"
+
+
+def _write_outputs(out_dir: Path, envelope: dict[str, Any], sink: Any, job_input: dict[str, Any], settings: Any) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "result.json").write_text(json.dumps(envelope, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    with (out_dir / "events.jsonl").open("w", encoding="utf-8") as fh:
+        for event in sink.events:
+            fh.write(event.model_dump_json() + "\n")
+    written = [out_dir / "result.json", out_dir / "events.jsonl"]
+    result = envelope.get("result") or envelope.get("partial_result") or {}
+    media_ref = job_input.get("media")
+    if media_ref and "players" in result:
+        from forgeflow.plugins import MediaStore
+        from forgeflow.plugins.builtin.annotate import annotate_media
+
+        store = MediaStore(settings.media_root)
+        source = store.resolve(media_ref, input_roots=settings.media_input_roots)
+        suffix = ".mp4" if store.info(media_ref).kind == "video" else ".jpg"
+        written.append(annotate_media(source, result, out_dir / f"annotated{suffix}"))
+    for path in written:
+        console.print(f"wrote {path}")
+
+
+@app.command()
+def schema() -> None:
+    """Print the JSON Schema of pipeline files."""
+    from forgeflow.flows.models import pipeline_json_schema
+
+    out.print_json(json.dumps(pipeline_json_schema()))
+
+
+@plugins_app.command("list")
+def plugins_list(as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table.")) -> None:
+    """Installed plugins: versions, aliases, tools and lifecycle states."""
+    registry = _registry()
+    items = [registry.describe(name) for name in registry.names()]
+    if as_json:
+        out.print_json(json.dumps(items))
+        return
+    table = Table(title="ForgeFlow plugins", title_justify="left")
+    for column in ("plugin", "version", "aliases", "tools", "state", "last error"):
+        table.add_column(column, overflow="fold")
+    colors = {"FAILED": "red", "UNAVAILABLE": "red", "RUNNING": "yellow", "INITIALIZED": "green", "LOADED": "cyan"}
+    for item in items:
+        state = item["lifecycle"]["state"]
+        table.add_row(
+            item["name"],
+            item["version"] or "",
+            ", ".join(item["aliases"]),
+            ", ".join(t["name"] for t in item["tools"]),
+            f"[{colors.get(state, 'white')}]{state}[/]",
+            item["lifecycle"].get("last_error") or "",
+        )
+    out.print(table)
+
+
+@plugins_app.command("show")
+def plugins_show(name: str = typer.Argument(..., help="Plugin name or alias.")) -> None:
+    """One plugin with its tools' JSON Schemas."""
+    from forgeflow.plugins import UnknownPlugin
+
+    try:
+        out.print_json(json.dumps(_registry().describe(name, schemas=True)))
+    except UnknownPlugin as exc:
+        console.print(f"[red]{exc.message}[/red]")
+        raise typer.Exit(EXIT_INVALID) from None
+
+
+@app.command("sample-clip")
+def sample_clip(path: Path = typer.Argument(Path("examples/sample.mp4"), help="Where to write the clip.")) -> None:
+    """Make the offline sample clip (a moving crop over images shipped with Ultralytics)."""
+    from forgeflow.plugins.builtin.sample_clip import make_sample_clip
+
+    console.print(f"wrote {make_sample_clip(path)}")
+
+
+@app.command()
+def serve(
+    host: str | None = typer.Option(None, help="Bind address (default: FORGEFLOW_API_HOST, 127.0.0.1)."),
+    port: int | None = typer.Option(None, help="Port (default: FORGEFLOW_API_PORT, 8700)."),
+) -> None:
+    """Serve the REST and WebSocket API (starts a local Prefect server when none is configured)."""
+    from forgeflow.api.server import serve as serve_api
+    from forgeflow.settings import get_settings
+
+    settings = get_settings()
+    updates = {k: v for k, v in (("api_host", host), ("api_port", port)) if v is not None}
+    serve_api(settings.model_copy(update=updates))
+
+
+def main() -> None:  # pragma: no cover - console entry
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(app())
