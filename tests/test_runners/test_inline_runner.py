@@ -62,3 +62,28 @@ def test_inline_with_an_in_memory_plugin_and_lifecycle(tmp_path, make_runner):
     assert runner.run(call("greet", plugin="greeter", inputs={"name": "Bob"})).ok
     assert store.get("greeter").state == LifecycleState.INITIALIZED
     assert (store.get("greeter").calls, store.get("greeter").failures) == (3, 1)
+
+
+def test_docker_media_overlay_reads_store_writes_aside_and_imports(tmp_path, settings):
+    """Docker mode: the worker reads the read-only store, writes new media aside; the runner then
+    adds them to the host store under the same ref."""
+    import cv2
+    import numpy as np
+
+    from forgeflow.plugins import MediaStore
+    from forgeflow.plugins.runners.docker import DockerRunner
+    from forgeflow.plugins.runners.worker import _OverlayMediaStore
+
+    host = MediaStore(settings.media_root)
+    png = tmp_path / "a.png"
+    cv2.imwrite(str(png), np.zeros((4, 4, 3), dtype=np.uint8))
+    existing = host.put_file(png).ref
+    out = tmp_path / "out" / "media"
+    overlay = _OverlayMediaStore(settings.media_root, out)
+    assert overlay.path(existing) == host.path(existing)
+    cv2.imwrite(str(png), np.full((4, 4, 3), 9, dtype=np.uint8))
+    made = overlay.put_file(png, filename="made.png").ref
+    assert overlay.path(made).is_relative_to(out)
+    runner = DockerRunner(settings, registry=type("R", (), {"lifecycle": None})())
+    runner._import_media(out)
+    assert host.info(made).filename == "made.png"

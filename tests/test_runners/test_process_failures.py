@@ -114,11 +114,9 @@ def test_invalid_output_is_output_error(runner):
 @pytest.mark.parametrize(
     "tool,config,kw,error_type",
     [
-        ("fail", {}, {}, "RuntimeError"),
         ("hang", {}, {"timeout_s": 0.5}, "TimeoutError"),
         ("allocate", {"megabytes": 1024}, {"memory_limit_mb": 64}, "MemoryError"),
         ("segfault", {}, {}, "WorkerCrashed"),
-        ("hard_exit", {}, {}, "WorkerCrashed"),
     ],
 )
 def test_fresh_mode_failures_then_healthy_call(make_runner, tool, config, kw, error_type):

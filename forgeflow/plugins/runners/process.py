@@ -202,6 +202,7 @@ class ProcessRunner:
         self._lock = threading.Lock()
         self._idle: dict[str, list[Worker]] = {}
         self._all: set[Worker] = set()
+        self._stopping: set[Worker] = set()
         self._closed = False
         # Workers are spawned from one long-lived thread: PR_SET_PDEATHSIG fires when the *thread*
         # that forked the worker ends, so spawning from short-lived caller threads (Prefect task
@@ -221,8 +222,9 @@ class ProcessRunner:
     def close(self) -> None:
         with self._lock:
             self._closed = True
-            workers = list(self._all)
+            workers = list(self._all | self._stopping)
             self._all.clear()
+            self._stopping.clear()
             self._idle.clear()
         for worker in workers:
             worker.kill()
@@ -368,12 +370,27 @@ class ProcessRunner:
         self._discard(worker)
 
     def _discard(self, worker: Worker) -> None:
+        """Retire a worker. A live one is asked to leave and reaped in the background: its
+        interpreter shutdown (~0.1-0.2 s) is not the caller's wait."""
         with self._lock:
             self._all.discard(worker)
-        if worker.alive():
-            worker.stop()
-        else:
-            worker.kill()
+            if worker.alive():
+                self._stopping.add(worker)
+                dead = None
+            else:
+                dead = worker
+        if dead is not None:
+            dead.kill()  # reap it and close its pipes
+            return
+
+        def reap() -> None:
+            try:
+                worker.stop()
+            finally:
+                with self._lock:
+                    self._stopping.discard(worker)
+
+        threading.Thread(target=reap, name="forgeflow-reaper", daemon=True).start()
 
     def _worker_env(self) -> dict[str, str]:
         s = self.settings
