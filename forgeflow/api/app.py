@@ -14,9 +14,10 @@ import secrets
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-from fastapi import Depends, FastAPI, Request
+from fastapi import Depends, FastAPI
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from forgeflow import __version__
 from forgeflow.api.auth import Authenticator, check_bind
@@ -54,6 +55,27 @@ TAGS = [
     {"name": "realtime", "description": "Event ingest (internal) and WebSocket streams."},
     {"name": "health", "description": "Service health."},
 ]
+
+
+class BodyLimit:
+    """Refuse (413) a request whose Content-Length is over ``limit`` (uploads have their own limit)."""
+
+    def __init__(self, app: ASGIApp, limit: int, exempt_prefix: str) -> None:
+        self.app = app
+        self.limit = limit
+        self.exempt_prefix = exempt_prefix
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and not scope["path"].startswith(self.exempt_prefix):
+            for name, value in scope["headers"]:
+                if name == b"content-length" and value.isdigit() and int(value) > self.limit:
+                    response = JSONResponse(
+                        {"error": f"request body over {self.limit} bytes", "error_type": "RequestTooLarge"},
+                        status_code=413,
+                    )
+                    await response(scope, receive, send)
+                    return
+        await self.app(scope, receive, send)
 
 
 def local_api_url(settings: Settings, port: int | None = None) -> str:
@@ -138,19 +160,7 @@ def create_app(
     )
     install_error_handlers(app)
 
-    @app.middleware("http")
-    async def _body_limit(request: Request, call_next):  # type: ignore[no-untyped-def]
-        length = request.headers.get("content-length")
-        if (
-            length is not None
-            and length.isdigit()
-            and int(length) > MAX_JSON_BODY
-            and not request.url.path.startswith("/v1/media")
-        ):
-            return JSONResponse(
-                {"error": f"request body over {MAX_JSON_BODY} bytes", "error_type": "RequestTooLarge"}, status_code=413
-            )
-        return await call_next(request)
+    app.add_middleware(BodyLimit, limit=MAX_JSON_BODY, exempt_prefix="/v1/media")
 
     secured = [Depends(require_auth)]
     app.include_router(jobs.router, dependencies=secured)

@@ -113,6 +113,7 @@ def serve(settings: Settings | None = None, *, log_level: str = "info") -> None:
             app,
             host=settings.api_host,
             port=settings.api_port,
+            ws="websockets-sansio",
             ws_ping_interval=settings.ws_ping_interval_s,
             ws_ping_timeout=settings.ws_ping_interval_s,
             log_level=log_level,

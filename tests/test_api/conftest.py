@@ -184,7 +184,8 @@ def start_thread_server(settings: Any, *, prefect_api_url: str | None, launch_jo
 
     app = create_app(settings, prefect_api_url=prefect_api_url, launch_jobs=launch_jobs)
     config = uvicorn.Config(
-        app, host="127.0.0.1", port=settings.api_port, log_level="warning", ws_ping_interval=5, ws_ping_timeout=20
+        app, host="127.0.0.1", port=settings.api_port, log_level="warning", ws="websockets-sansio",
+        ws_ping_interval=5, ws_ping_timeout=20
     )
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, name="api-server", daemon=True)

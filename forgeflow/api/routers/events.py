@@ -135,7 +135,7 @@ async def _run_stream(websocket: WebSocket, state: ApiState, sub: Subscription, 
             with contextlib.suppress(BaseException):
                 await sending
             reason = f"slow consumer: over {state.hub.queue_size} messages queued; resume with {resume_param}={pos.last}"
-            await _close(websocket, 1013, reason)
+            await _close(websocket, 1013, reason, wait_s=60)
     finally:
         state.hub.unsubscribe(sub)
         for task in (reader, sending, overflow):
@@ -145,11 +145,12 @@ async def _run_stream(websocket: WebSocket, state: ApiState, sub: Subscription, 
                 await task
 
 
-async def _close(websocket: WebSocket, code: int, reason: str) -> None:
+async def _close(websocket: WebSocket, code: int, reason: str, wait_s: float = 10) -> None:
+    """Close with a reason; the frame waits behind what the client has not read yet (up to ``wait_s``)."""
     if websocket.application_state == WebSocketState.DISCONNECTED or websocket.client_state == WebSocketState.DISCONNECTED:
         return
     with contextlib.suppress(Exception):
-        await asyncio.wait_for(websocket.close(code=code, reason=reason.encode()[:120].decode(errors="ignore")), 10)
+        await asyncio.wait_for(websocket.close(code=code, reason=reason.encode()[:120].decode(errors="ignore")), wait_s)
 
 
 async def _send_job(websocket: WebSocket, state: ApiState, sub: Subscription, job_id: str, pos: _Position) -> str:
