@@ -13,7 +13,7 @@ from typing import Any
 # Quiet, offline Prefect for a command-line tool (the user's environment still wins).
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("DO_NOT_TRACK", "1")
-os.environ.setdefault("PREFECT_LOGGING_LEVEL", "ERROR")
+os.environ.setdefault("PREFECT_LOGGING_LEVEL", "CRITICAL")  # the CLI prints its own summary
 os.environ.setdefault("PREFECT_UI_ENABLED", "false")
 
 import typer

@@ -379,6 +379,10 @@ def pipeline_flow(pipeline: dict[str, Any], input: dict[str, Any] | None = None,
     except PipelineFailed as failed:
         # An expected outcome, not a bug: end the run Failed with the envelope, without a traceback.
         return Failed(message=str(failed), data=failed)  # type: ignore[return-value]
+    except Exception as exc:  # a bug of ours must still end the job with a terminal message
+        envelope = _failure_envelope(run.reports, {}, f"internal error: {exc}", type(exc).__name__, None)
+        run.finish("failed", envelope)
+        raise
     finally:
         _active_runs.pop(flow_run_id, None)
 

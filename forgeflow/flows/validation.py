@@ -220,7 +220,8 @@ def validate_pipeline(
 
 
 def _check_input_value(value: Any, info: Any, name: str, issue: Any) -> None:
-    adapter: TypeAdapter[Any] = TypeAdapter(Annotated[info.annotation, *info.metadata])
+    annotation = Annotated[info.annotation, *info.metadata] if info.metadata else info.annotation
+    adapter: TypeAdapter[Any] = TypeAdapter(annotation)
     try:
         adapter.validate_python(value)
     except ValidationError as exc:

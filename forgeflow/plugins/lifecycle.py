@@ -71,6 +71,7 @@ class LifecycleStore:
     def _connect(self) -> sqlite3.Connection:
         conn = sqlite3.connect(self.path, timeout=30, isolation_level=None)
         conn.execute("PRAGMA busy_timeout=30000")
+        conn.execute("PRAGMA synchronous=NORMAL")  # crash-safe in WAL mode, and no fsync per transition
         return conn
 
     def _write(self, sql: str, params: tuple[object, ...]) -> None:

@@ -284,7 +284,7 @@ def _image_size(path: Path) -> tuple[int, int] | None:
 
     with path.open("rb") as fh:
         head = fh.read(26)
-        if head.startswith(b"\x89PNG") and len(head) >= 24:
+        if head.startswith(b"\x89PNG") and head[12:16] == b"IHDR":
             width, height = struct.unpack(">II", head[16:24])
             return width, height
         if head.startswith(b"\xff\xd8"):

@@ -159,11 +159,15 @@ class Plugin:
         *,
         aliases: list[str] | tuple[str, ...] = (),
         description: str = "",
+        preload: list[str] | tuple[str, ...] = (),
     ) -> None:
         self.name = name
         self.version = version
         self.aliases = tuple(aliases)
         self.description = description
+        # Modules a worker imports when it starts, before any call's memory limit applies: heavy
+        # frameworks (torch maps ~4 GB of address space on import) load once, outside the budget.
+        self.preload = tuple(preload)
         self.tools: dict[str, Tool] = {}
         self._availability_check: Callable[[], str | None] | None = None
 

@@ -25,6 +25,7 @@ result to a JSON file: the Docker runner's container entrypoint.
 from __future__ import annotations
 
 import argparse
+import importlib
 import faulthandler
 import json
 import os
@@ -286,6 +287,11 @@ def load_plugin(name: str) -> tuple[Any, str | None]:
     entry = load_entry_point(matches[0])
     if not entry.available:
         return None, entry.unavailable_reason
+    for module in entry.plugin.preload:
+        try:
+            importlib.import_module(module)
+        except Exception as exc:
+            return None, f"cannot preload {module!r}: {type(exc).__name__}: {exc}"
     return entry.plugin, None
 
 
