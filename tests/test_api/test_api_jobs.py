@@ -243,7 +243,7 @@ def test_killed_job_process_is_reconciled_as_crashed(api: ApiServer) -> None:
     job = wait_job(client, job_id, timeout=60)
     assert job["status"] == "crashed"
     assert job["envelope"]["ok"] is False and job["envelope"]["stage_failed"] == 3
-    assert job["envelope"]["partial_result"]["total"] == 18
+    assert job["envelope"]["partial_result"]["total"] == 9
     messages, close = ws_collect(f"{api.ws_url}/v1/ws/jobs/{job_id}")
     _assert_gapless(messages)
     assert [m["type"] for m in messages[-2:]] == ["pipeline_error", "job_status"]

@@ -51,8 +51,8 @@ def validation_error(exc: Any, *, prefix: str, legacy: bool = False) -> ApiError
                 field = f"input.{name}"
             else:
                 field = name or "plugin_id"
-        elif kind in ("MissingInput", "InputError") and name:
-            field = f"input.{name}"
+        elif name and (kind == "InputError" or (kind == "MissingInput" and not first.get("stage_index"))):
+            field = f"input.{name}"  # a job input value, or one the first stage needs from the job input
         else:
             parts = [prefix]
             if first.get("stage_index") is not None:
@@ -279,7 +279,7 @@ async def cancel_job(job_id: str = JobIdPath, state: ApiState = Depends(get_stat
 
     job = await _job(state, job_id)
     if job["status"] in TERMINAL_STATUSES:
-        raise ApiError(409, f"job {job_id!r} already ended ({job['status']})", "Conflict", status=job["status"])
+        raise ApiError(409, f"job {job_id!r} already ended ({job['status']})", "Conflict", job_status=job["status"])
     if state.launcher is None:
         raise ApiError(503, "this service runs no launcher", "Unavailable")
     try:
