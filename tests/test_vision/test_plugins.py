@@ -42,6 +42,9 @@ def test_registry_finds_the_plugins_and_aliases(registry):
     assert set(registry.resolve("videotracker").plugin.tools) == {"detect_players", "track_players"}
     assert set(registry.resolve("pose").plugin.tools) == {"estimate_poses"}
     assert set(registry.resolve("classifier").plugin.tools) == {"classify_actions"}
+    # workers import torch and Ultralytics at start, outside a call's memory budget
+    for name in ("videotracker", "pose"):
+        assert registry.resolve(name).plugin.preload == ("forgeflow.plugins.builtin._preload",)
 
 
 def test_missing_weights_make_the_plugins_unavailable(monkeypatch):

@@ -40,6 +40,7 @@ plugin = Plugin(
     "1.0.0",
     aliases=["pose"],
     description="17-keypoint COCO human pose per detected player (Ultralytics YOLO pose).",
+    preload=["forgeflow.plugins.builtin._preload"],  # torch + Ultralytics, outside the call's memory budget
 )
 
 
@@ -157,7 +158,7 @@ def estimate_poses(inputs: PoseInput, config: PoseConfig, ctx: ToolContext) -> P
     if remaining:
         missing = sorted(remaining)
         raise MediaError(
-            f"players refer to frame(s) {missing[:5]} that the media does not have (it ended earlier): "
-            "was 'players' detected on this media?"
+            f"players refer to frame(s) {missing[:5]} that the media does not have (it ended earlier, or the "
+            f"host's limit of {reader.max_frames} frames per stage stopped reading): was 'players' detected on this media?"
         )
     return PoseOutput(poses=out)

@@ -46,6 +46,7 @@ plugin = Plugin(
     "1.0.0",
     aliases=["videotracker"],
     description="Player (person) detection and ByteTrack tracking with Ultralytics YOLO.",
+    preload=["forgeflow.plugins.builtin._preload"],  # torch + Ultralytics, outside the call's memory budget
 )
 
 
