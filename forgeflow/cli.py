@@ -15,6 +15,8 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("DO_NOT_TRACK", "1")
 os.environ.setdefault("PREFECT_LOGGING_LEVEL", "CRITICAL")  # the CLI prints its own summary
 os.environ.setdefault("PREFECT_UI_ENABLED", "false")
+# A loaded 2-core machine needs more than the default 20 s to start the ephemeral server.
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 
 import typer
 from rich.console import Console
@@ -122,14 +124,20 @@ def run(
     out_dir: Path | None = typer.Option(None, "--out", help="Write result.json, events.jsonl and annotated media here."),
     job_id: str | None = typer.Option(None, "--job-id", help="Job id (default: the file's job_id or a new one)."),
     as_json: bool = typer.Option(False, "--json", help="Print the result envelope as JSON on stdout."),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Also show Prefect's own logs."),
 ) -> None:
     """Run a pipeline locally on the embedded default (ephemeral Prefect, process runner)."""
+    import logging
+
     from forgeflow.flows.executor import PipelineExecutor
     from forgeflow.flows.models import canonical_json
     from forgeflow.flows.pipeline_flow import Services
     from forgeflow.flows.sinks import MemorySink
     from forgeflow.flows.validation import PipelineValidationError, parse_definition, validate_pipeline
 
+    if not verbose:  # stage failures are reported in the summary, not as Prefect tracebacks
+        for name in ("prefect", "prefect.flow_runs", "prefect.task_runs"):
+            logging.getLogger(name).setLevel(logging.CRITICAL)
     document = _load_document(file)
     job_input = _job_input(document, media, input_json)
     job_id = job_id or (document.get("job_id") if isinstance(document, dict) else None) or f"job-{uuid.uuid4().hex[:12]}"
