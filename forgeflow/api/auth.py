@@ -18,8 +18,11 @@ from starlette.requests import HTTPConnection
 from forgeflow.api.errors import ApiError
 
 
-class InsecureBind(RuntimeError):
-    """A non-loopback bind without an API token."""
+class InsecureBind(SystemExit):
+    """A non-loopback bind without an API token (a SystemExit: the command stops with the message)."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else "insecure bind"
 
 
 def is_loopback(host: str) -> bool:

@@ -233,7 +233,10 @@ def api_factory(tmp_path: Path, database_url: str, prefect_api_url: str) -> Iter
 
     yield factory
     for server in servers:
+        launcher = server.app.state.forgeflow.launcher if server.app is not None else None
         server.stop()
+        for proc in list(launcher.procs.values()) if launcher else []:
+            proc.kill()  # a test that failed half-way leaves no job process behind
 
 
 @pytest.fixture

@@ -200,7 +200,13 @@ def test_template_statistics_change_after_runs(api: ApiServer) -> None:
     assert set(listed[0]) >= {"id", "name", "stages", "created_at"}
 
 
-def test_cancel_running_and_queued_jobs(api_factory: Any) -> None:
+def _flow_run_state(prefect_api_url: str, flow_run_id: str) -> str:
+    import httpx
+
+    return httpx.get(f"{prefect_api_url}/flow_runs/{flow_run_id}", timeout=10).json()["state"]["type"]
+
+
+def test_cancel_running_and_queued_jobs(api_factory: Any, prefect_api_url: str) -> None:
     api = api_factory(max_concurrent_jobs=1)
     client = api.client()
     hang = [{"plugin": "testkit", "tool": "hang", "config": {"seconds": 600}}]
@@ -222,13 +228,14 @@ def test_cancel_running_and_queued_jobs(api_factory: Any) -> None:
     assert job["status"] == "cancelled"
     assert job["envelope"]["ok"] is False
     assert proc.wait(30) is not None  # the job process (and its process group) is gone
+    assert _flow_run_state(prefect_api_url, job["flow_run_id"]) == "CANCELLED"
     messages, _ = ws_collect(f"{api.ws_url}/v1/ws/jobs/{running}")
     _assert_gapless(messages)
     assert messages[-1]["status"] == "cancelled"
     assert client.post(f"/v1/jobs/{running}/cancel").status_code == 409
 
 
-def test_killed_job_process_is_reconciled_as_crashed(api: ApiServer) -> None:
+def test_killed_job_process_is_reconciled_as_crashed(api: ApiServer, prefect_api_url: str) -> None:
     import os
     import signal
 
@@ -248,6 +255,7 @@ def test_killed_job_process_is_reconciled_as_crashed(api: ApiServer) -> None:
     _assert_gapless(messages)
     assert [m["type"] for m in messages[-2:]] == ["pipeline_error", "job_status"]
     assert messages[-2]["stage_index"] == 3 and close.code == 1000
+    assert _flow_run_state(prefect_api_url, job["flow_run_id"]) == "CRASHED"
 
 
 @pytest.mark.parametrize("kill_api", [True])

@@ -231,3 +231,26 @@ def test_the_api_process_never_imports_torch(quiet_api: ApiServer) -> None:
     quiet_api.client().get("/v1/plugins")
     assert "torch" not in sys.modules
     assert io  # keep the import list honest
+
+
+def test_server_module_refuses_non_loopback_without_token(tmp_path: Any) -> None:
+    import os
+    import subprocess
+
+    env = {**os.environ, "FORGEFLOW_HOME": str(tmp_path), "FORGEFLOW_API_HOST": "0.0.0.0"}
+    env.pop("FORGEFLOW_API_TOKEN", None)
+    done = subprocess.run([sys.executable, "-m", "forgeflow.api.server"], env=env, capture_output=True, timeout=60)
+    assert done.returncode == 2
+    assert b"FORGEFLOW_API_TOKEN" in done.stderr
+
+
+def test_local_prefect_server_starts_and_stops(tmp_path: Any) -> None:
+    from forgeflow.api.server import LocalPrefectServer
+
+    server = LocalPrefectServer(tmp_path / "prefect")
+    url = server.start(timeout=120)
+    try:
+        assert httpx.get(f"{url}/health", timeout=5).status_code == 200
+    finally:
+        server.stop()
+    assert server.proc is not None and server.proc.poll() is not None
