@@ -258,9 +258,13 @@ def test_killed_job_process_is_reconciled_as_crashed(api: ApiServer, prefect_api
     assert _flow_run_state(prefect_api_url, job["flow_run_id"]) == "CRASHED"
 
 
-@pytest.mark.parametrize("kill_api", [True])
+@pytest.mark.parametrize("job_dies_meanwhile", [False, True], ids=["job-survives", "job-killed-while-api-down"])
 def test_api_restart_mid_job_loses_nothing(tmp_path: Any, database_url: str, prefect_api_url: str,
-                                           kill_api: bool) -> None:
+                                           job_dies_meanwhile: bool) -> None:
+    import os
+    import signal
+
+    from forgeflow.api.store import Store
     from tests.conftest import free_port
     from tests.test_api.conftest import start_subprocess_server
 
@@ -279,23 +283,32 @@ def test_api_restart_mid_job_loses_nothing(tmp_path: Any, database_url: str, pre
                                                "input": {"count": 1}})
         assert queued.status_code == 202
         deadline = time.monotonic() + 60
-        while client.get("/v1/jobs/survivor").json()["status"] != "running":
+        while client.get("/v1/jobs/survivor/pipeline").json()["current_stage"] != 0:
             assert time.monotonic() < deadline
             time.sleep(0.1)
         first.kill()  # SIGKILL: no shutdown hook runs
+        if job_dies_meanwhile:
+            store = Store(database_url)
+            pid = store.get_job("survivor")["pid"]
+            store.close()
+            os.killpg(pid, signal.SIGKILL)
         time.sleep(1.0)
         second = start_subprocess_server(home, port, database_url=database_url, prefect_api_url=prefect_api_url,
                                          extra_env={"FORGEFLOW_MAX_CONCURRENT_JOBS": "1"})
         client = second.client()
-        for job_id, total in (("survivor", 3), ("next-in-line", 0)):
+        expected = {"survivor": ("crashed" if job_dies_meanwhile else "succeeded", 3), "next-in-line": ("succeeded", 0)}
+        for job_id, (status, total) in expected.items():
             job = wait_job(client, job_id, timeout=120)
-            assert job["status"] == "succeeded", job
-            assert job["envelope"]["result"]["total"] == total
+            assert job["status"] == status, job
             messages, _ = ws_collect(f"{second.ws_url}/v1/ws/jobs/{job_id}")
             _assert_gapless(messages)
             kinds = [m["type"] for m in messages]
-            assert kinds.count("pipeline_stage_end") == len(job["pipeline"]["stages"])
-            assert kinds.count("job_status") == 3  # queued, running, succeeded: nothing lost, nothing twice
+            assert kinds.count("job_status") == 3  # queued, running, terminal: nothing lost, nothing twice
+            if status == "succeeded":
+                assert job["envelope"]["result"]["total"] == total
+                assert kinds.count("pipeline_stage_end") == len(job["pipeline"]["stages"])
+            else:
+                assert job["envelope"]["stage_failed"] == 0 and kinds[-2] == "pipeline_error"
     finally:
         for server in (first, second):
             if server is not None:

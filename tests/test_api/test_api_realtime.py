@@ -55,6 +55,9 @@ def test_ingest_assigns_seq_dedupes_and_rejects_malformed(quiet_api: ApiServer) 
     assert response.status_code == 422
     assert response.json()["field"].startswith("events.1")
     assert quiet_api.client().get("/v1/jobs/ext-2").status_code == 404
+    too_long = quiet_api.ingest([event("j" * 129, "job_status", status="running")])
+    assert too_long.status_code == 422 and too_long.json()["field"] == "events.0.job_id"
+    assert quiet_api.ingest([]).json() == {"received": 0, "stored": 0, "duplicates": 0}
 
 
 def test_late_and_reconnecting_clients_get_every_message_once(quiet_api: ApiServer) -> None:

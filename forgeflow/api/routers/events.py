@@ -75,6 +75,12 @@ async def ingest_events(request: Request, batch: IngestBatch, state: ApiState = 
                 "RequestValidationError",
                 field=f"events.{index}" + (f".{loc}" if loc else ""),
             ) from None
+    for index, item in enumerate(parsed):
+        for name, limit in (("job_id", 128), ("event_id", 128)):
+            value = getattr(item, name)
+            if not value or len(value) > limit:
+                raise ApiError(422, f"events.{index}.{name}: must be 1 to {limit} characters", "RequestValidationError",
+                               field=f"events.{index}.{name}")
     stored = await run_in_threadpool(
         lambda: state.store.ingest(parsed, publish=state.publish, resolve_plugin=state.resolve_plugin)
     )
