@@ -154,6 +154,7 @@ def main() -> int:
         serve(args.serve, args.home, args.database_url)
         return 0
 
+    load = os.getloadavg()[0]
     proc, url, home = start_server(args.database_url)
     try:
         token = ingest_token(home, args.database_url)
@@ -173,7 +174,7 @@ def main() -> int:
         lines = [
             "",
             f"### {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} — {store}, {platform.machine()}, "
-            f"{os.cpu_count()} CPUs, Python {platform.python_version()}",
+            f"{os.cpu_count()} CPUs, Python {platform.python_version()}, load average before the run {load:.2f}",
             "",
             "| measurement | clients | p50 | p99 | mean |",
             "|---|---:|---:|---:|---:|",

@@ -17,7 +17,9 @@ Both sides do the same work on the same sample clip (examples/make_sample_clip.p
 Each side runs in its own fresh process: the first (cold) run loads everything (imports, weights,
 for ForgeFlow also Prefect's ephemeral server and the worker processes); then ``--runs`` warm runs
 per side are measured, interleaved (direct, forgeflow, forgeflow, direct, ...) so that load from
-other processes on a shared machine hits both sides alike, and the median is reported. Peak memory is the largest sum of RSS over the process and
+other processes on a shared machine hits both sides alike, and the median is reported. The side
+that waits is frozen (SIGSTOP to its process tree), so e.g. Prefect's server cannot steal CPU from
+the direct loop. Peak memory is the largest sum of RSS over the process and
 all its children (workers included), sampled every 20 ms.
 """
 
@@ -27,6 +29,7 @@ import argparse
 import json
 import os
 import platform
+import signal
 import statistics
 import subprocess
 import sys
@@ -228,6 +231,28 @@ class Side:
             if line.startswith("{"):
                 return json.loads(line)
 
+    def _signal(self, sig: int) -> None:
+        """Send ``sig`` to this side's process and all its descendants (Prefect server, workers)."""
+        import psutil
+
+        try:
+            root = psutil.Process(self.proc.pid)
+            procs = [root, *root.children(recursive=True)]
+        except psutil.Error:
+            return
+        for proc in procs if sig == signal.SIGSTOP else reversed(procs):
+            try:
+                proc.send_signal(sig)
+            except psutil.Error:
+                pass
+
+    def pause(self) -> None:
+        """Freeze the idle side, so its background work (Prefect's server) cannot slow the other."""
+        self._signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        self._signal(signal.SIGCONT)
+
     def send(self, command: str) -> None:
         assert self.proc.stdin is not None
         self.proc.stdin.write(command + "\n")
@@ -249,14 +274,18 @@ def measure(imgsz: int, runs: int, clip: Path, device: str, env: dict[str, str],
         print(f"imgsz {imgsz}: {name} cold run ...", file=sys.stderr, flush=True)
         sides[name] = Side(name, imgsz, clip, device, env, work / f"{name}-{imgsz}.log")
         first = sides[name].read()
+        sides[name].pause()
         rows[name] = {"side": name, "imgsz": imgsz, "frames": first["frames"], "cold_s": first["cold_s"], "warm_s": []}
     for k in range(runs):
         for name in (("direct", "forgeflow") if k % 2 == 0 else ("forgeflow", "direct")):
+            sides[name].resume()
             sides[name].send("run")
             out = sides[name].read()
+            sides[name].pause()
             rows[name]["warm_s"].append(out["warm_s"])
             print(f"imgsz {imgsz}: {name} warm run {k + 1}: {out['warm_s']:.2f} s", file=sys.stderr, flush=True)
     for name, side in sides.items():
+        side.resume()
         rows[name]["peak_rss_mb"] = side.close()["peak_rss_mb"]
     return [rows["direct"], rows["forgeflow"]]
 
