@@ -87,3 +87,17 @@ def test_seed_example_verbatim(engine, assets):
     assert outcome["stage_failed"] == 0
     assert outcome["error_type"] == "DeviceUnavailable"
     assert "no CUDA GPU" in outcome["error"]
+
+
+def test_soccer_analysis_on_the_sample_clip(engine, sample_clip):
+    """The main job verbatim (default imgsz 640) on the sample video, through the process runner
+    with its memory limit: workers preload torch outside the call's budget."""
+    executor, services = engine
+    ref = MediaStore(services.settings.media_root).put_file(sample_clip).ref
+    pipeline = json.loads((EXAMPLES / "soccer-analysis.json").read_text())
+    outcome = executor.execute(pipeline, {"media": ref}, "job-soccer-clip")
+    assert outcome["ok"], outcome
+    result = outcome["result"]
+    assert [len(result[k]) for k in ("players", "poses", "actions")] == [64, 64, 64]
+    tracked = {p["track_id"] for f in result["players"] for p in f["players"] if p["track_id"] is not None}
+    assert 4 <= len(tracked) <= 8
