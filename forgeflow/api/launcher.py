@@ -214,7 +214,8 @@ class Launcher:
 
         job_id = job["id"]
         store = self.state.store
-        store.set_launched(job_id, None, None)  # "launching": never started twice
+        if not store.claim_launch(job_id):  # "launching": never started twice
+            return
         env = {"PREFECT_API_URL": self.state.prefect_api_url} if self.state.prefect_api_url else {}
         try:
             proc = JobProcess.start(

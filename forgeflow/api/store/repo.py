@@ -249,6 +249,17 @@ class Store:
                 .values(pid=pid, pid_create_time=create_time, launched_at=now, updated_at=now)
             )
 
+    def claim_launch(self, job_id: str) -> bool:
+        """Mark a queued job as being launched; False when another launcher (or a cancel) got there first."""
+        now = utcnow()
+        with self._write_lock, self.engine.begin() as conn:
+            result = conn.execute(
+                update(jobs)
+                .where(jobs.c.id == job_id, jobs.c.launched_at.is_(None), jobs.c.status == "queued")
+                .values(launched_at=now, updated_at=now)
+            )
+            return result.rowcount == 1
+
     def set_exit_code(self, job_id: str, code: int | None) -> None:
         with self._write_lock, self.engine.begin() as conn:
             conn.execute(update(jobs).where(jobs.c.id == job_id).values(exit_code=code, updated_at=utcnow()))
