@@ -1,5 +1,6 @@
 """Per-stage orchestration overhead: ForgeFlow (Prefect task + sandboxed runner + events) against
-calling the same no-op tool directly, for 3- and 20-stage pipelines.
+calling the same no-op tool directly, for 3- and 20-stage pipelines. A plain Prefect flow of
+trivial tasks shows how much of the cost is Prefect's own.
 
     .venv/bin/python bench/bench_pipeline.py [--reps 5]
 
@@ -60,12 +61,26 @@ def run(reps: int) -> None:
     _, tool = services.registry.tool("testkit", "noop")
     ctx = ToolContext(media_store=MediaStore(settings.media_root))
 
+    from prefect import flow, task
+    from prefect.cache_policies import NO_CACHE
+
+    def trivial(index: int) -> int:
+        return index
+
+    trivial_task = task(trivial, cache_policy=NO_CACHE, persist_result=False)
+
+    @flow(persist_result=False)
+    def plain_prefect(stages: int) -> None:
+        for index in range(stages):
+            trivial_task(index)
+
     rows = []
     try:
+        plain_prefect(1)
         executor.execute({"pipeline": [{"plugin": "testkit", "tool": "noop"}]}, {}, "warmup")
         for stages in (3, 20):
             pipeline = {"pipeline": [{"plugin": "testkit", "tool": "noop"}] * stages}
-            direct, runner_only, forgeflow = [], [], []
+            direct, runner_only, prefect_only, forgeflow = [], [], [], []
             for rep in range(reps):
                 started = time.perf_counter()
                 for _ in range(stages):
@@ -78,18 +93,26 @@ def run(reps: int) -> None:
                 runner_only.append(time.perf_counter() - started)
 
                 started = time.perf_counter()
+                plain_prefect(stages)
+                prefect_only.append(time.perf_counter() - started)
+
+                started = time.perf_counter()
                 envelope = executor.execute(pipeline, {}, f"bench-{stages}-{rep}")
                 forgeflow.append(time.perf_counter() - started)
                 assert envelope["ok"], envelope
-            rows.append((stages, median_ms(direct), median_ms(runner_only), median_ms(forgeflow)))
+            rows.append((stages, median_ms(direct), median_ms(runner_only), median_ms(prefect_only), median_ms(forgeflow)))
     finally:
         services.close()
 
-    header = "| stages | direct calls (ms) | runner only (ms) | ForgeFlow flow run (ms) | ForgeFlow per stage (ms) | flow overhead per stage vs runner (ms) |"
-    lines = [header, "|---:|---:|---:|---:|---:|---:|"]
-    for stages, direct_ms, runner_ms, ff_ms in rows:
+    header = (
+        "| stages | direct calls (ms) | runner only (ms) | plain Prefect flow, trivial tasks (ms) "
+        "| ForgeFlow flow run (ms) | ForgeFlow per stage (ms) | ForgeFlow over plain Prefect + runner, per stage (ms) |"
+    )
+    lines = [header, "|---:|---:|---:|---:|---:|---:|---:|"]
+    for stages, direct_ms, runner_ms, prefect_ms, ff_ms in rows:
         lines.append(
-            f"| {stages} | {direct_ms:.3f} | {runner_ms:.1f} | {ff_ms:.1f} | {ff_ms / stages:.1f} | {(ff_ms - runner_ms) / stages:.1f} |"
+            f"| {stages} | {direct_ms:.3f} | {runner_ms:.1f} | {prefect_ms:.0f} | {ff_ms:.0f} | {ff_ms / stages:.1f} "
+            f"| {(ff_ms - prefect_ms - runner_ms) / stages:.1f} |"
         )
     print("\n".join(lines))
     print(f"\nmedians of {reps} runs; python {sys.version.split()[0]}, {os.cpu_count()} cores")
