@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 import socket
 import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -67,27 +66,14 @@ def registry(ff_home: Path):
 @pytest.fixture(scope="session")
 def prefect_api_url() -> Iterator[str]:
     """A real Prefect server (SQLite) for the whole session; PREFECT_API_URL points at it."""
-    port = free_port()
-    env = {**os.environ, "PREFECT_UI_ENABLED": "false", "PREFECT_API_URL": ""}
-    env.pop("PREFECT_API_URL")
-    log = open(_SESSION_DIR / "prefect-server.log", "wb")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-        env=env,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
-    url = f"http://127.0.0.1:{port}/api"
+    from forgeflow.flows.prefect_server import LocalPrefectServer
+
+    os.environ["PREFECT_UI_ENABLED"] = "false"
+    server = LocalPrefectServer(_SESSION_DIR / "prefect-server")
+    url = server.start(timeout=180)
+    os.environ["PREFECT_API_URL"] = url
     try:
-        wait_http(f"{url}/health", timeout=90, proc=proc)
-        os.environ["PREFECT_API_URL"] = url
         yield url
     finally:
         os.environ.pop("PREFECT_API_URL", None)
-        proc.terminate()
-        try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        log.close()
+        server.stop()

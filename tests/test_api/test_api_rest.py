@@ -245,7 +245,7 @@ def test_server_module_refuses_non_loopback_without_token(tmp_path: Any) -> None
 
 
 def test_local_prefect_server_starts_and_stops(tmp_path: Any) -> None:
-    from forgeflow.api.server import LocalPrefectServer
+    from forgeflow.flows.prefect_server import LocalPrefectServer
 
     server = LocalPrefectServer(tmp_path / "prefect")
     url = server.start(timeout=120)

@@ -16,7 +16,7 @@ import pytest
 from forgeflow.plugins import LifecycleState, LifecycleStore, PluginRegistry
 from forgeflow.plugins.runners import get_runner
 
-from ._helpers import call, group_gone, pid_alive
+from ._helpers import call, group_gone
 
 
 def test_get_runner_picks_by_settings(settings, registry):
