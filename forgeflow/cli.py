@@ -83,14 +83,7 @@ def _job_input(document: Any, media: Path | None, input_json: str | None) -> dic
 
 def _print_issues(exc: Any) -> None:
     for issue in exc.issues:
-        where = []
-        if issue.stage_index is not None:
-            where.append(f"stage {issue.stage_index}")
-        if issue.plugin:
-            where.append(f"{issue.plugin}.{issue.tool}" if issue.tool else issue.plugin)
-        if issue.field:
-            where.append(f"field '{issue.field}'")
-        console.print(f"[red]✗[/red] {' · '.join(where) or 'pipeline'}: {issue.message} [dim]({issue.error_type})[/dim]")
+        console.print(f"[red]✗[/red] {issue.location or 'pipeline'}: {issue.message} [dim]({issue.error_type})[/dim]")
 
 
 @app.command()

@@ -32,6 +32,18 @@ class ValidationIssue(BaseModel):
     error_type: str = "PipelineValidationError"
     message: str
 
+    @property
+    def location(self) -> str:
+        """Where the problem is: ``stage 1 pose.estimate_poses field 'players'`` (parts that apply)."""
+        where = []
+        if self.stage_index is not None:
+            where.append(f"stage {self.stage_index}")
+        if self.plugin:
+            where.append(f"{self.plugin}.{self.tool}" if self.tool else self.plugin)
+        if self.field:
+            where.append(f"field {self.field!r}")
+        return " ".join(where)
+
 
 class PipelineValidationError(ForgeFlowError):
     """The pipeline cannot run; ``issues`` says every reason."""
@@ -82,14 +94,7 @@ def parse_definition(data: Any) -> PipelineDefinition:
 
 
 def _issue_text(issue: ValidationIssue) -> str:
-    where = []
-    if issue.stage_index is not None:
-        where.append(f"stage {issue.stage_index}")
-    if issue.plugin:
-        where.append(f"{issue.plugin}.{issue.tool}" if issue.tool else issue.plugin)
-    if issue.field:
-        where.append(f"field {issue.field!r}")
-    return f"{' '.join(where)}: {issue.message}" if where else issue.message
+    return f"{issue.location}: {issue.message}" if issue.location else issue.message
 
 
 @dataclass(frozen=True)
