@@ -178,6 +178,8 @@ def forgeflow_runner(clip: Path, imgsz: int, device: str):
         outcome = executor.execute(definition, {"media": ref}, f"bench-{imgsz}-{next(counter)}")
         if not outcome.get("ok"):
             raise RuntimeError(f"pipeline failed: {outcome.get('error_type')}: {outcome.get('error')}")
+        # the stages' own durations (measured by the runner around each worker call)
+        outcome["result"]["_stages_s"] = sum((s.get("duration_ms") or 0.0) for s in outcome.get("stages", [])) / 1000.0
         return outcome["result"], len(outcome["result"]["players"])
 
     return run
@@ -201,8 +203,8 @@ def side_main(args: argparse.Namespace) -> None:
             if line.strip() != "run":
                 break
             t = time.perf_counter()
-            _, frames = run()
-            print(json.dumps({"warm_s": time.perf_counter() - t, "frames": frames}), flush=True)
+            result, frames = run()
+            print(json.dumps({"warm_s": time.perf_counter() - t, "frames": frames, "stages_s": result.get("_stages_s")}), flush=True)
     print(json.dumps({"peak_rss_mb": mem.peak / 2**20}), flush=True)
 
 
@@ -275,7 +277,7 @@ def measure(imgsz: int, runs: int, clip: Path, device: str, env: dict[str, str],
         sides[name] = Side(name, imgsz, clip, device, env, work / f"{name}-{imgsz}.log")
         first = sides[name].read()
         sides[name].pause()
-        rows[name] = {"side": name, "imgsz": imgsz, "frames": first["frames"], "cold_s": first["cold_s"], "warm_s": []}
+        rows[name] = {"side": name, "imgsz": imgsz, "frames": first["frames"], "cold_s": first["cold_s"], "warm_s": [], "fixed_s": []}
     for k in range(runs):
         for name in (("direct", "forgeflow") if k % 2 == 0 else ("forgeflow", "direct")):
             sides[name].resume()
@@ -283,6 +285,8 @@ def measure(imgsz: int, runs: int, clip: Path, device: str, env: dict[str, str],
             out = sides[name].read()
             sides[name].pause()
             rows[name]["warm_s"].append(out["warm_s"])
+            if out.get("stages_s") is not None:
+                rows[name]["fixed_s"].append(out["warm_s"] - out["stages_s"])
             print(f"imgsz {imgsz}: {name} warm run {k + 1}: {out['warm_s']:.2f} s", file=sys.stderr, flush=True)
     for name, side in sides.items():
         side.resume()
@@ -342,6 +346,11 @@ def main() -> int:
                 f"| {r['frames'] / med:.1f} ({r['frames'] / best:.1f}) | {ratio} | {r['peak_rss_mb']:.0f} MiB |"
             )
             samples.append(f"* imgsz {imgsz}, {side}: " + ", ".join(f"{x:.2f}" for x in r["warm_s"]) + " s")
+            if r["fixed_s"]:
+                samples.append(
+                    f"* imgsz {imgsz}, ForgeFlow's fixed cost per run (run minus the stages' own durations): "
+                    + ", ".join(f"{x:.2f}" for x in r["fixed_s"]) + " s"
+                )
     table = "\n".join(lines)
     print(table)
     if not args.no_write:
@@ -364,8 +373,11 @@ def main() -> int:
             + "\n".join(samples)
             + "\n\n"
             "The machine is shared (2 vCPUs, other people's jobs running): single runs vary by 20 % or more,\n"
-            "so read the ratio of medians together with the ratio of best runs. ForgeFlow's fixed cost per\n"
-            "run (about 1-1.5 s here) weighs more at imgsz 320, where the models are fast.\n\n"
+            "so read the ratio of medians together with the ratio of best runs. Where the time goes: the\n"
+            "three stages' own durations (inside the workers) add up to the direct loop's time plus a few\n"
+            "tenths of a second (two extra decodes of the video, JSON between stages); the rest of the gap\n"
+            "is ForgeFlow's fixed cost per run (validation, the Prefect flow run and its three tasks, events,\n"
+            "lifecycle writes; listed above), which weighs more at imgsz 320, where the models are fast.\n\n"
             "* **cold run**: the first run of a fresh process: imports, weights; for ForgeFlow also Prefect's\n"
             "  ephemeral API server and the three worker processes.\n"
             "* **warm run**: models loaded (ForgeFlow keeps one warm worker per plugin); frames/s = 64 / warm run.\n"
