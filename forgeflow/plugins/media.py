@@ -20,6 +20,9 @@ from typing import IO, Any, Literal
 
 from forgeflow.plugins.errors import MediaError, MediaNotFound, MediaTooLarge
 
+# FFmpeg prints its own complaints about corrupt files to stderr; ours are the MediaErrors below.
+os.environ.setdefault("OPENCV_FFMPEG_LOGLEVEL", "-8")
+
 REF_PREFIX = "sha256:"
 _REF_RE = re.compile(r"^sha256:([0-9a-f]{64})$")
 _CHUNK = 1024 * 1024
