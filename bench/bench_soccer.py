@@ -3,7 +3,7 @@
     .venv/bin/python bench/bench_soccer.py                 # imgsz 320 and 640, writes bench/results/soccer.md
     .venv/bin/python bench/bench_soccer.py --imgsz 320 --runs 2 --no-write
 
-Both sides do the same work on the same sample clip (examples/make_sample_clip.py: 64 frames,
+Both sides do the same work on the same sample clip (`forgeflow sample-clip`: 64 frames,
 640x360) with the same weights (yolo11n-pose.pt), device, thresholds and torch threads:
 
 * **direct** — one Python loop: decode each frame once, ``YOLO.predict`` for players, ByteTrack,
@@ -366,7 +366,7 @@ def main() -> int:
             f"Command: `{command}` (from the repository root, with the project's venv).\n\n"
             f"Measured {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} on {cpu}, {os.cpu_count()} CPUs, "
             f"device {args.device}, torch {torch.__version__}, {env['FORGEFLOW_TORCH_THREADS']} torch threads, "
-            f"Python {platform.python_version()}; clip: examples/make_sample_clip.py (64 frames, 640x360); "
+            f"Python {platform.python_version()}; clip: `forgeflow sample-clip` (64 frames, 640x360); "
             f"model yolo11n-pose.pt for players and poses; {args.runs} warm runs per row, interleaved, median.\n\n"
             + table
             + "\n\nWarm runs, in the order they ran (interleaved):\n\n"

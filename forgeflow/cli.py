@@ -292,11 +292,15 @@ def plugins_show(name: str = typer.Argument(..., help="Plugin name or alias.")) 
 
 
 @app.command("sample-clip")
-def sample_clip(path: Path = typer.Argument(Path("examples/sample.mp4"), help="Where to write the clip.")) -> None:
-    """Make the offline sample clip (a moving crop over images shipped with Ultralytics)."""
+def sample_clip(
+    path: Path = typer.Argument(Path("examples/sample.mp4"), help="Where to write the clip."),
+    frames: int = typer.Option(64, min=2, help="Number of frames."),
+    fps: float = typer.Option(25.0, min=1, help="Frames per second."),
+) -> None:
+    """Make the offline sample clip: camera pans over bus.jpg and zidane.jpg, which Ultralytics ships."""
     from forgeflow.plugins.builtin.sample_clip import make_sample_clip
 
-    console.print(f"wrote {make_sample_clip(path)}")
+    console.print(f"wrote {make_sample_clip(path, frames=frames, fps=fps)} ({frames} frames at {fps:g} fps)")
 
 
 @app.command()
