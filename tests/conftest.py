@@ -29,6 +29,12 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+# Prefect reads PREFECT_API_URL once, when it is first imported: point it at the session's server
+# now, before any test imports Prefect; the server itself starts when a test first needs it.
+_OWN_PREFECT_PORT = free_port()
+os.environ.setdefault("PREFECT_API_URL", f"http://127.0.0.1:{_OWN_PREFECT_PORT}/api")
+
+
 def wait_http(url: str, timeout: float = 60.0, proc: subprocess.Popen | None = None) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -65,15 +71,17 @@ def registry(ff_home: Path):
 
 @pytest.fixture(scope="session")
 def prefect_api_url() -> Iterator[str]:
-    """A real Prefect server (SQLite) for the whole session; PREFECT_API_URL points at it."""
+    """A real Prefect server (SQLite) for the whole session, at the PREFECT_API_URL set above."""
     from forgeflow.flows.prefect_server import LocalPrefectServer
 
+    url = os.environ["PREFECT_API_URL"]
+    if url != f"http://127.0.0.1:{_OWN_PREFECT_PORT}/api":
+        yield url  # the caller brought their own Prefect server
+        return
     os.environ["PREFECT_UI_ENABLED"] = "false"
-    server = LocalPrefectServer(_SESSION_DIR / "prefect-server")
-    url = server.start(timeout=180)
-    os.environ["PREFECT_API_URL"] = url
+    server = LocalPrefectServer(_SESSION_DIR / "prefect-server", port=_OWN_PREFECT_PORT)
+    server.start(timeout=180)
     try:
         yield url
     finally:
-        os.environ.pop("PREFECT_API_URL", None)
         server.stop()
