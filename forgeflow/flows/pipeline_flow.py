@@ -11,6 +11,7 @@ with a terminal message when the body could not. A failed stage fails its task a
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import contextvars
 import json
@@ -154,6 +155,14 @@ class JobRun:
 
 
 _active_runs: dict[str, JobRun] = {}  # flow run id -> JobRun, for the flow-level hooks
+_ended_runs: collections.OrderedDict[str, None] = collections.OrderedDict()  # flow runs whose job has ended
+_ENDED_KEPT = 1000
+
+
+def _mark_ended(flow_run_id: str) -> None:
+    _ended_runs[flow_run_id] = None
+    while len(_ended_runs) > _ENDED_KEPT:
+        _ended_runs.popitem(last=False)
 _flow_run_of_job: dict[str, str] = {}  # job id -> its latest flow run id in this process
 
 
@@ -274,9 +283,9 @@ def _stage_end(job_id: str, stage: ResolvedStage, outcome: CallResult, ok: bool)
 
 def _flow_ended_abnormally(status: str) -> Any:
     def hook(flw: Any, flow_run: Any, state: Any) -> None:
+        if str(flow_run.id) in _ended_runs:
+            return  # the body already sent the job's terminal message (a cancel, say)
         run = _active_runs.pop(str(flow_run.id), None)
-        if run is not None and run.terminal_sent:
-            return
         job_id = (flow_run.parameters or {}).get("job_id") or (run.job_id if run else None)
         if not job_id:
             return
@@ -306,6 +315,7 @@ def _flow_ended_abnormally(status: str) -> Any:
         )
         if run is not None:
             run.terminal_sent = True
+        _mark_ended(str(flow_run.id))
         sink.flush(timeout=5.0)
 
     return hook
@@ -384,7 +394,9 @@ def pipeline_flow(pipeline: dict[str, Any], input: dict[str, Any] | None = None,
         run.finish("failed", envelope)
         raise
     finally:
-        _active_runs.pop(flow_run_id, None)
+        if run.terminal_sent:
+            _active_runs.pop(flow_run_id, None)
+            _mark_ended(flow_run_id)
 
 
 def _execute(
