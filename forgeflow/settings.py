@@ -34,6 +34,9 @@ class Settings(BaseSettings):
     )
     stage_memory_limit_mb: int = Field(4096, ge=64, description="Default memory limit of one stage call.")
     worker_startup_timeout_s: float = Field(120.0, gt=0, description="Time a worker may take to import its plugin.")
+    torch_threads: int | None = Field(
+        None, ge=1, description="Threads torch may use in a worker; default: the CPUs the process may use."
+    )
     docker_image: str = Field("forgeflow-worker:cpu", description="Image the docker runner starts per stage.")
     docker_gpus: bool = Field(False, description="Request all GPUs for docker stages (needs the nvidia runtime).")
 

@@ -241,10 +241,12 @@ def _config_dir() -> Path:
 
 
 def torch_threads() -> int:
-    """Threads for torch: FORGEFLOW_TORCH_THREADS, else the CPUs this process may use."""
-    env = os.environ.get("FORGEFLOW_TORCH_THREADS", "").strip()
-    if env.isdigit() and int(env) > 0:
-        return int(env)
+    """Threads for torch: the ``torch_threads`` setting, else the CPUs this process may use."""
+    from forgeflow.settings import get_settings
+
+    configured = get_settings().torch_threads
+    if configured:
+        return configured
     try:
         return max(1, len(os.sched_getaffinity(0)))
     except AttributeError:  # not Linux
