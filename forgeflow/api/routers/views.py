@@ -42,32 +42,8 @@ def current_stage(states: list[dict[str, Any]]) -> int | None:
     return running[-1] if running else None
 
 
-def job_view(job: dict[str, Any], rows: list[dict[str, Any]]) -> dict[str, Any]:
-    states = stage_states(job, rows)
-    return {
-        "job_id": job["id"],
-        "status": job["status"],
-        "source": job["source"],
-        "pipeline_id": job["template_id"],
-        "created_at": iso(job["created_at"]),
-        "started_at": iso(job["started_at"]),
-        "finished_at": iso(job["finished_at"]),
-        "updated_at": iso(job["updated_at"]),
-        "flow_run_id": job["flow_run_id"],
-        "cancel_requested": bool(job["cancel_requested"]),
-        "stages_total": len(states) or job["stages_total"],
-        "stages_completed": sum(1 for s in states if s["status"] == "completed"),
-        "current_stage": current_stage(states),
-        "last_seq": job["last_seq"],
-        "error": job["error"],
-        "error_type": job["error_type"],
-        "envelope": job["envelope"],
-        "pipeline": job["pipeline"],
-        "input": job["input"],
-    }
-
-
 def job_summary(job: dict[str, Any]) -> dict[str, Any]:
+    """One job in a list: status, timing, progress from the job row."""
     return {
         "job_id": job["id"],
         "status": job["status"],
@@ -79,6 +55,25 @@ def job_summary(job: dict[str, Any]) -> dict[str, Any]:
         "stages_total": job["stages_total"],
         "stages_completed": job["stages_completed"],
         "error_type": job["error_type"],
+    }
+
+
+def job_view(job: dict[str, Any], rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """One job in full: the summary with progress derived from its stage rows, the envelope, the input."""
+    states = stage_states(job, rows)
+    return {
+        **job_summary(job),
+        "updated_at": iso(job["updated_at"]),
+        "flow_run_id": job["flow_run_id"],
+        "cancel_requested": bool(job["cancel_requested"]),
+        "stages_total": len(states) or job["stages_total"],
+        "stages_completed": sum(1 for s in states if s["status"] == "completed"),
+        "current_stage": current_stage(states),
+        "last_seq": job["last_seq"],
+        "error": job["error"],
+        "envelope": job["envelope"],
+        "pipeline": job["pipeline"],
+        "input": job["input"],
     }
 
 
