@@ -195,7 +195,11 @@ def _show(progress: Progress, bars: list[Any], event: Any) -> None:
 def _summary(envelope: dict[str, Any], elapsed: float, job_id: str) -> None:
     table = Table(title=f"job {job_id} · {elapsed:.2f} s", title_justify="left")
     for column in ("stage", "plugin.tool", "status", "duration", "output", "peak mem"):
-        table.add_column(column, justify="right" if column in ("duration", "output", "peak mem") else "left")
+        table.add_column(
+            column,
+            justify="right" if column in ("duration", "output", "peak mem") else "left",
+            overflow="fold",  # long plugin names wrap rather than lose their tool
+        )
     colors = {"completed": "green", "failed": "red", "skipped": "dim"}
     for report in envelope.get("stages", []):
         status = report["status"]
