@@ -89,5 +89,31 @@ def progress(job_id: str, completed: int, total: int) -> PipelineProgress:
     return PipelineProgress(job_id=job_id, stages_total=total, stages_completed=completed, percent=percent)
 
 
+def abnormal_end(
+    job_id: str,
+    *,
+    status: JobStatus,
+    error: str,
+    error_type: str,
+    stage: Any | None,
+    flow_run_id: str | None,
+    envelope: dict[str, Any],
+) -> list[PipelineError | JobStatusEvent]:
+    """The messages that end a job the pipeline could not finish itself (crash, kill, cancel):
+    a ``pipeline_error`` naming the stage that was running (``stage`` has index, plugin, tool),
+    then the terminal ``job_status`` with the envelope."""
+    return [
+        PipelineError(
+            job_id=job_id,
+            stage_index=stage.index if stage else None,
+            plugin=stage.plugin if stage else None,
+            tool=stage.tool if stage else None,
+            error=error,
+            error_type=error_type,
+        ),
+        JobStatusEvent(job_id=job_id, status=status, flow_run_id=flow_run_id, envelope=envelope),
+    ]
+
+
 def is_terminal(event: BaseModel) -> bool:
     return isinstance(event, JobStatusEvent) and event.status in TERMINAL_STATUSES

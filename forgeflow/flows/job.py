@@ -26,7 +26,7 @@ from typing import Any
 
 import psutil
 
-from forgeflow.flows.events import Event, JobStatusEvent, PipelineError
+from forgeflow.flows.events import Event, abnormal_end
 from forgeflow.flows.models import ResultEnvelope, StageReport
 from forgeflow.flows.pipeline_flow import checkpoint_path
 from forgeflow.settings import Settings, get_settings
@@ -203,17 +203,17 @@ def reconcile_crash(
         stages_executed=sum(1 for r in reports if r.status == "completed"),
         stages=reports,
     )
-    out: list[Event] = [
-        PipelineError(
-            job_id=job_id,
-            stage_index=running.index if running else None,
-            plugin=running.plugin if running else None,
-            tool=running.tool if running else None,
+    out: list[Event] = list(
+        abnormal_end(
+            job_id,
+            status="crashed",
             error=reason,
             error_type="FlowRunCrashed",
-        ),
-        JobStatusEvent(job_id=job_id, status="crashed", flow_run_id=flow_run_id, envelope=envelope.to_dict()),
-    ]
+            stage=running,
+            flow_run_id=flow_run_id,
+            envelope=envelope.to_dict(),
+        )
+    )
     if flow_run_id:
         mark_flow_run(flow_run_id, "crashed", reason)
     return out

@@ -29,6 +29,7 @@ from prefect.context import get_run_context
 from prefect.states import Failed
 
 from forgeflow.flows.events import (
+    abnormal_end,
     JobStatusEvent,
     PipelineError,
     StageEnd,
@@ -291,28 +292,20 @@ def _flow_ended_abnormally(status: str) -> Any:
             return
         sink = run.services.sink if run else current_services().sink
         message = state.message or f"flow run {status}"
+        error_type = "FlowRunCrashed" if status == "crashed" else "FlowRunCancelled"
         running = [r for r in (run.reports if run else []) if r.status == "running"]
         stage = running[0] if running else None
-        sink.emit(
-            PipelineError(
-                job_id=job_id,
-                stage_index=stage.index if stage else None,
-                plugin=stage.plugin if stage else None,
-                tool=stage.tool if stage else None,
-                error=message,
-                error_type="FlowRunCrashed" if status == "crashed" else "FlowRunCancelled",
-            )
-        )
-        envelope = _failure_envelope(
-            run.reports if run else [], {}, message,
-            "FlowRunCrashed" if status == "crashed" else "FlowRunCancelled",
-            stage.index if stage else None,
-        )
-        sink.emit(
-            JobStatusEvent(
-                job_id=job_id, status=status, flow_run_id=str(flow_run.id), envelope=envelope.to_dict()  # type: ignore[arg-type]
-            )
-        )
+        envelope = _failure_envelope(run.reports if run else [], {}, message, error_type, stage.index if stage else None)
+        for event in abnormal_end(
+            job_id,
+            status=status,  # type: ignore[arg-type]
+            error=message,
+            error_type=error_type,
+            stage=stage,
+            flow_run_id=str(flow_run.id),
+            envelope=envelope.to_dict(),
+        ):
+            sink.emit(event)
         if run is not None:
             run.terminal_sent = True
         _mark_ended(str(flow_run.id))
