@@ -37,6 +37,25 @@ class Settings(BaseSettings):
     torch_threads: int | None = Field(
         None, ge=1, description="Threads torch may use in a worker; default: the CPUs the process may use."
     )
+    pool_size: int = Field(2, ge=1, le=64, description="Most worker processes one plugin may have at once (busy or idle).")
+    pool_sizes: dict[str, int] = Field(
+        default_factory=dict, description='Per-plugin pool sizes, e.g. {"pose-estimator": 3}; others use pool_size.'
+    )
+    idle_worker_memory_mb: int = Field(
+        6144, ge=0, description="Resident memory idle warm workers may keep in all; past it the least recently used go."
+    )
+    device_slots: dict[str, int] = Field(
+        default_factory=dict,
+        description='Concurrent stages per device, e.g. {"cpu": 2, "cuda:0": 1}; default: one per CPU core for '
+        '"cpu" and 1 per GPU. Stages beyond the slots wait (and say so).',
+    )
+    reuse_outputs: bool = Field(
+        True, description="Let a stage reuse what an earlier stage of the same job computed (ctx.cache): same bytes, less work."
+    )
+    engine_socket: Path | None = Field(None, description="The engine's Unix socket (default: <home>/engine.sock).")
+    use_engine: bool = Field(
+        True, description="Run jobs and stage calls on this host's long-lived engine (warm models) when it is running."
+    )
     docker_image: str = Field("forgeflow-worker:cpu", description="Image the docker runner starts per stage.")
     docker_gpus: bool = Field(False, description="Request all GPUs for docker stages (needs the nvidia runtime).")
 
@@ -59,7 +78,7 @@ class Settings(BaseSettings):
     api_token: SecretStr | None = Field(None, description="Bearer token for every REST and WebSocket call.")
     database_url: str | None = Field(None, description="SQLAlchemy URL; default: SQLite file in home.")
     max_upload_bytes: int = Field(512 * 1024**2, gt=0, description="Largest media upload.")
-    max_concurrent_jobs: int = Field(2, ge=1, description="Jobs the local launcher runs at once.")
+    max_concurrent_jobs: int = Field(8, ge=1, description="Jobs the engine runs at once (stages still wait for device slots).")
     ws_queue_size: int = Field(1000, ge=10, description="Messages buffered per WebSocket client before it is dropped.")
     ws_ping_interval_s: float = Field(20.0, gt=0)
 
@@ -82,6 +101,38 @@ class Settings(BaseSettings):
     @property
     def logs_dir(self) -> Path:
         return self.home / "logs"
+
+    @property
+    def cache_dir(self) -> Path:
+        return self.home / "cache"
+
+    @property
+    def engine_socket_path(self) -> Path:
+        return self.engine_socket or self.home / "engine.sock"
+
+    def to_env(self) -> dict[str, str]:
+        """These settings as ``FORGEFLOW_*`` variables: what a child process (engine, worker) reads back.
+
+        Secrets (the API and ingest tokens) are left out: plugin code runs in those children."""
+        import json
+
+        env: dict[str, str] = {}
+        for name, value in self.model_dump().items():
+            if value is None:
+                continue
+            if isinstance(value, SecretStr):
+                continue
+            if isinstance(value, (dict, list)):
+                text = json.dumps(value, default=str)
+            elif isinstance(value, bool):
+                text = "true" if value else "false"
+            else:
+                text = str(value)
+            env[f"FORGEFLOW_{name.upper()}"] = text
+        return env
+
+    def pool_size_of(self, plugin: str) -> int:
+        return int(self.pool_sizes.get(plugin, self.pool_size))
 
     @property
     def lifecycle_db(self) -> Path:

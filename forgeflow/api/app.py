@@ -120,6 +120,7 @@ def create_app(
     api_url: str | None = None,
     prefect_api_url: str | None = None,
     launch_jobs: bool = True,
+    prestart_engine: bool = False,
 ) -> FastAPI:
     """The ForgeFlow API. ``api_url``: where job processes send events (default: the bind address);
     ``prefect_api_url``: the Prefect server job processes use (default: ``PREFECT_API_URL``)."""
@@ -145,6 +146,8 @@ def create_app(
         launcher.enabled = launch_jobs
         state.launcher = launcher
         await launcher.start()
+        if launch_jobs and prestart_engine:
+            launcher.prestart_engine()
         try:
             yield
         finally:

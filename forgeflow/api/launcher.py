@@ -1,17 +1,20 @@
-"""The local launcher: runs queued jobs as job processes and watches them.
+"""The local launcher: hands queued jobs to this host's engine and watches them.
 
-* Queued jobs start, oldest first, up to ``max_concurrent_jobs`` at once, each as
-  ``python -m forgeflow.flows.job`` (its own process group: one Prefect flow run) that posts its
-  events to the ingest endpoint. The pid is stored before anything else happens to the job.
-* A process that ends without a stored terminal status (SIGKILL, OOM killer, interpreter crash)
-  gets its terminal messages from ``reconcile_crash`` after a short grace period (and after the
-  spool folder is imported, in case its last events were spooled rather than delivered).
-* Cancelling a queued job stores its ``cancelled`` status at once; a running one is sent SIGTERM
-  (the job cancels its flow run and kills the running stage), then SIGKILL after a grace period.
-* On start-up nothing is lost: spooled events are imported, running jobs whose process is alive
-  are re-attached by pid, the others are reconciled, and queued jobs are launched.
+* Queued jobs start, oldest first, up to ``max_concurrent_jobs`` at once, each submitted to the
+  engine (:mod:`forgeflow.engine`, started on demand: one long-lived process with warm worker
+  pools), which runs it as one Prefect flow run and posts its events to the ingest endpoint. The
+  engine's pid is stored with the job before anything else happens to it.
+* A job whose engine dies without a stored terminal status (SIGKILL, OOM killer) gets its terminal
+  messages from ``reconcile_crash`` after a short grace period (and after the spool folder is
+  imported, in case its last events were spooled rather than delivered).
+* Cancelling a queued job stores its ``cancelled`` status at once; a running one is cancelled in
+  the engine (the running stage's worker is killed, the flow run ends Cancelled).
+* On start-up nothing is lost: spooled events are imported, running jobs whose engine is alive are
+  re-attached, the others are reconciled, and queued jobs are launched (on a new engine if the
+  old one is gone).
 
-The launcher never stops job processes when the API shuts down: a restarted API re-attaches them.
+The launcher never stops the engine's running jobs when the API shuts down: the engine finishes
+them and then leaves (a restarted API re-adopts it while it still runs).
 """
 
 from __future__ import annotations
@@ -95,6 +98,75 @@ def _import_file(state: ApiState, path: Path) -> int:
     return stored
 
 
+class EngineJobHandle:
+    """A job running in the engine with pid ``pid``, watched like a process: ``poll`` gives its exit
+    code (0 succeeded, 1 failed, 2 invalid, 3 cancelled), ``-1`` when the engine is gone or lost it."""
+
+    def __init__(self, job_id: str, client: Any, pid: int, create_time: float | None = None) -> None:
+        self.job_id = job_id
+        self.client = client
+        self.pid = pid
+        self.create_time = create_time
+
+    def _engine_alive(self) -> bool:
+        try:
+            import psutil
+
+            proc = psutil.Process(self.pid)
+            if self.create_time is not None and abs(proc.create_time() - self.create_time) > 1.0:
+                return False  # the pid was reused
+            return proc.status() != psutil.STATUS_ZOMBIE
+        except Exception:
+            return False
+
+    def poll(self) -> int | None:
+        from forgeflow.engine.client import EngineUnavailable
+
+        if not self._engine_alive():
+            return -1
+        try:
+            view = self.client._request("GET", f"/jobs/{self.job_id}", timeout=5.0)
+        except EngineUnavailable as exc:
+            return -1 if "404" in str(exc) else None
+        code = view.get("exit_code")
+        return int(code) if code is not None else None
+
+    def wait(self, timeout: float | None = None) -> int | None:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while (code := self.poll()) is None:
+            if deadline is not None and time.monotonic() >= deadline:
+                return None
+            time.sleep(0.05)
+        return code
+
+    def cancel(self, grace_s: float = 10.0) -> int | None:
+        from forgeflow.engine.client import EngineUnavailable
+
+        try:
+            self.client.cancel(self.job_id)
+        except EngineUnavailable:
+            pass
+        return self.wait(grace_s)
+
+    def kill(self) -> None:
+        """SIGKILL the engine (every job it runs ends ``crashed``): for drills and test clean-up."""
+        import signal
+
+        try:
+            os.killpg(self.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+
+def _create_time(pid: int) -> float | None:
+    try:
+        import psutil
+
+        return psutil.Process(pid).create_time()
+    except Exception:
+        return None
+
+
 class Launcher:
     def __init__(self, state: ApiState, *, exit_grace_s: float = 5.0, cancel_grace_s: float = 10.0,
                  poll_interval_s: float = 0.25) -> None:
@@ -109,6 +181,7 @@ class Launcher:
         self._task: asyncio.Task[None] | None = None
         self._cancel_tasks: set[asyncio.Task[Any]] = set()
         self.enabled = True
+        self._engine: Any = None  # EngineClient, once an engine was found or started
 
     # --- life ------------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -116,6 +189,13 @@ class Launcher:
         self._task = asyncio.create_task(self._run(), name="forgeflow-launcher")
 
     async def stop(self) -> None:
+        if self._engine is not None:  # the engine finishes its running jobs, then leaves
+            from forgeflow.engine.client import EngineUnavailable
+
+            try:
+                await to_thread.run_sync(lambda: self._engine.shutdown(drain=True))
+            except EngineUnavailable:
+                pass
         if self._task is not None:
             self._task.cancel()
             try:
@@ -126,6 +206,19 @@ class Launcher:
 
     def wake(self) -> None:
         self._wake.set()
+
+    def prestart_engine(self) -> None:
+        """Start (or adopt) the engine in the background, so the first job does not wait for it."""
+
+        def start() -> None:
+            try:
+                self.engine()
+            except Exception:
+                log.exception("could not start the engine")
+
+        task = asyncio.create_task(to_thread.run_sync(start), name="forgeflow-engine-start")
+        self._cancel_tasks.add(task)
+        task.add_done_callback(self._cancel_tasks.discard)
 
     @property
     def running_count(self) -> int:
@@ -139,9 +232,13 @@ class Launcher:
                 log.info("imported %d spooled events", count)
         except Exception:
             log.exception("importing the spool failed")
-        from forgeflow.flows.job import JobProcess
-
-        for job in self.state.store.launched_active_jobs():
+        active = self.state.store.launched_active_jobs()
+        if active:
+            try:
+                self.engine()  # started now, not on the first job's clock
+            except Exception:
+                log.exception("could not start the engine")
+        for job in active:
             job_id, pid = job["id"], job["pid"]
             if pid is None:
                 # Marked launching, but the API died before the pid was stored: the process may
@@ -152,12 +249,36 @@ class Launcher:
                 else:
                     self.ended[job_id] = (None, time.monotonic() - self.exit_grace_s)
                 continue
-            proc = JobProcess.attach(job_id, pid, job.get("pid_create_time"))
-            if proc.poll() is None:
+            proc = EngineJobHandle(job_id, self._engine, pid, job.get("pid_create_time"))
+            if self._engine is not None and proc.poll() is None:
                 log.info("re-attached job %s (pid %s)", job_id, pid)
                 self.procs[job_id] = proc
             else:
                 self.ended[job_id] = (None, time.monotonic() - self.exit_grace_s + 1.0)
+
+    def engine(self) -> Any:
+        """This host's engine client: the running engine (adopted), or one started now."""
+        from forgeflow.engine.client import EngineUnavailable, ensure_engine
+
+        settings = self.state.settings
+        env = {"PREFECT_API_URL": self.state.prefect_api_url} if self.state.prefect_api_url else {}
+        client, status = ensure_engine(settings, env=env, owner_pid=os.getpid())
+        wanted = self.state.prefect_api_url
+        if wanted and status.get("prefect_api_url") not in (None, wanted) and not status["jobs"]["running"]:
+            log.info("the engine uses Prefect at %s, this API %s: restarting it", status.get("prefect_api_url"), wanted)
+            try:
+                client.shutdown(drain=False)
+            except EngineUnavailable:
+                pass
+            deadline = time.monotonic() + 30
+            while client.alive() and time.monotonic() < deadline:
+                time.sleep(0.1)
+            client, status = ensure_engine(settings, env=env, owner_pid=os.getpid())
+        if status.get("owner_pid") != os.getpid():
+            client.set_owner(os.getpid())
+        self._engine = client
+        self._engine_pid = int(status["pid"])
+        return client
 
     def _reset_launch(self, job_id: str) -> None:
         from sqlalchemy import update
@@ -210,38 +331,33 @@ class Launcher:
                     await to_thread.run_sync(self._launch, job)
 
     def _launch(self, job: dict[str, Any]) -> None:
-        from forgeflow.flows.job import JobProcess, JobSpec
-
         job_id = job["id"]
         store = self.state.store
         if not store.claim_launch(job_id):  # "launching": never started twice
             return
-        env = {"PREFECT_API_URL": self.state.prefect_api_url} if self.state.prefect_api_url else {}
         try:
-            proc = JobProcess.start(
-                JobSpec(job_id=job_id, pipeline=job["pipeline"], input=job["input"] or {}),
-                api_url=self.state.api_url,
-                ingest_token=self.state.auth.ingest_token,
-                env=env,
-                settings=self.state.settings,
-            )
+            client = self.engine()
+            client.submit(job_id, job["pipeline"], job["input"] or {}, api_url=self.state.api_url,
+                          ingest_token=self.state.auth.ingest_token)
         except Exception as exc:
             log.exception("could not start job %s", job_id)
+            error = f"could not hand the job to the engine: {exc}"
             self._store_terminal(
                 job_id,
                 [
-                    PipelineError(job_id=job_id, stage_index=None, plugin=None,
-                                  error=f"could not start the job process: {exc}", error_type="LaunchError"),
+                    PipelineError(job_id=job_id, stage_index=None, plugin=None, error=error, error_type="LaunchError"),
                     JobStatusEvent(job_id=job_id, status="failed", envelope={
-                        "ok": False, "error": f"could not start the job process: {exc}", "error_type": "LaunchError",
+                        "ok": False, "error": error, "error_type": "LaunchError",
                         "stage_failed": None, "partial_result": {}, "stages_executed": 0,
                     }),
                 ],
             )
             return
-        store.set_launched(job_id, proc.pid, proc.create_time)
+        pid = self._engine_pid
+        proc = EngineJobHandle(job_id, client, pid, _create_time(pid))
+        store.set_launched(job_id, pid, proc.create_time)
         self.procs[job_id] = proc
-        log.info("launched job %s as pid %s", job_id, proc.pid)
+        log.info("job %s runs on the engine (pid %s)", job_id, pid)
 
     def _store_terminal(self, job_id: str, batch: list[Event]) -> None:
         self.state.store.ingest(batch, publish=self.state.publish, resolve_plugin=self.state.resolve_plugin)
@@ -252,12 +368,9 @@ class Launcher:
         if job is None or store.has_terminal(job_id):
             return
         if code is None or code < 0:
-            reason = (
-                f"the job process (pid {job.get('pid')}) ended without reporting a result"
-                + (f" (killed by signal {-code})" if code is not None and code < -1 else "")
-            )
+            reason = f"the engine running the job (pid {job.get('pid')}) ended without reporting its result"
         else:
-            reason = f"the job process exited with code {code} without reporting a result"
+            reason = f"the job ended (exit code {code}) without reporting a result"
         batch: list[Event]
         try:
             from forgeflow.flows.job import reconcile_crash

@@ -38,7 +38,7 @@ def serve(settings: Settings | None = None, *, log_level: str = "info") -> None:
         prefect_url = prefect.start()
         os.environ["PREFECT_API_URL"] = prefect_url
     try:
-        app = create_app(settings, api_url=local_api_url(settings), prefect_api_url=prefect_url)
+        app = create_app(settings, api_url=local_api_url(settings), prefect_api_url=prefect_url, prestart_engine=True)
         config = uvicorn.Config(
             app,
             host=settings.api_host,

@@ -72,6 +72,7 @@ class JobStatusEvent(_Event):
     status: JobStatus
     flow_run_id: str | None = None
     envelope: dict[str, Any] | None = None
+    waiting_for: str | None = Field(None, description="Why a running job is not progressing: it waits for a device slot.")
 
 
 Event = Annotated[

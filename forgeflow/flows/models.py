@@ -13,7 +13,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-StageStatus = Literal["pending", "running", "completed", "failed", "skipped"]
+StageStatus = Literal["pending", "running", "completed", "failed", "skipped", "cancelled"]
 
 
 class PipelineStage(BaseModel):
@@ -90,6 +90,8 @@ class StageReport(BaseModel):
     duration_ms: float | None = None
     result_size_bytes: int | None = None
     peak_memory_mb: float | None = None
+    reused_outputs: int | None = None
+    computed_outputs: int | None = None
     error: str | None = None
     error_type: str | None = None
 

@@ -15,6 +15,8 @@ import collections
 import contextlib
 import contextvars
 import json
+import os
+import shutil
 import threading
 import uuid
 from collections.abc import Iterator
@@ -44,12 +46,15 @@ from forgeflow.flows.validation import (
     definition_error,
     validate_pipeline,
 )
+from forgeflow.plugins.cache import job_cache_dir
 from forgeflow.plugins.lifecycle import LifecycleStore
 from forgeflow.plugins.registry import PluginRegistry
 from forgeflow.plugins.runners.base import CallResult, Runner, ToolCall
 from forgeflow.settings import Settings, get_settings
 
 FLOW_NAME = "forgeflow-pipeline"
+#: error_type of a stage (and a job) stopped by a cancel request.
+CANCELLED = "Cancelled"
 # Prefect's own timeout only backstops the runner's hard kill.
 _BACKSTOP_GRACE_S = 30.0
 
@@ -66,16 +71,36 @@ class Services:
 
     @classmethod
     def from_settings(cls, settings: Settings | None = None, sink: EventSink | None = None) -> Services:
+        """Services for a flow run in this process. Stage calls go to this host's engine when one is
+        running (its warm workers), else to a runner of this process's own."""
         from forgeflow.plugins.runners import get_runner
 
         settings = settings or get_settings()
         registry = PluginRegistry.discover(LifecycleStore(settings.lifecycle_db))
-        return cls(settings, registry, get_runner(settings, registry), sink or sink_from_settings(settings))
+        runner = _engine_runner(settings) or get_runner(settings, registry)
+        return cls(settings, registry, runner, sink or sink_from_settings(settings))
+
+    def is_cancelled(self, job_id: str) -> bool:
+        """Whether the job was cancelled (runners that support cancelling know)."""
+        check = getattr(self.runner, "is_cancelled", None)
+        return bool(check and check(job_id))
 
     def close(self) -> None:
         self.runner.close()
         self.sink.close()
 
+
+def _engine_runner(settings: Settings) -> Runner | None:
+    if not settings.use_engine or settings.runner != "process" or os.environ.get(ENGINE_PROCESS_ENV):
+        return None
+    from forgeflow.engine.client import EngineClient, EngineRunner
+
+    client = EngineClient(settings.engine_socket_path)
+    return EngineRunner(client) if client.alive() else None
+
+
+#: Set in the engine's own process: its flow runs use its pools directly.
+ENGINE_PROCESS_ENV = "FORGEFLOW_ENGINE_PROCESS"
 
 _services_var: contextvars.ContextVar[Services | None] = contextvars.ContextVar("forgeflow_services", default=None)
 _default_services: Services | None = None
@@ -153,6 +178,7 @@ class JobRun:
             )
         )
         self.services.sink.flush(timeout=5.0)
+        shutil.rmtree(job_cache_dir(self.services.settings.cache_dir, self.job_id), ignore_errors=True)
 
 
 _active_runs: dict[str, JobRun] = {}  # flow run id -> JobRun, for the flow-level hooks
@@ -217,7 +243,7 @@ def _stage_task(run: JobRun, stage: ResolvedStage) -> Any:
         outcome = run.outcomes.get(stage.index) or CallResult.failure(
             "TaskFailed", state.message or "the stage task failed"
         )
-        report.status = "failed"
+        report.status = "cancelled" if outcome.error_type == CANCELLED else "failed"
         report.error, report.error_type = outcome.error, outcome.error_type
         run.emit(_stage_end(run.job_id, stage, outcome, ok=False))
         run.emit(
@@ -248,6 +274,8 @@ def _stage_task(run: JobRun, stage: ResolvedStage) -> Any:
         report.duration_ms = result.duration_ms
         report.result_size_bytes = result.result_size_bytes
         report.peak_memory_mb = result.peak_memory_mb
+        if result.reused_outputs or result.computed_outputs:
+            report.reused_outputs, report.computed_outputs = result.reused_outputs, result.computed_outputs
         if not result.ok:
             raise StageFailed(stage, result)
         return result.outputs or {}
@@ -322,7 +350,7 @@ def _failure_envelope(
     stage_failed: int | None,
 ) -> ResultEnvelope:
     for report in reports:
-        if report.status == "completed":
+        if report.status in ("completed", "cancelled"):
             continue
         if report.index == stage_failed or (stage_failed is None and report.status == "running"):
             report.status = "failed"
@@ -428,18 +456,22 @@ def _execute(
     for stage in validated.stages:
         inputs = {name: context[name] for name in stage.input_fields if name in context}
         try:
+            if services.is_cancelled(run.job_id):  # cancelled between two stages: start no other
+                run.outcomes[stage.index] = CallResult.failure(CANCELLED, "cancelled by request")
+                run.reports[stage.index].status = "cancelled"
+                raise StageFailed(stage, run.outcomes[stage.index])
             outputs = _stage_task(run, stage)(inputs)
         except BaseException as exc:
             outcome = run.outcomes.get(stage.index)
             error = outcome.error if outcome and not outcome.ok else str(exc) or type(exc).__name__
             error_type = outcome.error_type if outcome and not outcome.ok else type(exc).__name__
-            cancelled = not isinstance(exc, Exception)
+            cancelled = not isinstance(exc, Exception) or error_type == CANCELLED
             envelope = _failure_envelope(
                 run.reports, result, error or "stage failed", error_type or "Error", stage.index
             )
             _write_checkpoint(services.settings, run.job_id, result, run.reports)
             run.finish("cancelled" if cancelled else "failed", envelope)
-            if cancelled:
+            if cancelled and not isinstance(exc, Exception):
                 raise
             raise PipelineFailed(envelope) from None
         context.update(outputs)

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
+from forgeflow.plugins.cache import OutputCache
 from forgeflow.plugins.errors import ConfigError, InputError, OutputError, PluginUnavailable
 
 if TYPE_CHECKING:
@@ -48,7 +49,8 @@ class ToolContext:
 
     ``media`` opens images and videos by media ref (``sha256:...``) or by a local path inside the
     allowed input roots, with the host's limits applied. ``put_media`` stores a file the tool made
-    (an annotated video, say) and returns its ref.
+    (an annotated video, say) and returns its ref. ``cache`` keeps what the tool computed for later
+    stages of the same job (see :mod:`forgeflow.plugins.cache`).
     """
 
     media_store: MediaStore
@@ -60,6 +62,7 @@ class ToolContext:
     stage_index: int | None = None
     plugin: str = ""
     tool: str = ""
+    cache: OutputCache = field(default_factory=OutputCache)
 
     def media(self, source: str) -> MediaReader:
         from forgeflow.plugins.media import MediaReader
@@ -229,6 +232,13 @@ class Plugin:
 
 T = TypeVar("T")
 
+_resource_loads = 0  # how many resource() loads this process has done: a warm worker's count stays put
+
+
+def resource_loads() -> int:
+    """How many times :func:`resource` functions of this process actually loaded (cache misses)."""
+    return _resource_loads
+
 
 def resource(fn: Callable[..., T]) -> Callable[..., T]:
     """Cache what ``fn`` loads for the life of the worker process, per distinct arguments.
@@ -241,10 +251,12 @@ def resource(fn: Callable[..., T]) -> Callable[..., T]:
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> T:
+        global _resource_loads
         key = (args, tuple(sorted(kwargs.items())))
         with lock:
             if key not in cache:
                 cache[key] = fn(*args, **kwargs)
+                _resource_loads += 1
             return cache[key]
 
     wrapper.cache_clear = cache.clear  # type: ignore[attr-defined]

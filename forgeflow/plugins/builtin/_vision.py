@@ -14,6 +14,9 @@ tool (in the sandboxed worker).
   font (so nothing ever tries to download ``Arial.ttf``), explicit torch thread count.
 * :func:`load_yolo` — one Ultralytics model per (weights, device) per worker process
   (:func:`forgeflow.plugins.sdk.resource`).
+* :func:`predict_frames` — one model pass per frame per job: predictions go through the job's
+  ``ctx.cache``, so the detection and the pose stage share the pose model's pass (see
+  :data:`PREDICT_CONF_FLOOR`).
 """
 
 from __future__ import annotations
@@ -25,23 +28,28 @@ import shutil
 import tempfile
 import threading
 from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from forgeflow.plugins.cache import file_digest
 from forgeflow.plugins.errors import ConfigError, DeviceUnavailable
-from forgeflow.plugins.sdk import resource
+from forgeflow.plugins.sdk import ToolContext, resource
 
 __all__ = [
     "COCO_KEYPOINTS",
     "MODEL_NAMES",
+    "PREDICT_CONF_FLOOR",
+    "Prediction",
     "VisionConfig",
     "bundled_pose_weights",
     "iou",
     "load_yolo",
     "missing_vision_packages",
     "predict",
+    "predict_frames",
     "r2",
     "r4",
     "resolve_device",
@@ -377,3 +385,112 @@ def iou(a: Sequence[float], b: Sequence[float]) -> float:
     inter = max(0.0, ix2 - ix1) * max(0.0, iy2 - iy1)
     union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
     return inter / union if union > 0 else 0.0
+
+
+# --- one model pass per frame per job ---------------------------------------------------------------
+
+#: With the job cache on, every vision tool asks the model for detections down to this confidence
+#: (or its own, if lower) and keeps those above its own threshold afterwards, so tools with
+#: different thresholds share one pass per frame. Ultralytics keeps a box when its score is over the
+#: threshold and no kept higher-scoring box of its class overlaps it, so the boxes over a threshold
+#: are the same whether the lower ones were computed too (checked byte for byte by the tests).
+PREDICT_CONF_FLOOR = 0.1
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """One frame's detections, in the model's (score) order."""
+
+    data: Any  # numpy float32 (N, 6): x1, y1, x2, y2, confidence, class
+    keypoints: Any | None  # numpy float32 (N, K, 3) for pose models, else None
+    orig_shape: tuple[int, int]
+
+    @classmethod
+    def from_result(cls, result: Any) -> Prediction:
+        import numpy as np
+
+        data = result.boxes.data.cpu().numpy().astype(np.float32, copy=False)
+        kps = result.keypoints.data.cpu().numpy().astype(np.float32, copy=False) if result.keypoints is not None else None
+        return cls(data, kps, tuple(int(v) for v in result.orig_shape))  # type: ignore[arg-type]
+
+    def encode(self) -> bytes:
+        import io
+
+        import numpy as np
+
+        buf = io.BytesIO()
+        arrays = {"data": self.data, "shape": np.asarray(self.orig_shape, dtype=np.int64)}
+        if self.keypoints is not None:
+            arrays["keypoints"] = self.keypoints
+        np.savez(buf, **arrays)
+        return buf.getvalue()
+
+    @classmethod
+    def decode(cls, blob: bytes) -> Prediction:
+        import io
+
+        import numpy as np
+
+        with np.load(io.BytesIO(blob), allow_pickle=False) as npz:
+            kps = npz["keypoints"] if "keypoints" in npz.files else None
+            return cls(npz["data"], kps, (int(npz["shape"][0]), int(npz["shape"][1])))
+
+    def select(self, confidence: float, classes: list[int] | None) -> Prediction:
+        """The detections Ultralytics would have returned for ``confidence`` and ``classes``."""
+        import numpy as np
+
+        keep = self.data[:, 4] > confidence
+        if classes is not None:
+            keep &= np.isin(self.data[:, 5], np.asarray(classes, dtype=np.float32))
+        kps = self.keypoints[keep] if self.keypoints is not None else None
+        return Prediction(self.data[keep], kps, self.orig_shape)
+
+    def boxes(self) -> Any:
+        """As Ultralytics ``Boxes`` (what the tracker takes)."""
+        from ultralytics.engine.results import Boxes
+
+        return Boxes(self.data, self.orig_shape)
+
+
+def prediction_key(ctx: ToolContext, *, weights: Path, media: Path, frame_index: int, device: str, imgsz: int,
+                   floor: float, batch: int) -> str:
+    """The cache key of one frame's pass: model file, media content, frame, and what shapes the pass."""
+    return ctx.cache.key("ultralytics.predict/1", file_digest(weights), file_digest(media), frame_index, device,
+                         imgsz, floor, batch)
+
+
+def predict_frames(
+    model: Any,
+    frames: list[Any],
+    ctx: ToolContext,
+    *,
+    weights: Path,
+    media: Path,
+    device: str,
+    imgsz: int,
+    confidence: float,
+    classes: list[int] | None,
+) -> list[Prediction]:
+    """Predictions for ``frames`` (Frame objects of ``media``), through the job's cache when it is on."""
+    if not ctx.cache.enabled:
+        results = predict(model, [f.image for f in frames], device=device, imgsz=imgsz, confidence=confidence,
+                          classes=classes)
+        return [Prediction.from_result(r) for r in results]
+    floor = min(confidence, PREDICT_CONF_FLOOR)
+    keys = [prediction_key(ctx, weights=weights, media=media, frame_index=f.index, device=device, imgsz=imgsz,
+                           floor=floor, batch=len(frames)) for f in frames]
+    cached = [ctx.cache.get(k) for k in keys]
+    if all(blob is not None for blob in cached):
+        found = [Prediction.decode(blob) for blob in cached]  # type: ignore[arg-type]
+    else:
+        results = predict(model, [f.image for f in frames], device=device, imgsz=imgsz, confidence=floor, classes=None)
+        found = [Prediction.from_result(r) for r in results]
+        for key, prediction in zip(keys, found, strict=True):
+            ctx.cache.misses += 1
+            ctx.cache.put(key, prediction.encode())
+    return [p.select(confidence, classes) for p in found]
+
+
+def cached_prediction(ctx: ToolContext, key: str) -> Prediction | None:
+    blob = ctx.cache.get(key)
+    return Prediction.decode(blob) if blob is not None else None

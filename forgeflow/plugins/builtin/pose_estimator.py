@@ -16,14 +16,19 @@ model places outside the image or does not see has a low confidence, not a missi
 from __future__ import annotations
 
 import math
+from typing import Any
 
 from pydantic import BaseModel, Field
 
 from forgeflow.plugins.builtin._vision import (
     VisionConfig,
     iou,
+    PREDICT_CONF_FLOOR,
+    Prediction,
+    cached_prediction,
     load_yolo,
-    predict,
+    prediction_key,
+    predict_frames,
     r2,
     r4,
     resolve_device,
@@ -117,12 +122,52 @@ def estimate_poses(inputs: PoseInput, config: PoseConfig, ctx: ToolContext) -> P
         if getattr(model, "task", "pose") != "pose":
             raise ConfigError(f"model {config.model!r} is a {model.task!r} model, not a pose model (no keypoints)")
 
+    def poses_of(prediction: Prediction, players: list[Any]) -> list[Pose]:
+        poses: list[Pose] = []
+        if prediction.keypoints is None or not len(prediction.data):
+            return poses
+        pose_boxes = [[float(v) for v in b[:4]] for b in prediction.data]
+        for pi, qi, value in match_poses([p.box for p in players], pose_boxes, config.match_iou):
+            keypoints = [[r2(pt[0]), r2(pt[1]), r4(pt[2] if len(pt) > 2 else 1.0)] for pt in prediction.keypoints[qi]]
+            if len(keypoints) != 17:
+                raise ConfigError(f"model {config.model!r} gives {len(keypoints)} keypoints per person, not the 17 of COCO")
+            poses.append(
+                Pose(
+                    track_id=players[pi].track_id,
+                    player_index=pi,
+                    box=[r2(v) for v in pose_boxes[qi]],
+                    confidence=r4(prediction.data[qi][4]),
+                    match_iou=r4(value),
+                    keypoints=keypoints,
+                )
+            )
+        return poses
+
+    # Frames an earlier stage of this job already ran the same model on need no decoding at all.
+    reused: dict[int, Prediction] = {}
+    if model is not None and ctx.cache.enabled:
+        floor = min(config.confidence, PREDICT_CONF_FLOOR)
+        for index in wanted:
+            key = prediction_key(ctx, weights=weights, media=reader.path, frame_index=index, device=device,
+                                 imgsz=config.imgsz, floor=floor, batch=1)
+            found = cached_prediction(ctx, key)
+            if found is None:
+                break
+            reused[index] = found.select(config.confidence, None)
+    out: dict[int, FramePoses] = {}
+    if len(reused) == len(wanted):
+        for index in wanted:
+            timestamp = 0.0 if reader.kind == "image" else round(index / reader.fps, 6)
+            players = by_index[index].players
+            poses = poses_of(reused[index], players) if players else []
+            out[index] = FramePoses(frame_index=index, timestamp_s=r4(timestamp), poses=poses)
+        return PoseOutput(poses=[out[i] for i in wanted])
+
     stride = 0
     for index in wanted:
         stride = math.gcd(stride, index)
     stride = max(stride, 1)
     remaining = set(wanted)
-    out: list[FramePoses] = []
     for frame in reader.frames(stride, wanted[-1] // stride + 1):
         if frame.index not in remaining:
             continue
@@ -130,35 +175,16 @@ def estimate_poses(inputs: PoseInput, config: PoseConfig, ctx: ToolContext) -> P
         players = by_index[frame.index].players
         poses: list[Pose] = []
         if players and model is not None:
-            result = predict(model, [frame.image], device=device, imgsz=config.imgsz, confidence=config.confidence, classes=None)[0]
-            if result.keypoints is not None and len(result.boxes):
-                boxes = result.boxes.cpu().numpy()
-                kps = result.keypoints.data.cpu().numpy()
-                pose_boxes = [[float(v) for v in b] for b in boxes.xyxy]
-                for pi, qi, value in match_poses([p.box for p in players], pose_boxes, config.match_iou):
-                    points = kps[qi]
-                    keypoints = [
-                        [r2(pt[0]), r2(pt[1]), r4(pt[2] if len(pt) > 2 else 1.0)] for pt in points
-                    ]
-                    if len(keypoints) != 17:
-                        raise ConfigError(
-                            f"model {config.model!r} gives {len(keypoints)} keypoints per person, not the 17 of COCO"
-                        )
-                    poses.append(
-                        Pose(
-                            track_id=players[pi].track_id,
-                            player_index=pi,
-                            box=[r2(v) for v in pose_boxes[qi]],
-                            confidence=r4(boxes.conf[qi]),
-                            match_iou=r4(value),
-                            keypoints=keypoints,
-                        )
-                    )
-        out.append(FramePoses(frame_index=frame.index, timestamp_s=r4(frame.timestamp_s), poses=poses))
+            prediction = predict_frames(
+                model, [frame], ctx, weights=weights, media=reader.path, device=device, imgsz=config.imgsz,
+                confidence=config.confidence, classes=None,
+            )[0]
+            poses = poses_of(prediction, players)
+        out[frame.index] = FramePoses(frame_index=frame.index, timestamp_s=r4(frame.timestamp_s), poses=poses)
     if remaining:
         missing = sorted(remaining)
         raise MediaError(
             f"players refer to frame(s) {missing[:5]} that the media does not have (it ended earlier, or the "
             f"host's limit of {reader.max_frames} frames per stage stopped reading): was 'players' detected on this media?"
         )
-    return PoseOutput(poses=out)
+    return PoseOutput(poses=[out[i] for i in wanted])

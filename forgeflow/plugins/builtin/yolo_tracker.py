@@ -30,7 +30,7 @@ from forgeflow.plugins.builtin._vision import (
     VisionConfig,
     batched,
     load_yolo,
-    predict,
+    predict_frames,
     r2,
     r4,
     resolve_device,
@@ -155,11 +155,12 @@ def detect(
     frames_out: list[FramePlayers] = []
     previous_hist = None
     for chunk in batched(reader.frames(config.frame_stride, config.max_frames), config.batch):
-        results = predict(
-            model, [f.image for f in chunk], device=device, imgsz=config.imgsz, confidence=config.confidence, classes=classes
+        predictions = predict_frames(
+            model, chunk, ctx, weights=weights, media=reader.path, device=device, imgsz=config.imgsz,
+            confidence=config.confidence, classes=classes,
         )
-        for frame, result in zip(chunk, results, strict=True):
-            boxes = result.boxes.cpu().numpy()
+        for frame, prediction in zip(chunk, predictions, strict=True):
+            boxes = prediction.boxes()
             ids: list[int | None] = [None] * len(boxes)
             if tracker is not None:
                 hist = _histogram(frame.image)

@@ -128,7 +128,9 @@ class LifecycleRecorder:
         self._do("running", plugin)
 
     def finished(self, plugin: str, result: CallResult) -> None:
-        if result.ok:
+        if result.error_type == "Cancelled":  # the caller stopped it: the plugin did nothing wrong
+            self._do("initialized", plugin)
+        elif result.ok:
             self._do("succeeded", plugin, result.duration_ms)
         else:
             self._do("failed", plugin, result.error or "", result.error_type or "Error", result.duration_ms)
@@ -145,4 +147,6 @@ def result_from_message(message: dict[str, Any]) -> CallResult:
         duration_ms=float(message.get("duration_ms") or 0.0),
         result_size_bytes=int(message.get("result_size_bytes") or 0),
         peak_memory_mb=message.get("peak_memory_mb"),
+        reused_outputs=int(message.get("reused_outputs") or 0),
+        computed_outputs=int(message.get("computed_outputs") or 0),
     )

@@ -18,12 +18,15 @@ Isolation, per call:
   and the last 2 KB of the worker's log (``logs_dir/workers/<plugin>.log``, where everything
   the plugin prints goes). The next call starts a fresh worker.
 
-Thread-safe: each plugin has a small pool; a call takes an idle worker or starts another one.
+Pools: each plugin has at most ``pool_size`` workers (``settings.pool_sizes`` per plugin); a call
+takes an idle worker, starts another while the pool has room, or waits for one. Idle workers whose
+resident memory adds up to more than ``idle_worker_memory_mb`` are stopped, least recently used
+first. ``cancel_job(job_id)`` kills the worker serving that job (its call answers ``Cancelled``)
+and stops the job's calls that still wait for a worker. Thread-safe.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import signal
@@ -112,6 +115,10 @@ class Worker:
         self.reader = MessageReader(proc.stdout.fileno())
         self.version: str | None = None
         self.calls = 0
+        self.loads = 0  # resource() loads the worker has done (models): stays put while it is warm
+        self.job_id: str | None = None  # the job whose call it is serving, None when idle
+        self.started_at = time.time()
+        self.last_used = time.monotonic()
         self._ps: Any = None
         self._children: list[Any] = []
         self._children_at = 0.0
@@ -193,16 +200,20 @@ class ProcessRunner:
 
     name = "process"
 
-    def __init__(self, settings: Any, registry: Any, *, max_idle_per_plugin: int = 2) -> None:
+    def __init__(self, settings: Any, registry: Any) -> None:
         self.settings = settings
         self.registry = registry
         self.reuse_workers: bool = bool(settings.reuse_workers)
-        self.max_idle_per_plugin = max_idle_per_plugin
         self.lifecycle = LifecycleRecorder(registry)
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()
+        self._cond = threading.Condition(self._lock)
         self._idle: dict[str, list[Worker]] = {}
         self._all: set[Worker] = set()
+        self._starting: dict[str, int] = {}
+        self._waiting: dict[str, int] = {}
         self._stopping: set[Worker] = set()
+        self._cancelled: dict[str, float] = {}  # job id -> when it was cancelled
+        self._evicted = 0
         self._closed = False
         # Workers are spawned from one long-lived thread: PR_SET_PDEATHSIG fires when the *thread*
         # that forked the worker ends, so spawning from short-lived caller threads (Prefect task
@@ -220,8 +231,9 @@ class ProcessRunner:
             return CallResult.failure("RunnerError", f"{call.plugin}.{call.tool}: runner error: {type(exc).__name__}: {exc}")
 
     def close(self) -> None:
-        with self._lock:
+        with self._cond:
             self._closed = True
+            self._cond.notify_all()
             workers = list(self._all | self._stopping)
             self._all.clear()
             self._stopping.clear()
@@ -241,6 +253,80 @@ class ProcessRunner:
         with self._lock:
             return sorted(w.pid for w in self._all if plugin is None or w.plugin == plugin)
 
+    def cancel_job(self, job_id: str) -> int:
+        """Stop ``job_id``'s calls: kill the workers serving it, wake its waiting calls; how many were killed."""
+        now = time.monotonic()
+        with self._cond:
+            self._cancelled[job_id] = now
+            for old, since in list(self._cancelled.items()):
+                if now - since > 3600:
+                    del self._cancelled[old]
+            serving = [w for w in self._all if w.job_id == job_id]
+            self._cond.notify_all()
+        for worker in serving:
+            worker.kill()
+        return len(serving)
+
+    def forget_job(self, job_id: str) -> None:
+        """The job has ended: drop its cancel mark."""
+        with self._lock:
+            self._cancelled.pop(job_id, None)
+
+    def is_cancelled(self, job_id: str | None) -> bool:
+        return job_id is not None and job_id in self._cancelled
+
+    def warm(self, plugin: str) -> bool:
+        """Start an idle worker for ``plugin`` ahead of its first call (when its pool has room)."""
+        with self._lock:
+            if self._closed or self._idle.get(plugin) or self._count(plugin) >= self.settings.pool_size_of(plugin):
+                return False
+            self._starting[plugin] = self._starting.get(plugin, 0) + 1
+        worker, failure = self._start(plugin)
+        if worker is None:
+            return False
+        self._release(worker)
+        return True
+
+    def status(self) -> dict[str, Any]:
+        """Pools as plain data: every worker (pid, plugin, busy job, calls, model loads, memory)."""
+        with self._lock:
+            workers = list(self._all)
+            idle = {id(w) for ws in self._idle.values() for w in ws}
+            waiting = dict(self._waiting)
+            starting = dict(self._starting)
+            evicted = self._evicted
+        now = time.monotonic()
+        rows = []
+        for w in sorted(workers, key=lambda w: (w.plugin, w.pid)):
+            rows.append({
+                "plugin": w.plugin,
+                "pid": w.pid,
+                "state": "idle" if id(w) in idle else "busy",
+                "job_id": w.job_id,
+                "calls": w.calls,
+                "model_loads": w.loads,
+                "rss_mb": round(w.group_rss() / 2**20, 1),
+                "idle_s": round(now - w.last_used, 1) if id(w) in idle else None,
+            })
+        plugins = sorted({r["plugin"] for r in rows} | set(waiting) | set(starting))
+        return {
+            "workers": rows,
+            "pools": [
+                {
+                    "plugin": p,
+                    "size": self.settings.pool_size_of(p),
+                    "busy": sum(1 for r in rows if r["plugin"] == p and r["state"] == "busy"),
+                    "idle": sum(1 for r in rows if r["plugin"] == p and r["state"] == "idle"),
+                    "starting": starting.get(p, 0),
+                    "waiting_calls": waiting.get(p, 0),
+                }
+                for p in plugins
+            ],
+            "idle_memory_mb": round(sum(r["rss_mb"] for r in rows if r["state"] == "idle"), 1),
+            "idle_memory_budget_mb": self.settings.idle_worker_memory_mb,
+            "evicted": evicted,
+        }
+
     # -- one call -----------------------------------------------------------------------------
 
     def _run(self, call: ToolCall) -> CallResult:
@@ -248,7 +334,7 @@ class ProcessRunner:
         if isinstance(prepared, CallResult):
             return prepared
         plugin = prepared.plugin
-        worker, failure = self._acquire(plugin, prepared)
+        worker, failure = self._acquire(plugin, call.job_id)
         if failure is not None:
             self.lifecycle.finished(plugin, failure)
             return failure
@@ -289,6 +375,7 @@ class ProcessRunner:
         start = time.monotonic()
         deadline = start + call.timeout_s
         worker.calls += 1
+        worker.job_id = call.job_id
         try:
             worker.send(request)
             message = worker.reader.read(deadline, tick=WATCHDOG_PERIOD_S, on_tick=watchdog)
@@ -312,6 +399,9 @@ class ProcessRunner:
             ), False
         except (PeerClosed, BrokenPipeError, ConnectionError, ProtocolError, OSError) as exc:
             elapsed = (time.monotonic() - start) * 1000.0
+            if self.is_cancelled(call.job_id):
+                worker.kill()
+                return CallResult.failure("Cancelled", "cancelled by request", duration_ms=elapsed), False
             broke = isinstance(exc, ProtocolError)
             rc = worker.wait_exit(1.0) if not broke else None
             killed_rc = worker.kill()
@@ -336,6 +426,7 @@ class ProcessRunner:
                 "WorkerCrashed", f"{label}: plugin process sent an unexpected {message.get('type')!r} message"
             ), False
         result = result_from_message(message)
+        worker.loads = int(message.get("resource_loads") or worker.loads)
         if result.peak_memory_mb is None and peak_rss:
             result.peak_memory_mb = round(peak_rss / 2**20, 1)
         recycle = bool(message.get("recycle"))
@@ -347,33 +438,80 @@ class ProcessRunner:
 
     # -- pool ---------------------------------------------------------------------------------
 
-    def _acquire(self, plugin: str, prepared: Prepared) -> tuple[Worker | None, CallResult | None]:
-        if self.reuse_workers:
-            with self._lock:
-                idle = self._idle.get(plugin, [])
-                while idle:
-                    worker = idle.pop()
-                    if worker.alive():
-                        return worker, None
-                    self._all.discard(worker)
-                    worker.kill()
+    def _count(self, plugin: str) -> int:
+        """Workers of ``plugin`` alive or starting (call with the lock held)."""
+        return sum(1 for w in self._all if w.plugin == plugin) + self._starting.get(plugin, 0)
+
+    def _acquire(self, plugin: str, job_id: str | None) -> tuple[Worker | None, CallResult | None]:
+        """An idle worker, a new one while the pool has room, or the next one released."""
+        size = self.settings.pool_size_of(plugin)
+        with self._cond:
+            self._waiting[plugin] = self._waiting.get(plugin, 0) + 1
+            try:
+                while True:
+                    if self.is_cancelled(job_id):
+                        return None, CallResult.failure("Cancelled", "cancelled by request")
+                    if self._closed:
+                        return None, CallResult.failure("RunnerError", f"{plugin}: the runner is closed")
+                    idle = self._idle.get(plugin, [])
+                    while self.reuse_workers and idle:
+                        worker = idle.pop()  # the most recently used: its caches are the warmest
+                        if worker.alive():
+                            worker.job_id = job_id
+                            return worker, None
+                        self._all.discard(worker)
+                        worker.kill()
+                    if self._count(plugin) < size:
+                        self._starting[plugin] = self._starting.get(plugin, 0) + 1
+                        break
+                    self._cond.wait(0.5)
+            finally:
+                self._waiting[plugin] -= 1
+                if not self._waiting[plugin]:
+                    del self._waiting[plugin]
         return self._start(plugin)
 
     def _release(self, worker: Worker) -> None:
         self._trim_log(worker.log_path)
+        worker.job_id = None
+        worker.last_used = time.monotonic()
         if self.reuse_workers and worker.alive():
-            with self._lock:
-                idle = self._idle.setdefault(worker.plugin, [])
-                if not self._closed and len(idle) < self.max_idle_per_plugin:
-                    idle.append(worker)
-                    return
+            with self._cond:
+                if not self._closed:
+                    self._idle.setdefault(worker.plugin, []).append(worker)
+                    self._cond.notify_all()
+                    evict = self._over_budget()
+                    if worker not in evict:
+                        for old in evict:
+                            self._discard(old)
+                        return
         self._discard(worker)
+
+    def _over_budget(self) -> list[Worker]:
+        """Idle workers to stop so the idle ones fit ``idle_worker_memory_mb``, LRU first (lock held)."""
+        budget = int(self.settings.idle_worker_memory_mb) * 2**20
+        idle = sorted((w for ws in self._idle.values() for w in ws), key=lambda w: w.last_used)
+        sizes = {id(w): w.group_rss() for w in idle}
+        total = sum(sizes.values())
+        evict = []
+        for worker in idle:
+            if total <= budget:
+                break
+            total -= sizes[id(worker)]
+            evict.append(worker)
+        for worker in evict:
+            self._idle[worker.plugin].remove(worker)
+            self._evicted += 1
+            log.info("stopping idle %s worker pid %s: idle workers over %s MB", worker.plugin, worker.pid,
+                     self.settings.idle_worker_memory_mb)
+        return evict
 
     def _discard(self, worker: Worker) -> None:
         """Retire a worker. A live one is asked to leave and reaped in the background: its
         interpreter shutdown (~0.1-0.2 s) is not the caller's wait."""
-        with self._lock:
+        with self._cond:
             self._all.discard(worker)
+            self._cond.notify_all()
             if worker.alive():
                 self._stopping.add(worker)
                 dead = None
@@ -393,19 +531,7 @@ class ProcessRunner:
         threading.Thread(target=reap, name="forgeflow-reaper", daemon=True).start()
 
     def _worker_env(self) -> dict[str, str]:
-        s = self.settings
-        env = dict(os.environ)
-        env.update(
-            {
-                "FORGEFLOW_HOME": str(s.home),
-                "FORGEFLOW_MEDIA_INPUT_ROOTS": json.dumps([str(p) for p in s.media_input_roots]),
-                "FORGEFLOW_MAX_MEDIA_BYTES": str(s.max_media_bytes),
-                "FORGEFLOW_MAX_FRAMES": str(s.max_frames),
-                "FORGEFLOW_MAX_PIXELS": str(s.max_pixels),
-                "PYTHONUNBUFFERED": "1",
-            }
-        )
-        return env
+        return {**os.environ, **self.settings.to_env(), "PYTHONUNBUFFERED": "1"}
 
     def _trim_log(self, path: Path) -> None:
         try:
@@ -415,6 +541,17 @@ class ProcessRunner:
             pass
 
     def _start(self, plugin: str) -> tuple[Worker | None, CallResult | None]:
+        """Start a worker whose place in the pool the caller reserved (``_starting``)."""
+        try:
+            return self._spawn_worker(plugin)
+        finally:
+            with self._cond:
+                self._starting[plugin] -= 1
+                if not self._starting[plugin]:
+                    del self._starting[plugin]
+                self._cond.notify_all()
+
+    def _spawn_worker(self, plugin: str) -> tuple[Worker | None, CallResult | None]:
         log_path = worker_log_path(self.settings.logs_dir, plugin)
         log_path.parent.mkdir(parents=True, exist_ok=True)
         self._trim_log(log_path)

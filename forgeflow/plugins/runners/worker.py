@@ -176,10 +176,13 @@ def build_context(
     stage_index: int | None = None,
     media_store: MediaStore | None = None,
 ) -> ToolContext:
+    from forgeflow.plugins.cache import OutputCache, job_cache_dir
     from forgeflow.plugins.media import MediaStore
     from forgeflow.plugins.sdk import ToolContext
 
+    cache_root = job_cache_dir(settings.cache_dir, job_id) if settings.reuse_outputs and job_id else None
     return ToolContext(
+        cache=OutputCache(cache_root),
         media_store=media_store or MediaStore(settings.media_root),
         input_roots=list(settings.media_input_roots),
         max_bytes=settings.max_media_bytes,
@@ -231,6 +234,8 @@ def execute_call(
         "result_size_bytes": 0,
         "peak_memory_mb": round(peak_kb / 1024.0, 1) if peak_kb is not None else None,
         "recycle": False,
+        "reused_outputs": ctx.cache.hits,
+        "computed_outputs": ctx.cache.misses,
     }
     if error is None:
         try:
@@ -333,6 +338,8 @@ def serve(plugin_name: str, proto_in: int, proto_out: int) -> int:
         return 0
     settings = get_settings()
     write_message(proto_out, {"type": "ready", "pid": os.getpid(), "plugin": plugin.name, "version": plugin.version})
+    from forgeflow.plugins.sdk import resource_loads
+
     while True:
         message = read_message_blocking(proto_in)
         if message is None or message.get("type") == "shutdown":
@@ -341,6 +348,7 @@ def serve(plugin_name: str, proto_in: int, proto_out: int) -> int:
             print(f"forgeflow worker: ignoring message of type {message.get('type')!r}", file=sys.stderr)
             continue
         result = run_request(plugin, message, settings, measure_peak=True)
+        result["resource_loads"] = resource_loads()
         write_message(proto_out, result)
         if result.get("recycle"):
             return 0

@@ -1,0 +1,5 @@
+import sys
+
+from forgeflow.engine.server import main
+
+sys.exit(main())

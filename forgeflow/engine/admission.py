@@ -1,0 +1,148 @@
+"""Admission: at most N stages run on one device at once; the rest wait, and say so.
+
+A stage's device comes from its config (``device``: ``cpu``, ``cuda``, ``cuda:N`` or ``auto``, which
+is ``cuda:0`` on a host with an NVIDIA GPU and ``cpu`` elsewhere); a tool without a ``device`` runs
+on ``cpu``. Slots per device come from ``settings.device_slots`` (default: one per CPU core for
+``cpu``, one per GPU). :class:`AdmittedRunner` wraps the pool runner: a call holds a slot of its
+device for its whole run, waiting (first come, first served) while all are taken.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from forgeflow.plugins.runners.base import CallResult, Runner, ToolCall
+
+__all__ = ["AdmittedRunner", "DeviceSlots", "device_of", "host_gpu_count"]
+
+
+def host_gpu_count() -> int:
+    """NVIDIA GPUs this host exposes (device files only: the engine never imports torch)."""
+    return len([p for p in glob.glob("/dev/nvidia[0-9]*") if os.path.basename(p)[6:].isdigit()])
+
+
+def device_of(config: dict[str, Any], gpus: int) -> str:
+    """The device a stage with ``config`` runs on: ``cpu`` or ``cuda:N``."""
+    device = str(config.get("device") or "cpu").strip().lower()
+    if device == "auto":
+        return "cuda:0" if gpus else "cpu"
+    if device == "cuda":
+        return "cuda:0"
+    return device if device.startswith("cuda:") else "cpu"
+
+
+@dataclass
+class _Device:
+    slots: int
+    running: list[dict[str, Any]] = field(default_factory=list)
+    waiting: list[dict[str, Any]] = field(default_factory=list)
+
+
+class DeviceSlots:
+    """Counting slots per device, first come first served, visible in :meth:`status`."""
+
+    def __init__(self, configured: dict[str, int] | None = None, *, gpus: int | None = None) -> None:
+        self.gpus = host_gpu_count() if gpus is None else gpus
+        self.configured = dict(configured or {})
+        self._cond = threading.Condition()
+        self._devices: dict[str, _Device] = {}
+
+    def slots_of(self, device: str) -> int:
+        if device in self.configured:
+            return max(1, int(self.configured[device]))
+        if device.startswith("cuda") and "cuda" in self.configured:
+            return max(1, int(self.configured["cuda"]))
+        if device == "cpu":
+            return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+        return 1
+
+    def _device(self, name: str) -> _Device:
+        if name not in self._devices:
+            self._devices[name] = _Device(self.slots_of(name))
+        return self._devices[name]
+
+    def acquire(self, device: str, ticket: dict[str, Any], *, cancelled: Callable[[], bool],
+                on_wait: Callable[[str], None] | None = None) -> bool:
+        """Take a slot of ``device`` for ``ticket`` (job, stage); False if cancelled while waiting."""
+        with self._cond:
+            state = self._device(device)
+            if not state.waiting and len(state.running) < state.slots:
+                state.running.append(ticket)
+                return True
+            ticket = {**ticket, "since": time.time()}
+            state.waiting.append(ticket)
+        if on_wait is not None:
+            on_wait(f"waiting for a {device} slot: {state.slots} of {state.slots} busy")
+        with self._cond:
+            try:
+                while True:
+                    if cancelled():
+                        return False
+                    if state.waiting[0] is ticket and len(state.running) < state.slots:
+                        state.running.append(ticket)
+                        return True
+                    self._cond.wait(0.25)
+            finally:
+                state.waiting.remove(ticket)
+                self._cond.notify_all()
+
+    def release(self, device: str, ticket: dict[str, Any]) -> None:
+        with self._cond:
+            state = self._device(device)
+            for i, held in enumerate(state.running):
+                if held.get("job_id") == ticket.get("job_id") and held.get("stage_index") == ticket.get("stage_index"):
+                    del state.running[i]
+                    break
+            self._cond.notify_all()
+
+    def wake(self) -> None:
+        with self._cond:
+            self._cond.notify_all()
+
+    def status(self) -> dict[str, Any]:
+        with self._cond:
+            return {
+                name: {
+                    "slots": d.slots,
+                    "running": [dict(t) for t in d.running],
+                    "waiting": [dict(t) for t in d.waiting],
+                }
+                for name, d in sorted(self._devices.items())
+            }
+
+
+class AdmittedRunner:
+    """A runner whose calls first take a slot of their device (see :class:`DeviceSlots`)."""
+
+    def __init__(self, inner: Any, slots: DeviceSlots,
+                 on_wait: Callable[[ToolCall, str], None] | None = None) -> None:
+        self.inner: Runner = inner
+        self.name = getattr(inner, "name", "process")
+        self.slots = slots
+        self.on_wait = on_wait
+
+    def run(self, call: ToolCall) -> CallResult:
+        device = device_of(call.config, self.slots.gpus)
+        ticket = {"job_id": call.job_id, "stage_index": call.stage_index, "plugin": call.plugin, "tool": call.tool}
+        is_cancelled = getattr(self.inner, "is_cancelled", None)
+        admitted = self.slots.acquire(
+            device,
+            ticket,
+            cancelled=lambda: bool(is_cancelled and is_cancelled(call.job_id)),
+            on_wait=(lambda reason: self.on_wait(call, reason)) if self.on_wait else None,  # type: ignore[misc]
+        )
+        if not admitted:
+            return CallResult.failure("Cancelled", "cancelled by request")
+        try:
+            return self.inner.run(call)
+        finally:
+            self.slots.release(device, ticket)
+
+    def close(self) -> None:
+        self.inner.close()

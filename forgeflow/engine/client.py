@@ -1,0 +1,158 @@
+"""Talking to this host's engine: :class:`EngineClient`, :class:`EngineRunner`, :func:`ensure_engine`."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from forgeflow.plugins.runners.base import CallResult, ToolCall
+from forgeflow.settings import Settings
+
+__all__ = ["EngineClient", "EngineRunner", "EngineUnavailable", "ensure_engine", "start_engine_process"]
+
+
+class EngineUnavailable(RuntimeError):
+    """No engine answers on the socket (or it went away mid-request)."""
+
+
+class EngineClient:
+    """HTTP over the engine's Unix socket."""
+
+    def __init__(self, socket_path: Path, timeout: float = 30.0) -> None:
+        self.socket_path = Path(socket_path)
+        self._client = httpx.Client(
+            transport=httpx.HTTPTransport(uds=str(self.socket_path)), base_url="http://engine", timeout=timeout
+        )
+
+    def close(self) -> None:
+        self._client.close()
+
+    def _request(self, method: str, path: str, **kwargs: Any) -> Any:
+        if not self.socket_path.exists():
+            raise EngineUnavailable(f"no engine socket at {self.socket_path}")
+        try:
+            response = self._client.request(method, path, **kwargs)
+        except httpx.HTTPError as exc:
+            raise EngineUnavailable(f"the engine on {self.socket_path} does not answer: {exc}") from None
+        if response.status_code >= 400:
+            raise EngineUnavailable(f"engine {method} {path}: {response.status_code} {response.text[:500]}")
+        return response.json()
+
+    def alive(self) -> bool:
+        try:
+            self._request("GET", "/status", timeout=5.0)
+            return True
+        except EngineUnavailable:
+            return False
+
+    def status(self) -> dict[str, Any]:
+        return self._request("GET", "/status")  # type: ignore[no-any-return]
+
+    def jobs(self) -> dict[str, dict[str, Any]]:
+        return self._request("GET", "/jobs")  # type: ignore[no-any-return]
+
+    def submit(self, job_id: str, pipeline: Any, input_data: dict[str, Any], *, api_url: str,
+               ingest_token: str | None) -> dict[str, Any]:
+        body = {"job_id": job_id, "pipeline": pipeline, "input": input_data,
+                "sink": {"api_url": api_url, "ingest_token": ingest_token}}
+        return self._request("POST", "/jobs", json=body)  # type: ignore[no-any-return]
+
+    def stream(self, job_id: str, pipeline: Any, input_data: dict[str, Any]) -> Iterator[dict[str, Any]]:
+        """Run a job and yield its events (``{"event": ...}``) then ``{"envelope": ..., "status": ...}``."""
+        body = {"job_id": job_id, "pipeline": pipeline, "input": input_data, "stream": True}
+        try:
+            with self._client.stream("POST", "/jobs", json=body, timeout=httpx.Timeout(30.0, read=None)) as response:
+                if response.status_code >= 400:
+                    raise EngineUnavailable(f"engine refused the job: {response.status_code} {response.read()[:500]!r}")
+                for line in response.iter_lines():
+                    if line.strip():
+                        yield json.loads(line)
+        except httpx.HTTPError as exc:
+            raise EngineUnavailable(f"lost the engine mid-job: {exc}") from None
+
+    def cancel(self, job_id: str) -> dict[str, Any]:
+        return self._request("POST", f"/jobs/{job_id}/cancel")  # type: ignore[no-any-return]
+
+    def call(self, call: ToolCall) -> CallResult:
+        data = self._request("POST", "/calls", json=call.model_dump(mode="json"), timeout=call.timeout_s + 120.0)
+        return CallResult.model_validate(data)
+
+    def warm(self, plugins: list[str]) -> list[str]:
+        return self._request("POST", "/warm", json={"plugins": plugins}, timeout=300.0)["started"]  # type: ignore[no-any-return]
+
+    def set_owner(self, pid: int | None) -> None:
+        self._request("POST", "/owner", json={"pid": pid})
+
+    def shutdown(self, *, drain: bool) -> None:
+        self._request("POST", "/shutdown", json={"drain": drain})
+
+
+class EngineRunner:
+    """A :class:`~forgeflow.plugins.runners.base.Runner` whose calls run on the engine's warm pools.
+
+    What a flow run in another process of this host (a Prefect worker's, say) uses when the host has
+    an engine: the stage still runs sandboxed, with its timeout and memory limit, in a worker that
+    already holds its model."""
+
+    name = "engine"
+
+    def __init__(self, client: EngineClient) -> None:
+        self.client = client
+
+    def run(self, call: ToolCall) -> CallResult:
+        try:
+            return self.client.call(call)
+        except EngineUnavailable as exc:
+            return CallResult.failure("EngineUnavailable", f"{call.plugin}.{call.tool}: {exc}")
+
+    def close(self) -> None:
+        self.client.close()
+
+
+def start_engine_process(settings: Settings, *, env: dict[str, str] | None = None,
+                         owner_pid: int | None = None) -> subprocess.Popen[bytes]:
+    """Start ``python -m forgeflow.engine`` in its own session (it outlives the caller's restarts)."""
+    log_path = settings.logs_dir / "engine.log"
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    cmd = [sys.executable, "-m", "forgeflow.engine"]
+    if owner_pid is not None:
+        cmd += ["--owner-pid", str(owner_pid)]
+    child_env = {**os.environ, **settings.to_env(), **(env or {})}
+    with log_path.open("ab") as log_file:
+        return subprocess.Popen(cmd, env=child_env, stdin=subprocess.DEVNULL, stdout=log_file,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def ensure_engine(settings: Settings, *, env: dict[str, str] | None = None, owner_pid: int | None = None,
+                  timeout: float = 120.0) -> tuple[EngineClient, dict[str, Any]]:
+    """The engine of ``settings.home``: the running one, or a new one started and waited for."""
+    client = EngineClient(settings.engine_socket_path)
+    try:
+        return client, client.status()
+    except EngineUnavailable:
+        pass
+    proc = start_engine_process(settings, env=env, owner_pid=owner_pid)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            return client, client.status()
+        except EngineUnavailable:
+            code = proc.poll()
+            if code is not None:
+                try:  # lost a race with another starter: use theirs
+                    return client, client.status()
+                except EngineUnavailable:
+                    pass
+                tail = (settings.logs_dir / "engine.log").read_text(errors="replace")[-2000:]
+                raise EngineUnavailable(f"the engine exited with code {code} while starting:\n{tail}") from None
+            time.sleep(0.05)
+    proc.kill()
+    raise EngineUnavailable(f"the engine did not answer within {timeout:g} s")

@@ -1,0 +1,292 @@
+"""The engine: one long-lived process per host that runs jobs on warm, shared worker pools.
+
+Every job is still one Prefect flow run with one task run per stage (``pipeline_flow``), and every
+stage still runs in a sandboxed worker with its hard timeout and memory limit. What the engine adds
+is that all of it lives on between jobs:
+
+* **pools** — one :class:`~forgeflow.plugins.runners.process.ProcessRunner` shared by every job of
+  the host (the API's, ``forgeflow run``'s, and stage calls of flow runs that a Prefect worker
+  started), so models stay loaded; a crash or timeout costs only its own worker;
+* **admission** — at most ``max_concurrent_jobs`` jobs run at once (the rest queue in order) and at
+  most N stages per device (:mod:`forgeflow.engine.admission`);
+* **cheaper Prefect** — flow runs start in a process where Prefect is already imported and its
+  client warm, without the per-run heartbeat thread whose exit costs a sync flow about a second
+  (the engine reconciles lost jobs itself);
+* **reuse** — each job has its own ``ctx.cache`` (removed when the job ends).
+
+Jobs are submitted with where their events go: an API's ingest endpoint (``HttpSink``, spooled
+while the API is away) or a stream back to the caller (``forgeflow run``).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from forgeflow.engine.admission import AdmittedRunner, DeviceSlots
+from forgeflow.flows.events import Event, JobStatusEvent
+from forgeflow.flows.pipeline_flow import Services
+from forgeflow.flows.sinks import EventSink, HttpSink
+from forgeflow.plugins.lifecycle import LifecycleStore
+from forgeflow.plugins.registry import PluginRegistry
+from forgeflow.plugins.runners import get_runner
+from forgeflow.plugins.runners.base import CallResult, ToolCall
+from forgeflow.settings import Settings
+
+log = logging.getLogger("forgeflow.engine")
+
+#: Exit codes of a finished job, as the job processes of earlier versions used them.
+EXIT_CODES = {"succeeded": 0, "failed": 1, "invalid": 2, "cancelled": 3}
+#: Finished jobs the engine remembers (for status and for an API that re-attaches).
+FINISHED_KEPT = 2000
+
+
+class StreamSink:
+    """Events of one job for a caller that streams them (``forgeflow run`` against the engine)."""
+
+    def __init__(self) -> None:
+        self.queue: queue.Queue[Event | None] = queue.Queue()
+
+    def emit(self, event: Event) -> None:
+        self.queue.put(event)
+
+    def flush(self, timeout: float = 10.0) -> bool:
+        return True
+
+    def close(self) -> None:
+        self.queue.put(None)
+
+
+@dataclass
+class EngineJob:
+    job_id: str
+    pipeline: Any
+    input: dict[str, Any]
+    sink: EventSink
+    submitted_at: float = field(default_factory=time.time)
+    started_at: float | None = None
+    finished_at: float | None = None
+    status: str = "queued"  # queued (waiting for a job slot) | running | succeeded | failed | invalid | cancelled
+    envelope: dict[str, Any] | None = None
+    waiting_for: str | None = None
+    done: threading.Event = field(default_factory=threading.Event)
+
+    def view(self) -> dict[str, Any]:
+        return {
+            "job_id": self.job_id,
+            "status": self.status,
+            "exit_code": EXIT_CODES.get(self.status),
+            "submitted_at": self.submitted_at,
+            "started_at": self.started_at,
+            "finished_at": self.finished_at,
+            "waiting_for": self.waiting_for,
+        }
+
+
+class Engine:
+    """Warm pools, admission and job threads of one host (see the module docstring)."""
+
+    def __init__(self, settings: Settings, *, registry: PluginRegistry | None = None) -> None:
+        self.settings = settings
+        self.registry = registry or PluginRegistry.discover(LifecycleStore(settings.lifecycle_db))
+        self.pool = get_runner(settings, self.registry)
+        self.slots = DeviceSlots(settings.device_slots)
+        self.runner = AdmittedRunner(self.pool, self.slots, on_wait=self._stage_waits)
+        self.started_at = time.time()
+        self.prefect_api_url = os.environ.get("PREFECT_API_URL")
+        self._lock = threading.Lock()
+        self._jobs: OrderedDict[str, EngineJob] = OrderedDict()
+        self._queue: list[EngineJob] = []
+        self._running = 0
+        self._sinks: dict[tuple[str, str | None], HttpSink] = {}
+        self._closed = False
+
+    # --- jobs ------------------------------------------------------------------------------------
+
+    def submit(self, job_id: str, pipeline: Any, input_data: dict[str, Any], sink: EventSink) -> EngineJob:
+        """Queue a job; it starts when one of ``max_concurrent_jobs`` is free. A job id the engine
+        already runs is not started twice (the running one is returned)."""
+        with self._lock:
+            if self._closed:
+                raise RuntimeError("the engine is shutting down")
+            existing = self._jobs.get(job_id)
+            if existing is not None and existing.status in ("queued", "running"):
+                return existing
+            job = EngineJob(job_id, pipeline, dict(input_data or {}), sink)
+            self._jobs[job_id] = job
+            self._jobs.move_to_end(job_id)
+            while len(self._jobs) > FINISHED_KEPT:
+                oldest = next(iter(self._jobs.values()))
+                if oldest.status in ("queued", "running"):
+                    break
+                self._jobs.popitem(last=False)
+            self._queue.append(job)
+        self._start_queued()
+        return job
+
+    def http_sink(self, api_url: str, token: str | None) -> HttpSink:
+        """One delivering sink per API (events of all its jobs, in order)."""
+        key = (api_url.rstrip("/"), token)
+        with self._lock:
+            if key not in self._sinks:
+                self._sinks[key] = HttpSink(key[0], token, self.settings.spool_dir)
+            return self._sinks[key]
+
+    def _start_queued(self) -> None:
+        with self._lock:
+            starting = []
+            while self._queue and self._running < self.settings.max_concurrent_jobs:
+                job = self._queue.pop(0)
+                self._running += 1
+                job.status, job.started_at = "running", time.time()
+                starting.append(job)
+        for job in starting:
+            threading.Thread(target=self._run_job, args=(job,), name=f"job-{job.job_id}"[:60], daemon=True).start()
+
+    def _run_job(self, job: EngineJob) -> None:
+        from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
+
+        from forgeflow.flows.executor import PipelineExecutor
+        from forgeflow.flows.job import mark_flow_run
+        from forgeflow.flows.pipeline_flow import last_flow_run_id
+
+        services = Services(self.settings, self.registry, self.runner, job.sink)
+        status = "failed"
+        try:
+            # No heartbeat thread: joining it costs a sync flow run ~1 s at exit, and the engine
+            # (with the API's reconciliation) is what notices a lost job.
+            with temporary_settings(updates={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}):
+                envelope = PipelineExecutor(services).execute(job.pipeline, job.input, job.job_id)
+            job.envelope = envelope
+            if envelope.get("ok"):
+                status = "succeeded"
+            elif envelope.get("error_type") == "Cancelled":
+                status = "cancelled"
+                flow_run_id = last_flow_run_id(job.job_id)
+                if flow_run_id:
+                    mark_flow_run(flow_run_id, "cancelled", "cancelled by request")
+            elif envelope.get("error_type") == "PipelineValidationError":
+                status = "invalid"
+        except BaseException:
+            log.exception("job %s failed inside the engine", job.job_id)
+        finally:
+            self.pool_forget(job.job_id)
+            with self._lock:
+                job.status, job.finished_at, job.waiting_for = status, time.time(), None
+                self._running -= 1
+            if isinstance(job.sink, StreamSink):
+                job.sink.close()
+            job.done.set()
+            self._start_queued()
+
+    def pool_forget(self, job_id: str) -> None:
+        forget = getattr(self.pool, "forget_job", None)
+        if forget is not None:
+            forget(job_id)
+
+    def cancel(self, job_id: str) -> EngineJob | None:
+        """Stop a job: a queued one never starts; a running one's stage is killed and the job ends
+        ``cancelled`` (its flow run Cancelled)."""
+        with self._lock:
+            job = self._jobs.get(job_id)
+            if job is None:
+                return None
+            if job in self._queue:
+                self._queue.remove(job)
+                job.status, job.finished_at = "cancelled", time.time()
+                job.done.set()
+                return job
+        cancel = getattr(self.pool, "cancel_job", None)
+        if cancel is not None:
+            cancel(job_id)
+        self.slots.wake()
+        return job
+
+    def job(self, job_id: str) -> EngineJob | None:
+        with self._lock:
+            return self._jobs.get(job_id)
+
+    def jobs(self) -> dict[str, dict[str, Any]]:
+        with self._lock:
+            return {job_id: job.view() for job_id, job in self._jobs.items()}
+
+    @property
+    def active_jobs(self) -> int:
+        with self._lock:
+            return self._running + len(self._queue)
+
+    def _stage_waits(self, call: ToolCall, reason: str) -> None:
+        """A stage waits for a device slot: the job says so (a ``running`` status with ``waiting_for``)."""
+        job = self.job(call.job_id or "")
+        if job is None:
+            return
+        job.waiting_for = f"stage {call.stage_index}: {reason}"
+        job.sink.emit(JobStatusEvent(job_id=job.job_id, status="running", waiting_for=job.waiting_for))
+
+    # --- single calls (flow runs in other processes of this host) ---------------------------------
+
+    def call(self, call: ToolCall) -> CallResult:
+        return self.runner.run(call)
+
+    def warm(self, plugins: list[str]) -> list[str]:
+        """Start a worker for each plugin ahead of its first call; the ones started."""
+        started = []
+        for name in plugins:
+            try:
+                canonical = self.registry.resolve(name).name
+            except Exception:
+                continue
+            if getattr(self.pool, "warm", None) and self.pool.warm(canonical):  # type: ignore[attr-defined]
+                started.append(canonical)
+        return started
+
+    # --- status and life --------------------------------------------------------------------------
+
+    def status(self) -> dict[str, Any]:
+        pools = self.pool.status() if hasattr(self.pool, "status") else {}  # type: ignore[attr-defined]
+        with self._lock:
+            running = [j.view() for j in self._jobs.values() if j.status == "running"]
+            queued = [j.view() for j in self._queue]
+            finished = sum(1 for j in self._jobs.values() if j.finished_at is not None)
+        return {
+            "pid": os.getpid(),
+            "started_at": self.started_at,
+            "uptime_s": round(time.time() - self.started_at, 1),
+            "runner": self.settings.runner,
+            "prefect_api_url": self.prefect_api_url,
+            "max_concurrent_jobs": self.settings.max_concurrent_jobs,
+            "jobs": {"running": running, "queued": queued, "finished": finished},
+            "devices": self.slots.status(),
+            **pools,
+        }
+
+    def close(self, wait_s: float = 0.0) -> None:
+        with self._lock:
+            self._closed = True
+            queued, self._queue = self._queue, []
+        for job in queued:
+            job.status = "cancelled"
+            job.done.set()
+        deadline = time.monotonic() + wait_s
+        while self.active_jobs and time.monotonic() < deadline:
+            time.sleep(0.1)
+        self.pool.close()
+        for sink in list(self._sinks.values()):
+            sink.flush(timeout=5.0)
+            sink.close()
+
+    def stream(self, job: EngineJob) -> Iterator[Event | None]:
+        """Events of a job submitted with a :class:`StreamSink`, ending with None."""
+        assert isinstance(job.sink, StreamSink)
+        while True:
+            event = job.sink.queue.get()
+            yield event
+            if event is None:
+                return

@@ -1,0 +1,254 @@
+"""The engine's control endpoint: HTTP/1.1 on a Unix socket (``<home>/engine.sock``, mode 0600).
+
+Only processes of this host that may open the socket file can reach it: no port, no token. The
+engine knows nothing of FastAPI; the API (and ``forgeflow run``, and flow runs that Prefect workers
+start) talk to it with :class:`forgeflow.engine.client.EngineClient`.
+
+=========================  ===============================================================
+``GET /status``            pools, workers, warm models, job queue, device slots
+``GET /jobs``              every job the engine knows: status, exit code, waiting_for
+``POST /jobs``             ``{job_id, pipeline, input, sink: {api_url, ingest_token}}`` → 202;
+                           with ``"stream": true`` the answer streams the job's events as
+                           NDJSON lines (``{"event": ...}``), then ``{"envelope": ...}``
+``POST /jobs/{id}/cancel`` stop a job (queued: never starts; running: its stage is killed)
+``POST /calls``            run one ``ToolCall`` on the warm pools (admission applies) → CallResult
+``POST /warm``             ``{"plugins": [...]}``: start workers ahead of their first call
+``POST /owner``            ``{"pid": N}``: the engine leaves once N is gone and no job runs
+``POST /shutdown``         ``{"drain": true}``: leave once the running jobs end; else now
+=========================  ===============================================================
+
+Run it with ``forgeflow engine start`` (background) or ``forgeflow engine run`` (foreground).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import socket
+import socketserver
+import sys
+import threading
+import time
+from http.server import BaseHTTPRequestHandler
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger("forgeflow.engine")
+
+#: How often the engine checks whether its owner is gone.
+OWNER_CHECK_S = 1.0
+
+
+class _Server(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
+    daemon_threads = True
+    allow_reuse_address = True
+
+
+class EngineService:
+    """The engine behind its socket, plus its life rules (owner pid, drain)."""
+
+    def __init__(self, engine: Any, socket_path: Path, owner_pid: int | None = None) -> None:
+        self.engine = engine
+        self.socket_path = socket_path
+        self.owner_pid = owner_pid
+        self.draining = False
+        self.stopped = threading.Event()
+        self._server: _Server | None = None
+
+    def serve(self) -> None:
+        self.socket_path.parent.mkdir(parents=True, exist_ok=True)
+        if self.socket_path.exists():
+            if _answers(self.socket_path):
+                raise RuntimeError(f"an engine already answers on {self.socket_path}")
+            self.socket_path.unlink()
+        handler = type("Handler", (_Handler,), {"service": self})
+        old_umask = os.umask(0o177)  # the socket file is created 0600
+        try:
+            self._server = _Server(str(self.socket_path), handler)
+        finally:
+            os.umask(old_umask)
+        threading.Thread(target=self._watch, name="engine-owner-watch", daemon=True).start()
+        log.info("engine pid %s listening on %s", os.getpid(), self.socket_path)
+        try:
+            self._server.serve_forever(poll_interval=0.2)
+        finally:
+            self._server.server_close()
+            try:
+                if self.socket_path.exists() and not _answers(self.socket_path):
+                    self.socket_path.unlink()
+            except OSError:
+                pass
+            self.engine.close()
+            self.stopped.set()
+
+    def stop(self) -> None:
+        if self._server is not None:
+            threading.Thread(target=self._server.shutdown, daemon=True).start()
+
+    def _watch(self) -> None:
+        while not self.stopped.is_set():
+            time.sleep(OWNER_CHECK_S)
+            owner_gone = self.owner_pid is not None and not _pid_alive(self.owner_pid)
+            if (self.draining or owner_gone) and self.engine.active_jobs == 0:
+                log.info("engine leaving: %s", "drained" if self.draining else f"owner {self.owner_pid} is gone")
+                self.stop()
+                return
+
+
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    service: EngineService
+
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - the stdlib's name
+        log.debug("engine request: " + format, *args)
+
+    def address_string(self) -> str:
+        return "unix"
+
+    # --- plumbing ----------------------------------------------------------------------------------
+    def _body(self) -> Any:
+        length = int(self.headers.get("Content-Length") or 0)
+        return json.loads(self.rfile.read(length) or b"{}") if length else {}
+
+    def _send(self, status: int, payload: Any) -> None:
+        data = json.dumps(payload, default=str).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def do_GET(self) -> None:  # noqa: N802 - the stdlib's name
+        engine = self.service.engine
+        if self.path == "/status":
+            self._send(200, {**engine.status(), "draining": self.service.draining, "owner_pid": self.service.owner_pid})
+        elif self.path == "/jobs":
+            self._send(200, engine.jobs())
+        elif self.path.startswith("/jobs/"):
+            job = engine.job(self.path.split("/", 2)[2])
+            self._send(200, job.view()) if job else self._send(404, {"error": "unknown job"})
+        else:
+            self._send(404, {"error": f"no route {self.path}"})
+
+    def do_POST(self) -> None:  # noqa: N802
+        try:
+            body = self._body()
+        except (ValueError, json.JSONDecodeError) as exc:
+            self._send(400, {"error": f"malformed JSON: {exc}"})
+            return
+        try:
+            self._route(body)
+        except Exception as exc:  # an engine bug answers 500, never kills the engine
+            log.exception("engine request %s failed", self.path)
+            try:
+                self._send(500, {"error": f"{type(exc).__name__}: {exc}"})
+            except OSError:
+                pass
+
+    def _route(self, body: dict[str, Any]) -> None:
+        from forgeflow.engine.core import StreamSink
+        from forgeflow.plugins.runners.base import ToolCall
+
+        service, engine = self.service, self.service.engine
+        if self.path == "/jobs":
+            if service.draining:
+                service.draining = False  # a new job: whoever sends it wants the engine
+            stream = bool(body.get("stream"))
+            target = body.get("sink") or {}
+            if stream:
+                sink: Any = StreamSink()
+            elif target.get("api_url"):
+                sink = engine.http_sink(target["api_url"], target.get("ingest_token"))
+            else:
+                self._send(400, {"error": "a job needs a sink (api_url) or stream: true"})
+                return
+            job = engine.submit(str(body["job_id"]), body["pipeline"], body.get("input") or {}, sink)
+            if not stream:
+                self._send(202, job.view())
+                return
+            self.send_response(200)
+            self.send_header("Content-Type", "application/x-ndjson")
+            self.send_header("Connection", "close")
+            self.end_headers()
+            self.close_connection = True
+            for event in engine.stream(job):
+                line = {"event": event.model_dump(mode="json")} if event is not None else {"envelope": job.envelope,
+                                                                                           "status": job.status}
+                self.wfile.write(json.dumps(line).encode() + b"\n")
+                self.wfile.flush()
+        elif self.path.startswith("/jobs/") and self.path.endswith("/cancel"):
+            job = engine.cancel(self.path.split("/")[2])
+            self._send(200, job.view()) if job else self._send(404, {"error": "unknown job"})
+        elif self.path == "/calls":
+            result = engine.call(ToolCall.model_validate(body))
+            self._send(200, result.model_dump(mode="json"))
+        elif self.path == "/warm":
+            self._send(200, {"started": engine.warm(list(body.get("plugins") or []))})
+        elif self.path == "/owner":
+            service.owner_pid = body.get("pid")
+            service.draining = False
+            self._send(200, {"owner_pid": service.owner_pid})
+        elif self.path == "/shutdown":
+            if body.get("drain"):
+                service.draining = True
+                self._send(200, {"draining": True, "active_jobs": engine.active_jobs})
+            else:
+                self._send(200, {"stopping": True})
+                service.stop()
+        else:
+            self._send(404, {"error": f"no route {self.path}"})
+
+
+def _answers(path: Path) -> bool:
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.settimeout(1.0)
+    try:
+        sock.connect(str(path))
+        return True
+    except OSError:
+        return False
+    finally:
+        sock.close()
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:  # a zombie child of ours is gone for our purposes
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().split(")")[-1].split()[0] != "Z"
+    except OSError:
+        return True
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m forgeflow.engine", description="ForgeFlow's engine for this host.")
+    parser.add_argument("--owner-pid", type=int, default=None, help="leave once this process is gone and no job runs")
+    args = parser.parse_args(argv)
+    os.environ["FORGEFLOW_ENGINE_PROCESS"] = "1"  # its flow runs use its own pools (pipeline_flow.ENGINE_PROCESS_ENV)
+    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")  # before Prefect is imported
+    from forgeflow.engine.core import Engine
+    from forgeflow.settings import get_settings
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    settings = get_settings()
+    settings.home.mkdir(parents=True, exist_ok=True)
+    import prefect  # noqa: F401 - imported before the first job, not during it
+
+    engine = Engine(settings)
+    service = EngineService(engine, settings.engine_socket_path, args.owner_pid)
+    signal.signal(signal.SIGTERM, lambda *_: service.stop())
+    signal.signal(signal.SIGINT, lambda *_: service.stop())
+    try:
+        service.serve()
+    except RuntimeError as exc:
+        print(f"forgeflow engine: {exc}", file=sys.stderr)
+        return 1
+    return 0
