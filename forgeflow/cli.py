@@ -26,6 +26,8 @@ from rich.table import Table
 app = typer.Typer(help="ForgeFlow: fault-isolated multi-plugin vision pipelines on Prefect.", no_args_is_help=True)
 plugins_app = typer.Typer(help="Installed plugins and their lifecycle.", no_args_is_help=True)
 app.add_typer(plugins_app, name="plugins")
+engine_app = typer.Typer(help="This host's engine: warm worker pools shared by every job.", no_args_is_help=True)
+app.add_typer(engine_app, name="engine")
 console = Console(stderr=True, soft_wrap=True)
 out = Console()
 
@@ -122,9 +124,7 @@ def run(
     """Run a pipeline locally on the embedded default (ephemeral Prefect, process runner)."""
     import logging
 
-    from forgeflow.flows.executor import PipelineExecutor
     from forgeflow.flows.models import canonical_json
-    from forgeflow.flows.pipeline_flow import Services
     from forgeflow.flows.sinks import MemorySink
     from forgeflow.flows.validation import PipelineValidationError, parse_definition, validate_pipeline
 
@@ -142,7 +142,11 @@ def run(
         _print_issues(exc)
         raise typer.Exit(EXIT_INVALID) from None
 
+    from forgeflow.settings import get_settings
+
+    settings = get_settings()
     sink = MemorySink()
+    engine = _running_engine(settings)
     with Progress(
         SpinnerColumn(),
         TextColumn("{task.description}"),
@@ -157,15 +161,11 @@ def run(
             for i, s in enumerate(definition.stages)
         ]
         sink.subscribe(lambda event: _show(progress, bars, event))
-        from forgeflow.settings import get_settings
-
-        settings = get_settings()
-        services = Services.from_settings(settings, sink=sink)
         started = time.perf_counter()
-        try:
-            envelope = PipelineExecutor(services).execute(definition, job_input, job_id)
-        finally:
-            services.close()
+        if engine is not None:
+            envelope = _run_on_engine(engine, definition, job_input, job_id, sink)
+        else:
+            envelope = _run_here(settings, definition, job_input, job_id, sink)
         elapsed = time.perf_counter() - started
 
     _summary(envelope, elapsed, job_id)
@@ -174,6 +174,81 @@ def run(
     if as_json:
         out.print_json(canonical_json(envelope))
     raise typer.Exit(EXIT_OK if envelope["ok"] else EXIT_FAILED)
+
+
+def _running_engine(settings: Any) -> Any:
+    """This host's engine when one runs (and may be used), else None."""
+    if not settings.use_engine:
+        return None
+    from forgeflow.engine.client import EngineClient
+
+    client = EngineClient(settings.engine_socket_path)
+    return client if client.alive() else None
+
+
+def _run_on_engine(client: Any, definition: Any, job_input: dict[str, Any], job_id: str, sink: Any) -> dict[str, Any]:
+    """Hand the job to the engine (warm models, its Prefect) and follow its events."""
+    from forgeflow.engine.client import EngineUnavailable
+    from forgeflow.flows.events import parse_event
+
+    envelope: dict[str, Any] | None = None
+    try:
+        for line in client.stream(job_id, definition.model_dump(mode="json"), job_input):
+            if "event" in line:
+                sink.emit(parse_event(line["event"]))
+            else:
+                envelope = line.get("envelope")
+    except KeyboardInterrupt:
+        client.cancel(job_id)
+        console.print(f"[yellow]cancelled job {job_id}[/yellow]")
+        raise typer.Exit(130) from None
+    except EngineUnavailable as exc:
+        console.print(f"[red]{exc}[/red]")
+        raise typer.Exit(EXIT_FAILED) from None
+    if envelope is None:
+        console.print("[red]the engine ended the job without a result (see its log)[/red]")
+        raise typer.Exit(EXIT_FAILED)
+    return envelope
+
+
+def _run_here(settings: Any, definition: Any, job_input: dict[str, Any], job_id: str, sink: Any) -> dict[str, Any]:
+    """Run the job in this process: a running local Prefect server if there is one (else Prefect's
+    ephemeral one), and the first stage's worker starting while Prefect does."""
+    import threading
+
+    _use_local_prefect()
+    from forgeflow.flows.executor import PipelineExecutor
+    from forgeflow.flows.pipeline_flow import Services
+
+    services = Services.from_settings(settings, sink=sink)
+    warm = getattr(services.runner, "warm", None)
+    if warm is not None and definition.stages:
+        try:
+            first = services.registry.resolve(definition.stages[0].plugin).name
+            threading.Thread(target=warm, args=(first,), name="forgeflow-prewarm", daemon=True).start()
+        except Exception:  # validation already named the problem; warming is only a head start
+            pass
+    try:
+        return PipelineExecutor(services).execute(definition, job_input, job_id)
+    finally:
+        services.close()
+
+
+#: Where ``prefect server start`` listens by default (and ``forgeflow up`` puts it).
+LOCAL_PREFECT_URL = "http://127.0.0.1:4200/api"
+
+
+def _use_local_prefect() -> None:
+    """Point Prefect at a running local server (``PREFECT_API_URL`` wins) instead of an ephemeral one."""
+    if os.environ.get("PREFECT_API_URL"):
+        return
+    import httpx
+
+    try:
+        if httpx.get(f"{LOCAL_PREFECT_URL}/health", timeout=0.5).status_code == 200:
+            os.environ["PREFECT_API_URL"] = LOCAL_PREFECT_URL
+    except httpx.HTTPError:
+        pass
 
 
 def _show(progress: Progress, bars: list[Any], event: Any) -> None:
@@ -319,6 +394,83 @@ def serve(
     settings = get_settings()
     updates = {k: v for k, v in (("api_host", host), ("api_port", port)) if v is not None}
     serve_api(settings.model_copy(update=updates))
+
+
+@engine_app.command("start")
+def engine_start() -> None:
+    """Start this host's engine in the background (jobs of `forgeflow run`, the API and Prefect
+    workers on this host then share its warm workers). Uses PREFECT_API_URL, else a local Prefect
+    server on :4200, else starts one under FORGEFLOW_HOME/prefect."""
+    from forgeflow.engine.client import EngineUnavailable, ensure_engine
+    from forgeflow.settings import get_settings
+
+    settings = get_settings()
+    _use_local_prefect()
+    try:
+        _, status = ensure_engine(settings, timeout=180.0)
+    except EngineUnavailable as exc:
+        console.print(f"[red]{exc}[/red]")
+        raise typer.Exit(EXIT_FAILED) from None
+    console.print(f"engine pid {status['pid']} on {settings.engine_socket_path} (Prefect: {status['prefect_api_url']}); "
+                  f"log: {settings.logs_dir / 'engine.log'}")
+
+
+@engine_app.command("run")
+def engine_run() -> None:
+    """Run this host's engine in the foreground (until SIGTERM or Ctrl-C)."""
+    from forgeflow.engine.server import main as engine_main
+
+    _use_local_prefect()
+    raise typer.Exit(engine_main([]))
+
+
+@engine_app.command("stop")
+def engine_stop(drain: bool = typer.Option(False, "--drain", help="Let the running jobs finish first.")) -> None:
+    """Stop this host's engine."""
+    from forgeflow.engine.client import EngineClient, EngineUnavailable
+    from forgeflow.settings import get_settings
+
+    client = EngineClient(get_settings().engine_socket_path)
+    try:
+        client.shutdown(drain=drain)
+    except EngineUnavailable as exc:
+        console.print(f"[yellow]{exc}[/yellow]")
+        raise typer.Exit(EXIT_FAILED) from None
+    console.print("engine " + ("draining: it leaves when its running jobs end" if drain else "stopping"))
+
+
+@engine_app.command("status")
+def engine_status(as_json: bool = typer.Option(False, "--json", help="Print JSON instead of tables.")) -> None:
+    """Pools, workers and their warm models, the job queue and device slots of this host's engine."""
+    from forgeflow.engine.client import EngineClient, EngineUnavailable
+    from forgeflow.settings import get_settings
+
+    try:
+        status = EngineClient(get_settings().engine_socket_path).status()
+    except EngineUnavailable as exc:
+        console.print(f"[yellow]no engine: {exc}[/yellow]")
+        raise typer.Exit(EXIT_FAILED) from None
+    if as_json:
+        out.print_json(json.dumps(status))
+        return
+    jobs = status["jobs"]
+    out.print(f"engine pid {status['pid']} · up {status['uptime_s']:.0f} s · Prefect {status['prefect_api_url']} · "
+              f"jobs running {len(jobs['running'])}, queued {len(jobs['queued'])}, finished {jobs['finished']} "
+              f"(at most {status['max_concurrent_jobs']} at once)")
+    devices = Table(title="devices", title_justify="left")
+    for column in ("device", "slots", "running", "waiting"):
+        devices.add_column(column)
+    for name, d in status["devices"].items():
+        devices.add_row(name, str(d["slots"]), str(len(d["running"])), str(len(d["waiting"])))
+    out.print(devices)
+    workers = Table(title=f"workers · idle memory {status['idle_memory_mb']:.0f} of {status['idle_memory_budget_mb']} MB"
+                    f" · evicted {status['evicted']}", title_justify="left")
+    for column in ("plugin", "pid", "state", "job", "calls", "model loads", "memory"):
+        workers.add_column(column, overflow="fold")
+    for w in status["workers"]:
+        workers.add_row(w["plugin"], str(w["pid"]), w["state"], w["job_id"] or "", str(w["calls"]),
+                        str(w["model_loads"]), f"{w['rss_mb']:.0f} MB")
+    out.print(workers)
 
 
 def main() -> None:  # pragma: no cover - console entry

@@ -24,7 +24,7 @@ from forgeflow.api.auth import Authenticator, check_bind
 from forgeflow.api.deps import ApiState, require_auth
 from forgeflow.api.errors import install_error_handlers
 from forgeflow.api.hub import EventHub
-from forgeflow.api.routers import events, health, jobs, media, pipelines, plugins
+from forgeflow.api.routers import engine, events, health, jobs, media, pipelines, plugins
 from forgeflow.api.store import Store
 from forgeflow.settings import Settings, get_settings
 
@@ -53,6 +53,7 @@ TAGS = [
     {"name": "plugins", "description": "Installed plugins, tools, schemas, lifecycle and health."},
     {"name": "media", "description": "Upload images and videos; use the ref as job input."},
     {"name": "realtime", "description": "Event ingest (internal) and WebSocket streams."},
+    {"name": "engine", "description": "This host's engine: warm worker pools, job queue, device slots."},
     {"name": "health", "description": "Service health."},
 ]
 
@@ -170,6 +171,7 @@ def create_app(
     app.include_router(pipelines.router, dependencies=secured)
     app.include_router(plugins.router, dependencies=secured)
     app.include_router(media.router, dependencies=secured)
+    app.include_router(engine.router, dependencies=secured)
     app.include_router(events.router)  # ingest: its own token check; WebSockets check in the handler
     app.include_router(health.router)
     return app

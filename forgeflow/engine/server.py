@@ -240,15 +240,25 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     settings = get_settings()
     settings.home.mkdir(parents=True, exist_ok=True)
-    import prefect  # noqa: F401 - imported before the first job, not during it
+    prefect_server = None
+    if not os.environ.get("PREFECT_API_URL"):  # no server named: one of the engine's own, stopped with it
+        from forgeflow.flows.prefect_server import LocalPrefectServer
 
-    engine = Engine(settings)
-    service = EngineService(engine, settings.engine_socket_path, args.owner_pid)
-    signal.signal(signal.SIGTERM, lambda *_: service.stop())
-    signal.signal(signal.SIGINT, lambda *_: service.stop())
+        prefect_server = LocalPrefectServer(settings.home / "prefect")
+        os.environ["PREFECT_API_URL"] = prefect_server.start()
     try:
-        service.serve()
-    except RuntimeError as exc:
-        print(f"forgeflow engine: {exc}", file=sys.stderr)
-        return 1
-    return 0
+        import prefect  # noqa: F401 - imported before the first job, not during it
+
+        engine = Engine(settings)
+        service = EngineService(engine, settings.engine_socket_path, args.owner_pid)
+        signal.signal(signal.SIGTERM, lambda *_: service.stop())
+        signal.signal(signal.SIGINT, lambda *_: service.stop())
+        try:
+            service.serve()
+        except RuntimeError as exc:
+            print(f"forgeflow engine: {exc}", file=sys.stderr)
+            return 1
+        return 0
+    finally:
+        if prefect_server is not None:
+            prefect_server.stop()

@@ -1,0 +1,261 @@
+"""The engine: a real ``python -m forgeflow.engine`` process per test (its own FORGEFLOW_HOME), the
+session's real Prefect server, real sandboxed workers and, for the vision tests, real Ultralytics."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from forgeflow.engine.client import EngineClient, ensure_engine
+from forgeflow.settings import Settings
+
+SLEEP = {"plugin": "testkit", "tool": "sleep"}
+
+
+@pytest.fixture
+def start_engine(tmp_path: Path, prefect_api_url: str) -> Iterator[Callable[..., EngineClient]]:
+    started: list[tuple[EngineClient, int]] = []
+
+    def start(**overrides: Any) -> EngineClient:
+        settings = Settings(home=tmp_path / f"home{len(started)}", **overrides)
+        client, status = ensure_engine(settings, env={"PREFECT_API_URL": prefect_api_url}, timeout=180)
+        started.append((client, status["pid"]))
+        return client
+
+    yield start
+    import os
+    import signal
+
+    for client, pid in started:
+        try:
+            client.shutdown(drain=False)
+        except Exception:
+            pass
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                break
+            time.sleep(0.1)
+        else:
+            os.killpg(pid, signal.SIGKILL)
+
+
+def run(client: EngineClient, job_id: str, stages: list[dict[str, Any]], job_input: dict[str, Any] | None = None
+        ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Run a job on the engine: its events and the final line (envelope, status)."""
+    events, last = [], {}
+    for line in client.stream(job_id, {"stages": stages}, job_input or {}):
+        if "event" in line:
+            events.append(line["event"])
+        else:
+            last = line
+    return events, last
+
+
+def in_thread(fn: Callable[[], Any]) -> tuple[threading.Thread, dict[str, Any]]:
+    box: dict[str, Any] = {}
+    thread = threading.Thread(target=lambda: box.setdefault("value", fn()), daemon=True)
+    thread.start()
+    return thread, box
+
+
+def wait_for(predicate: Callable[[], bool], timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(0.05)
+
+
+def workers_of(client: EngineClient, plugin: str) -> list[dict[str, Any]]:
+    return [w for w in client.status()["workers"] if w["plugin"] == plugin]
+
+
+@pytest.mark.vision
+def test_second_job_reuses_the_warm_worker_and_its_model(start_engine: Any) -> None:
+    from ultralytics import ASSETS
+
+    client = start_engine(media_input_roots=[Path(ASSETS)])
+    stage = {"plugin": "videotracker", "tool": "detect_players", "config": {"device": "cpu", "imgsz": 320}}
+    bus = str(Path(ASSETS) / "bus.jpg")
+    _, first = run(client, "first", [stage], {"media": bus})
+    assert first["status"] == "succeeded", first
+    [worker] = workers_of(client, "forgesyte-yolo-tracker")
+    assert worker["model_loads"] == 1 and worker["calls"] == 1
+    _, second = run(client, "second", [stage], {"media": bus})
+    assert second["status"] == "succeeded"
+    assert second["envelope"]["result"] == first["envelope"]["result"]
+    [again] = workers_of(client, "forgesyte-yolo-tracker")
+    assert again["pid"] == worker["pid"]  # the same warm process ...
+    assert again["model_loads"] == 1 and again["calls"] == 2  # ... which did not load the model again
+
+
+@pytest.mark.parametrize(
+    ("tool", "config", "error_type"),
+    [
+        ("segfault", {}, "WorkerCrashed"),
+        ("hang", {"seconds": 60}, "TimeoutError"),
+        ("allocate", {"megabytes": 2048}, "MemoryError"),
+    ],
+)
+def test_a_failing_stage_costs_only_its_own_worker(start_engine: Any, tool: str, config: dict[str, Any],
+                                                    error_type: str) -> None:
+    client = start_engine(pool_size=2)
+    slow = [{**SLEEP, "config": {"seconds": 3}}, {"plugin": "testkit", "tool": "noop"}]
+    thread, box = in_thread(lambda: run(client, "healthy", slow))
+    wait_for(lambda: any(w["job_id"] == "healthy" for w in workers_of(client, "testkit")))
+    [healthy_worker] = [w["pid"] for w in workers_of(client, "testkit") if w["job_id"] == "healthy"]
+    bad = {"plugin": "testkit", "tool": tool, "config": config, "timeout_seconds": 1, "memory_limit_mb": 256}
+    _, failed = run(client, "broken", [bad])
+    assert failed["status"] == "failed"
+    assert failed["envelope"]["error_type"] == error_type
+    thread.join(60)
+    events, healthy = box["value"]
+    assert healthy["status"] == "succeeded", healthy
+    assert [e["type"] for e in events].count("pipeline_stage_end") == 2
+    assert healthy_worker in [w["pid"] for w in workers_of(client, "testkit")]  # its worker lives on
+
+
+def test_admission_queues_stages_beyond_the_device_slots(start_engine: Any) -> None:
+    client = start_engine(device_slots={"cpu": 1}, pool_size=2)
+    stage = [{**SLEEP, "config": {"seconds": 1.5}}]
+    first, first_box = in_thread(lambda: run(client, "first", stage))
+    wait_for(lambda: client.status()["devices"].get("cpu", {}).get("running"))
+    second, second_box = in_thread(lambda: run(client, "second", stage))
+    wait_for(lambda: client.status()["devices"]["cpu"]["waiting"])
+    waiting = client.status()["devices"]["cpu"]["waiting"]
+    assert [t["job_id"] for t in waiting] == ["second"]
+    first.join(60)
+    second.join(60)
+    first_events, first_end = first_box["value"]
+    second_events, second_end = second_box["value"]
+    assert first_end["status"] == second_end["status"] == "succeeded"
+    waits = [e for e in second_events if e["type"] == "job_status" and e.get("waiting_for")]
+    assert waits and "cpu" in waits[0]["waiting_for"]
+    first_stage_end = next(e for e in first_events if e["type"] == "pipeline_stage_end")
+    second_stage_end = next(e for e in second_events if e["type"] == "pipeline_stage_end")
+    # one slot: the second stage ran after the first, so it took its own 1.5 s after the first's end
+    assert second_stage_end["timestamp"] > first_stage_end["timestamp"]
+    assert second_stage_end["duration_ms"] >= 1400
+
+
+def test_cancel_stops_the_running_stage_with_one_start_and_one_end(start_engine: Any) -> None:
+    client = start_engine()
+    stages = [{**SLEEP, "config": {"seconds": 60}}, {"plugin": "testkit", "tool": "noop"}]
+    thread, box = in_thread(lambda: run(client, "to-cancel", stages))
+    wait_for(lambda: any(w["job_id"] == "to-cancel" for w in workers_of(client, "testkit")))
+    started = time.monotonic()
+    client.cancel("to-cancel")
+    thread.join(60)
+    assert time.monotonic() - started < 15
+    events, end = box["value"]
+    assert end["status"] == "cancelled"
+    envelope = end["envelope"]
+    assert envelope["error_type"] == "Cancelled" and envelope["error"] == "cancelled by request"
+    assert [s["status"] for s in envelope["stages"]] == ["cancelled", "skipped"]
+    kinds = [(e["type"], e.get("stage_index")) for e in events]
+    assert kinds.count(("pipeline_stage_start", 0)) == 1 and kinds.count(("pipeline_stage_end", 0)) == 1
+    assert ("pipeline_stage_start", 1) not in kinds
+    assert [e["status"] for e in events if e["type"] == "job_status"][-1] == "cancelled"
+    # the engine keeps serving
+    _, after = run(client, "after", [{"plugin": "testkit", "tool": "noop"}])
+    assert after["status"] == "succeeded"
+
+
+def test_idle_memory_budget_stops_the_least_recently_used_worker(ff_home: Path) -> None:
+    from forgeflow.plugins import LifecycleStore, PluginRegistry
+    from forgeflow.plugins.runners import ToolCall
+    from forgeflow.plugins.runners.process import ProcessRunner
+
+    # Room for one idle testkit worker (~40 MB resident), not two.
+    settings = Settings(home=ff_home, pool_size=2, idle_worker_memory_mb=60)
+    runner = ProcessRunner(settings, PluginRegistry.discover(LifecycleStore(ff_home / "plugins.sqlite")))
+    try:
+        short = ToolCall(plugin="testkit", tool="sleep", config={"seconds": 0.3}, job_id="short")
+        long = ToolCall(plugin="testkit", tool="sleep", config={"seconds": 1.5}, job_id="long")
+        t_long, long_box = in_thread(lambda: runner.run(long))
+        wait_for(lambda: any(w["job_id"] == "long" for w in runner.status()["workers"]))
+        t_short, short_box = in_thread(lambda: runner.run(short))
+        t_short.join(30)
+        t_long.join(30)
+        assert short_box["value"].ok and long_box["value"].ok
+        status = runner.status()
+        assert status["evicted"] == 1
+        [kept] = status["workers"]
+        assert kept["state"] == "idle" and kept["calls"] == 1
+        assert status["idle_memory_mb"] <= 60
+        assert runner.run(ToolCall(plugin="testkit", tool="noop")).ok  # the pool serves on
+    finally:
+        runner.close()
+
+
+@pytest.mark.vision
+def test_job_cache_gives_identical_bytes_and_one_model_pass_per_frame(ff_home: Path, sample_clip: Path) -> None:
+    """detect → pose → classify on the sample clip with the job cache on and off, through real workers."""
+    from forgeflow.plugins import LifecycleStore, PluginRegistry
+    from forgeflow.plugins.runners import ToolCall
+    from forgeflow.plugins.runners.process import ProcessRunner
+
+    stages = [
+        ("forgesyte-yolo-tracker", "detect_players", {"device": "cpu", "imgsz": 320, "max_frames": 12}),
+        ("pose-estimator", "estimate_poses", {"device": "cpu", "imgsz": 320, "max_frames": 12}),
+        ("classifier", "classify_actions", {}),
+    ]
+    fields = {"detect_players": ["media"], "estimate_poses": ["media", "players"],
+              "classify_actions": ["players", "poses"]}
+
+    def run_stages(reuse: bool) -> tuple[str, list[Any]]:
+        settings = Settings(home=ff_home, reuse_outputs=reuse, media_input_roots=[sample_clip.parent])
+        runner = ProcessRunner(settings, PluginRegistry.discover(LifecycleStore(ff_home / "plugins.sqlite")))
+        context: dict[str, Any] = {"media": str(sample_clip)}
+        results = []
+        try:
+            for index, (plugin, tool, config) in enumerate(stages):
+                inputs = {k: context[k] for k in fields[tool] if k in context}
+                result = runner.run(ToolCall(plugin=plugin, tool=tool, config=config, inputs=inputs,
+                                             job_id=f"cache-{reuse}", stage_index=index, timeout_s=600))
+                assert result.ok, result.error
+                context.update(result.outputs or {})
+                results.append(result)
+        finally:
+            runner.close()
+        context.pop("media")
+        return json.dumps(context, sort_keys=True), results
+
+    with_cache, on = run_stages(True)
+    without_cache, off = run_stages(False)
+    assert with_cache == without_cache  # byte-identical results
+    frames = len(json.loads(with_cache)["players"])
+    assert frames == 12
+    assert on[0].computed_outputs == frames and on[0].reused_outputs == 0  # detection: one pass per frame
+    assert on[1].computed_outputs == 0 and on[1].reused_outputs == frames  # pose: no pass of its own
+    assert all(r.computed_outputs == r.reused_outputs == 0 for r in off)
+
+
+def test_forgeflow_run_uses_the_running_engine(start_engine: Any, tmp_path: Path, prefect_api_url: str) -> None:
+    import os
+
+    client = start_engine()
+    home = client.socket_path.parent
+    pipeline = tmp_path / "p.json"
+    pipeline.write_text(json.dumps({"pipeline": [
+        {"plugin": "testkit", "tool": "numbers", "config": {}},
+        {"plugin": "testkit", "tool": "scale", "config": {"factor": 2}},
+        {"plugin": "testkit", "tool": "total", "config": {}},
+    ], "input": {"count": 4}}))
+    env = {**os.environ, "FORGEFLOW_HOME": str(home), "PREFECT_API_URL": prefect_api_url}
+    done = subprocess.run([sys.executable, "-m", "forgeflow.cli", "run", str(pipeline), "--json"], env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["result"]["total"] == 12
+    finished = [j for j in client.jobs().values() if j["status"] == "succeeded"]
+    assert len(finished) == 1  # the job ran in the engine, not in the command's own process
