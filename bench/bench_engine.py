@@ -168,6 +168,26 @@ def api_jobs(url: str, ws: Watcher, media: str, n: int, *, prefix: str) -> tuple
     return firsts, ends
 
 
+def cpu_seconds(pids: dict[str, int]) -> dict[str, float]:
+    """CPU seconds used so far by each named process and its children (workers count with the engine)."""
+    out = {}
+    for name, pid in pids.items():
+        try:
+            root = psutil.Process(pid)
+            procs = [root, *root.children(recursive=True)]
+        except psutil.Error:
+            continue
+        total = 0.0
+        for p in procs:
+            try:
+                t = p.cpu_times()
+                total += t.user + t.system
+            except psutil.Error:
+                pass
+        out[name] = total
+    return out
+
+
 def burst(url: str, ws: Watcher, media: str, n: int, engine_pid: int) -> tuple[float, float]:
     peak = 0.0
     stop = threading.Event()
@@ -276,6 +296,7 @@ def main() -> int:
     parser.add_argument("--jobs", type=int, default=10)
     parser.add_argument("--burst", type=int, default=20)
     parser.add_argument("--main-runs", type=int, default=3)
+    parser.add_argument("--torch-threads", type=int, default=None, help="FORGEFLOW_TORCH_THREADS for the workers")
     args = parser.parse_args()
 
     from ultralytics import ASSETS
@@ -293,6 +314,8 @@ def main() -> int:
     port = free_port()
     env = {**os.environ, "FORGEFLOW_HOME": str(home / "ff"), "PREFECT_API_URL": prefect_url,
            "FORGEFLOW_API_PORT": str(port), "PREFECT_LOGGING_LEVEL": "WARNING"}
+    if args.torch_threads:
+        env["FORGEFLOW_TORCH_THREADS"] = str(args.torch_threads)
     api = subprocess.Popen([sys.executable, "-m", "forgeflow.api.server"], env=env, stdout=subprocess.DEVNULL,
                            stderr=subprocess.DEVNULL, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
@@ -312,7 +335,11 @@ def main() -> int:
         engine_pid = engine["pid"]
         firsts, ends = api_jobs(url, ws, media, args.jobs, prefix="seq")
         plain = plain_prefect(env, args.jobs, args.burst)
+        pids = {"engine (incl. workers)": engine_pid, "API": api.pid, "Prefect server": prefect.proc.pid}
+        cpu_before = cpu_seconds(pids)
         jobs_per_s, burst_peak = burst(url, ws, media, args.burst, engine_pid)
+        cpu_after = cpu_seconds(pids)
+        burst_cpu = {k: round(cpu_after[k] - cpu_before.get(k, 0.0), 2) for k in cpu_after}
         single_peak = one_job_peak(url, ws, media, engine_pid)
         job = httpx.get(f"{url}/v1/jobs/seq-0").json()
         stages = job["envelope"]["stages"]
@@ -351,6 +378,7 @@ def main() -> int:
         print("|---|---:|---:|---:|")
         for row in rows:
             print("| " + " | ".join(row) + " |")
+        print(f"\nCPU seconds during the {args.burst}-job burst:", json.dumps(burst_cpu))
         print("\nraw:", json.dumps({"ends": ends, "firsts": firsts, "plain": plain, "ff_runs": ff_runs,
                                     "direct_runs": direct_runs, "direct": direct}))
     finally:

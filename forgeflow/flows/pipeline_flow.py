@@ -285,7 +285,9 @@ def _stage_task(run: JobRun, stage: ResolvedStage) -> Any:
         name=label,
         task_run_name=label,
         retries=stage.stage.retries,
-        timeout_seconds=stage.timeout_s + _BACKSTOP_GRACE_S,
+        # Prefect can only interrupt the main thread: in the engine's job threads the runner's own
+        # hard kill is the one timeout (and Prefect would warn about it at every stage).
+        timeout_seconds=stage.timeout_s + _BACKSTOP_GRACE_S if threading.current_thread() is threading.main_thread() else None,
         cache_policy=NO_CACHE,
         persist_result=False,
         on_running=[on_running],
