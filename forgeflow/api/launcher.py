@@ -144,8 +144,8 @@ class EngineJobHandle:
 
         try:
             self.client.cancel(self.job_id)
-        except EngineUnavailable:
-            pass
+        except EngineUnavailable as exc:
+            log.warning("could not cancel job %s in the engine: %s", self.job_id, exc)
         return self.wait(grace_s)
 
     def kill(self) -> None:

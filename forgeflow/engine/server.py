@@ -237,7 +237,12 @@ def main(argv: list[str] | None = None) -> int:
     from forgeflow.engine.core import Engine
     from forgeflow.settings import get_settings
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    forgeflow_log = logging.getLogger("forgeflow")
+    forgeflow_log.addHandler(handler)
+    forgeflow_log.setLevel(logging.INFO)
+    forgeflow_log.propagate = False  # Prefect's own handlers would print each line twice
     settings = get_settings()
     settings.home.mkdir(parents=True, exist_ok=True)
     prefect_server = None

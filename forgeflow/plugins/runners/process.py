@@ -263,6 +263,7 @@ class ProcessRunner:
                     del self._cancelled[old]
             serving = [w for w in self._all if w.job_id == job_id]
             self._cond.notify_all()
+        log.info("cancel %s: stopping %d worker(s) serving it", job_id, len(serving))
         for worker in serving:
             worker.kill()
         return len(serving)
@@ -339,6 +340,12 @@ class ProcessRunner:
             self.lifecycle.finished(plugin, failure)
             return failure
         assert worker is not None
+        with self._cond:  # a cancel either sees the worker serving the job, or the job sees the cancel
+            cancelled = self.is_cancelled(call.job_id)
+            worker.job_id = None if cancelled else call.job_id
+        if cancelled:
+            self._release(worker)
+            return CallResult.failure("Cancelled", "cancelled by request")
         self.lifecycle.running(plugin)
         result, reusable = self._call(worker, prepared, call)
         if reusable:
@@ -375,7 +382,6 @@ class ProcessRunner:
         start = time.monotonic()
         deadline = start + call.timeout_s
         worker.calls += 1
-        worker.job_id = call.job_id
         try:
             worker.send(request)
             message = worker.reader.read(deadline, tick=WATCHDOG_PERIOD_S, on_tick=watchdog)
@@ -457,7 +463,6 @@ class ProcessRunner:
                     while self.reuse_workers and idle:
                         worker = idle.pop()  # the most recently used: its caches are the warmest
                         if worker.alive():
-                            worker.job_id = job_id
                             return worker, None
                         self._all.discard(worker)
                         worker.kill()
