@@ -121,16 +121,12 @@ def run(
     as_json: bool = typer.Option(False, "--json", help="Print the result envelope as JSON on stdout."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Also show Prefect's own logs."),
 ) -> None:
-    """Run a pipeline locally on the embedded default (ephemeral Prefect, process runner)."""
-    import logging
-
+    """Run a pipeline: on this host's engine when one runs (warm models), else in this process
+    (a running local Prefect server or Prefect's ephemeral one, process runner)."""
     from forgeflow.flows.models import canonical_json
     from forgeflow.flows.sinks import MemorySink
     from forgeflow.flows.validation import PipelineValidationError, parse_definition, validate_pipeline
 
-    if not verbose:  # stage failures are reported in the summary, not as Prefect tracebacks
-        for name in ("prefect", "prefect.flow_runs", "prefect.task_runs"):
-            logging.getLogger(name).setLevel(logging.CRITICAL)
     document = _load_document(file)
     job_input = _job_input(document, media, input_json)
     job_id = job_id or (document.get("job_id") if isinstance(document, dict) else None) or f"job-{uuid.uuid4().hex[:12]}"
@@ -165,7 +161,7 @@ def run(
         if engine is not None:
             envelope = _run_on_engine(engine, definition, job_input, job_id, sink)
         else:
-            envelope = _run_here(settings, definition, job_input, job_id, sink)
+            envelope = _run_here(settings, definition, job_input, job_id, sink, verbose=verbose)
         elapsed = time.perf_counter() - started
 
     _summary(envelope, elapsed, job_id)
@@ -211,14 +207,20 @@ def _run_on_engine(client: Any, definition: Any, job_input: dict[str, Any], job_
     return envelope
 
 
-def _run_here(settings: Any, definition: Any, job_input: dict[str, Any], job_id: str, sink: Any) -> dict[str, Any]:
+def _run_here(settings: Any, definition: Any, job_input: dict[str, Any], job_id: str, sink: Any, *,
+              verbose: bool) -> dict[str, Any]:
     """Run the job in this process: a running local Prefect server if there is one (else Prefect's
     ephemeral one), and the first stage's worker starting while Prefect does."""
+    import logging
     import threading
 
     _use_local_prefect()
     from forgeflow.flows.executor import PipelineExecutor
     from forgeflow.flows.pipeline_flow import Services
+
+    if not verbose:  # after Prefect configured its logging: failures go to the summary, not tracebacks
+        for name in ("prefect", "prefect.flow_runs", "prefect.task_runs"):
+            logging.getLogger(name).setLevel(logging.CRITICAL)
 
     services = Services.from_settings(settings, sink=sink)
     warm = getattr(services.runner, "warm", None)

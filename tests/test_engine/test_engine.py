@@ -259,3 +259,28 @@ def test_forgeflow_run_uses_the_running_engine(start_engine: Any, tmp_path: Path
     assert json.loads(done.stdout)["result"]["total"] == 12
     finished = [j for j in client.jobs().values() if j["status"] == "succeeded"]
     assert len(finished) == 1  # the job ran in the engine, not in the command's own process
+
+
+def test_a_flow_run_in_another_process_runs_its_stages_on_the_engine(start_engine: Any, prefect_api_url: str) -> None:
+    """What a Prefect worker's flow-run process does on a host with an engine: its stage calls go to
+    the engine's warm pools (EngineRunner), not to workers of its own."""
+    import os
+
+    client = start_engine()
+    home = client.socket_path.parent
+    script = (
+        "import json; from forgeflow.flows.executor import PipelineExecutor; "
+        "from forgeflow.flows.pipeline_flow import current_services; "
+        "print(current_services().runner.name); "
+        "print(json.dumps(PipelineExecutor().execute([{'plugin': 'testkit', 'tool': 'numbers'}, "
+        "{'plugin': 'testkit', 'tool': 'scale', 'config': {'factor': 5}}, {'plugin': 'testkit', 'tool': 'total'}], "
+        "{'count': 3}, 'from-a-flow-run')))"
+    )
+    env = {**os.environ, "FORGEFLOW_HOME": str(home), "PREFECT_API_URL": prefect_api_url}
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0, done.stderr[-3000:]
+    runner_name, envelope = done.stdout.strip().splitlines()[-2:]
+    assert runner_name == "engine"
+    assert json.loads(envelope)["result"]["total"] == 15
+    [worker] = workers_of(client, "testkit")
+    assert worker["calls"] == 3  # all three stages ran in the engine's warm worker
