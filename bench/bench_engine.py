@@ -188,49 +188,49 @@ def cpu_seconds(pids: dict[str, int]) -> dict[str, float]:
     return out
 
 
-def burst(url: str, ws: Watcher, media: str, n: int, engine_pid: int) -> tuple[float, float]:
-    peak = 0.0
-    stop = threading.Event()
+class PeakMemory:
+    """Samples the resident memory of a process tree every 50 ms while in the ``with`` block."""
 
-    def sample() -> None:
-        nonlocal peak
-        while not stop.is_set():
-            peak = max(peak, tree_rss_mb(engine_pid))
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.peak = 0.0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    def _sample(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, tree_rss_mb(self.pid))
             time.sleep(0.05)
 
-    sampler = threading.Thread(target=sample, daemon=True)
-    sampler.start()
+    def __enter__(self) -> PeakMemory:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def burst(url: str, ws: Watcher, media: str, n: int, engine_pid: int) -> tuple[float, float]:
+    """Submit ``n`` jobs at once: jobs per second, and the peak memory of the engine and its workers."""
     ids = [f"burst-{i}" for i in range(n)]
-    t = time.perf_counter()
-    with httpx.Client(base_url=url, timeout=60) as client:
-        for job_id in ids:
-            assert client.post("/v1/jobs", json={"job_id": job_id, "pipeline": SOCCER,
-                                                 "input": {"media": media}}).status_code == 202
-    while not all(j in ws.terminal for j in ids):
-        time.sleep(0.01)
-    elapsed = max(ws.terminal[j] for j in ids) - t
-    stop.set()
-    sampler.join()
+    with PeakMemory(engine_pid) as memory:
+        t = time.perf_counter()
+        with httpx.Client(base_url=url, timeout=60) as client:
+            for job_id in ids:
+                assert client.post("/v1/jobs", json={"job_id": job_id, "pipeline": SOCCER,
+                                                     "input": {"media": media}}).status_code == 202
+        while not all(j in ws.terminal for j in ids):
+            time.sleep(0.01)
+        elapsed = max(ws.terminal[j] for j in ids) - t
     assert all(ws.status[j] == "succeeded" for j in ids), {j: ws.status[j] for j in ids}
-    return n / elapsed, peak
+    return n / elapsed, memory.peak
 
 
 def one_job_peak(url: str, ws: Watcher, media: str, engine_pid: int) -> float:
-    peak = 0.0
-    stop = threading.Event()
-
-    def sample() -> None:
-        nonlocal peak
-        while not stop.is_set():
-            peak = max(peak, tree_rss_mb(engine_pid))
-            time.sleep(0.05)
-
-    sampler = threading.Thread(target=sample, daemon=True)
-    sampler.start()
-    api_jobs(url, ws, media, 1, prefix="peak")
-    stop.set()
-    sampler.join()
-    return peak
+    with PeakMemory(engine_pid) as memory:
+        api_jobs(url, ws, media, 1, prefix="peak")
+    return memory.peak
 
 
 # --- direct -----------------------------------------------------------------------------------------

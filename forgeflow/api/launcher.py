@@ -31,6 +31,7 @@ from anyio import to_thread
 
 from forgeflow.api.deps import ApiState
 from forgeflow.flows.events import Event, JobStatusEvent, PipelineError, parse_event
+from forgeflow.flows.job import JobProcess, process_create_time
 
 log = logging.getLogger(__name__)
 
@@ -98,48 +99,29 @@ def _import_file(state: ApiState, path: Path) -> int:
     return stored
 
 
-class EngineJobHandle:
-    """A job running in the engine with pid ``pid``, watched like a process: ``poll`` gives its exit
-    code (0 succeeded, 1 failed, 2 invalid, 3 cancelled), ``-1`` when the engine is gone or lost it."""
+class EngineJobHandle(JobProcess):
+    """A job running in the engine with pid ``pid``, watched like a job process: ``poll`` gives its
+    exit code (0 succeeded, 1 failed, 2 invalid, 3 cancelled), ``-1`` when the engine is gone or has
+    lost it; ``kill`` SIGKILLs the engine (every job it runs ends ``crashed``: for drills and clean-up)."""
 
     def __init__(self, job_id: str, client: Any, pid: int, create_time: float | None = None) -> None:
-        self.job_id = job_id
+        super().__init__(job_id, pid, None, create_time)
         self.client = client
-        self.pid = pid
-        self.create_time = create_time
-
-    def _engine_alive(self) -> bool:
-        try:
-            import psutil
-
-            proc = psutil.Process(self.pid)
-            if self.create_time is not None and abs(proc.create_time() - self.create_time) > 1.0:
-                return False  # the pid was reused
-            return proc.status() != psutil.STATUS_ZOMBIE
-        except Exception:
-            return False
 
     def poll(self) -> int | None:
         from forgeflow.engine.client import EngineUnavailable
 
-        if not self._engine_alive():
+        if not self._alive():
             return -1
         try:
-            view = self.client._request("GET", f"/jobs/{self.job_id}", timeout=5.0)
+            view = self.client.job(self.job_id)
         except EngineUnavailable as exc:
             return -1 if "404" in str(exc) else None
         code = view.get("exit_code")
         return int(code) if code is not None else None
 
-    def wait(self, timeout: float | None = None) -> int | None:
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while (code := self.poll()) is None:
-            if deadline is not None and time.monotonic() >= deadline:
-                return None
-            time.sleep(0.05)
-        return code
-
     def cancel(self, grace_s: float = 10.0) -> int | None:
+        """Cancel the job in the engine (its stage's worker is killed); the engine itself stays."""
         from forgeflow.engine.client import EngineUnavailable
 
         try:
@@ -147,24 +129,6 @@ class EngineJobHandle:
         except EngineUnavailable as exc:
             log.warning("could not cancel job %s in the engine: %s", self.job_id, exc)
         return self.wait(grace_s)
-
-    def kill(self) -> None:
-        """SIGKILL the engine (every job it runs ends ``crashed``): for drills and test clean-up."""
-        import signal
-
-        try:
-            os.killpg(self.pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
-
-
-def _create_time(pid: int) -> float | None:
-    try:
-        import psutil
-
-        return psutil.Process(pid).create_time()
-    except Exception:
-        return None
 
 
 class Launcher:
@@ -354,7 +318,7 @@ class Launcher:
             )
             return
         pid = self._engine_pid
-        proc = EngineJobHandle(job_id, client, pid, _create_time(pid))
+        proc = EngineJobHandle(job_id, client, pid, process_create_time(pid))
         store.set_launched(job_id, pid, proc.create_time)
         self.procs[job_id] = proc
         log.info("job %s runs on the engine (pid %s)", job_id, pid)

@@ -78,6 +78,9 @@ class EngineClient:
         except httpx.HTTPError as exc:
             raise EngineUnavailable(f"lost the engine mid-job: {exc}") from None
 
+    def job(self, job_id: str) -> dict[str, Any]:
+        return self._request("GET", f"/jobs/{job_id}", timeout=5.0)  # type: ignore[no-any-return]
+
     def cancel(self, job_id: str) -> dict[str, Any]:
         return self._request("POST", f"/jobs/{job_id}/cancel")  # type: ignore[no-any-return]
 

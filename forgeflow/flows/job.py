@@ -28,7 +28,6 @@ import psutil
 
 from forgeflow.flows.events import Event, abnormal_end
 from forgeflow.flows.models import ResultEnvelope, StageReport
-from forgeflow.flows.pipeline_flow import checkpoint_path
 from forgeflow.settings import Settings, get_settings
 
 log = logging.getLogger(__name__)
@@ -83,7 +82,7 @@ class JobProcess:
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
             )
-        return cls(spec.job_id, popen.pid, popen, _create_time(popen.pid))
+        return cls(spec.job_id, popen.pid, popen, process_create_time(popen.pid))
 
     @classmethod
     def attach(cls, job_id: str, pid: int, create_time: float | None = None) -> JobProcess:
@@ -138,11 +137,16 @@ class JobProcess:
             pass
 
 
-def _create_time(pid: int) -> float | None:
+def process_create_time(pid: int) -> float | None:
     try:
         return psutil.Process(pid).create_time()
     except psutil.Error:
         return None
+
+
+def checkpoint_path(settings: Settings, job_id: str) -> Path:
+    """Where a job's partial results are kept while it runs (read after a crash)."""
+    return settings.jobs_dir / job_id / "checkpoint.json"
 
 
 def read_checkpoint(settings: Settings, job_id: str) -> dict[str, Any]:

@@ -21,7 +21,6 @@ import threading
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from prefect import flow, task
@@ -30,6 +29,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.context import get_run_context
 from prefect.states import Failed
 
+from forgeflow.flows.job import checkpoint_path
 from forgeflow.flows.events import (
     abnormal_end,
     JobStatusEvent,
@@ -196,10 +196,6 @@ _flow_run_of_job: dict[str, str] = {}  # job id -> its latest flow run id in thi
 def last_flow_run_id(job_id: str) -> str | None:
     """The flow run this process started for ``job_id`` (to mark it after a cancel)."""
     return _flow_run_of_job.get(job_id)
-
-
-def checkpoint_path(settings: Settings, job_id: str) -> Path:
-    return settings.jobs_dir / job_id / "checkpoint.json"
 
 
 def _write_checkpoint(settings: Settings, job_id: str, result: dict[str, Any], reports: list[StageReport]) -> None:
