@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from forgeflow.engine.admission import AdmittedRunner, DeviceSlots
-from forgeflow.flows.events import Event, JobStatusEvent
+from forgeflow.flows.events import TERMINAL_STATUSES, Event, JobStatusEvent, PipelineError
 from forgeflow.flows.pipeline_flow import Services
 from forgeflow.flows.sinks import EventSink, HttpSink
 from forgeflow.plugins.lifecycle import LifecycleStore
@@ -46,6 +46,25 @@ log = logging.getLogger("forgeflow.engine")
 EXIT_CODES = {"succeeded": 0, "failed": 1, "invalid": 2, "cancelled": 3}
 #: Finished jobs the engine remembers (for status and for an API that re-attaches).
 FINISHED_KEPT = 2000
+
+
+class _TerminalWatch:
+    """Passes events on and remembers whether the job's terminal status went out."""
+
+    def __init__(self, inner: EventSink) -> None:
+        self.inner = inner
+        self.terminal_sent = False
+
+    def emit(self, event: Event) -> None:
+        if isinstance(event, JobStatusEvent) and event.status in TERMINAL_STATUSES:
+            self.terminal_sent = True
+        self.inner.emit(event)
+
+    def flush(self, timeout: float = 10.0) -> bool:
+        return self.inner.flush(timeout)
+
+    def close(self) -> None:  # the inner sink may serve other jobs: its owner closes it
+        pass
 
 
 class StreamSink:
@@ -171,7 +190,8 @@ class Engine:
         from forgeflow.flows.job import mark_flow_run
         from forgeflow.flows.pipeline_flow import last_flow_run_id
 
-        services = Services(self.settings, self.registry, self.runner, job.sink)
+        sink = _TerminalWatch(job.sink)
+        services = Services(self.settings, self.registry, self.runner, sink)
         status = "failed"
         try:
             with self._prefect_context():
@@ -186,8 +206,16 @@ class Engine:
                     mark_flow_run(flow_run_id, "cancelled", "cancelled by request")
             elif envelope.get("error_type") == "PipelineValidationError":
                 status = "invalid"
-        except BaseException:
+        except BaseException as exc:
             log.exception("job %s failed inside the engine", job.job_id)
+            if not sink.terminal_sent:  # the flow run could not even start (Prefect down, say): say why
+                error = f"the engine could not run the job's flow: {type(exc).__name__}: {exc}"[:4000]
+                job.envelope = {"ok": False, "error": error, "error_type": "FlowRunError", "stage_failed": None,
+                                "partial_result": {}, "stages_executed": 0}
+                sink.emit(PipelineError(job_id=job.job_id, stage_index=None, plugin=None, error=error,
+                                        error_type="FlowRunError"))
+                sink.emit(JobStatusEvent(job_id=job.job_id, status="failed", envelope=job.envelope))
+                sink.flush(timeout=5.0)
         finally:
             self.pool_forget(job.job_id)
             with self._lock:

@@ -45,6 +45,7 @@ OWNER_CHECK_S = 1.0
 class _Server(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
     daemon_threads = True
     allow_reuse_address = True
+    request_queue_size = 256  # many jobs and stage calls connect at once (the default 5 refuses them)
 
 
 class EngineService:
@@ -234,6 +235,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     os.environ["FORGEFLOW_ENGINE_PROCESS"] = "1"  # its flow runs use its own pools (pipeline_flow.ENGINE_PROCESS_ENV)
     os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")  # before Prefect is imported
+    # Many flow runs at once meet SQLite's write lock on a local Prefect server (503, retried after
+    # a short Retry-After): allow more retries than Prefect's 5 before a run fails to start.
+    os.environ.setdefault("PREFECT_CLIENT_MAX_RETRIES", "30")
     from forgeflow.engine.core import Engine
     from forgeflow.settings import get_settings
 

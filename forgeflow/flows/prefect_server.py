@@ -4,7 +4,7 @@ Prefect's ephemeral mode starts a server per process (8–14 s each); a service 
 process per job needs one shared server instead. SQLite lives under ``home``.
 
 It is Prefect's own server app (what ``prefect server start`` runs: ``create_app(final=True)`` under
-uvicorn) with one addition: a 503 answer carries ``Retry-After: 0.1``. On SQLite the server answers
+uvicorn) with one addition: a 503 answer carries a short ``Retry-After`` (0.05–0.5 s). On SQLite the server answers
 503 when a write meets another one (``database is locked``, typically ``POST /flow_runs/`` while
 the previous run's task-run events are being written); without the header Prefect's client waits
 2 s (± 20 %) before it retries, which made most back-to-back flow runs take 2.2–2.6 s instead of
@@ -16,6 +16,7 @@ the previous run's task-run events are being written); without the header Prefec
 from __future__ import annotations
 
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -93,8 +94,9 @@ class LocalPrefectServer:
             self.proc.wait(5)
 
 
-#: What a 503 of the Prefect server tells its clients to wait before retrying, in seconds.
-RETRY_AFTER_S = "0.1"
+#: What a 503 of the Prefect server tells its clients to wait before retrying: a random delay in
+#: this range (seconds), so that clients that collided do not collide again in step.
+RETRY_AFTER_S = (0.05, 0.5)
 
 
 class RetryAfterOn503:
@@ -112,7 +114,8 @@ class RetryAfterOn503:
             if message["type"] == "http.response.start" and message.get("status") == 503:
                 headers = list(message.get("headers") or [])
                 if not any(name.lower() == b"retry-after" for name, _ in headers):
-                    headers.append((b"retry-after", RETRY_AFTER_S.encode()))
+                    delay = random.uniform(*RETRY_AFTER_S)
+                    headers.append((b"retry-after", f"{delay:.3f}".encode()))
                 message = {**message, "headers": headers}
             await send(message)
 
