@@ -168,13 +168,14 @@ def api_jobs(url: str, ws: Watcher, media: str, n: int, *, prefix: str) -> tuple
     return firsts, ends
 
 
-def cpu_seconds(pids: dict[str, int]) -> dict[str, float]:
-    """CPU seconds used so far by each named process and its children (workers count with the engine)."""
+def cpu_seconds(pids: dict[str, tuple[int, bool]]) -> dict[str, float]:
+    """CPU seconds used so far by each named process (with its children when asked: the engine's
+    workers count with the engine; the API, whose child the engine is, counts alone)."""
     out = {}
-    for name, pid in pids.items():
+    for name, (pid, with_children) in pids.items():
         try:
             root = psutil.Process(pid)
-            procs = [root, *root.children(recursive=True)]
+            procs = [root, *root.children(recursive=True)] if with_children else [root]
         except psutil.Error:
             continue
         total = 0.0
@@ -335,7 +336,8 @@ def main() -> int:
         engine_pid = engine["pid"]
         firsts, ends = api_jobs(url, ws, media, args.jobs, prefix="seq")
         plain = plain_prefect(env, args.jobs, args.burst)
-        pids = {"engine (incl. workers)": engine_pid, "API": api.pid, "Prefect server": prefect.proc.pid}
+        pids = {"engine (incl. workers)": (engine_pid, True), "API": (api.pid, False),
+                "Prefect server": (prefect.proc.pid, True)}
         cpu_before = cpu_seconds(pids)
         jobs_per_s, burst_peak = burst(url, ws, media, args.burst, engine_pid)
         cpu_after = cpu_seconds(pids)

@@ -127,14 +127,17 @@ class AdmittedRunner:
         self.slots = slots
         self.on_wait = on_wait
 
+    def is_cancelled(self, job_id: str | None) -> bool:
+        check = getattr(self.inner, "is_cancelled", None)
+        return bool(check and check(job_id))
+
     def run(self, call: ToolCall) -> CallResult:
         device = device_of(call.config, self.slots.gpus)
         ticket = {"job_id": call.job_id, "stage_index": call.stage_index, "plugin": call.plugin, "tool": call.tool}
-        is_cancelled = getattr(self.inner, "is_cancelled", None)
         admitted = self.slots.acquire(
             device,
             ticket,
-            cancelled=lambda: bool(is_cancelled and is_cancelled(call.job_id)),
+            cancelled=lambda: self.is_cancelled(call.job_id),
             on_wait=(lambda reason: self.on_wait(call, reason)) if self.on_wait else None,  # type: ignore[misc]
         )
         if not admitted:

@@ -284,3 +284,20 @@ def test_a_flow_run_in_another_process_runs_its_stages_on_the_engine(start_engin
     assert json.loads(envelope)["result"]["total"] == 15
     [worker] = workers_of(client, "testkit")
     assert worker["calls"] == 3  # all three stages ran in the engine's warm worker
+
+
+def test_cancel_a_job_waiting_for_a_device_slot(start_engine: Any) -> None:
+    client = start_engine(device_slots={"cpu": 1}, pool_size=2)
+    first, first_box = in_thread(lambda: run(client, "holds-the-slot", [{**SLEEP, "config": {"seconds": 4}}]))
+    wait_for(lambda: client.status()["devices"].get("cpu", {}).get("running"))
+    second, second_box = in_thread(lambda: run(client, "waits", [{**SLEEP, "config": {"seconds": 4}},
+                                                                 {"plugin": "testkit", "tool": "noop"}]))
+    wait_for(lambda: client.status()["devices"]["cpu"]["waiting"])
+    client.cancel("waits")
+    second.join(30)
+    _, cancelled = second_box["value"]
+    assert cancelled["status"] == "cancelled"
+    assert [s["status"] for s in cancelled["envelope"]["stages"]] == ["cancelled", "skipped"]
+    assert not client.status()["devices"]["cpu"]["waiting"]
+    first.join(30)
+    assert first_box["value"][1]["status"] == "succeeded"  # the job holding the slot is untouched
