@@ -31,23 +31,11 @@ from anyio import to_thread
 
 from forgeflow.api.deps import ApiState
 from forgeflow.flows.events import Event, JobStatusEvent, PipelineError, parse_event
-from forgeflow.flows.job import JobProcess, process_create_time
+from forgeflow.flows.job import JobProcess, pid_alive, process_create_time
 
 log = logging.getLogger(__name__)
 
 _SPOOL_NAME = re.compile(r"^(\d+)-[0-9a-f]+\.jsonl(?:\.claimed-(\d+))?$")
-
-
-def _pid_alive(pid: int) -> bool:
-    if pid <= 0:
-        return False
-    try:
-        import psutil
-
-        proc = psutil.Process(pid)
-        return proc.status() != psutil.STATUS_ZOMBIE
-    except Exception:
-        return False
 
 
 def import_spool(state: ApiState, *, skip_live_writers: bool = True) -> int:
@@ -63,9 +51,9 @@ def import_spool(state: ApiState, *, skip_live_writers: bool = True) -> int:
             continue
         writer = int(match.group(1))
         claimer = int(match.group(2)) if match.group(2) else None
-        if claimer is not None and claimer != me and _pid_alive(claimer):
+        if claimer is not None and claimer != me and pid_alive(claimer):
             continue  # another process is delivering it right now
-        if claimer is None and skip_live_writers and writer != me and _pid_alive(writer):
+        if claimer is None and skip_live_writers and writer != me and pid_alive(writer):
             continue  # its writer is alive and delivers it itself
         claimed = path if claimer == me else path.with_name(path.name.split(".claimed-")[0] + f".claimed-{me}")
         try:
@@ -116,7 +104,7 @@ class EngineJobHandle(JobProcess):
         try:
             view = self.client.job(self.job_id)
         except EngineUnavailable as exc:
-            return -1 if "404" in str(exc) else None
+            return -1 if exc.status_code == 404 else None
         code = view.get("exit_code")
         return int(code) if code is not None else None
 
@@ -146,6 +134,7 @@ class Launcher:
         self._cancel_tasks: set[asyncio.Task[Any]] = set()
         self.enabled = True
         self._engine: Any = None  # EngineClient, once an engine was found or started
+        self._engine_pid = 0
 
     # --- life ------------------------------------------------------------------------------------
     async def start(self) -> None:

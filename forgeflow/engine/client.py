@@ -20,7 +20,12 @@ __all__ = ["EngineClient", "EngineRunner", "EngineUnavailable", "ensure_engine",
 
 
 class EngineUnavailable(RuntimeError):
-    """No engine answers on the socket (or it went away mid-request)."""
+    """No engine answers on the socket, it went away mid-request, or it refused the request
+    (``status_code`` then says how: 404 for a job it does not know)."""
+
+    def __init__(self, message: str, status_code: int | None = None) -> None:
+        super().__init__(message)
+        self.status_code = status_code
 
 
 class EngineClient:
@@ -43,7 +48,8 @@ class EngineClient:
         except httpx.HTTPError as exc:
             raise EngineUnavailable(f"the engine on {self.socket_path} does not answer: {exc}") from None
         if response.status_code >= 400:
-            raise EngineUnavailable(f"engine {method} {path}: {response.status_code} {response.text[:500]}")
+            raise EngineUnavailable(f"engine {method} {path}: {response.status_code} {response.text[:500]}",
+                                    response.status_code)
         return response.json()
 
     def alive(self) -> bool:

@@ -83,7 +83,7 @@ class StreamSink:
         self.queue.put(None)
 
 
-@dataclass
+@dataclass(eq=False)  # a job is itself, not its field values
 class EngineJob:
     job_id: str
     pipeline: Any
@@ -217,7 +217,7 @@ class Engine:
                 sink.emit(JobStatusEvent(job_id=job.job_id, status="failed", envelope=job.envelope))
                 sink.flush(timeout=5.0)
         finally:
-            self.pool_forget(job.job_id)
+            self._pool_forget(job.job_id)
             with self._lock:
                 job.status, job.finished_at, job.waiting_for = status, time.time(), None
                 self._running -= 1
@@ -226,7 +226,17 @@ class Engine:
             job.done.set()
             self._start_queued()
 
-    def pool_forget(self, job_id: str) -> None:
+    @staticmethod
+    def _end_unstarted(job: EngineJob) -> None:
+        """A queued job that will not run: cancelled, and its stream (if any) ends."""
+        job.status, job.finished_at = "cancelled", time.time()
+        job.envelope = {"ok": False, "error": "cancelled by request before it started", "error_type": "Cancelled",
+                        "stage_failed": None, "partial_result": {}, "stages_executed": 0}
+        if isinstance(job.sink, StreamSink):
+            job.sink.close()
+        job.done.set()
+
+    def _pool_forget(self, job_id: str) -> None:
         forget = getattr(self.pool, "forget_job", None)
         if forget is not None:
             forget(job_id)
@@ -240,8 +250,7 @@ class Engine:
                 return None
             if job in self._queue:
                 self._queue.remove(job)
-                job.status, job.finished_at = "cancelled", time.time()
-                job.done.set()
+                self._end_unstarted(job)
                 return job
         cancel = getattr(self.pool, "cancel_job", None)
         if cancel is not None:
@@ -312,8 +321,7 @@ class Engine:
             self._closed = True
             queued, self._queue = self._queue, []
         for job in queued:
-            job.status = "cancelled"
-            job.done.set()
+            self._end_unstarted(job)
         deadline = time.monotonic() + wait_s
         while self.active_jobs and time.monotonic() < deadline:
             time.sleep(0.1)

@@ -36,6 +36,8 @@ from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import Any
 
+from forgeflow.flows.job import pid_alive
+
 log = logging.getLogger("forgeflow.engine")
 
 #: How often the engine checks whether its owner is gone.
@@ -92,7 +94,7 @@ class EngineService:
     def _watch(self) -> None:
         while not self.stopped.is_set():
             time.sleep(OWNER_CHECK_S)
-            owner_gone = self.owner_pid is not None and not _pid_alive(self.owner_pid)
+            owner_gone = self.owner_pid is not None and not pid_alive(self.owner_pid)
             if (self.draining or owner_gone) and self.engine.active_jobs == 0:
                 log.info("engine leaving: %s", "drained" if self.draining else f"owner {self.owner_pid} is gone")
                 self.stop()
@@ -213,20 +215,6 @@ def _answers(path: Path) -> bool:
         return False
     finally:
         sock.close()
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:  # a zombie child of ours is gone for our purposes
-        with open(f"/proc/{pid}/stat") as fh:
-            return fh.read().split(")")[-1].split()[0] != "Z"
-    except OSError:
-        return True
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -102,13 +102,7 @@ class JobProcess:
         return self._returncode
 
     def _alive(self) -> bool:
-        try:
-            proc = psutil.Process(self.pid)
-            if self._create_time is not None and abs(proc.create_time() - self._create_time) > 1.0:
-                return False  # the pid was reused
-            return proc.status() != psutil.STATUS_ZOMBIE
-        except psutil.NoSuchProcess:
-            return False
+        return pid_alive(self.pid, self._create_time)
 
     def wait(self, timeout: float | None = None) -> int | None:
         deadline = None if timeout is None else time.monotonic() + timeout
@@ -135,6 +129,19 @@ class JobProcess:
             os.killpg(self.pid, sig)
         except (ProcessLookupError, PermissionError):
             pass
+
+
+def pid_alive(pid: int, create_time: float | None = None) -> bool:
+    """Whether process ``pid`` runs (a zombie does not; with ``create_time``, a reused pid does not)."""
+    if pid <= 0:
+        return False
+    try:
+        proc = psutil.Process(pid)
+        if create_time is not None and abs(proc.create_time() - create_time) > 1.0:
+            return False  # the pid was reused
+        return proc.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
 
 
 def process_create_time(pid: int) -> float | None:
