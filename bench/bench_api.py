@@ -111,16 +111,26 @@ async def latency(url: str, token: str, clients: int, events: int) -> dict[str, 
                     return (time.perf_counter() - t0) * 1000
 
         for i in range(events):
-            event = {"type": "pipeline_progress", "job_id": job_id, "stages_total": events, "stages_completed": i,
-                     "percent": round(100 * i / events), "event_id": uuid.uuid4().hex}
+            event = {
+                "type": "pipeline_progress",
+                "job_id": job_id,
+                "stages_total": events,
+                "stages_completed": i,
+                "percent": round(100 * i / events),
+                "event_id": uuid.uuid4().hex,
+            }
             t0 = time.perf_counter()
             waiters = [asyncio.create_task(receive(ws, event["event_id"], t0)) for ws in sockets]
             (await http.post("/internal/v1/events", json={"events": [event]})).raise_for_status()
             samples.extend(await asyncio.gather(*waiters))
         for ws in sockets:
             await ws.close()
-    return {"p50": pct(samples, 50), "p99": pct(samples, 99), "mean": statistics.fmean(samples),
-            "samples": float(len(samples))}
+    return {
+        "p50": pct(samples, 50),
+        "p99": pct(samples, 99),
+        "mean": statistics.fmean(samples),
+        "samples": float(len(samples)),
+    }
 
 
 async def submissions(url: str, jobs: int, concurrency: int) -> float:
@@ -162,8 +172,10 @@ def main() -> int:
         for n in [int(c) for c in args.clients.split(",")]:
             result = asyncio.run(latency(url, token, n, args.events))
             rows.append((n, result))
-            print(f"{n:>4} clients: p50 {result['p50']:.2f} ms  p99 {result['p99']:.2f} ms  "
-                  f"({int(result['samples'])} deliveries)")
+            print(
+                f"{n:>4} clients: p50 {result['p50']:.2f} ms  p99 {result['p99']:.2f} ms  "
+                f"({int(result['samples'])} deliveries)"
+            )
         rate = asyncio.run(submissions(url, args.jobs, args.concurrency))
         print(f"submissions: {rate:.0f} jobs/s ({args.jobs} jobs, concurrency {args.concurrency})")
     finally:
@@ -180,11 +192,18 @@ def main() -> int:
             "|---|---:|---:|---:|---:|",
         ]
         for n, r in rows:
-            lines.append(f"| ingest POST → WebSocket client ({args.events} events) | {n} | {r['p50']:.2f} ms | "
-                         f"{r['p99']:.2f} ms | {r['mean']:.2f} ms |")
-        lines += ["", "| measurement | result |", "|---|---:|",
-                  f"| job submissions (POST /v1/jobs, 3-stage pipeline, validated + stored), concurrency "
-                  f"{args.concurrency} | {rate:.0f} jobs/s |", ""]
+            lines.append(
+                f"| ingest POST → WebSocket client ({args.events} events) | {n} | {r['p50']:.2f} ms | "
+                f"{r['p99']:.2f} ms | {r['mean']:.2f} ms |"
+            )
+        lines += [
+            "",
+            "| measurement | result |",
+            "|---|---:|",
+            f"| job submissions (POST /v1/jobs, 3-stage pipeline, validated + stored), concurrency "
+            f"{args.concurrency} | {rate:.0f} jobs/s |",
+            "",
+        ]
         with open(args.out, "a", encoding="utf-8") as fh:
             fh.write("\n".join(lines) + "\n")
     return 0

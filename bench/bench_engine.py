@@ -61,7 +61,7 @@ def free_port() -> int:
 
 # --- plain Prefect ----------------------------------------------------------------------------------
 
-PLAIN = r'''
+PLAIN = r"""
 import json, statistics, sys, threading, time
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
@@ -96,12 +96,13 @@ t = time.perf_counter()
 total = time.perf_counter() - t
 print(json.dumps({"default_p50": statistics.median(default), "no_heartbeat_p50": statistics.median(no_hb),
                   "burst_runs_per_s": burst / total, "default": default, "no_heartbeat": no_hb}))
-'''
+"""
 
 
 def plain_prefect(env: dict[str, str], reps: int, burst: int) -> dict[str, Any]:
-    done = subprocess.run([sys.executable, "-c", PLAIN, str(reps), str(burst)], env=env, capture_output=True,
-                          text=True, timeout=900)
+    done = subprocess.run(
+        [sys.executable, "-c", PLAIN, str(reps), str(burst)], env=env, capture_output=True, text=True, timeout=900
+    )
     if done.returncode:
         raise RuntimeError(done.stderr[-3000:])
     return json.loads(done.stdout.strip().splitlines()[-1])
@@ -219,8 +220,12 @@ def burst(url: str, ws: Watcher, media: str, n: int, engine_pid: int) -> tuple[f
         t = time.perf_counter()
         with httpx.Client(base_url=url, timeout=60) as client:
             for job_id in ids:
-                assert client.post("/v1/jobs", json={"job_id": job_id, "pipeline": SOCCER,
-                                                     "input": {"media": media}}).status_code == 202
+                assert (
+                    client.post(
+                        "/v1/jobs", json={"job_id": job_id, "pipeline": SOCCER, "input": {"media": media}}
+                    ).status_code
+                    == 202
+                )
         while not all(j in ws.terminal for j in ids):
             time.sleep(0.01)
         elapsed = max(ws.terminal[j] for j in ids) - t
@@ -236,7 +241,7 @@ def one_job_peak(url: str, ws: Watcher, media: str, engine_pid: int) -> float:
 
 # --- direct -----------------------------------------------------------------------------------------
 
-DIRECT = r'''
+DIRECT = r"""
 import json, statistics, sys, time
 from pathlib import Path
 from forgeflow.plugins import MediaStore, ToolContext
@@ -261,9 +266,9 @@ once(); once(); model_once()
 three = [once() for _ in range(int(sys.argv[3]))]
 model = [model_once() for _ in range(int(sys.argv[3]))]
 print(json.dumps({"three_stages_p50": statistics.median(three), "model_once_p50": statistics.median(model)}))
-'''
+"""
 
-ONE_PASS = r'''
+ONE_PASS = r"""
 import os, sys, time
 t = time.perf_counter()
 os.environ.update(YOLO_OFFLINE="1", YOLO_VERBOSE="False", YOLO_AUTOINSTALL="False")
@@ -280,7 +285,7 @@ for result in model.track(sys.argv[1], persist=True, stream=True, verbose=False,
         actions[tid] = "running" if tid in last and abs(cx - last[tid]) > 4 else "standing"
         last[tid] = cx
 print(len(actions), time.perf_counter() - t)
-'''
+"""
 
 
 def timed(cmd: list[str], env: dict[str, str]) -> float:
@@ -302,7 +307,7 @@ def main() -> int:
 
     from ultralytics import ASSETS
 
-    from forgeflow.flows.prefect_server import LocalPrefectServer
+    from forgeflow.jobs.prefect_server import LocalPrefectServer
 
     home = Path(tempfile.mkdtemp(prefix="ff-bench-engine-"))
     bus = str(Path(ASSETS) / "bus.jpg")
@@ -313,12 +318,22 @@ def main() -> int:
     prefect = LocalPrefectServer(home / "prefect")
     prefect_url = prefect.start(timeout=180)
     port = free_port()
-    env = {**os.environ, "FORGEFLOW_HOME": str(home / "ff"), "PREFECT_API_URL": prefect_url,
-           "FORGEFLOW_API_PORT": str(port), "PREFECT_LOGGING_LEVEL": "WARNING"}
+    env = {
+        **os.environ,
+        "FORGEFLOW_HOME": str(home / "ff"),
+        "PREFECT_API_URL": prefect_url,
+        "FORGEFLOW_API_PORT": str(port),
+        "PREFECT_LOGGING_LEVEL": "WARNING",
+    }
     if args.torch_threads:
         env["FORGEFLOW_TORCH_THREADS"] = str(args.torch_threads)
-    api = subprocess.Popen([sys.executable, "-m", "forgeflow.api.server"], env=env, stdout=subprocess.DEVNULL,
-                           stderr=subprocess.DEVNULL, start_new_session=True)
+    api = subprocess.Popen(
+        [sys.executable, "-m", "forgeflow.api.server"],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     url = f"http://127.0.0.1:{port}"
     rows: list[tuple[str, str, str, str]] = []
     try:
@@ -336,8 +351,11 @@ def main() -> int:
         engine_pid = engine["pid"]
         firsts, ends = api_jobs(url, ws, media, args.jobs, prefix="seq")
         plain = plain_prefect(env, args.jobs, args.burst)
-        pids = {"engine (incl. workers)": (engine_pid, True), "API": (api.pid, False),
-                "Prefect server": (prefect.proc.pid, True)}
+        pids = {
+            "engine (incl. workers)": (engine_pid, True),
+            "API": (api.pid, False),
+            "Prefect server": (prefect.proc.pid, True),
+        }
         cpu_before = cpu_seconds(pids)
         jobs_per_s, burst_peak = burst(url, ws, media, args.burst, engine_pid)
         cpu_after = cpu_seconds(pids)
@@ -347,42 +365,84 @@ def main() -> int:
         stages = job["envelope"]["stages"]
         frames = len(job["envelope"]["result"]["players"])
         passes = sum((s.get("computed_outputs") or 0) for s in stages) / max(frames, 1)
-        direct = json.loads(subprocess.run([sys.executable, "-c", DIRECT, bus, str(home / "direct"), str(args.jobs)],
-                                           env=env, capture_output=True, text=True, timeout=900,
-                                           check=True).stdout.strip().splitlines()[-1])
+        direct = json.loads(
+            subprocess.run(
+                [sys.executable, "-c", DIRECT, bus, str(home / "direct"), str(args.jobs)],
+                env=env,
+                capture_output=True,
+                text=True,
+                timeout=900,
+                check=True,
+            )
+            .stdout.strip()
+            .splitlines()[-1]
+        )
 
         # README's main job with the engine of this FORGEFLOW_HOME running, against a one-pass script
-        run_cmd = [str(Path(sys.executable).parent / "forgeflow"), "run", str(ROOT / "examples" / "soccer-analysis.json"),
-                   "--input", str(clip)]
+        run_cmd = [
+            str(Path(sys.executable).parent / "forgeflow"),
+            "run",
+            str(ROOT / "examples" / "soccer-analysis.json"),
+            "--input",
+            str(clip),
+        ]
         ff_runs, direct_runs = [], []
         for _ in range(args.main_runs):
             ff_runs.append(timed(run_cmd, env))
             direct_runs.append(timed([sys.executable, "-c", ONE_PASS, str(clip)], env))
 
         rows = [
-            ("one-image soccer job via the API, POST → terminal, p50", f"{p50(ends):.3f} s",
-             f"{direct['three_stages_p50']:.3f} s (3 stages in-process); model once {direct['model_once_p50']:.3f} s",
-             f"{p50(ends) / direct['three_stages_p50']:.1f}×"),
-            ("plain Prefect, 3 trivial tasks, p50 (default / no heartbeat)", "—",
-             f"{plain['default_p50']:.3f} s / {plain['no_heartbeat_p50']:.3f} s",
-             f"job − plain(no hb) = {p50(ends) - plain['no_heartbeat_p50']:+.3f} s"),
+            (
+                "one-image soccer job via the API, POST → terminal, p50",
+                f"{p50(ends):.3f} s",
+                f"{direct['three_stages_p50']:.3f} s (3 stages in-process); model once {direct['model_once_p50']:.3f} s",
+                f"{p50(ends) / direct['three_stages_p50']:.1f}×",
+            ),
+            (
+                "plain Prefect, 3 trivial tasks, p50 (default / no heartbeat)",
+                "—",
+                f"{plain['default_p50']:.3f} s / {plain['no_heartbeat_p50']:.3f} s",
+                f"job − plain(no hb) = {p50(ends) - plain['no_heartbeat_p50']:+.3f} s",
+            ),
             ("POST /v1/jobs → first pipeline_stage_start, p50", f"{p50(firsts):.3f} s", "—", "—"),
-            (f"{args.burst} one-image jobs at once", f"{jobs_per_s:.2f} jobs/s",
-             f"plain Prefect {args.burst} flows at once: {plain['burst_runs_per_s']:.2f} runs/s",
-             f"{jobs_per_s / plain['burst_runs_per_s']:.2f}× plain"),
-            ("`forgeflow run` README main job (engine running), wall, median", f"{p50(ff_runs):.2f} s",
-             f"{p50(direct_runs):.2f} s (one-pass YOLO.track script)", f"{p50(ff_runs) / p50(direct_runs):.2f}×"),
+            (
+                f"{args.burst} one-image jobs at once",
+                f"{jobs_per_s:.2f} jobs/s",
+                f"plain Prefect {args.burst} flows at once: {plain['burst_runs_per_s']:.2f} runs/s",
+                f"{jobs_per_s / plain['burst_runs_per_s']:.2f}× plain",
+            ),
+            (
+                "`forgeflow run` README main job (engine running), wall, median",
+                f"{p50(ff_runs):.2f} s",
+                f"{p50(direct_runs):.2f} s (one-pass YOLO.track script)",
+                f"{p50(ff_runs) / p50(direct_runs):.2f}×",
+            ),
             ("model passes per frame, soccer pipeline", f"{passes:.2f}", "1", "—"),
-            (f"peak memory, engine + workers: {args.burst} queued jobs / one job", f"{burst_peak:.0f} MiB",
-             f"{single_peak:.0f} MiB", f"{burst_peak / max(single_peak, 1):.2f}×"),
+            (
+                f"peak memory, engine + workers: {args.burst} queued jobs / one job",
+                f"{burst_peak:.0f} MiB",
+                f"{single_peak:.0f} MiB",
+                f"{burst_peak / max(single_peak, 1):.2f}×",
+            ),
         ]
         print("| metric | ForgeFlow | direct / plain Prefect | ratio |")
         print("|---|---:|---:|---:|")
         for row in rows:
             print("| " + " | ".join(row) + " |")
         print(f"\nCPU seconds during the {args.burst}-job burst:", json.dumps(burst_cpu))
-        print("\nraw:", json.dumps({"ends": ends, "firsts": firsts, "plain": plain, "ff_runs": ff_runs,
-                                    "direct_runs": direct_runs, "direct": direct}))
+        print(
+            "\nraw:",
+            json.dumps(
+                {
+                    "ends": ends,
+                    "firsts": firsts,
+                    "plain": plain,
+                    "ff_runs": ff_runs,
+                    "direct_runs": direct_runs,
+                    "direct": direct,
+                }
+            ),
+        )
     finally:
         api.terminate()
         try:

@@ -31,7 +31,7 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=5)
     args = parser.parse_args()
 
-    from forgeflow.flows.prefect_server import LocalPrefectServer
+    from forgeflow.jobs.prefect_server import LocalPrefectServer
     from forgeflow.settings import get_settings
 
     settings = get_settings()
@@ -47,11 +47,11 @@ def main() -> None:
 
 
 def run(reps: int) -> None:
-    from forgeflow.flows.executor import PipelineExecutor
-    from forgeflow.flows.pipeline_flow import Services
-    from forgeflow.flows.sinks import MemorySink
+    from forgeflow.engine.runners.base import ToolCall
+    from forgeflow.events.sinks import MemorySink
+    from forgeflow.jobs.executor import PipelineExecutor
+    from forgeflow.jobs.flow import Services
     from forgeflow.plugins import EmptyModel, MediaStore, ToolContext
-    from forgeflow.plugins.runners.base import ToolCall
     from forgeflow.settings import get_settings
 
     settings = get_settings()
@@ -99,7 +99,9 @@ def run(reps: int) -> None:
                 envelope = executor.execute(pipeline, {}, f"bench-{stages}-{rep}")
                 forgeflow.append(time.perf_counter() - started)
                 assert envelope["ok"], envelope
-            rows.append((stages, median_ms(direct), median_ms(runner_only), median_ms(prefect_only), median_ms(forgeflow)))
+            rows.append(
+                (stages, median_ms(direct), median_ms(runner_only), median_ms(prefect_only), median_ms(forgeflow))
+            )
     finally:
         services.close()
 

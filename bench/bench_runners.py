@@ -38,7 +38,7 @@ def measure(fn: Callable[[], object], n: int, warmup: int) -> list[float]:
 
 def p95(samples: list[float]) -> float:
     ordered = sorted(samples)
-    return ordered[min(len(ordered) - 1, int(round(0.95 * (len(ordered) - 1))))]
+    return ordered[min(len(ordered) - 1, round(0.95 * (len(ordered) - 1)))]
 
 
 def fmt(ms: float) -> str:
@@ -60,8 +60,10 @@ def main() -> int:
     args = parser.parse_args()
 
     os.environ.setdefault("FORGEFLOW_HOME", tempfile.mkdtemp(prefix="forgeflow-bench-"))
-    from forgeflow.plugins import EmptyModel, LifecycleStore, MediaStore, PluginRegistry, ToolContext
-    from forgeflow.plugins.runners import ToolCall, get_runner
+    from forgeflow.engine.lifecycle import LifecycleStore
+    from forgeflow.engine.registry import PluginRegistry
+    from forgeflow.engine.runners import ToolCall, get_runner
+    from forgeflow.plugins import EmptyModel, MediaStore, ToolContext
     from forgeflow.settings import get_settings
 
     settings = get_settings()
@@ -108,10 +110,15 @@ def main() -> int:
             client.images.get(settings.docker_image)
             runner = get_runner(settings.model_copy(update={"runner": "docker"}), registry)
             try:
-                rows.append((f"docker, one container per call ({settings.docker_image})", measure(checked(runner), args.n_docker, 1)))
+                rows.append(
+                    (
+                        f"docker, one container per call ({settings.docker_image})",
+                        measure(checked(runner), args.n_docker, 1),
+                    )
+                )
             finally:
                 runner.close()
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:
             docker_note = f"docker row skipped: {type(exc).__name__}: {exc}"
 
     direct = statistics.median(rows[0][1])

@@ -100,7 +100,12 @@ def direct_pipeline(clip: Path, imgsz: int, device: str) -> tuple[dict[str, Any]
     model = load_yolo(str(bundled_pose_weights()), device)
     tracker = BYTETracker(
         argparse.Namespace(
-            track_high_thresh=0.25, track_low_thresh=0.1, new_track_thresh=0.25, track_buffer=30, match_thresh=0.8, fuse_score=True
+            track_high_thresh=0.25,
+            track_low_thresh=0.1,
+            new_track_thresh=0.25,
+            track_buffer=30,
+            match_thresh=0.8,
+            fuse_score=True,
         )
     )
     cap = cv2.VideoCapture(str(clip))
@@ -138,7 +143,7 @@ def direct_pipeline(clip: Path, imgsz: int, device: str) -> tuple[dict[str, Any]
         # camera motion, as the classifier measures it
         gray = cv2.cvtColor(frame, cv2.COLOR_BGR2GRAY).astype("float32")
         for p in frame_poses:
-            x1, y1, x2, y2 = (max(int(round(v)), 0) for v in p.box)
+            x1, y1, x2, y2 = (max(round(v), 0) for v in p.box)
             gray[y1:y2, x1:x2] = float(gray.mean())
         factor = min(1.0, 320 / gray.shape[1])
         small = cv2.resize(gray, None, fx=factor, fy=factor, interpolation=cv2.INTER_AREA) if factor < 1 else gray
@@ -160,8 +165,8 @@ def direct_pipeline(clip: Path, imgsz: int, device: str) -> tuple[dict[str, Any]
 
 
 def forgeflow_runner(clip: Path, imgsz: int, device: str):
-    from forgeflow.flows.executor import PipelineExecutor
-    from forgeflow.flows.models import PipelineDefinition
+    from forgeflow.jobs.executor import PipelineExecutor
+    from forgeflow.pipeline.definition import PipelineDefinition
     from forgeflow.plugins.media import MediaStore
     from forgeflow.settings import get_settings
 
@@ -193,6 +198,7 @@ def side_main(args: argparse.Namespace) -> None:
     with PeakRSS() as mem:
         t0 = time.perf_counter()
         if args.side == "direct":
+
             def run() -> tuple[dict[str, Any], int]:
                 return direct_pipeline(clip, imgsz, args.device)
         else:
@@ -204,7 +210,10 @@ def side_main(args: argparse.Namespace) -> None:
                 break
             t = time.perf_counter()
             result, frames = run()
-            print(json.dumps({"warm_s": time.perf_counter() - t, "frames": frames, "stages_s": result.get("_stages_s")}), flush=True)
+            print(
+                json.dumps({"warm_s": time.perf_counter() - t, "frames": frames, "stages_s": result.get("_stages_s")}),
+                flush=True,
+            )
     print(json.dumps({"peak_rss_mb": mem.peak / 2**20}), flush=True)
 
 
@@ -218,7 +227,9 @@ class Side:
         cmd = [sys.executable, __file__, "--side", side, "--imgsz", str(imgsz), "--clip", str(clip), "--device", device]
         self.name = side
         self._log = log.open("w")
-        self.proc = subprocess.Popen(cmd, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._log, text=True)
+        self.proc = subprocess.Popen(
+            cmd, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._log, text=True
+        )
         self.log = log
 
     def read(self) -> dict[str, Any]:
@@ -227,8 +238,10 @@ class Side:
             line = self.proc.stdout.readline()
             if not line:
                 self.proc.wait()
-                raise RuntimeError(f"{self.name} side exited with {self.proc.returncode}; see {self.log}:\n"
-                                   + self.log.read_text()[-3000:])
+                raise RuntimeError(
+                    f"{self.name} side exited with {self.proc.returncode}; see {self.log}:\n"
+                    + self.log.read_text()[-3000:]
+                )
             line = line.strip()
             if line.startswith("{"):
                 return json.loads(line)
@@ -277,9 +290,16 @@ def measure(imgsz: int, runs: int, clip: Path, device: str, env: dict[str, str],
         sides[name] = Side(name, imgsz, clip, device, env, work / f"{name}-{imgsz}.log")
         first = sides[name].read()
         sides[name].pause()
-        rows[name] = {"side": name, "imgsz": imgsz, "frames": first["frames"], "cold_s": first["cold_s"], "warm_s": [], "fixed_s": []}
+        rows[name] = {
+            "side": name,
+            "imgsz": imgsz,
+            "frames": first["frames"],
+            "cold_s": first["cold_s"],
+            "warm_s": [],
+            "fixed_s": [],
+        }
     for k in range(runs):
-        for name in (("direct", "forgeflow") if k % 2 == 0 else ("forgeflow", "direct")):
+        for name in ("direct", "forgeflow") if k % 2 == 0 else ("forgeflow", "direct"):
             sides[name].resume()
             sides[name].send("run")
             out = sides[name].read()
@@ -307,8 +327,8 @@ def main() -> int:
         side_main(args)
         return 0
 
+    from forgeflow.cli.sample_clip import make_sample_clip
     from forgeflow.plugins.builtin._vision import torch_threads
-    from forgeflow.plugins.builtin.sample_clip import make_sample_clip
 
     work = Path(tempfile.mkdtemp(prefix="forgeflow-bench-soccer-"))
     clip = make_sample_clip(work / "sample.mp4")
@@ -349,16 +369,20 @@ def main() -> int:
             if r["fixed_s"]:
                 samples.append(
                     f"* imgsz {imgsz}, ForgeFlow's fixed cost per run (run minus the stages' own durations): "
-                    + ", ".join(f"{x:.2f}" for x in r["fixed_s"]) + " s"
+                    + ", ".join(f"{x:.2f}" for x in r["fixed_s"])
+                    + " s"
                 )
     table = "\n".join(lines)
     print(table)
     if not args.no_write:
         import torch
 
-        command = "python bench/bench_soccer.py" + (f" --imgsz {' '.join(map(str, args.imgsz))}" if args.imgsz != [320, 640] else "") + (
-            f" --runs {args.runs}" if args.runs != 5 else ""
-        ) + (f" --device {args.device}" if args.device != "cpu" else "")
+        command = (
+            "python bench/bench_soccer.py"
+            + (f" --imgsz {' '.join(map(str, args.imgsz))}" if args.imgsz != [320, 640] else "")
+            + (f" --runs {args.runs}" if args.runs != 5 else "")
+            + (f" --device {args.device}" if args.device != "cpu" else "")
+        )
         cpu = platform.processor() or platform.machine()
         RESULTS.parent.mkdir(parents=True, exist_ok=True)
         RESULTS.write_text(

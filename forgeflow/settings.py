@@ -30,14 +30,17 @@ class Settings(BaseSettings):
         "process", description="How stages run: sandboxed process (default), Docker container, or inline (tests only)."
     )
     reuse_workers: bool = Field(
-        True, description="Keep one warm worker process per plugin (models stay loaded); false = fresh process per call."
+        True,
+        description="Keep one warm worker process per plugin (models stay loaded); false = fresh process per call.",
     )
     stage_memory_limit_mb: int = Field(4096, ge=64, description="Default memory limit of one stage call.")
     worker_startup_timeout_s: float = Field(120.0, gt=0, description="Time a worker may take to import its plugin.")
     torch_threads: int | None = Field(
         None, ge=1, description="Threads torch may use in a worker; default: the CPUs the process may use."
     )
-    pool_size: int = Field(2, ge=1, le=64, description="Most worker processes one plugin may have at once (busy or idle).")
+    pool_size: int = Field(
+        2, ge=1, le=64, description="Most worker processes one plugin may have at once (busy or idle)."
+    )
     pool_sizes: dict[str, int] = Field(
         default_factory=dict, description='Per-plugin pool sizes, e.g. {"pose-estimator": 3}; others use pool_size.'
     )
@@ -50,7 +53,8 @@ class Settings(BaseSettings):
         '"cpu" and 1 per GPU. Stages beyond the slots wait (and say so).',
     )
     reuse_outputs: bool = Field(
-        True, description="Let a stage reuse what an earlier stage of the same job computed (ctx.cache): same bytes, less work."
+        True,
+        description="Let a stage reuse what an earlier stage of the same job computed (ctx.cache): same bytes, less work.",
     )
     engine_socket: Path | None = Field(None, description="The engine's Unix socket (default: <home>/engine.sock).")
     use_engine: bool = Field(
@@ -78,7 +82,9 @@ class Settings(BaseSettings):
     api_token: SecretStr | None = Field(None, description="Bearer token for every REST and WebSocket call.")
     database_url: str | None = Field(None, description="SQLAlchemy URL; default: SQLite file in home.")
     max_upload_bytes: int = Field(512 * 1024**2, gt=0, description="Largest media upload.")
-    max_concurrent_jobs: int = Field(8, ge=1, description="Jobs the engine runs at once (stages still wait for device slots).")
+    max_concurrent_jobs: int = Field(
+        8, ge=1, description="Jobs the engine runs at once (stages still wait for device slots)."
+    )
     ws_queue_size: int = Field(1000, ge=10, description="Messages buffered per WebSocket client before it is dropped.")
     ws_ping_interval_s: float = Field(20.0, gt=0)
 

@@ -64,7 +64,8 @@ def ff_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
 @pytest.fixture
 def registry(ff_home: Path):
     """The registry of installed plugins (built-ins and the test plugins), with its own lifecycle file."""
-    from forgeflow.plugins import LifecycleStore, PluginRegistry
+    from forgeflow.engine.lifecycle import LifecycleStore
+    from forgeflow.engine.registry import PluginRegistry
 
     return PluginRegistry.discover(LifecycleStore(ff_home / "plugins.sqlite"))
 
@@ -72,7 +73,7 @@ def registry(ff_home: Path):
 @pytest.fixture(scope="session")
 def prefect_api_url() -> Iterator[str]:
     """A real Prefect server (SQLite) for the whole session, at the PREFECT_API_URL set above."""
-    from forgeflow.flows.prefect_server import LocalPrefectServer
+    from forgeflow.jobs.prefect_server import LocalPrefectServer
 
     url = os.environ["PREFECT_API_URL"]
     if url != f"http://127.0.0.1:{_OWN_PREFECT_PORT}/api":

@@ -12,7 +12,11 @@ from pathlib import Path
 def forgeflow(*args: str, cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "forgeflow.cli", *args],
-        capture_output=True, text=True, cwd=cwd, timeout=timeout, env={**os.environ, "COLUMNS": "200"},
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        timeout=timeout,
+        env={**os.environ, "COLUMNS": "200"},
     )
 
 
@@ -36,11 +40,20 @@ def test_plugins_list_json_shows_tools_states_and_unavailable_reasons(ff_home, t
 
 def test_run_writes_result_and_events_and_reports_failures(ff_home, prefect_api_url, tmp_path):
     pipeline = tmp_path / "chain.json"
-    pipeline.write_text(json.dumps({"pipeline": [
-        {"plugin": "tk", "tool": "numbers"}, {"plugin": "testkit", "tool": "scale", "config": {"factor": 10}},
-        {"plugin": "testkit", "tool": "total"},
-    ]}))
-    result = forgeflow("run", str(pipeline), "--input-json", '{"count": 4}', "--out", str(tmp_path / "out"), cwd=tmp_path)
+    pipeline.write_text(
+        json.dumps(
+            {
+                "pipeline": [
+                    {"plugin": "tk", "tool": "numbers"},
+                    {"plugin": "testkit", "tool": "scale", "config": {"factor": 10}},
+                    {"plugin": "testkit", "tool": "total"},
+                ]
+            }
+        )
+    )
+    result = forgeflow(
+        "run", str(pipeline), "--input-json", '{"count": 4}', "--out", str(tmp_path / "out"), cwd=tmp_path
+    )
     assert result.returncode == 0, result.stderr
     assert "completed" in result.stderr and "total: 60" in result.stderr
     envelope = json.loads((tmp_path / "out" / "result.json").read_text())
@@ -50,7 +63,9 @@ def test_run_writes_result_and_events_and_reports_failures(ff_home, prefect_api_
     assert events[-1]["status"] == "succeeded"
 
     failing = tmp_path / "failing.json"
-    failing.write_text(json.dumps({"pipeline": [{"plugin": "tk", "tool": "numbers"}, {"plugin": "tk", "tool": "fail"}]}))
+    failing.write_text(
+        json.dumps({"pipeline": [{"plugin": "tk", "tool": "numbers"}, {"plugin": "tk", "tool": "fail"}]})
+    )
     result = forgeflow("run", str(failing), "--input-json", '{"count": 1}', "--json", cwd=tmp_path)
     assert result.returncode == 1
     envelope = json.loads(result.stdout)

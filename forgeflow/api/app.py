@@ -92,7 +92,9 @@ def local_api_url(settings: Settings, port: int | None = None) -> str:
 
 
 def build_state(settings: Settings, *, api_url: str, prefect_api_url: str | None) -> ApiState:
-    from forgeflow.plugins import LifecycleStore, MediaStore, PluginRegistry
+    from forgeflow.engine.lifecycle import LifecycleStore
+    from forgeflow.engine.registry import PluginRegistry
+    from forgeflow.plugins import MediaStore
 
     settings.home.mkdir(parents=True, exist_ok=True)
     store = Store(settings.resolved_database_url)

@@ -11,7 +11,8 @@ from starlette.requests import HTTPConnection
 from forgeflow.api.auth import Authenticator
 from forgeflow.api.hub import EventHub
 from forgeflow.api.store import Store, StoredEvent
-from forgeflow.plugins import MediaStore, PluginRegistry
+from forgeflow.engine.registry import PluginRegistry
+from forgeflow.plugins import MediaStore
 from forgeflow.settings import Settings
 
 if TYPE_CHECKING:

@@ -22,7 +22,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import re
 import time
 from pathlib import Path
 from typing import Any
@@ -30,56 +29,40 @@ from typing import Any
 from anyio import to_thread
 
 from forgeflow.api.deps import ApiState
-from forgeflow.flows.events import Event, JobStatusEvent, PipelineError, parse_event
-from forgeflow.flows.job import JobProcess, pid_alive, process_create_time
+from forgeflow.events import spool
+from forgeflow.events.models import Event, JobStatusEvent, PipelineError, parse_event
+from forgeflow.jobs.supervise import JobProcess
+from forgeflow.pipeline import outcome
+from forgeflow.pipeline.definition import raw_stages
+from forgeflow.pipeline.outcome import EndReason
+from forgeflow.processes import process_create_time
 
 log = logging.getLogger(__name__)
 
-_SPOOL_NAME = re.compile(r"^(\d+)-[0-9a-f]+\.jsonl(?:\.claimed-(\d+))?$")
+CANCELLED_BY_USER = "cancelled by the user"
 
 
 def import_spool(state: ApiState, *, skip_live_writers: bool = True) -> int:
     """Store the events of spool files whose writer is gone, deleting each file once stored."""
-    spool = state.settings.spool_dir
-    if not spool.is_dir():
-        return 0
     stored = 0
-    me = os.getpid()
-    for path in sorted(spool.iterdir(), key=lambda p: p.stat().st_mtime if p.exists() else 0):
-        match = _SPOOL_NAME.match(path.name)
-        if not match:
-            continue
-        writer = int(match.group(1))
-        claimer = int(match.group(2)) if match.group(2) else None
-        if claimer is not None and claimer != me and pid_alive(claimer):
-            continue  # another process is delivering it right now
-        if claimer is None and skip_live_writers and writer != me and pid_alive(writer):
-            continue  # its writer is alive and delivers it itself
-        claimed = path if claimer == me else path.with_name(path.name.split(".claimed-")[0] + f".claimed-{me}")
-        try:
-            if claimed != path:
-                path.rename(claimed)
-        except OSError:
-            continue
-        stored += _import_file(state, claimed)
+    for file in spool.spool_files(state.settings.spool_dir):
+        claimed = spool.claim(file, skip_live_writers=skip_live_writers)
+        if claimed is not None:
+            stored += _import_file(state, claimed)
     return stored
 
 
 def _import_file(state: ApiState, path: Path) -> int:
-    from forgeflow.flows.sinks import read_spool
-
     good: list[Event] = []
     bad: list[str] = []
-    for data in read_spool(path):
+    for data in spool.read_events(path):
         try:
             good.append(parse_event(data))
         except Exception as exc:
             bad.append(f"{exc}: {data!r}"[:2000])
     stored = 0
     for i in range(0, len(good), 200):
-        stored += len(
-            state.store.ingest(good[i : i + 200], publish=state.publish, resolve_plugin=state.resolve_plugin)
-        )
+        stored += len(state.store.ingest(good[i : i + 200], publish=state.publish, resolve_plugin=state.resolve_plugin))
     if bad:
         log.error("spool file %s had %d unreadable events; kept in %s.bad", path.name, len(bad), path.name)
         path.with_name(path.name + ".bad").write_text("\n".join(bad), encoding="utf-8")
@@ -120,8 +103,9 @@ class EngineJobHandle(JobProcess):
 
 
 class Launcher:
-    def __init__(self, state: ApiState, *, exit_grace_s: float = 5.0, cancel_grace_s: float = 10.0,
-                 poll_interval_s: float = 0.25) -> None:
+    def __init__(
+        self, state: ApiState, *, exit_grace_s: float = 5.0, cancel_grace_s: float = 10.0, poll_interval_s: float = 0.25
+    ) -> None:
         self.state = state
         self.exit_grace_s = exit_grace_s
         self.cancel_grace_s = cancel_grace_s
@@ -290,19 +274,31 @@ class Launcher:
             return
         try:
             client = self.engine()
-            client.submit(job_id, job["pipeline"], job["input"] or {}, api_url=self.state.api_url,
-                          ingest_token=self.state.auth.ingest_token)
+            client.submit(
+                job_id,
+                job["pipeline"],
+                job["input"] or {},
+                api_url=self.state.api_url,
+                ingest_token=self.state.auth.ingest_token,
+            )
         except Exception as exc:
             log.exception("could not start job %s", job_id)
             error = f"could not hand the job to the engine: {exc}"
             self._store_terminal(
                 job_id,
                 [
-                    PipelineError(job_id=job_id, stage_index=None, plugin=None, error=error, error_type="LaunchError"),
-                    JobStatusEvent(job_id=job_id, status="failed", envelope={
-                        "ok": False, "error": error, "error_type": "LaunchError",
-                        "stage_failed": None, "partial_result": {}, "stages_executed": 0,
-                    }),
+                    PipelineError(
+                        job_id=job_id, stage_index=None, plugin=None, error=error, error_type=EndReason.LAUNCH_ERROR
+                    ),
+                    JobStatusEvent(
+                        job_id=job_id,
+                        status="failed",
+                        envelope=outcome.not_started(
+                            outcome.pending_reports(raw_stages(job["pipeline"])),
+                            error=error,
+                            error_type=EndReason.LAUNCH_ERROR,
+                        ).to_dict(),
+                    ),
                 ],
             )
             return
@@ -326,7 +322,7 @@ class Launcher:
             reason = f"the job ended (exit code {code}) without reporting a result"
         batch: list[Event]
         try:
-            from forgeflow.flows.job import reconcile_crash
+            from forgeflow.jobs.supervise import reconcile_crash
 
             batch = list(
                 reconcile_crash(
@@ -341,19 +337,28 @@ class Launcher:
         except Exception as exc:
             log.exception("reconcile_crash failed for %s", job_id)
             batch = [
-                PipelineError(job_id=job_id, stage_index=None, plugin=None, error=reason, error_type="FlowRunCrashed"),
-                JobStatusEvent(job_id=job_id, status="crashed", flow_run_id=job.get("flow_run_id"), envelope={
-                    "ok": False, "error": f"{reason} ({exc})", "error_type": "FlowRunCrashed", "stage_failed": None,
-                    "partial_result": {}, "stages_executed": job.get("stages_completed") or 0,
-                }),
+                PipelineError(
+                    job_id=job_id, stage_index=None, plugin=None, error=reason, error_type=EndReason.FLOW_RUN_CRASHED
+                ),
+                JobStatusEvent(
+                    job_id=job_id,
+                    status="crashed",
+                    flow_run_id=job.get("flow_run_id"),
+                    envelope=outcome.failed(
+                        outcome.pending_reports(raw_stages(job["pipeline"])),
+                        error=f"{reason} ({exc})",
+                        error_type=EndReason.FLOW_RUN_CRASHED,
+                        stage_failed=None,
+                    ).to_dict(),
+                ),
             ]
         if job.get("cancel_requested"):
             batch = [self._as_cancelled(e) for e in batch]
             if job.get("flow_run_id"):
                 try:
-                    from forgeflow.flows.job import mark_flow_run
+                    from forgeflow.jobs.supervise import mark_flow_run
 
-                    mark_flow_run(job["flow_run_id"], "cancelled", "cancelled by the user")
+                    mark_flow_run(job["flow_run_id"], "cancelled", CANCELLED_BY_USER)
                 except Exception:
                     log.warning("could not mark flow run %s cancelled", job["flow_run_id"])
         log.warning("job %s: %s", job_id, reason)
@@ -362,11 +367,10 @@ class Launcher:
     @staticmethod
     def _as_cancelled(event: Event) -> Event:
         if isinstance(event, JobStatusEvent):
-            envelope = dict(event.envelope or {})
-            envelope.update(ok=False, error="cancelled by the user", error_type="Cancelled")
+            envelope = outcome.as_cancelled(event.envelope or {}, CANCELLED_BY_USER)
             return event.model_copy(update={"status": "cancelled", "envelope": envelope})
         if isinstance(event, PipelineError):
-            return event.model_copy(update={"error": "cancelled by the user", "error_type": "Cancelled"})
+            return event.model_copy(update={"error": CANCELLED_BY_USER, "error_type": EndReason.CANCELLED.value})
         return event
 
     # --- cancel ----------------------------------------------------------------------------------
@@ -377,23 +381,17 @@ class Launcher:
             job = await to_thread.run_sync(store.get_job, job_id)
             if job is None:
                 raise KeyError(job_id)
-            from forgeflow.flows.events import TERMINAL_STATUSES
-
-            if job["status"] in TERMINAL_STATUSES:
+            if outcome.is_terminal(job["status"]):
                 return job
             await to_thread.run_sync(store.set_cancel_requested, job_id)
             if job["source"] == "external":
                 return {**job, "cancel_requested": True}  # run elsewhere: nothing here to signal
             if job["launched_at"] is None:
-                stages = (job["pipeline"] or {}).get("stages", [])
-                envelope = {
-                    "ok": False, "error": "cancelled by the user before it started", "error_type": "Cancelled",
-                    "stage_failed": None, "partial_result": {}, "stages_executed": 0,
-                    "stages": [
-                        {"index": i, "plugin": s.get("plugin", ""), "tool": s.get("tool", ""), "status": "skipped"}
-                        for i, s in enumerate(stages)
-                    ],
-                }
+                envelope = outcome.not_started(
+                    outcome.pending_reports(raw_stages(job["pipeline"])),
+                    error="cancelled by the user before it started",
+                    error_type=EndReason.CANCELLED,
+                ).to_dict()
                 await to_thread.run_sync(
                     self._store_terminal, job_id, [JobStatusEvent(job_id=job_id, status="cancelled", envelope=envelope)]
                 )

@@ -6,10 +6,11 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema
 
-from forgeflow.flows.models import PipelineStage
+from forgeflow.engine.lifecycle import LifecycleState
+from forgeflow.pipeline.definition import PipelineStage
+from forgeflow.pipeline.outcome import JobStatus, StageReport
 
 JOB_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$"
-JobStatusName = Literal["queued", "running", "succeeded", "failed", "cancelled", "crashed"]
 
 _STAGE_SCHEMA = PipelineStage.model_json_schema()
 _STAGES_SCHEMA = {"type": "array", "items": _STAGE_SCHEMA, "minItems": 1}
@@ -37,7 +38,11 @@ RawStages = Annotated[list[Any] | None, WithJsonSchema({**_STAGES_SCHEMA, "descr
 SEED_JOB_EXAMPLE = {
     "job_id": "job-123",
     "pipeline": [
-        {"plugin": "forgesyte-yolo-tracker", "tool": "detect_players", "config": {"device": "cuda", "confidence": 0.25}},
+        {
+            "plugin": "forgesyte-yolo-tracker",
+            "tool": "detect_players",
+            "config": {"device": "cuda", "confidence": 0.25},
+        },
         {"plugin": "pose-estimator", "tool": "estimate_poses", "config": {"model": "light"}},
         {"plugin": "classifier", "tool": "classify_actions", "config": {}},
     ],
@@ -62,7 +67,12 @@ class JobCreate(BaseModel):
             "examples": [
                 SEED_JOB_EXAMPLE,
                 {"pipeline_id": "soccer-analysis", "input": {"media": "sha256:<hex>"}},
-                {"plugin_id": "videotracker", "tool_name": "detect_players", "config": {}, "input": {"media": "sha256:<hex>"}},
+                {
+                    "plugin_id": "videotracker",
+                    "tool_name": "detect_players",
+                    "config": {},
+                    "input": {"media": "sha256:<hex>"},
+                },
             ]
         },
     )
@@ -84,30 +94,23 @@ class JobCreate(BaseModel):
 
 class JobAccepted(BaseModel):
     job_id: str
-    status: JobStatusName
+    status: JobStatus
     created: bool = Field(description="False when an earlier identical submission with this job_id exists.")
     pipeline_id: str | None = None
     links: dict[str, str]
 
 
-class StageState(BaseModel):
-    index: int
-    plugin: str
-    tool: str
-    status: Literal["pending", "running", "completed", "failed", "skipped", "cancelled"]
+class StageState(StageReport):
+    """A stage of a stored job: its report, with when it ran and which attempt it is on."""
+
     attempt: int = 1
     started_at: str | None = None
     ended_at: str | None = None
-    duration_ms: float | None = None
-    result_size_bytes: int | None = None
-    peak_memory_mb: float | None = None
-    error: str | None = None
-    error_type: str | None = None
 
 
 class JobView(BaseModel):
     job_id: str
-    status: JobStatusName
+    status: JobStatus
     source: Literal["inline", "template", "legacy", "external"]
     pipeline_id: str | None
     created_at: str
@@ -132,7 +135,7 @@ class JobView(BaseModel):
 
 class JobSummary(BaseModel):
     job_id: str
-    status: JobStatusName
+    status: JobStatus
     source: str
     pipeline_id: str | None
     created_at: str
@@ -155,7 +158,7 @@ class JobPipelineView(BaseModel):
     job_id: str
     pipeline: dict[str, Any]
     pipeline_id: str | None
-    status: JobStatusName
+    status: JobStatus
     stages_total: int
     stages_executed: int
     current_stage: int | None
@@ -166,7 +169,7 @@ class JobPipelineView(BaseModel):
 
 class CancelResult(BaseModel):
     job_id: str
-    status: JobStatusName
+    status: JobStatus
     cancel_requested: bool
 
 
@@ -234,7 +237,7 @@ class TemplateDetail(TemplateSummary):
 
 class PluginLifecycle(BaseModel):
     plugin: str
-    state: Literal["LOADED", "INITIALIZED", "RUNNING", "FAILED", "UNAVAILABLE"]
+    state: LifecycleState
     last_error: str | None = None
     last_error_type: str | None = None
     calls: int = 0
@@ -273,7 +276,7 @@ class PluginHealth(BaseModel):
 
 
 class MediaView(BaseModel):
-    ref: str = Field(description="Use it as job input: `{\"input\": {\"media\": ref}}`.")
+    ref: str = Field(description='Use it as job input: `{"input": {"media": ref}}`.')
     sha256: str
     size_bytes: int
     kind: Literal["image", "video"]

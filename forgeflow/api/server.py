@@ -14,9 +14,8 @@ import logging
 import os
 import sys
 
-
 from forgeflow.api.auth import InsecureBind, check_bind
-from forgeflow.flows.prefect_server import LocalPrefectServer
+from forgeflow.jobs.prefect_server import LocalPrefectServer
 from forgeflow.settings import Settings, get_settings
 
 log = logging.getLogger(__name__)

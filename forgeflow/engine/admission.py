@@ -17,7 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from forgeflow.plugins.runners.base import CallResult, Runner, ToolCall
+from forgeflow.engine.runners.base import CallResult, Runner, ToolCall
 
 __all__ = ["AdmittedRunner", "DeviceSlots", "device_of", "host_gpu_count"]
 
@@ -67,8 +67,14 @@ class DeviceSlots:
             self._devices[name] = _Device(self.slots_of(name))
         return self._devices[name]
 
-    def acquire(self, device: str, ticket: dict[str, Any], *, cancelled: Callable[[], bool],
-                on_wait: Callable[[str], None] | None = None) -> bool:
+    def acquire(
+        self,
+        device: str,
+        ticket: dict[str, Any],
+        *,
+        cancelled: Callable[[], bool],
+        on_wait: Callable[[str], None] | None = None,
+    ) -> bool:
         """Take a slot of ``device`` for ``ticket`` (job, stage); False if cancelled while waiting."""
         with self._cond:
             state = self._device(device)
@@ -120,8 +126,7 @@ class DeviceSlots:
 class AdmittedRunner:
     """A runner whose calls first take a slot of their device (see :class:`DeviceSlots`)."""
 
-    def __init__(self, inner: Any, slots: DeviceSlots,
-                 on_wait: Callable[[ToolCall, str], None] | None = None) -> None:
+    def __init__(self, inner: Any, slots: DeviceSlots, on_wait: Callable[[ToolCall, str], None] | None = None) -> None:
         self.inner: Runner = inner
         self.name = getattr(inner, "name", "process")
         self.slots = slots

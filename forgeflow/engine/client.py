@@ -13,7 +13,7 @@ from typing import Any
 
 import httpx
 
-from forgeflow.plugins.runners.base import CallResult, ToolCall
+from forgeflow.engine.runners.base import CallResult, ToolCall
 from forgeflow.settings import Settings
 
 __all__ = ["EngineClient", "EngineRunner", "EngineUnavailable", "ensure_engine", "start_engine_process"]
@@ -48,8 +48,9 @@ class EngineClient:
         except httpx.HTTPError as exc:
             raise EngineUnavailable(f"the engine on {self.socket_path} does not answer: {exc}") from None
         if response.status_code >= 400:
-            raise EngineUnavailable(f"engine {method} {path}: {response.status_code} {response.text[:500]}",
-                                    response.status_code)
+            raise EngineUnavailable(
+                f"engine {method} {path}: {response.status_code} {response.text[:500]}", response.status_code
+            )
         return response.json()
 
     def alive(self) -> bool:
@@ -65,10 +66,15 @@ class EngineClient:
     def jobs(self) -> dict[str, dict[str, Any]]:
         return self._request("GET", "/jobs")  # type: ignore[no-any-return]
 
-    def submit(self, job_id: str, pipeline: Any, input_data: dict[str, Any], *, api_url: str,
-               ingest_token: str | None) -> dict[str, Any]:
-        body = {"job_id": job_id, "pipeline": pipeline, "input": input_data,
-                "sink": {"api_url": api_url, "ingest_token": ingest_token}}
+    def submit(
+        self, job_id: str, pipeline: Any, input_data: dict[str, Any], *, api_url: str, ingest_token: str | None
+    ) -> dict[str, Any]:
+        body = {
+            "job_id": job_id,
+            "pipeline": pipeline,
+            "input": input_data,
+            "sink": {"api_url": api_url, "ingest_token": ingest_token},
+        }
         return self._request("POST", "/jobs", json=body)  # type: ignore[no-any-return]
 
     def stream(self, job_id: str, pipeline: Any, input_data: dict[str, Any]) -> Iterator[dict[str, Any]]:
@@ -105,7 +111,7 @@ class EngineClient:
 
 
 class EngineRunner:
-    """A :class:`~forgeflow.plugins.runners.base.Runner` whose calls run on the engine's warm pools.
+    """A :class:`~forgeflow.engine.runners.base.Runner` whose calls run on the engine's warm pools.
 
     What a flow run in another process of this host (a Prefect worker's, say) uses when the host has
     an engine: the stage still runs sandboxed, with its timeout and memory limit, in a worker that
@@ -126,8 +132,9 @@ class EngineRunner:
         self.client.close()
 
 
-def start_engine_process(settings: Settings, *, env: dict[str, str] | None = None,
-                         owner_pid: int | None = None) -> subprocess.Popen[bytes]:
+def start_engine_process(
+    settings: Settings, *, env: dict[str, str] | None = None, owner_pid: int | None = None
+) -> subprocess.Popen[bytes]:
     """Start ``python -m forgeflow.engine`` in its own session (it outlives the caller's restarts)."""
     log_path = settings.logs_dir / "engine.log"
     log_path.parent.mkdir(parents=True, exist_ok=True)
@@ -136,12 +143,19 @@ def start_engine_process(settings: Settings, *, env: dict[str, str] | None = Non
         cmd += ["--owner-pid", str(owner_pid)]
     child_env = {**os.environ, **settings.to_env(), **(env or {})}
     with log_path.open("ab") as log_file:
-        return subprocess.Popen(cmd, env=child_env, stdin=subprocess.DEVNULL, stdout=log_file,
-                                stderr=subprocess.STDOUT, start_new_session=True)
+        return subprocess.Popen(
+            cmd,
+            env=child_env,
+            stdin=subprocess.DEVNULL,
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
 
 
-def ensure_engine(settings: Settings, *, env: dict[str, str] | None = None, owner_pid: int | None = None,
-                  timeout: float = 120.0) -> tuple[EngineClient, dict[str, Any]]:
+def ensure_engine(
+    settings: Settings, *, env: dict[str, str] | None = None, owner_pid: int | None = None, timeout: float = 120.0
+) -> tuple[EngineClient, dict[str, Any]]:
     """The engine of ``settings.home``: the running one, or a new one started and waited for."""
     client = EngineClient(settings.engine_socket_path)
     try:

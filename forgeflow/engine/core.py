@@ -4,7 +4,7 @@ Every job is still one Prefect flow run with one task run per stage (``pipeline_
 stage still runs in a sandboxed worker with its hard timeout and memory limit. What the engine adds
 is that all of it lives on between jobs:
 
-* **pools** — one :class:`~forgeflow.plugins.runners.process.ProcessRunner` shared by every job of
+* **pools** — one :class:`~forgeflow.engine.runners.process.ProcessRunner` shared by every job of
   the host (the API's, ``forgeflow run``'s, and stage calls of flow runs that a Prefect worker
   started), so models stay loaded; a crash or timeout costs only its own worker;
 * **admission** — at most ``max_concurrent_jobs`` jobs run at once (the rest queue in order) and at
@@ -31,13 +31,16 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from forgeflow.engine.admission import AdmittedRunner, DeviceSlots
-from forgeflow.flows.events import TERMINAL_STATUSES, Event, JobStatusEvent, PipelineError
-from forgeflow.flows.pipeline_flow import Services
-from forgeflow.flows.sinks import EventSink, HttpSink
-from forgeflow.plugins.lifecycle import LifecycleStore
-from forgeflow.plugins.registry import PluginRegistry
-from forgeflow.plugins.runners import get_runner
-from forgeflow.plugins.runners.base import CallResult, ToolCall
+from forgeflow.engine.lifecycle import LifecycleStore
+from forgeflow.engine.registry import PluginRegistry
+from forgeflow.engine.runners import get_runner
+from forgeflow.engine.runners.base import CallResult, ToolCall
+from forgeflow.events.models import Event, JobStatusEvent, PipelineError
+from forgeflow.events.sinks import EventSink, HttpSink
+from forgeflow.jobs.flow import Services
+from forgeflow.pipeline import outcome
+from forgeflow.pipeline.definition import raw_stages
+from forgeflow.pipeline.outcome import EndReason
 from forgeflow.settings import Settings
 
 log = logging.getLogger("forgeflow.engine")
@@ -56,7 +59,7 @@ class _TerminalWatch:
         self.terminal_sent = False
 
     def emit(self, event: Event) -> None:
-        if isinstance(event, JobStatusEvent) and event.status in TERMINAL_STATUSES:
+        if isinstance(event, JobStatusEvent) and outcome.is_terminal(event.status):
             self.terminal_sent = True
         self.inner.emit(event)
 
@@ -180,15 +183,17 @@ class Engine:
         with self._lock:
             if self._prefect_settings is None:
                 current = prefect.context.get_settings_context()
-                self._prefect_settings = (current.profile, current.settings.copy_with_update(
-                    updates={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}))
+                self._prefect_settings = (
+                    current.profile,
+                    current.settings.copy_with_update(updates={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}),
+                )
         profile, settings = self._prefect_settings
         return prefect.context.SettingsContext(profile=profile, settings=settings)
 
     def _run_job(self, job: EngineJob) -> None:
-        from forgeflow.flows.executor import PipelineExecutor
-        from forgeflow.flows.job import mark_flow_run
-        from forgeflow.flows.pipeline_flow import last_flow_run_id
+        from forgeflow.jobs.executor import PipelineExecutor
+        from forgeflow.jobs.flow import last_flow_run_id
+        from forgeflow.jobs.supervise import mark_flow_run
 
         sink = _TerminalWatch(job.sink)
         services = Services(self.settings, self.registry, self.runner, sink)
@@ -197,23 +202,30 @@ class Engine:
             with self._prefect_context():
                 envelope = PipelineExecutor(services).execute(job.pipeline, job.input, job.job_id)
             job.envelope = envelope
-            if envelope.get("ok"):
-                status = "succeeded"
-            elif envelope.get("error_type") == "Cancelled":
-                status = "cancelled"
+            if envelope.get("error_type") == EndReason.VALIDATION:
+                status = "invalid"
+            else:
+                status = outcome.job_status_of(envelope)
+            if status == "cancelled":
                 flow_run_id = last_flow_run_id(job.job_id)
                 if flow_run_id:
                     mark_flow_run(flow_run_id, "cancelled", "cancelled by request")
-            elif envelope.get("error_type") == "PipelineValidationError":
-                status = "invalid"
         except BaseException as exc:
             log.exception("job %s failed inside the engine", job.job_id)
             if not sink.terminal_sent:  # the flow run could not even start (Prefect down, say): say why
                 error = f"the engine could not run the job's flow: {type(exc).__name__}: {exc}"[:4000]
-                job.envelope = {"ok": False, "error": error, "error_type": "FlowRunError", "stage_failed": None,
-                                "partial_result": {}, "stages_executed": 0}
-                sink.emit(PipelineError(job_id=job.job_id, stage_index=None, plugin=None, error=error,
-                                        error_type="FlowRunError"))
+                job.envelope = outcome.not_started(
+                    outcome.pending_reports(raw_stages(job.pipeline)), error=error, error_type=EndReason.FLOW_RUN_ERROR
+                ).to_dict()
+                sink.emit(
+                    PipelineError(
+                        job_id=job.job_id,
+                        stage_index=None,
+                        plugin=None,
+                        error=error,
+                        error_type=EndReason.FLOW_RUN_ERROR,
+                    )
+                )
                 sink.emit(JobStatusEvent(job_id=job.job_id, status="failed", envelope=job.envelope))
                 sink.flush(timeout=5.0)
         finally:
@@ -230,8 +242,11 @@ class Engine:
     def _end_unstarted(job: EngineJob) -> None:
         """A queued job that will not run: cancelled, and its stream (if any) ends."""
         job.status, job.finished_at = "cancelled", time.time()
-        job.envelope = {"ok": False, "error": "cancelled by request before it started", "error_type": "Cancelled",
-                        "stage_failed": None, "partial_result": {}, "stages_executed": 0}
+        job.envelope = outcome.not_started(
+            outcome.pending_reports(raw_stages(job.pipeline)),
+            error="cancelled by request before it started",
+            error_type=EndReason.CANCELLED,
+        ).to_dict()
         if isinstance(job.sink, StreamSink):
             job.sink.close()
         job.done.set()

@@ -36,7 +36,7 @@ from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import Any
 
-from forgeflow.flows.job import pid_alive
+from forgeflow.processes import pid_alive
 
 log = logging.getLogger("forgeflow.engine")
 
@@ -105,7 +105,7 @@ class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     service: EngineService
 
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - the stdlib's name
+    def log_message(self, format: str, *args: Any) -> None:
         log.debug("engine request: " + format, *args)
 
     def address_string(self) -> str:
@@ -124,7 +124,7 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(data)
 
-    def do_GET(self) -> None:  # noqa: N802 - the stdlib's name
+    def do_GET(self) -> None:
         engine = self.service.engine
         if self.path == "/status":
             self._send(200, {**engine.status(), "draining": self.service.draining, "owner_pid": self.service.owner_pid})
@@ -136,7 +136,7 @@ class _Handler(BaseHTTPRequestHandler):
         else:
             self._send(404, {"error": f"no route {self.path}"})
 
-    def do_POST(self) -> None:  # noqa: N802
+    def do_POST(self) -> None:
         try:
             body = self._body()
         except (ValueError, json.JSONDecodeError) as exc:
@@ -153,7 +153,7 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _route(self, body: dict[str, Any]) -> None:
         from forgeflow.engine.core import StreamSink
-        from forgeflow.plugins.runners.base import ToolCall
+        from forgeflow.engine.runners.base import ToolCall
 
         service, engine = self.service, self.service.engine
         if self.path == "/jobs":
@@ -178,8 +178,11 @@ class _Handler(BaseHTTPRequestHandler):
             self.end_headers()
             self.close_connection = True
             for event in engine.stream(job):
-                line = {"event": event.model_dump(mode="json")} if event is not None else {"envelope": job.envelope,
-                                                                                           "status": job.status}
+                line = (
+                    {"event": event.model_dump(mode="json")}
+                    if event is not None
+                    else {"envelope": job.envelope, "status": job.status}
+                )
                 self.wfile.write(json.dumps(line).encode() + b"\n")
                 self.wfile.flush()
         elif self.path.startswith("/jobs/") and self.path.endswith("/cancel"):
@@ -239,7 +242,7 @@ def main(argv: list[str] | None = None) -> int:
     settings.home.mkdir(parents=True, exist_ok=True)
     prefect_server = None
     if not os.environ.get("PREFECT_API_URL"):  # no server named: one of the engine's own, stopped with it
-        from forgeflow.flows.prefect_server import LocalPrefectServer
+        from forgeflow.jobs.prefect_server import LocalPrefectServer
 
         prefect_server = LocalPrefectServer(settings.home / "prefect")
         os.environ["PREFECT_API_URL"] = prefect_server.start()

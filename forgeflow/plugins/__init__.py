@@ -1,6 +1,8 @@
-"""ForgeFlow's plugin layer: SDK, registry with lifecycle, media store and sandboxed runners.
+"""The plugin SDK: everything a plugin author imports, and nothing else.
 
-Knows nothing of Prefect or FastAPI. A plugin author imports from here only.
+A plugin is a :class:`Plugin` of :class:`Tool` s with typed config/input/output models; a tool gets a
+:class:`ToolContext` (media store, device, cache, logging) and raises the errors below. Discovery,
+lifecycle and the sandboxed runners that call plugins live in :mod:`forgeflow.engine`.
 """
 
 from forgeflow.plugins.errors import (
@@ -16,9 +18,7 @@ from forgeflow.plugins.errors import (
     UnknownPlugin,
     UnknownTool,
 )
-from forgeflow.plugins.lifecycle import LifecycleState, LifecycleStore, PluginStatus
 from forgeflow.plugins.media import Frame, MediaInfo, MediaReader, MediaStore
-from forgeflow.plugins.registry import PluginEntry, PluginRegistry
 from forgeflow.plugins.sdk import EmptyModel, Plugin, Tool, ToolContext, resource
 
 __all__ = [
@@ -28,8 +28,6 @@ __all__ = [
     "ForgeFlowError",
     "Frame",
     "InputError",
-    "LifecycleState",
-    "LifecycleStore",
     "MediaError",
     "MediaInfo",
     "MediaNotFound",
@@ -38,9 +36,6 @@ __all__ = [
     "MediaTooLarge",
     "OutputError",
     "Plugin",
-    "PluginEntry",
-    "PluginRegistry",
-    "PluginStatus",
     "PluginUnavailable",
     "Tool",
     "ToolContext",

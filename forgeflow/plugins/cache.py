@@ -17,13 +17,14 @@ cache (every ``get`` misses, ``put`` stores nothing).
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+from forgeflow.canonical import canonical_json
 
 __all__ = ["OutputCache", "file_digest", "job_cache_dir"]
 
@@ -48,7 +49,7 @@ class OutputCache:
     @staticmethod
     def key(*parts: Any) -> str:
         """SHA-256 of the canonical JSON of ``parts``: equal parts, equal key, in any process."""
-        text = json.dumps(parts, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str)
+        text = canonical_json(parts, default=str)
         return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
     def _path(self, key: str) -> Path:

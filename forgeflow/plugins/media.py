@@ -112,7 +112,9 @@ class MediaStore:
                 raise MediaError("media is empty (0 bytes)")
             kind = sniff(head)
             if kind is None:
-                raise MediaError("unsupported media: not a known image (JPEG, PNG, BMP, WebP, TIFF) or video (MP4, MOV, AVI, MKV)")
+                raise MediaError(
+                    "unsupported media: not a known image (JPEG, PNG, BMP, WebP, TIFF) or video (MP4, MOV, AVI, MKV)"
+                )
             hexdigest = digest.hexdigest()
             blob = self._blob(hexdigest)
             blob.parent.mkdir(parents=True, exist_ok=True)
@@ -307,4 +309,3 @@ def _image_size(path: Path) -> tuple[int, int] | None:
                     return None
                 fh.seek(struct.unpack(">H", length_bytes)[0] - 2, os.SEEK_CUR)
     return None
-

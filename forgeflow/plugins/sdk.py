@@ -32,8 +32,8 @@ __all__ = [
     "Plugin",
     "Tool",
     "ToolContext",
-    "resource",
     "format_validation_error",
+    "resource",
 ]
 
 
@@ -181,7 +181,7 @@ class Plugin:
         self,
         name: str | None = None,
         *,
-        input: type[BaseModel] = EmptyModel,  # noqa: A002 - the manifest's own word
+        input: type[BaseModel] = EmptyModel,
         output: type[BaseModel],
         config: type[BaseModel] = EmptyModel,
         description: str | None = None,

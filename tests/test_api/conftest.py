@@ -83,24 +83,50 @@ def postgres_cluster() -> Iterator[PostgresCluster]:
     datadir, sockdir = root / "data", root / "sock"
     subprocess.run([*run_as, "mkdir", "-p", str(sockdir)], check=True)
     subprocess.run(
-        [*run_as, str(bindir / "initdb"), "-D", str(datadir), "-U", "postgres", "-A", "trust", "--no-sync",
-         "-E", "UTF8"],
+        [
+            *run_as,
+            str(bindir / "initdb"),
+            "-D",
+            str(datadir),
+            "-U",
+            "postgres",
+            "-A",
+            "trust",
+            "--no-sync",
+            "-E",
+            "UTF8",
+        ],
         check=True,
         stdout=subprocess.DEVNULL,
     )
     port = free_port()
     subprocess.run(
-        [*run_as, str(bindir / "pg_ctl"), "-D", str(datadir), "-l", str(root / "log"), "-w", "-t", "60", "-o",
-         f"-p {port} -k {sockdir} -c listen_addresses=127.0.0.1 -c fsync=off -c synchronous_commit=off "
-         "-c full_page_writes=off -c max_connections=200", "start"],
+        [
+            *run_as,
+            str(bindir / "pg_ctl"),
+            "-D",
+            str(datadir),
+            "-l",
+            str(root / "log"),
+            "-w",
+            "-t",
+            "60",
+            "-o",
+            f"-p {port} -k {sockdir} -c listen_addresses=127.0.0.1 -c fsync=off -c synchronous_commit=off "
+            "-c full_page_writes=off -c max_connections=200",
+            "start",
+        ],
         check=True,
         stdout=subprocess.DEVNULL,
     )
     try:
         yield PostgresCluster(f"postgresql+psycopg://postgres@127.0.0.1:{port}/postgres", datadir, bindir, run_as)
     finally:
-        subprocess.run([*run_as, str(bindir / "pg_ctl"), "-D", str(datadir), "-m", "immediate", "stop"],
-                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        subprocess.run(
+            [*run_as, str(bindir / "pg_ctl"), "-D", str(datadir), "-m", "immediate", "stop"],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         shutil.rmtree(root, ignore_errors=True)
 
 
@@ -176,16 +202,22 @@ def make_settings(home: Path, port: int, database_url: str | None = None, **over
     return Settings(home=home, api_port=port, database_url=database_url, **overrides)
 
 
-def start_thread_server(settings: Any, *, prefect_api_url: str | None, launch_jobs: bool = True,
-                        token: str | None = None) -> ApiServer:
+def start_thread_server(
+    settings: Any, *, prefect_api_url: str | None, launch_jobs: bool = True, token: str | None = None
+) -> ApiServer:
     import uvicorn
 
     from forgeflow.api.app import create_app
 
     app = create_app(settings, prefect_api_url=prefect_api_url, launch_jobs=launch_jobs)
     config = uvicorn.Config(
-        app, host="127.0.0.1", port=settings.api_port, log_level="warning", ws="websockets-sansio",
-        ws_ping_interval=5, ws_ping_timeout=20
+        app,
+        host="127.0.0.1",
+        port=settings.api_port,
+        log_level="warning",
+        ws="websockets-sansio",
+        ws_ping_interval=5,
+        ws_ping_timeout=20,
     )
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, name="api-server", daemon=True)
@@ -198,8 +230,9 @@ def start_thread_server(settings: Any, *, prefect_api_url: str | None, launch_jo
     return ApiServer(f"http://127.0.0.1:{settings.api_port}", settings, app, server, thread, token=token)
 
 
-def start_subprocess_server(home: Path, port: int, *, database_url: str, prefect_api_url: str,
-                            extra_env: dict[str, str] | None = None) -> ApiServer:
+def start_subprocess_server(
+    home: Path, port: int, *, database_url: str, prefect_api_url: str, extra_env: dict[str, str] | None = None
+) -> ApiServer:
     env = {
         **os.environ,
         "FORGEFLOW_HOME": str(home),
@@ -209,8 +242,13 @@ def start_subprocess_server(home: Path, port: int, *, database_url: str, prefect
         **(extra_env or {}),
     }
     log = (home / f"api-{port}-{int(time.time() * 1000)}.log").open("wb")
-    proc = subprocess.Popen([sys.executable, "-m", "forgeflow.api.server"], env=env, stdout=log,
-                            stderr=subprocess.STDOUT, start_new_session=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "forgeflow.api.server"],
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     log.close()
     url = f"http://127.0.0.1:{port}"
     wait_http(f"{url}/healthz", timeout=60, proc=proc)
@@ -254,7 +292,9 @@ def quiet_api(api_factory: Any) -> ApiServer:
 # --- helpers --------------------------------------------------------------------------------------
 
 
-def wait_job(client: httpx.Client, job_id: str, statuses: set[str] | None = None, timeout: float = 120) -> dict[str, Any]:
+def wait_job(
+    client: httpx.Client, job_id: str, statuses: set[str] | None = None, timeout: float = 120
+) -> dict[str, Any]:
     statuses = statuses or {"succeeded", "failed", "cancelled", "crashed"}
     deadline = time.monotonic() + timeout
     while True:
@@ -266,8 +306,14 @@ def wait_job(client: httpx.Client, job_id: str, statuses: set[str] | None = None
         time.sleep(0.1)
 
 
-def ws_collect(url: str, *, headers: dict[str, str] | None = None, until_close: bool = True, count: int | None = None,
-               timeout: float = 120) -> tuple[list[dict[str, Any]], Any]:
+def ws_collect(
+    url: str,
+    *,
+    headers: dict[str, str] | None = None,
+    until_close: bool = True,
+    count: int | None = None,
+    timeout: float = 120,
+) -> tuple[list[dict[str, Any]], Any]:
     """Messages of a WebSocket until it closes (or ``count`` arrived); returns them and the close frame."""
     from websockets.exceptions import ConnectionClosed
     from websockets.sync.client import connect
@@ -291,14 +337,30 @@ def event(job_id: str, kind: str, **fields: Any) -> dict[str, Any]:
     return {"type": kind, "job_id": job_id, "event_id": uuid.uuid4().hex, **fields}
 
 
-def stage_events(job_id: str, index: int, plugin: str = "testkit", tool: str = "numbers", ok: bool = True,
-                 total: int = 3) -> list[dict[str, Any]]:
+def stage_events(
+    job_id: str, index: int, plugin: str = "testkit", tool: str = "numbers", ok: bool = True, total: int = 3
+) -> list[dict[str, Any]]:
     out = [
         event(job_id, "pipeline_stage_start", stage_index=index, plugin=plugin, tool=tool),
-        event(job_id, "pipeline_stage_end", stage_index=index, plugin=plugin, tool=tool, duration_ms=12 + index,
-              ok=ok, result_size_bytes=100),
+        event(
+            job_id,
+            "pipeline_stage_end",
+            stage_index=index,
+            plugin=plugin,
+            tool=tool,
+            duration_ms=12 + index,
+            ok=ok,
+            result_size_bytes=100,
+        ),
     ]
     if ok:
-        out.append(event(job_id, "pipeline_progress", stages_total=total, stages_completed=index + 1,
-                         percent=round(100 * (index + 1) / total)))
+        out.append(
+            event(
+                job_id,
+                "pipeline_progress",
+                stages_total=total,
+                stages_completed=index + 1,
+                percent=round(100 * (index + 1) / total),
+            )
+        )
     return out

@@ -42,7 +42,9 @@ def test_three_stage_pipeline_full_message_sequence(api: ApiServer) -> None:
     assert kinds == expected
     progress = [m for m in messages if m["type"] == "pipeline_progress"]
     assert [(p["stages_completed"], p["stages_total"], p["percent"]) for p in progress] == [
-        (1, 3, 33), (2, 3, 67), (3, 3, 100)
+        (1, 3, 33),
+        (2, 3, 67),
+        (3, 3, 100),
     ]
     ends = [m for m in messages if m["type"] == "pipeline_stage_end"]
     assert all(e["ok"] and e["duration_ms"] >= 0 and e["result_size_bytes"] > 0 for e in ends)
@@ -150,14 +152,17 @@ def test_failing_stage_reports_error_and_partial_result(api: ApiServer) -> None:
 
 
 def test_two_concurrent_jobs_never_mix(api: ApiServer) -> None:
-    from websockets.sync.client import connect
     import json
+
+    from websockets.sync.client import connect
 
     client = api.client()
     with connect(f"{api.ws_url}/v1/ws/jobs") as all_ws:
         slow = [{"plugin": "testkit", "tool": "sleep", "config": {"seconds": 0.3}}, *THREE_STAGES]
         ids = [
-            client.post("/v1/jobs", json={"job_id": f"mix-{n}", "pipeline": slow, "input": {"count": n}}).json()["job_id"]
+            client.post("/v1/jobs", json={"job_id": f"mix-{n}", "pipeline": slow, "input": {"count": n}}).json()[
+                "job_id"
+            ]
             for n in (2, 3)
         ]
         per_job = {job_id: ws_collect(f"{api.ws_url}/v1/ws/jobs/{job_id}")[0] for job_id in ids}
@@ -185,8 +190,10 @@ def test_template_statistics_change_after_runs(api: ApiServer) -> None:
     assert before["runs"]["total"] == 0 and before["last_used"] is None and before["success_rate"] is None
     assert before["job_input_fields"] == ["count"]
 
-    ids = [client.post("/v1/jobs", json={"pipeline_id": "scaled-numbers", "input": {"count": n}}).json()["job_id"]
-           for n in (1, 2)]
+    ids = [
+        client.post("/v1/jobs", json={"pipeline_id": "scaled-numbers", "input": {"count": n}}).json()["job_id"]
+        for n in (1, 2)
+    ]
     for job_id in ids:
         assert wait_job(client, job_id)["status"] == "succeeded"
     after = client.get("/v1/pipelines/scaled-numbers").json()
@@ -259,8 +266,9 @@ def test_killed_job_process_is_reconciled_as_crashed(api: ApiServer, prefect_api
 
 
 @pytest.mark.parametrize("job_dies_meanwhile", [False, True], ids=["job-survives", "job-killed-while-api-down"])
-def test_api_restart_mid_job_loses_nothing(tmp_path: Any, database_url: str, prefect_api_url: str,
-                                           job_dies_meanwhile: bool) -> None:
+def test_api_restart_mid_job_loses_nothing(
+    tmp_path: Any, database_url: str, prefect_api_url: str, job_dies_meanwhile: bool
+) -> None:
     import os
     import signal
 
@@ -271,16 +279,22 @@ def test_api_restart_mid_job_loses_nothing(tmp_path: Any, database_url: str, pre
     home = tmp_path / "home"
     home.mkdir()
     port = free_port()
-    first = start_subprocess_server(home, port, database_url=database_url, prefect_api_url=prefect_api_url,
-                                    extra_env={"FORGEFLOW_MAX_CONCURRENT_JOBS": "1"})
+    first = start_subprocess_server(
+        home,
+        port,
+        database_url=database_url,
+        prefect_api_url=prefect_api_url,
+        extra_env={"FORGEFLOW_MAX_CONCURRENT_JOBS": "1"},
+    )
     second = None
     try:
         client = first.client()
         slow = [{"plugin": "testkit", "tool": "sleep", "config": {"seconds": 4}}, *THREE_STAGES]
         running = client.post("/v1/jobs", json={"job_id": "survivor", "pipeline": slow, "input": {"count": 2}})
         assert running.status_code == 202
-        queued = client.post("/v1/jobs", json={"job_id": "next-in-line", "pipeline": THREE_STAGES,
-                                               "input": {"count": 1}})
+        queued = client.post(
+            "/v1/jobs", json={"job_id": "next-in-line", "pipeline": THREE_STAGES, "input": {"count": 1}}
+        )
         assert queued.status_code == 202
         deadline = time.monotonic() + 60
         while client.get("/v1/jobs/survivor/pipeline").json()["current_stage"] != 0:
@@ -293,8 +307,13 @@ def test_api_restart_mid_job_loses_nothing(tmp_path: Any, database_url: str, pre
             store.close()
             os.killpg(pid, signal.SIGKILL)
         time.sleep(1.0)
-        second = start_subprocess_server(home, port, database_url=database_url, prefect_api_url=prefect_api_url,
-                                         extra_env={"FORGEFLOW_MAX_CONCURRENT_JOBS": "1"})
+        second = start_subprocess_server(
+            home,
+            port,
+            database_url=database_url,
+            prefect_api_url=prefect_api_url,
+            extra_env={"FORGEFLOW_MAX_CONCURRENT_JOBS": "1"},
+        )
         client = second.client()
         expected = {"survivor": ("crashed" if job_dies_meanwhile else "succeeded", 3), "next-in-line": ("succeeded", 0)}
         for job_id, (status, total) in expected.items():

@@ -20,8 +20,14 @@ def _job_events(job_id: str, stages: int = 3) -> list[dict[str, Any]]:
     out = [event(job_id, "job_status", status="running", flow_run_id=str(uuid.uuid4()))]
     for index in range(stages):
         out += stage_events(job_id, index, total=stages)
-    out.append(event(job_id, "job_status", status="succeeded",
-                     envelope={"ok": True, "result": {"total": 1}, "stages_executed": stages}))
+    out.append(
+        event(
+            job_id,
+            "job_status",
+            status="succeeded",
+            envelope={"ok": True, "result": {"total": 1}, "stages_executed": stages},
+        )
+    )
     return out
 
 
@@ -49,8 +55,16 @@ def test_ingest_assigns_seq_dedupes_and_rejects_malformed(quiet_api: ApiServer) 
 
     # One malformed event: 422 naming it, and nothing of its batch is stored.
     good = event("ext-2", "job_status", status="running")
-    broken = event("ext-2", "pipeline_stage_end", stage_index=0, plugin="p", tool="t", ok="maybe",
-                   duration_ms=1, result_size_bytes=0)
+    broken = event(
+        "ext-2",
+        "pipeline_stage_end",
+        stage_index=0,
+        plugin="p",
+        tool="t",
+        ok="maybe",
+        duration_ms=1,
+        result_size_bytes=0,
+    )
     response = quiet_api.ingest([good, broken])
     assert response.status_code == 422
     assert response.json()["field"].startswith("events.1")
@@ -96,13 +110,16 @@ def test_events_published_during_replay_are_neither_lost_nor_doubled(quiet_api: 
     def producer() -> None:
         n = 0
         while not stop.is_set() and n < 400:
-            batch = [event(job_id, "pipeline_progress", stages_total=400, stages_completed=n + i, percent=0)
-                     for i in range(5)]
+            batch = [
+                event(job_id, "pipeline_progress", stages_total=400, stages_completed=n + i, percent=0)
+                for i in range(5)
+            ]
             quiet_api.ingest(batch)
             sent.extend(batch)
             n += 5
-        final = event(job_id, "job_status", status="succeeded", envelope={"ok": True, "result": {},
-                                                                          "stages_executed": 0})
+        final = event(
+            job_id, "job_status", status="succeeded", envelope={"ok": True, "result": {}, "stages_executed": 0}
+        )
         quiet_api.ingest([final])
         sent.append(final)
 
@@ -123,8 +140,9 @@ def test_concurrent_producers_get_gapless_sequences(quiet_api: ApiServer) -> Non
 
     def produce(job_id: str) -> None:
         for _ in range(10):
-            quiet_api.ingest([event(job_id, "pipeline_progress", stages_total=1, stages_completed=0, percent=0)
-                              for _ in range(5)])
+            quiet_api.ingest(
+                [event(job_id, "pipeline_progress", stages_total=1, stages_completed=0, percent=0) for _ in range(5)]
+            )
 
     threads = [threading.Thread(target=produce, args=(j,)) for j in jobs]
     with connect(f"{quiet_api.ws_url}/v1/ws/jobs?after_cursor=0") as all_ws:
@@ -183,13 +201,31 @@ def test_slow_client_is_closed_with_reason_and_never_slows_the_others(api_factor
     slowest = 0.0
     for i in range(300):
         started = time.monotonic()
-        response = api.ingest([event(job_id, "pipeline_error", stage_index=0, plugin="p", tool="t",
-                                     error=f"{i} {big}", error_type="RuntimeError")])
+        response = api.ingest(
+            [
+                event(
+                    job_id,
+                    "pipeline_error",
+                    stage_index=0,
+                    plugin="p",
+                    tool="t",
+                    error=f"{i} {big}",
+                    error_type="RuntimeError",
+                )
+            ]
+        )
         slowest = max(slowest, time.monotonic() - started)
         assert response.status_code == 200
-    api.ingest([event(job_id, "job_status", status="failed", envelope={"ok": False, "error": "e",
-                                                                       "error_type": "RuntimeError",
-                                                                       "stages_executed": 0})])
+    api.ingest(
+        [
+            event(
+                job_id,
+                "job_status",
+                status="failed",
+                envelope={"ok": False, "error": "e", "error_type": "RuntimeError", "stages_executed": 0},
+            )
+        ]
+    )
     assert done.wait(60)
     for reader in readers:
         reader.join(120)
@@ -237,21 +273,48 @@ def test_spooled_events_are_imported_at_start_up(api_factory: Any, tmp_path: Any
 
 def test_plugin_lifecycle_follows_ingested_stage_events(quiet_api: ApiServer) -> None:
     client = quiet_api.client()
-    quiet_api.ingest([
-        event("remote", "job_status", status="running"),
-        event("remote", "pipeline_stage_start", stage_index=0, plugin="tk", tool="numbers"),
-        event("remote", "pipeline_error", stage_index=0, plugin="tk", tool="numbers", error="GPU fell off",
-              error_type="RuntimeError"),
-        event("remote", "pipeline_stage_end", stage_index=0, plugin="tk", tool="numbers", duration_ms=5, ok=False,
-              result_size_bytes=0),
-    ])
+    quiet_api.ingest(
+        [
+            event("remote", "job_status", status="running"),
+            event("remote", "pipeline_stage_start", stage_index=0, plugin="tk", tool="numbers"),
+            event(
+                "remote",
+                "pipeline_error",
+                stage_index=0,
+                plugin="tk",
+                tool="numbers",
+                error="GPU fell off",
+                error_type="RuntimeError",
+            ),
+            event(
+                "remote",
+                "pipeline_stage_end",
+                stage_index=0,
+                plugin="tk",
+                tool="numbers",
+                duration_ms=5,
+                ok=False,
+                result_size_bytes=0,
+            ),
+        ]
+    )
     health = client.get("/v1/plugins/testkit/health").json()
     assert health["healthy"] is False and health["state"] == "FAILED" and health["last_error"] == "GPU fell off"
-    quiet_api.ingest([
-        event("remote2", "pipeline_stage_start", stage_index=0, plugin="testkit", tool="numbers"),
-        event("remote2", "pipeline_stage_end", stage_index=0, plugin="testkit", tool="numbers", duration_ms=5,
-              ok=True, result_size_bytes=10),
-    ])
+    quiet_api.ingest(
+        [
+            event("remote2", "pipeline_stage_start", stage_index=0, plugin="testkit", tool="numbers"),
+            event(
+                "remote2",
+                "pipeline_stage_end",
+                stage_index=0,
+                plugin="testkit",
+                tool="numbers",
+                duration_ms=5,
+                ok=True,
+                result_size_bytes=10,
+            ),
+        ]
+    )
     health = client.get("/v1/plugins/tk/health").json()
     assert health["healthy"] is True and health["state"] == "INITIALIZED"
     assert health["calls"] >= 2 and health["failures"] >= 1

@@ -22,18 +22,28 @@ PNG = b"\x89PNG\r\n\x1a\n" + b"\x00" * 200
         ({}, "pipeline"),
         ({"pipeline": [], "input": {}}, "pipeline"),
         ({"pipeline": [{"plugin": "testkit"}], "input": {}}, "pipeline.0.tool"),
-        ({"pipeline": [{"plugin": "testkit", "tool": "numbers", "bogus": 1}], "input": {"count": 1}}, "pipeline.0.bogus"),
+        (
+            {"pipeline": [{"plugin": "testkit", "tool": "numbers", "bogus": 1}], "input": {"count": 1}},
+            "pipeline.0.bogus",
+        ),
         ({"pipeline": THREE_STAGES, "input": {"count": "many"}}, "input.count"),
         ({"pipeline": THREE_STAGES, "input": {}}, "input.count"),
         ({"pipeline": THREE_STAGES, "input": [1, 2]}, "input"),
         ({"pipeline": "numbers", "input": {}}, "pipeline"),
         ({"pipeline": [{"plugin": "nope", "tool": "x"}], "input": {}}, "pipeline.0"),
         ({"pipeline": [{"plugin": "tk", "tool": "numbr"}], "input": {"count": 1}}, "pipeline.0"),
-        ({"pipeline": [{"plugin": "tk", "tool": "numbers", "config": {"start": "a"}}], "input": {"count": 1}},
-         "pipeline.0.config.start"),
+        (
+            {"pipeline": [{"plugin": "tk", "tool": "numbers", "config": {"start": "a"}}], "input": {"count": 1}},
+            "pipeline.0.config.start",
+        ),
         ({"pipeline": [{"plugin": "testkit", "tool": "measure_text"}], "input": {"text": 5}}, "input.text"),
-        ({"pipeline": [{"plugin": "testkit", "tool": "numbers"}, {"plugin": "testkit", "tool": "measure_text"}],
-          "input": {"count": 1}}, "pipeline.1.text"),
+        (
+            {
+                "pipeline": [{"plugin": "testkit", "tool": "numbers"}, {"plugin": "testkit", "tool": "measure_text"}],
+                "input": {"count": 1},
+            },
+            "pipeline.1.text",
+        ),
         ({"pipeline": [{"plugin": "needs-weights", "tool": "detect"}], "input": {}}, "pipeline.0"),
         ({"pipeline": THREE_STAGES, "pipeline_id": "x", "input": {"count": 1}}, "pipeline_id"),
         ({"plugin_id": "tk", "input": {"count": 1}}, "tool_name"),
@@ -43,12 +53,15 @@ PNG = b"\x89PNG\r\n\x1a\n" + b"\x00" * 200
         ({"job_id": "has space", "pipeline": THREE_STAGES, "input": {"count": 1}}, "job_id"),
         ({"job_id": "../etc", "pipeline": THREE_STAGES, "input": {"count": 1}}, "job_id"),
         ({"pipeline": THREE_STAGES, "input": {"count": 1}, "extra": True}, "extra"),
-        ({"pipeline": [{"plugin": "tk", "tool": "numbers", "timeout_seconds": -1}], "input": {"count": 1}},
-         "pipeline.0.timeout_seconds"),
+        (
+            {"pipeline": [{"plugin": "tk", "tool": "numbers", "timeout_seconds": -1}], "input": {"count": 1}},
+            "pipeline.0.timeout_seconds",
+        ),
     ],
 )
-def test_malformed_job_submissions_are_422_naming_the_field(quiet_api: ApiServer, body: dict[str, Any],
-                                                           field: str) -> None:
+def test_malformed_job_submissions_are_422_naming_the_field(
+    quiet_api: ApiServer, body: dict[str, Any], field: str
+) -> None:
     client = quiet_api.client()
     response = client.post("/v1/jobs", json=body)
     assert response.status_code == 422, response.text
@@ -62,8 +75,15 @@ def test_requests_that_are_not_json_or_name_unknown_ids(quiet_api: ApiServer) ->
     client = quiet_api.client()
     bad = client.post("/v1/jobs", content=b"{not json", headers={"content-type": "application/json"})
     assert bad.status_code == 422 and bad.json()["error_type"] == "RequestValidationError"
-    for path in ("/v1/jobs/nope", "/v1/jobs/nope/pipeline", "/v1/jobs/nope/events", "/v1/pipelines/nope",
-                 "/v1/plugins/nope", "/v1/plugins/nope/health", "/v1/nothing-here"):
+    for path in (
+        "/v1/jobs/nope",
+        "/v1/jobs/nope/pipeline",
+        "/v1/jobs/nope/events",
+        "/v1/pipelines/nope",
+        "/v1/plugins/nope",
+        "/v1/plugins/nope/health",
+        "/v1/nothing-here",
+    ):
         response = client.get(path)
         assert response.status_code == 404, path
         assert response.json()["error"], path
@@ -77,16 +97,25 @@ def test_requests_that_are_not_json_or_name_unknown_ids(quiet_api: ApiServer) ->
 
 def test_templates_validate_slug_and_conflict(quiet_api: ApiServer) -> None:
     client = quiet_api.client()
-    saved = client.post("/v1/pipelines", json={"name": "Soccer Analysis", "pipeline": THREE_STAGES,
-                                               "description": "numbers"})
+    saved = client.post(
+        "/v1/pipelines", json={"name": "Soccer Analysis", "pipeline": THREE_STAGES, "description": "numbers"}
+    )
     assert saved.status_code == 201 and saved.json()["id"] == "soccer-analysis"
     assert saved.headers["location"] == "/v1/pipelines/soccer-analysis"
     again = client.post("/v1/pipelines", json={"name": "soccer analysis", "stages": THREE_STAGES})
     assert again.status_code == 409 and again.json()["field"] == "name"
     invalid = client.post("/v1/pipelines", json={"name": "broken", "stages": [{"plugin": "tk", "tool": "nope"}]})
     assert invalid.status_code == 422 and invalid.json()["field"].startswith("stages.0")
-    mismatch = client.post("/v1/pipelines", json={"name": "mismatch", "stages": [
-        {"plugin": "testkit", "tool": "numbers"}, {"plugin": "testkit", "tool": "scale", "config": {"factor": "x"}}]})
+    mismatch = client.post(
+        "/v1/pipelines",
+        json={
+            "name": "mismatch",
+            "stages": [
+                {"plugin": "testkit", "tool": "numbers"},
+                {"plugin": "testkit", "tool": "scale", "config": {"factor": "x"}},
+            ],
+        },
+    )
     assert mismatch.status_code == 422 and mismatch.json()["issues"][0]["stage_index"] == 1
     assert client.post("/v1/pipelines", json={"name": "!!!", "stages": THREE_STAGES}).json()["field"] == "name"
     assert client.post("/v1/pipelines", json={"stages": THREE_STAGES}).json()["field"] == "name"
@@ -154,8 +183,15 @@ def test_media_upload_limits(api_factory: Any) -> None:
 def test_token_is_required_on_every_call_when_set(api_factory: Any) -> None:
     api = api_factory(launch_jobs=False, token="s3cret")
     anonymous = httpx.Client(base_url=api.url, timeout=10)
-    for method, path in (("GET", "/v1/jobs"), ("GET", "/v1/jobs/x"), ("POST", "/v1/jobs"), ("GET", "/v1/pipelines"),
-                         ("GET", "/v1/plugins"), ("GET", "/v1/plugins/tk/health"), ("POST", "/v1/media")):
+    for method, path in (
+        ("GET", "/v1/jobs"),
+        ("GET", "/v1/jobs/x"),
+        ("POST", "/v1/jobs"),
+        ("GET", "/v1/pipelines"),
+        ("GET", "/v1/plugins"),
+        ("GET", "/v1/plugins/tk/health"),
+        ("POST", "/v1/media"),
+    ):
         response = anonymous.request(method, path, json={} if method == "POST" else None)
         assert response.status_code == 401, (method, path)
         assert response.json()["error_type"] == "Unauthorized"
@@ -245,7 +281,7 @@ def test_server_module_refuses_non_loopback_without_token(tmp_path: Any) -> None
 
 
 def test_local_prefect_server_starts_and_stops(tmp_path: Any) -> None:
-    from forgeflow.flows.prefect_server import LocalPrefectServer
+    from forgeflow.jobs.prefect_server import LocalPrefectServer
 
     server = LocalPrefectServer(tmp_path / "prefect")
     url = server.start(timeout=120)

@@ -6,7 +6,7 @@ import threading
 import uuid
 
 from forgeflow.api.store import Store
-from forgeflow.flows.events import JobStatusEvent, PipelineProgress
+from forgeflow.events.models import JobStatusEvent, PipelineProgress
 
 
 def test_migrations_create_exactly_the_declared_schema(database_url: str) -> None:
@@ -22,8 +22,11 @@ def test_migrations_create_exactly_the_declared_schema(database_url: str) -> Non
         with store.engine.connect() as conn:
             context = MigrationContext.configure(conn)
             assert context.get_current_revision() == "0001_initial"
-            diff = [d for d in compare_metadata(context, metadata) if d[0] != "remove_table" or
-                    d[1].name != "alembic_version"]
+            diff = [
+                d
+                for d in compare_metadata(context, metadata)
+                if d[0] != "remove_table" or d[1].name != "alembic_version"
+            ]
             assert diff == []
     finally:
         store.close()
@@ -59,8 +62,14 @@ def test_concurrent_writers_get_gapless_per_job_sequences(database_url: str) -> 
             assert store.get_job(job_id)["last_seq"] == 120
         cursors = [c for _, _, c in published]
         assert cursors == sorted(cursors)  # published in commit order
-        job, created = store.create_job(job_id=f"j-{uuid.uuid4().hex[:6]}", pipeline={"stages": []}, input_data={},
-                                        request_hash="h", source="inline", template_id=None)
+        job, created = store.create_job(
+            job_id=f"j-{uuid.uuid4().hex[:6]}",
+            pipeline={"stages": []},
+            input_data={},
+            request_hash="h",
+            source="inline",
+            template_id=None,
+        )
         assert created and job["last_seq"] == 1
         assert store.ingest([JobStatusEvent(job_id=job["id"], status="cancelled")])[0].terminal
     finally:

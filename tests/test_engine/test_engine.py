@@ -50,8 +50,9 @@ def start_engine(tmp_path: Path, prefect_api_url: str) -> Iterator[Callable[...,
             os.killpg(pid, signal.SIGKILL)
 
 
-def run(client: EngineClient, job_id: str, stages: list[dict[str, Any]], job_input: dict[str, Any] | None = None
-        ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+def run(
+    client: EngineClient, job_id: str, stages: list[dict[str, Any]], job_input: dict[str, Any] | None = None
+) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Run a job on the engine: its events and the final line (envelope, status)."""
     events, last = [], {}
     for line in client.stream(job_id, {"stages": stages}, job_input or {}):
@@ -107,8 +108,9 @@ def test_second_job_reuses_the_warm_worker_and_its_model(start_engine: Any) -> N
         ("allocate", {"megabytes": 2048}, "MemoryError"),
     ],
 )
-def test_a_failing_stage_costs_only_its_own_worker(start_engine: Any, tool: str, config: dict[str, Any],
-                                                    error_type: str) -> None:
+def test_a_failing_stage_costs_only_its_own_worker(
+    start_engine: Any, tool: str, config: dict[str, Any], error_type: str
+) -> None:
     client = start_engine(pool_size=2)
     slow = [{**SLEEP, "config": {"seconds": 3}}, {"plugin": "testkit", "tool": "noop"}]
     thread, box = in_thread(lambda: run(client, "healthy", slow))
@@ -172,9 +174,10 @@ def test_cancel_stops_the_running_stage_with_one_start_and_one_end(start_engine:
 
 
 def test_idle_memory_budget_stops_the_least_recently_used_worker(ff_home: Path) -> None:
-    from forgeflow.plugins import LifecycleStore, PluginRegistry
-    from forgeflow.plugins.runners import ToolCall
-    from forgeflow.plugins.runners.process import ProcessRunner
+    from forgeflow.engine.lifecycle import LifecycleStore
+    from forgeflow.engine.registry import PluginRegistry
+    from forgeflow.engine.runners import ToolCall
+    from forgeflow.engine.runners.process import ProcessRunner
 
     # Room for one idle testkit worker (~40 MB resident), not two.
     settings = Settings(home=ff_home, pool_size=2, idle_worker_memory_mb=60)
@@ -201,17 +204,21 @@ def test_idle_memory_budget_stops_the_least_recently_used_worker(ff_home: Path) 
 @pytest.mark.vision
 def test_job_cache_gives_identical_bytes_and_one_model_pass_per_frame(ff_home: Path, sample_clip: Path) -> None:
     """detect → pose → classify on the sample clip with the job cache on and off, through real workers."""
-    from forgeflow.plugins import LifecycleStore, PluginRegistry
-    from forgeflow.plugins.runners import ToolCall
-    from forgeflow.plugins.runners.process import ProcessRunner
+    from forgeflow.engine.lifecycle import LifecycleStore
+    from forgeflow.engine.registry import PluginRegistry
+    from forgeflow.engine.runners import ToolCall
+    from forgeflow.engine.runners.process import ProcessRunner
 
     stages = [
         ("forgesyte-yolo-tracker", "detect_players", {"device": "cpu", "imgsz": 320, "max_frames": 12}),
         ("pose-estimator", "estimate_poses", {"device": "cpu", "imgsz": 320, "max_frames": 12}),
         ("classifier", "classify_actions", {}),
     ]
-    fields = {"detect_players": ["media"], "estimate_poses": ["media", "players"],
-              "classify_actions": ["players", "poses"]}
+    fields = {
+        "detect_players": ["media"],
+        "estimate_poses": ["media", "players"],
+        "classify_actions": ["players", "poses"],
+    }
 
     def run_stages(reuse: bool) -> tuple[str, list[Any]]:
         settings = Settings(home=ff_home, reuse_outputs=reuse, media_input_roots=[sample_clip.parent])
@@ -221,8 +228,17 @@ def test_job_cache_gives_identical_bytes_and_one_model_pass_per_frame(ff_home: P
         try:
             for index, (plugin, tool, config) in enumerate(stages):
                 inputs = {k: context[k] for k in fields[tool] if k in context}
-                result = runner.run(ToolCall(plugin=plugin, tool=tool, config=config, inputs=inputs,
-                                             job_id=f"cache-{reuse}", stage_index=index, timeout_s=600))
+                result = runner.run(
+                    ToolCall(
+                        plugin=plugin,
+                        tool=tool,
+                        config=config,
+                        inputs=inputs,
+                        job_id=f"cache-{reuse}",
+                        stage_index=index,
+                        timeout_s=600,
+                    )
+                )
                 assert result.ok, result.error
                 context.update(result.outputs or {})
                 results.append(result)
@@ -247,14 +263,26 @@ def test_forgeflow_run_uses_the_running_engine(start_engine: Any, tmp_path: Path
     client = start_engine()
     home = client.socket_path.parent
     pipeline = tmp_path / "p.json"
-    pipeline.write_text(json.dumps({"pipeline": [
-        {"plugin": "testkit", "tool": "numbers", "config": {}},
-        {"plugin": "testkit", "tool": "scale", "config": {"factor": 2}},
-        {"plugin": "testkit", "tool": "total", "config": {}},
-    ], "input": {"count": 4}}))
+    pipeline.write_text(
+        json.dumps(
+            {
+                "pipeline": [
+                    {"plugin": "testkit", "tool": "numbers", "config": {}},
+                    {"plugin": "testkit", "tool": "scale", "config": {"factor": 2}},
+                    {"plugin": "testkit", "tool": "total", "config": {}},
+                ],
+                "input": {"count": 4},
+            }
+        )
+    )
     env = {**os.environ, "FORGEFLOW_HOME": str(home), "PREFECT_API_URL": prefect_api_url}
-    done = subprocess.run([sys.executable, "-m", "forgeflow.cli", "run", str(pipeline), "--json"], env=env,
-                          capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        [sys.executable, "-m", "forgeflow.cli", "run", str(pipeline), "--json"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout)["result"]["total"] == 12
     finished = [j for j in client.jobs().values() if j["status"] == "succeeded"]
@@ -269,8 +297,8 @@ def test_a_flow_run_in_another_process_runs_its_stages_on_the_engine(start_engin
     client = start_engine()
     home = client.socket_path.parent
     script = (
-        "import json; from forgeflow.flows.executor import PipelineExecutor; "
-        "from forgeflow.flows.pipeline_flow import current_services; "
+        "import json; from forgeflow.jobs.executor import PipelineExecutor; "
+        "from forgeflow.jobs.flow import current_services; "
         "print(current_services().runner.name); "
         "print(json.dumps(PipelineExecutor().execute([{'plugin': 'testkit', 'tool': 'numbers'}, "
         "{'plugin': 'testkit', 'tool': 'scale', 'config': {'factor': 5}}, {'plugin': 'testkit', 'tool': 'total'}], "
@@ -290,8 +318,9 @@ def test_cancel_a_job_waiting_for_a_device_slot(start_engine: Any) -> None:
     client = start_engine(device_slots={"cpu": 1}, pool_size=2)
     first, first_box = in_thread(lambda: run(client, "holds-the-slot", [{**SLEEP, "config": {"seconds": 4}}]))
     wait_for(lambda: client.status()["devices"].get("cpu", {}).get("running"))
-    second, second_box = in_thread(lambda: run(client, "waits", [{**SLEEP, "config": {"seconds": 4}},
-                                                                 {"plugin": "testkit", "tool": "noop"}]))
+    second, second_box = in_thread(
+        lambda: run(client, "waits", [{**SLEEP, "config": {"seconds": 4}}, {"plugin": "testkit", "tool": "noop"}])
+    )
     wait_for(lambda: client.status()["devices"]["cpu"]["waiting"])
     client.cancel("waits")
     second.join(30)

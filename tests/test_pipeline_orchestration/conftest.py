@@ -18,8 +18,8 @@ from tests.conftest import free_port
 @pytest.fixture
 def services(ff_home: Path, prefect_api_url: str):
     """Services as a flow run uses them: settings, registry, the real process runner, a MemorySink."""
-    from forgeflow.flows.pipeline_flow import Services
-    from forgeflow.flows.sinks import MemorySink
+    from forgeflow.events.sinks import MemorySink
+    from forgeflow.jobs.flow import Services
     from forgeflow.settings import get_settings
 
     svc = Services.from_settings(get_settings(), sink=MemorySink())
@@ -29,7 +29,7 @@ def services(ff_home: Path, prefect_api_url: str):
 
 @pytest.fixture
 def executor(services):
-    from forgeflow.flows.executor import PipelineExecutor
+    from forgeflow.jobs.executor import PipelineExecutor
 
     return PipelineExecutor(services)
 
@@ -62,7 +62,7 @@ class IngestServer:
             def log_message(self, *args: Any) -> None:
                 pass
 
-            def do_POST(self) -> None:  # noqa: N802 - http.server's name
+            def do_POST(self) -> None:
                 if self.headers.get("Authorization") != f"Bearer {owner.token}":
                     self.send_response(401)
                     self.end_headers()

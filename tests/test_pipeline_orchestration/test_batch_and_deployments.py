@@ -13,8 +13,8 @@ from pathlib import Path
 import httpx
 import yaml
 
-from forgeflow.flows.batch import batch_flow
-from forgeflow.flows.pipeline_flow import use_services
+from forgeflow.jobs.batch import batch_flow
+from forgeflow.jobs.flow import use_services
 
 from .conftest import prefect_flow_run
 
@@ -36,7 +36,9 @@ def _images(folder: Path) -> None:
 def test_batch_flow_runs_the_pipeline_per_file_and_isolates_bad_files(services, tmp_path):
     _images(tmp_path / "in")
     with use_services(services):
-        summary = batch_flow(pipeline=PROBE, folder=str(tmp_path / "in"), pattern="*.png", out_dir=str(tmp_path / "out"))
+        summary = batch_flow(
+            pipeline=PROBE, folder=str(tmp_path / "in"), pattern="*.png", out_dir=str(tmp_path / "out")
+        )
     assert summary["files"] == 3
     assert summary["succeeded"] == 2
     assert summary["failed"] == ["c.png"]
@@ -65,16 +67,37 @@ def test_deployment_runs_through_a_real_prefect_worker(prefect_api_url, ff_home,
     env = {**os.environ, "FORGEFLOW_CODE_DIR": str(ROOT), "PREFECT_API_URL": prefect_api_url}
     template = ROOT / "deployments" / "work-pools" / "forgeflow-process.json"
     prefect = [sys.executable, "-m", "prefect", "--no-prompt"]
-    subprocess.run([*prefect, "work-pool", "create", "forgeflow-process", "--type", "process",
-                    "--base-job-template", str(template), "--overwrite"], env=env, check=True, capture_output=True, cwd=ROOT)
-    deployed = subprocess.run([*prefect, "deploy", "--all"], env=env, capture_output=True, text=True, cwd=ROOT, timeout=180)
+    subprocess.run(
+        [
+            *prefect,
+            "work-pool",
+            "create",
+            "forgeflow-process",
+            "--type",
+            "process",
+            "--base-job-template",
+            str(template),
+            "--overwrite",
+        ],
+        env=env,
+        check=True,
+        capture_output=True,
+        cwd=ROOT,
+    )
+    deployed = subprocess.run(
+        [*prefect, "deploy", "--all"], env=env, capture_output=True, text=True, cwd=ROOT, timeout=180
+    )
     assert deployed.returncode == 0, deployed.stdout + deployed.stderr
 
     response = httpx.post(f"{prefect_api_url}/deployments/filter", json={}, timeout=10)
     deployments = {d["name"]: d for d in response.json()}
     assert {"pipeline", "soccer-nightly"} <= set(deployments)
 
-    body = {"parameters": {"pipeline": {"pipeline": [{"plugin": "tk", "tool": "numbers"}, {"plugin": "tk", "tool": "total"}]}}}
+    body = {
+        "parameters": {
+            "pipeline": {"pipeline": [{"plugin": "tk", "tool": "numbers"}, {"plugin": "tk", "tool": "total"}]}
+        }
+    }
     body["parameters"]["pipeline"]["pipeline"][1]["tool"] = "scale"
     body["parameters"]["input"] = {"count": 3}
     body["parameters"]["job_id"] = "job-from-deployment"
@@ -83,7 +106,11 @@ def test_deployment_runs_through_a_real_prefect_worker(prefect_api_url, ff_home,
     ).json()
     worker = subprocess.Popen(
         [*prefect, "worker", "start", "--pool", "forgeflow-process", "--run-once"],
-        env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
+        env=env,
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
     )
     try:
         deadline = time.monotonic() + 180

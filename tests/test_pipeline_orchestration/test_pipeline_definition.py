@@ -10,14 +10,18 @@ from pathlib import Path
 
 import pytest
 
-from forgeflow.flows.compat import incompatibility
-from forgeflow.flows.models import PipelineDefinition, PipelineStage, pipeline_json_schema
-from forgeflow.flows.validation import PipelineValidationError, parse_definition, validate_pipeline
+from forgeflow.pipeline.compat import incompatibility
+from forgeflow.pipeline.definition import PipelineDefinition, PipelineStage, pipeline_json_schema
+from forgeflow.pipeline.validation import PipelineValidationError, parse_definition, validate_pipeline
 
 SEED_JOB = {
     "job_id": "job-123",
     "pipeline": [
-        {"plugin": "forgesyte-yolo-tracker", "tool": "detect_players", "config": {"device": "cuda", "confidence": 0.25}},
+        {
+            "plugin": "forgesyte-yolo-tracker",
+            "tool": "detect_players",
+            "config": {"device": "cuda", "confidence": 0.25},
+        },
         {"plugin": "pose-estimator", "tool": "estimate_poses", "config": {"model": "light"}},
         {"plugin": "classifier", "tool": "classify_actions", "config": {}},
     ],
@@ -122,7 +126,12 @@ def test_unavailable_plugins_are_rejected_with_their_reason(registry, plugin, re
 def test_config_of_the_wrong_type_names_the_field(registry):
     issues = issues_of(
         registry,
-        {"pipeline": [{"plugin": "testkit", "tool": "numbers"}, {"plugin": "testkit", "tool": "scale", "config": {"factor": "x"}}]},
+        {
+            "pipeline": [
+                {"plugin": "testkit", "tool": "numbers"},
+                {"plugin": "testkit", "tool": "scale", "config": {"factor": "x"}},
+            ]
+        },
         {"count": 1},
     )
     assert [(i.stage_index, i.field, i.error_type) for i in issues] == [(1, "config.factor", "ConfigError")]
@@ -131,13 +140,15 @@ def test_config_of_the_wrong_type_names_the_field(registry):
 def test_missing_input_and_incompatible_types_are_named(registry):
     issues = issues_of(
         registry,
-        {"pipeline": [
-            {"plugin": "testkit", "tool": "numbers"},
-            {"plugin": "testkit", "tool": "measure_text"},
-            {"plugin": "testkit", "tool": "scale"},
-            {"plugin": "testkit", "tool": "total"},
-            {"plugin": "testkit", "tool": "label_total"},
-        ]},
+        {
+            "pipeline": [
+                {"plugin": "testkit", "tool": "numbers"},
+                {"plugin": "testkit", "tool": "measure_text"},
+                {"plugin": "testkit", "tool": "scale"},
+                {"plugin": "testkit", "tool": "total"},
+                {"plugin": "testkit", "tool": "label_total"},
+            ]
+        },
         {"count": 2},
     )
     by_stage = {i.stage_index: i for i in issues}
@@ -171,7 +182,9 @@ def test_stage_count_and_timeout_limits(registry, monkeypatch):
 
 def test_template_validation_expects_missing_fields_from_the_job_input(registry):
     validated = validate_pipeline(
-        parse_definition({"pipeline": [{"plugin": "testkit", "tool": "numbers"}, {"plugin": "testkit", "tool": "scale"}]}),
+        parse_definition(
+            {"pipeline": [{"plugin": "testkit", "tool": "numbers"}, {"plugin": "testkit", "tool": "scale"}]}
+        ),
         None,
         registry,
     )
@@ -207,8 +220,20 @@ def test_schema_compatibility(src, dst, ok):
 
 
 def test_compatibility_follows_refs_between_models():
-    src_defs = {"Player": {"type": "object", "properties": {"box": {"type": "array", "items": {"type": "number"}}}, "required": ["box"]}}
-    dst_defs = {"P": {"type": "object", "properties": {"box": {"type": "array", "items": {"type": "number"}}}, "required": ["box"]}}
+    src_defs = {
+        "Player": {
+            "type": "object",
+            "properties": {"box": {"type": "array", "items": {"type": "number"}}},
+            "required": ["box"],
+        }
+    }
+    dst_defs = {
+        "P": {
+            "type": "object",
+            "properties": {"box": {"type": "array", "items": {"type": "number"}}},
+            "required": ["box"],
+        }
+    }
     src = {"type": "array", "items": {"$ref": "#/$defs/Player"}}
     dst = {"type": "array", "items": {"$ref": "#/$defs/P"}}
     assert incompatibility(src, dst, src_defs, dst_defs) is None
@@ -217,12 +242,16 @@ def test_compatibility_follows_refs_between_models():
 
 
 def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "forgeflow.cli", *args], capture_output=True, text=True, cwd=cwd, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "forgeflow.cli", *args], capture_output=True, text=True, cwd=cwd, timeout=120
+    )
 
 
 def test_cli_validate_exit_codes_and_messages(tmp_path, ff_home):
     good = tmp_path / "good.json"
-    good.write_text(json.dumps({"pipeline": [{"plugin": "tk", "tool": "numbers"}, {"plugin": "testkit", "tool": "scale"}]}))
+    good.write_text(
+        json.dumps({"pipeline": [{"plugin": "tk", "tool": "numbers"}, {"plugin": "testkit", "tool": "scale"}]})
+    )
     result = _cli("validate", str(good), cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert "valid, 2 stage(s)" in result.stderr

@@ -53,10 +53,12 @@ def test_failed_plugin_is_marked_failed_and_recovers_on_the_next_success(executo
     ],
 )
 def test_crashing_stages_fail_their_stage_not_the_caller(executor, tool, config, error_type, text):
-    pipeline = {"pipeline": [
-        {"plugin": "testkit", "tool": "numbers"},
-        {"plugin": "testkit", "tool": tool, "config": config, "memory_limit_mb": 256},
-    ]}
+    pipeline = {
+        "pipeline": [
+            {"plugin": "testkit", "tool": "numbers"},
+            {"plugin": "testkit", "tool": tool, "config": config, "memory_limit_mb": 256},
+        ]
+    }
     envelope = executor.execute(pipeline, {"count": 2}, f"job-{tool}")
     assert envelope["ok"] is False
     assert envelope["stage_failed"] == 1

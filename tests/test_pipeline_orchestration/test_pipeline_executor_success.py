@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import os
 
-from forgeflow.flows.models import PipelineDefinition, canonical_json
+from forgeflow.canonical import canonical_json
+from forgeflow.pipeline.definition import PipelineDefinition
 
 from .conftest import chain, prefect_flow_run, prefect_task_runs
 
@@ -19,8 +20,14 @@ def test_pipeline_executes_stages_in_order(executor, services):
     kinds = [e.type for e in services.sink.events]
     # each stage ends before the next one starts
     for index in range(2):
-        end_pos = next(i for i, e in enumerate(services.sink.events) if e.type == "pipeline_stage_end" and e.stage_index == index)
-        start_next = next(i for i, e in enumerate(services.sink.events) if e.type == "pipeline_stage_start" and e.stage_index == index + 1)
+        end_pos = next(
+            i for i, e in enumerate(services.sink.events) if e.type == "pipeline_stage_end" and e.stage_index == index
+        )
+        start_next = next(
+            i
+            for i, e in enumerate(services.sink.events)
+            if e.type == "pipeline_stage_start" and e.stage_index == index + 1
+        )
         assert end_pos < start_next, kinds
 
 

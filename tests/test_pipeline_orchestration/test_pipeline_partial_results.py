@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from forgeflow.flows.job import checkpoint_path
+from forgeflow.jobs.supervise import checkpoint_path
 
 from .conftest import chain
 

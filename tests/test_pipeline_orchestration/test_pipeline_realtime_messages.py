@@ -5,8 +5,8 @@ from __future__ import annotations
 import re
 import time
 
-from forgeflow.flows.events import JobStatusEvent, StageStart
-from forgeflow.flows.sinks import HttpSink, read_spool
+from forgeflow.events.models import JobStatusEvent, StageStart
+from forgeflow.events.sinks import HttpSink, read_spool
 
 from .conftest import IngestServer, chain
 
@@ -28,22 +28,34 @@ def test_pipeline_realtime_messages_sent(executor, services):
         assert ISO_UTC.match(event["timestamp"]), event["timestamp"]
     starts = [e for e in events if e["type"] == "pipeline_stage_start"]
     assert [(e["stage_index"], e["plugin"], e["tool"]) for e in starts] == [
-        (0, "testkit", "numbers"), (1, "testkit", "scale"), (2, "testkit", "total")
+        (0, "testkit", "numbers"),
+        (1, "testkit", "scale"),
+        (2, "testkit", "total"),
     ]
     ends = [e for e in events if e["type"] == "pipeline_stage_end"]
     assert all(e["ok"] is True and isinstance(e["duration_ms"], int) and e["result_size_bytes"] > 0 for e in ends)
     progress = [e for e in events if e["type"] == "pipeline_progress"]
-    assert [(p["stages_completed"], p["stages_total"], p["percent"]) for p in progress] == [(1, 3, 33), (2, 3, 67), (3, 3, 100)]
+    assert [(p["stages_completed"], p["stages_total"], p["percent"]) for p in progress] == [
+        (1, 3, 33),
+        (2, 3, 67),
+        (3, 3, 100),
+    ]
     assert events[-1]["envelope"]["result"]["total"] == 6
 
 
 def test_failure_messages_name_the_stage_and_error_type(executor, services):
-    executor.execute(chain("numbers", "fail", fail={"message": "Memory error during inference"}), {"count": 1}, "job-rt-fail")
+    executor.execute(
+        chain("numbers", "fail", fail={"message": "Memory error during inference"}), {"count": 1}, "job-rt-fail"
+    )
     events = [e.model_dump() for e in services.sink.for_job("job-rt-fail")]
     assert [e["type"] for e in events] == [
         "job_status",
-        "pipeline_stage_start", "pipeline_stage_end", "pipeline_progress",
-        "pipeline_stage_start", "pipeline_stage_end", "pipeline_error",
+        "pipeline_stage_start",
+        "pipeline_stage_end",
+        "pipeline_progress",
+        "pipeline_stage_start",
+        "pipeline_stage_end",
+        "pipeline_error",
         "job_status",
     ]
     end, error, terminal = events[5], events[6], events[7]

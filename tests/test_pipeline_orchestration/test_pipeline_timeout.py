@@ -9,7 +9,7 @@ import time
 import psutil
 import pytest
 
-from forgeflow.flows.job import JobProcess, JobSpec, reconcile_crash
+from forgeflow.jobs.supervise import JobProcess, JobSpec, reconcile_crash
 
 from .conftest import chain, prefect_flow_run
 
@@ -20,7 +20,7 @@ def _worker_processes() -> list[psutil.Process]:
     found = []
     for proc in psutil.process_iter(["cmdline"]):
         cmdline = proc.info["cmdline"] or []
-        if "forgeflow.plugins.runners.worker" in cmdline and "testkit" in cmdline:
+        if "forgeflow.engine.runners.worker" in cmdline and "testkit" in cmdline:
             found.append(proc)
     return found
 
@@ -59,7 +59,9 @@ def test_sigkilled_job_still_ends_with_a_terminal_message(ff_home, prefect_api_u
     """SIGKILL runs no Prefect hook: reconciliation sends the terminal messages and marks the run Crashed."""
     pipeline = {"pipeline": [{"plugin": "testkit", "tool": "numbers"}, HANG]}
     job = _start(ingest, "job-kill", pipeline, {"count": 3})
-    ingest.wait_for(lambda e: e["job_id"] == "job-kill" and e["type"] == "pipeline_stage_start" and e["stage_index"] == 1)
+    ingest.wait_for(
+        lambda e: e["job_id"] == "job-kill" and e["type"] == "pipeline_stage_start" and e["stage_index"] == 1
+    )
     workers = _worker_processes()
     os.kill(job.pid, signal.SIGKILL)  # the flow-run process only: no hook, no cleanup
     assert job.wait(10) == -signal.SIGKILL
@@ -84,13 +86,17 @@ def test_sigkilled_job_still_ends_with_a_terminal_message(ff_home, prefect_api_u
 def test_cancelled_job_kills_its_stage_and_reports_cancelled(ff_home, prefect_api_url, ingest):
     pipeline = {"pipeline": [{"plugin": "testkit", "tool": "numbers"}, HANG, {"plugin": "testkit", "tool": "noop"}]}
     job = _start(ingest, "job-cancel", pipeline, {"count": 1})
-    ingest.wait_for(lambda e: e["job_id"] == "job-cancel" and e["type"] == "pipeline_stage_start" and e["stage_index"] == 1)
+    ingest.wait_for(
+        lambda e: e["job_id"] == "job-cancel" and e["type"] == "pipeline_stage_start" and e["stage_index"] == 1
+    )
     workers = _worker_processes()
     assert workers
     assert job.cancel(grace_s=20) == 3
     psutil.wait_procs(workers, timeout=10)
     assert not any(w.is_running() and w.status() != psutil.STATUS_ZOMBIE for w in workers)
-    terminal = ingest.wait_for(lambda e: e["job_id"] == "job-cancel" and e["type"] == "job_status" and e["status"] != "running")
+    terminal = ingest.wait_for(
+        lambda e: e["job_id"] == "job-cancel" and e["type"] == "job_status" and e["status"] != "running"
+    )
     assert [e["status"] for e in terminal] == ["cancelled"]  # one terminal message, no "crashed" after it
     assert terminal[0]["envelope"]["partial_result"] == {"numbers": [0]}
     assert [s["status"] for s in terminal[0]["envelope"]["stages"]] == ["completed", "failed", "skipped"]

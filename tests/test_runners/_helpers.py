@@ -6,7 +6,10 @@ import os
 import time
 from typing import Any
 
-from forgeflow.plugins.runners import ToolCall
+from forgeflow.engine.runners import ToolCall
+from forgeflow.processes import pid_alive
+
+__all__ = ["call", "group_gone", "pid_alive"]
 
 
 def call(tool: str, plugin: str = "testkit", **kw: Any) -> ToolCall:
@@ -24,15 +27,3 @@ def group_gone(pgid: int, within_s: float = 1.0) -> bool:
         if time.monotonic() > deadline:
             return False
         time.sleep(0.02)
-
-
-def pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    try:  # a zombie is dead for our purposes
-        with open(f"/proc/{pid}/stat") as fh:
-            return fh.read().split(")")[-1].split()[0] != "Z"
-    except OSError:
-        return False

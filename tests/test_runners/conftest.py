@@ -19,7 +19,7 @@ def settings(ff_home):
 @pytest.fixture
 def make_runner(settings, registry) -> Iterator[Callable[..., Any]]:
     """``make_runner(kind="process", **setting_overrides)`` → a runner closed at teardown."""
-    from forgeflow.plugins.runners import get_runner
+    from forgeflow.engine.runners import get_runner
 
     made: list[Any] = []
 

@@ -19,7 +19,7 @@ def docker_client():
 
         client = docker.from_env(timeout=10)
         client.ping()
-    except Exception as exc:  # noqa: BLE001
+    except Exception as exc:
         pytest.skip(f"no Docker engine answers: {exc}")
     yield client
     client.close()
@@ -54,7 +54,7 @@ def test_docker_call_succeeds_in_a_locked_down_container(docker_runner, docker_c
     assert result.outputs == {"numbers": [2, 3, 4]}
     assert result.result_size_bytes == len(b'{"numbers":[2,3,4]}')
     assert result.peak_memory_mb is not None
-    (cid, kwargs), = docker_runner.created
+    ((cid, kwargs),) = docker_runner.created
     assert kwargs["network_disabled"] is True
     assert kwargs["read_only"] is True
     assert "/tmp" in kwargs["tmpfs"]

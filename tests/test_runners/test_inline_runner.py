@@ -6,7 +6,9 @@ import os
 
 from pydantic import BaseModel
 
-from forgeflow.plugins import LifecycleState, LifecycleStore, Plugin, PluginRegistry
+from forgeflow.engine.lifecycle import LifecycleState, LifecycleStore
+from forgeflow.engine.registry import PluginRegistry
+from forgeflow.plugins import Plugin
 
 from ._helpers import call
 
@@ -70,9 +72,9 @@ def test_docker_media_overlay_reads_store_writes_aside_and_imports(tmp_path, set
     import cv2
     import numpy as np
 
+    from forgeflow.engine.runners.docker import DockerRunner
+    from forgeflow.engine.runners.worker import _OverlayMediaStore
     from forgeflow.plugins import MediaStore
-    from forgeflow.plugins.runners.docker import DockerRunner
-    from forgeflow.plugins.runners.worker import _OverlayMediaStore
 
     host = MediaStore(settings.media_root)
     png = tmp_path / "a.png"

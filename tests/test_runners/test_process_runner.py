@@ -13,15 +13,16 @@ from importlib.metadata import distribution
 
 import pytest
 
-from forgeflow.plugins import LifecycleState, LifecycleStore, PluginRegistry
-from forgeflow.plugins.runners import get_runner
+from forgeflow.engine.lifecycle import LifecycleState, LifecycleStore
+from forgeflow.engine.registry import PluginRegistry
+from forgeflow.engine.runners import get_runner
 
 from ._helpers import call, group_gone
 
 
 def test_get_runner_picks_by_settings(settings, registry):
-    from forgeflow.plugins.runners.inline import InlineRunner
-    from forgeflow.plugins.runners.process import ProcessRunner
+    from forgeflow.engine.runners.inline import InlineRunner
+    from forgeflow.engine.runners.process import ProcessRunner
 
     assert settings.runner == "process"
     runner = get_runner(settings, registry)
@@ -201,8 +202,8 @@ def test_worker_dies_with_its_parent(ff_home, tmp_path):
         """
         import os, signal
         from forgeflow.settings import get_settings
-        from forgeflow.plugins import PluginRegistry
-        from forgeflow.plugins.runners import get_runner, ToolCall
+        from forgeflow.engine.registry import PluginRegistry
+        from forgeflow.engine.runners import get_runner, ToolCall
         runner = get_runner(get_settings(), PluginRegistry.discover())
         print(runner.run(ToolCall(plugin="testkit", tool="pid")).outputs["pid"], flush=True)
         os.kill(os.getpid(), signal.SIGKILL)
@@ -221,13 +222,15 @@ def test_entry_point_discovery_of_installed_test_package():
     entry = registry.resolve("tk")
     assert entry.name == "testkit" and entry.available
     assert entry.entry_point == "forgeflow_testplugins.testkit:plugin"
-    assert {"noop", "pid", "fail", "hang", "allocate", "segfault", "hard_exit", "spam_stdout"} <= set(entry.plugin.tools)
+    assert {"noop", "pid", "fail", "hang", "allocate", "segfault", "hard_exit", "spam_stdout"} <= set(
+        entry.plugin.tools
+    )
     assert not registry.resolve("broken-import").available
     assert not registry.resolve("needs-weights").available
 
 
 def test_worker_loads_only_installed_entry_points():
-    from forgeflow.plugins.runners.worker import load_plugin
+    from forgeflow.engine.runners.worker import load_plugin
 
     plugin, reason = load_plugin("testkit")
     assert plugin is not None and plugin.name == "testkit" and reason is None
@@ -240,8 +243,8 @@ def test_worker_loads_only_installed_entry_points():
 def test_unavailable_inside_worker_is_plugin_unavailable(settings, ff_home, monkeypatch):
     """A plugin available to the parent's registry but not to the worker (a race or a different
     environment) comes back as PluginUnavailable, not as a crash."""
-    from forgeflow.plugins.registry import PluginEntry
-    from forgeflow.plugins.runners.process import ProcessRunner
+    from forgeflow.engine.registry import PluginEntry
+    from forgeflow.engine.runners.process import ProcessRunner
 
     real = PluginRegistry.discover()
     entry = real.resolve("needs-weights")

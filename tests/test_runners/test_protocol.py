@@ -8,12 +8,12 @@ import time
 
 import pytest
 
-from forgeflow.plugins.runners.protocol import (
+from forgeflow.canonical import canonical_bytes
+from forgeflow.engine.runners.protocol import (
     DeadlineExceeded,
     MessageReader,
     PeerClosed,
     ProtocolError,
-    canonical_json,
     encode,
     read_message_blocking,
     write_message,
@@ -85,4 +85,4 @@ def test_blocking_reader_and_garbage():
 
 
 def test_canonical_json_is_sorted_and_compact():
-    assert canonical_json({"b": 1, "a": [1, 2]}) == b'{"a":[1,2],"b":1}'
+    assert canonical_bytes({"b": 1, "a": [1, 2], "é": "ü"}) == '{"a":[1,2],"b":1,"é":"ü"}'.encode()

@@ -31,7 +31,7 @@ SCRIPT = textwrap.dedent(
     from importlib.util import find_spec
     from pydantic import BaseModel
     from forgeflow.plugins import MediaStore, Plugin, ToolContext
-    from forgeflow.plugins.runners.worker import execute_call
+    from forgeflow.engine.runners.worker import execute_call
 
     os.environ.update(YOLO_OFFLINE="1", YOLO_VERBOSE="False", YOLO_AUTOINSTALL="False",
                       YOLO_CONFIG_DIR=sys.argv[1], OMP_NUM_THREADS="2")
@@ -66,7 +66,9 @@ def run_script(tmp_path, *limits: int) -> list[dict]:
     (env_dir / "Ultralytics").mkdir(parents=True)
     out = subprocess.run(
         [sys.executable, "-c", SCRIPT, str(env_dir), *map(str, limits)],
-        capture_output=True, text=True, timeout=240,
+        capture_output=True,
+        text=True,
+        timeout=240,
         env={**__import__("os").environ, "FORGEFLOW_WORKER_RLIMIT_AS": "on"},
     )
     assert out.returncode == 0, out.stderr[-2000:]

@@ -9,8 +9,8 @@ from typing import Any
 
 import pytest
 
+from forgeflow.cli.sample_clip import assets_dir, make_sample_clip
 from forgeflow.plugins import MediaStore, ToolContext
-from forgeflow.plugins.builtin.sample_clip import assets_dir, make_sample_clip
 
 CLIP_IMGSZ = 320  # small: the clip tests check tracking, not accuracy
 

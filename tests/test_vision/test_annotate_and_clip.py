@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import hashlib
-from pathlib import Path
 
 import pytest
 
-from forgeflow.plugins.builtin.annotate import annotate_media
-from forgeflow.plugins.builtin.sample_clip import make_sample_clip
+from forgeflow.cli.annotate import annotate_media
+from forgeflow.cli.sample_clip import make_sample_clip
 from forgeflow.plugins.errors import MediaError, MediaNotFound
 
 
@@ -71,7 +70,15 @@ def test_annotate_video(clip_result, sample_clip, tmp_path):
 
 def test_annotate_partial_result_and_errors(sample_clip, tmp_path):
     # a result with players only (a failed pose stage's partial result) still draws
-    partial = {"players": [{"frame_index": 0, "timestamp_s": 0.0, "players": [{"box": [10, 10, 100, 200], "confidence": 0.9, "track_id": 1}]}]}
+    partial = {
+        "players": [
+            {
+                "frame_index": 0,
+                "timestamp_s": 0.0,
+                "players": [{"box": [10, 10, 100, 200], "confidence": 0.9, "track_id": 1}],
+            }
+        ]
+    }
     assert annotate_media(sample_clip, partial, tmp_path / "partial.mp4").is_file()
     with pytest.raises(MediaNotFound):
         annotate_media(tmp_path / "missing.mp4", partial, tmp_path / "x.mp4")

@@ -15,7 +15,13 @@ from forgeflow.plugins.errors import ForgeFlowError, InputError, MediaError, Med
 def _png_header(width: int, height: int) -> bytes:
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
     chunk = b"IHDR" + ihdr
-    return b"\x89PNG\r\n\x1a\n" + struct.pack(">I", len(ihdr)) + chunk + struct.pack(">I", zlib.crc32(chunk)) + b"\x00" * 64
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + struct.pack(">I", len(ihdr))
+        + chunk
+        + struct.pack(">I", zlib.crc32(chunk))
+        + b"\x00" * 64
+    )
 
 
 @pytest.fixture(scope="module")
@@ -90,7 +96,9 @@ def test_players_from_another_media(vision_ctx, assets, sample_clip, get_tool):
 def test_malformed_players_are_an_input_error(vision_ctx, assets, get_tool):
     bad = [{"frame_index": 0, "timestamp_s": 0.0, "players": [{"box": [1, 2, 3], "confidence": 0.9}]}]
     with pytest.raises(InputError, match="box"):
-        get_tool("pose_estimator", "estimate_poses").invoke({}, {"media": str(assets / "bus.jpg"), "players": bad}, vision_ctx)
+        get_tool("pose_estimator", "estimate_poses").invoke(
+            {}, {"media": str(assets / "bus.jpg"), "players": bad}, vision_ctx
+        )
 
 
 def test_frame_limit_of_the_host(vision_dir, assets, sample_clip, get_tool):

@@ -14,7 +14,9 @@ FPS = 25.0
 L = 60.0  # torso length in pixels
 
 
-def skeleton(cx: float, ground: float, posture: str = "stand", lift: float = 0.0, conf: float = 0.9) -> list[list[float]]:
+def skeleton(
+    cx: float, ground: float, posture: str = "stand", lift: float = 0.0, conf: float = 0.9
+) -> list[list[float]]:
     """17 COCO keypoints of a person whose feet are at (cx, ground - lift*L), torso length L."""
     g = ground - lift * L
     if posture == "crouch":
@@ -28,14 +30,22 @@ def skeleton(cx: float, ground: float, posture: str = "stand", lift: float = 0.0
         elbow_y, wrist_y = sh_y + 0.5 * L, sh_y + 1.0 * L
     pts = [
         (cx, sh_y - 0.45 * L),  # nose
-        (cx - 0.1 * L, sh_y - 0.55 * L), (cx + 0.1 * L, sh_y - 0.55 * L),  # eyes
-        (cx - 0.2 * L, sh_y - 0.5 * L), (cx + 0.2 * L, sh_y - 0.5 * L),  # ears
-        (cx - 0.35 * L, sh_y), (cx + 0.35 * L, sh_y),  # shoulders
-        (cx - 0.45 * L, elbow_y), (cx + 0.45 * L, elbow_y),  # elbows
-        (cx - 0.45 * L, wrist_y), (cx + 0.45 * L, wrist_y),  # wrists
-        (cx - 0.2 * L, hip_y), (cx + 0.2 * L, hip_y),  # hips
-        (cx - 0.2 * L + knee[0], knee[1]), (cx + 0.2 * L + knee[0], knee[1]),  # knees
-        (cx - 0.2 * L, g), (cx + 0.2 * L, g),  # ankles
+        (cx - 0.1 * L, sh_y - 0.55 * L),
+        (cx + 0.1 * L, sh_y - 0.55 * L),  # eyes
+        (cx - 0.2 * L, sh_y - 0.5 * L),
+        (cx + 0.2 * L, sh_y - 0.5 * L),  # ears
+        (cx - 0.35 * L, sh_y),
+        (cx + 0.35 * L, sh_y),  # shoulders
+        (cx - 0.45 * L, elbow_y),
+        (cx + 0.45 * L, elbow_y),  # elbows
+        (cx - 0.45 * L, wrist_y),
+        (cx + 0.45 * L, wrist_y),  # wrists
+        (cx - 0.2 * L, hip_y),
+        (cx + 0.2 * L, hip_y),  # hips
+        (cx - 0.2 * L + knee[0], knee[1]),
+        (cx + 0.2 * L + knee[0], knee[1]),  # knees
+        (cx - 0.2 * L, g),
+        (cx + 0.2 * L, g),  # ankles
     ]
     if posture == "lying":  # the standing body turned 90 degrees around its feet
         pts = [(cx + (ground - y), ground - 0.2 * L + (x - cx) * 0.5) for x, y in pts]
@@ -119,7 +129,12 @@ def test_crouching_is_not_a_jump_when_standing_up():
 
 
 def test_still_image_shows_only_still_classes():
-    for posture, expected in (("stand", "standing"), ("arms_up", "arms_raised"), ("crouch", "crouching"), ("lying", "lying")):
+    for posture, expected in (
+        ("stand", "standing"),
+        ("arms_up", "arms_raised"),
+        ("crouch", "crouching"),
+        ("lying", "lying"),
+    ):
         frame = FramePoses(frame_index=0, timestamp_s=0.0, poses=[pose_of(skeleton(300, 400, posture))])
         action = classify([frame])[0].actions[0]
         assert action.action == expected, posture

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from forgeflow.flows.models import PipelineDefinition, canonical_json
+from forgeflow.canonical import canonical_json
+from forgeflow.pipeline.definition import PipelineDefinition
 from forgeflow.plugins.media import MediaStore
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
@@ -19,9 +20,9 @@ pytestmark = pytest.mark.vision
 @pytest.fixture(scope="module")
 def engine(tmp_path_factory, prefect_api_url, assets):
     """An executor with its own FORGEFLOW_HOME, the process runner and a memory sink."""
-    from forgeflow.flows.executor import PipelineExecutor
-    from forgeflow.flows.pipeline_flow import Services
-    from forgeflow.flows.sinks import MemorySink
+    from forgeflow.events.sinks import MemorySink
+    from forgeflow.jobs.executor import PipelineExecutor
+    from forgeflow.jobs.flow import Services
     from forgeflow.settings import get_settings
 
     home = tmp_path_factory.mktemp("ffhome-examples")
@@ -45,11 +46,15 @@ def engine(tmp_path_factory, prefect_api_url, assets):
 def test_examples_are_valid_pipelines():
     soccer = PipelineDefinition.model_validate(json.loads((EXAMPLES / "soccer-analysis.json").read_text()))
     seed = PipelineDefinition.model_validate(json.loads((EXAMPLES / "seed-phase-12.json").read_text()))
-    assert [(s.plugin, s.tool) for s in soccer.stages] == [(s.plugin, s.tool) for s in seed.stages] == [
-        ("forgesyte-yolo-tracker", "detect_players"),
-        ("pose-estimator", "estimate_poses"),
-        ("classifier", "classify_actions"),
-    ]
+    assert (
+        [(s.plugin, s.tool) for s in soccer.stages]
+        == [(s.plugin, s.tool) for s in seed.stages]
+        == [
+            ("forgesyte-yolo-tracker", "detect_players"),
+            ("pose-estimator", "estimate_poses"),
+            ("classifier", "classify_actions"),
+        ]
+    )
     assert seed.stages[0].config == {"device": "cuda", "confidence": 0.25}
     assert seed.stages[1].config == {"model": "light"}
 

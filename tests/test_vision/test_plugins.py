@@ -27,8 +27,8 @@ def test_plugin_modules_import_without_torch_or_ultralytics():
     code = (
         "import sys\n"
         "import forgeflow.plugins.builtin.yolo_tracker, forgeflow.plugins.builtin.pose_estimator\n"
-        "import forgeflow.plugins.builtin.classifier, forgeflow.plugins.builtin.annotate\n"
-        "import forgeflow.plugins.builtin.sample_clip\n"
+        "import forgeflow.plugins.builtin.classifier, forgeflow.cli.annotate\n"
+        "import forgeflow.cli.sample_clip\n"
         "heavy = [m for m in ('torch', 'ultralytics', 'cv2') if m in sys.modules]\n"
         "assert not heavy, heavy\n"
     )
@@ -68,7 +68,7 @@ def test_the_seed_configs_validate(get_tool):
 
 def test_stage_schemas_are_compatible():
     """The engine checks stage N's output against stage N+1's input from the JSON Schemas."""
-    from forgeflow.flows.compat import field_schema, incompatibility
+    from forgeflow.pipeline.compat import field_schema, incompatibility
     from forgeflow.plugins.builtin import classifier, pose_estimator, yolo_tracker
 
     detect = yolo_tracker.plugin.tools["detect_players"].schemas()
@@ -230,7 +230,9 @@ def test_same_video_twice_is_byte_identical(vision_ctx, sample_clip, clip_result
     )
     assert canonical(poses["poses"]) == canonical(clip_result["poses"][:12])
     actions = [
-        get_tool("classifier", "classify_actions").invoke({}, {"media": str(sample_clip), "poses": clip_result["poses"]}, vision_ctx)
+        get_tool("classifier", "classify_actions").invoke(
+            {}, {"media": str(sample_clip), "poses": clip_result["poses"]}, vision_ctx
+        )
         for _ in range(2)
     ]
     assert canonical(actions[0]) == canonical(actions[1]) == canonical({"actions": clip_result["actions"]})

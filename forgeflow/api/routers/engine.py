@@ -12,11 +12,14 @@ from forgeflow.api.deps import ApiState, get_state
 router = APIRouter(tags=["engine"])
 
 
-@router.get("/v1/engine", summary="The engine of this host",
-            description="`running: false` with the reason when no engine runs (it starts with the first job). "
-            "Otherwise its pid, jobs (running, queued), `devices` (slots, running and waiting stages), `pools` "
-            "(size, busy, idle, waiting calls per plugin), `workers` (pid, plugin, state, calls, `model_loads`, "
-            "resident memory) and the idle-memory budget.")
+@router.get(
+    "/v1/engine",
+    summary="The engine of this host",
+    description="`running: false` with the reason when no engine runs (it starts with the first job). "
+    "Otherwise its pid, jobs (running, queued), `devices` (slots, running and waiting stages), `pools` "
+    "(size, busy, idle, waiting calls per plugin), `workers` (pid, plugin, state, calls, `model_loads`, "
+    "resident memory) and the idle-memory budget.",
+)
 async def engine_status(state: ApiState = Depends(get_state)) -> dict[str, Any]:
     from forgeflow.engine.client import EngineClient, EngineUnavailable
 

@@ -34,7 +34,8 @@ from forgeflow.api.errors import ApiError
 from forgeflow.api.hub import Subscription
 from forgeflow.api.models import ErrorBody, IngestBatch, IngestResult
 from forgeflow.api.store import StoredEvent
-from forgeflow.flows.events import TERMINAL_STATUSES, Event, parse_event
+from forgeflow.events.models import Event, parse_event
+from forgeflow.pipeline.outcome import is_terminal
 
 log = logging.getLogger(__name__)
 
@@ -79,8 +80,12 @@ async def ingest_events(request: Request, batch: IngestBatch, state: ApiState = 
         for name, limit in (("job_id", 128), ("event_id", 128)):
             value = getattr(item, name)
             if not value or len(value) > limit:
-                raise ApiError(422, f"events.{index}.{name}: must be 1 to {limit} characters", "RequestValidationError",
-                               field=f"events.{index}.{name}")
+                raise ApiError(
+                    422,
+                    f"events.{index}.{name}: must be 1 to {limit} characters",
+                    "RequestValidationError",
+                    field=f"events.{index}.{name}",
+                )
     stored = await run_in_threadpool(
         lambda: state.store.ingest(parsed, publish=state.publish, resolve_plugin=state.resolve_plugin)
     )
@@ -122,8 +127,9 @@ async def _drain_client(websocket: WebSocket) -> None:
             return
 
 
-async def _run_stream(websocket: WebSocket, state: ApiState, sub: Subscription, sender: Any, pos: _Position,
-                      resume_param: str) -> None:
+async def _run_stream(
+    websocket: WebSocket, state: ApiState, sub: Subscription, sender: Any, pos: _Position, resume_param: str
+) -> None:
     reader = asyncio.create_task(_drain_client(websocket))
     sending = asyncio.create_task(sender)
     overflow = asyncio.create_task(sub.overflowed.wait())
@@ -135,12 +141,14 @@ async def _run_stream(websocket: WebSocket, state: ApiState, sub: Subscription, 
                 await _close(websocket, 1000, "job finished")
             elif exc is not None and not isinstance(exc, (WebSocketDisconnect, OSError, RuntimeError)):
                 log.error("websocket stream failed", exc_info=exc)
-                await _close(websocket, 1011, "internal error; reconnect with " f"{resume_param}={pos.last}")
+                await _close(websocket, 1011, f"internal error; reconnect with {resume_param}={pos.last}")
         elif overflow in done:
             sending.cancel()
             with contextlib.suppress(BaseException):
                 await sending
-            reason = f"slow consumer: over {state.hub.queue_size} messages queued; resume with {resume_param}={pos.last}"
+            reason = (
+                f"slow consumer: over {state.hub.queue_size} messages queued; resume with {resume_param}={pos.last}"
+            )
             await _close(websocket, 1013, reason, wait_s=60)
     finally:
         state.hub.unsubscribe(sub)
@@ -153,7 +161,7 @@ async def _run_stream(websocket: WebSocket, state: ApiState, sub: Subscription, 
 
 async def _close(websocket: WebSocket, code: int, reason: str, wait_s: float = 10) -> None:
     """Close with a reason; the frame waits behind what the client has not read yet (up to ``wait_s``)."""
-    if websocket.application_state == WebSocketState.DISCONNECTED or websocket.client_state == WebSocketState.DISCONNECTED:
+    if WebSocketState.DISCONNECTED in (websocket.application_state, websocket.client_state):
         return
     with contextlib.suppress(Exception):
         await asyncio.wait_for(websocket.close(code=code, reason=reason.encode()[:120].decode(errors="ignore")), wait_s)
@@ -181,7 +189,7 @@ async def _send_job(websocket: WebSocket, state: ApiState, sub: Subscription, jo
     if await replay():
         return "finished"
     job = await run_in_threadpool(store.get_job, job_id)
-    if job is not None and job["status"] in TERMINAL_STATUSES and pos.last >= job["last_seq"]:
+    if job is not None and is_terminal(job["status"]) and pos.last >= job["last_seq"]:
         return "finished"
     while True:
         event = await sub.queue.get()
@@ -221,8 +229,9 @@ async def ws_job(websocket: WebSocket, job_id: str) -> None:
     """Messages of one job: `?after_seq=N` replays what came after N (default 0), then live."""
     state = get_state(websocket)
     if not state.auth.ws_allowed(websocket):
-        await _deny(websocket, 401, "missing or invalid API token (header 'Authorization: Bearer' or ?token=)",
-                    "Unauthorized")
+        await _deny(
+            websocket, 401, "missing or invalid API token (header 'Authorization: Bearer' or ?token=)", "Unauthorized"
+        )
         return
     try:
         after = _query_int(websocket, "after_seq") or 0
@@ -244,8 +253,9 @@ async def ws_all_jobs(websocket: WebSocket) -> None:
     """Messages of every job, each with a global `cursor`; `?after_cursor=N` replays what came after N."""
     state = get_state(websocket)
     if not state.auth.ws_allowed(websocket):
-        await _deny(websocket, 401, "missing or invalid API token (header 'Authorization: Bearer' or ?token=)",
-                    "Unauthorized")
+        await _deny(
+            websocket, 401, "missing or invalid API token (header 'Authorization: Bearer' or ?token=)", "Unauthorized"
+        )
         return
     try:
         after = _query_int(websocket, "after_cursor")

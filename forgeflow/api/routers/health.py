@@ -15,8 +15,12 @@ from forgeflow.api.models import Health
 router = APIRouter(tags=["health"])
 
 
-@router.get("/healthz", response_model=Health, summary="Service health",
-            responses={503: {"model": Health, "description": "The database does not answer."}})
+@router.get(
+    "/healthz",
+    response_model=Health,
+    summary="Service health",
+    responses={503: {"model": Health, "description": "The database does not answer."}},
+)
 async def healthz(state: ApiState = Depends(get_state)) -> Any:
     try:
         await run_in_threadpool(state.store.ping)
@@ -33,7 +37,7 @@ async def healthz(state: ApiState = Depends(get_state)) -> Any:
         "websocket_clients": state.hub.subscriber_count,
     }
     if database == "ok":
-        rows, total = await run_in_threadpool(state.store.list_jobs, ["queued"], 1, 0)
+        _rows, total = await run_in_threadpool(state.store.list_jobs, ["queued"], 1, 0)
         body["jobs_queued"] = total
         return body
     return JSONResponse(body, status_code=503)

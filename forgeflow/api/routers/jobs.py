@@ -19,12 +19,13 @@ from forgeflow.api.models import (
     JobCreate,
     JobList,
     JobPipelineView,
-    JobStatusName,
     JobView,
 )
 from forgeflow.api.routers.views import job_summary, job_view, pipeline_view
 from forgeflow.api.store import Conflict
-from forgeflow.flows.models import PipelineDefinition, canonical_json
+from forgeflow.canonical import canonical_json
+from forgeflow.pipeline.definition import PipelineDefinition
+from forgeflow.pipeline.outcome import JobStatus, is_terminal
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 
@@ -64,13 +65,13 @@ def validation_error(exc: Any, *, prefix: str, legacy: bool = False) -> ApiError
 
 
 def _validate(state: ApiState, definition: PipelineDefinition, input_data: dict[str, Any] | None) -> Any:
-    from forgeflow.flows.validation import validate_pipeline
+    from forgeflow.pipeline.validation import validate_pipeline
 
     return validate_pipeline(definition, input_data, state.registry, state.settings)
 
 
 def parse_pipeline(raw: Any, *, prefix: str) -> PipelineDefinition:
-    from forgeflow.flows.validation import PipelineValidationError, parse_definition
+    from forgeflow.pipeline.validation import PipelineValidationError, parse_definition
 
     try:
         return parse_definition(raw)
@@ -105,14 +106,19 @@ async def submit_job(body: JobCreate, response: Response, state: ApiState = Depe
             field="pipeline",
         )
     if len(forms) > 1:
-        raise ApiError(422, f"give only one of 'pipeline', 'pipeline_id', 'plugin_id' (got {', '.join(forms)})",
-                       "RequestValidationError", field=forms[1])
+        raise ApiError(
+            422,
+            f"give only one of 'pipeline', 'pipeline_id', 'plugin_id' (got {', '.join(forms)})",
+            "RequestValidationError",
+            field=forms[1],
+        )
     form = forms[0]
     if form != "plugin_id":
         for name in ("tool_name", "config"):
             if getattr(body, name) is not None:
-                raise ApiError(422, f"'{name}' belongs to the legacy form with 'plugin_id'", "RequestValidationError",
-                               field=name)
+                raise ApiError(
+                    422, f"'{name}' belongs to the legacy form with 'plugin_id'", "RequestValidationError", field=name
+                )
     template_id = None
     legacy = False
     if form == "pipeline":
@@ -124,14 +130,19 @@ async def submit_job(body: JobCreate, response: Response, state: ApiState = Depe
             if body.description is not None:
                 raw["description"] = body.description
         elif body.timeout_seconds is not None or body.description is not None:
-            raise ApiError(422, "with a pipeline object, put 'timeout_seconds' and 'description' inside it",
-                           "RequestValidationError", field="timeout_seconds")
+            raise ApiError(
+                422,
+                "with a pipeline object, put 'timeout_seconds' and 'description' inside it",
+                "RequestValidationError",
+                field="timeout_seconds",
+            )
         definition = parse_pipeline(raw, prefix="pipeline")
         source = "inline"
     elif form == "pipeline_id":
         if body.timeout_seconds is not None or body.description is not None:
-            raise ApiError(422, "a template's timeout is part of the template", "RequestValidationError",
-                           field="timeout_seconds")
+            raise ApiError(
+                422, "a template's timeout is part of the template", "RequestValidationError", field="timeout_seconds"
+            )
         template = await run_in_threadpool(state.store.get_template, body.pipeline_id)
         if template is None:
             raise not_found("pipeline", body.pipeline_id or "", "list them with GET /v1/pipelines")
@@ -140,8 +151,9 @@ async def submit_job(body: JobCreate, response: Response, state: ApiState = Depe
         source = "template"
     else:
         if body.tool_name is None:
-            raise ApiError(422, "the legacy form needs 'tool_name' with 'plugin_id'", "RequestValidationError",
-                           field="tool_name")
+            raise ApiError(
+                422, "the legacy form needs 'tool_name' with 'plugin_id'", "RequestValidationError", field="tool_name"
+            )
         stage = {"plugin": body.plugin_id, "tool": body.tool_name, "config": body.config or {}}
         raw = {"stages": [stage]}
         if body.timeout_seconds is not None:
@@ -150,7 +162,7 @@ async def submit_job(body: JobCreate, response: Response, state: ApiState = Depe
         source = "legacy"
         legacy = True
 
-    from forgeflow.flows.validation import PipelineValidationError
+    from forgeflow.pipeline.validation import PipelineValidationError
 
     try:
         await run_in_threadpool(_validate, state, definition, body.input)
@@ -159,7 +171,9 @@ async def submit_job(body: JobCreate, response: Response, state: ApiState = Depe
 
     pipeline = definition.model_dump(mode="json")
     request_hash = hashlib.sha256(
-        canonical_json({"source": source, "pipeline_id": template_id, "pipeline": pipeline, "input": body.input}).encode()
+        canonical_json(
+            {"source": source, "pipeline_id": template_id, "pipeline": pipeline, "input": body.input}
+        ).encode()
     ).hexdigest()
     job_id = body.job_id or f"job-{uuid.uuid4().hex}"
     try:
@@ -197,7 +211,7 @@ async def submit_job(body: JobCreate, response: Response, state: ApiState = Depe
 
 @router.get("", response_model=JobList, summary="List jobs", responses=ERRORS)
 async def list_jobs(
-    status: list[JobStatusName] | None = Query(None, description="Only jobs in these states (repeat to give several)."),
+    status: list[JobStatus] | None = Query(None, description="Only jobs in these states (repeat to give several)."),
     pipeline_id: str | None = Query(None, description="Only jobs of this template."),
     limit: int = Query(50, ge=1, le=500),
     offset: int = Query(0, ge=0),
@@ -275,10 +289,8 @@ async def cancel_job(job_id: str = JobIdPath, state: ApiState = Depends(get_stat
     """A queued job is cancelled at once; a running one gets SIGTERM (its flow run is cancelled and
     its running stage killed), SIGKILL after a grace period. Its terminal `cancelled` message
     follows on the job's stream."""
-    from forgeflow.flows.events import TERMINAL_STATUSES
-
     job = await _job(state, job_id)
-    if job["status"] in TERMINAL_STATUSES:
+    if is_terminal(job["status"]):
         raise ApiError(409, f"job {job_id!r} already ended ({job['status']})", "Conflict", job_status=job["status"])
     if state.launcher is None:
         raise ApiError(503, "this service runs no launcher", "Unavailable")

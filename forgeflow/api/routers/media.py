@@ -110,8 +110,12 @@ async def upload_media(request: Request, state: ApiState = Depends(get_state)) -
         finally:
             await form.close()
     if not re.match(r"^(application/octet-stream|image/|video/)", content_type):
-        raise ApiError(415, "send multipart/form-data with a 'file' field, or the raw bytes as "
-                       "application/octet-stream", "UnsupportedMediaType", field="file")
+        raise ApiError(
+            415,
+            "send multipart/form-data with a 'file' field, or the raw bytes as application/octet-stream",
+            "UnsupportedMediaType",
+            field="file",
+        )
     import tempfile
 
     with tempfile.SpooledTemporaryFile(max_size=8 * 1024 * 1024, dir=state.settings.home) as tmp:
@@ -126,8 +130,12 @@ async def upload_media(request: Request, state: ApiState = Depends(get_state)) -
         return await run_in_threadpool(_store, state, tmp, filename)
 
 
-@router.get("/{ref}", response_model=MediaView, summary="What a media ref holds",
-            responses={404: {"model": ErrorBody, "description": "Unknown ref."}})
+@router.get(
+    "/{ref}",
+    response_model=MediaView,
+    summary="What a media ref holds",
+    responses={404: {"model": ErrorBody, "description": "Unknown ref."}},
+)
 async def media_info(ref: str, state: ApiState = Depends(get_state)) -> dict[str, Any]:
     try:
         return (await run_in_threadpool(state.media.info, ref)).to_dict()

@@ -15,7 +15,7 @@ from forgeflow.api.models import ErrorBody, PipelineCreate, TemplateDetail, Temp
 from forgeflow.api.routers.jobs import parse_pipeline, validation_error
 from forgeflow.api.routers.views import template_summary
 from forgeflow.api.store import Conflict
-from forgeflow.flows.models import PipelineDefinition
+from forgeflow.pipeline.definition import PipelineDefinition
 
 router = APIRouter(prefix="/v1/pipelines", tags=["pipelines"])
 
@@ -32,7 +32,7 @@ def slugify(name: str) -> str:
 
 
 def _job_input_fields(state: ApiState, definition: PipelineDefinition) -> list[str]:
-    from forgeflow.flows.validation import validate_pipeline
+    from forgeflow.pipeline.validation import validate_pipeline
 
     try:
         return list(validate_pipeline(definition, None, state.registry, state.settings).job_input_fields)
@@ -51,15 +51,18 @@ def _job_input_fields(state: ApiState, definition: PipelineDefinition) -> list[s
         422: {"model": ErrorBody, "description": "Malformed or invalid pipeline."},
     },
 )
-async def create_pipeline(body: PipelineCreate, response: Response, state: ApiState = Depends(get_state)) -> dict[str, Any]:
+async def create_pipeline(
+    body: PipelineCreate, response: Response, state: ApiState = Depends(get_state)
+) -> dict[str, Any]:
     """The stages are validated against the installed plugins (job inputs are checked when a job
     uses the template). The id is a slug of the name: `"Soccer Analysis"` → `soccer-analysis`."""
     template_id = slugify(body.name)
     if not template_id:
         raise ApiError(422, "the name must contain letters or digits", "RequestValidationError", field="name")
     if body.stages is not None and body.pipeline is not None:
-        raise ApiError(422, "give the stages in 'stages' or 'pipeline', not both", "RequestValidationError",
-                       field="pipeline")
+        raise ApiError(
+            422, "give the stages in 'stages' or 'pipeline', not both", "RequestValidationError", field="pipeline"
+        )
     stages = body.stages if body.stages is not None else body.pipeline
     if stages is None:
         raise ApiError(422, "a template needs 'stages'", "RequestValidationError", field="stages")
@@ -70,7 +73,7 @@ async def create_pipeline(body: PipelineCreate, response: Response, state: ApiSt
         raw["description"] = body.description
     definition = parse_pipeline(raw, prefix="stages")
 
-    from forgeflow.flows.validation import PipelineValidationError, validate_pipeline
+    from forgeflow.pipeline.validation import PipelineValidationError, validate_pipeline
 
     try:
         await run_in_threadpool(validate_pipeline, definition, None, state.registry, state.settings)
@@ -106,8 +109,13 @@ async def get_pipeline(pipeline_id: str, state: ApiState = Depends(get_state)) -
     stage_stats = []
     for index, stage in enumerate(summary["stages"]):
         item = by_index.get(index) or {
-            "stage_index": index, "runs": 0, "completed": 0, "failed": 0,
-            "mean_duration_ms": None, "min_duration_ms": None, "max_duration_ms": None,
+            "stage_index": index,
+            "runs": 0,
+            "completed": 0,
+            "failed": 0,
+            "mean_duration_ms": None,
+            "min_duration_ms": None,
+            "max_duration_ms": None,
         }
         stage_stats.append({**item, "plugin": stage.get("plugin", ""), "tool": stage.get("tool", "")})
     definition = PipelineDefinition.model_validate(row["definition"])

@@ -63,7 +63,9 @@ async def list_plugins(state: ApiState = Depends(get_state)) -> list[dict[str, A
     return await run_in_threadpool(run)
 
 
-@router.get("/{name}", response_model=PluginDetail, summary="A plugin: tools with JSON Schemas, lifecycle", responses=ERRORS)
+@router.get(
+    "/{name}", response_model=PluginDetail, summary="A plugin: tools with JSON Schemas, lifecycle", responses=ERRORS
+)
 async def get_plugin(name: str, state: ApiState = Depends(get_state)) -> dict[str, Any]:
     """Aliases resolve to the plugin (`videotracker` → `forgesyte-yolo-tracker`)."""
     return await run_in_threadpool(_describe, state, name, True)

@@ -5,14 +5,13 @@ from __future__ import annotations
 from typing import Any
 
 from forgeflow.api.store import iso
-from forgeflow.flows.events import TERMINAL_STATUSES
+from forgeflow.pipeline.outcome import shown_stage_status
 
 
 def stage_states(job: dict[str, Any], rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     stages = (job.get("pipeline") or {}).get("stages") or []
     by_index = {r["stage_index"]: r for r in rows}
     count = max(len(stages), max(by_index, default=-1) + 1)
-    terminal = job["status"] in TERMINAL_STATUSES
     out = []
     for index in range(count):
         spec = stages[index] if index < len(stages) else {}
@@ -21,18 +20,20 @@ def stage_states(job: dict[str, Any], rows: list[dict[str, Any]]) -> list[dict[s
             "index": index,
             "plugin": (row and row["plugin"]) or spec.get("plugin", ""),
             "tool": (row and row["tool"]) or spec.get("tool", ""),
-            "status": row["status"] if row else "pending",
+            "status": shown_stage_status(row["status"] if row else "pending", job["status"]),
             "attempt": row["attempt"] if row else 1,
         }
         if row:
-            for key in ("started_at", "ended_at", "duration_ms", "result_size_bytes", "peak_memory_mb", "error",
-                        "error_type"):
+            for key in (
+                "started_at",
+                "ended_at",
+                "duration_ms",
+                "result_size_bytes",
+                "peak_memory_mb",
+                "error",
+                "error_type",
+            ):
                 state[key] = row[key]
-        if terminal:
-            if state["status"] == "pending":
-                state["status"] = "skipped"
-            elif state["status"] == "running":
-                state["status"] = "cancelled" if job["status"] == "cancelled" else "failed"
         out.append(state)
     return out
 

@@ -23,9 +23,16 @@ from sqlalchemy.exc import IntegrityError
 
 from forgeflow.api.store.db import make_engine, migrate
 from forgeflow.api.store.tables import events, jobs, meta, pipelines, plugin_observed, stage_runs
-from forgeflow.flows.events import TERMINAL_STATUSES, Event, JobStatusEvent
-
-CANCEL_ERROR_TYPES = frozenset({"Cancelled", "CancelledError", "JobCancelled"})
+from forgeflow.events.models import (
+    Event,
+    JobStatusEvent,
+    PipelineError,
+    PipelineProgress,
+    StageEnd,
+    StageStart,
+    is_terminal_event,
+)
+from forgeflow.pipeline.outcome import CANCEL_REASONS, TERMINAL_STATUSES, is_terminal
 
 
 def utcnow() -> datetime:
@@ -234,9 +241,7 @@ class Store:
 
     def launched_active_jobs(self) -> list[dict[str, Any]]:
         """Jobs a launcher started that have no terminal status yet."""
-        query = select(jobs).where(
-            jobs.c.launched_at.is_not(None), jobs.c.status.not_in(list(TERMINAL_STATUSES))
-        )
+        query = select(jobs).where(jobs.c.launched_at.is_not(None), jobs.c.status.not_in(list(TERMINAL_STATUSES)))
         with self.engine.connect() as conn:
             return [dict(r) for r in conn.execute(query).mappings()]
 
@@ -266,9 +271,7 @@ class Store:
 
     def set_cancel_requested(self, job_id: str) -> None:
         with self._write_lock, self.engine.begin() as conn:
-            conn.execute(
-                update(jobs).where(jobs.c.id == job_id).values(cancel_requested=True, updated_at=utcnow())
-            )
+            conn.execute(update(jobs).where(jobs.c.id == job_id).values(cancel_requested=True, updated_at=utcnow()))
 
     # --- ingest --------------------------------------------------------------------------------
     def ingest(
@@ -307,9 +310,7 @@ class Store:
             existing.add(event.event_id)
             job = job_rows.get(event.job_id)
             if job is None:
-                row = (
-                    conn.execute(select(jobs).where(jobs.c.id == event.job_id).with_for_update()).mappings().first()
-                )
+                row = conn.execute(select(jobs).where(jobs.c.id == event.job_id).with_for_update()).mappings().first()
                 if row is None:
                     # Events of a job this service did not submit (a flow run started elsewhere).
                     conn.execute(
@@ -329,7 +330,8 @@ class Store:
                         )
                     )
                     row = conn.execute(select(jobs).where(jobs.c.id == event.job_id)).mappings().first()
-                job = dict(row)  # type: ignore[arg-type]
+                assert row is not None
+                job = dict(row)
                 job_rows[event.job_id] = job
                 job_changes[event.job_id] = {}
             seq = job["last_seq"] + 1
@@ -352,7 +354,7 @@ class Store:
             changes = job_changes[event.job_id]
             changes["last_seq"] = seq
             self._apply(conn, job, changes, event, resolve_plugin)
-            terminal = event.type == "job_status" and event.status in TERMINAL_STATUSES  # type: ignore[union-attr]
+            terminal = is_terminal_event(event)
             stored.append(StoredEvent(cursor, event.job_id, seq, event.type, text, terminal))
         for job_id, changes in job_changes.items():
             if changes:
@@ -369,104 +371,121 @@ class Store:
         resolve_plugin: Callable[[str], str] | None,
     ) -> None:
         """Derive the job row, its stage rows and plugin observations from one new event."""
-        terminal = job["status"] in TERMINAL_STATUSES
-        kind = event.type
-        if kind == "job_status":
-            status = event.status  # type: ignore[union-attr]
-            if event.flow_run_id and not job.get("flow_run_id"):  # type: ignore[union-attr]
-                job["flow_run_id"] = changes["flow_run_id"] = event.flow_run_id  # type: ignore[union-attr]
-            if terminal or status == "queued":
-                return
-            if status == "running":
-                job["status"] = changes["status"] = "running"
-                if job.get("started_at") is None:
+        ended = is_terminal(job["status"])
+        match event:
+            case JobStatusEvent():
+                self._apply_status(conn, job, changes, event, ended)
+            case PipelineProgress():
+                changes["stages_total"] = job["stages_total"] = max(event.stages_total, 0)
+                changes["stages_completed"] = job["stages_completed"] = event.stages_completed
+            case StageStart():
+                if job["status"] == "queued":
+                    job["status"] = changes["status"] = "running"
                     job["started_at"] = changes["started_at"] = parse_ts(event.timestamp)
-                return
-            envelope = event.envelope or {}  # type: ignore[union-attr]
-            job["status"] = changes["status"] = status
-            changes["finished_at"] = parse_ts(event.timestamp)
-            changes["envelope"] = envelope
-            if job.get("started_at") is None and status != "cancelled":
-                changes["started_at"] = job.get("created_at")
-            if not envelope.get("ok", status == "succeeded"):
-                changes["error"] = envelope.get("error") or job.get("error") or status
-                changes["error_type"] = envelope.get("error_type") or job.get("error_type")
-            if "stages_executed" in envelope:
-                changes["stages_completed"] = max(int(envelope["stages_executed"] or 0), job["stages_completed"])
-            for report in envelope.get("stages") or []:
-                self._stage_report(conn, job["id"], report)
-            return
-        if kind == "pipeline_progress":
-            changes["stages_total"] = job["stages_total"] = max(event.stages_total, 0)  # type: ignore[union-attr]
-            changes["stages_completed"] = job["stages_completed"] = event.stages_completed  # type: ignore[union-attr]
-            return
-        index = getattr(event, "stage_index", None)
-        if kind == "pipeline_stage_start":
-            if job["status"] == "queued":
-                job["status"] = changes["status"] = "running"
-                job["started_at"] = changes["started_at"] = parse_ts(event.timestamp)
-            self._upsert_stage(
-                conn,
-                job["id"],
-                index,
-                plugin=event.plugin,  # type: ignore[union-attr]
-                tool=event.tool,  # type: ignore[union-attr]
-                status="running",
-                attempt=event.attempt,  # type: ignore[union-attr]
-                started_at=event.timestamp,
-                ended_at=None,
-                duration_ms=None,
-                error=None,
-                error_type=None,
-            )
-            self._observe(conn, event.plugin, resolve_plugin, "RUNNING", ts=event.timestamp)  # type: ignore[union-attr]
-            return
-        if kind == "pipeline_stage_end":
-            ok = event.ok  # type: ignore[union-attr]
-            self._upsert_stage(
-                conn,
-                job["id"],
-                index,
-                plugin=event.plugin,  # type: ignore[union-attr]
-                tool=event.tool,  # type: ignore[union-attr]
-                status="completed" if ok else "failed",
-                ended_at=event.timestamp,
-                duration_ms=event.duration_ms,  # type: ignore[union-attr]
-                result_size_bytes=event.result_size_bytes,  # type: ignore[union-attr]
-                peak_memory_mb=event.peak_memory_mb,  # type: ignore[union-attr]
-            )
-            if ok:
-                self._observe(
-                    conn, event.plugin, resolve_plugin, "INITIALIZED", ts=event.timestamp,  # type: ignore[union-attr]
-                    calls=1, duration_ms=event.duration_ms,  # type: ignore[union-attr]
-                )
-            elif not job.get("cancel_requested"):
-                error = self._stage_error(conn, job["id"], index)
-                self._observe(
-                    conn, event.plugin, resolve_plugin, "FAILED", ts=event.timestamp,  # type: ignore[union-attr]
-                    calls=1, failures=1, duration_ms=event.duration_ms,  # type: ignore[union-attr]
-                    error=error[0] or f"stage {index} failed", error_type=error[1],
-                )
-            return
-        if kind == "pipeline_error":
-            error, error_type = event.error, event.error_type  # type: ignore[union-attr]
-            if not terminal:
-                changes["error"], changes["error_type"] = error, error_type
-            if index is not None:
                 self._upsert_stage(
                     conn,
                     job["id"],
-                    index,
-                    plugin=event.plugin or "",  # type: ignore[union-attr]
-                    tool=event.tool or "",  # type: ignore[union-attr]
-                    status="failed",
-                    error=error,
-                    error_type=error_type,
+                    event.stage_index,
+                    plugin=event.plugin,
+                    tool=event.tool,
+                    status="running",
+                    attempt=event.attempt,
+                    started_at=event.timestamp,
+                    ended_at=None,
+                    duration_ms=None,
+                    error=None,
+                    error_type=None,
                 )
-            plugin = event.plugin  # type: ignore[union-attr]
-            if plugin and error_type not in CANCEL_ERROR_TYPES and not job.get("cancel_requested"):
-                self._observe(conn, plugin, resolve_plugin, "FAILED", ts=event.timestamp, error=error,
-                              error_type=error_type)
+                self._observe(conn, event.plugin, resolve_plugin, "RUNNING", ts=event.timestamp)
+            case StageEnd():
+                self._upsert_stage(
+                    conn,
+                    job["id"],
+                    event.stage_index,
+                    plugin=event.plugin,
+                    tool=event.tool,
+                    status="completed" if event.ok else "failed",
+                    ended_at=event.timestamp,
+                    duration_ms=event.duration_ms,
+                    result_size_bytes=event.result_size_bytes,
+                    peak_memory_mb=event.peak_memory_mb,
+                )
+                if event.ok:
+                    self._observe(
+                        conn,
+                        event.plugin,
+                        resolve_plugin,
+                        "INITIALIZED",
+                        ts=event.timestamp,
+                        calls=1,
+                        duration_ms=event.duration_ms,
+                    )
+                elif not job.get("cancel_requested"):
+                    error, error_type = self._stage_error(conn, job["id"], event.stage_index)
+                    self._observe(
+                        conn,
+                        event.plugin,
+                        resolve_plugin,
+                        "FAILED",
+                        ts=event.timestamp,
+                        calls=1,
+                        failures=1,
+                        duration_ms=event.duration_ms,
+                        error=error or f"stage {event.stage_index} failed",
+                        error_type=error_type,
+                    )
+            case PipelineError():
+                if not ended:
+                    changes["error"], changes["error_type"] = event.error, event.error_type
+                self._upsert_stage(
+                    conn,
+                    job["id"],
+                    event.stage_index,
+                    plugin=event.plugin or "",
+                    tool=event.tool or "",
+                    status="failed",
+                    error=event.error,
+                    error_type=event.error_type,
+                )
+                if event.plugin and event.error_type not in CANCEL_REASONS and not job.get("cancel_requested"):
+                    self._observe(
+                        conn,
+                        event.plugin,
+                        resolve_plugin,
+                        "FAILED",
+                        ts=event.timestamp,
+                        error=event.error,
+                        error_type=event.error_type,
+                    )
+
+    def _apply_status(
+        self, conn: Connection, job: dict[str, Any], changes: dict[str, Any], event: JobStatusEvent, ended: bool
+    ) -> None:
+        """A ``job_status``: running starts the job; a terminal one stores the envelope and the stage reports.
+        Nothing changes a job that has ended."""
+        if event.flow_run_id and not job.get("flow_run_id"):
+            job["flow_run_id"] = changes["flow_run_id"] = event.flow_run_id
+        status = event.status
+        if ended or status == "queued":
+            return
+        if status == "running":
+            job["status"] = changes["status"] = "running"
+            if job.get("started_at") is None:
+                job["started_at"] = changes["started_at"] = parse_ts(event.timestamp)
+            return
+        envelope = event.envelope or {}
+        job["status"] = changes["status"] = status
+        changes["finished_at"] = parse_ts(event.timestamp)
+        changes["envelope"] = envelope
+        if job.get("started_at") is None and status != "cancelled":
+            changes["started_at"] = job.get("created_at")
+        if not envelope.get("ok", status == "succeeded"):
+            changes["error"] = envelope.get("error") or job.get("error") or status
+            changes["error_type"] = envelope.get("error_type") or job.get("error_type")
+        if "stages_executed" in envelope:
+            changes["stages_completed"] = max(int(envelope["stages_executed"] or 0), job["stages_completed"])
+        for report in envelope.get("stages") or []:
+            self._stage_report(conn, job["id"], report)
 
     def _stage_report(self, conn: Connection, job_id: str, report: dict[str, Any]) -> None:
         index = report.get("index")
@@ -550,10 +569,9 @@ class Store:
         if when >= row["updated_at"] or state == "FAILED":
             values["state"] = state
             values["updated_at"] = max(when, row["updated_at"])
-            if state == "FAILED":
-                if error is not None or row["state"] != "FAILED":
-                    values["last_error"] = error or row["last_error"]
-                    values["last_error_type"] = error_type or row["last_error_type"]
+            if state == "FAILED" and (error is not None or row["state"] != "FAILED"):
+                values["last_error"] = error or row["last_error"]
+                values["last_error_type"] = error_type or row["last_error_type"]
         conn.execute(update(plugin_observed).where(plugin_observed.c.plugin == name).values(**values))
 
     # --- templates -------------------------------------------------------------------------------
@@ -596,7 +614,9 @@ class Store:
                     select(jobs.c.status, func.count()).where(jobs.c.template_id == template_id).group_by(jobs.c.status)
                 ).all()
             )
-            last_used = conn.execute(select(func.max(jobs.c.created_at)).where(jobs.c.template_id == template_id)).scalar()
+            last_used = conn.execute(
+                select(func.max(jobs.c.created_at)).where(jobs.c.template_id == template_id)
+            ).scalar()
             spans = conn.execute(
                 select(jobs.c.started_at, jobs.c.finished_at).where(
                     jobs.c.template_id == template_id,

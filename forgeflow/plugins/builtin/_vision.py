@@ -291,7 +291,6 @@ def setup_ultralytics() -> None:
 
         torch.set_num_threads(threads)
         import ultralytics  # noqa: F401 - imported here, after the environment is set
-
         from ultralytics.utils import LOGGER, SETTINGS
 
         LOGGER.setLevel("ERROR")
@@ -351,7 +350,9 @@ def load_yolo(weights: str, device: str) -> Any:
 _predict_lock = threading.Lock()
 
 
-def predict(model: Any, images: list[Any], *, device: str, imgsz: int, confidence: float, classes: list[int] | None) -> list[Any]:
+def predict(
+    model: Any, images: list[Any], *, device: str, imgsz: int, confidence: float, classes: list[int] | None
+) -> list[Any]:
     """Run ``model`` on BGR frames; one Ultralytics Results per frame (no saving, no printing)."""
     with _predict_lock:  # one predictor per model object: never run it from two threads at once
         return model.predict(
@@ -410,7 +411,9 @@ class Prediction:
         import numpy as np
 
         data = result.boxes.data.cpu().numpy().astype(np.float32, copy=False)
-        kps = result.keypoints.data.cpu().numpy().astype(np.float32, copy=False) if result.keypoints is not None else None
+        kps = (
+            result.keypoints.data.cpu().numpy().astype(np.float32, copy=False) if result.keypoints is not None else None
+        )
         return cls(data, kps, tuple(int(v) for v in result.orig_shape))  # type: ignore[arg-type]
 
     def encode(self) -> bytes:
@@ -452,11 +455,13 @@ class Prediction:
         return Boxes(self.data, self.orig_shape)
 
 
-def prediction_key(ctx: ToolContext, *, weights: Path, media: Path, frame_index: int, device: str, imgsz: int,
-                   floor: float, batch: int) -> str:
+def prediction_key(
+    ctx: ToolContext, *, weights: Path, media: Path, frame_index: int, device: str, imgsz: int, floor: float, batch: int
+) -> str:
     """The cache key of one frame's pass: model file, media content, frame, and what shapes the pass."""
-    return ctx.cache.key("ultralytics.predict/1", file_digest(weights), file_digest(media), frame_index, device,
-                         imgsz, floor, batch)
+    return ctx.cache.key(
+        "ultralytics.predict/1", file_digest(weights), file_digest(media), frame_index, device, imgsz, floor, batch
+    )
 
 
 def predict_frames(
@@ -473,12 +478,24 @@ def predict_frames(
 ) -> list[Prediction]:
     """Predictions for ``frames`` (Frame objects of ``media``), through the job's cache when it is on."""
     if not ctx.cache.enabled:
-        results = predict(model, [f.image for f in frames], device=device, imgsz=imgsz, confidence=confidence,
-                          classes=classes)
+        results = predict(
+            model, [f.image for f in frames], device=device, imgsz=imgsz, confidence=confidence, classes=classes
+        )
         return [Prediction.from_result(r) for r in results]
     floor = min(confidence, PREDICT_CONF_FLOOR)
-    keys = [prediction_key(ctx, weights=weights, media=media, frame_index=f.index, device=device, imgsz=imgsz,
-                           floor=floor, batch=len(frames)) for f in frames]
+    keys = [
+        prediction_key(
+            ctx,
+            weights=weights,
+            media=media,
+            frame_index=f.index,
+            device=device,
+            imgsz=imgsz,
+            floor=floor,
+            batch=len(frames),
+        )
+        for f in frames
+    ]
     cached = [ctx.cache.get(k) for k in keys]
     if all(blob is not None for blob in cached):
         found = [Prediction.decode(blob) for blob in cached]  # type: ignore[arg-type]

@@ -87,22 +87,31 @@ class ClassifierConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     camera_motion: Literal["auto", "off"] = Field(
-        "auto", description="'auto': remove the camera's pan measured on the video (needs 'media'); 'off': raw image positions."
+        "auto",
+        description="'auto': remove the camera's pan measured on the video (needs 'media'); 'off': raw image positions.",
     )
-    min_keypoint_confidence: float = Field(0.3, ge=0.0, le=1.0, description="Keypoints below this confidence are not used.")
+    min_keypoint_confidence: float = Field(
+        0.3, ge=0.0, le=1.0, description="Keypoints below this confidence are not used."
+    )
     walk_speed: float = Field(1.0, gt=0.0, description="Speed (torso lengths per second) from which a player walks.")
     run_speed: float = Field(4.0, gt=0.0, description="Speed (torso lengths per second) from which a player runs.")
     speed_window_s: float = Field(0.5, gt=0.0, le=10.0, description="Time window (centred) of the speed estimate.")
     jump_height: float = Field(0.35, gt=0.0, description="Hip (and ankle) lift, in torso lengths, that makes a jump.")
     jump_window_s: float = Field(2.0, gt=0.0, le=30.0, description="Time window (centred) of the ground baseline.")
-    crouch_knee_angle: float = Field(120.0, gt=0.0, lt=180.0, description="Knee angle (degrees) under which a player crouches.")
+    crouch_knee_angle: float = Field(
+        120.0, gt=0.0, lt=180.0, description="Knee angle (degrees) under which a player crouches."
+    )
     arms_raised_height: float = Field(0.5, gt=0.0, description="Wrist height above the shoulder, in torso lengths.")
-    lying_angle: float = Field(60.0, gt=0.0, lt=90.0, description="Torso angle from vertical (degrees) over which a player lies.")
+    lying_angle: float = Field(
+        60.0, gt=0.0, lt=90.0, description="Torso angle from vertical (degrees) over which a player lies."
+    )
 
 
 class ClassifierInput(BaseModel):
     poses: list[FramePoses] = Field(description="Per-frame poses of the pose stage.")
-    media: str | None = Field(None, min_length=1, description="The video the poses come from (used to remove camera motion).")
+    media: str | None = Field(
+        None, min_length=1, description="The video the poses come from (used to remove camera motion)."
+    )
 
 
 class ClassifierOutput(BaseModel):
@@ -312,7 +321,12 @@ def _decide(o: _Obs, cfg: ClassifierConfig) -> Action:
     labels.sort(key=PRECEDENCE.index)
     if not labels:
         return Action(
-            track_id=o.track_id, player_index=o.player_index, action="unknown", confidence=0.0, labels=[], speed=_rs(o.speed)
+            track_id=o.track_id,
+            player_index=o.player_index,
+            action="unknown",
+            confidence=0.0,
+            labels=[],
+            speed=_rs(o.speed),
         )
     primary = labels[0]
     return Action(
@@ -410,7 +424,7 @@ def camera_offsets(
         if own:  # blank the people: the background tells the camera's motion
             fill = float(gray.mean())
             for box in own:
-                x1, y1, x2, y2 = (int(round(v)) for v in box)
+                x1, y1, x2, y2 = (round(v) for v in box)
                 gray[max(y1, 0) : max(y2, 0), max(x1, 0) : max(x2, 0)] = fill
         small = cv2.resize(gray, None, fx=factor, fy=factor, interpolation=cv2.INTER_AREA) if factor < 1 else gray
         if prev is not None:

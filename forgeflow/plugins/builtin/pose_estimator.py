@@ -21,14 +21,14 @@ from typing import Any
 from pydantic import BaseModel, Field
 
 from forgeflow.plugins.builtin._vision import (
-    VisionConfig,
-    iou,
     PREDICT_CONF_FLOOR,
     Prediction,
+    VisionConfig,
     cached_prediction,
+    iou,
     load_yolo,
-    prediction_key,
     predict_frames,
+    prediction_key,
     r2,
     r4,
     resolve_device,
@@ -61,11 +61,15 @@ class PoseConfig(VisionConfig):
         le=1.0,
         description="Minimum pose-detection confidence (low by default: poses are kept only where they match a player).",
     )
-    match_iou: float = Field(0.3, gt=0.0, le=1.0, description="Least box IoU between a pose and the player it belongs to.")
+    match_iou: float = Field(
+        0.3, gt=0.0, le=1.0, description="Least box IoU between a pose and the player it belongs to."
+    )
 
 
 class PoseInput(BaseModel):
-    media: str = Field(min_length=1, description="The image or video the players were detected in (media ref or allowed local path).")
+    media: str = Field(
+        min_length=1, description="The image or video the players were detected in (media ref or allowed local path)."
+    )
     players: list[FramePlayers] = Field(description="Per-frame players of the detection stage.")
 
 
@@ -73,7 +77,9 @@ class PoseOutput(BaseModel):
     poses: list[FramePoses]
 
 
-def match_poses(player_boxes: list[list[float]], pose_boxes: list[list[float]], min_iou: float) -> list[tuple[int, int, float]]:
+def match_poses(
+    player_boxes: list[list[float]], pose_boxes: list[list[float]], min_iou: float
+) -> list[tuple[int, int, float]]:
     """Greedy one-to-one matching by IoU: ``(player_index, pose_index, iou)`` sorted by player."""
     pairs = []
     for pi, pbox in enumerate(player_boxes):
@@ -130,7 +136,9 @@ def estimate_poses(inputs: PoseInput, config: PoseConfig, ctx: ToolContext) -> P
         for pi, qi, value in match_poses([p.box for p in players], pose_boxes, config.match_iou):
             keypoints = [[r2(pt[0]), r2(pt[1]), r4(pt[2] if len(pt) > 2 else 1.0)] for pt in prediction.keypoints[qi]]
             if len(keypoints) != 17:
-                raise ConfigError(f"model {config.model!r} gives {len(keypoints)} keypoints per person, not the 17 of COCO")
+                raise ConfigError(
+                    f"model {config.model!r} gives {len(keypoints)} keypoints per person, not the 17 of COCO"
+                )
             poses.append(
                 Pose(
                     track_id=players[pi].track_id,
@@ -148,8 +156,16 @@ def estimate_poses(inputs: PoseInput, config: PoseConfig, ctx: ToolContext) -> P
     if model is not None and ctx.cache.enabled:
         floor = min(config.confidence, PREDICT_CONF_FLOOR)
         for index in wanted:
-            key = prediction_key(ctx, weights=weights, media=reader.path, frame_index=index, device=device,
-                                 imgsz=config.imgsz, floor=floor, batch=1)
+            key = prediction_key(
+                ctx,
+                weights=weights,
+                media=reader.path,
+                frame_index=index,
+                device=device,
+                imgsz=config.imgsz,
+                floor=floor,
+                batch=1,
+            )
             found = cached_prediction(ctx, key)
             if found is None:
                 break
@@ -176,8 +192,15 @@ def estimate_poses(inputs: PoseInput, config: PoseConfig, ctx: ToolContext) -> P
         poses: list[Pose] = []
         if players and model is not None:
             prediction = predict_frames(
-                model, [frame], ctx, weights=weights, media=reader.path, device=device, imgsz=config.imgsz,
-                confidence=config.confidence, classes=None,
+                model,
+                [frame],
+                ctx,
+                weights=weights,
+                media=reader.path,
+                device=device,
+                imgsz=config.imgsz,
+                confidence=config.confidence,
+                classes=None,
             )[0]
             poses = poses_of(prediction, players)
         out[frame.index] = FramePoses(frame_index=frame.index, timestamp_s=r4(frame.timestamp_s), poses=poses)

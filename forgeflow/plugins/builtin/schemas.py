@@ -65,7 +65,9 @@ class FramePoses(_Strict):
 class Action(_Strict):
     track_id: int | None = None
     player_index: int = Field(ge=0)
-    action: str = Field(description="Primary action (see classifier: lying, jumping, running, walking, crouching, arms_raised, standing).")
+    action: str = Field(
+        description="Primary action (see classifier: lying, jumping, running, walking, crouching, arms_raised, standing)."
+    )
     confidence: float = Field(ge=0.0, le=1.0)
     labels: list[str] = Field(description="Every label that applies (e.g. ['running', 'arms_raised']).")
     speed: float | None = Field(
@@ -84,5 +86,5 @@ class FrameActions(_Strict):
 class MediaInput(BaseModel):
     media: str = Field(
         min_length=1,
-        description="The image or video: a media ref ('sha256:...') or an absolute local path inside an allowed media root."
+        description="The image or video: a media ref ('sha256:...') or an absolute local path inside an allowed media root.",
     )

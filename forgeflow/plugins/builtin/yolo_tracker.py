@@ -77,7 +77,9 @@ class TrackConfig(VisionConfig):
     new_track_thresh: float | None = Field(
         None, ge=0.0, le=1.0, description="Least confidence that starts a new track (default: confidence)."
     )
-    scene_cut: float = Field(0.5, ge=0.0, le=1.0, description="Histogram correlation under which a new scene starts (0 disables).")
+    scene_cut: float = Field(
+        0.5, ge=0.0, le=1.0, description="Histogram correlation under which a new scene starts (0 disables)."
+    )
 
 
 class PlayersOutput(BaseModel):
@@ -101,7 +103,9 @@ def _sort_key(p: Player) -> tuple[Any, ...]:
     return (p.track_id is None, p.track_id or 0, *p.box, -p.confidence)
 
 
-def _new_tracker(confidence: float, *, track_buffer: int = 30, match_thresh: float = 0.8, new_track_thresh: float | None = None) -> Any:
+def _new_tracker(
+    confidence: float, *, track_buffer: int = 30, match_thresh: float = 0.8, new_track_thresh: float | None = None
+) -> Any:
     from ultralytics.trackers.byte_tracker import BYTETracker
 
     args = SimpleNamespace(
@@ -156,8 +160,15 @@ def detect(
     previous_hist = None
     for chunk in batched(reader.frames(config.frame_stride, config.max_frames), config.batch):
         predictions = predict_frames(
-            model, chunk, ctx, weights=weights, media=reader.path, device=device, imgsz=config.imgsz,
-            confidence=config.confidence, classes=classes,
+            model,
+            chunk,
+            ctx,
+            weights=weights,
+            media=reader.path,
+            device=device,
+            imgsz=config.imgsz,
+            confidence=config.confidence,
+            classes=classes,
         )
         for frame, prediction in zip(chunk, predictions, strict=True):
             boxes = prediction.boxes()
@@ -196,7 +207,9 @@ def detect(
 def detect_players(inputs: MediaInput, config: DetectConfig, ctx: ToolContext) -> PlayersOutput:
     """Detect players (people) per frame: box xyxy, confidence, class and a ByteTrack track id."""
     return PlayersOutput(
-        players=detect(inputs.media, config, ctx, classes=config.classes, track=config.track, scene_cut=config.scene_cut)
+        players=detect(
+            inputs.media, config, ctx, classes=config.classes, track=config.track, scene_cut=config.scene_cut
+        )
     )
 
 

@@ -225,7 +225,7 @@ class SpamOutput(BaseModel):
 def spam_stdout(inputs: EmptyModel, config: SpamConfig, ctx: ToolContext) -> SpamOutput:
     """Print to stdout through Python, and write straight to file descriptor 1."""
     for i in range(config.lines):
-        print(f"spam line {i} {{\"not\": \"a protocol message\"}}")
+        print(f'spam line {i} {{"not": "a protocol message"}}')
     sys.stdout.flush()
     os.write(1, b"\x00\x00\x00\x10raw bytes on fd 1\n" * 100)
     return SpamOutput(lines=config.lines)

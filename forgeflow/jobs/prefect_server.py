@@ -10,7 +10,7 @@ the previous run's task-run events are being written); without the header Prefec
 2 s (± 20 %) before it retries, which made most back-to-back flow runs take 2.2–2.6 s instead of
 0.25 s. With PostgreSQL behind Prefect the conflict does not arise.
 
-``python -m forgeflow.flows.prefect_server --host H --port P`` runs it in the foreground.
+``python -m forgeflow.jobs.prefect_server --host H --port P`` runs it in the foreground.
 """
 
 from __future__ import annotations
@@ -58,7 +58,15 @@ class LocalPrefectServer:
         env.pop("PREFECT_API_URL", None)
         with (self.home / "server.log").open("ab") as log_file:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "forgeflow.flows.prefect_server", "--host", "127.0.0.1", "--port", str(self.port)],
+                [
+                    sys.executable,
+                    "-m",
+                    "forgeflow.jobs.prefect_server",
+                    "--host",
+                    "127.0.0.1",
+                    "--port",
+                    str(self.port),
+                ],
                 env=env,
                 stdin=subprocess.DEVNULL,
                 stdout=log_file,
@@ -126,15 +134,20 @@ def main(argv: list[str] | None = None) -> int:
     """Run Prefect's server app (API, UI unless disabled, services) with :class:`RetryAfterOn503`."""
     import argparse
 
-    parser = argparse.ArgumentParser(prog="python -m forgeflow.flows.prefect_server")
+    parser = argparse.ArgumentParser(prog="python -m forgeflow.jobs.prefect_server")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=4200)
     args = parser.parse_args(argv)
     import uvicorn
     from prefect.server.api.server import create_app
 
-    uvicorn.run(RetryAfterOn503(create_app(final=True)), host=args.host, port=args.port, log_level="warning",
-                timeout_keep_alive=5)
+    uvicorn.run(
+        RetryAfterOn503(create_app(final=True)),
+        host=args.host,
+        port=args.port,
+        log_level="warning",
+        timeout_keep_alive=5,
+    )
     return 0
 
 

@@ -1,4 +1,4 @@
-"""The sandboxed worker: ``python -m forgeflow.plugins.runners.worker --plugin NAME``.
+"""The sandboxed worker: ``python -m forgeflow.engine.runners.worker --plugin NAME``.
 
 One worker process serves one plugin. It loads the plugin **only** from its installed entry point
 (group ``forgeflow.plugins``), never from a path a request names, says ``ready``, then answers
@@ -25,8 +25,8 @@ result to a JSON file: the Docker runner's container entrypoint.
 from __future__ import annotations
 
 import argparse
-import importlib
 import faulthandler
+import importlib
 import json
 import os
 import sys
@@ -204,8 +204,8 @@ def execute_call(
     measure_peak: bool,
 ) -> dict[str, Any]:
     """Run one call and describe its outcome as a ``result`` message. Never raises."""
+    from forgeflow.canonical import canonical_bytes
     from forgeflow.plugins.errors import ForgeFlowError
-    from forgeflow.plugins.runners.protocol import canonical_json
 
     limit_mb = request.get("memory_limit_mb")
     label = f"{tool.plugin_name}.{tool.name}"
@@ -217,7 +217,7 @@ def execute_call(
     try:
         with limit:
             outputs = tool.invoke(request.get("config") or {}, request.get("inputs") or {}, ctx)
-    except BaseException as exc:  # noqa: BLE001 - everything a plugin does becomes a result
+    except BaseException as exc:
         error = exc
     finally:
         limit.restore()
@@ -239,12 +239,14 @@ def execute_call(
     }
     if error is None:
         try:
-            result["result_size_bytes"] = len(canonical_json(outputs))
+            result["result_size_bytes"] = len(canonical_bytes(outputs))
             json.dumps(outputs, allow_nan=False)
             result["outputs"] = outputs
             return result
         except (TypeError, ValueError) as exc:
-            result.update(ok=False, error=f"{label} returned outputs that are not valid JSON: {exc}", error_type="OutputError")
+            result.update(
+                ok=False, error=f"{label} returned outputs that are not valid JSON: {exc}", error_type="OutputError"
+            )
             return result
     result["ok"] = False
     if is_memory_error(error):
@@ -284,7 +286,7 @@ def load_plugin(name: str) -> tuple[Any, str | None]:
     """The installed plugin named ``name`` (entry point group ``forgeflow.plugins``), or why not."""
     from importlib.metadata import entry_points
 
-    from forgeflow.plugins.registry import ENTRY_POINT_GROUP, load_entry_point
+    from forgeflow.engine.registry import ENTRY_POINT_GROUP, load_entry_point
 
     matches = list(entry_points(group=ENTRY_POINT_GROUP, name=name))
     if not matches:
@@ -329,7 +331,7 @@ class _OverlayMediaStore:
 
 
 def serve(plugin_name: str, proto_in: int, proto_out: int) -> int:
-    from forgeflow.plugins.runners.protocol import read_message_blocking, write_message
+    from forgeflow.engine.runners.protocol import read_message_blocking, write_message
     from forgeflow.settings import get_settings
 
     plugin, reason = load_plugin(plugin_name)
@@ -355,7 +357,12 @@ def serve(plugin_name: str, proto_in: int, proto_out: int) -> int:
 
 
 def run_request(
-    plugin: Any, request: dict[str, Any], settings: Settings, *, measure_peak: bool, media_store: MediaStore | None = None
+    plugin: Any,
+    request: dict[str, Any],
+    settings: Settings,
+    *,
+    measure_peak: bool,
+    media_store: MediaStore | None = None,
 ) -> dict[str, Any]:
     tool_name = request.get("tool", "")
     tool = plugin.tools.get(tool_name)
@@ -411,7 +418,11 @@ def main(argv: list[str] | None = None) -> int:
     faulthandler.enable(file=sys.stderr, all_threads=True)
     if not args.oneshot:
         set_parent_death_signal(args.parent_pid)
-    print(f"[forgeflow worker pid={os.getpid()} plugin={args.plugin} started {time.strftime('%Y-%m-%dT%H:%M:%S')}]", file=sys.stderr, flush=True)
+    print(
+        f"[forgeflow worker pid={os.getpid()} plugin={args.plugin} started {time.strftime('%Y-%m-%dT%H:%M:%S')}]",
+        file=sys.stderr,
+        flush=True,
+    )
     if args.oneshot:
         if args.request is None or args.response is None:
             parser.error("--oneshot needs --request and --response")

@@ -6,7 +6,7 @@
 * ``docker``: one container per call (:mod:`.docker`);
 * ``inline``: in the caller's process, **for plugin unit tests only** (:mod:`.inline`).
 
-Every runner implements :class:`~forgeflow.plugins.runners.base.Runner`: ``run(call)`` never raises
+Every runner implements :class:`~forgeflow.engine.runners.base.Runner`: ``run(call)`` never raises
 for anything a plugin does, and records lifecycle transitions in ``registry.lifecycle``.
 
 This module also holds what the runners share on the parent side: resolving and validating a call
@@ -19,11 +19,11 @@ import logging
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from forgeflow.engine.runners.base import CallResult, Runner, ToolCall
 from forgeflow.plugins.errors import ForgeFlowError
-from forgeflow.plugins.runners.base import CallResult, Runner, ToolCall
 
 if TYPE_CHECKING:
-    from forgeflow.plugins.registry import PluginEntry, PluginRegistry
+    from forgeflow.engine.registry import PluginEntry, PluginRegistry
     from forgeflow.plugins.sdk import Tool
     from forgeflow.settings import Settings
 
@@ -44,15 +44,15 @@ def get_runner(settings: Settings, registry: PluginRegistry) -> Runner:
     """The runner ``settings.runner`` names (``process``, ``docker`` or ``inline``)."""
     kind = settings.runner
     if kind == "process":
-        from forgeflow.plugins.runners.process import ProcessRunner
+        from forgeflow.engine.runners.process import ProcessRunner
 
         return ProcessRunner(settings, registry)
     if kind == "docker":
-        from forgeflow.plugins.runners.docker import DockerRunner
+        from forgeflow.engine.runners.docker import DockerRunner
 
         return DockerRunner(settings, registry)
     if kind == "inline":
-        from forgeflow.plugins.runners.inline import InlineRunner
+        from forgeflow.engine.runners.inline import InlineRunner
 
         return InlineRunner(settings, registry)
     raise ValueError(f"unknown runner {kind!r}: expected process, docker or inline")
@@ -60,15 +60,15 @@ def get_runner(settings: Settings, registry: PluginRegistry) -> Runner:
 
 def __getattr__(name: str) -> Any:  # lazy: importing the package starts nothing heavy
     if name == "ProcessRunner":
-        from forgeflow.plugins.runners.process import ProcessRunner
+        from forgeflow.engine.runners.process import ProcessRunner
 
         return ProcessRunner
     if name == "InlineRunner":
-        from forgeflow.plugins.runners.inline import InlineRunner
+        from forgeflow.engine.runners.inline import InlineRunner
 
         return InlineRunner
     if name == "DockerRunner":
-        from forgeflow.plugins.runners.docker import DockerRunner
+        from forgeflow.engine.runners.docker import DockerRunner
 
         return DockerRunner
     raise AttributeError(name)
@@ -99,7 +99,9 @@ def prepare(registry: PluginRegistry, call: ToolCall) -> Prepared | CallResult:
     except ForgeFlowError as exc:
         return CallResult.failure(exc.error_type, exc.message)
     except Exception as exc:  # a validator in plugin code that itself crashes
-        return CallResult.failure("InputError", f"{call.plugin}.{call.tool}: validation failed: {type(exc).__name__}: {exc}")
+        return CallResult.failure(
+            "InputError", f"{call.plugin}.{call.tool}: validation failed: {type(exc).__name__}: {exc}"
+        )
     return Prepared(entry, tool)
 
 

@@ -14,10 +14,10 @@ from typing import Annotated, Any
 
 from pydantic import BaseModel, TypeAdapter, ValidationError
 
-from forgeflow.flows.compat import field_schema, incompatibility
-from forgeflow.flows.models import PipelineDefinition, PipelineStage
+from forgeflow.engine.registry import PluginRegistry
+from forgeflow.pipeline.compat import field_schema, incompatibility
+from forgeflow.pipeline.definition import PipelineDefinition, PipelineStage
 from forgeflow.plugins.errors import ForgeFlowError
-from forgeflow.plugins.registry import PluginRegistry
 from forgeflow.plugins.sdk import Tool
 from forgeflow.settings import Settings, get_settings
 
@@ -151,6 +151,7 @@ def validate_pipeline(
     resolved: list[ResolvedStage] = []
 
     for index, stage in enumerate(definition.stages):
+
         def issue(message: str, field: str | None = None, error_type: str = "PipelineValidationError") -> None:
             issues.append(
                 ValidationIssue(
@@ -215,9 +216,7 @@ def validate_pipeline(
         for name in output_fields:
             schema, defs = field_schema(output_schema, name)
             context[name] = (schema, defs, str(index))
-        resolved.append(
-            ResolvedStage(index, stage, entry.name, tool, config, timeout, input_fields, output_fields)
-        )
+        resolved.append(ResolvedStage(index, stage, entry.name, tool, config, timeout, input_fields, output_fields))
 
     if issues:
         raise PipelineValidationError(issues)

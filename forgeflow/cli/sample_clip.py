@@ -24,7 +24,9 @@ def assets_dir() -> Path:
     """Ultralytics' bundled sample images, found without importing Ultralytics (or torch)."""
     spec = importlib.util.find_spec("ultralytics")
     if spec is None or not spec.origin:
-        raise MediaError("the 'ultralytics' package is not installed: it ships the sample images bus.jpg and zidane.jpg")
+        raise MediaError(
+            "the 'ultralytics' package is not installed: it ships the sample images bus.jpg and zidane.jpg"
+        )
     path = Path(spec.origin).parent / "assets"
     for name in ("bus.jpg", "zidane.jpg"):
         if not (path / name).is_file():
@@ -69,7 +71,9 @@ def sample_frames(frames: int = 64, size: tuple[int, int] = (640, 360)):
     yield from _pan(zidane, (0.0, 0.0, 1280.0), (96.0, 30.0, 1150.0), frames - first, size)
 
 
-def make_sample_clip(out_path: Path | str, *, frames: int = 64, size: tuple[int, int] = (640, 360), fps: float = 25.0) -> Path:
+def make_sample_clip(
+    out_path: Path | str, *, frames: int = 64, size: tuple[int, int] = (640, 360), fps: float = 25.0
+) -> Path:
     """Write the sample clip as an MP4 (``mp4v``) and return its path."""
     import cv2
 

@@ -1,4 +1,4 @@
-"""Pipeline definition, as the user writes it, and the result envelope a run returns.
+"""Pipeline definition, as the user writes it.
 
 ``PipelineStage`` and ``PipelineDefinition`` keep the seed's exact fields; ``timeout_seconds`` on
 the definition is the per-stage timeout, a stage's own ``timeout_seconds`` overrides it.
@@ -7,13 +7,10 @@ A pipeline file may be the definition object or the seed's job form ``{"pipeline
 
 from __future__ import annotations
 
-import json
 import math
-from typing import Any, Literal
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
-
-StageStatus = Literal["pending", "running", "completed", "failed", "skipped", "cancelled"]
 
 
 class PipelineStage(BaseModel):
@@ -80,44 +77,12 @@ def pipeline_json_schema() -> dict[str, Any]:
     return schema
 
 
-class StageReport(BaseModel):
-    """What happened to one stage of one run."""
-
-    index: int
-    plugin: str
-    tool: str
-    status: StageStatus = "pending"
-    duration_ms: float | None = None
-    result_size_bytes: int | None = None
-    peak_memory_mb: float | None = None
-    reused_outputs: int | None = None
-    computed_outputs: int | None = None
-    error: str | None = None
-    error_type: str | None = None
-
-
-class ResultEnvelope(BaseModel):
-    """``{ok, result, stages_executed}`` or ``{ok: false, error, error_type, stage_failed, partial_result}``.
-
-    ``stage_failed`` is 0-based. ``stages`` reports every stage (completed, failed, skipped).
-    """
-
-    ok: bool
-    result: dict[str, Any] | None = None
-    stages_executed: int = 0
-    error: str | None = None
-    error_type: str | None = None
-    stage_failed: int | None = None
-    partial_result: dict[str, Any] | None = None
-    stages: list[StageReport] = Field(default_factory=list)
-
-    def to_dict(self) -> dict[str, Any]:
-        """The envelope with the keys of its kind only (success or failure)."""
-        data = self.model_dump(mode="json")
-        drop = ("error", "error_type", "stage_failed", "partial_result") if self.ok else ("result",)
-        return {k: v for k, v in data.items() if k not in drop}
-
-
-def canonical_json(value: Any) -> str:
-    """The one serialization of results: sorted keys, no spaces. Same result → same bytes."""
-    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+def raw_stages(document: Any) -> list[Any]:
+    """The stages of a pipeline document as written (a definition's JSON, the seed's
+    ``{"pipeline": [...]}`` or a bare list), unvalidated; ``[]`` for anything else."""
+    if isinstance(document, list):
+        return document
+    if isinstance(document, dict):
+        stages = document.get("stages", document.get("pipeline"))
+        return stages if isinstance(stages, list) else []
+    return []

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import queue
 import threading
 import uuid
@@ -23,7 +22,8 @@ from typing import Any, Protocol
 
 import httpx
 
-from forgeflow.flows.events import Event
+from forgeflow.events import spool
+from forgeflow.events.models import Event
 
 log = logging.getLogger(__name__)
 
@@ -118,7 +118,7 @@ class HttpSink:
         self._idle.set()
         self._stop = threading.Event()
         self._spool_lock = threading.Lock()
-        self._spool_path = self.spool_dir / f"{os.getpid()}-{uuid.uuid4().hex[:8]}.jsonl"
+        self._spool_path = spool.new_spool_path(self.spool_dir)
         self._thread = threading.Thread(target=self._run, name="forgeflow-event-sink", daemon=True)
         self._thread.start()
 
@@ -175,7 +175,7 @@ class HttpSink:
         while not self._stop.wait(backoff):
             self._spool_queued()
             with self._spool_lock:
-                events = read_spool(self._spool_path)
+                events = spool.read_events(self._spool_path)
                 if not events:
                     return
                 if all(self._post(events[i : i + self.batch_size]) for i in range(0, len(events), self.batch_size)):
@@ -191,11 +191,7 @@ class HttpSink:
 
     def _append_spool(self, batch: list[dict[str, Any]]) -> None:
         with self._spool_lock:
-            self.spool_dir.mkdir(parents=True, exist_ok=True)
-            with self._spool_path.open("a", encoding="utf-8") as fh:
-                fh.writelines(json.dumps(event) + "\n" for event in batch)
-                fh.flush()
-                os.fsync(fh.fileno())
+            spool.append_events(self._spool_path, batch)
 
     def _delivered(self, count: int) -> None:
         with self._pending_lock:
@@ -221,37 +217,19 @@ class HttpSink:
         return True
 
     def _deliver_old_spools(self) -> None:
-        """Deliver spool files left by earlier processes, oldest first."""
-        if not self.spool_dir.exists():
-            return
-        for path in sorted(self.spool_dir.glob("*.jsonl"), key=lambda p: p.stat().st_mtime):
-            if path == self._spool_path:
+        """Deliver spool files left by processes that are gone, oldest first."""
+        for file in spool.spool_files(self.spool_dir):
+            if file.path == self._spool_path:
                 continue
-            claimed = path.with_name(path.name + f".claimed-{os.getpid()}")
-            try:
-                path.rename(claimed)  # one deliverer per file
-            except OSError:
+            claimed = spool.claim(file)
+            if claimed is None:
                 continue
-            events = read_spool(claimed)
+            events = spool.read_events(claimed)
             if all(self._post(events[i : i + self.batch_size]) for i in range(0, len(events), self.batch_size)):
                 claimed.unlink(missing_ok=True)
             else:
-                claimed.rename(path)
+                spool.release(claimed)
                 return
-
-
-def read_spool(path: Path) -> list[dict[str, Any]]:
-    """The events of one spool file; a torn last line (a crash mid-write) is skipped."""
-    if not path.exists():
-        return []
-    events = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        if line.strip():
-            try:
-                events.append(json.loads(line))
-            except json.JSONDecodeError:
-                log.warning("skipping a torn line in %s", path)
-    return events
 
 
 def sink_from_settings(settings: Any) -> EventSink:

@@ -15,7 +15,9 @@ from typing import Any
 from prefect import flow
 from prefect.context import get_run_context
 
-from forgeflow.flows.pipeline_flow import PipelineFailed, current_services, pipeline_flow
+from forgeflow.jobs.flow import PipelineFailed, current_services, pipeline_flow
+from forgeflow.pipeline import outcome
+from forgeflow.pipeline.definition import raw_stages
 from forgeflow.plugins.errors import MediaError
 from forgeflow.plugins.media import MediaStore
 
@@ -55,16 +57,23 @@ def batch_flow(
             ref = store.put_file(path, max_bytes=services.settings.max_media_bytes).ref
         except MediaError as exc:
             summary["failed"].append(path.name)
-            envelope: dict[str, Any] = {"ok": False, "error": exc.message, "error_type": exc.error_type}
+            envelope: dict[str, Any] = outcome.not_started(
+                outcome.pending_reports(raw_stages(document)), error=exc.message, error_type=exc.error_type
+            ).to_dict()
         else:
             state = pipeline_flow(pipeline=document, input={"media": ref}, job_id=job_id, return_state=True)
-            outcome = state.result(raise_on_failure=False)
-            if isinstance(outcome, PipelineFailed):
-                envelope = outcome.envelope.to_dict()
-            elif isinstance(outcome, BaseException):
-                envelope = {"ok": False, "error": str(outcome), "error_type": type(outcome).__name__}
+            result = state.result(raise_on_failure=False)
+            if isinstance(result, PipelineFailed):
+                envelope = result.envelope.to_dict()
+            elif isinstance(result, BaseException):
+                envelope = outcome.failed(
+                    outcome.pending_reports(raw_stages(document)),
+                    error=str(result),
+                    error_type=type(result).__name__,
+                    stage_failed=None,
+                ).to_dict()
             else:
-                envelope = outcome
+                envelope = result
             if envelope.get("ok"):
                 summary["succeeded"] += 1
             else:

@@ -1,6 +1,6 @@
 """A job as its own process: how the API launches pipelines outside its own process.
 
-``python -m forgeflow.flows.job --job-id ID --spec FILE`` runs one job as one Prefect flow run and
+``python -m forgeflow.jobs.supervise --job-id ID --spec FILE`` runs one job as one Prefect flow run and
 sends its events to the API (``FORGEFLOW_API_URL``, ``FORGEFLOW_INGEST_TOKEN``). Exit codes:
 0 succeeded, 1 failed, 2 invalid, 3 cancelled; anything else means it crashed.
 
@@ -24,10 +24,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import psutil
-
-from forgeflow.flows.events import Event, abnormal_end
-from forgeflow.flows.models import ResultEnvelope, StageReport
+from forgeflow.events.models import Event, abnormal_end
+from forgeflow.pipeline import outcome
+from forgeflow.processes import pid_alive, process_create_time
 from forgeflow.settings import Settings, get_settings
 
 log = logging.getLogger(__name__)
@@ -50,8 +49,9 @@ class JobCancelled(BaseException):
 class JobProcess:
     """A job running in its own process group, started by :meth:`start` or found by :meth:`attach`."""
 
-    def __init__(self, job_id: str, pid: int, popen: subprocess.Popen[bytes] | None = None,
-                 create_time: float | None = None) -> None:
+    def __init__(
+        self, job_id: str, pid: int, popen: subprocess.Popen[bytes] | None = None, create_time: float | None = None
+    ) -> None:
         self.job_id = job_id
         self.pid = pid
         self._popen = popen
@@ -59,8 +59,15 @@ class JobProcess:
         self._returncode: int | None = None
 
     @classmethod
-    def start(cls, spec: JobSpec, *, api_url: str, ingest_token: str, env: dict[str, str] | None = None,
-              settings: Settings | None = None) -> JobProcess:
+    def start(
+        cls,
+        spec: JobSpec,
+        *,
+        api_url: str,
+        ingest_token: str,
+        env: dict[str, str] | None = None,
+        settings: Settings | None = None,
+    ) -> JobProcess:
         settings = settings or get_settings()
         job_dir = settings.jobs_dir / spec.job_id
         job_dir.mkdir(parents=True, exist_ok=True)
@@ -75,7 +82,7 @@ class JobProcess:
         }
         with (job_dir / "job.log").open("ab") as log_file:
             popen = subprocess.Popen(
-                [sys.executable, "-m", "forgeflow.flows.job", "--job-id", spec.job_id, "--spec", str(spec_path)],
+                [sys.executable, "-m", "forgeflow.jobs.supervise", "--job-id", spec.job_id, "--spec", str(spec_path)],
                 env=child_env,
                 stdin=subprocess.DEVNULL,
                 stdout=log_file,
@@ -131,26 +138,6 @@ class JobProcess:
             pass
 
 
-def pid_alive(pid: int, create_time: float | None = None) -> bool:
-    """Whether process ``pid`` runs (a zombie does not; with ``create_time``, a reused pid does not)."""
-    if pid <= 0:
-        return False
-    try:
-        proc = psutil.Process(pid)
-        if create_time is not None and abs(proc.create_time() - create_time) > 1.0:
-            return False  # the pid was reused
-        return proc.status() != psutil.STATUS_ZOMBIE
-    except psutil.Error:
-        return False
-
-
-def process_create_time(pid: int) -> float | None:
-    try:
-        return psutil.Process(pid).create_time()
-    except psutil.Error:
-        return None
-
-
 def checkpoint_path(settings: Settings, job_id: str) -> Path:
     """Where a job's partial results are kept while it runs (read after a crash)."""
     return settings.jobs_dir / job_id / "checkpoint.json"
@@ -180,49 +167,23 @@ def reconcile_crash(
     the server still believes Running, is marked Crashed.
     """
     settings = settings or get_settings()
-    from forgeflow.flows.validation import parse_definition
+    from forgeflow.pipeline.validation import parse_definition
 
     try:
         stages = parse_definition(pipeline).stages
     except Exception:
         stages = []
-    reports = [StageReport(index=i, plugin=s.plugin, tool=s.tool) for i, s in enumerate(stages)]
-    for event in events:
-        index = event.get("stage_index")
-        if index is None or not 0 <= index < len(reports):
-            continue
-        if event.get("type") == "pipeline_stage_start":
-            reports[index].status = "running"
-        elif event.get("type") == "pipeline_stage_end":
-            reports[index].status = "completed" if event.get("ok") else "failed"
-            reports[index].duration_ms = event.get("duration_ms")
-            reports[index].result_size_bytes = event.get("result_size_bytes")
-    running = next((r for r in reports if r.status == "running"), None)
-    failed_index = running.index if running else next((r.index for r in reports if r.status == "pending"), None)
-    for report in reports:
-        if report.status == "running":
-            report.status, report.error, report.error_type = "failed", reason, "FlowRunCrashed"
-        elif report.status == "pending":
-            report.status = "skipped"
-    checkpoint = read_checkpoint(settings, job_id)
-    envelope = ResultEnvelope(
-        ok=False,
+    reports = outcome.replay(outcome.pending_reports(stages), events)
+    envelope = outcome.ended_abnormally(
+        reports,
+        status="crashed",
         error=reason,
-        error_type="FlowRunCrashed",
-        stage_failed=failed_index,
-        partial_result=checkpoint.get("partial_result", {}),
-        stages_executed=sum(1 for r in reports if r.status == "completed"),
-        stages=reports,
+        error_type=outcome.EndReason.FLOW_RUN_CRASHED,
+        partial_result=read_checkpoint(settings, job_id).get("partial_result", {}),
     )
     out: list[Event] = list(
         abnormal_end(
-            job_id,
-            status="crashed",
-            error=reason,
-            error_type="FlowRunCrashed",
-            stage=running,
-            flow_run_id=flow_run_id,
-            envelope=envelope.to_dict(),
+            job_id, status="crashed", envelope=envelope, stage=outcome.running_stage(reports), flow_run_id=flow_run_id
         )
     )
     if flow_run_id:
@@ -240,17 +201,16 @@ def mark_flow_run(flow_run_id: str, status: str, message: str) -> None:
         state = Crashed(message=message) if status == "crashed" else Cancelled(message=message)
         # Prefect froze its settings when first imported; the service may have set the URL since.
         url = os.environ.get("PREFECT_API_URL")
-        with temporary_settings(updates={PREFECT_API_URL: url} if url else {}):
-            with get_client(sync_client=True) as client:
-                client.set_flow_run_state(flow_run_id, state, force=True)
+        with temporary_settings(updates={PREFECT_API_URL: url} if url else {}), get_client(sync_client=True) as client:
+            client.set_flow_run_state(flow_run_id, state, force=True)
     except Exception as exc:  # the job's terminal message matters more than Prefect's bookkeeping
         log.warning("could not mark flow run %s %s: %s", flow_run_id, status, exc)
 
 
 def run_job(spec: JobSpec, settings: Settings | None = None) -> int:
     """Run one job in this process with an HttpSink; the exit code says how it ended."""
-    from forgeflow.flows.executor import PipelineExecutor
-    from forgeflow.flows.pipeline_flow import Services
+    from forgeflow.jobs.executor import PipelineExecutor
+    from forgeflow.jobs.flow import Services
 
     settings = settings or get_settings()
     services = Services.from_settings(settings)
@@ -275,13 +235,13 @@ def run_job(spec: JobSpec, settings: Settings | None = None) -> int:
 
 
 def _flow_run_id_of(job_id: str) -> str | None:
-    from forgeflow.flows.pipeline_flow import last_flow_run_id
+    from forgeflow.jobs.flow import last_flow_run_id
 
     return last_flow_run_id(job_id)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m forgeflow.flows.job", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m forgeflow.jobs.supervise", description=__doc__)
     parser.add_argument("--job-id", required=True)
     parser.add_argument("--spec", required=True, type=Path)
     args = parser.parse_args(argv)

@@ -20,16 +20,45 @@ __all__ = ["SKELETON", "annotate_frame", "annotate_media"]
 
 #: COCO-17 limbs (pairs of keypoint indices).
 SKELETON: tuple[tuple[int, int], ...] = (
-    (5, 7), (7, 9), (6, 8), (8, 10),  # arms
-    (5, 6), (5, 11), (6, 12), (11, 12),  # torso
-    (11, 13), (13, 15), (12, 14), (14, 16),  # legs
-    (0, 1), (0, 2), (1, 3), (2, 4), (3, 5), (4, 6),  # head
+    (5, 7),
+    (7, 9),
+    (6, 8),
+    (8, 10),  # arms
+    (5, 6),
+    (5, 11),
+    (6, 12),
+    (11, 12),  # torso
+    (11, 13),
+    (13, 15),
+    (12, 14),
+    (14, 16),  # legs
+    (0, 1),
+    (0, 2),
+    (1, 3),
+    (2, 4),
+    (3, 5),
+    (4, 6),  # head
 )
 
 _PALETTE = (
-    (56, 56, 255), (151, 157, 255), (31, 112, 255), (29, 178, 255), (49, 210, 207), (10, 249, 72),
-    (23, 204, 146), (134, 219, 61), (52, 147, 26), (187, 212, 0), (168, 153, 44), (255, 194, 0),
-    (147, 69, 52), (255, 115, 100), (236, 24, 0), (255, 56, 132), (133, 0, 82), (255, 56, 203),
+    (56, 56, 255),
+    (151, 157, 255),
+    (31, 112, 255),
+    (29, 178, 255),
+    (49, 210, 207),
+    (10, 249, 72),
+    (23, 204, 146),
+    (134, 219, 61),
+    (52, 147, 26),
+    (187, 212, 0),
+    (168, 153, 44),
+    (255, 194, 0),
+    (147, 69, 52),
+    (255, 115, 100),
+    (236, 24, 0),
+    (255, 56, 132),
+    (133, 0, 82),
+    (255, 56, 203),
 )
 _UNTRACKED = (160, 160, 160)
 _IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
@@ -49,7 +78,7 @@ def _by_frame(frames: Any, key: str) -> dict[int, list[dict[str, Any]]]:
 def _label(image: Any, text: str, x: int, y: int, color: tuple[int, int, int], scale: float) -> None:
     import cv2
 
-    thickness = max(1, int(round(scale * 2)))
+    thickness = max(1, round(scale * 2))
     (w, h), base = cv2.getTextSize(text, cv2.FONT_HERSHEY_SIMPLEX, scale, thickness)
     y = max(y, h + base + 2)
     cv2.rectangle(image, (x, y - h - base - 2), (x + w + 4, y), color, -1)
@@ -71,21 +100,26 @@ def annotate_frame(
 
     height, width = image.shape[:2]
     scale = max(0.5, min(width, height) / 600.0)
-    line = max(1, int(round(scale * 2)))
+    line = max(1, round(scale * 2))
     action_by_player = {int(a["player_index"]): a for a in actions if "player_index" in a}
     for pose in poses:
         color = _color(pose.get("track_id"))
         kps = pose.get("keypoints") or []
         for a, b in SKELETON:
-            if a < len(kps) and b < len(kps) and kps[a][2] >= min_keypoint_confidence and kps[b][2] >= min_keypoint_confidence:
-                p1 = (int(round(kps[a][0])), int(round(kps[a][1])))
-                p2 = (int(round(kps[b][0])), int(round(kps[b][1])))
+            if (
+                a < len(kps)
+                and b < len(kps)
+                and kps[a][2] >= min_keypoint_confidence
+                and kps[b][2] >= min_keypoint_confidence
+            ):
+                p1 = (round(kps[a][0]), round(kps[a][1]))
+                p2 = (round(kps[b][0]), round(kps[b][1]))
                 cv2.line(image, p1, p2, color, line, cv2.LINE_AA)
         for x, y, c in kps:
             if c >= min_keypoint_confidence:
-                cv2.circle(image, (int(round(x)), int(round(y))), line + 1, (255, 255, 255), -1, cv2.LINE_AA)
+                cv2.circle(image, (round(x), round(y)), line + 1, (255, 255, 255), -1, cv2.LINE_AA)
     for index, player in enumerate(players):
-        box = [int(round(v)) for v in player["box"]]
+        box = [round(v) for v in player["box"]]
         track_id = player.get("track_id")
         color = _color(track_id)
         cv2.rectangle(image, (box[0], box[1]), (box[2], box[3]), color, line)
@@ -100,7 +134,7 @@ def annotate_frame(
         for pose in poses:
             action = action_by_player.get(int(pose.get("player_index", -1)))
             if action is not None:
-                box = [int(round(v)) for v in pose["box"]]
+                box = [round(v) for v in pose["box"]]
                 _label(image, action["action"], box[0], box[1], _color(pose.get("track_id")), scale * 0.7)
     return image
 

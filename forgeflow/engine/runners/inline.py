@@ -14,9 +14,9 @@ from __future__ import annotations
 import threading
 from typing import Any
 
-from forgeflow.plugins.runners import LifecycleRecorder, prepare, result_from_message
-from forgeflow.plugins.runners.base import CallResult, ToolCall
-from forgeflow.plugins.runners.worker import build_context, execute_call
+from forgeflow.engine.runners import LifecycleRecorder, prepare, result_from_message
+from forgeflow.engine.runners.base import CallResult, ToolCall
+from forgeflow.engine.runners.worker import build_context, execute_call
 
 
 class InlineRunner:

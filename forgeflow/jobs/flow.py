@@ -21,40 +21,42 @@ import threading
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 from prefect import flow, task
-from pydantic import ValidationError
 from prefect.cache_policies import NO_CACHE
 from prefect.context import get_run_context
 from prefect.states import Failed
+from pydantic import ValidationError
 
-from forgeflow.flows.job import checkpoint_path
-from forgeflow.flows.events import (
-    abnormal_end,
+from forgeflow.engine.lifecycle import LifecycleStore
+from forgeflow.engine.registry import PluginRegistry
+from forgeflow.engine.runners.base import CallResult, Runner, ToolCall
+from forgeflow.events.models import (
     JobStatusEvent,
     PipelineError,
     StageEnd,
     StageStart,
+    abnormal_end,
     progress,
 )
-from forgeflow.flows.models import PipelineDefinition, ResultEnvelope, StageReport
-from forgeflow.flows.sinks import EventSink, sink_from_settings
-from forgeflow.flows.validation import (
+from forgeflow.events.sinks import EventSink, sink_from_settings
+from forgeflow.jobs.supervise import checkpoint_path
+from forgeflow.pipeline import outcome as job_end
+from forgeflow.pipeline.definition import PipelineDefinition
+from forgeflow.pipeline.outcome import EndReason, JobStatus, ResultEnvelope, StageReport
+from forgeflow.pipeline.validation import (
     PipelineValidationError,
     ResolvedStage,
     definition_error,
     validate_pipeline,
 )
 from forgeflow.plugins.cache import job_cache_dir
-from forgeflow.plugins.lifecycle import LifecycleStore
-from forgeflow.plugins.registry import PluginRegistry
-from forgeflow.plugins.runners.base import CallResult, Runner, ToolCall
 from forgeflow.settings import Settings, get_settings
 
 FLOW_NAME = "forgeflow-pipeline"
 #: error_type of a stage (and a job) stopped by a cancel request.
-CANCELLED = "Cancelled"
+CANCELLED = EndReason.CANCELLED.value
 # Prefect's own timeout only backstops the runner's hard kill.
 _BACKSTOP_GRACE_S = 30.0
 
@@ -73,7 +75,7 @@ class Services:
     def from_settings(cls, settings: Settings | None = None, sink: EventSink | None = None) -> Services:
         """Services for a flow run in this process. Stage calls go to this host's engine when one is
         running (its warm workers), else to a runner of this process's own."""
-        from forgeflow.plugins.runners import get_runner
+        from forgeflow.engine.runners import get_runner
 
         settings = settings or get_settings()
         registry = PluginRegistry.discover(LifecycleStore(settings.lifecycle_db))
@@ -135,8 +137,9 @@ class StageFailed(Exception):
     """A stage's tool call failed; carries the runner's result."""
 
     def __init__(self, stage: ResolvedStage, result: CallResult) -> None:
-        super().__init__(f"stage {stage.index} ({stage.stage.plugin}.{stage.stage.tool}) failed: "
-                         f"{result.error_type}: {result.error}")
+        super().__init__(
+            f"stage {stage.index} ({stage.stage.plugin}.{stage.stage.tool}) failed: {result.error_type}: {result.error}"
+        )
         self.stage = stage
         self.result = result
 
@@ -164,7 +167,7 @@ class JobRun:
     def emit(self, event: Any) -> None:
         self.services.sink.emit(event)
 
-    def finish(self, status: str, envelope: ResultEnvelope | None) -> None:
+    def finish(self, status: JobStatus, envelope: ResultEnvelope | None) -> None:
         """Send the one terminal job message (later calls do nothing)."""
         if self.terminal_sent:
             return
@@ -172,7 +175,7 @@ class JobRun:
         self.emit(
             JobStatusEvent(
                 job_id=self.job_id,
-                status=status,  # type: ignore[arg-type]
+                status=status,
                 flow_run_id=self.flow_run_id,
                 envelope=envelope.to_dict() if envelope else None,
             )
@@ -190,6 +193,8 @@ def _mark_ended(flow_run_id: str) -> None:
     _ended_runs[flow_run_id] = None
     while len(_ended_runs) > _ENDED_KEPT:
         _ended_runs.popitem(last=False)
+
+
 _flow_run_of_job: dict[str, str] = {}  # job id -> its latest flow run id in this process
 
 
@@ -283,7 +288,9 @@ def _stage_task(run: JobRun, stage: ResolvedStage) -> Any:
         retries=stage.stage.retries,
         # Prefect can only interrupt the main thread: in the engine's job threads the runner's own
         # hard kill is the one timeout (and Prefect would warn about it at every stage).
-        timeout_seconds=stage.timeout_s + _BACKSTOP_GRACE_S if threading.current_thread() is threading.main_thread() else None,
+        timeout_seconds=stage.timeout_s + _BACKSTOP_GRACE_S
+        if threading.current_thread() is threading.main_thread()
+        else None,
         cache_policy=NO_CACHE,
         persist_result=False,
         on_running=[on_running],
@@ -308,7 +315,7 @@ def _stage_end(job_id: str, stage: ResolvedStage, outcome: CallResult, ok: bool)
 # --- flow-level hooks: the terminal message when the body could not send it -------------------
 
 
-def _flow_ended_abnormally(status: str) -> Any:
+def _flow_ended_abnormally(status: Literal["crashed", "cancelled"]) -> Any:
     def hook(flw: Any, flow_run: Any, state: Any) -> None:
         if str(flow_run.id) in _ended_runs:
             return  # the body already sent the job's terminal message (a cancel, say)
@@ -318,18 +325,15 @@ def _flow_ended_abnormally(status: str) -> Any:
             return
         sink = run.services.sink if run else current_services().sink
         message = state.message or f"flow run {status}"
-        error_type = "FlowRunCrashed" if status == "crashed" else "FlowRunCancelled"
-        running = [r for r in (run.reports if run else []) if r.status == "running"]
-        stage = running[0] if running else None
-        envelope = _failure_envelope(run.reports if run else [], {}, message, error_type, stage.index if stage else None)
+        error_type = EndReason.FLOW_RUN_CRASHED if status == "crashed" else EndReason.FLOW_RUN_CANCELLED
+        reports = run.reports if run else []
+        envelope = job_end.ended_abnormally(reports, status=status, error=message, error_type=error_type)
         for event in abnormal_end(
             job_id,
-            status=status,  # type: ignore[arg-type]
-            error=message,
-            error_type=error_type,
-            stage=stage,
+            status=status,
+            envelope=envelope,
+            stage=job_end.running_stage(reports),
             flow_run_id=str(flow_run.id),
-            envelope=envelope.to_dict(),
         ):
             sink.emit(event)
         if run is not None:
@@ -338,31 +342,6 @@ def _flow_ended_abnormally(status: str) -> Any:
         sink.flush(timeout=5.0)
 
     return hook
-
-
-def _failure_envelope(
-    reports: list[StageReport],
-    partial: dict[str, Any],
-    error: str,
-    error_type: str,
-    stage_failed: int | None,
-) -> ResultEnvelope:
-    for report in reports:
-        if report.status in ("completed", "cancelled"):
-            continue
-        if report.index == stage_failed or (stage_failed is None and report.status == "running"):
-            report.status = "failed"
-        else:
-            report.status = "skipped"
-    return ResultEnvelope(
-        ok=False,
-        error=error,
-        error_type=error_type,
-        stage_failed=stage_failed,
-        partial_result=partial,
-        stages_executed=sum(1 for r in reports if r.status == "completed"),
-        stages=reports,
-    )
 
 
 def _run_name() -> str:
@@ -379,7 +358,9 @@ def _run_name() -> str:
     on_crashed=[_flow_ended_abnormally("crashed")],
     on_cancellation=[_flow_ended_abnormally("cancelled")],
 )
-def pipeline_flow(pipeline: dict[str, Any], input: dict[str, Any] | None = None, job_id: str | None = None) -> dict[str, Any]:  # noqa: A002
+def pipeline_flow(
+    pipeline: dict[str, Any], input: dict[str, Any] | None = None, job_id: str | None = None
+) -> dict[str, Any]:
     """Run a ForgeFlow pipeline: one task per stage, stage N's outputs feeding stage N+1.
 
     Parameters are plain JSON so the Prefect UI, schedules and the API can all start it:
@@ -398,8 +379,7 @@ def pipeline_flow(pipeline: dict[str, Any], input: dict[str, Any] | None = None,
     except ValidationError as exc:
         definition, parse_error = None, definition_error(exc)
     stages = definition.stages if definition else []
-    reports = [StageReport(index=i, plugin=s.plugin, tool=s.tool) for i, s in enumerate(stages)]
-    run = JobRun(job_id, services, reports, flow_run_id)
+    run = JobRun(job_id, services, job_end.pending_reports(stages), flow_run_id)
     _active_runs[flow_run_id] = run
     _flow_run_of_job[job_id] = flow_run_id
     run.emit(JobStatusEvent(job_id=job_id, status="running", flow_run_id=flow_run_id))
@@ -409,8 +389,12 @@ def pipeline_flow(pipeline: dict[str, Any], input: dict[str, Any] | None = None,
         # An expected outcome, not a bug: end the run Failed with the envelope, without a traceback.
         return Failed(message=str(failed), data=failed)  # type: ignore[return-value]
     except Exception as exc:  # a bug of ours must still end the job with a terminal message
-        envelope = _failure_envelope(run.reports, {}, f"internal error: {exc}", type(exc).__name__, None)
-        run.finish("failed", envelope)
+        run.finish(
+            "failed",
+            job_end.failed(
+                run.reports, error=f"internal error: {exc}", error_type=type(exc).__name__, stage_failed=None
+            ),
+        )
         raise
     finally:
         if run.terminal_sent:
@@ -434,7 +418,9 @@ def _execute(
             if issue.stage_index is not None and issue.stage_index < len(run.reports):
                 report = run.reports[issue.stage_index]
                 report.error, report.error_type = issue.message, issue.error_type
-        envelope = _failure_envelope(run.reports, {}, exc.message, exc.error_type, exc.first_stage)
+        envelope = job_end.failed(
+            run.reports, error=exc.message, error_type=exc.error_type, stage_failed=exc.first_stage
+        )
         first = exc.issues[0]
         run.emit(
             PipelineError(
@@ -460,13 +446,19 @@ def _execute(
                 raise StageFailed(stage, run.outcomes[stage.index])
             outputs = _stage_task(run, stage)(inputs)
         except BaseException as exc:
-            outcome = run.outcomes.get(stage.index)
-            error = outcome.error if outcome and not outcome.ok else str(exc) or type(exc).__name__
-            error_type = outcome.error_type if outcome and not outcome.ok else type(exc).__name__
+            call = run.outcomes.get(stage.index)
+            error = call.error if call and not call.ok else str(exc) or type(exc).__name__
+            error_type = call.error_type if call and not call.ok else type(exc).__name__
             cancelled = not isinstance(exc, Exception) or error_type == CANCELLED
-            envelope = _failure_envelope(
-                run.reports, result, error or "stage failed", error_type or "Error", stage.index
+            envelope = job_end.failed(
+                run.reports,
+                error=error or "stage failed",
+                error_type=error_type or "Error",
+                stage_failed=stage.index,
+                partial_result=result,
+                ending="cancelled" if cancelled else "failed",
             )
+            run.reports = envelope.stages
             _write_checkpoint(services.settings, run.job_id, result, run.reports)
             run.finish("cancelled" if cancelled else "failed", envelope)
             if cancelled and not isinstance(exc, Exception):
@@ -476,6 +468,6 @@ def _execute(
         result.update(outputs)
         _write_checkpoint(services.settings, run.job_id, result, run.reports)
 
-    envelope = ResultEnvelope(ok=True, result=result, stages_executed=len(validated.stages), stages=run.reports)
+    envelope = job_end.succeeded(result, run.reports)
     run.finish("succeeded", envelope)
     return envelope

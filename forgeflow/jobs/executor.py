@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from forgeflow.flows.models import PipelineDefinition
-from forgeflow.flows.pipeline_flow import PipelineFailed, Services, current_services, pipeline_flow, use_services
+from forgeflow.jobs.flow import PipelineFailed, Services, current_services, pipeline_flow, use_services
+from forgeflow.pipeline.definition import PipelineDefinition
 
 
 class PipelineExecutor:

@@ -3,7 +3,7 @@
 Each call starts a container of ``settings.docker_image`` (built from ``deployments/``) whose
 entrypoint is the same worker module as the process runner's, in one-shot mode::
 
-    python -m forgeflow.plugins.runners.worker --plugin NAME --oneshot \
+    python -m forgeflow.engine.runners.worker --plugin NAME --oneshot \
         --request /forgeflow/call/request.json --response /forgeflow/out/response.json \
         --media-out /forgeflow/out/media
 
@@ -36,8 +36,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from forgeflow.plugins.runners import LifecycleRecorder, Prepared, prepare, result_from_message
-from forgeflow.plugins.runners.base import CallResult, ToolCall
+from forgeflow.engine.runners import LifecycleRecorder, Prepared, prepare, result_from_message
+from forgeflow.engine.runners.base import CallResult, ToolCall
 
 log = logging.getLogger("forgeflow.runners.docker")
 
@@ -187,10 +187,15 @@ class DockerRunner:
             container = client.containers.create(
                 self.settings.docker_image,
                 command=[
-                    "--plugin", plugin, "--oneshot",
-                    "--request", "/forgeflow/call/request.json",
-                    "--response", "/forgeflow/out/response.json",
-                    "--media-out", "/forgeflow/out/media",
+                    "--plugin",
+                    plugin,
+                    "--oneshot",
+                    "--request",
+                    "/forgeflow/call/request.json",
+                    "--response",
+                    "/forgeflow/out/response.json",
+                    "--media-out",
+                    "/forgeflow/out/media",
                 ],
                 detach=True,
                 network_disabled=True,
@@ -278,7 +283,8 @@ class DockerRunner:
             message = json.loads(response.read_text())
             if message.get("type") == "unavailable":
                 return CallResult.failure(
-                    "PluginUnavailable", f"plugin {label.split('.')[0]!r} is unavailable in the container: {message.get('reason')}"
+                    "PluginUnavailable",
+                    f"plugin {label.split('.', maxsplit=1)[0]!r} is unavailable in the container: {message.get('reason')}",
                 )
             result = result_from_message(message)
             if result.ok:
@@ -294,7 +300,9 @@ class DockerRunner:
             what = f"exited with code {code}"
         tail = ""
         try:
-            tail = container.logs(stdout=True, stderr=True, tail=200).decode("utf-8", "replace")[-LOG_TAIL_BYTES:].strip()
+            tail = (
+                container.logs(stdout=True, stderr=True, tail=200).decode("utf-8", "replace")[-LOG_TAIL_BYTES:].strip()
+            )
         except Exception:
             pass
         text = f"{label}: plugin container {what} without an answer"

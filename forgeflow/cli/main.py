@@ -35,7 +35,8 @@ EXIT_OK, EXIT_FAILED, EXIT_INVALID = 0, 1, 2
 
 
 def _registry() -> Any:
-    from forgeflow.plugins import LifecycleStore, PluginRegistry
+    from forgeflow.engine.lifecycle import LifecycleStore
+    from forgeflow.engine.registry import PluginRegistry
     from forgeflow.settings import get_settings
 
     return PluginRegistry.discover(LifecycleStore(get_settings().lifecycle_db))
@@ -95,10 +96,14 @@ def validate(
     input_json: str | None = typer.Option(None, "--input-json", help="Job input as JSON (or a JSON file)."),
 ) -> None:
     """Check a pipeline without running it: plugins, tools, configs, stage compatibility."""
-    from forgeflow.flows.validation import PipelineValidationError, parse_definition, validate_pipeline
+    from forgeflow.pipeline.validation import PipelineValidationError, parse_definition, validate_pipeline
 
     document = _load_document(file)
-    job_input = _job_input(document, media, input_json) if (media or input_json or isinstance(document, dict) and "input" in document) else None
+    job_input = (
+        _job_input(document, media, input_json)
+        if (media or input_json or (isinstance(document, dict) and "input" in document))
+        else None
+    )
     try:
         validated = validate_pipeline(parse_definition(document), job_input, _registry())
     except PipelineValidationError as exc:
@@ -116,20 +121,24 @@ def run(
     file: Path = typer.Argument(..., help="Pipeline JSON file (a definition or the seed's job form)."),
     media: Path | None = typer.Option(None, "--input", help="Image or video to analyse (becomes input.media)."),
     input_json: str | None = typer.Option(None, "--input-json", help="Job input as JSON (or a JSON file)."),
-    out_dir: Path | None = typer.Option(None, "--out", help="Write result.json, events.jsonl and annotated media here."),
+    out_dir: Path | None = typer.Option(
+        None, "--out", help="Write result.json, events.jsonl and annotated media here."
+    ),
     job_id: str | None = typer.Option(None, "--job-id", help="Job id (default: the file's job_id or a new one)."),
     as_json: bool = typer.Option(False, "--json", help="Print the result envelope as JSON on stdout."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Also show Prefect's own logs."),
 ) -> None:
     """Run a pipeline: on this host's engine when one runs (warm models), else in this process
     (a running local Prefect server or Prefect's ephemeral one, process runner)."""
-    from forgeflow.flows.models import canonical_json
-    from forgeflow.flows.sinks import MemorySink
-    from forgeflow.flows.validation import PipelineValidationError, parse_definition, validate_pipeline
+    from forgeflow.canonical import canonical_json
+    from forgeflow.events.sinks import MemorySink
+    from forgeflow.pipeline.validation import PipelineValidationError, parse_definition, validate_pipeline
 
     document = _load_document(file)
     job_input = _job_input(document, media, input_json)
-    job_id = job_id or (document.get("job_id") if isinstance(document, dict) else None) or f"job-{uuid.uuid4().hex[:12]}"
+    job_id = (
+        job_id or (document.get("job_id") if isinstance(document, dict) else None) or f"job-{uuid.uuid4().hex[:12]}"
+    )
     registry = _registry()
     try:
         definition = parse_definition(document)
@@ -185,7 +194,7 @@ def _running_engine(settings: Any) -> Any:
 def _run_on_engine(client: Any, definition: Any, job_input: dict[str, Any], job_id: str, sink: Any) -> dict[str, Any]:
     """Hand the job to the engine (warm models, its Prefect) and follow its events."""
     from forgeflow.engine.client import EngineUnavailable
-    from forgeflow.flows.events import parse_event
+    from forgeflow.events.models import parse_event
 
     envelope: dict[str, Any] | None = None
     try:
@@ -207,16 +216,17 @@ def _run_on_engine(client: Any, definition: Any, job_input: dict[str, Any], job_
     return envelope
 
 
-def _run_here(settings: Any, definition: Any, job_input: dict[str, Any], job_id: str, sink: Any, *,
-              verbose: bool) -> dict[str, Any]:
+def _run_here(
+    settings: Any, definition: Any, job_input: dict[str, Any], job_id: str, sink: Any, *, verbose: bool
+) -> dict[str, Any]:
     """Run the job in this process: a running local Prefect server if there is one (else Prefect's
     ephemeral one), and the first stage's worker starting while Prefect does."""
     import logging
     import threading
 
     _use_local_prefect()
-    from forgeflow.flows.executor import PipelineExecutor
-    from forgeflow.flows.pipeline_flow import Services
+    from forgeflow.jobs.executor import PipelineExecutor
+    from forgeflow.jobs.flow import Services
 
     if not verbose:  # after Prefect configured its logging: failures go to the summary, not tracebacks
         for name in ("prefect", "prefect.flow_runs", "prefect.task_runs"):
@@ -291,8 +301,10 @@ def _summary(envelope: dict[str, Any], elapsed: float, job_id: str) -> None:
     console.print(table)
     result = envelope.get("result") if envelope["ok"] else envelope.get("partial_result")
     if result:
-        parts = [f"{key}: {len(value)} item(s)" if isinstance(value, list) else f"{key}: {value!r}"[:80]
-                 for key, value in result.items()]
+        parts = [
+            f"{key}: {len(value)} item(s)" if isinstance(value, list) else f"{key}: {value!r}"[:80]
+            for key, value in result.items()
+        ]
         console.print(("result · " if envelope["ok"] else "partial result · ") + ", ".join(parts))
     if not envelope["ok"]:
         console.print(
@@ -306,7 +318,9 @@ def _size(value: int | None) -> str:
     return f"{value / 1024:.1f} KB" if value >= 1024 else f"{value} B"
 
 
-def _write_outputs(out_dir: Path, envelope: dict[str, Any], sink: Any, job_input: dict[str, Any], settings: Any) -> None:
+def _write_outputs(
+    out_dir: Path, envelope: dict[str, Any], sink: Any, job_input: dict[str, Any], settings: Any
+) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "result.json").write_text(json.dumps(envelope, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     with (out_dir / "events.jsonl").open("w", encoding="utf-8") as fh:
@@ -316,8 +330,8 @@ def _write_outputs(out_dir: Path, envelope: dict[str, Any], sink: Any, job_input
     result = envelope.get("result") or envelope.get("partial_result") or {}
     media_ref = job_input.get("media")
     if media_ref and "players" in result:
+        from forgeflow.cli.annotate import annotate_media
         from forgeflow.plugins import MediaStore
-        from forgeflow.plugins.builtin.annotate import annotate_media
 
         store = MediaStore(settings.media_root)
         source = store.resolve(media_ref, input_roots=settings.media_input_roots)
@@ -330,7 +344,7 @@ def _write_outputs(out_dir: Path, envelope: dict[str, Any], sink: Any, job_input
 @app.command()
 def schema() -> None:
     """Print the JSON Schema of pipeline files."""
-    from forgeflow.flows.models import pipeline_json_schema
+    from forgeflow.pipeline.definition import pipeline_json_schema
 
     out.print_json(json.dumps(pipeline_json_schema()))
 
@@ -379,7 +393,7 @@ def sample_clip(
     fps: float = typer.Option(25.0, min=1, help="Frames per second."),
 ) -> None:
     """Make the offline sample clip: camera pans over bus.jpg and zidane.jpg, which Ultralytics ships."""
-    from forgeflow.plugins.builtin.sample_clip import make_sample_clip
+    from forgeflow.cli.sample_clip import make_sample_clip
 
     console.print(f"wrote {make_sample_clip(path, frames=frames, fps=fps)} ({frames} frames at {fps:g} fps)")
 
@@ -413,8 +427,10 @@ def engine_start() -> None:
     except EngineUnavailable as exc:
         console.print(f"[red]{exc}[/red]")
         raise typer.Exit(EXIT_FAILED) from None
-    console.print(f"engine pid {status['pid']} on {settings.engine_socket_path} (Prefect: {status['prefect_api_url']}); "
-                  f"log: {settings.logs_dir / 'engine.log'}")
+    console.print(
+        f"engine pid {status['pid']} on {settings.engine_socket_path} (Prefect: {status['prefect_api_url']}); "
+        f"log: {settings.logs_dir / 'engine.log'}"
+    )
 
 
 @engine_app.command("run")
@@ -456,22 +472,34 @@ def engine_status(as_json: bool = typer.Option(False, "--json", help="Print JSON
         out.print_json(json.dumps(status))
         return
     jobs = status["jobs"]
-    out.print(f"engine pid {status['pid']} · up {status['uptime_s']:.0f} s · Prefect {status['prefect_api_url']} · "
-              f"jobs running {len(jobs['running'])}, queued {len(jobs['queued'])}, finished {jobs['finished']} "
-              f"(at most {status['max_concurrent_jobs']} at once)")
+    out.print(
+        f"engine pid {status['pid']} · up {status['uptime_s']:.0f} s · Prefect {status['prefect_api_url']} · "
+        f"jobs running {len(jobs['running'])}, queued {len(jobs['queued'])}, finished {jobs['finished']} "
+        f"(at most {status['max_concurrent_jobs']} at once)"
+    )
     devices = Table(title="devices", title_justify="left")
     for column in ("device", "slots", "running", "waiting"):
         devices.add_column(column)
     for name, d in status["devices"].items():
         devices.add_row(name, str(d["slots"]), str(len(d["running"])), str(len(d["waiting"])))
     out.print(devices)
-    workers = Table(title=f"workers · idle memory {status['idle_memory_mb']:.0f} of {status['idle_memory_budget_mb']} MB"
-                    f" · evicted {status['evicted']}", title_justify="left")
+    workers = Table(
+        title=f"workers · idle memory {status['idle_memory_mb']:.0f} of {status['idle_memory_budget_mb']} MB"
+        f" · evicted {status['evicted']}",
+        title_justify="left",
+    )
     for column in ("plugin", "pid", "state", "job", "calls", "model loads", "memory"):
         workers.add_column(column, overflow="fold")
     for w in status["workers"]:
-        workers.add_row(w["plugin"], str(w["pid"]), w["state"], w["job_id"] or "", str(w["calls"]),
-                        str(w["model_loads"]), f"{w['rss_mb']:.0f} MB")
+        workers.add_row(
+            w["plugin"],
+            str(w["pid"]),
+            w["state"],
+            w["job_id"] or "",
+            str(w["calls"]),
+            str(w["model_loads"]),
+            f"{w['rss_mb']:.0f} MB",
+        )
     out.print(workers)
 
 

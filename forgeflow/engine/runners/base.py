@@ -37,7 +37,9 @@ class CallResult(BaseModel):
     duration_ms: float = 0.0
     result_size_bytes: int = 0
     peak_memory_mb: float | None = None
-    reused_outputs: int = Field(0, description="Values this call read from the job's cache (ctx.cache) instead of computing.")
+    reused_outputs: int = Field(
+        0, description="Values this call read from the job's cache (ctx.cache) instead of computing."
+    )
     computed_outputs: int = Field(0, description="Cacheable values this call computed.")
 
     @classmethod

@@ -13,8 +13,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 
-JobStatus = Literal["queued", "running", "succeeded", "failed", "cancelled", "crashed"]
-TERMINAL_STATUSES: frozenset[str] = frozenset({"succeeded", "failed", "cancelled", "crashed"})
+from forgeflow.pipeline.outcome import JobStatus, ResultEnvelope, StageReport, is_terminal
 
 
 def utc_timestamp() -> str:
@@ -72,7 +71,9 @@ class JobStatusEvent(_Event):
     status: JobStatus
     flow_run_id: str | None = None
     envelope: dict[str, Any] | None = None
-    waiting_for: str | None = Field(None, description="Why a running job is not progressing: it waits for a device slot.")
+    waiting_for: str | None = Field(
+        None, description="Why a running job is not progressing: it waits for a device slot."
+    )
 
 
 Event = Annotated[
@@ -93,28 +94,26 @@ def progress(job_id: str, completed: int, total: int) -> PipelineProgress:
 def abnormal_end(
     job_id: str,
     *,
-    status: JobStatus,
-    error: str,
-    error_type: str,
-    stage: Any | None,
+    status: Literal["crashed", "cancelled"],
+    envelope: ResultEnvelope,
+    stage: StageReport | None,
     flow_run_id: str | None,
-    envelope: dict[str, Any],
 ) -> list[PipelineError | JobStatusEvent]:
     """The messages that end a job the pipeline could not finish itself (crash, kill, cancel):
-    a ``pipeline_error`` naming the stage that was running (``stage`` has index, plugin, tool),
-    then the terminal ``job_status`` with the envelope."""
+    a ``pipeline_error`` naming the stage that was running, then the terminal ``job_status`` with
+    the envelope (built by :func:`forgeflow.pipeline.outcome.ended_abnormally`)."""
     return [
         PipelineError(
             job_id=job_id,
             stage_index=stage.index if stage else None,
             plugin=stage.plugin if stage else None,
             tool=stage.tool if stage else None,
-            error=error,
-            error_type=error_type,
+            error=envelope.error or status,
+            error_type=envelope.error_type or status,
         ),
-        JobStatusEvent(job_id=job_id, status=status, flow_run_id=flow_run_id, envelope=envelope),
+        JobStatusEvent(job_id=job_id, status=status, flow_run_id=flow_run_id, envelope=envelope.to_dict()),
     ]
 
 
-def is_terminal(event: BaseModel) -> bool:
-    return isinstance(event, JobStatusEvent) and event.status in TERMINAL_STATUSES
+def is_terminal_event(event: BaseModel) -> bool:
+    return isinstance(event, JobStatusEvent) and is_terminal(event.status)

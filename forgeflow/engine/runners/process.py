@@ -38,9 +38,9 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import IO, Any
 
-from forgeflow.plugins.runners import LifecycleRecorder, Prepared, prepare, result_from_message
-from forgeflow.plugins.runners.base import CallResult, ToolCall
-from forgeflow.plugins.runners.protocol import (
+from forgeflow.engine.runners import LifecycleRecorder, Prepared, prepare, result_from_message
+from forgeflow.engine.runners.base import CallResult, ToolCall
+from forgeflow.engine.runners.protocol import (
     DeadlineExceeded,
     MessageReader,
     PeerClosed,
@@ -228,7 +228,9 @@ class ProcessRunner:
             return self._run(call)
         except Exception as exc:  # a bug here must still not crash the caller
             log.exception("process runner failed on %s.%s", call.plugin, call.tool)
-            return CallResult.failure("RunnerError", f"{call.plugin}.{call.tool}: runner error: {type(exc).__name__}: {exc}")
+            return CallResult.failure(
+                "RunnerError", f"{call.plugin}.{call.tool}: runner error: {type(exc).__name__}: {exc}"
+            )
 
     def close(self) -> None:
         with self._cond:
@@ -282,7 +284,7 @@ class ProcessRunner:
             if self._closed or self._idle.get(plugin) or self._count(plugin) >= self.settings.pool_size_of(plugin):
                 return False
             self._starting[plugin] = self._starting.get(plugin, 0) + 1
-        worker, failure = self._start(plugin)
+        worker, _failure = self._start(plugin)
         if worker is None:
             return False
         self._release(worker)
@@ -299,16 +301,18 @@ class ProcessRunner:
         now = time.monotonic()
         rows = []
         for w in sorted(workers, key=lambda w: (w.plugin, w.pid)):
-            rows.append({
-                "plugin": w.plugin,
-                "pid": w.pid,
-                "state": "idle" if id(w) in idle else "busy",
-                "job_id": w.job_id,
-                "calls": w.calls,
-                "model_loads": w.loads,
-                "rss_mb": round(w.group_rss() / 2**20, 1),
-                "idle_s": round(now - w.last_used, 1) if id(w) in idle else None,
-            })
+            rows.append(
+                {
+                    "plugin": w.plugin,
+                    "pid": w.pid,
+                    "state": "idle" if id(w) in idle else "busy",
+                    "job_id": w.job_id,
+                    "calls": w.calls,
+                    "model_loads": w.loads,
+                    "rss_mb": round(w.group_rss() / 2**20, 1),
+                    "idle_s": round(now - w.last_used, 1) if id(w) in idle else None,
+                }
+            )
         plugins = sorted({r["plugin"] for r in rows} | set(waiting) | set(starting))
         return {
             "workers": rows,
@@ -507,8 +511,12 @@ class ProcessRunner:
         for worker in evict:
             self._idle[worker.plugin].remove(worker)
             self._evicted += 1
-            log.info("stopping idle %s worker pid %s: idle workers over %s MB", worker.plugin, worker.pid,
-                     self.settings.idle_worker_memory_mb)
+            log.info(
+                "stopping idle %s worker pid %s: idle workers over %s MB",
+                worker.plugin,
+                worker.pid,
+                self.settings.idle_worker_memory_mb,
+            )
         return evict
 
     def _discard(self, worker: Worker) -> None:
@@ -564,7 +572,7 @@ class ProcessRunner:
         cmd = [
             sys.executable,
             "-m",
-            "forgeflow.plugins.runners.worker",
+            "forgeflow.engine.runners.worker",
             "--plugin",
             plugin,
             "--parent-pid",
@@ -620,7 +628,9 @@ class ProcessRunner:
         if message.get("type") != "ready":
             self._forget(worker)
             worker.kill()
-            return None, CallResult.failure("WorkerCrashed", f"{plugin}: worker sent {message.get('type')!r} instead of 'ready'")
+            return None, CallResult.failure(
+                "WorkerCrashed", f"{plugin}: worker sent {message.get('type')!r} instead of 'ready'"
+            )
         worker.version = message.get("version")
         self.lifecycle.initialized(plugin)
         return worker, None

@@ -44,11 +44,6 @@ class DeadlineExceeded(TimeoutError):
     """No complete message arrived before the deadline."""
 
 
-def canonical_json(data: Any) -> bytes:
-    """The canonical encoding used for ``result_size_bytes`` (and for comparing results)."""
-    return json.dumps(data, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
-
-
 def encode(message: dict[str, Any]) -> bytes:
     body = json.dumps(message, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode()
     if len(body) > MAX_MESSAGE_BYTES:

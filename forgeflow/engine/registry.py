@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 from importlib.metadata import EntryPoint, entry_points
 from typing import Any
 
+from forgeflow.engine.lifecycle import LifecycleState, LifecycleStore, PluginStatus
 from forgeflow.plugins.errors import PluginUnavailable, UnknownPlugin, UnknownTool
-from forgeflow.plugins.lifecycle import LifecycleState, LifecycleStore, PluginStatus
 from forgeflow.plugins.sdk import Plugin, Tool
 
 ENTRY_POINT_GROUP = "forgeflow.plugins"
@@ -76,9 +76,7 @@ class PluginRegistry:
     @classmethod
     def from_plugins(cls, plugins: list[Plugin], lifecycle: LifecycleStore | None = None) -> PluginRegistry:
         """A registry of in-memory plugins (for plugin unit tests with the inline runner)."""
-        entries = [
-            PluginEntry(p.name, f"<memory:{p.name}>", p, p.unavailable_reason(), p.aliases) for p in plugins
-        ]
+        entries = [PluginEntry(p.name, f"<memory:{p.name}>", p, p.unavailable_reason(), p.aliases) for p in plugins]
         return cls(entries, lifecycle)
 
     def names(self) -> list[str]:

@@ -1,0 +1,3 @@
+from forgeflow.cli.main import main
+
+main()

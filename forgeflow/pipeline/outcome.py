@@ -1,0 +1,259 @@
+"""How a job ends: the one status vocabulary, the one result envelope, and the pure functions that
+settle a run's stages and build its envelope for every way a job can end.
+
+A job ends in one of four ways, each built here and nowhere else:
+
+* **succeeded** — :func:`succeeded`: every stage completed; ``{ok: true, result, stages_executed}``.
+* **failed** — :func:`failed`: a stage (or validation) failed; the stages before it completed, the
+  failed one says why, later ones are skipped; ``partial_result`` holds what completed stages made.
+* **crashed / cancelled while running** — :func:`ended_abnormally`: the run was killed or cancelled
+  mid-stage; the stage that was running is ``failed`` (crash) or ``cancelled`` (cancel).
+* **never started** — :func:`not_started`: every stage skipped (cancelled while queued, or the job
+  could not be handed to anything that runs it).
+
+Every function here is pure: reports in, new reports and an envelope out.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from enum import StrEnum
+from typing import Any, Literal, Protocol
+
+from pydantic import BaseModel, Field
+
+JobStatus = Literal["queued", "running", "succeeded", "failed", "cancelled", "crashed"]
+TerminalStatus = Literal["succeeded", "failed", "cancelled", "crashed"]
+TERMINAL_STATUSES: frozenset[str] = frozenset({"succeeded", "failed", "cancelled", "crashed"})
+
+StageStatus = Literal["pending", "running", "completed", "failed", "skipped", "cancelled"]
+SETTLED_STAGE_STATUSES: frozenset[str] = frozenset({"completed", "failed", "skipped", "cancelled"})
+
+
+class EndReason(StrEnum):
+    """The ``error_type`` of endings that no plugin raised (a plugin's own errors keep their class name)."""
+
+    CANCELLED = "Cancelled"
+    FLOW_RUN_CRASHED = "FlowRunCrashed"
+    FLOW_RUN_CANCELLED = "FlowRunCancelled"
+    FLOW_RUN_ERROR = "FlowRunError"
+    LAUNCH_ERROR = "LaunchError"
+    VALIDATION = "PipelineValidationError"
+
+
+CANCEL_REASONS: frozenset[str] = frozenset(
+    {EndReason.CANCELLED, EndReason.FLOW_RUN_CANCELLED, "CancelledError", "JobCancelled"}
+)
+
+
+def is_terminal(status: str) -> bool:
+    return status in TERMINAL_STATUSES
+
+
+class StageReport(BaseModel):
+    """What happened to one stage of one run."""
+
+    index: int
+    plugin: str
+    tool: str
+    status: StageStatus = "pending"
+    duration_ms: float | None = None
+    result_size_bytes: int | None = None
+    peak_memory_mb: float | None = None
+    reused_outputs: int | None = None
+    computed_outputs: int | None = None
+    error: str | None = None
+    error_type: str | None = None
+
+
+class ResultEnvelope(BaseModel):
+    """``{ok, result, stages_executed}`` or ``{ok: false, error, error_type, stage_failed, partial_result}``.
+
+    ``stage_failed`` is 0-based. ``stages`` reports every stage (completed, failed, skipped, cancelled).
+    """
+
+    ok: bool
+    result: dict[str, Any] | None = None
+    stages_executed: int = 0
+    error: str | None = None
+    error_type: str | None = None
+    stage_failed: int | None = None
+    partial_result: dict[str, Any] | None = None
+    stages: list[StageReport] = Field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The envelope with the keys of its kind only (success or failure)."""
+        data = self.model_dump(mode="json")
+        drop = ("error", "error_type", "stage_failed", "partial_result") if self.ok else ("result",)
+        return {k: v for k, v in data.items() if k not in drop}
+
+
+class _StageLike(Protocol):
+    @property
+    def plugin(self) -> str: ...
+
+    @property
+    def tool(self) -> str: ...
+
+
+def pending_reports(stages: Iterable[_StageLike | Mapping[str, Any] | object]) -> list[StageReport]:
+    """One ``pending`` report per stage (stages as models or as their JSON; anything else gives blanks)."""
+    reports = []
+    for index, stage in enumerate(stages):
+        if isinstance(stage, Mapping):
+            plugin, tool = str(stage.get("plugin") or ""), str(stage.get("tool") or "")
+        else:
+            plugin, tool = str(getattr(stage, "plugin", "")), str(getattr(stage, "tool", ""))
+        reports.append(StageReport(index=index, plugin=plugin, tool=tool))
+    return reports
+
+
+def replay(reports: Sequence[StageReport], events: Iterable[Mapping[str, Any]]) -> list[StageReport]:
+    """The reports as a job's stored stage events left them (``pipeline_stage_start`` / ``_end``)."""
+    out = [r.model_copy() for r in reports]
+    for event in events:
+        index = event.get("stage_index")
+        if not isinstance(index, int) or not 0 <= index < len(out):
+            continue
+        if event.get("type") == "pipeline_stage_start":
+            out[index].status = "running"
+        elif event.get("type") == "pipeline_stage_end":
+            out[index].status = "completed" if event.get("ok") else "failed"
+            out[index].duration_ms = event.get("duration_ms")
+            out[index].result_size_bytes = event.get("result_size_bytes")
+            out[index].peak_memory_mb = event.get("peak_memory_mb")
+    return out
+
+
+def running_stage(reports: Sequence[StageReport]) -> StageReport | None:
+    """The stage that was running (the first one, should several say so)."""
+    return next((r for r in reports if r.status == "running"), None)
+
+
+def settle(
+    reports: Sequence[StageReport],
+    *,
+    stage_failed: int | None,
+    ending: Literal["failed", "cancelled"] = "failed",
+    error: str | None = None,
+    error_type: str | None = None,
+) -> list[StageReport]:
+    """The final stage statuses of a run that stopped: settled stages keep their status; the stage
+    at ``stage_failed`` (or, without one, the running stage) becomes ``ending`` — with ``error`` /
+    ``error_type`` where it has none of its own; every other stage is ``skipped``."""
+    out = []
+    for original in reports:
+        report = original.model_copy()
+        if report.status in ("completed", "cancelled"):
+            pass
+        elif report.index == stage_failed or (stage_failed is None and report.status == "running"):
+            report.status = ending
+            if report.error is None and error is not None:
+                report.error, report.error_type = error, error_type
+        elif report.status != "failed":
+            report.status = "skipped"
+        out.append(report)
+    return out
+
+
+def completed_count(reports: Iterable[StageReport]) -> int:
+    return sum(1 for r in reports if r.status == "completed")
+
+
+def succeeded(result: dict[str, Any], reports: Sequence[StageReport]) -> ResultEnvelope:
+    """Every stage completed: the last context is the result."""
+    return ResultEnvelope(ok=True, result=result, stages_executed=completed_count(reports), stages=list(reports))
+
+
+def failed(
+    reports: Sequence[StageReport],
+    *,
+    error: str,
+    error_type: str,
+    stage_failed: int | None,
+    partial_result: dict[str, Any] | None = None,
+    ending: Literal["failed", "cancelled"] = "failed",
+) -> ResultEnvelope:
+    """A run that stopped at ``stage_failed`` (``None``: before or outside any stage)."""
+    settled = settle(reports, stage_failed=stage_failed, ending=ending)
+    return ResultEnvelope(
+        ok=False,
+        error=error,
+        error_type=error_type,
+        stage_failed=stage_failed,
+        partial_result=partial_result if partial_result is not None else {},
+        stages_executed=completed_count(settled),
+        stages=settled,
+    )
+
+
+def ended_abnormally(
+    reports: Sequence[StageReport],
+    *,
+    status: Literal["crashed", "cancelled"],
+    error: str,
+    error_type: str,
+    partial_result: dict[str, Any] | None = None,
+) -> ResultEnvelope:
+    """A run killed (``crashed``) or cancelled while it ran: the running stage is the one that failed
+    (crash) or was cancelled; with none running, the first stage that had not run is blamed."""
+    running = running_stage(reports)
+    stage_failed = running.index if running else next((r.index for r in reports if r.status == "pending"), None)
+    ending: Literal["failed", "cancelled"] = "cancelled" if status == "cancelled" else "failed"
+    settled = settle(
+        reports, stage_failed=running.index if running else None, ending=ending, error=error, error_type=error_type
+    )
+    return ResultEnvelope(
+        ok=False,
+        error=error,
+        error_type=error_type,
+        stage_failed=stage_failed,
+        partial_result=partial_result if partial_result is not None else {},
+        stages_executed=completed_count(settled),
+        stages=settled,
+    )
+
+
+def not_started(reports: Sequence[StageReport], *, error: str, error_type: str) -> ResultEnvelope:
+    """A job that ended before any stage ran: every stage skipped."""
+    return ResultEnvelope(
+        ok=False,
+        error=error,
+        error_type=error_type,
+        stage_failed=None,
+        partial_result={},
+        stages_executed=0,
+        stages=[r.model_copy(update={"status": "skipped"}) for r in reports],
+    )
+
+
+def as_cancelled(envelope: Mapping[str, Any], error: str) -> dict[str, Any]:
+    """A crash envelope of a job whose cancel was requested: it ended because it was cancelled."""
+    stages = [
+        {**s, "status": "cancelled", "error": error, "error_type": EndReason.CANCELLED.value}
+        if s.get("status") == "failed" and s.get("index") == envelope.get("stage_failed")
+        else s
+        for s in envelope.get("stages") or []
+    ]
+    return {**envelope, "ok": False, "error": error, "error_type": EndReason.CANCELLED.value, "stages": stages}
+
+
+def job_status_of(envelope: Mapping[str, Any]) -> TerminalStatus:
+    """The terminal job status an envelope a run returned stands for."""
+    if envelope.get("ok"):
+        return "succeeded"
+    if envelope.get("error_type") in CANCEL_REASONS:
+        return "cancelled"
+    return "failed"
+
+
+def shown_stage_status(stage_status: StageStatus, job_status: str) -> StageStatus:
+    """A stage's status as a reader should see it: once the job ended, a stage still ``pending`` was
+    ``skipped`` and one still ``running`` was ``cancelled`` (job cancelled) or ``failed``."""
+    if not is_terminal(job_status):
+        return stage_status
+    if stage_status == "pending":
+        return "skipped"
+    if stage_status == "running":
+        return "cancelled" if job_status == "cancelled" else "failed"
+    return stage_status

@@ -1,0 +1,26 @@
+"""Process liveness, the one way ForgeFlow asks whether a recorded process still runs."""
+
+from __future__ import annotations
+
+import psutil
+
+
+def pid_alive(pid: int, create_time: float | None = None) -> bool:
+    """Whether process ``pid`` runs (a zombie does not; with ``create_time``, a reused pid does not)."""
+    if pid <= 0:
+        return False
+    try:
+        proc = psutil.Process(pid)
+        if create_time is not None and abs(proc.create_time() - create_time) > 1.0:
+            return False  # the pid was reused
+        return bool(proc.status() != psutil.STATUS_ZOMBIE)
+    except psutil.Error:
+        return False
+
+
+def process_create_time(pid: int) -> float | None:
+    """When ``pid`` started (seconds since the epoch), to tell it from a later process with its pid."""
+    try:
+        return float(psutil.Process(pid).create_time())
+    except psutil.Error:
+        return None
