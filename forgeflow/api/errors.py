@@ -53,7 +53,7 @@ def install_error_handlers(app: FastAPI) -> None:
         for err in exc.errors():
             loc = err.get("loc", ())
             issues.append({"field": _loc(loc), "location": loc[0] if loc else None, "message": err.get("msg", "")})
-        first = issues[0] if issues else {"field": None, "message": "invalid request"}
+        first: dict[str, Any] = issues[0] if issues else {"field": None, "message": "invalid request"}
         message = f"{first['field']}: {first['message']}" if first["field"] else first["message"]
         if len(issues) > 1:
             message += f" (and {len(issues) - 1} more)"

@@ -392,9 +392,8 @@ class Launcher:
                     error="cancelled by the user before it started",
                     error_type=EndReason.CANCELLED,
                 ).to_dict()
-                await to_thread.run_sync(
-                    self._store_terminal, job_id, [JobStatusEvent(job_id=job_id, status="cancelled", envelope=envelope)]
-                )
+                ending: list[Event] = [JobStatusEvent(job_id=job_id, status="cancelled", envelope=envelope)]
+                await to_thread.run_sync(self._store_terminal, job_id, ending)
             else:
                 proc = self.procs.get(job_id)
                 if proc is not None:
@@ -403,7 +402,7 @@ class Launcher:
                     task.add_done_callback(self._cancel_done)
                 elif job_id not in self.ended:
                     self.ended[job_id] = (None, time.monotonic())
-        return await to_thread.run_sync(store.get_job, job_id)  # type: ignore[return-value]
+        return await to_thread.run_sync(store.get_job, job_id) or job
 
     def _cancel_done(self, task: asyncio.Task[Any]) -> None:
         self._cancel_tasks.discard(task)

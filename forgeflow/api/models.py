@@ -35,7 +35,7 @@ _PIPELINE_SCHEMA = {
 RawPipeline = Annotated[list[Any] | dict[str, Any] | None, WithJsonSchema(_PIPELINE_SCHEMA)]
 RawStages = Annotated[list[Any] | None, WithJsonSchema({**_STAGES_SCHEMA, "description": "The stages, in order."})]
 
-SEED_JOB_EXAMPLE = {
+SEED_JOB_EXAMPLE: dict[str, Any] = {
     "job_id": "job-123",
     "pipeline": [
         {

@@ -181,7 +181,8 @@ def annotate_media(source_path: Path | str, result: dict[str, Any], out_path: Pa
     width = int(cap.get(cv2.CAP_PROP_FRAME_WIDTH))
     height = int(cap.get(cv2.CAP_PROP_FRAME_HEIGHT))
     tmp = out.with_name(f".{out.stem}.partial.mp4")
-    writer = cv2.VideoWriter(str(tmp), cv2.VideoWriter_fourcc(*"mp4v"), fps, (width, height))
+    fourcc = cv2.VideoWriter_fourcc(*"mp4v")  # type: ignore[attr-defined]
+    writer = cv2.VideoWriter(str(tmp), fourcc, fps, (width, height))
     if not writer.isOpened():
         cap.release()
         raise MediaError("OpenCV cannot write MP4 (mp4v) video here")

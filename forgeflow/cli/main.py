@@ -50,7 +50,8 @@ def _load_document(path: Path) -> dict[str, Any] | list[Any]:
         console.print(f"[red]cannot read {path}: {exc.strerror or exc}[/red]")
         raise typer.Exit(EXIT_INVALID) from None
     try:
-        return json.loads(text)
+        document: dict[str, Any] | list[Any] = json.loads(text)
+        return document
     except json.JSONDecodeError as exc:
         console.print(f"[red]{path}: malformed JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}[/red]")
         raise typer.Exit(EXIT_INVALID) from None

@@ -11,7 +11,9 @@ frames are the same on every machine; it needs only OpenCV and NumPy (no torch, 
 from __future__ import annotations
 
 import importlib.util
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 from forgeflow.plugins.errors import MediaError
 
@@ -34,7 +36,9 @@ def assets_dir() -> Path:
     return path
 
 
-def _pan(image, start: tuple[float, float, float], end: tuple[float, float, float], n: int, size: tuple[int, int]):
+def _pan(
+    image: Any, start: tuple[float, float, float], end: tuple[float, float, float], n: int, size: tuple[int, int]
+) -> Iterator[Any]:
     """``n`` frames of a window (x, y, width) moving linearly from ``start`` to ``end``, scaled to ``size``."""
     import cv2
     import numpy as np
@@ -51,7 +55,7 @@ def _pan(image, start: tuple[float, float, float], end: tuple[float, float, floa
         )
 
 
-def sample_frames(frames: int = 64, size: tuple[int, int] = (640, 360)):
+def sample_frames(frames: int = 64, size: tuple[int, int] = (640, 360)) -> Iterator[Any]:
     """The clip's frames (BGR uint8 arrays), first half over bus.jpg, second half over zidane.jpg."""
     import cv2
 
@@ -80,7 +84,8 @@ def make_sample_clip(
     out = Path(out_path)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.stem}.partial{out.suffix or '.mp4'}")
-    writer = cv2.VideoWriter(str(tmp), cv2.VideoWriter_fourcc(*"mp4v"), float(fps), tuple(size))
+    fourcc = cv2.VideoWriter_fourcc(*"mp4v")  # type: ignore[attr-defined]
+    writer = cv2.VideoWriter(str(tmp), fourcc, float(fps), tuple(size))
     if not writer.isOpened():
         raise MediaError("OpenCV cannot write MP4 (mp4v) video here: is this OpenCV build missing FFmpeg?")
     written = 0

@@ -314,7 +314,7 @@ class Engine:
     # --- status and life --------------------------------------------------------------------------
 
     def status(self) -> dict[str, Any]:
-        pools = self.pool.status() if hasattr(self.pool, "status") else {}  # type: ignore[attr-defined]
+        pools = self.pool.status() if hasattr(self.pool, "status") else {}
         with self._lock:
             running = [j.view() for j in self._jobs.values() if j.status == "running"]
             queued = [j.view() for j in self._queue]

@@ -160,7 +160,7 @@ class HttpSink:
                 self._outage(batch)
 
     def _take(self, limit: int) -> list[dict[str, Any]]:
-        items = []
+        items: list[dict[str, Any]] = []
         while len(items) < limit:
             try:
                 items.append(self._queue.get_nowait())

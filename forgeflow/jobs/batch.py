@@ -27,7 +27,8 @@ BATCH_FLOW_NAME = "forgeflow-batch"
 def load_pipeline(pipeline: dict[str, Any] | list[Any] | str) -> dict[str, Any] | list[Any]:
     """A pipeline document, or the path of a JSON file holding one."""
     if isinstance(pipeline, str):
-        return json.loads(Path(pipeline).read_text(encoding="utf-8"))
+        document: dict[str, Any] | list[Any] = json.loads(Path(pipeline).read_text(encoding="utf-8"))
+        return document
     return pipeline
 
 

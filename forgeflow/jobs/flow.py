@@ -281,7 +281,8 @@ def _stage_task(run: JobRun, stage: ResolvedStage) -> Any:
             raise StageFailed(stage, result)
         return result.outputs or {}
 
-    return task(
+    # mypy cannot pick one of task()'s overloads for hooks given as lists: the call is checked at run time.
+    return task(  # type: ignore[call-overload]
         run_stage,
         name=label,
         task_run_name=label,

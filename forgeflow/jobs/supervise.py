@@ -146,7 +146,8 @@ def checkpoint_path(settings: Settings, job_id: str) -> Path:
 def read_checkpoint(settings: Settings, job_id: str) -> dict[str, Any]:
     path = checkpoint_path(settings, job_id)
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(path.read_text(encoding="utf-8"))
+        return data if isinstance(data, dict) else {}
     except (OSError, json.JSONDecodeError):
         return {}
 
@@ -195,10 +196,11 @@ def mark_flow_run(flow_run_id: str, status: str, message: str) -> None:
     """Force the Prefect flow run into Crashed or Cancelled (best effort: Prefect may be down)."""
     try:
         from prefect.client.orchestration import get_client
+        from prefect.client.schemas.objects import State
         from prefect.settings import PREFECT_API_URL, temporary_settings
         from prefect.states import Cancelled, Crashed
 
-        state = Crashed(message=message) if status == "crashed" else Cancelled(message=message)
+        state: State[Any] = Crashed(message=message) if status == "crashed" else Cancelled(message=message)
         # Prefect froze its settings when first imported; the service may have set the URL since.
         url = os.environ.get("PREFECT_API_URL")
         with temporary_settings(updates={PREFECT_API_URL: url} if url else {}), get_client(sync_client=True) as client:

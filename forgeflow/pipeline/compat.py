@@ -67,13 +67,13 @@ def incompatibility(
     if not _constrains(dst):
         return None
     if "anyOf" in src or "oneOf" in src:
-        for branch in src.get("anyOf", src.get("oneOf", [])):
+        for branch in src.get("anyOf", src.get("oneOf")) or []:
             reason = recurse(branch, dst)
             if reason:
                 return reason
         return None
     if "anyOf" in dst or "oneOf" in dst:
-        branches = dst.get("anyOf", dst.get("oneOf", []))
+        branches = dst.get("anyOf", dst.get("oneOf")) or []
         if any(recurse(src, branch) is None for branch in branches):
             return None
         return f"{_describe(src)} is not {_describe(dst)}"

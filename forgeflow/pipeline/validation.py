@@ -224,7 +224,7 @@ def validate_pipeline(
 
 
 def _check_input_value(value: Any, info: Any, name: str, issue: Any) -> None:
-    annotation = Annotated[info.annotation, *info.metadata] if info.metadata else info.annotation
+    annotation: Any = Annotated[info.annotation, *info.metadata] if info.metadata else info.annotation
     adapter: TypeAdapter[Any] = TypeAdapter(annotation)
     try:
         adapter.validate_python(value)

@@ -143,7 +143,7 @@ async def submit_job(body: JobCreate, response: Response, state: ApiState = Depe
             raise ApiError(
                 422, "a template's timeout is part of the template", "RequestValidationError", field="timeout_seconds"
             )
-        template = await run_in_threadpool(state.store.get_template, body.pipeline_id)
+        template = await run_in_threadpool(state.store.get_template, body.pipeline_id or "")
         if template is None:
             raise not_found("pipeline", body.pipeline_id or "", "list them with GET /v1/pipelines")
         definition = PipelineDefinition.model_validate(template["definition"])

@@ -118,7 +118,7 @@ async def upload_media(request: Request, state: ApiState = Depends(get_state)) -
         )
     import tempfile
 
-    with tempfile.SpooledTemporaryFile(max_size=8 * 1024 * 1024, dir=state.settings.home) as tmp:
+    with tempfile.SpooledTemporaryFile(max_size=8 * 1024 * 1024, dir=str(state.settings.home)) as tmp:
         size = 0
         async for chunk in request.stream():
             size += len(chunk)

@@ -23,7 +23,7 @@ ERRORS: dict[int | str, dict[str, Any]] = {
 def merged_lifecycle(state: ApiState, name: str, observed: dict[str, dict[str, Any]]) -> dict[str, Any]:
     """The lifecycle file (written by local workers) merged with what ingested stage events say
     (workers on other machines): the newer state wins, counts take the larger."""
-    local = state.registry.status(name).to_dict()
+    local: dict[str, Any] = state.registry.status(name).to_dict()
     seen = observed.get(name)
     if seen is None or local["state"] == "UNAVAILABLE":
         return local

