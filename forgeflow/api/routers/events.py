@@ -205,14 +205,10 @@ async def _send_job(websocket: WebSocket, state: ApiState, sub: Subscription, jo
 
 async def _send_all(websocket: WebSocket, state: ApiState, sub: Subscription, pos: _Position) -> str:
     store = state.store
-
-    def text(event: StoredEvent) -> str:
-        return f'{event.payload[:-1]},"cursor":{event.cursor}}}'
-
     while True:
         page = await run_in_threadpool(store.events_after_cursor, pos.last, REPLAY_PAGE)
         for event in page:
-            await websocket.send_text(text(event))
+            await websocket.send_text(event.with_cursor())
             pos.last = event.cursor
         if len(page) < REPLAY_PAGE:
             break
@@ -220,7 +216,7 @@ async def _send_all(websocket: WebSocket, state: ApiState, sub: Subscription, po
         event = await sub.queue.get()
         if event.cursor <= pos.last:
             continue
-        await websocket.send_text(text(event))
+        await websocket.send_text(event.with_cursor())
         pos.last = event.cursor
 
 

@@ -57,9 +57,12 @@ def parse_ts(text: str | None) -> datetime:
     return utcnow()
 
 
-def event_text(data: dict[str, Any]) -> str:
-    """The one JSON text of a stored event: ``type``, ``job_id``, ``seq`` first, no spaces."""
+def event_text(data: dict[str, Any], cursor: int | None = None) -> str:
+    """The one JSON text of a stored event: ``type``, ``job_id``, ``seq`` (and on the all-jobs
+    stream ``cursor``) first, no spaces."""
     head = {"type": data["type"], "job_id": data["job_id"], "seq": data["seq"]}
+    if cursor is not None:
+        head["cursor"] = cursor
     rest = {k: v for k, v in data.items() if k not in head}
     return json.dumps({**head, **rest}, separators=(",", ":"), ensure_ascii=False)
 
@@ -72,6 +75,10 @@ class StoredEvent:
     type: str
     payload: str
     terminal: bool
+
+    def with_cursor(self) -> str:
+        """The event's text with its global ``cursor`` (the all-jobs stream's position)."""
+        return event_text(json.loads(self.payload), self.cursor)
 
 
 class Conflict(Exception):
