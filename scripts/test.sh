@@ -16,6 +16,12 @@ if ! .venv/bin/python -c "import forgeflow_testplugins, pytest, pytest_timeout, 
   "${PIP[@]}" -e '.[api,postgres,docker,vision,dev]' -e tests/plugin_packages/forgeflow-testplugins
 fi
 
+# The gates: lint, format and types (configured in pyproject.toml), before any test runs.
+printf '\033[1m[test]\033[0m %s\n' "ruff check, ruff format --check, mypy"
+.venv/bin/ruff check forgeflow tests bench
+.venv/bin/ruff format --check forgeflow tests bench
+.venv/bin/mypy
+
 # The docker runner's tests call the test plugins inside containers: a test image, not the real one.
 export FORGEFLOW_DOCKER_IMAGE=forgeflow-worker:cpu-test
 bash deployments/build_image.sh cpu --test-plugins

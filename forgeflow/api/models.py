@@ -6,7 +6,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema
 
-from forgeflow.engine.lifecycle import LifecycleState
+from forgeflow.engine.lifecycle import PluginStatus
 from forgeflow.pipeline.definition import PipelineStage
 from forgeflow.pipeline.outcome import JobStatus, StageReport
 
@@ -235,17 +235,6 @@ class TemplateDetail(TemplateSummary):
     job_input_fields: list[str] = Field(description="Fields a job input must provide for this template.")
 
 
-class PluginLifecycle(BaseModel):
-    plugin: str
-    state: LifecycleState
-    last_error: str | None = None
-    last_error_type: str | None = None
-    calls: int = 0
-    failures: int = 0
-    last_duration_ms: float | None = None
-    updated_at: float = 0.0
-
-
 class PluginSummary(BaseModel):
     name: str
     version: str | None
@@ -254,7 +243,7 @@ class PluginSummary(BaseModel):
     available: bool
     unavailable_reason: str | None
     tools: list[dict[str, Any]]
-    lifecycle: PluginLifecycle
+    lifecycle: PluginStatus
 
 
 class PluginDetail(PluginSummary):

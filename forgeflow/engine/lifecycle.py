@@ -13,9 +13,11 @@ from __future__ import annotations
 import sqlite3
 import threading
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from enum import StrEnum
 from pathlib import Path
+
+from pydantic.dataclasses import dataclass
 
 
 class LifecycleState(StrEnum):
@@ -28,6 +30,8 @@ class LifecycleState(StrEnum):
 
 @dataclass
 class PluginStatus:
+    """A plugin's lifecycle as every process sees it (also the API's ``lifecycle`` schema)."""
+
     plugin: str
     state: LifecycleState
     last_error: str | None = None

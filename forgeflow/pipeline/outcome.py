@@ -176,15 +176,7 @@ def failed(
 ) -> ResultEnvelope:
     """A run that stopped at ``stage_failed`` (``None``: before or outside any stage)."""
     settled = settle(reports, stage_failed=stage_failed, ending=ending)
-    return ResultEnvelope(
-        ok=False,
-        error=error,
-        error_type=error_type,
-        stage_failed=stage_failed,
-        partial_result=partial_result if partial_result is not None else {},
-        stages_executed=completed_count(settled),
-        stages=settled,
-    )
+    return _stopped(settled, error, error_type, stage_failed, partial_result)
 
 
 def ended_abnormally(
@@ -201,8 +193,22 @@ def ended_abnormally(
     stage_failed = running.index if running else next((r.index for r in reports if r.status == "pending"), None)
     ending: Literal["failed", "cancelled"] = "cancelled" if status == "cancelled" else "failed"
     settled = settle(
-        reports, stage_failed=running.index if running else None, ending=ending, error=error, error_type=error_type
+        reports,
+        stage_failed=running.index if running else None,
+        ending=ending,
+        error=error,
+        error_type=error_type,
     )
+    return _stopped(settled, error, error_type, stage_failed, partial_result)
+
+
+def _stopped(
+    settled: list[StageReport],
+    error: str,
+    error_type: str,
+    stage_failed: int | None,
+    partial_result: dict[str, Any] | None,
+) -> ResultEnvelope:
     return ResultEnvelope(
         ok=False,
         error=error,
