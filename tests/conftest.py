@@ -1,5 +1,6 @@
 """Fixtures shared by every test: an isolated FORGEFLOW_HOME, the real plugin registry, and a real
-Prefect server started once per test session."""
+Prefect server started once per test session (per pytest-xdist worker: each has its own server,
+port and folders; see below)."""
 
 from __future__ import annotations
 
@@ -14,13 +15,32 @@ from pathlib import Path
 import httpx
 import pytest
 
-# Hermetic Prefect and Ultralytics before anything imports them.
+# Hermetic Prefect and Ultralytics before anything imports them. Every pytest process gets its own
+# folders and Prefect port: an xdist worker inherits the environment of the pytest process that
+# started it, so what that process set here (named in _SET_BY_TESTS) is dropped and set afresh;
+# what the caller set before pytest started is kept (and shared).
+_OWNER, _SET_BY_TESTS = "FORGEFLOW_TESTS_OWNER_PID", "FORGEFLOW_TESTS_SET_VARS"
+if os.environ.get(_OWNER) not in (None, str(os.getpid())):
+    for _name in os.environ.get(_SET_BY_TESTS, "").split(","):
+        os.environ.pop(_name, None)
+_set_here: list[str] = []
+
+
+def _default_env(name: str, value: str) -> None:
+    if name not in os.environ:
+        os.environ[name] = value
+        _set_here.append(name)
+
+
 _SESSION_DIR = Path(tempfile.mkdtemp(prefix="forgeflow-tests-"))
-os.environ.setdefault("PREFECT_HOME", str(_SESSION_DIR / "prefect"))
-os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-os.environ.setdefault("DO_NOT_TRACK", "1")
-os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
-os.environ.setdefault("FORGEFLOW_HOME", str(_SESSION_DIR / "home"))
+_default_env("PREFECT_HOME", str(_SESSION_DIR / "prefect"))
+_default_env("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+_default_env("DO_NOT_TRACK", "1")
+_default_env("PREFECT_LOGGING_LEVEL", "WARNING")
+_default_env("FORGEFLOW_HOME", str(_SESSION_DIR / "home"))
+# The docker runner's tests call the test plugins in containers: the test image (scripts/test.sh builds it
+# with deployments/build_image.sh cpu --test-plugins); the production image holds none.
+_default_env("FORGEFLOW_DOCKER_IMAGE", "forgeflow-worker:cpu-test")
 
 
 def free_port() -> int:
@@ -32,7 +52,9 @@ def free_port() -> int:
 # Prefect reads PREFECT_API_URL once, when it is first imported: point it at the session's server
 # now, before any test imports Prefect; the server itself starts when a test first needs it.
 _OWN_PREFECT_PORT = free_port()
-os.environ.setdefault("PREFECT_API_URL", f"http://127.0.0.1:{_OWN_PREFECT_PORT}/api")
+_default_env("PREFECT_API_URL", f"http://127.0.0.1:{_OWN_PREFECT_PORT}/api")
+os.environ[_OWNER] = str(os.getpid())
+os.environ[_SET_BY_TESTS] = ",".join(_set_here)
 
 
 def wait_http(url: str, timeout: float = 60.0, proc: subprocess.Popen | None = None) -> None:
@@ -72,7 +94,8 @@ def registry(ff_home: Path):
 
 @pytest.fixture(scope="session")
 def prefect_api_url() -> Iterator[str]:
-    """A real Prefect server (SQLite) for the whole session, at the PREFECT_API_URL set above."""
+    """A real Prefect server (SQLite) for the whole session, at the PREFECT_API_URL set above (under
+    pytest-xdist: one per worker, at the worker's own port)."""
     from forgeflow.jobs.prefect_server import LocalPrefectServer
 
     url = os.environ["PREFECT_API_URL"]

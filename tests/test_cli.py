@@ -86,3 +86,25 @@ def test_run_rejects_invalid_pipelines_and_bad_media_before_running(ff_home, tmp
     assert result.returncode == 2 and "not found" in result.stderr
     result = forgeflow("run", str(pipeline), cwd=tmp_path)
     assert result.returncode == 2 and "needs input 'media'" in result.stderr
+
+
+def test_cli_validate_exit_codes_and_messages(tmp_path, ff_home):
+    good = tmp_path / "good.json"
+    good.write_text(
+        json.dumps({"pipeline": [{"plugin": "tk", "tool": "numbers"}, {"plugin": "testkit", "tool": "scale"}]})
+    )
+    result = forgeflow("validate", str(good), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "valid, 2 stage(s)" in result.stderr
+
+    malformed = tmp_path / "bad.json"
+    malformed.write_text('{"pipeline": [ {"plugin": "tk",, } ]}')
+    result = forgeflow("validate", str(malformed), cwd=tmp_path)
+    assert result.returncode == 2
+    assert "malformed JSON at line 1" in result.stderr
+
+    unknown = tmp_path / "unknown.json"
+    unknown.write_text(json.dumps({"pipeline": [{"plugin": "tk", "tool": "numbers"}, {"plugin": "nope", "tool": "x"}]}))
+    result = forgeflow("validate", str(unknown), cwd=tmp_path)
+    assert result.returncode == 2
+    assert "stage 1" in result.stderr and "unknown plugin 'nope'" in result.stderr

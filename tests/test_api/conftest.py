@@ -1,6 +1,8 @@
 """Fixtures of the API tests: a real uvicorn server on a free port (in a thread, or a subprocess
-for restart tests), real httpx / websockets clients, the real Prefect server of tests/conftest.py,
-and a store on SQLite or on a throwaway PostgreSQL cluster (``@pytest.mark.postgres``)."""
+for restart tests), real httpx / websockets clients, the real Prefect server of tests/conftest.py
+(for servers that launch jobs), and a store on SQLite or on a throwaway PostgreSQL cluster
+(``@pytest.mark.postgres``; only tests marked ``every_database`` run on both). Request validation,
+auth and the OpenAPI document are checked in process (``in_process_factory``): no uvicorn, no Prefect."""
 
 from __future__ import annotations
 
@@ -130,11 +132,35 @@ def postgres_cluster() -> Iterator[PostgresCluster]:
         shutil.rmtree(root, ignore_errors=True)
 
 
-@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
-def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """An API test runs on SQLite; one marked ``every_database`` (its behaviour depends on the
+    database) runs on PostgreSQL too."""
+    if "database_url" not in metafunc.fixturenames:
+        return
+    params = [pytest.param("sqlite", id="sqlite")]
+    if metafunc.definition.get_closest_marker("every_database"):
+        params.append(pytest.param("postgres", marks=pytest.mark.postgres, id="postgres"))
+    metafunc.parametrize("database_url", params, indirect=True)
+
+
+def _new_database(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     if request.param == "sqlite":
         return f"sqlite:///{tmp_path / 'api.sqlite'}"
     return request.getfixturevalue("postgres_cluster").new_database()
+
+
+@pytest.fixture
+def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """The API's database: SQLite, or PostgreSQL for tests marked ``every_database``."""
+    return _new_database(request, tmp_path)
+
+
+@pytest.fixture(
+    params=[pytest.param("sqlite", marks=pytest.mark.fast), pytest.param("postgres", marks=pytest.mark.postgres)]
+)
+def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """A fresh database for a store-level test (no API server), on both databases; SQLite is in the fast tier."""
+    return _new_database(request, tmp_path)
 
 
 # --- the server -----------------------------------------------------------------------------------
@@ -256,7 +282,9 @@ def start_subprocess_server(
 
 
 @pytest.fixture
-def api_factory(tmp_path: Path, database_url: str, prefect_api_url: str) -> Iterator[Any]:
+def api_factory(request: pytest.FixtureRequest, tmp_path: Path, database_url: str) -> Iterator[Any]:
+    """``api_factory(launch_jobs=True, token=None, **setting_overrides)`` → a running :class:`ApiServer`;
+    the session's Prefect server is started only for one that launches jobs."""
     servers: list[ApiServer] = []
 
     def factory(*, launch_jobs: bool = True, token: str | None = None, **overrides: Any) -> ApiServer:
@@ -264,6 +292,7 @@ def api_factory(tmp_path: Path, database_url: str, prefect_api_url: str) -> Iter
 
         if token is not None:
             overrides["api_token"] = SecretStr(token)
+        prefect_api_url = request.getfixturevalue("prefect_api_url") if launch_jobs else None
         settings = make_settings(tmp_path / "home", free_port(), database_url, **overrides)
         server = start_thread_server(settings, prefect_api_url=prefect_api_url, launch_jobs=launch_jobs, token=token)
         servers.append(server)
@@ -287,6 +316,88 @@ def api(api_factory: Any) -> ApiServer:
 def quiet_api(api_factory: Any) -> ApiServer:
     """A running API whose launcher starts nothing (events are posted to the ingest endpoint by the test)."""
     return api_factory(launch_jobs=False)
+
+
+# --- in process: no uvicorn, no Prefect, no launcher ----------------------------------------------
+
+
+@dataclass
+class InProcessApi:
+    """The app of ``create_app`` driven by an in-process client. Its lifespan never runs: the state
+    is what ``build_state`` makes (store migrated, plugins discovered, ingest token settled) with no
+    launcher, so no job starts, no engine, no Prefect server, and the event hub is not bound to a loop
+    (WebSockets need a real server: see ``api_factory``)."""
+
+    app: Any
+    client: Any  # fastapi.testclient.TestClient
+    settings: Any
+    token: str | None = None
+
+    @property
+    def state(self) -> Any:
+        return self.app.state.forgeflow
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {TOKEN_HEADER: f"Bearer {self.token}"} if self.token else {}
+
+    def ingest(self, events: list[dict[str, Any]], token: str | None = None) -> Any:
+        return self.client.post(
+            "/internal/v1/events",
+            json={"events": events},
+            headers={TOKEN_HEADER: f"Bearer {token or self.state.auth.ingest_token}"},
+        )
+
+    def close(self) -> None:
+        self.client.close()
+        self.state.store.close()
+
+
+def start_in_process(settings: Any, *, token: str | None = None) -> InProcessApi:
+    from fastapi.testclient import TestClient
+
+    from forgeflow.api.app import build_state, create_app, local_api_url
+
+    app = create_app(settings, launch_jobs=False)
+    app.state.forgeflow = build_state(settings, api_url=local_api_url(settings), prefect_api_url=None)
+    # Not entered as a context manager: that would run the lifespan (launcher, spool import, engine).
+    client = TestClient(app, headers={TOKEN_HEADER: f"Bearer {token}"} if token else None)
+    return InProcessApi(app, client, settings, token)
+
+
+@pytest.fixture
+def in_process_factory(tmp_path: Path) -> Iterator[Any]:
+    """``in_process_factory(token=None, **setting_overrides)`` → a fresh :class:`InProcessApi` (SQLite)."""
+    made: list[InProcessApi] = []
+
+    def factory(*, token: str | None = None, **overrides: Any) -> InProcessApi:
+        from pydantic import SecretStr
+
+        if token is not None:
+            overrides["api_token"] = SecretStr(token)
+        home = tmp_path / f"home{len(made)}"
+        api = start_in_process(make_settings(home, 8999, f"sqlite:///{home / 'api.sqlite'}", **overrides), token=token)
+        made.append(api)
+        return api
+
+    yield factory
+    for api in made:
+        api.close()
+
+
+@pytest.fixture
+def in_process_api(in_process_factory: Any) -> InProcessApi:
+    """A fresh in-process API of its own (for tests that store something)."""
+    return in_process_factory()
+
+
+@pytest.fixture(scope="module")
+def shared_in_process_api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[InProcessApi]:
+    """One in-process API for a whole module: for requests that must store nothing."""
+    home = tmp_path_factory.mktemp("shared-api") / "home"
+    api = start_in_process(make_settings(home, 8999, f"sqlite:///{home / 'api.sqlite'}"))
+    yield api
+    api.close()
 
 
 # --- helpers --------------------------------------------------------------------------------------

@@ -265,6 +265,7 @@ def test_killed_job_process_is_reconciled_as_crashed(api: ApiServer, prefect_api
     assert _flow_run_state(prefect_api_url, job["flow_run_id"]) == "CRASHED"
 
 
+@pytest.mark.every_database
 @pytest.mark.parametrize("job_dies_meanwhile", [False, True], ids=["job-survives", "job-killed-while-api-down"])
 def test_api_restart_mid_job_loses_nothing(
     tmp_path: Any, database_url: str, prefect_api_url: str, job_dies_meanwhile: bool

@@ -9,13 +9,13 @@ from forgeflow.api.store import Store
 from forgeflow.events.models import JobStatusEvent, PipelineProgress
 
 
-def test_migrations_create_exactly_the_declared_schema(database_url: str) -> None:
+def test_migrations_create_exactly_the_declared_schema(store_url: str) -> None:
     from alembic.autogenerate import compare_metadata
     from alembic.migration import MigrationContext
 
     from forgeflow.api.store.tables import metadata
 
-    store = Store(database_url)
+    store = Store(store_url)
     try:
         store.migrate()
         store.migrate()  # idempotent
@@ -32,8 +32,8 @@ def test_migrations_create_exactly_the_declared_schema(database_url: str) -> Non
         store.close()
 
 
-def test_concurrent_writers_get_gapless_per_job_sequences(database_url: str) -> None:
-    store = Store(database_url)
+def test_concurrent_writers_get_gapless_per_job_sequences(store_url: str) -> None:
+    store = Store(store_url)
     store.migrate()
     published: list[tuple[str, int, int]] = []
     lock = threading.Lock()

@@ -31,8 +31,11 @@ def start_engine(tmp_path: Path, prefect_api_url: str) -> Iterator[Callable[...,
         return client
 
     yield start
+    import contextlib
     import os
     import signal
+
+    from forgeflow.processes import pid_alive
 
     for client, pid in started:
         try:
@@ -41,13 +44,14 @@ def start_engine(tmp_path: Path, prefect_api_url: str) -> Iterator[Callable[...,
             pass
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline:
-            try:
-                os.kill(pid, 0)
-            except ProcessLookupError:
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(pid, os.WNOHANG)  # the engine is this process's child: reap it once it exits
+            if not pid_alive(pid):  # gone, or a zombie (which os.kill(pid, 0) would still find)
                 break
             time.sleep(0.1)
         else:
-            os.killpg(pid, signal.SIGKILL)
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(pid, signal.SIGKILL)
 
 
 def run(

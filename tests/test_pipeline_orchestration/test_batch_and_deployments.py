@@ -13,9 +13,6 @@ from pathlib import Path
 import httpx
 import yaml
 
-from forgeflow.jobs.batch import batch_flow
-from forgeflow.jobs.flow import use_services
-
 from .conftest import prefect_flow_run
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -34,6 +31,9 @@ def _images(folder: Path) -> None:
 
 
 def test_batch_flow_runs_the_pipeline_per_file_and_isolates_bad_files(services, tmp_path):
+    from forgeflow.jobs.batch import batch_flow  # Prefect loads when a test needs it, not at collection
+    from forgeflow.jobs.flow import use_services
+
     _images(tmp_path / "in")
     with use_services(services):
         summary = batch_flow(

@@ -2,17 +2,15 @@
 
 from __future__ import annotations
 
-import json
 import math
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
 from forgeflow.pipeline.compat import incompatibility
 from forgeflow.pipeline.definition import PipelineDefinition, PipelineStage, pipeline_json_schema
 from forgeflow.pipeline.validation import PipelineValidationError, parse_definition, validate_pipeline
+
+pytestmark = pytest.mark.fast
 
 SEED_JOB = {
     "job_id": "job-123",
@@ -239,31 +237,3 @@ def test_compatibility_follows_refs_between_models():
     assert incompatibility(src, dst, src_defs, dst_defs) is None
     dst_defs["P"]["required"] = ["box", "track_id"]
     assert "track_id" in incompatibility(src, dst, src_defs, dst_defs)
-
-
-def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "forgeflow.cli", *args], capture_output=True, text=True, cwd=cwd, timeout=120
-    )
-
-
-def test_cli_validate_exit_codes_and_messages(tmp_path, ff_home):
-    good = tmp_path / "good.json"
-    good.write_text(
-        json.dumps({"pipeline": [{"plugin": "tk", "tool": "numbers"}, {"plugin": "testkit", "tool": "scale"}]})
-    )
-    result = _cli("validate", str(good), cwd=tmp_path)
-    assert result.returncode == 0, result.stderr
-    assert "valid, 2 stage(s)" in result.stderr
-
-    malformed = tmp_path / "bad.json"
-    malformed.write_text('{"pipeline": [ {"plugin": "tk",, } ]}')
-    result = _cli("validate", str(malformed), cwd=tmp_path)
-    assert result.returncode == 2
-    assert "malformed JSON at line 1" in result.stderr
-
-    unknown = tmp_path / "unknown.json"
-    unknown.write_text(json.dumps({"pipeline": [{"plugin": "tk", "tool": "numbers"}, {"plugin": "nope", "tool": "x"}]}))
-    result = _cli("validate", str(unknown), cwd=tmp_path)
-    assert result.returncode == 2
-    assert "stage 1" in result.stderr and "unknown plugin 'nope'" in result.stderr

@@ -6,7 +6,8 @@ import re
 import time
 
 from forgeflow.events.models import JobStatusEvent, StageStart
-from forgeflow.events.sinks import HttpSink, read_spool
+from forgeflow.events.sinks import HttpSink
+from forgeflow.events.spool import read_events
 
 from .conftest import IngestServer, chain
 
@@ -60,7 +61,12 @@ def test_failure_messages_name_the_stage_and_error_type(executor, services):
     ]
     end, error, terminal = events[5], events[6], events[7]
     assert end["ok"] is False and end["stage_index"] == 1
-    assert error == {**error, "stage_index": 1, "plugin": "testkit", "error_type": "RuntimeError"}
+    assert (error["stage_index"], error["plugin"], error["tool"], error["error_type"]) == (
+        1,
+        "testkit",
+        "fail",
+        "RuntimeError",
+    )
     assert "Memory error during inference" in error["error"]
     assert terminal["status"] == "failed"
     assert terminal["envelope"]["partial_result"] == {"numbers": [0]}
@@ -85,7 +91,7 @@ def test_http_sink_spools_during_an_outage_and_loses_nothing(tmp_path):
     emit_time = time.perf_counter() - started
     assert emit_time < 0.5  # emit never waits on the network
     time.sleep(0.5)
-    assert read_spool(next((tmp_path / "spool").glob("*.jsonl")))  # safe on disk while the service is down
+    assert read_events(next((tmp_path / "spool").glob("*.jsonl")))  # safe on disk while the service is down
     server.start()  # the service comes back
     try:
         assert sink.flush(timeout=15)

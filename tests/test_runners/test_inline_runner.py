@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 
+import pytest
 from pydantic import BaseModel
 
 from forgeflow.engine.lifecycle import LifecycleState, LifecycleStore
@@ -11,6 +12,8 @@ from forgeflow.engine.registry import PluginRegistry
 from forgeflow.plugins import Plugin
 
 from ._helpers import call
+
+pytestmark = pytest.mark.fast
 
 
 def test_inline_runs_in_this_process(make_runner):

@@ -19,6 +19,8 @@ from forgeflow.engine.runners.protocol import (
     write_message,
 )
 
+pytestmark = pytest.mark.fast
+
 
 def test_roundtrip_and_partial_writes():
     r, w = os.pipe()

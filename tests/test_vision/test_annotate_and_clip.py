@@ -10,6 +10,10 @@ from forgeflow.cli.annotate import annotate_media
 from forgeflow.cli.sample_clip import make_sample_clip
 from forgeflow.plugins.errors import MediaError, MediaNotFound
 
+# With pytest-xdist (--dist loadgroup) one worker runs the whole group: the session's vision fixtures
+# (sample clip, models, inference results) are made once.
+pytestmark = pytest.mark.xdist_group("vision")
+
 
 def test_sample_clip_is_readable_and_reproducible(sample_clip, tmp_path):
     import cv2

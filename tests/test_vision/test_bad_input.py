@@ -11,6 +11,10 @@ import pytest
 
 from forgeflow.plugins.errors import ForgeFlowError, InputError, MediaError, MediaNotFound, MediaTooLarge
 
+# With pytest-xdist (--dist loadgroup) one worker runs the whole group: the session's vision fixtures
+# (sample clip, models, inference results) are made once.
+pytestmark = pytest.mark.xdist_group("vision")
+
 
 def _png_header(width: int, height: int) -> bytes:
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)

@@ -9,6 +9,9 @@ import pytest
 
 from forgeflow.plugins.builtin.classifier import STILL_CLASSES, ClassifierConfig, classify
 from forgeflow.plugins.builtin.schemas import FramePoses, Pose
+from forgeflow.plugins.errors import ConfigError
+
+pytestmark = pytest.mark.fast
 
 FPS = 25.0
 L = 60.0  # torso length in pixels
@@ -176,15 +179,56 @@ def test_deterministic_and_ordered():
     for f in frames:  # two players, listed in reverse order
         extra = pose_of(skeleton(500.0, 400.0), track_id=7, index=1)
         f.poses.insert(0, extra)
+    before = json.dumps([f.model_dump(mode="json") for f in frames], sort_keys=True)
     a = json.dumps([f.model_dump(mode="json") for f in classify(frames)], sort_keys=True)
-    b = json.dumps([f.model_dump(mode="json") for f in classify(frames)], sort_keys=True)
+    copies = [FramePoses.model_validate(f.model_dump()) for f in frames]  # the same input, built anew
+    b = json.dumps([f.model_dump(mode="json") for f in classify(copies)], sort_keys=True)
     assert a == b
+    assert json.dumps([f.model_dump(mode="json") for f in frames], sort_keys=True) == before  # input untouched
+    assert '"action":"walking"' in a.replace(" ", "") and '"track_id":7' in a.replace(" ", "")
     first = classify(frames)[0].actions
     assert [x.track_id for x in first] == [1, 7]
 
 
-@pytest.mark.parametrize("config", [{}, {"camera_motion": "off", "walk_speed": 0.8}])
-def test_config_validates(config):
+@pytest.mark.parametrize(
+    ("config", "expected"),
+    [
+        ({}, {"camera_motion": "auto", "walk_speed": 1.0, "run_speed": 4.0, "min_keypoint_confidence": 0.3}),
+        (
+            {"camera_motion": "off", "walk_speed": 0.8},
+            {"camera_motion": "off", "walk_speed": 0.8, "run_speed": 4.0, "min_keypoint_confidence": 0.3},
+        ),
+    ],
+)
+def test_config_validates(config, expected):
     from forgeflow.plugins.builtin.classifier import plugin
 
-    plugin.tools["classify_actions"].parse_config(config)
+    parsed = plugin.tools["classify_actions"].parse_config(config)
+    assert isinstance(parsed, ClassifierConfig)
+    assert {name: getattr(parsed, name) for name in expected} == expected
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        {"camera_motion": "on"},
+        {"walk_speed": 0},
+        {"min_keypoint_confidence": 1.5},
+        {"crouch_knee_angle": 180},
+        {"speed_window_s": 11},
+        {"walkspeed": 1.0},
+    ],
+)
+def test_bad_config_is_a_config_error_naming_the_field(config):
+    from forgeflow.plugins.builtin.classifier import plugin
+
+    with pytest.raises(ConfigError, match=r"classifier\.classify_actions: invalid config") as info:
+        plugin.tools["classify_actions"].parse_config(config)
+    assert next(iter(config)) in str(info.value)
+
+
+def test_config_thresholds_change_the_labels():
+    frames = sequence(50, lambda t: 100.0 + 2.5 * L * t)  # 2.5 torso lengths/s
+    assert set(middle(actions(frames))) == {"walking"}
+    assert set(middle(actions(frames, walk_speed=3.0))) == {"standing"}
+    assert set(middle(actions(frames, run_speed=2.0))) == {"running"}

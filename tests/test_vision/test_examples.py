@@ -14,7 +14,9 @@ from forgeflow.plugins.media import MediaStore
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 
-pytestmark = pytest.mark.vision
+# With pytest-xdist (--dist loadgroup) one worker runs the whole group: the session's vision fixtures
+# (sample clip, models, inference results) are made once.
+pytestmark = [pytest.mark.vision, pytest.mark.xdist_group("vision")]
 
 
 @pytest.fixture(scope="module")

@@ -13,6 +13,10 @@ import pytest
 from forgeflow.plugins.builtin.classifier import PRECEDENCE, STILL_CLASSES
 from forgeflow.plugins.errors import ConfigError, DeviceUnavailable
 
+# With pytest-xdist (--dist loadgroup) one worker runs the whole group: the session's vision fixtures
+# (sample clip, models, inference results) are made once.
+pytestmark = pytest.mark.xdist_group("vision")
+
 CLIP_SHOT = 32  # the sample clip: frames 0-31 pan over bus.jpg, frames 32-63 over zidane.jpg
 
 
@@ -60,7 +64,7 @@ def test_the_seed_configs_validate(get_tool):
     detect = get_tool("yolo_tracker", "detect_players")
     assert detect.parse_config({"device": "cuda", "confidence": 0.25}).device == "cuda"
     assert get_tool("pose_estimator", "estimate_poses").parse_config({"model": "light"}).model == "light"
-    get_tool("classifier", "classify_actions").parse_config({})
+    assert get_tool("classifier", "classify_actions").parse_config({}).camera_motion == "auto"
     for bad in ({"device": "gpu"}, {"confidence": 2}, {"model": "../x.pt"}, {"frame_stride": 0}, {"nope": 1}):
         with pytest.raises(ConfigError):
             detect.parse_config(bad)
