@@ -50,7 +50,7 @@ def run(reps: int) -> None:
     from forgeflow.engine.runners.base import ToolCall
     from forgeflow.events.sinks import MemorySink
     from forgeflow.jobs.executor import PipelineExecutor
-    from forgeflow.jobs.flow import Services
+    from forgeflow.jobs.stages import Services
     from forgeflow.plugins import EmptyModel, MediaStore, ToolContext
     from forgeflow.settings import get_settings
 

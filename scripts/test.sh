@@ -25,4 +25,6 @@ printf '\033[1m[test]\033[0m %s\n' "ruff check, ruff format --check, mypy"
 # The docker runner's tests call the test plugins inside containers: a test image, not the real one.
 export FORGEFLOW_DOCKER_IMAGE=forgeflow-worker:cpu-test
 bash deployments/build_image.sh cpu --test-plugins
-exec .venv/bin/python -m pytest "$@"
+# Two pytest-xdist workers by default (FORGEFLOW_TEST_WORKERS=0 runs in one process); a test group
+# (the vision tests' shared fixtures) stays in one worker.
+exec .venv/bin/python -m pytest -n "${FORGEFLOW_TEST_WORKERS:-2}" --dist loadgroup "$@"

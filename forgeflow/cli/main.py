@@ -227,7 +227,7 @@ def _run_here(
 
     _use_local_prefect()
     from forgeflow.jobs.executor import PipelineExecutor
-    from forgeflow.jobs.flow import Services
+    from forgeflow.jobs.stages import Services
 
     if not verbose:  # after Prefect configured its logging: failures go to the summary, not tracebacks
         for name in ("prefect", "prefect.flow_runs", "prefect.task_runs"):

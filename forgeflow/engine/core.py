@@ -37,7 +37,7 @@ from forgeflow.engine.runners import get_runner
 from forgeflow.engine.runners.base import CallResult, ToolCall
 from forgeflow.events.models import Event, JobStatusEvent, PipelineError
 from forgeflow.events.sinks import EventSink, HttpSink
-from forgeflow.jobs.flow import Services
+from forgeflow.jobs.stages import Services
 from forgeflow.pipeline import outcome
 from forgeflow.pipeline.definition import raw_stages
 from forgeflow.pipeline.outcome import EndReason

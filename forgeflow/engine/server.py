@@ -224,7 +224,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m forgeflow.engine", description="ForgeFlow's engine for this host.")
     parser.add_argument("--owner-pid", type=int, default=None, help="leave once this process is gone and no job runs")
     args = parser.parse_args(argv)
-    os.environ["FORGEFLOW_ENGINE_PROCESS"] = "1"  # its flow runs use its own pools (pipeline_flow.ENGINE_PROCESS_ENV)
+    os.environ["FORGEFLOW_ENGINE_PROCESS"] = "1"  # its flow runs use its own pools (jobs.stages.ENGINE_PROCESS_ENV)
     os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")  # before Prefect is imported
     # Many flow runs at once meet SQLite's write lock on a local Prefect server (503, retried after
     # a short Retry-After): allow more retries than Prefect's 5 before a run fails to start.

@@ -15,7 +15,8 @@ from typing import Any
 from prefect import flow
 from prefect.context import get_run_context
 
-from forgeflow.jobs.flow import PipelineFailed, current_services, pipeline_flow
+from forgeflow.jobs.flow import pipeline_flow
+from forgeflow.jobs.stages import PipelineFailed, current_services
 from forgeflow.pipeline import outcome
 from forgeflow.pipeline.definition import raw_stages
 from forgeflow.plugins.errors import MediaError

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from forgeflow.jobs.flow import PipelineFailed, Services, current_services, pipeline_flow, use_services
+from forgeflow.jobs.flow import pipeline_flow
+from forgeflow.jobs.stages import PipelineFailed, Services, current_services, use_services
 from forgeflow.pipeline.definition import PipelineDefinition
 
 

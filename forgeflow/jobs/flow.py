@@ -12,15 +12,8 @@ with a terminal message when the body could not. A failed stage fails its task a
 from __future__ import annotations
 
 import collections
-import contextlib
-import contextvars
-import json
-import os
-import shutil
 import threading
 import uuid
-from collections.abc import Iterator
-from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from prefect import flow, task
@@ -29,160 +22,16 @@ from prefect.context import get_run_context
 from prefect.states import Failed
 from pydantic import ValidationError
 
-from forgeflow.engine.lifecycle import LifecycleStore
-from forgeflow.engine.registry import PluginRegistry
-from forgeflow.engine.runners.base import CallResult, Runner, ToolCall
-from forgeflow.events.models import (
-    JobStatusEvent,
-    PipelineError,
-    StageEnd,
-    StageStart,
-    abnormal_end,
-    progress,
-)
-from forgeflow.events.sinks import EventSink, sink_from_settings
-from forgeflow.jobs.supervise import checkpoint_path
+from forgeflow.events.models import JobStatusEvent, abnormal_end
+from forgeflow.jobs.stages import JobRun, PipelineFailed, current_services, execute
 from forgeflow.pipeline import outcome as job_end
 from forgeflow.pipeline.definition import PipelineDefinition
-from forgeflow.pipeline.outcome import EndReason, JobStatus, ResultEnvelope, StageReport
-from forgeflow.pipeline.validation import (
-    PipelineValidationError,
-    ResolvedStage,
-    definition_error,
-    validate_pipeline,
-)
-from forgeflow.plugins.cache import job_cache_dir
-from forgeflow.settings import Settings, get_settings
+from forgeflow.pipeline.outcome import EndReason
+from forgeflow.pipeline.validation import ResolvedStage, definition_error
 
 FLOW_NAME = "forgeflow-pipeline"
-#: error_type of a stage (and a job) stopped by a cancel request.
-CANCELLED = EndReason.CANCELLED.value
 # Prefect's own timeout only backstops the runner's hard kill.
 _BACKSTOP_GRACE_S = 30.0
-
-
-# --- services: what a flow run uses, built once per process -----------------------------------
-
-
-@dataclass
-class Services:
-    settings: Settings
-    registry: PluginRegistry
-    runner: Runner
-    sink: EventSink
-
-    @classmethod
-    def from_settings(cls, settings: Settings | None = None, sink: EventSink | None = None) -> Services:
-        """Services for a flow run in this process. Stage calls go to this host's engine when one is
-        running (its warm workers), else to a runner of this process's own."""
-        from forgeflow.engine.runners import get_runner
-
-        settings = settings or get_settings()
-        registry = PluginRegistry.discover(LifecycleStore(settings.lifecycle_db))
-        runner = _engine_runner(settings) or get_runner(settings, registry)
-        return cls(settings, registry, runner, sink or sink_from_settings(settings))
-
-    def is_cancelled(self, job_id: str) -> bool:
-        """Whether the job was cancelled (runners that support cancelling know)."""
-        check = getattr(self.runner, "is_cancelled", None)
-        return bool(check and check(job_id))
-
-    def close(self) -> None:
-        self.runner.close()
-        self.sink.close()
-
-
-def _engine_runner(settings: Settings) -> Runner | None:
-    if not settings.use_engine or settings.runner != "process" or os.environ.get(ENGINE_PROCESS_ENV):
-        return None
-    from forgeflow.engine.client import EngineClient, EngineRunner
-
-    client = EngineClient(settings.engine_socket_path)
-    return EngineRunner(client) if client.alive() else None
-
-
-#: Set in the engine's own process: its flow runs use its pools directly.
-ENGINE_PROCESS_ENV = "FORGEFLOW_ENGINE_PROCESS"
-
-_services_var: contextvars.ContextVar[Services | None] = contextvars.ContextVar("forgeflow_services", default=None)
-_default_services: Services | None = None
-_default_lock = threading.Lock()
-
-
-def current_services() -> Services:
-    """The services of this context (see :func:`use_services`), else the process-wide default."""
-    services = _services_var.get()
-    if services is not None:
-        return services
-    global _default_services
-    with _default_lock:
-        if _default_services is None:
-            _default_services = Services.from_settings()
-        return _default_services
-
-
-@contextlib.contextmanager
-def use_services(services: Services) -> Iterator[Services]:
-    token = _services_var.set(services)
-    try:
-        yield services
-    finally:
-        _services_var.reset(token)
-
-
-# --- one job run ------------------------------------------------------------------------------
-
-
-class StageFailed(Exception):
-    """A stage's tool call failed; carries the runner's result."""
-
-    def __init__(self, stage: ResolvedStage, result: CallResult) -> None:
-        super().__init__(
-            f"stage {stage.index} ({stage.stage.plugin}.{stage.stage.tool}) failed: {result.error_type}: {result.error}"
-        )
-        self.stage = stage
-        self.result = result
-
-
-class PipelineFailed(Exception):
-    """The pipeline stopped; ``envelope`` holds the error and the partial result."""
-
-    def __init__(self, envelope: ResultEnvelope) -> None:
-        super().__init__(f"{envelope.error_type}: {envelope.error}")
-        self.envelope = envelope
-
-
-@dataclass
-class JobRun:
-    """The state of one job while its flow runs (hooks read it)."""
-
-    job_id: str
-    services: Services
-    reports: list[StageReport]
-    flow_run_id: str | None = None
-    outcomes: dict[int, CallResult] = field(default_factory=dict)
-    completed: int = 0
-    terminal_sent: bool = False
-
-    def emit(self, event: Any) -> None:
-        self.services.sink.emit(event)
-
-    def finish(self, status: JobStatus, envelope: ResultEnvelope | None) -> None:
-        """Send the one terminal job message (later calls do nothing)."""
-        if self.terminal_sent:
-            return
-        self.terminal_sent = True
-        self.emit(
-            JobStatusEvent(
-                job_id=self.job_id,
-                status=status,
-                flow_run_id=self.flow_run_id,
-                envelope=envelope.to_dict() if envelope else None,
-            )
-        )
-        self.services.sink.flush(timeout=5.0)
-        shutil.rmtree(job_cache_dir(self.services.settings.cache_dir, self.job_id), ignore_errors=True)
-
 
 _active_runs: dict[str, JobRun] = {}  # flow run id -> JobRun, for the flow-level hooks
 _ended_runs: collections.OrderedDict[str, None] = collections.OrderedDict()  # flow runs whose job has ended
@@ -203,86 +52,28 @@ def last_flow_run_id(job_id: str) -> str | None:
     return _flow_run_of_job.get(job_id)
 
 
-def _write_checkpoint(settings: Settings, job_id: str, result: dict[str, Any], reports: list[StageReport]) -> None:
-    """Partial results on disk, so a job killed without hooks still reports what it had."""
-    path = checkpoint_path(settings, job_id)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    data = {"partial_result": result, "stages": [r.model_dump() for r in reports]}
-    tmp.write_text(json.dumps(data, sort_keys=True), encoding="utf-8")
-    tmp.replace(path)
+# --- one Prefect task per stage ---------------------------------------------------------------
 
 
-# --- stage tasks and their hooks --------------------------------------------------------------
-
-
-def _stage_task(run: JobRun, stage: ResolvedStage) -> Any:
-    """A Prefect task for one stage, named so the UI shows index, plugin and tool."""
+def _run_stage_as_task(run: JobRun, stage: ResolvedStage, inputs: dict[str, Any]) -> dict[str, Any]:
+    """A stage as a Prefect task, named so the UI shows index, plugin and tool; its state hooks make
+    the stage's transitions (start, end, error) on the run."""
     label = f"stage-{stage.index}: {stage.stage.plugin}.{stage.stage.tool}"
-    report = run.reports[stage.index]
 
     def on_running(tsk: Any, task_run: Any, state: Any) -> None:
-        report.status = "running"
-        run.emit(
-            StageStart(
-                job_id=run.job_id,
-                stage_index=stage.index,
-                plugin=stage.stage.plugin,
-                tool=stage.stage.tool,
-                attempt=max(1, getattr(task_run, "run_count", 1) or 1),
-            )
-        )
+        run.stage_started(stage, attempt=getattr(task_run, "run_count", 1) or 1)
 
     def on_completion(tsk: Any, task_run: Any, state: Any) -> None:
-        outcome = run.outcomes[stage.index]
-        report.status = "completed"
-        run.completed += 1
-        run.emit(_stage_end(run.job_id, stage, outcome, ok=True))
-        run.emit(progress(run.job_id, run.completed, len(run.reports)))
+        run.stage_completed(stage)
 
     def on_failure(tsk: Any, task_run: Any, state: Any) -> None:
-        outcome = run.outcomes.get(stage.index) or CallResult.failure(
-            "TaskFailed", state.message or "the stage task failed"
-        )
-        report.status = "cancelled" if outcome.error_type == CANCELLED else "failed"
-        report.error, report.error_type = outcome.error, outcome.error_type
-        run.emit(_stage_end(run.job_id, stage, outcome, ok=False))
-        run.emit(
-            PipelineError(
-                job_id=run.job_id,
-                stage_index=stage.index,
-                plugin=stage.stage.plugin,
-                tool=stage.stage.tool,
-                error=outcome.error or "stage failed",
-                error_type=outcome.error_type or "Error",
-            )
-        )
+        run.stage_failed(stage, state.message)
 
-    def run_stage(inputs: dict[str, Any]) -> dict[str, Any]:
-        settings = run.services.settings
-        call = ToolCall(
-            plugin=stage.plugin,
-            tool=stage.tool.name,
-            config=stage.config,
-            inputs=inputs,
-            timeout_s=stage.timeout_s,
-            memory_limit_mb=stage.stage.memory_limit_mb or settings.stage_memory_limit_mb,
-            job_id=run.job_id,
-            stage_index=stage.index,
-        )
-        result = run.services.runner.run(call)
-        run.outcomes[stage.index] = result
-        report.duration_ms = result.duration_ms
-        report.result_size_bytes = result.result_size_bytes
-        report.peak_memory_mb = result.peak_memory_mb
-        if result.reused_outputs or result.computed_outputs:
-            report.reused_outputs, report.computed_outputs = result.reused_outputs, result.computed_outputs
-        if not result.ok:
-            raise StageFailed(stage, result)
-        return result.outputs or {}
+    def run_stage(stage_inputs: dict[str, Any]) -> dict[str, Any]:
+        return run.call_stage(stage, stage_inputs)
 
     # mypy cannot pick one of task()'s overloads for hooks given as lists: the call is checked at run time.
-    return task(  # type: ignore[call-overload]
+    stage_task = task(  # type: ignore[call-overload]
         run_stage,
         name=label,
         task_run_name=label,
@@ -298,19 +89,8 @@ def _stage_task(run: JobRun, stage: ResolvedStage) -> Any:
         on_completion=[on_completion],
         on_failure=[on_failure],
     )
-
-
-def _stage_end(job_id: str, stage: ResolvedStage, outcome: CallResult, ok: bool) -> StageEnd:
-    return StageEnd(
-        job_id=job_id,
-        stage_index=stage.index,
-        plugin=stage.stage.plugin,
-        tool=stage.stage.tool,
-        duration_ms=round(outcome.duration_ms),
-        ok=ok,
-        result_size_bytes=outcome.result_size_bytes,
-        peak_memory_mb=outcome.peak_memory_mb,
-    )
+    outputs: dict[str, Any] = stage_task(inputs)
+    return outputs
 
 
 # --- flow-level hooks: the terminal message when the body could not send it -------------------
@@ -385,7 +165,7 @@ def pipeline_flow(
     _flow_run_of_job[job_id] = flow_run_id
     run.emit(JobStatusEvent(job_id=job_id, status="running", flow_run_id=flow_run_id))
     try:
-        return _execute(run, definition, parse_error, input_data).to_dict()
+        return execute(run, definition, parse_error, input_data, _run_stage_as_task).to_dict()
     except PipelineFailed as failed:
         # An expected outcome, not a bug: end the run Failed with the envelope, without a traceback.
         return Failed(message=str(failed), data=failed)  # type: ignore[return-value]
@@ -401,74 +181,3 @@ def pipeline_flow(
         if run.terminal_sent:
             _active_runs.pop(flow_run_id, None)
             _mark_ended(flow_run_id)
-
-
-def _execute(
-    run: JobRun,
-    definition: PipelineDefinition | None,
-    parse_error: PipelineValidationError | None,
-    input_data: dict[str, Any],
-) -> ResultEnvelope:
-    services = run.services
-    try:
-        if definition is None:
-            raise parse_error or PipelineValidationError([])
-        validated = validate_pipeline(definition, input_data, services.registry, services.settings)
-    except PipelineValidationError as exc:
-        for issue in reversed(exc.issues):
-            if issue.stage_index is not None and issue.stage_index < len(run.reports):
-                report = run.reports[issue.stage_index]
-                report.error, report.error_type = issue.message, issue.error_type
-        envelope = job_end.failed(
-            run.reports, error=exc.message, error_type=exc.error_type, stage_failed=exc.first_stage
-        )
-        first = exc.issues[0]
-        run.emit(
-            PipelineError(
-                job_id=run.job_id,
-                stage_index=first.stage_index,
-                plugin=first.plugin,
-                tool=first.tool,
-                error=exc.message,
-                error_type=exc.error_type,
-            )
-        )
-        run.finish("failed", envelope)
-        raise PipelineFailed(envelope) from None
-
-    context = dict(input_data)
-    result: dict[str, Any] = {}
-    for stage in validated.stages:
-        inputs = {name: context[name] for name in stage.input_fields if name in context}
-        try:
-            if services.is_cancelled(run.job_id):  # cancelled between two stages: start no other
-                run.outcomes[stage.index] = CallResult.failure(CANCELLED, "cancelled by request")
-                run.reports[stage.index].status = "cancelled"
-                raise StageFailed(stage, run.outcomes[stage.index])
-            outputs = _stage_task(run, stage)(inputs)
-        except BaseException as exc:
-            call = run.outcomes.get(stage.index)
-            error = call.error if call and not call.ok else str(exc) or type(exc).__name__
-            error_type = call.error_type if call and not call.ok else type(exc).__name__
-            cancelled = not isinstance(exc, Exception) or error_type == CANCELLED
-            envelope = job_end.failed(
-                run.reports,
-                error=error or "stage failed",
-                error_type=error_type or "Error",
-                stage_failed=stage.index,
-                partial_result=result,
-                ending="cancelled" if cancelled else "failed",
-            )
-            run.reports = envelope.stages
-            _write_checkpoint(services.settings, run.job_id, result, run.reports)
-            run.finish("cancelled" if cancelled else "failed", envelope)
-            if cancelled and not isinstance(exc, Exception):
-                raise
-            raise PipelineFailed(envelope) from None
-        context.update(outputs)
-        result.update(outputs)
-        _write_checkpoint(services.settings, run.job_id, result, run.reports)
-
-    envelope = job_end.succeeded(result, run.reports)
-    run.finish("succeeded", envelope)
-    return envelope

@@ -212,7 +212,7 @@ def mark_flow_run(flow_run_id: str, status: str, message: str) -> None:
 def run_job(spec: JobSpec, settings: Settings | None = None) -> int:
     """Run one job in this process with an HttpSink; the exit code says how it ended."""
     from forgeflow.jobs.executor import PipelineExecutor
-    from forgeflow.jobs.flow import Services
+    from forgeflow.jobs.stages import Services
 
     settings = settings or get_settings()
     services = Services.from_settings(settings)

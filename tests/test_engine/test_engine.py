@@ -302,7 +302,7 @@ def test_a_flow_run_in_another_process_runs_its_stages_on_the_engine(start_engin
     home = client.socket_path.parent
     script = (
         "import json; from forgeflow.jobs.executor import PipelineExecutor; "
-        "from forgeflow.jobs.flow import current_services; "
+        "from forgeflow.jobs.stages import current_services; "
         "print(current_services().runner.name); "
         "print(json.dumps(PipelineExecutor().execute([{'plugin': 'testkit', 'tool': 'numbers'}, "
         "{'plugin': 'testkit', 'tool': 'scale', 'config': {'factor': 5}}, {'plugin': 'testkit', 'tool': 'total'}], "

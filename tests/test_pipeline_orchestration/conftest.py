@@ -19,7 +19,7 @@ from tests.conftest import free_port
 def services(ff_home: Path, prefect_api_url: str):
     """Services as a flow run uses them: settings, registry, the real process runner, a MemorySink."""
     from forgeflow.events.sinks import MemorySink
-    from forgeflow.jobs.flow import Services
+    from forgeflow.jobs.stages import Services
     from forgeflow.settings import get_settings
 
     svc = Services.from_settings(get_settings(), sink=MemorySink())

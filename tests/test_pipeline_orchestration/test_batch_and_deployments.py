@@ -32,7 +32,7 @@ def _images(folder: Path) -> None:
 
 def test_batch_flow_runs_the_pipeline_per_file_and_isolates_bad_files(services, tmp_path):
     from forgeflow.jobs.batch import batch_flow  # Prefect loads when a test needs it, not at collection
-    from forgeflow.jobs.flow import use_services
+    from forgeflow.jobs.stages import use_services
 
     _images(tmp_path / "in")
     with use_services(services):

@@ -24,7 +24,7 @@ def engine(tmp_path_factory, prefect_api_url, assets):
     """An executor with its own FORGEFLOW_HOME, the process runner and a memory sink."""
     from forgeflow.events.sinks import MemorySink
     from forgeflow.jobs.executor import PipelineExecutor
-    from forgeflow.jobs.flow import Services
+    from forgeflow.jobs.stages import Services
     from forgeflow.settings import get_settings
 
     home = tmp_path_factory.mktemp("ffhome-examples")

@@ -1,0 +1,332 @@
+"""A job's stage loop, free of Prefect: services, the run's state, and the loop itself.
+
+:func:`execute` validates the pipeline, then runs its stages in order, stage N's outputs feeding
+stage N+1, and ends the job through :mod:`forgeflow.pipeline.outcome`. How one stage runs is
+given to it: :mod:`forgeflow.jobs.flow` runs each stage as a Prefect task whose state hooks call
+:meth:`JobRun.stage_started` / :meth:`~JobRun.stage_completed` / :meth:`~JobRun.stage_failed`;
+:func:`run_stage_directly` does the same in-process (the fast tests use it). Either way the same
+events are emitted in the same order.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import json
+import os
+import shutil
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from forgeflow.engine.lifecycle import LifecycleStore
+from forgeflow.engine.registry import PluginRegistry
+from forgeflow.engine.runners.base import CallResult, Runner, ToolCall
+from forgeflow.events.models import JobStatusEvent, PipelineError, StageEnd, StageStart, progress
+from forgeflow.events.sinks import EventSink, sink_from_settings
+from forgeflow.jobs.supervise import checkpoint_path
+from forgeflow.pipeline import outcome as job_end
+from forgeflow.pipeline.definition import PipelineDefinition
+from forgeflow.pipeline.outcome import EndReason, JobStatus, ResultEnvelope, StageReport
+from forgeflow.pipeline.validation import PipelineValidationError, ResolvedStage, validate_pipeline
+from forgeflow.plugins.cache import job_cache_dir
+from forgeflow.settings import Settings, get_settings
+
+#: error_type of a stage (and a job) stopped by a cancel request.
+CANCELLED = EndReason.CANCELLED.value
+#: Set in the engine's own process: its flow runs use its pools directly.
+ENGINE_PROCESS_ENV = "FORGEFLOW_ENGINE_PROCESS"
+
+
+# --- services: what a job run uses, built once per process ------------------------------------
+
+
+@dataclass
+class Services:
+    settings: Settings
+    registry: PluginRegistry
+    runner: Runner
+    sink: EventSink
+
+    @classmethod
+    def from_settings(cls, settings: Settings | None = None, sink: EventSink | None = None) -> Services:
+        """Services for a job run in this process. Stage calls go to this host's engine when one is
+        running (its warm workers), else to a runner of this process's own."""
+        from forgeflow.engine.runners import get_runner
+
+        settings = settings or get_settings()
+        registry = PluginRegistry.discover(LifecycleStore(settings.lifecycle_db))
+        runner = _engine_runner(settings) or get_runner(settings, registry)
+        return cls(settings, registry, runner, sink or sink_from_settings(settings))
+
+    def is_cancelled(self, job_id: str) -> bool:
+        """Whether the job was cancelled (runners that support cancelling know)."""
+        check = getattr(self.runner, "is_cancelled", None)
+        return bool(check and check(job_id))
+
+    def close(self) -> None:
+        self.runner.close()
+        self.sink.close()
+
+
+def _engine_runner(settings: Settings) -> Runner | None:
+    if not settings.use_engine or settings.runner != "process" or os.environ.get(ENGINE_PROCESS_ENV):
+        return None
+    from forgeflow.engine.client import EngineClient, EngineRunner
+
+    client = EngineClient(settings.engine_socket_path)
+    return EngineRunner(client) if client.alive() else None
+
+
+_services_var: contextvars.ContextVar[Services | None] = contextvars.ContextVar("forgeflow_services", default=None)
+_default_services: Services | None = None
+_default_lock = threading.Lock()
+
+
+def current_services() -> Services:
+    """The services of this context (see :func:`use_services`), else the process-wide default."""
+    services = _services_var.get()
+    if services is not None:
+        return services
+    global _default_services
+    with _default_lock:
+        if _default_services is None:
+            _default_services = Services.from_settings()
+        return _default_services
+
+
+@contextlib.contextmanager
+def use_services(services: Services) -> Iterator[Services]:
+    token = _services_var.set(services)
+    try:
+        yield services
+    finally:
+        _services_var.reset(token)
+
+
+# --- one job run ------------------------------------------------------------------------------
+
+
+class StageFailed(Exception):
+    """A stage's tool call failed; carries the runner's result."""
+
+    def __init__(self, stage: ResolvedStage, result: CallResult) -> None:
+        super().__init__(
+            f"stage {stage.index} ({stage.stage.plugin}.{stage.stage.tool}) failed: {result.error_type}: {result.error}"
+        )
+        self.stage = stage
+        self.result = result
+
+
+class PipelineFailed(Exception):
+    """The pipeline stopped; ``envelope`` holds the error and the partial result."""
+
+    def __init__(self, envelope: ResultEnvelope) -> None:
+        super().__init__(f"{envelope.error_type}: {envelope.error}")
+        self.envelope = envelope
+
+
+@dataclass
+class JobRun:
+    """The state of one job while it runs, and the stage transitions that emit its events."""
+
+    job_id: str
+    services: Services
+    reports: list[StageReport]
+    flow_run_id: str | None = None
+    outcomes: dict[int, CallResult] = field(default_factory=dict)
+    completed: int = 0
+    terminal_sent: bool = False
+
+    def emit(self, event: Any) -> None:
+        self.services.sink.emit(event)
+
+    def stage_started(self, stage: ResolvedStage, attempt: int = 1) -> None:
+        self.reports[stage.index].status = "running"
+        self.emit(
+            StageStart(
+                job_id=self.job_id,
+                stage_index=stage.index,
+                plugin=stage.stage.plugin,
+                tool=stage.stage.tool,
+                attempt=max(1, attempt),
+            )
+        )
+
+    def call_stage(self, stage: ResolvedStage, inputs: dict[str, Any]) -> dict[str, Any]:
+        """The stage's tool call through the runner: its outputs, or :class:`StageFailed`."""
+        settings = self.services.settings
+        call = ToolCall(
+            plugin=stage.plugin,
+            tool=stage.tool.name,
+            config=stage.config,
+            inputs=inputs,
+            timeout_s=stage.timeout_s,
+            memory_limit_mb=stage.stage.memory_limit_mb or settings.stage_memory_limit_mb,
+            job_id=self.job_id,
+            stage_index=stage.index,
+        )
+        result = self.services.runner.run(call)
+        self.outcomes[stage.index] = result
+        report = self.reports[stage.index]
+        report.duration_ms = result.duration_ms
+        report.result_size_bytes = result.result_size_bytes
+        report.peak_memory_mb = result.peak_memory_mb
+        if result.reused_outputs or result.computed_outputs:
+            report.reused_outputs, report.computed_outputs = result.reused_outputs, result.computed_outputs
+        if not result.ok:
+            raise StageFailed(stage, result)
+        return result.outputs or {}
+
+    def stage_completed(self, stage: ResolvedStage) -> None:
+        self.reports[stage.index].status = "completed"
+        self.completed += 1
+        self.emit(_stage_end(self.job_id, stage, self.outcomes[stage.index], ok=True))
+        self.emit(progress(self.job_id, self.completed, len(self.reports)))
+
+    def stage_failed(self, stage: ResolvedStage, message: str | None = None) -> None:
+        result = self.outcomes.get(stage.index) or CallResult.failure("TaskFailed", message or "the stage task failed")
+        report = self.reports[stage.index]
+        report.status = "cancelled" if result.error_type == CANCELLED else "failed"
+        report.error, report.error_type = result.error, result.error_type
+        self.emit(_stage_end(self.job_id, stage, result, ok=False))
+        self.emit(
+            PipelineError(
+                job_id=self.job_id,
+                stage_index=stage.index,
+                plugin=stage.stage.plugin,
+                tool=stage.stage.tool,
+                error=result.error or "stage failed",
+                error_type=result.error_type or "Error",
+            )
+        )
+
+    def finish(self, status: JobStatus, envelope: ResultEnvelope | None) -> None:
+        """Send the one terminal job message (later calls do nothing)."""
+        if self.terminal_sent:
+            return
+        self.terminal_sent = True
+        self.emit(
+            JobStatusEvent(
+                job_id=self.job_id,
+                status=status,
+                flow_run_id=self.flow_run_id,
+                envelope=envelope.to_dict() if envelope else None,
+            )
+        )
+        self.services.sink.flush(timeout=5.0)
+        shutil.rmtree(job_cache_dir(self.services.settings.cache_dir, self.job_id), ignore_errors=True)
+
+
+def _stage_end(job_id: str, stage: ResolvedStage, result: CallResult, ok: bool) -> StageEnd:
+    return StageEnd(
+        job_id=job_id,
+        stage_index=stage.index,
+        plugin=stage.stage.plugin,
+        tool=stage.stage.tool,
+        duration_ms=round(result.duration_ms),
+        ok=ok,
+        result_size_bytes=result.result_size_bytes,
+        peak_memory_mb=result.peak_memory_mb,
+    )
+
+
+def _write_checkpoint(settings: Settings, job_id: str, result: dict[str, Any], reports: list[StageReport]) -> None:
+    """Partial results on disk, so a job killed without hooks still reports what it had."""
+    path = checkpoint_path(settings, job_id)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    data = {"partial_result": result, "stages": [r.model_dump() for r in reports]}
+    tmp.write_text(json.dumps(data, sort_keys=True), encoding="utf-8")
+    tmp.replace(path)
+
+
+#: Runs one stage of a run with its inputs and returns its outputs (raises when it fails).
+StageDriver = Callable[[JobRun, ResolvedStage, dict[str, Any]], dict[str, Any]]
+
+
+def run_stage_directly(run: JobRun, stage: ResolvedStage, inputs: dict[str, Any]) -> dict[str, Any]:
+    """A stage in this thread, without Prefect: the same transitions a Prefect task's hooks make."""
+    run.stage_started(stage)
+    try:
+        outputs = run.call_stage(stage, inputs)
+    except Exception as exc:
+        run.stage_failed(stage, str(exc))
+        raise
+    run.stage_completed(stage)
+    return outputs
+
+
+def execute(
+    run: JobRun,
+    definition: PipelineDefinition | None,
+    parse_error: PipelineValidationError | None,
+    input_data: dict[str, Any],
+    run_stage: StageDriver = run_stage_directly,
+) -> ResultEnvelope:
+    """Validate, run every stage with ``run_stage``, and end the job: the success envelope, or
+    :class:`PipelineFailed` carrying the failure envelope (the terminal message is sent either way)."""
+    services = run.services
+    try:
+        if definition is None:
+            raise parse_error or PipelineValidationError([])
+        validated = validate_pipeline(definition, input_data, services.registry, services.settings)
+    except PipelineValidationError as exc:
+        for issue in reversed(exc.issues):
+            if issue.stage_index is not None and issue.stage_index < len(run.reports):
+                report = run.reports[issue.stage_index]
+                report.error, report.error_type = issue.message, issue.error_type
+        envelope = job_end.failed(
+            run.reports, error=exc.message, error_type=exc.error_type, stage_failed=exc.first_stage
+        )
+        first = exc.issues[0]
+        run.emit(
+            PipelineError(
+                job_id=run.job_id,
+                stage_index=first.stage_index,
+                plugin=first.plugin,
+                tool=first.tool,
+                error=exc.message,
+                error_type=exc.error_type,
+            )
+        )
+        run.finish("failed", envelope)
+        raise PipelineFailed(envelope) from None
+
+    context = dict(input_data)
+    result: dict[str, Any] = {}
+    for stage in validated.stages:
+        inputs = {name: context[name] for name in stage.input_fields if name in context}
+        try:
+            if services.is_cancelled(run.job_id):  # cancelled between two stages: start no other
+                run.outcomes[stage.index] = CallResult.failure(CANCELLED, "cancelled by request")
+                run.reports[stage.index].status = "cancelled"
+                raise StageFailed(stage, run.outcomes[stage.index])
+            outputs = run_stage(run, stage, inputs)
+        except BaseException as exc:
+            call = run.outcomes.get(stage.index)
+            error = call.error if call and not call.ok else str(exc) or type(exc).__name__
+            error_type = call.error_type if call and not call.ok else type(exc).__name__
+            cancelled = not isinstance(exc, Exception) or error_type == CANCELLED
+            envelope = job_end.failed(
+                run.reports,
+                error=error or "stage failed",
+                error_type=error_type or "Error",
+                stage_failed=stage.index,
+                partial_result=result,
+                ending="cancelled" if cancelled else "failed",
+            )
+            run.reports = envelope.stages
+            _write_checkpoint(services.settings, run.job_id, result, run.reports)
+            run.finish("cancelled" if cancelled else "failed", envelope)
+            if cancelled and not isinstance(exc, Exception):
+                raise
+            raise PipelineFailed(envelope) from None
+        context.update(outputs)
+        result.update(outputs)
+        _write_checkpoint(services.settings, run.job_id, result, run.reports)
+
+    envelope = job_end.succeeded(result, run.reports)
+    run.finish("succeeded", envelope)
+    return envelope
