@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from forgeflow.engine.runners.base import CallResult, Runner, ToolCall
+from forgeflow.pipeline.outcome import EndReason
 
 __all__ = ["AdmittedRunner", "DeviceSlots", "device_of", "host_gpu_count"]
 
@@ -146,7 +147,7 @@ class AdmittedRunner:
             on_wait=(lambda reason: self.on_wait(call, reason)) if self.on_wait else None,  # type: ignore[misc]
         )
         if not admitted:
-            return CallResult.failure("Cancelled", "cancelled by request")
+            return CallResult.failure(EndReason.CANCELLED, "cancelled by request")
         try:
             return self.inner.run(call)
         finally:

@@ -44,7 +44,8 @@ def docker_runner(make_runner, docker_client, monkeypatch):
 
 
 def leftover_containers(client, ids):
-    existing = {c.id for c in client.containers.list(all=True)}
+    # ignore_removed: a container of a test in another xdist worker may go between list and inspect
+    existing = {c.id for c in client.containers.list(all=True, ignore_removed=True)}
     return [i for i in ids if i in existing]
 
 

@@ -20,7 +20,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from forgeflow.engine.runners.base import CallResult, Runner, ToolCall
-from forgeflow.plugins.errors import ForgeFlowError
+from forgeflow.pipeline.outcome import EndReason
+from forgeflow.plugins.errors import ForgeFlowError, InputError
 
 if TYPE_CHECKING:
     from forgeflow.engine.registry import PluginEntry, PluginRegistry
@@ -100,7 +101,7 @@ def prepare(registry: PluginRegistry, call: ToolCall) -> Prepared | CallResult:
         return CallResult.failure(exc.error_type, exc.message)
     except Exception as exc:  # a validator in plugin code that itself crashes
         return CallResult.failure(
-            "InputError", f"{call.plugin}.{call.tool}: validation failed: {type(exc).__name__}: {exc}"
+            InputError, f"{call.plugin}.{call.tool}: validation failed: {type(exc).__name__}: {exc}"
         )
     return Prepared(entry, tool)
 
@@ -130,7 +131,7 @@ class LifecycleRecorder:
         self._do("running", plugin)
 
     def finished(self, plugin: str, result: CallResult) -> None:
-        if result.error_type == "Cancelled":  # the caller stopped it: the plugin did nothing wrong
+        if result.error_type == EndReason.CANCELLED:  # the caller stopped it: the plugin did nothing wrong
             self._do("initialized", plugin)
         elif result.ok:
             self._do("succeeded", plugin, result.duration_ms)

@@ -12,6 +12,8 @@ from typing import Any, Protocol
 
 from pydantic import BaseModel, Field
 
+from forgeflow.plugins.errors import ForgeFlowError
+
 
 class ToolCall(BaseModel):
     """One invocation of one tool, as a runner receives it."""
@@ -43,7 +45,12 @@ class CallResult(BaseModel):
     computed_outputs: int = Field(0, description="Cacheable values this call computed.")
 
     @classmethod
-    def failure(cls, error_type: str, error: str, duration_ms: float = 0.0, **extra: Any) -> CallResult:
+    def failure(
+        cls, kind: type[ForgeFlowError] | str, error: str, duration_ms: float = 0.0, **extra: Any
+    ) -> CallResult:
+        """A failed result; ``kind`` is the error's class (its ``error_type`` travels) or, for an
+        error of the plugin's own, the name of its exception class."""
+        error_type = kind if isinstance(kind, str) else kind.error_type
         return cls(ok=False, error=error, error_type=error_type, duration_ms=duration_ms, **extra)
 
 

@@ -38,6 +38,7 @@ from typing import Any
 
 from forgeflow.engine.runners import LifecycleRecorder, Prepared, prepare, result_from_message
 from forgeflow.engine.runners.base import CallResult, ToolCall
+from forgeflow.plugins.errors import PluginUnavailable, StageMemoryExceeded, StageTimeout, WorkerCrashed
 
 log = logging.getLogger("forgeflow.runners.docker")
 
@@ -245,7 +246,7 @@ class DockerRunner:
             if now > startup_deadline:
                 container.kill()
                 return CallResult.failure(
-                    "TimeoutError",
+                    StageTimeout,
                     f"{label}: the container's plugin did not load within {self.settings.worker_startup_timeout_s:g} s"
                     " (worker_startup_timeout_s); container killed",
                     duration_ms=(now - start) * 1000.0,
@@ -262,7 +263,7 @@ class DockerRunner:
         except (requests.exceptions.ReadTimeout, requests.exceptions.ConnectionError):
             container.kill()
             return CallResult.failure(
-                "TimeoutError",
+                StageTimeout,
                 f"{label} timed out after {call.timeout_s:g} s; its container was killed",
                 duration_ms=(time.monotonic() - call_start) * 1000.0,
             )
@@ -275,7 +276,7 @@ class DockerRunner:
         response = out_dir / "response.json"
         if state.get("OOMKilled"):
             return CallResult.failure(
-                "MemoryError",
+                StageMemoryExceeded,
                 f"{label} exceeded its memory limit of {limit_mb} MB (the container was OOM-killed)",
                 duration_ms=elapsed,
             )
@@ -283,7 +284,7 @@ class DockerRunner:
             message = json.loads(response.read_text())
             if message.get("type") == "unavailable":
                 return CallResult.failure(
-                    "PluginUnavailable",
+                    PluginUnavailable,
                     f"plugin {label.split('.', maxsplit=1)[0]!r} is unavailable in the container: {message.get('reason')}",
                 )
             result = result_from_message(message)
@@ -308,7 +309,7 @@ class DockerRunner:
         text = f"{label}: plugin container {what} without an answer"
         if tail:
             text += f"\n--- container log (last {LOG_TAIL_BYTES} bytes) ---\n{tail}"
-        return CallResult.failure("WorkerCrashed", text, duration_ms=elapsed)
+        return CallResult.failure(WorkerCrashed, text, duration_ms=elapsed)
 
     def _import_media(self, folder: Path) -> None:
         """Add media the tool stored in the container to the host's store (same refs)."""

@@ -47,6 +47,8 @@ from forgeflow.engine.runners.protocol import (
     ProtocolError,
     write_message,
 )
+from forgeflow.pipeline.outcome import EndReason
+from forgeflow.plugins.errors import PluginUnavailable, StageMemoryExceeded, StageTimeout, WorkerCrashed
 
 log = logging.getLogger("forgeflow.runners.process")
 
@@ -349,7 +351,7 @@ class ProcessRunner:
             worker.job_id = None if cancelled else call.job_id
         if cancelled:
             self._release(worker)
-            return CallResult.failure("Cancelled", "cancelled by request")
+            return CallResult.failure(EndReason.CANCELLED, "cancelled by request")
         self.lifecycle.running(plugin)
         result, reusable = self._call(worker, prepared, call)
         if reusable:
@@ -393,7 +395,7 @@ class ProcessRunner:
             worker.kill()
             elapsed = (time.monotonic() - start) * 1000.0
             return CallResult.failure(
-                "TimeoutError",
+                StageTimeout,
                 f"{label} timed out after {call.timeout_s:g} s; its process group was killed",
                 duration_ms=elapsed,
             ), False
@@ -401,7 +403,7 @@ class ProcessRunner:
             worker.kill()
             elapsed = (time.monotonic() - start) * 1000.0
             return CallResult.failure(
-                "MemoryError",
+                StageMemoryExceeded,
                 f"{label} exceeded its memory limit of {limit_mb} MB (resident memory reached "
                 f"{exc.rss_bytes / 2**20:.0f} MB); its process group was killed",
                 duration_ms=elapsed,
@@ -411,7 +413,7 @@ class ProcessRunner:
             elapsed = (time.monotonic() - start) * 1000.0
             if self.is_cancelled(call.job_id):
                 worker.kill()
-                return CallResult.failure("Cancelled", "cancelled by request", duration_ms=elapsed), False
+                return CallResult.failure(EndReason.CANCELLED, "cancelled by request", duration_ms=elapsed), False
             broke = isinstance(exc, ProtocolError)
             rc = worker.wait_exit(1.0) if not broke else None
             killed_rc = worker.kill()
@@ -421,7 +423,7 @@ class ProcessRunner:
             if rc == -signal.SIGABRT and "std::bad_alloc" in tail:
                 # Native code (C++) that cannot allocate aborts instead of raising.
                 return CallResult.failure(
-                    "MemoryError",
+                    StageMemoryExceeded,
                     f"{label} exceeded its memory limit of {limit_mb} MB (std::bad_alloc in native code; "
                     f"the plugin process aborted)\n--- worker log (last {LOG_TAIL_BYTES} bytes) ---\n{tail}",
                     duration_ms=elapsed,
@@ -429,11 +431,11 @@ class ProcessRunner:
             message_text = f"{label}: plugin process {what}"
             if tail:
                 message_text += f"\n--- worker log (last {LOG_TAIL_BYTES} bytes) ---\n{tail}"
-            return CallResult.failure("WorkerCrashed", message_text, duration_ms=elapsed), False
+            return CallResult.failure(WorkerCrashed, message_text, duration_ms=elapsed), False
         if message.get("type") != "result":
             worker.kill()
             return CallResult.failure(
-                "WorkerCrashed", f"{label}: plugin process sent an unexpected {message.get('type')!r} message"
+                WorkerCrashed, f"{label}: plugin process sent an unexpected {message.get('type')!r} message"
             ), False
         result = result_from_message(message)
         worker.loads = int(message.get("resource_loads") or worker.loads)
@@ -460,7 +462,7 @@ class ProcessRunner:
             try:
                 while True:
                     if self.is_cancelled(job_id):
-                        return None, CallResult.failure("Cancelled", "cancelled by request")
+                        return None, CallResult.failure(EndReason.CANCELLED, "cancelled by request")
                     if self._closed:
                         return None, CallResult.failure("RunnerError", f"{plugin}: the runner is closed")
                     idle = self._idle.get(plugin, [])
@@ -606,7 +608,7 @@ class ProcessRunner:
             self._forget(worker)
             worker.kill()
             return None, CallResult.failure(
-                "TimeoutError",
+                StageTimeout,
                 f"{plugin}: worker did not become ready within {budget:g} s (worker_startup_timeout_s); killed",
                 duration_ms=(time.monotonic() - start) * 1000.0,
             )
@@ -618,18 +620,18 @@ class ProcessRunner:
             text = f"{plugin}: plugin process {describe_exit(rc)} while starting"
             if tail:
                 text += f"\n--- worker log (last {LOG_TAIL_BYTES} bytes) ---\n{tail}"
-            return None, CallResult.failure("WorkerCrashed", text, duration_ms=(time.monotonic() - start) * 1000.0)
+            return None, CallResult.failure(WorkerCrashed, text, duration_ms=(time.monotonic() - start) * 1000.0)
         if message.get("type") == "unavailable":
             self._forget(worker)
             worker.stop()
             return None, CallResult.failure(
-                "PluginUnavailable", f"plugin {plugin!r} is unavailable: {message.get('reason')}"
+                PluginUnavailable, f"plugin {plugin!r} is unavailable: {message.get('reason')}"
             )
         if message.get("type") != "ready":
             self._forget(worker)
             worker.kill()
             return None, CallResult.failure(
-                "WorkerCrashed", f"{plugin}: worker sent {message.get('type')!r} instead of 'ready'"
+                WorkerCrashed, f"{plugin}: worker sent {message.get('type')!r} instead of 'ready'"
             )
         worker.version = message.get("version")
         self.lifecycle.initialized(plugin)

@@ -205,7 +205,7 @@ def execute_call(
 ) -> dict[str, Any]:
     """Run one call and describe its outcome as a ``result`` message. Never raises."""
     from forgeflow.canonical import canonical_bytes
-    from forgeflow.plugins.errors import ForgeFlowError
+    from forgeflow.plugins.errors import ForgeFlowError, StageMemoryExceeded
 
     limit_mb = request.get("memory_limit_mb")
     label = f"{tool.plugin_name}.{tool.name}"
@@ -256,7 +256,7 @@ def execute_call(
             detail += "; importing a library needs address space too (torch's CUDA build maps about 4 GB)"
         result.update(
             error=f"{label} exceeded {where} ({detail})",
-            error_type="MemoryError",
+            error_type=StageMemoryExceeded.error_type,
             recycle=True,
         )
     elif isinstance(error, ForgeFlowError):
