@@ -29,6 +29,7 @@ from typing import Any
 from anyio import to_thread
 
 from forgeflow.api.deps import ApiState
+from forgeflow.api.store.rows import JobRow
 from forgeflow.events import spool
 from forgeflow.events.models import Event, JobStatusEvent, PipelineError, parse_event
 from forgeflow.jobs.supervise import JobProcess
@@ -267,7 +268,7 @@ class Launcher:
                 for job in await to_thread.run_sync(self.state.store.jobs_to_launch, free):
                     await to_thread.run_sync(self._launch, job)
 
-    def _launch(self, job: dict[str, Any]) -> None:
+    def _launch(self, job: JobRow) -> None:
         job_id = job["id"]
         store = self.state.store
         if not store.claim_launch(job_id):  # "launching": never started twice
@@ -354,13 +355,14 @@ class Launcher:
             ]
         if job.get("cancel_requested"):
             batch = [self._as_cancelled(e) for e in batch]
-            if job.get("flow_run_id"):
+            flow_run_id = job.get("flow_run_id")
+            if flow_run_id:
                 try:
                     from forgeflow.jobs.supervise import mark_flow_run
 
-                    mark_flow_run(job["flow_run_id"], "cancelled", CANCELLED_BY_USER)
+                    mark_flow_run(flow_run_id, "cancelled", CANCELLED_BY_USER)
                 except Exception:
-                    log.warning("could not mark flow run %s cancelled", job["flow_run_id"])
+                    log.warning("could not mark flow run %s cancelled", flow_run_id)
         log.warning("job %s: %s", job_id, reason)
         self._store_terminal(job_id, batch)
 
@@ -374,7 +376,7 @@ class Launcher:
         return event
 
     # --- cancel ----------------------------------------------------------------------------------
-    async def cancel(self, job_id: str) -> dict[str, Any]:
+    async def cancel(self, job_id: str) -> JobRow:
         """Cancel a job: a queued one at once, a running one by signalling its process."""
         store = self.state.store
         async with self._lock:

@@ -13,9 +13,11 @@ from __future__ import annotations
 import sqlite3
 import threading
 import time
-from dataclasses import asdict
+from collections.abc import Mapping
+from dataclasses import asdict, replace
 from enum import StrEnum
 from pathlib import Path
+from typing import Any
 
 from pydantic.dataclasses import dataclass
 
@@ -45,6 +47,30 @@ class PluginStatus:
         data = asdict(self)
         data["state"] = self.state.value
         return data
+
+    def merged_with(self, seen: Mapping[str, Any] | None) -> PluginStatus:
+        """This host's view merged with what another source saw (the API's observations from the stage
+        events it ingests, workers on other machines): the newer state wins, counts take the larger.
+        An UNAVAILABLE plugin stays so: it cannot load here, whatever ran elsewhere."""
+        if seen is None or self.state == LifecycleState.UNAVAILABLE:
+            return self
+        merged = replace(
+            self,
+            calls=max(self.calls, int(seen["calls"] or 0)),
+            failures=max(self.failures, int(seen["failures"] or 0)),
+        )
+        if (seen["updated_at"] or 0) > self.updated_at:
+            merged = replace(
+                merged,
+                state=LifecycleState(seen["state"]),
+                last_error=seen["last_error"],
+                last_error_type=seen["last_error_type"],
+                updated_at=float(seen["updated_at"]),
+                last_duration_ms=seen["last_duration_ms"]
+                if seen["last_duration_ms"] is not None
+                else self.last_duration_ms,
+            )
+        return merged
 
 
 _SCHEMA = """

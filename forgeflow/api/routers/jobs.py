@@ -23,6 +23,7 @@ from forgeflow.api.models import (
 )
 from forgeflow.api.routers.views import job_summary, job_view, pipeline_view
 from forgeflow.api.store import Conflict
+from forgeflow.api.store.rows import JobRow
 from forgeflow.canonical import canonical_json
 from forgeflow.pipeline.definition import PipelineDefinition
 from forgeflow.pipeline.outcome import JobStatus, is_terminal
@@ -231,7 +232,7 @@ async def list_jobs(
 JobIdPath = Path(..., min_length=1, max_length=128, description="The job id.")
 
 
-async def _job(state: ApiState, job_id: str) -> dict[str, Any]:
+async def _job(state: ApiState, job_id: str) -> JobRow:
     job = await run_in_threadpool(state.store.get_job, job_id)
     if job is None:
         raise not_found("job", job_id)

@@ -10,6 +10,7 @@ from fastapi.concurrency import run_in_threadpool
 from forgeflow.api.deps import ApiState, get_state
 from forgeflow.api.errors import ApiError
 from forgeflow.api.models import ErrorBody, PluginDetail, PluginHealth, PluginSummary
+from forgeflow.api.store.rows import PluginObservedRow
 from forgeflow.plugins.errors import UnknownPlugin
 
 router = APIRouter(prefix="/v1/plugins", tags=["plugins"])
@@ -20,22 +21,9 @@ ERRORS: dict[int | str, dict[str, Any]] = {
 }
 
 
-def merged_lifecycle(state: ApiState, name: str, observed: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    """The lifecycle file (written by local workers) merged with what ingested stage events say
-    (workers on other machines): the newer state wins, counts take the larger."""
-    local: dict[str, Any] = state.registry.status(name).to_dict()
-    seen = observed.get(name)
-    if seen is None or local["state"] == "UNAVAILABLE":
-        return local
-    merged = dict(local)
-    if (seen["updated_at"] or 0) > (local.get("updated_at") or 0):
-        for key in ("state", "last_error", "last_error_type", "updated_at"):
-            merged[key] = seen[key]
-        if seen["last_duration_ms"] is not None:
-            merged["last_duration_ms"] = seen["last_duration_ms"]
-    merged["calls"] = max(local.get("calls") or 0, seen["calls"] or 0)
-    merged["failures"] = max(local.get("failures") or 0, seen["failures"] or 0)
-    return merged
+def merged_lifecycle(state: ApiState, name: str, observed: dict[str, PluginObservedRow]) -> dict[str, object]:
+    """The lifecycle file (written by this host's workers) merged with what ingested stage events say."""
+    return state.registry.status(name).merged_with(observed.get(name)).to_dict()
 
 
 def _describe(state: ApiState, name: str, schemas: bool) -> dict[str, Any]:

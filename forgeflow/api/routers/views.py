@@ -5,10 +5,11 @@ from __future__ import annotations
 from typing import Any
 
 from forgeflow.api.store import iso
+from forgeflow.api.store.rows import JobRow, StageRow, TemplateRow
 from forgeflow.pipeline.outcome import shown_stage_status
 
 
-def stage_states(job: dict[str, Any], rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def stage_states(job: JobRow, rows: list[StageRow]) -> list[dict[str, Any]]:
     stages = (job.get("pipeline") or {}).get("stages") or []
     by_index = {r["stage_index"]: r for r in rows}
     count = max(len(stages), max(by_index, default=-1) + 1)
@@ -43,7 +44,7 @@ def current_stage(states: list[dict[str, Any]]) -> int | None:
     return running[-1] if running else None
 
 
-def job_summary(job: dict[str, Any]) -> dict[str, Any]:
+def job_summary(job: JobRow) -> dict[str, Any]:
     """One job in a list: status, timing, progress from the job row."""
     return {
         "job_id": job["id"],
@@ -59,7 +60,7 @@ def job_summary(job: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def job_view(job: dict[str, Any], rows: list[dict[str, Any]]) -> dict[str, Any]:
+def job_view(job: JobRow, rows: list[StageRow]) -> dict[str, Any]:
     """One job in full: the summary with progress derived from its stage rows, the envelope, the input."""
     states = stage_states(job, rows)
     return {
@@ -78,7 +79,7 @@ def job_view(job: dict[str, Any], rows: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
-def pipeline_view(job: dict[str, Any], rows: list[dict[str, Any]]) -> dict[str, Any]:
+def pipeline_view(job: JobRow, rows: list[StageRow]) -> dict[str, Any]:
     states = stage_states(job, rows)
     total = len(states)
     done = sum(1 for s in states if s["status"] == "completed")
@@ -100,7 +101,7 @@ def pipeline_view(job: dict[str, Any], rows: list[dict[str, Any]]) -> dict[str, 
     }
 
 
-def template_summary(row: dict[str, Any]) -> dict[str, Any]:
+def template_summary(row: TemplateRow) -> dict[str, Any]:
     definition = row["definition"] or {}
     return {
         "id": row["id"],

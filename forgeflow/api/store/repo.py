@@ -22,6 +22,16 @@ from sqlalchemy import Connection, case, delete, func, insert, select, update
 from sqlalchemy.exc import IntegrityError
 
 from forgeflow.api.store.db import make_engine, migrate
+from forgeflow.api.store.rows import (
+    JobRow,
+    PluginObservedRow,
+    StageRow,
+    TemplateRow,
+    job_row,
+    plugin_observed_row,
+    stage_row,
+    template_row,
+)
 from forgeflow.api.store.tables import events, jobs, meta, pipelines, plugin_observed, stage_runs
 from forgeflow.events.models import (
     Event,
@@ -122,7 +132,7 @@ class Store:
         source: str,
         template_id: str | None,
         publish: Callable[[list[StoredEvent]], None] | None = None,
-    ) -> tuple[dict[str, Any], bool]:
+    ) -> tuple[JobRow, bool]:
         """Insert a queued job and its first message; an existing id with the same body is returned as is.
 
         Raises :class:`Conflict` when the id exists with a different body.
@@ -168,14 +178,14 @@ class Store:
         assert job is not None
         return job, True
 
-    def get_job(self, job_id: str) -> dict[str, Any] | None:
+    def get_job(self, job_id: str) -> JobRow | None:
         with self.engine.connect() as conn:
             row = conn.execute(select(jobs).where(jobs.c.id == job_id)).mappings().first()
-        return dict(row) if row else None
+        return job_row(row) if row else None
 
     def list_jobs(
         self, statuses: list[str] | None, limit: int, offset: int, template_id: str | None = None
-    ) -> tuple[list[dict[str, Any]], int]:
+    ) -> tuple[list[JobRow], int]:
         query = select(jobs)
         count = select(func.count()).select_from(jobs)
         if statuses:
@@ -186,16 +196,16 @@ class Store:
             count = count.where(jobs.c.template_id == template_id)
         query = query.order_by(jobs.c.created_at.desc(), jobs.c.id.desc()).limit(limit).offset(offset)
         with self.engine.connect() as conn:
-            rows = [dict(r) for r in conn.execute(query).mappings()]
+            rows = [job_row(r) for r in conn.execute(query).mappings()]
             total = conn.execute(count).scalar() or 0
         return rows, total
 
-    def stage_rows(self, job_id: str) -> list[dict[str, Any]]:
+    def stage_rows(self, job_id: str) -> list[StageRow]:
         with self.engine.connect() as conn:
             rows = conn.execute(
                 select(stage_runs).where(stage_runs.c.job_id == job_id).order_by(stage_runs.c.stage_index)
             ).mappings()
-            return [dict(r) for r in rows]
+            return [stage_row(r) for r in rows]
 
     def events_after(self, job_id: str, after_seq: int, limit: int = 1000) -> list[StoredEvent]:
         query = (
@@ -231,7 +241,7 @@ class Store:
         return bool(job and job["status"] in TERMINAL_STATUSES)
 
     # --- launcher bookkeeping --------------------------------------------------------------------
-    def jobs_to_launch(self, limit: int) -> list[dict[str, Any]]:
+    def jobs_to_launch(self, limit: int) -> list[JobRow]:
         query = (
             select(jobs)
             .where(
@@ -244,13 +254,13 @@ class Store:
             .limit(limit)
         )
         with self.engine.connect() as conn:
-            return [dict(r) for r in conn.execute(query).mappings()]
+            return [job_row(r) for r in conn.execute(query).mappings()]
 
-    def launched_active_jobs(self) -> list[dict[str, Any]]:
+    def launched_active_jobs(self) -> list[JobRow]:
         """Jobs a launcher started that have no terminal status yet."""
         query = select(jobs).where(jobs.c.launched_at.is_not(None), jobs.c.status.not_in(list(TERMINAL_STATUSES)))
         with self.engine.connect() as conn:
-            return [dict(r) for r in conn.execute(query).mappings()]
+            return [job_row(r) for r in conn.execute(query).mappings()]
 
     def set_launched(self, job_id: str, pid: int | None, create_time: float | None) -> None:
         now = utcnow()
@@ -582,7 +592,7 @@ class Store:
         conn.execute(update(plugin_observed).where(plugin_observed.c.plugin == name).values(**values))
 
     # --- templates -------------------------------------------------------------------------------
-    def create_template(self, template_id: str, name: str, definition: dict[str, Any]) -> dict[str, Any]:
+    def create_template(self, template_id: str, name: str, definition: dict[str, Any]) -> TemplateRow:
         now = utcnow()
         with self._write_lock:
             if self.get_template(template_id) is not None:
@@ -600,15 +610,15 @@ class Store:
         assert template is not None
         return template
 
-    def get_template(self, template_id: str) -> dict[str, Any] | None:
+    def get_template(self, template_id: str) -> TemplateRow | None:
         with self.engine.connect() as conn:
             row = conn.execute(select(pipelines).where(pipelines.c.id == template_id)).mappings().first()
-        return dict(row) if row else None
+        return template_row(row) if row else None
 
-    def list_templates(self) -> list[dict[str, Any]]:
+    def list_templates(self) -> list[TemplateRow]:
         with self.engine.connect() as conn:
             rows = conn.execute(select(pipelines).order_by(pipelines.c.created_at, pipelines.c.id)).mappings()
-            return [dict(r) for r in rows]
+            return [template_row(r) for r in rows]
 
     def delete_template(self, template_id: str) -> bool:
         with self._write_lock, self.engine.begin() as conn:
@@ -680,9 +690,9 @@ class Store:
         }
 
     # --- plugins -------------------------------------------------------------------------------
-    def observed_plugins(self) -> dict[str, dict[str, Any]]:
+    def observed_plugins(self) -> dict[str, PluginObservedRow]:
         with self.engine.connect() as conn:
-            return {r["plugin"]: dict(r) for r in conn.execute(select(plugin_observed)).mappings()}
+            return {r["plugin"]: plugin_observed_row(r) for r in conn.execute(select(plugin_observed)).mappings()}
 
 
 def _aware(value: datetime) -> datetime:

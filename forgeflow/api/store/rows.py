@@ -1,0 +1,85 @@
+"""Typed rows of the store: what the repository returns, one TypedDict per table (see ``tables.py``)."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any, TypedDict, cast
+
+from forgeflow.pipeline.outcome import JobStatus, StageStatus
+
+
+class JobRow(TypedDict):
+    id: str
+    status: JobStatus
+    source: str
+    template_id: str | None
+    pipeline: dict[str, Any]
+    input: dict[str, Any]
+    request_hash: str
+    created_at: datetime
+    updated_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+    flow_run_id: str | None
+    pid: int | None
+    pid_create_time: float | None
+    launched_at: datetime | None
+    exit_code: int | None
+    cancel_requested: bool
+    envelope: dict[str, Any] | None
+    error: str | None
+    error_type: str | None
+    last_seq: int
+    stages_total: int
+    stages_completed: int
+
+
+class StageRow(TypedDict):
+    job_id: str
+    stage_index: int
+    plugin: str
+    tool: str
+    status: StageStatus
+    attempt: int
+    started_at: str | None
+    ended_at: str | None
+    duration_ms: float | None
+    result_size_bytes: int | None
+    peak_memory_mb: float | None
+    error: str | None
+    error_type: str | None
+
+
+class TemplateRow(TypedDict):
+    id: str
+    name: str
+    definition: dict[str, Any]
+    created_at: datetime
+    updated_at: datetime
+
+
+class PluginObservedRow(TypedDict):
+    plugin: str
+    state: str
+    last_error: str | None
+    last_error_type: str | None
+    calls: int
+    failures: int
+    last_duration_ms: float | None
+    updated_at: float
+
+
+def job_row(row: Any) -> JobRow:
+    return cast(JobRow, dict(row))
+
+
+def stage_row(row: Any) -> StageRow:
+    return cast(StageRow, dict(row))
+
+
+def template_row(row: Any) -> TemplateRow:
+    return cast(TemplateRow, dict(row))
+
+
+def plugin_observed_row(row: Any) -> PluginObservedRow:
+    return cast(PluginObservedRow, dict(row))
