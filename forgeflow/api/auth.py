@@ -30,7 +30,7 @@ except ModuleNotFoundError as exc:
         name=exc.name,
     ) from exc
 
-from forgeflow.api.errors import ApiError
+from forgeflow.api.errors import ApiError, ApiErrorType
 
 bearer_scheme = HTTPBearer(
     auto_error=False,  # ForgeFlow answers itself, and only when the service has a token
@@ -116,4 +116,4 @@ class Authenticator:
 
 
 def _unauthorized(message: str) -> ApiError:
-    return ApiError(401, message, "Unauthorized", headers={"WWW-Authenticate": "Bearer"})
+    return ApiError(401, message, ApiErrorType.UNAUTHORIZED, headers={"WWW-Authenticate": "Bearer"})

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from enum import StrEnum
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -12,12 +13,26 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from forgeflow.plugins.errors import ForgeFlowError
 
 
+class ApiErrorType(StrEnum):
+    """The ``error_type`` of errors the API itself answers (a plugin's or the pipeline's own errors
+    keep theirs: ``UnknownPlugin``, ``PipelineValidationError`` …)."""
+
+    BAD_REQUEST = "BadRequest"
+    REQUEST_VALIDATION = "RequestValidationError"
+    NOT_FOUND = "NotFound"
+    CONFLICT = "Conflict"
+    UNAUTHORIZED = "Unauthorized"
+    UNAVAILABLE = "Unavailable"
+    METHOD_NOT_ALLOWED = "MethodNotAllowed"
+    HTTP_ERROR = "HTTPError"
+
+
 class ApiError(Exception):
     def __init__(
         self,
         status: int,
         error: str,
-        error_type: str = "BadRequest",
+        error_type: str = ApiErrorType.BAD_REQUEST,
         field: str | None = None,
         headers: dict[str, str] | None = None,
         **extra: Any,
@@ -32,7 +47,7 @@ class ApiError(Exception):
 
 def not_found(kind: str, ident: str, hint: str | None = None) -> ApiError:
     message = f"unknown {kind} {ident!r}" + (f"; {hint}" if hint else "")
-    return ApiError(404, message, "NotFound")
+    return ApiError(404, message, ApiErrorType.NOT_FOUND)
 
 
 def _loc(loc: tuple[Any, ...] | list[Any]) -> str:
@@ -57,7 +72,12 @@ def install_error_handlers(app: FastAPI) -> None:
         message = f"{first['field']}: {first['message']}" if first["field"] else first["message"]
         if len(issues) > 1:
             message += f" (and {len(issues) - 1} more)"
-        body = {"error": message, "error_type": "RequestValidationError", "field": first["field"], "issues": issues}
+        body = {
+            "error": message,
+            "error_type": ApiErrorType.REQUEST_VALIDATION,
+            "field": first["field"],
+            "issues": issues,
+        }
         return JSONResponse(body, status_code=422)
 
     @app.exception_handler(ForgeFlowError)
@@ -76,7 +96,9 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        kind = {404: "NotFound", 405: "MethodNotAllowed", 401: "Unauthorized"}.get(exc.status_code, "HTTPError")
+        kind = {404: ApiErrorType.NOT_FOUND, 405: ApiErrorType.METHOD_NOT_ALLOWED, 401: ApiErrorType.UNAUTHORIZED}.get(
+            exc.status_code, ApiErrorType.HTTP_ERROR
+        )
         return JSONResponse(
             {"error": str(exc.detail), "error_type": kind}, status_code=exc.status_code, headers=exc.headers
         )

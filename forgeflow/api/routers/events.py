@@ -30,7 +30,7 @@ from pydantic import ValidationError
 from starlette.websockets import WebSocketDisconnect, WebSocketState
 
 from forgeflow.api.deps import ApiState, get_state
-from forgeflow.api.errors import ApiError
+from forgeflow.api.errors import ApiError, ApiErrorType
 from forgeflow.api.hub import Subscription
 from forgeflow.api.models import ErrorBody, IngestBatch, IngestResult
 from forgeflow.api.store import StoredEvent
@@ -73,7 +73,7 @@ async def ingest_events(request: Request, batch: IngestBatch, state: ApiState = 
             raise ApiError(
                 422,
                 f"events.{index}: {loc + ': ' if loc else ''}{err['msg']}",
-                "RequestValidationError",
+                ApiErrorType.REQUEST_VALIDATION,
                 field=f"events.{index}" + (f".{loc}" if loc else ""),
             ) from None
     for index, item in enumerate(parsed):
@@ -83,7 +83,7 @@ async def ingest_events(request: Request, batch: IngestBatch, state: ApiState = 
                 raise ApiError(
                     422,
                     f"events.{index}.{name}: must be 1 to {limit} characters",
-                    "RequestValidationError",
+                    ApiErrorType.REQUEST_VALIDATION,
                     field=f"events.{index}.{name}",
                 )
     stored = await run_in_threadpool(
@@ -226,17 +226,20 @@ async def ws_job(websocket: WebSocket, job_id: str) -> None:
     state = get_state(websocket)
     if not state.auth.ws_allowed(websocket):
         await _deny(
-            websocket, 401, "missing or invalid API token (header 'Authorization: Bearer' or ?token=)", "Unauthorized"
+            websocket,
+            401,
+            "missing or invalid API token (header 'Authorization: Bearer' or ?token=)",
+            ApiErrorType.UNAUTHORIZED,
         )
         return
     try:
         after = _query_int(websocket, "after_seq") or 0
     except ValueError as exc:
-        await _deny(websocket, 422, str(exc), "RequestValidationError")
+        await _deny(websocket, 422, str(exc), ApiErrorType.REQUEST_VALIDATION)
         return
     job = await run_in_threadpool(state.store.get_job, job_id)
     if job is None:
-        await _deny(websocket, 404, f"unknown job {job_id!r}", "NotFound")
+        await _deny(websocket, 404, f"unknown job {job_id!r}", ApiErrorType.NOT_FOUND)
         return
     await websocket.accept()
     sub = state.hub.subscribe(job_id)  # subscribe before the replay reads the store
@@ -250,7 +253,10 @@ async def ws_all_jobs(websocket: WebSocket) -> None:
     state = get_state(websocket)
     if not state.auth.ws_allowed(websocket):
         await _deny(
-            websocket, 401, "missing or invalid API token (header 'Authorization: Bearer' or ?token=)", "Unauthorized"
+            websocket,
+            401,
+            "missing or invalid API token (header 'Authorization: Bearer' or ?token=)",
+            ApiErrorType.UNAUTHORIZED,
         )
         return
     try:
@@ -258,7 +264,7 @@ async def ws_all_jobs(websocket: WebSocket) -> None:
         if after is None:
             after = _query_int(websocket, "after_seq")  # on this stream, the position is the cursor
     except ValueError as exc:
-        await _deny(websocket, 422, str(exc), "RequestValidationError")
+        await _deny(websocket, 422, str(exc), ApiErrorType.REQUEST_VALIDATION)
         return
     await websocket.accept()
     sub = state.hub.subscribe(None)

@@ -10,7 +10,7 @@ from fastapi import APIRouter, Depends, Path, Query, Response
 from fastapi.concurrency import run_in_threadpool
 
 from forgeflow.api.deps import ApiState, get_state
-from forgeflow.api.errors import ApiError, not_found
+from forgeflow.api.errors import ApiError, ApiErrorType, not_found
 from forgeflow.api.models import (
     CancelResult,
     ErrorBody,
@@ -103,14 +103,14 @@ async def submit_job(body: JobCreate, response: Response, state: ApiState = Depe
             422,
             "give the stages in 'pipeline', a saved template in 'pipeline_id', "
             "or a single plugin with 'plugin_id' and 'tool_name'",
-            "RequestValidationError",
+            ApiErrorType.REQUEST_VALIDATION,
             field="pipeline",
         )
     if len(forms) > 1:
         raise ApiError(
             422,
             f"give only one of 'pipeline', 'pipeline_id', 'plugin_id' (got {', '.join(forms)})",
-            "RequestValidationError",
+            ApiErrorType.REQUEST_VALIDATION,
             field=forms[1],
         )
     form = forms[0]
@@ -118,7 +118,10 @@ async def submit_job(body: JobCreate, response: Response, state: ApiState = Depe
         for name in ("tool_name", "config"):
             if getattr(body, name) is not None:
                 raise ApiError(
-                    422, f"'{name}' belongs to the legacy form with 'plugin_id'", "RequestValidationError", field=name
+                    422,
+                    f"'{name}' belongs to the legacy form with 'plugin_id'",
+                    ApiErrorType.REQUEST_VALIDATION,
+                    field=name,
                 )
     template_id = None
     legacy = False
@@ -134,7 +137,7 @@ async def submit_job(body: JobCreate, response: Response, state: ApiState = Depe
             raise ApiError(
                 422,
                 "with a pipeline object, put 'timeout_seconds' and 'description' inside it",
-                "RequestValidationError",
+                ApiErrorType.REQUEST_VALIDATION,
                 field="timeout_seconds",
             )
         definition = parse_pipeline(raw, prefix="pipeline")
@@ -142,7 +145,10 @@ async def submit_job(body: JobCreate, response: Response, state: ApiState = Depe
     elif form == "pipeline_id":
         if body.timeout_seconds is not None or body.description is not None:
             raise ApiError(
-                422, "a template's timeout is part of the template", "RequestValidationError", field="timeout_seconds"
+                422,
+                "a template's timeout is part of the template",
+                ApiErrorType.REQUEST_VALIDATION,
+                field="timeout_seconds",
             )
         template = await run_in_threadpool(state.store.get_template, body.pipeline_id or "")
         if template is None:
@@ -153,7 +159,10 @@ async def submit_job(body: JobCreate, response: Response, state: ApiState = Depe
     else:
         if body.tool_name is None:
             raise ApiError(
-                422, "the legacy form needs 'tool_name' with 'plugin_id'", "RequestValidationError", field="tool_name"
+                422,
+                "the legacy form needs 'tool_name' with 'plugin_id'",
+                ApiErrorType.REQUEST_VALIDATION,
+                field="tool_name",
             )
         stage = {"plugin": body.plugin_id, "tool": body.tool_name, "config": body.config or {}}
         raw = {"stages": [stage]}
@@ -190,7 +199,7 @@ async def submit_job(body: JobCreate, response: Response, state: ApiState = Depe
             )
         )
     except Conflict as exc:
-        raise ApiError(409, str(exc), "Conflict", field="job_id") from None
+        raise ApiError(409, str(exc), ApiErrorType.CONFLICT, field="job_id") from None
     if created and state.launcher is not None:
         state.launcher.wake()
     response.status_code = 202 if created else 200
@@ -292,9 +301,11 @@ async def cancel_job(job_id: str = JobIdPath, state: ApiState = Depends(get_stat
     follows on the job's stream."""
     job = await _job(state, job_id)
     if is_terminal(job["status"]):
-        raise ApiError(409, f"job {job_id!r} already ended ({job['status']})", "Conflict", job_status=job["status"])
+        raise ApiError(
+            409, f"job {job_id!r} already ended ({job['status']})", ApiErrorType.CONFLICT, job_status=job["status"]
+        )
     if state.launcher is None:
-        raise ApiError(503, "this service runs no launcher", "Unavailable")
+        raise ApiError(503, "this service runs no launcher", ApiErrorType.UNAVAILABLE)
     try:
         job = await state.launcher.cancel(job_id)
     except KeyError:

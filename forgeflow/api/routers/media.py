@@ -11,7 +11,7 @@ from starlette.datastructures import UploadFile
 from starlette.types import Message
 
 from forgeflow.api.deps import ApiState, get_state
-from forgeflow.api.errors import ApiError, not_found
+from forgeflow.api.errors import ApiError, ApiErrorType, not_found
 from forgeflow.api.models import ErrorBody, MediaView
 from forgeflow.plugins.errors import MediaError, MediaNotFound, MediaTooLarge
 
@@ -101,11 +101,15 @@ async def upload_media(request: Request, state: ApiState = Depends(get_state)) -
         except Exception as exc:
             if "too large" in str(exc).lower():
                 raise _too_large(limit) from None
-            raise ApiError(422, f"malformed multipart body: {exc}", "RequestValidationError", field="file") from None
+            raise ApiError(
+                422, f"malformed multipart body: {exc}", ApiErrorType.REQUEST_VALIDATION, field="file"
+            ) from None
         try:
             upload = form.get("file")
             if not isinstance(upload, UploadFile):
-                raise ApiError(422, "the form needs a file in the field 'file'", "RequestValidationError", field="file")
+                raise ApiError(
+                    422, "the form needs a file in the field 'file'", ApiErrorType.REQUEST_VALIDATION, field="file"
+                )
             return await run_in_threadpool(_store, state, upload.file, upload.filename)
         finally:
             await form.close()

@@ -10,7 +10,7 @@ from fastapi import APIRouter, Depends, Response
 from fastapi.concurrency import run_in_threadpool
 
 from forgeflow.api.deps import ApiState, get_state
-from forgeflow.api.errors import ApiError, not_found
+from forgeflow.api.errors import ApiError, ApiErrorType, not_found
 from forgeflow.api.models import ErrorBody, PipelineCreate, TemplateDetail, TemplateSummary
 from forgeflow.api.routers.jobs import parse_pipeline, validation_error
 from forgeflow.api.routers.views import template_summary
@@ -58,14 +58,17 @@ async def create_pipeline(
     uses the template). The id is a slug of the name: `"Soccer Analysis"` → `soccer-analysis`."""
     template_id = slugify(body.name)
     if not template_id:
-        raise ApiError(422, "the name must contain letters or digits", "RequestValidationError", field="name")
+        raise ApiError(422, "the name must contain letters or digits", ApiErrorType.REQUEST_VALIDATION, field="name")
     if body.stages is not None and body.pipeline is not None:
         raise ApiError(
-            422, "give the stages in 'stages' or 'pipeline', not both", "RequestValidationError", field="pipeline"
+            422,
+            "give the stages in 'stages' or 'pipeline', not both",
+            ApiErrorType.REQUEST_VALIDATION,
+            field="pipeline",
         )
     stages = body.stages if body.stages is not None else body.pipeline
     if stages is None:
-        raise ApiError(422, "a template needs 'stages'", "RequestValidationError", field="stages")
+        raise ApiError(422, "a template needs 'stages'", ApiErrorType.REQUEST_VALIDATION, field="stages")
     raw: dict[str, Any] = {"stages": stages}
     if body.timeout_seconds is not None:
         raw["timeout_seconds"] = body.timeout_seconds
@@ -84,7 +87,7 @@ async def create_pipeline(
             state.store.create_template, template_id, body.name.strip(), definition.model_dump(mode="json")
         )
     except Conflict as exc:
-        raise ApiError(409, str(exc), "Conflict", field="name") from None
+        raise ApiError(409, str(exc), ApiErrorType.CONFLICT, field="name") from None
     response.headers["Location"] = f"/v1/pipelines/{template_id}"
     return template_summary(row)
 

@@ -8,7 +8,7 @@ from fastapi import APIRouter, Depends
 from fastapi.concurrency import run_in_threadpool
 
 from forgeflow.api.deps import ApiState, get_state
-from forgeflow.api.errors import ApiError
+from forgeflow.api.errors import ApiError, ApiErrorType
 from forgeflow.api.models import ErrorBody, PluginDetail, PluginHealth, PluginSummary
 from forgeflow.api.store.rows import PluginObservedRow
 from forgeflow.plugins.errors import UnknownPlugin
@@ -30,7 +30,7 @@ def _describe(state: ApiState, name: str, schemas: bool) -> dict[str, Any]:
     try:
         info = state.registry.describe(name, schemas=schemas)
     except UnknownPlugin as exc:
-        raise ApiError(404, exc.message, "NotFound") from None
+        raise ApiError(404, exc.message, ApiErrorType.NOT_FOUND) from None
     info["lifecycle"] = merged_lifecycle(state, info["name"], state.store.observed_plugins())
     return info
 
