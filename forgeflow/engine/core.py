@@ -35,7 +35,7 @@ from forgeflow.engine.lifecycle import LifecycleStore
 from forgeflow.engine.registry import PluginRegistry
 from forgeflow.engine.runners import get_runner
 from forgeflow.engine.runners.base import CallResult, ToolCall
-from forgeflow.events.models import Event, JobStatusEvent, PipelineError
+from forgeflow.events.models import Event, JobStatusEvent, PipelineError, is_terminal_event
 from forgeflow.events.sinks import EventSink, HttpSink
 from forgeflow.jobs.stages import Services
 from forgeflow.pipeline import outcome
@@ -59,7 +59,7 @@ class _TerminalWatch:
         self.terminal_sent = False
 
     def emit(self, event: Event) -> None:
-        if isinstance(event, JobStatusEvent) and outcome.is_terminal(event.status):
+        if is_terminal_event(event):
             self.terminal_sent = True
         self.inner.emit(event)
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
 from enum import StrEnum
-from typing import Any, Literal, Protocol
+from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
@@ -88,15 +88,7 @@ class ResultEnvelope(BaseModel):
         return {k: v for k, v in data.items() if k not in drop}
 
 
-class _StageLike(Protocol):
-    @property
-    def plugin(self) -> str: ...
-
-    @property
-    def tool(self) -> str: ...
-
-
-def pending_reports(stages: Iterable[_StageLike | Mapping[str, Any] | object]) -> list[StageReport]:
+def pending_reports(stages: Iterable[object]) -> list[StageReport]:
     """One ``pending`` report per stage (stages as models or as their JSON; anything else gives blanks)."""
     reports = []
     for index, stage in enumerate(stages):
