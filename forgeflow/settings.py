@@ -75,6 +75,9 @@ class Settings(BaseSettings):
     # --- pipelines -------------------------------------------------------------------------------
     max_stages: int = Field(32, ge=1, description="Most stages in one pipeline.")
     max_stage_timeout_s: float = Field(6 * 3600.0, gt=0, description="Upper bound of a stage timeout.")
+    max_stage_memory_mb: int | None = Field(
+        None, ge=64, description="Upper bound of a stage's memory_limit_mb (default: this host's physical memory)."
+    )
 
     # --- API service -----------------------------------------------------------------------------
     api_host: str = Field("127.0.0.1", description="Bind address; anything but loopback requires api_token.")
@@ -136,6 +139,14 @@ class Settings(BaseSettings):
                 text = str(value)
             env[f"FORGEFLOW_{name.upper()}"] = text
         return env
+
+    def stage_memory_cap_mb(self) -> int:
+        """The largest ``memory_limit_mb`` a stage may ask for on this host."""
+        if self.max_stage_memory_mb is not None:
+            return self.max_stage_memory_mb
+        import psutil
+
+        return int(psutil.virtual_memory().total // 2**20)
 
     def pool_size_of(self, plugin: str) -> int:
         return int(self.pool_sizes.get(plugin, self.pool_size))

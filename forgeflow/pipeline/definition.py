@@ -21,9 +21,13 @@ class PipelineStage(BaseModel):
     plugin: str = Field(min_length=1, max_length=200, description="Plugin name or alias.")
     tool: str = Field(min_length=1, max_length=200, description="Tool name.")
     config: dict[str, Any] = Field(default_factory=dict, description="Tool configuration (validated by the tool).")
-    timeout_seconds: float | None = Field(None, description="This stage's timeout; default: the pipeline's.")
+    timeout_seconds: float | None = Field(
+        None, gt=0, description="This stage's timeout in seconds; default: the pipeline's."
+    )
     retries: int = Field(0, ge=0, le=10, description="Prefect task retries for this stage.")
-    memory_limit_mb: int | None = Field(None, ge=64, description="This stage's memory limit; default: the host's.")
+    memory_limit_mb: int | None = Field(
+        None, ge=64, le=2**20, description="This stage's memory limit in MB; default: the host's (capped by the host)."
+    )
 
     @field_validator("timeout_seconds")
     @classmethod
@@ -39,7 +43,7 @@ class PipelineDefinition(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     stages: list[PipelineStage] = Field(min_length=1, description="The stages, in order.")
-    timeout_seconds: float = Field(300.0, description="Timeout of each stage, in seconds.")
+    timeout_seconds: float = Field(300.0, gt=0, description="Timeout of each stage, in seconds.")
     description: str = Field("", max_length=10_000)
 
     @field_validator("timeout_seconds")
@@ -70,11 +74,31 @@ class PipelineDefinition(BaseModel):
 
 
 def pipeline_json_schema() -> dict[str, Any]:
-    """The published JSON Schema of pipeline files (``forgeflow schema``)."""
-    schema = PipelineDefinition.model_json_schema()
-    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
-    schema["$id"] = "https://forgeflow.dev/schemas/pipeline.json"
-    return schema
+    """The published JSON Schema of pipeline files (``forgeflow schema``): every form a pipeline file
+    may take — the definition object (``stages``), the seed's job form (``{"pipeline": [...]}``, other
+    job fields such as ``job_id`` and ``input`` allowed) and a bare list of stages."""
+    definition = PipelineDefinition.model_json_schema()
+    defs = definition.pop("$defs", {})
+    defs["PipelineDefinition"] = definition
+    stages = definition["properties"]["stages"]
+    settings = {k: definition["properties"][k] for k in ("timeout_seconds", "description")}
+    return {
+        "$schema": "https://json-schema.org/draft/2020-12/schema",
+        "$id": "https://forgeflow.dev/schemas/pipeline.json",
+        "title": "ForgeFlow pipeline",
+        "anyOf": [
+            {"$ref": "#/$defs/PipelineDefinition"},
+            {
+                "title": "Job form (the seed's)",
+                "type": "object",
+                "properties": {"pipeline": stages, **settings},
+                "required": ["pipeline"],
+                "not": {"required": ["stages"]},
+            },
+            {**stages, "title": "Stages"},
+        ],
+        "$defs": defs,
+    }
 
 
 def raw_stages(document: Any) -> list[Any]:

@@ -46,6 +46,16 @@ CANCEL_REASONS: frozenset[str] = frozenset(
 )
 
 
+#: Endings that are not the plugin's doing — a cancel, or the infrastructure failing (the job's process
+#: or engine killed, a flow run that could not start, a job that could not be launched): they leave the
+#: plugin's lifecycle as it was before the stage ran, never FAILED.
+NOT_THE_PLUGINS_DOING: frozenset[str] = CANCEL_REASONS | {
+    EndReason.FLOW_RUN_CRASHED,
+    EndReason.FLOW_RUN_ERROR,
+    EndReason.LAUNCH_ERROR,
+}
+
+
 def is_terminal(status: str) -> bool:
     return status in TERMINAL_STATUSES
 

@@ -167,6 +167,10 @@ def validate_pipeline(
         timeout = definition.stage_timeout(index)
         if timeout > settings.max_stage_timeout_s:
             issue(f"timeout of {timeout:g}s is over the limit of {settings.max_stage_timeout_s:g}s", "timeout_seconds")
+        if stage.memory_limit_mb is not None and stage.memory_limit_mb > (cap := settings.stage_memory_cap_mb()):
+            issue(
+                f"memory_limit_mb of {stage.memory_limit_mb} is over this host's limit of {cap} MB", "memory_limit_mb"
+            )
         try:
             entry, tool = registry.tool(stage.plugin, stage.tool)
         except ForgeFlowError as exc:

@@ -11,7 +11,14 @@ from typing import Any
 import pytest
 
 from forgeflow.api.store import Conflict, Store
-from forgeflow.events.models import JobStatusEvent, PipelineError, PipelineProgress, StageEnd, StageStart
+from forgeflow.events.models import (
+    JobStatusEvent,
+    PipelineError,
+    PipelineProgress,
+    StageEnd,
+    StageStart,
+    abnormal_end,
+)
 from forgeflow.pipeline import outcome
 
 
@@ -284,3 +291,32 @@ def test_meta_value_is_created_once(store: Store):
     assert store.meta_value("ingest_token", factory) == "token-1"
     assert made == ["x"]
     store.ping()
+
+
+def test_an_infrastructure_failure_is_not_blamed_on_the_plugin(store: Store):
+    new_job(store, "killed", stages=2)
+    store.ingest(run_stage("killed", 0, plugin="healthy-plugin"))
+    store.ingest([StageStart(job_id="killed", stage_index=1, plugin="innocent", tool="t1")])
+    assert store.observed_plugins()["innocent"]["state"] == "RUNNING"
+    crash = outcome.ended_abnormally(
+        outcome.replay(
+            outcome.pending_reports([{"plugin": "healthy-plugin", "tool": "t0"}, {"plugin": "innocent", "tool": "t1"}]),
+            [json.loads(e.payload) for e in store.events_after("killed", 0)],
+        ),
+        status="crashed",
+        error="the engine running the job (pid 1) ended without reporting its result",
+        error_type=outcome.EndReason.FLOW_RUN_CRASHED,
+    )
+    store.ingest(abnormal_end("killed", status="crashed", envelope=crash, stage=crash.stages[1], flow_run_id=None))
+    job = store.get_job("killed")
+    assert job is not None and job["status"] == "crashed" and job["error_type"] == "FlowRunCrashed"
+    assert [r["status"] for r in store.stage_rows("killed")] == ["completed", "failed"]
+    innocent = store.observed_plugins()["innocent"]
+    assert innocent["state"] == "INITIALIZED"  # no longer running, and not FAILED
+    assert (innocent["failures"], innocent["last_error"], innocent["last_error_type"]) == (0, None, None)
+
+    # The plugin's own failure still counts against it.
+    new_job(store, "plugin-bug", stages=1)
+    store.ingest(run_stage("plugin-bug", 0, ok=False, plugin="innocent"))
+    guilty = store.observed_plugins()["innocent"]
+    assert (guilty["state"], guilty["last_error_type"], guilty["failures"]) == ("FAILED", "ValueError", 1)

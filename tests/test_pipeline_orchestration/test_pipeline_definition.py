@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import math
+from pathlib import Path
 
 import pytest
+from pydantic import ValidationError
 
 from forgeflow.pipeline.compat import incompatibility
 from forgeflow.pipeline.definition import PipelineDefinition, PipelineStage, pipeline_json_schema
@@ -77,9 +80,52 @@ def test_empty_stage_list_and_unknown_fields_are_rejected():
 def test_published_json_schema_describes_stages():
     schema = pipeline_json_schema()
     assert schema["$schema"].startswith("https://json-schema.org/")
-    assert "stages" in schema["required"]
+    assert "stages" in schema["$defs"]["PipelineDefinition"]["required"]
     stage = schema["$defs"]["PipelineStage"]
     assert set(stage["required"]) == {"plugin", "tool"}
+    assert stage["properties"]["timeout_seconds"]["anyOf"][0]["exclusiveMinimum"] == 0
+    assert stage["properties"]["memory_limit_mb"]["anyOf"][0]["maximum"] == 2**20
+
+
+def test_published_json_schema_accepts_every_documented_form():
+    import jsonschema
+
+    validator = jsonschema.Draft202012Validator(pipeline_json_schema())
+    examples = Path(__file__).resolve().parents[2] / "examples"
+    for name in ("soccer-analysis.json", "seed-phase-12.json"):  # the seed's job form, with job_id and input
+        document = json.loads((examples / name).read_text())
+        assert validator.is_valid(document), name
+        PipelineDefinition.model_validate(document)  # and the model agrees
+    stage = {"plugin": "p", "tool": "t", "timeout_seconds": 5, "memory_limit_mb": 512, "retries": 1}
+    for document in ({"stages": [stage], "timeout_seconds": 60}, {"pipeline": [stage]}, [stage]):
+        assert validator.is_valid(document), document
+        PipelineDefinition.model_validate(document)
+    for bad in (
+        {},
+        {"stages": []},
+        {"pipeline": [{"plugin": "p"}]},
+        {"stages": [{**stage, "memory_limit_mb": 10**12}]},
+        {"stages": [{**stage, "timeout_seconds": 0}]},
+        {"stages": [stage], "extra": 1},
+    ):
+        assert not validator.is_valid(bad), bad
+        with pytest.raises(ValidationError):
+            PipelineDefinition.model_validate(bad)
+
+
+def test_memory_limit_is_capped_by_the_host(registry):
+    from forgeflow.settings import Settings
+
+    settings = Settings(max_stage_memory_mb=1024)
+    stages = [{"plugin": "testkit", "tool": "noop", "memory_limit_mb": 2048}]
+    with pytest.raises(PipelineValidationError) as exc:
+        validate_pipeline(PipelineDefinition(stages=stages), {}, registry, settings)
+    [issue] = exc.value.issues
+    assert (issue.stage_index, issue.field) == (0, "memory_limit_mb")
+    assert "1024 MB" in issue.message
+    stages[0]["memory_limit_mb"] = 1024
+    assert validate_pipeline(PipelineDefinition(stages=stages), {}, registry, settings).stages[0].index == 0
+    assert Settings().stage_memory_cap_mb() > 0  # default: this host's physical memory
 
 
 def test_valid_chain_resolves_aliases_and_fills_config_defaults(registry):

@@ -42,7 +42,7 @@ from forgeflow.events.models import (
     StageStart,
     is_terminal_event,
 )
-from forgeflow.pipeline.outcome import CANCEL_REASONS, TERMINAL_STATUSES, is_terminal
+from forgeflow.pipeline.outcome import NOT_THE_PLUGINS_DOING, TERMINAL_STATUSES, is_terminal
 
 
 def utcnow() -> datetime:
@@ -464,7 +464,10 @@ class Store:
                     error=event.error,
                     error_type=event.error_type,
                 )
-                if event.plugin and event.error_type not in CANCEL_REASONS and not job.get("cancel_requested"):
+                if event.plugin and (event.error_type in NOT_THE_PLUGINS_DOING or job.get("cancel_requested")):
+                    # Not the plugin's doing: it is no longer running, and nothing failed in it.
+                    self._observe(conn, event.plugin, resolve_plugin, "INITIALIZED", ts=event.timestamp)
+                elif event.plugin:
                     self._observe(
                         conn,
                         event.plugin,
