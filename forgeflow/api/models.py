@@ -11,6 +11,9 @@ from forgeflow.pipeline.definition import PipelineStage
 from forgeflow.pipeline.outcome import JobStatus, StageReport
 
 JOB_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$"
+#: The largest offset, seq or cursor a request may give (2^53 - 1: exact in every JSON client, and in
+#: range of every database integer).
+MAX_POSITION = 2**53 - 1
 
 _STAGE_SCHEMA = PipelineStage.model_json_schema()
 _STAGES_SCHEMA = {"type": "array", "items": _STAGE_SCHEMA, "minItems": 1}

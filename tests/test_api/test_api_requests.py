@@ -123,6 +123,10 @@ def test_requests_that_are_not_json_or_name_unknown_ids(shared_in_process_api: I
     assert client.get("/v1/jobs", params={"offset": -1}).json()["field"] == "offset"
     assert client.get("/v1/jobs", params={"status": "sleeping"}).status_code == 422
     assert client.get("/v1/jobs/x/events", params={"after_seq": -1}).json()["field"] == "after_seq"
+    # Positions past what any client or database holds exactly: 422 naming the field, never a 500.
+    for huge in (2**53, 2**63, 10**30):
+        assert client.get("/v1/jobs", params={"offset": huge}).json()["field"] == "offset"
+        assert client.get("/v1/jobs/x/events", params={"after_seq": huge}).json()["field"] == "after_seq"
     not_allowed = client.delete("/v1/jobs/x")
     assert not_allowed.status_code == 405 and not_allowed.json()["error_type"] == "MethodNotAllowed"
 
@@ -389,3 +393,20 @@ def test_openapi_documents_every_endpoint(shared_in_process_api: InProcessApi) -
     assert job_create["additionalProperties"] is False
     assert "multipart/form-data" in paths["/v1/media"]["post"]["requestBody"]["content"]
     assert spec["info"]["title"] == "ForgeFlow" and {t["name"] for t in spec["tags"]} >= {"jobs", "health"}
+
+
+def test_websocket_positions_out_of_range_are_refused_before_the_stream(shared_in_process_api: InProcessApi) -> None:
+    from starlette.testclient import WebSocketDenialResponse
+
+    client = shared_in_process_api.client
+    for url in (
+        "/v1/ws/jobs/x?after_seq=9223372036854775808",
+        "/v1/ws/jobs?after_cursor=9007199254740992",
+        "/v1/ws/jobs?after_seq=%C2%B2",  # a digit to str.isdigit, not a number
+    ):
+        with pytest.raises(WebSocketDenialResponse) as denied, client.websocket_connect(url):
+            pass
+        assert denied.value.status_code == 422, url
+        body = denied.value.json()
+        assert body["error_type"] == "RequestValidationError"
+        assert "from 0 to 9007199254740991" in body["error"]  # what a client may send instead, never the same value

@@ -32,7 +32,7 @@ from starlette.websockets import WebSocketDisconnect, WebSocketState
 from forgeflow.api.deps import ApiState, get_state
 from forgeflow.api.errors import ApiError, ApiErrorType
 from forgeflow.api.hub import Subscription
-from forgeflow.api.models import ErrorBody, IngestBatch, IngestResult
+from forgeflow.api.models import MAX_POSITION, ErrorBody, IngestBatch, IngestResult
 from forgeflow.api.store import StoredEvent
 from forgeflow.events.models import Event, parse_event
 from forgeflow.pipeline.outcome import is_terminal
@@ -114,8 +114,8 @@ def _query_int(websocket: WebSocket, name: str) -> int | None:
     raw = websocket.query_params.get(name)
     if raw is None or raw == "":
         return None
-    if not raw.isdigit():
-        raise ValueError(f"{name} must be a non-negative integer")
+    if not (raw.isascii() and raw.isdigit()) or len(raw) > 20 or int(raw) > MAX_POSITION:
+        raise ValueError(f"{name} must be an integer from 0 to {MAX_POSITION}")
     return int(raw)
 
 

@@ -12,6 +12,7 @@ from fastapi.concurrency import run_in_threadpool
 from forgeflow.api.deps import ApiState, get_state
 from forgeflow.api.errors import ApiError, ApiErrorType, not_found
 from forgeflow.api.models import (
+    MAX_POSITION,
     CancelResult,
     ErrorBody,
     EventList,
@@ -224,7 +225,7 @@ async def list_jobs(
     status: list[JobStatus] | None = Query(None, description="Only jobs in these states (repeat to give several)."),
     pipeline_id: str | None = Query(None, description="Only jobs of this template."),
     limit: int = Query(50, ge=1, le=500),
-    offset: int = Query(0, ge=0),
+    offset: int = Query(0, ge=0, le=MAX_POSITION),
     state: ApiState = Depends(get_state),
 ) -> dict[str, Any]:
     """Newest first."""
@@ -272,7 +273,7 @@ async def get_job_pipeline(job_id: str = JobIdPath, state: ApiState = Depends(ge
 @router.get("/{job_id}/events", response_model=EventList, summary="Stored messages of a job", responses=ERRORS)
 async def get_job_events(
     job_id: str = JobIdPath,
-    after_seq: int = Query(0, ge=0, description="Only messages with a larger seq."),
+    after_seq: int = Query(0, ge=0, le=MAX_POSITION, description="Only messages with a larger seq."),
     limit: int = Query(1000, ge=1, le=10_000),
     state: ApiState = Depends(get_state),
 ) -> dict[str, Any]:
