@@ -85,6 +85,12 @@ class Settings(BaseSettings):
     api_token: SecretStr | None = Field(None, description="Bearer token for every REST and WebSocket call.")
     database_url: str | None = Field(None, description="SQLAlchemy URL; default: SQLite file in home.")
     max_upload_bytes: int = Field(512 * 1024**2, gt=0, description="Largest media upload.")
+    max_request_bytes: int = Field(
+        16 * 1024**2, gt=0, description="Largest JSON request body (413 above it; media uploads have their own limit)."
+    )
+    max_job_input_bytes: int = Field(
+        1024**2, gt=0, description="Largest job input as JSON (422 above it): big data belongs in the media store."
+    )
     max_concurrent_jobs: int = Field(
         8, ge=1, description="Jobs the engine runs at once (stages still wait for device slots)."
     )

@@ -17,7 +17,7 @@ from contextlib import asynccontextmanager
 from fastapi import Depends, FastAPI
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from forgeflow import __version__
 from forgeflow.api.auth import Authenticator, check_bind
@@ -29,8 +29,6 @@ from forgeflow.api.store import Store
 from forgeflow.settings import Settings, get_settings
 
 log = logging.getLogger(__name__)
-
-MAX_JSON_BODY = 64 * 1024 * 1024
 
 DESCRIPTION = """\
 ForgeFlow runs multi-plugin computer-vision pipelines: each job is a Prefect flow run with one
@@ -59,7 +57,9 @@ TAGS = [
 
 
 class BodyLimit:
-    """Refuse (413) a request whose Content-Length is over ``limit`` (uploads have their own limit)."""
+    """Refuse (413) a request body over ``limit`` bytes (uploads have their own limit): at once when its
+    Content-Length says so, else while it streams in (a chunked body is read up to the limit, then
+    handed on)."""
 
     def __init__(self, app: ASGIApp, limit: int, exempt_prefix: str) -> None:
         self.app = app
@@ -67,16 +67,39 @@ class BodyLimit:
         self.exempt_prefix = exempt_prefix
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and not scope["path"].startswith(self.exempt_prefix):
-            for name, value in scope["headers"]:
-                if name == b"content-length" and value.isdigit() and int(value) > self.limit:
-                    response = JSONResponse(
-                        {"error": f"request body over {self.limit} bytes", "error_type": "RequestTooLarge"},
-                        status_code=413,
-                    )
-                    await response(scope, receive, send)
-                    return
-        await self.app(scope, receive, send)
+        if scope["type"] != "http" or scope["path"].startswith(self.exempt_prefix):
+            await self.app(scope, receive, send)
+            return
+        length = dict(scope["headers"]).get(b"content-length")
+        if length is not None:
+            if length.isdigit() and int(length) > self.limit:
+                await self._refuse(scope, receive, send)
+                return
+            await self.app(scope, receive, send)
+            return
+        messages: list[Message] = []
+        size = 0
+        while True:
+            message = await receive()
+            messages.append(message)
+            size += len(message.get("body", b""))
+            if size > self.limit:
+                await self._refuse(scope, receive, send)
+                return
+            if message["type"] != "http.request" or not message.get("more_body"):
+                break
+
+        async def replay() -> Message:
+            return messages.pop(0) if messages else await receive()
+
+        await self.app(scope, replay, send)
+
+    async def _refuse(self, scope: Scope, receive: Receive, send: Send) -> None:
+        body = {
+            "error": f"request body over the limit of {self.limit} bytes (FORGEFLOW_MAX_REQUEST_BYTES)",
+            "error_type": "RequestTooLarge",
+        }
+        await JSONResponse(body, status_code=413)(scope, receive, send)
 
 
 def local_api_url(settings: Settings, port: int | None = None) -> str:
@@ -166,7 +189,7 @@ def create_app(
     )
     install_error_handlers(app)
 
-    app.add_middleware(BodyLimit, limit=MAX_JSON_BODY, exempt_prefix="/v1/media")
+    app.add_middleware(BodyLimit, limit=settings.max_request_bytes, exempt_prefix="/v1/media")
 
     secured = [Depends(require_auth)]
     app.include_router(jobs.router, dependencies=secured)

@@ -4,6 +4,7 @@ uploads, auth, health and the OpenAPI document."""
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import pytest
@@ -410,3 +411,37 @@ def test_websocket_positions_out_of_range_are_refused_before_the_stream(shared_i
         body = denied.value.json()
         assert body["error_type"] == "RequestValidationError"
         assert "from 0 to 9007199254740991" in body["error"]  # what a client may send instead, never the same value
+
+
+def test_request_and_job_input_limits_are_checked_at_submission(in_process_factory: Any) -> None:
+    api = in_process_factory(max_request_bytes=64 * 1024, max_job_input_bytes=1024, max_stages=4)
+    client = api.client
+    stage = {"plugin": "testkit", "tool": "noop"}
+
+    too_much_input = client.post("/v1/jobs", json={"pipeline": [stage], "input": {"x": "A" * 2000}})
+    assert too_much_input.status_code == 422
+    body = too_much_input.json()
+    assert body["field"] == "input" and "over the limit of 1024" in body["error"]
+    assert "FORGEFLOW_MAX_JOB_INPUT_BYTES" in body["error"]
+
+    many_stages = client.post("/v1/jobs", json={"pipeline": [stage] * 500, "input": {}})
+    assert many_stages.status_code == 422
+    assert many_stages.json()["field"] == "pipeline" and "over the limit of 4" in many_stages.json()["error"]
+
+    big = json.dumps({"pipeline": [stage], "input": {"x": "A" * 100_000}}).encode()
+    declared = client.post("/v1/jobs", content=big, headers={"content-type": "application/json"})
+    assert declared.status_code == 413 and "FORGEFLOW_MAX_REQUEST_BYTES" in declared.json()["error"]
+
+    def chunks() -> Any:  # no Content-Length: the limit holds while the body streams in
+        for i in range(0, len(big), 4096):
+            yield big[i : i + 4096]
+
+    streamed = client.post("/v1/jobs", content=chunks(), headers={"content-type": "application/json"})
+    assert streamed.status_code == 413 and streamed.json()["error_type"] == "RequestTooLarge"
+
+    small = json.dumps({"pipeline": [stage], "input": {}}).encode()
+    chunked_ok = client.post(
+        "/v1/jobs", content=iter([small[:10], small[10:]]), headers={"content-type": "application/json"}
+    )
+    assert chunked_ok.status_code == 202  # a small chunked body is read whole and handed on
+    assert client.get("/v1/jobs").json()["total"] == 1  # nothing of the refused submissions was stored

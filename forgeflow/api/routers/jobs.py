@@ -26,7 +26,7 @@ from forgeflow.api.routers.views import job_summary, job_view, pipeline_view
 from forgeflow.api.store import Conflict
 from forgeflow.api.store.rows import JobRow
 from forgeflow.canonical import canonical_json
-from forgeflow.pipeline.definition import PipelineDefinition
+from forgeflow.pipeline.definition import PipelineDefinition, raw_stages
 from forgeflow.pipeline.outcome import JobStatus, is_terminal
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
@@ -70,6 +70,28 @@ def _validate(state: ApiState, definition: PipelineDefinition, input_data: dict[
     from forgeflow.pipeline.validation import validate_pipeline
 
     return validate_pipeline(definition, input_data, state.registry, state.settings)
+
+
+def _check_cheap_limits(state: ApiState, body: JobCreate) -> None:
+    """Limits that cost nothing to check, before the pipeline is parsed and validated."""
+    settings = state.settings
+    stages = raw_stages(body.pipeline)
+    if len(stages) > settings.max_stages:
+        raise ApiError(
+            422,
+            f"{len(stages)} stages is over the limit of {settings.max_stages} (FORGEFLOW_MAX_STAGES)",
+            ApiErrorType.REQUEST_VALIDATION,
+            field="pipeline",
+        )
+    size = len(canonical_json(body.input).encode())
+    if size > settings.max_job_input_bytes:
+        raise ApiError(
+            422,
+            f"the job input is {size} bytes as JSON, over the limit of {settings.max_job_input_bytes} "
+            "(FORGEFLOW_MAX_JOB_INPUT_BYTES): put large data in the media store (POST /v1/media) and pass its ref",
+            ApiErrorType.REQUEST_VALIDATION,
+            field="input",
+        )
 
 
 def parse_pipeline(raw: Any, *, prefix: str) -> PipelineDefinition:
@@ -124,6 +146,7 @@ async def submit_job(body: JobCreate, response: Response, state: ApiState = Depe
                     ApiErrorType.REQUEST_VALIDATION,
                     field=name,
                 )
+    _check_cheap_limits(state, body)
     template_id = None
     legacy = False
     if form == "pipeline":
