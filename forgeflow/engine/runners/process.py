@@ -52,8 +52,11 @@ from forgeflow.plugins.errors import PluginUnavailable, StageMemoryExceeded, Sta
 
 log = logging.getLogger("forgeflow.runners.process")
 
-#: Worker logs are truncated when they pass this size.
+#: Worker logs are trimmed when they pass this size: their head (how the workers started) and their
+#: tail (what happened last) are kept, the middle goes.
 LOG_MAX_BYTES = 10 * 1024 * 1024
+LOG_KEEP_HEAD_BYTES = 64 * 1024
+LOG_KEEP_TAIL_BYTES = 1024 * 1024
 #: How much of a worker's log a crash error quotes.
 LOG_TAIL_BYTES = 2048
 #: Resident-memory watchdog period.
@@ -86,6 +89,31 @@ def describe_exit(returncode: int | None) -> str:
 def worker_log_path(logs_dir: Path, plugin: str) -> Path:
     safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in plugin)
     return logs_dir / "workers" / f"{safe}.log"
+
+
+def trim_log(
+    path: Path, max_bytes: int = LOG_MAX_BYTES, head: int = LOG_KEEP_HEAD_BYTES, tail: int = LOG_KEEP_TAIL_BYTES
+) -> bool:
+    """Cut the middle of a log past ``max_bytes``, keeping its first ``head`` and last ``tail`` bytes
+    with a line saying how much went. True when it trimmed. Writers use O_APPEND, so they go on at
+    the new end."""
+    try:
+        size = path.stat().st_size
+        if size <= max_bytes:
+            return False
+        with path.open("r+b") as fh:
+            first = fh.read(head)
+            first = first[: first.rfind(b"\n") + 1] or first  # whole lines
+            fh.seek(max(size - tail, 0))
+            last = fh.read()
+            last = last[last.find(b"\n") + 1 :] or last
+            cut = size - len(first) - len(last)
+            fh.seek(0)
+            fh.write(first + f"[... {cut} bytes of this log cut (over {max_bytes} bytes) ...]\n".encode() + last)
+            fh.truncate()
+    except OSError:
+        return False
+    return True
 
 
 def read_log_tail(path: Path, since: int = 0, limit: int = LOG_TAIL_BYTES) -> str:
@@ -549,11 +577,7 @@ class ProcessRunner:
         return {**os.environ, **self.settings.to_env(), "PYTHONUNBUFFERED": "1"}
 
     def _trim_log(self, path: Path) -> None:
-        try:
-            if path.stat().st_size > LOG_MAX_BYTES:
-                os.truncate(path, 0)  # writers use O_APPEND: they continue at the new end
-        except OSError:
-            pass
+        trim_log(path)
 
     def _start(self, plugin: str) -> tuple[Worker | None, CallResult | None]:
         """Start a worker whose place in the pool the caller reserved (``_starting``)."""
