@@ -6,12 +6,23 @@ API, the CLI, flow-run processes and sandboxed workers on other machines all rea
 
 from __future__ import annotations
 
+import json
+import os
 from functools import lru_cache
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import Field, SecretStr
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, SecretStr, ValidationError, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+from pydantic_settings.exceptions import SettingsError
+
+_COUNTS_FORMS = 'a JSON object like {"cpu": 2, "cuda:0": 1}, or name=count pairs like cpu=2,cuda:0=1'
+_PATHS_FORMS = f'a folder, several separated by "{os.pathsep}", or a JSON list like ["/data/a", "/data/b"]'
+
+
+class InvalidSettings(SystemExit):
+    """A ``FORGEFLOW_*`` setting that does not parse: start-up stops with a message naming the
+    variable, the value and the forms it accepts (a SystemExit: the command ends with the message)."""
 
 
 def _default_home() -> Path:
@@ -41,13 +52,14 @@ class Settings(BaseSettings):
     pool_size: int = Field(
         2, ge=1, le=64, description="Most worker processes one plugin may have at once (busy or idle)."
     )
-    pool_sizes: dict[str, int] = Field(
-        default_factory=dict, description='Per-plugin pool sizes, e.g. {"pose-estimator": 3}; others use pool_size.'
+    pool_sizes: Annotated[dict[str, int], NoDecode] = Field(
+        default_factory=dict,
+        description='Per-plugin pool sizes, e.g. {"pose-estimator": 3} or pose-estimator=3; others use pool_size.',
     )
     idle_worker_memory_mb: int = Field(
         6144, ge=0, description="Resident memory idle warm workers may keep in all; past it the least recently used go."
     )
-    device_slots: dict[str, int] = Field(
+    device_slots: Annotated[dict[str, int], NoDecode] = Field(
         default_factory=dict,
         description='Concurrent stages per device, e.g. {"cpu": 2, "cuda:0": 1}; default: one per CPU core for '
         '"cpu" and 1 per GPU. Stages beyond the slots wait (and say so).',
@@ -64,9 +76,11 @@ class Settings(BaseSettings):
     docker_gpus: bool = Field(False, description="Request all GPUs for docker stages (needs the nvidia runtime).")
 
     # --- media -----------------------------------------------------------------------------------
-    media_input_roots: list[Path] = Field(
+    media_input_roots: Annotated[list[Path], NoDecode] = Field(
         default_factory=list,
-        description="Local folders whose files may be given as job input paths (besides media refs).",
+        description="Local folders whose files may be given as job input paths (besides media refs): "
+        + _PATHS_FORMS
+        + ".",
     )
     max_media_bytes: int = Field(2 * 1024**3, gt=0, description="Largest image or video accepted (upload or read).")
     max_frames: int = Field(20_000, gt=0, description="Most frames a stage reads from one video.")
@@ -81,7 +95,7 @@ class Settings(BaseSettings):
 
     # --- API service -----------------------------------------------------------------------------
     api_host: str = Field("127.0.0.1", description="Bind address; anything but loopback requires api_token.")
-    api_port: int = Field(8700, ge=0, le=65535)
+    api_port: int = Field(8700, ge=0, le=65535, description="TCP port the API listens on.")
     api_token: SecretStr | None = Field(None, description="Bearer token for every REST and WebSocket call.")
     database_url: str | None = Field(None, description="SQLAlchemy URL; default: SQLite file in home.")
     max_upload_bytes: int = Field(512 * 1024**2, gt=0, description="Largest media upload.")
@@ -95,11 +109,43 @@ class Settings(BaseSettings):
         8, ge=1, description="Jobs the engine runs at once (stages still wait for device slots)."
     )
     ws_queue_size: int = Field(1000, ge=10, description="Messages buffered per WebSocket client before it is dropped.")
-    ws_ping_interval_s: float = Field(20.0, gt=0)
+    ws_ping_interval_s: float = Field(20.0, gt=0, description="Seconds between WebSocket pings to each client.")
 
     # --- where flow runs send their events -------------------------------------------------------
     api_url: str | None = Field(None, description="Base URL of the API service that ingests flow-run events.")
     ingest_token: SecretStr | None = Field(None, description="Token for the internal event ingest endpoint.")
+
+    @field_validator("media_input_roots", mode="before")
+    @classmethod
+    def _paths(cls, value: Any) -> Any:
+        if not isinstance(value, str):
+            return value
+        text = value.strip()
+        if text.startswith("["):
+            try:
+                return json.loads(text)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"not a JSON list ({exc.msg}); use {_PATHS_FORMS}") from None
+        return [part for part in text.split(os.pathsep) if part.strip()]
+
+    @field_validator("pool_sizes", "device_slots", mode="before")
+    @classmethod
+    def _counts(cls, value: Any) -> Any:
+        if not isinstance(value, str):
+            return value
+        text = value.strip()
+        if text.startswith("{"):
+            try:
+                return json.loads(text)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"not a JSON object ({exc.msg}); use {_COUNTS_FORMS}") from None
+        counts = {}
+        for part in filter(None, (p.strip() for p in text.split(","))):
+            name, sep, count = part.rpartition("=")
+            if not sep or not name.strip():
+                raise ValueError(f"{part!r} is not name=count; use {_COUNTS_FORMS}")
+            counts[name.strip()] = count.strip()
+        return counts
 
     @property
     def media_root(self) -> Path:
@@ -168,5 +214,27 @@ class Settings(BaseSettings):
 
 @lru_cache(maxsize=1)
 def get_settings() -> Settings:
-    """The process-wide settings (cached; call ``get_settings.cache_clear()`` after changing env)."""
-    return Settings()
+    """The process-wide settings (cached; call ``get_settings.cache_clear()`` after changing env).
+
+    Raises :class:`InvalidSettings` naming every variable that does not parse."""
+    try:
+        return Settings()
+    except ValidationError as exc:
+        raise InvalidSettings(explain(exc)) from None
+    except SettingsError as exc:
+        raise InvalidSettings(f"ForgeFlow cannot start: {exc}") from None
+
+
+def explain(exc: ValidationError) -> str:
+    """A settings error as a person reads it: each variable, its value, what is wrong, what it accepts."""
+    lines = ["ForgeFlow cannot start: a FORGEFLOW_* setting is invalid."]
+    for err in exc.errors():
+        name = str(err["loc"][0]) if err["loc"] else ""
+        field = Settings.model_fields.get(name)
+        variable = f"FORGEFLOW_{name.upper()}"
+        value = os.environ.get(variable, err.get("input"))
+        line = f"  {variable}={value!r}: {err['msg']}"
+        if field is not None and field.description:
+            line += f" (expected: {field.description})"
+        lines.append(line)
+    return "\n".join(lines)

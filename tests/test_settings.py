@@ -120,3 +120,70 @@ def test_get_settings_is_cached_until_cleared(clean_env, tmp_path):
     assert get_settings() is first and first.home == tmp_path / "one"
     get_settings.cache_clear()
     assert get_settings().home == tmp_path / "two"
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        ("/data/videos", [Path("/data/videos")]),  # the plain folder README documents
+        (f"/data/a{os.pathsep}/data/b", [Path("/data/a"), Path("/data/b")]),
+        ('["/data/a", "/data/b"]', [Path("/data/a"), Path("/data/b")]),
+        ("", []),
+    ],
+)
+def test_media_input_roots_accept_every_documented_form(clean_env, value, expected):
+    clean_env.setenv("FORGEFLOW_MEDIA_INPUT_ROOTS", value)
+    assert get_settings().media_input_roots == expected
+
+
+@pytest.mark.parametrize("name", ["FORGEFLOW_POOL_SIZES", "FORGEFLOW_DEVICE_SLOTS"])
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        ('{"cpu": 2, "cuda:0": 1}', {"cpu": 2, "cuda:0": 1}),
+        ("cpu=2,cuda:0=1", {"cpu": 2, "cuda:0": 1}),
+        (" pose-estimator = 3 ", {"pose-estimator": 3}),
+        ("", {}),
+    ],
+)
+def test_per_name_counts_accept_json_and_pairs(clean_env, name, value, expected):
+    clean_env.setenv(name, value)
+    settings = get_settings()
+    assert getattr(settings, name.removeprefix("FORGEFLOW_").lower()) == expected
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "says"),
+    [
+        ("FORGEFLOW_DEVICE_SLOTS", "cpu", "name=count pairs like cpu=2"),
+        ("FORGEFLOW_POOL_SIZES", '{"pose": ', "not a JSON object"),
+        ("FORGEFLOW_POOL_SIZES", "pose=many", "valid integer"),
+        ("FORGEFLOW_MEDIA_INPUT_ROOTS", '["/a", ', "not a JSON list"),
+        ("FORGEFLOW_RUNNER", "podman", "'process', 'docker' or 'inline'"),
+        ("FORGEFLOW_REUSE_WORKERS", "maybe", "valid boolean"),
+        ("FORGEFLOW_API_PORT", "http", "valid integer"),
+        ("FORGEFLOW_MAX_STAGE_TIMEOUT_S", "-1", "greater than 0"),
+    ],
+)
+def test_a_bad_setting_stops_start_up_naming_the_variable(clean_env, name, value, says):
+    from forgeflow.settings import InvalidSettings
+
+    clean_env.setenv(name, value)
+    with pytest.raises(InvalidSettings) as info:
+        get_settings()
+    message = str(info.value)
+    assert message.startswith("ForgeFlow cannot start")
+    assert f"{name}={value!r}" in message and says in message
+    assert "expected:" in message  # the accepted forms, from the setting's description
+
+
+def test_the_cli_stops_with_that_message(clean_env, tmp_path):
+    import subprocess
+    import sys
+
+    env = {**os.environ, "FORGEFLOW_DEVICE_SLOTS": "cpu", "FORGEFLOW_HOME": str(tmp_path / "home")}
+    done = subprocess.run(
+        [sys.executable, "-m", "forgeflow.cli", "plugins", "list"], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 1
+    assert "FORGEFLOW_DEVICE_SLOTS='cpu'" in done.stderr and "Traceback" not in done.stderr
