@@ -445,3 +445,34 @@ def test_request_and_job_input_limits_are_checked_at_submission(in_process_facto
     )
     assert chunked_ok.status_code == 202  # a small chunked body is read whole and handed on
     assert client.get("/v1/jobs").json()["total"] == 1  # nothing of the refused submissions was stored
+
+
+def test_input_media_is_checked_at_submission(in_process_factory: Any, tmp_path: Any) -> None:
+    allowed = tmp_path / "videos"
+    allowed.mkdir()
+    (allowed / "frame.png").write_bytes(PNG)
+    (tmp_path / "elsewhere.png").write_bytes(PNG)
+    client = in_process_factory(media_input_roots=[allowed]).client
+    probe = [{"plugin": "testkit", "tool": "probe_media"}]
+
+    def submit(media: Any) -> Any:
+        return client.post("/v1/jobs", json={"pipeline": probe, "input": {"media": media}})
+
+    for media, error_type in (
+        ("sha256:" + "0" * 64, "MediaNotFound"),
+        ("sha256:abc", "MediaError"),
+        (str(tmp_path / "elsewhere.png"), "MediaError"),
+        (str(allowed / "missing.png"), "MediaNotFound"),
+        ("relative/frame.png", "MediaError"),
+    ):
+        refused = submit(media)
+        assert refused.status_code == 422, media
+        assert (refused.json()["field"], refused.json()["error_type"]) == ("input.media", error_type), media
+    assert client.get("/v1/jobs").json()["total"] == 0  # nothing stored
+
+    ref = client.post("/v1/media", files={"file": ("frame.png", PNG, "image/png")}).json()["ref"]
+    assert submit(ref).status_code == 202
+    assert submit(str(allowed / "frame.png")).status_code == 202
+    # A pipeline whose stages do not read media does not care what the input's media says.
+    noop = client.post("/v1/jobs", json={"pipeline": [{"plugin": "testkit", "tool": "noop"}], "input": {"media": "x"}})
+    assert noop.status_code == 202

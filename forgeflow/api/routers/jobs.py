@@ -28,6 +28,13 @@ from forgeflow.api.store.rows import JobRow
 from forgeflow.canonical import canonical_json
 from forgeflow.pipeline.definition import PipelineDefinition, raw_stages
 from forgeflow.pipeline.outcome import JobStatus, is_terminal
+from forgeflow.pipeline.validation import (
+    PipelineValidationError,
+    ValidatedPipeline,
+    parse_definition,
+    validate_pipeline,
+)
+from forgeflow.plugins.errors import MediaError
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 
@@ -66,9 +73,7 @@ def validation_error(exc: Any, *, prefix: str, legacy: bool = False) -> ApiError
     return ApiError(422, exc.message, exc.error_type, field=field, issues=issues)
 
 
-def _validate(state: ApiState, definition: PipelineDefinition, input_data: dict[str, Any] | None) -> Any:
-    from forgeflow.pipeline.validation import validate_pipeline
-
+def _validate(state: ApiState, definition: PipelineDefinition, input_data: dict[str, Any] | None) -> ValidatedPipeline:
     return validate_pipeline(definition, input_data, state.registry, state.settings)
 
 
@@ -94,9 +99,16 @@ def _check_cheap_limits(state: ApiState, body: JobCreate) -> None:
         )
 
 
-def parse_pipeline(raw: Any, *, prefix: str) -> PipelineDefinition:
-    from forgeflow.pipeline.validation import PipelineValidationError, parse_definition
+def _check_media(state: ApiState, media: Any) -> None:
+    """The job's media exists where a stage will look for it: a stored ref, or a file inside an allowed
+    media root (422 naming ``input.media`` now, rather than a stage failing seconds later)."""
+    try:
+        state.media.resolve(media, input_roots=state.settings.media_input_roots)
+    except MediaError as exc:
+        raise ApiError(422, exc.message, exc.error_type, field="input.media") from None
 
+
+def parse_pipeline(raw: Any, *, prefix: str) -> PipelineDefinition:
     try:
         return parse_definition(raw)
     except PipelineValidationError as exc:
@@ -196,12 +208,12 @@ async def submit_job(body: JobCreate, response: Response, state: ApiState = Depe
         source = "legacy"
         legacy = True
 
-    from forgeflow.pipeline.validation import PipelineValidationError
-
     try:
-        await run_in_threadpool(_validate, state, definition, body.input)
+        validated = await run_in_threadpool(_validate, state, definition, body.input)
     except PipelineValidationError as exc:
         raise validation_error(exc, prefix="pipeline", legacy=legacy) from None
+    if "media" in validated.job_input_fields:
+        await run_in_threadpool(_check_media, state, body.input.get("media"))
 
     pipeline = definition.model_dump(mode="json")
     request_hash = hashlib.sha256(
