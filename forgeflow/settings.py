@@ -88,6 +88,12 @@ class Settings(BaseSettings):
 
     # --- pipelines -------------------------------------------------------------------------------
     max_stages: int = Field(32, ge=1, description="Most stages in one pipeline.")
+    max_output_bytes: int = Field(
+        64 * 1024**2,
+        ge=1024,
+        description="Largest output of one stage as JSON (an OutputError above it, raised in the worker before "
+        "the result leaves it): large data belongs in the media store (ctx.media), passed on as refs.",
+    )
     max_stage_timeout_s: float = Field(6 * 3600.0, gt=0, description="Upper bound of a stage timeout.")
     max_stage_memory_mb: int | None = Field(
         None, ge=64, description="Upper bound of a stage's memory_limit_mb (default: this host's physical memory)."

@@ -122,6 +122,7 @@ class DockerRunner:
             "FORGEFLOW_MAX_MEDIA_BYTES": str(s.max_media_bytes),
             "FORGEFLOW_MAX_FRAMES": str(s.max_frames),
             "FORGEFLOW_MAX_PIXELS": str(s.max_pixels),
+            "FORGEFLOW_MAX_OUTPUT_BYTES": str(s.max_output_bytes),
             "PYTHONUNBUFFERED": "1",
         }
         if "FORGEFLOW_WORKER_RLIMIT_AS" in os.environ:

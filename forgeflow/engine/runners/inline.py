@@ -47,8 +47,16 @@ class InlineRunner:
             "config": call.config,
             "inputs": call.inputs,
             "memory_limit_mb": call.memory_limit_mb,
+            "stage_index": call.stage_index,
         }
-        message = execute_call(prepared.tool, request, ctx, enforce_memory=False, measure_peak=False)
+        message = execute_call(
+            prepared.tool,
+            request,
+            ctx,
+            enforce_memory=False,
+            measure_peak=False,
+            max_output_bytes=self.settings.max_output_bytes,
+        )
         result = result_from_message(message)
         self.lifecycle.finished(plugin, result)
         return result

@@ -202,8 +202,10 @@ def execute_call(
     *,
     enforce_memory: bool,
     measure_peak: bool,
+    max_output_bytes: int | None = None,
 ) -> dict[str, Any]:
-    """Run one call and describe its outcome as a ``result`` message. Never raises."""
+    """Run one call and describe its outcome as a ``result`` message. Never raises. Outputs over
+    ``max_output_bytes`` (as canonical JSON) are an ``OutputError``: they never leave the worker."""
     from forgeflow.canonical import canonical_bytes
     from forgeflow.plugins.errors import ForgeFlowError, StageMemoryExceeded
 
@@ -239,7 +241,17 @@ def execute_call(
     }
     if error is None:
         try:
-            result["result_size_bytes"] = len(canonical_bytes(outputs))
+            size = result["result_size_bytes"] = len(canonical_bytes(outputs))
+            if max_output_bytes is not None and size > max_output_bytes:
+                stage = request.get("stage_index")
+                where = f"stage {stage} ({label})" if stage is not None else label
+                result.update(
+                    ok=False,
+                    error=f"{where} returned {size} bytes of output, over the limit of {max_output_bytes} "
+                    "(FORGEFLOW_MAX_OUTPUT_BYTES): store large data in the media store (ctx.media) and return its ref",
+                    error_type="OutputError",
+                )
+                return result
             json.dumps(outputs, allow_nan=False)
             result["outputs"] = outputs
             return result
@@ -378,7 +390,9 @@ def run_request(
     ctx = build_context(
         settings, plugin.name, tool.name, request.get("job_id"), request.get("stage_index"), media_store=media_store
     )
-    return execute_call(tool, request, ctx, enforce_memory=True, measure_peak=measure_peak)
+    return execute_call(
+        tool, request, ctx, enforce_memory=True, measure_peak=measure_peak, max_output_bytes=settings.max_output_bytes
+    )
 
 
 def oneshot(plugin_name: str, request_path: Path, response_path: Path, media_out: Path | None) -> int:
