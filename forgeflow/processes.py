@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import os
+import signal
+
 import psutil
+
+_PR_SET_PDEATHSIG = 1
 
 
 def pid_alive(pid: int, create_time: float | None = None) -> bool:
@@ -24,3 +29,17 @@ def process_create_time(pid: int) -> float | None:
         return float(psutil.Process(pid).create_time())
     except psutil.Error:
         return None
+
+
+def die_with_parent(parent_pid: int | None, sig: int = signal.SIGKILL) -> None:
+    """Have the kernel send ``sig`` to this process when its parent dies (Linux), so that no child
+    outlives whoever started it, even a SIGKILLed one; exit now if the parent is already gone."""
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, int(sig), 0, 0, 0)
+    except Exception:  # pragma: no cover - non-Linux
+        return
+    if parent_pid is not None and os.getppid() != parent_pid:
+        os._exit(70)

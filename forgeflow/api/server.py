@@ -3,7 +3,8 @@
 Binds ``settings.api_host`` (127.0.0.1 by default); a non-loopback bind without
 ``FORGEFLOW_API_TOKEN`` refuses to start. When ``PREFECT_API_URL`` is not set, a local
 ``prefect server start`` runs as a child process on 127.0.0.1 and a free port, with its SQLite
-database under ``FORGEFLOW_HOME/prefect``; job processes get its URL; it stops with the service.
+database under ``FORGEFLOW_HOME/prefect``; job processes get its URL; it stops with the service
+(SIGTERM, SIGINT) and cannot outlive it (it dies with its parent, even a SIGKILLed one).
 
 ``python -m forgeflow.api.server`` runs the service from the environment's settings.
 """
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import sys
 
 from forgeflow.api.auth import InsecureBind, check_bind
@@ -29,6 +31,9 @@ def serve(settings: Settings | None = None, *, log_level: str = "info") -> None:
 
     settings = settings or get_settings()
     check_bind(settings.api_host, settings.api_token.get_secret_value() if settings.api_token else None)
+    # uvicorn shuts down gracefully on SIGTERM, then raises the signal again; with the default handler
+    # that ends the process before the `finally` below stops the Prefect server. Exit through it.
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
     prefect: LocalPrefectServer | None = None
     prefect_url = os.environ.get("PREFECT_API_URL")
     if not prefect_url:
@@ -54,6 +59,10 @@ def serve(settings: Settings | None = None, *, log_level: str = "info") -> None:
         if prefect is not None:
             prefect.stop()
             os.environ.pop("PREFECT_API_URL", None)
+
+
+def _exit_on_sigterm(signum: int, frame: object) -> None:
+    raise SystemExit(0)
 
 
 def main() -> int:

@@ -15,6 +15,7 @@ the previous run's task-run events are being written); without the header Prefec
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import signal
@@ -26,6 +27,9 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import psutil
+
+from forgeflow.processes import die_with_parent, pid_alive, process_create_time
 
 
 def free_port() -> int:
@@ -43,6 +47,35 @@ class LocalPrefectServer:
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
+    def pid_file(self) -> Path:
+        return self.home / "server.pid"
+
+    def stop_stale(self) -> bool:
+        """Stop a server of this home whose owner is gone (the pid file names both); True if there was
+        one. A server also dies with its owner (parent-death signal), so this is the second line: a
+        server left by an older ForgeFlow, say. A server whose owner still runs is left alone."""
+        try:
+            fields = self.pid_file.read_text().split()
+            pid, owner = int(fields[0]), int(fields[2])
+            created, owner_created = float(fields[1]), float(fields[3])
+        except (OSError, ValueError, IndexError):
+            return False
+        if pid_alive(owner, owner_created) or not pid_alive(pid, created):
+            return False
+        self.pid_file.unlink(missing_ok=True)
+        try:
+            if "forgeflow.jobs.prefect_server" not in " ".join(psutil.Process(pid).cmdline()):
+                return False
+            os.killpg(pid, signal.SIGTERM)
+            psutil.Process(pid).wait(15)
+        except psutil.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(pid, signal.SIGKILL)
+        except (psutil.Error, ProcessLookupError, PermissionError):
+            pass
+        return True
+
+    @property
     def api_url(self) -> str:
         return f"http://127.0.0.1:{self.port}/api"
 
@@ -56,6 +89,7 @@ class LocalPrefectServer:
             "PREFECT_UI_ENABLED": os.environ.get("PREFECT_UI_ENABLED", "true"),
         }
         env.pop("PREFECT_API_URL", None)
+        self.stop_stale()
         with (self.home / "server.log").open("ab") as log_file:
             self.proc = subprocess.Popen(
                 [
@@ -66,6 +100,8 @@ class LocalPrefectServer:
                     "127.0.0.1",
                     "--port",
                     str(self.port),
+                    "--parent-pid",
+                    str(os.getpid()),
                 ],
                 env=env,
                 stdin=subprocess.DEVNULL,
@@ -73,6 +109,9 @@ class LocalPrefectServer:
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
             )
+        created = process_create_time(self.proc.pid) or 0.0
+        owner_created = process_create_time(os.getpid()) or 0.0
+        self.pid_file.write_text(f"{self.proc.pid} {created} {os.getpid()} {owner_created}\n")
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -89,6 +128,7 @@ class LocalPrefectServer:
         raise TimeoutError(f"the local Prefect server did not answer within {timeout:g}s")
 
     def stop(self) -> None:
+        self.pid_file.unlink(missing_ok=True)
         if self.proc is None or self.proc.poll() is not None:
             return
         try:
@@ -137,7 +177,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m forgeflow.jobs.prefect_server")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=4200)
+    parser.add_argument("--parent-pid", type=int, default=None, help="stop (SIGTERM) when this process ends")
     args = parser.parse_args(argv)
+    if args.parent_pid is not None:
+        # Whoever started the server may be SIGKILLed: the kernel then stops the server too.
+        die_with_parent(args.parent_pid, signal.SIGTERM)
     import uvicorn
     from prefect.server.api.server import create_app
 

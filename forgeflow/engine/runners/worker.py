@@ -40,7 +40,6 @@ if TYPE_CHECKING:
     from forgeflow.plugins.sdk import Tool, ToolContext
     from forgeflow.settings import Settings
 
-PR_SET_PDEATHSIG = 1
 #: ``FORGEFLOW_WORKER_RLIMIT_AS``: ``auto`` (default: on, except on hosts with an NVIDIA driver,
 #: whose CUDA context reserves far more address space than it uses), ``on`` or ``off``. Where it is
 #: off, the runner's resident-memory watchdog alone enforces the limit.
@@ -62,20 +61,6 @@ def isolate_stdio() -> tuple[int, int]:
     sys.stdin = open(os.devnull)  # noqa: SIM115 - lives as long as the process
     sys.stdout = sys.stderr
     return proto_in, proto_out
-
-
-def set_parent_death_signal(parent_pid: int | None) -> None:
-    """SIGKILL this process when the parent dies (Linux); exit now if it already has."""
-    import ctypes
-    import signal
-
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
-    except Exception:  # pragma: no cover - non-Linux
-        return
-    if parent_pid is not None and os.getppid() != parent_pid:
-        os._exit(70)
 
 
 def proc_status_kb(field: str) -> int | None:
@@ -432,7 +417,9 @@ def main(argv: list[str] | None = None) -> int:
     proto_in, proto_out = isolate_stdio()
     faulthandler.enable(file=sys.stderr, all_threads=True)
     if not args.oneshot:
-        set_parent_death_signal(args.parent_pid)
+        from forgeflow.processes import die_with_parent
+
+        die_with_parent(args.parent_pid)
     print(
         f"[forgeflow worker pid={os.getpid()} plugin={args.plugin} started {time.strftime('%Y-%m-%dT%H:%M:%S')}]",
         file=sys.stderr,

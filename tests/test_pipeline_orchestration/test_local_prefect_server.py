@@ -1,0 +1,82 @@
+"""The local Prefect server ForgeFlow starts never outlives its owner: it dies with it (even a
+SIGKILLed one), and a server whose owner is gone is stopped by the next owner of the same home."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+
+import psutil
+
+from forgeflow.jobs.prefect_server import LocalPrefectServer, free_port
+from forgeflow.processes import pid_alive
+
+
+def _wait_gone(pid: int, within_s: float) -> bool:
+    deadline = time.monotonic() + within_s
+    while time.monotonic() < deadline:
+        if not pid_alive(pid):
+            return True
+        time.sleep(0.1)
+    return False
+
+
+def test_the_server_dies_with_a_sigkilled_owner(tmp_path):
+    owner_code = (
+        "import os, subprocess, sys, time\n"
+        "child = subprocess.Popen([sys.executable, '-m', 'forgeflow.jobs.prefect_server', '--port', sys.argv[1],"
+        " '--parent-pid', str(os.getpid())], start_new_session=True,"
+        " stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)\n"
+        "print(child.pid, flush=True)\n"
+        "time.sleep(600)\n"
+    )
+    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect"), "PREFECT_UI_ENABLED": "false"}
+    env.pop("PREFECT_API_URL", None)
+    owner = subprocess.Popen(
+        [sys.executable, "-c", owner_code, str(free_port())], env=env, stdout=subprocess.PIPE, text=True
+    )
+    try:
+        server_pid = int(owner.stdout.readline())
+        time.sleep(1.0)  # let it get going (were the owner gone sooner, the server would see that and leave)
+        assert pid_alive(server_pid)
+        owner.kill()
+        owner.wait(10)
+        assert _wait_gone(server_pid, 60), "the Prefect server outlived its SIGKILLed owner"
+    finally:
+        owner.kill()
+
+
+def test_a_server_whose_owner_is_gone_is_stopped_by_the_next_owner(tmp_path):
+    # A stand-in for a server left running by an owner that died (same command-line marker, own group).
+    stale = subprocess.Popen(
+        [sys.executable, "-c", "import time; time.sleep(600)", "forgeflow.jobs.prefect_server"],
+        start_new_session=True,
+    )
+    dead_owner = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead_owner.wait(10)
+    home = tmp_path / "prefect"
+    home.mkdir()
+    server = LocalPrefectServer(home)
+    stale_created = psutil.Process(stale.pid).create_time()
+    server.pid_file.write_text(f"{stale.pid} {stale_created} {dead_owner.pid} 0.0\n")
+    try:
+        assert server.stop_stale()
+        assert _wait_gone(stale.pid, 20)  # (reaped by stop_stale's wait, so no exit status is left here)
+        assert not server.pid_file.exists()
+        # One whose owner still runs (this test) is left alone.
+        alive = subprocess.Popen(
+            [sys.executable, "-c", "import time; time.sleep(600)", "forgeflow.jobs.prefect_server"],
+            start_new_session=True,
+        )
+        me = psutil.Process(os.getpid())
+        server.pid_file.write_text(
+            f"{alive.pid} {psutil.Process(alive.pid).create_time()} {me.pid} {me.create_time()}\n"
+        )
+        assert not server.stop_stale()
+        assert alive.poll() is None
+        alive.kill()
+        alive.wait(10)
+    finally:
+        stale.kill()
