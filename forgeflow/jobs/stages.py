@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-import json
 import os
 import shutil
 import threading
@@ -20,6 +19,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from forgeflow.canonical import canonical_json
 from forgeflow.engine.lifecycle import LifecycleStore
 from forgeflow.engine.registry import PluginRegistry
 from forgeflow.engine.runners.base import CallResult, Runner, ToolCall
@@ -238,7 +238,7 @@ def _write_checkpoint(settings: Settings, job_id: str, result: dict[str, Any], r
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     data = {"partial_result": result, "stages": [r.model_dump() for r in reports]}
-    tmp.write_text(json.dumps(data, sort_keys=True), encoding="utf-8")
+    tmp.write_text(canonical_json(data), encoding="utf-8")
     tmp.replace(path)
 
 

@@ -27,7 +27,6 @@ TerminalStatus = Literal["succeeded", "failed", "cancelled", "crashed"]
 TERMINAL_STATUSES: frozenset[str] = frozenset({"succeeded", "failed", "cancelled", "crashed"})
 
 StageStatus = Literal["pending", "running", "completed", "failed", "skipped", "cancelled"]
-SETTLED_STAGE_STATUSES: frozenset[str] = frozenset({"completed", "failed", "skipped", "cancelled"})
 
 
 class EndReason(StrEnum):
@@ -47,8 +46,8 @@ CANCEL_REASONS: frozenset[str] = frozenset(
 
 
 #: Endings that are not the plugin's doing — a cancel, or the infrastructure failing (the job's process
-#: or engine killed, a flow run that could not start, a job that could not be launched): they leave the
-#: plugin's lifecycle as it was before the stage ran, never FAILED.
+#: or engine killed, a flow run that could not start, a job that could not be launched): the plugin is
+#: left INITIALIZED (no longer running, nothing failed in it), never FAILED.
 NOT_THE_PLUGINS_DOING: frozenset[str] = CANCEL_REASONS | {
     EndReason.FLOW_RUN_CRASHED,
     EndReason.FLOW_RUN_ERROR,
