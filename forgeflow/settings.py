@@ -94,6 +94,13 @@ class Settings(BaseSettings):
         description="Largest output of one stage as JSON (an OutputError above it, raised in the worker before "
         "the result leaves it): large data belongs in the media store (ctx.media), passed on as refs.",
     )
+    progress_interval_s: float = Field(
+        0.5,
+        ge=0,
+        le=60,
+        description="Least time between two in-stage progress messages of one stage (ctx.progress is "
+        "rate-limited to this; the last one, done == total, always goes through).",
+    )
     max_stage_timeout_s: float = Field(6 * 3600.0, gt=0, description="Upper bound of a stage timeout.")
     max_stage_memory_mb: int | None = Field(
         None, ge=64, description="Upper bound of a stage's memory_limit_mb (default: this host's physical memory)."

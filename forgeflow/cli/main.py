@@ -272,9 +272,18 @@ def _show(progress: Progress, bars: list[Any], event: Any) -> None:
     if event.type == "pipeline_stage_start":
         progress.start_task(bar)
         progress.update(bar, status="[yellow]running[/yellow]")
+    elif event.type == "pipeline_stage_progress":
+        # The bar counts what the tool counts (frames): "37/64 frames" or the tool's own message.
+        count = f"{event.done:g}/{event.total:g}" if event.total else f"{event.done:g}"
+        status = f"[yellow]{event.message or count}[/yellow]"
+        if event.total:
+            progress.update(bar, total=event.total, completed=event.done, status=status)
+        else:
+            progress.update(bar, status=status)
     elif event.type == "pipeline_stage_end":
         if event.ok:
-            progress.update(bar, completed=1, status=f"[green]done[/green] {event.duration_ms} ms")
+            total = progress.tasks[bar].total or 1
+            progress.update(bar, completed=total, status=f"[green]done[/green] {event.duration_ms} ms")
         else:
             progress.update(bar, status="[red]failed[/red]")
         progress.stop_task(bar)
@@ -322,11 +331,14 @@ def _size(value: int | None) -> str:
 def _write_outputs(
     out_dir: Path, envelope: dict[str, Any], sink: Any, job_input: dict[str, Any], settings: Any
 ) -> None:
+    from forgeflow.events.models import JobStatusEvent
+
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "result.json").write_text(json.dumps(envelope, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     with (out_dir / "events.jsonl").open("w", encoding="utf-8") as fh:
-        for event in sink.events:
-            fh.write(event.model_dump_json() + "\n")
+        for event in sink.events:  # the result is in result.json: the terminal message has its summary
+            shown = event.summarized() if isinstance(event, JobStatusEvent) else event
+            fh.write(shown.model_dump_json() + "\n")
     written = [out_dir / "result.json", out_dir / "events.jsonl"]
     result = envelope.get("result") or envelope.get("partial_result") or {}
     media_ref = job_input.get("media")

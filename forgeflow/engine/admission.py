@@ -17,7 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from forgeflow.engine.runners.base import CallResult, Runner, ToolCall
+from forgeflow.engine.runners.base import CallResult, ProgressCallback, Runner, ToolCall
 from forgeflow.pipeline.outcome import EndReason
 
 __all__ = ["AdmittedRunner", "DeviceSlots", "device_of", "host_gpu_count"]
@@ -137,7 +137,7 @@ class AdmittedRunner:
         check = getattr(self.inner, "is_cancelled", None)
         return bool(check and check(job_id))
 
-    def run(self, call: ToolCall) -> CallResult:
+    def run(self, call: ToolCall, on_progress: ProgressCallback | None = None) -> CallResult:
         device = device_of(call.config, self.slots.gpus)
         ticket = {"job_id": call.job_id, "stage_index": call.stage_index, "plugin": call.plugin, "tool": call.tool}
         admitted = self.slots.acquire(
@@ -149,7 +149,7 @@ class AdmittedRunner:
         if not admitted:
             return CallResult.failure(EndReason.CANCELLED, "cancelled by request")
         try:
-            return self.inner.run(call)
+            return self.inner.run(call, on_progress)
         finally:
             self.slots.release(device, ticket)
 

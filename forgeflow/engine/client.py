@@ -13,7 +13,8 @@ from typing import Any
 
 import httpx
 
-from forgeflow.engine.runners.base import CallResult, ToolCall
+from forgeflow.engine.runners import progress_relay
+from forgeflow.engine.runners.base import CallResult, ProgressCallback, ToolCall
 from forgeflow.settings import Settings
 
 __all__ = ["EngineClient", "EngineRunner", "EngineUnavailable", "ensure_engine", "start_engine_process"]
@@ -96,9 +97,37 @@ class EngineClient:
     def cancel(self, job_id: str) -> dict[str, Any]:
         return self._request("POST", f"/jobs/{job_id}/cancel")  # type: ignore[no-any-return]
 
-    def call(self, call: ToolCall) -> CallResult:
-        data = self._request("POST", "/calls", json=call.model_dump(mode="json"), timeout=call.timeout_s + 120.0)
-        return CallResult.model_validate(data)
+    def call(self, call: ToolCall, on_progress: ProgressCallback | None = None) -> CallResult:
+        """Run ``call`` on the engine; with ``on_progress``, its progress streams back while it runs."""
+        if on_progress is None:
+            data = self._request("POST", "/calls", json=call.model_dump(mode="json"), timeout=call.timeout_s + 120.0)
+            return CallResult.model_validate(data)
+        if not self.socket_path.exists():
+            raise EngineUnavailable(f"no engine socket at {self.socket_path}")
+        relay = progress_relay(on_progress)
+        assert relay is not None
+        try:
+            with self._client.stream(
+                "POST",
+                "/calls?progress=1",
+                json=call.model_dump(mode="json"),
+                timeout=httpx.Timeout(30.0, read=call.timeout_s + 120.0),
+            ) as response:
+                if response.status_code >= 400:
+                    raise EngineUnavailable(
+                        f"engine POST /calls: {response.status_code} {response.read()[:500]!r}", response.status_code
+                    )
+                for line in response.iter_lines():
+                    if not line.strip():
+                        continue
+                    message = json.loads(line)
+                    if "progress" in message:
+                        relay(message["progress"])
+                    elif "result" in message:
+                        return CallResult.model_validate(message["result"])
+        except httpx.HTTPError as exc:
+            raise EngineUnavailable(f"lost the engine mid-call: {exc}") from None
+        raise EngineUnavailable("the engine ended the call's answer without a result")
 
     def warm(self, plugins: list[str]) -> list[str]:
         return self._request("POST", "/warm", json={"plugins": plugins}, timeout=300.0)["started"]  # type: ignore[no-any-return]
@@ -122,9 +151,9 @@ class EngineRunner:
     def __init__(self, client: EngineClient) -> None:
         self.client = client
 
-    def run(self, call: ToolCall) -> CallResult:
+    def run(self, call: ToolCall, on_progress: ProgressCallback | None = None) -> CallResult:
         try:
-            return self.client.call(call)
+            return self.client.call(call, on_progress)
         except EngineUnavailable as exc:
             return CallResult.failure("EngineUnavailable", f"{call.plugin}.{call.tool}: {exc}")
 

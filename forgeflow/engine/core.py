@@ -34,7 +34,7 @@ from forgeflow.engine.admission import AdmittedRunner, DeviceSlots
 from forgeflow.engine.lifecycle import LifecycleStore
 from forgeflow.engine.registry import PluginRegistry
 from forgeflow.engine.runners import get_runner
-from forgeflow.engine.runners.base import CallResult, ToolCall
+from forgeflow.engine.runners.base import CallResult, ProgressCallback, ToolCall
 from forgeflow.events.models import Event, JobStatusEvent, PipelineError, is_terminal_event
 from forgeflow.events.sinks import EventSink, HttpSink
 from forgeflow.jobs.stages import Services
@@ -296,8 +296,8 @@ class Engine:
 
     # --- single calls (flow runs in other processes of this host) ---------------------------------
 
-    def call(self, call: ToolCall) -> CallResult:
-        return self.runner.run(call)
+    def call(self, call: ToolCall, on_progress: ProgressCallback | None = None) -> CallResult:
+        return self.runner.run(call, on_progress)
 
     def warm(self, plugins: list[str]) -> list[str]:
         """Start a worker for each plugin ahead of its first call; the ones started."""

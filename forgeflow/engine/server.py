@@ -11,7 +11,9 @@ start) talk to it with :class:`forgeflow.engine.client.EngineClient`.
                            with ``"stream": true`` the answer streams the job's events as
                            NDJSON lines (``{"event": ...}``), then ``{"envelope": ...}``
 ``POST /jobs/{id}/cancel`` stop a job (queued: never starts; running: its stage is killed)
-``POST /calls``            run one ``ToolCall`` on the warm pools (admission applies) → CallResult
+``POST /calls``            run one ``ToolCall`` on the warm pools (admission applies) → CallResult;
+                           ``/calls?progress=1`` streams NDJSON: ``{"progress": {done, total,
+                           message}}`` lines while the tool runs, then ``{"result": CallResult}``
 ``POST /warm``             ``{"plugins": [...]}``: start workers ahead of their first call
 ``POST /owner``            ``{"pid": N}``: the engine leaves once N is gone and no job runs
 ``POST /shutdown``         ``{"drain": true}``: leave once the running jobs end; else now
@@ -124,6 +126,18 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(data)
 
+    def _start_lines(self) -> None:
+        """Start an NDJSON answer (one JSON object per line, sent as it comes; the connection closes after)."""
+        self.send_response(200)
+        self.send_header("Content-Type", "application/x-ndjson")
+        self.send_header("Connection", "close")
+        self.end_headers()
+        self.close_connection = True
+
+    def _line(self, payload: Any) -> None:
+        self.wfile.write(json.dumps(payload, default=str).encode() + b"\n")
+        self.wfile.flush()
+
     def do_GET(self) -> None:
         engine = self.service.engine
         if self.path == "/status":
@@ -153,7 +167,7 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _route(self, body: dict[str, Any]) -> None:
         from forgeflow.engine.core import StreamSink
-        from forgeflow.engine.runners.base import ToolCall
+        from forgeflow.engine.runners.base import Progress, ToolCall
 
         service, engine = self.service, self.service.engine
         if self.path == "/jobs":
@@ -172,25 +186,34 @@ class _Handler(BaseHTTPRequestHandler):
             if not stream:
                 self._send(202, job.view())
                 return
-            self.send_response(200)
-            self.send_header("Content-Type", "application/x-ndjson")
-            self.send_header("Connection", "close")
-            self.end_headers()
-            self.close_connection = True
+            self._start_lines()
             for event in engine.stream(job):
-                line = (
+                self._line(
                     {"event": event.model_dump(mode="json")}
                     if event is not None
                     else {"envelope": job.envelope, "status": job.status}
                 )
-                self.wfile.write(json.dumps(line).encode() + b"\n")
-                self.wfile.flush()
         elif self.path.startswith("/jobs/") and self.path.endswith("/cancel"):
             job = engine.cancel(self.path.split("/")[2])
             self._send(200, job.view()) if job else self._send(404, {"error": "unknown job"})
         elif self.path == "/calls":
             result = engine.call(ToolCall.model_validate(body))
             self._send(200, result.model_dump(mode="json"))
+        elif self.path == "/calls?progress=1":
+            self._start_lines()
+            client_gone = False
+
+            def send_progress(progress: Progress) -> None:
+                nonlocal client_gone
+                if not client_gone:
+                    try:
+                        self._line({"progress": progress.model_dump(mode="json")})
+                    except OSError:  # the caller went away; the call still ends normally
+                        client_gone = True
+
+            result = engine.call(ToolCall.model_validate(body), send_progress)
+            if not client_gone:
+                self._line({"result": result.model_dump(mode="json")})
         elif self.path == "/warm":
             self._send(200, {"started": engine.warm(list(body.get("plugins") or []))})
         elif self.path == "/owner":

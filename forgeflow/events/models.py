@@ -1,4 +1,4 @@
-"""Realtime messages: the seed's four pipeline messages plus job status messages.
+"""Realtime messages: the seed's four pipeline messages, in-stage progress, and job status messages.
 
 Every message carries ``type``, ``job_id``, ``timestamp`` (ISO-8601 UTC, ``Z``), an ``event_id``
 (UUID, so a retried delivery is stored once) and ``seq``, the per-job sequence number (1, 2, 3 …)
@@ -13,7 +13,14 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 
-from forgeflow.pipeline.outcome import JobStatus, ResultEnvelope, StageReport, is_terminal
+from forgeflow.pipeline.outcome import (
+    RESULT_KEYS,
+    JobStatus,
+    ResultEnvelope,
+    StageReport,
+    envelope_summary,
+    is_terminal,
+)
 
 
 def utc_timestamp() -> str:
@@ -57,6 +64,19 @@ class PipelineError(_Event):
     error_type: str
 
 
+class StageProgress(_Event):
+    """How far the running stage is, as its tool reported (``ctx.progress``); rate-limited."""
+
+    type: Literal["pipeline_stage_progress"] = "pipeline_stage_progress"
+    stage_index: int
+    plugin: str
+    tool: str
+    done: float = Field(ge=0, description="Units done (frames, say).")
+    total: float | None = Field(None, gt=0, description="Units in all; null when the tool does not know.")
+    fraction: float | None = Field(None, ge=0, le=1, description="done / total; null when total is.")
+    message: str | None = None
+
+
 class PipelineProgress(_Event):
     type: Literal["pipeline_progress"] = "pipeline_progress"
     stages_total: int
@@ -65,7 +85,8 @@ class PipelineProgress(_Event):
 
 
 class JobStatusEvent(_Event):
-    """The job's status changed. Terminal ones carry the result envelope."""
+    """The job's status changed. Terminal ones carry the result envelope: whole on its way to the
+    store, as a summary (:meth:`summarized`) once stored and sent to clients."""
 
     type: Literal["job_status"] = "job_status"
     status: JobStatus
@@ -75,9 +96,16 @@ class JobStatusEvent(_Event):
         None, description="Why a running job is not progressing: it waits for a device slot."
     )
 
+    def summarized(self) -> JobStatusEvent:
+        """This message with its envelope's result and partial result replaced by their sizes."""
+        if self.envelope is None or not any(k in self.envelope for k in RESULT_KEYS):
+            return self
+        return self.model_copy(update={"envelope": envelope_summary(self.envelope)})
+
 
 Event = Annotated[
-    StageStart | StageEnd | PipelineError | PipelineProgress | JobStatusEvent, Field(discriminator="type")
+    StageStart | StageEnd | StageProgress | PipelineError | PipelineProgress | JobStatusEvent,
+    Field(discriminator="type"),
 ]
 EVENT_ADAPTER: TypeAdapter[Event] = TypeAdapter(Event)
 

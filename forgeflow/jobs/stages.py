@@ -22,8 +22,8 @@ from typing import Any
 from forgeflow.canonical import canonical_json
 from forgeflow.engine.lifecycle import LifecycleStore
 from forgeflow.engine.registry import PluginRegistry
-from forgeflow.engine.runners.base import CallResult, Runner, ToolCall
-from forgeflow.events.models import JobStatusEvent, PipelineError, StageEnd, StageStart, progress
+from forgeflow.engine.runners.base import CallResult, Progress, Runner, ToolCall
+from forgeflow.events.models import JobStatusEvent, PipelineError, StageEnd, StageProgress, StageStart, progress
 from forgeflow.events.sinks import EventSink, sink_from_settings
 from forgeflow.jobs.supervise import checkpoint_path
 from forgeflow.pipeline import outcome as job_end
@@ -167,7 +167,7 @@ class JobRun:
             job_id=self.job_id,
             stage_index=stage.index,
         )
-        result = self.services.runner.run(call)
+        result = self.services.runner.run(call, lambda update: self.stage_progress(stage, update))
         self.outcomes[stage.index] = result
         report = self.reports[stage.index]
         report.duration_ms = result.duration_ms
@@ -178,6 +178,20 @@ class JobRun:
         if not result.ok:
             raise StageFailed(stage, result)
         return result.outputs or {}
+
+    def stage_progress(self, stage: ResolvedStage, update: Progress) -> None:
+        self.emit(
+            StageProgress(
+                job_id=self.job_id,
+                stage_index=stage.index,
+                plugin=stage.stage.plugin,
+                tool=stage.stage.tool,
+                done=update.done,
+                total=update.total,
+                fraction=update.fraction,
+                message=update.message,
+            )
+        )
 
     def stage_completed(self, stage: ResolvedStage) -> None:
         self.reports[stage.index].status = "completed"

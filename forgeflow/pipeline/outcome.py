@@ -22,6 +22,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
+from forgeflow.canonical import canonical_bytes
+
 JobStatus = Literal["queued", "running", "succeeded", "failed", "cancelled", "crashed"]
 TerminalStatus = Literal["succeeded", "failed", "cancelled", "crashed"]
 TERMINAL_STATUSES: frozenset[str] = frozenset({"succeeded", "failed", "cancelled", "crashed"})
@@ -264,3 +266,18 @@ def shown_stage_status(stage_status: StageStatus, job_status: str) -> StageStatu
     if stage_status == "running":
         return "cancelled" if job_status == "cancelled" else "failed"
     return stage_status
+
+
+#: The envelope's keys that hold a job's data; a message carries their sizes instead.
+RESULT_KEYS = ("result", "partial_result")
+
+
+def envelope_summary(envelope: Mapping[str, Any]) -> dict[str, Any]:
+    """The envelope as a realtime message carries it: ``result`` / ``partial_result`` replaced by
+    ``result_size_bytes`` / ``partial_result_size_bytes`` (canonical JSON). The whole envelope is
+    stored once, with the job (``GET /v1/jobs/{id}``), however many clients watch it."""
+    summary = {k: v for k, v in envelope.items() if k not in RESULT_KEYS}
+    for key in RESULT_KEYS:
+        if key in envelope:
+            summary[f"{key}_size_bytes"] = len(canonical_bytes(envelope[key]))
+    return summary

@@ -253,6 +253,16 @@ class MediaReader:
         self._check_resolution(image.shape[1], image.shape[0])
         return image
 
+    def expected_frames(self, stride: int = 1, max_frames: int | None = None) -> int | None:
+        """How many frames :meth:`frames` will yield, from the container's frame count (None when
+        the video does not say). For progress reports: the decoder may find a few more or fewer."""
+        if self.kind == "image":
+            return 1
+        if self.frame_count <= 0:
+            return None
+        limit = min(self.max_frames, max_frames) if max_frames else self.max_frames
+        return min(limit, -(-self.frame_count // max(stride, 1)))
+
     def frames(self, stride: int = 1, max_frames: int | None = None) -> Iterator[Frame]:
         import cv2
 

@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import functools
 import inspect
+import math
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -50,7 +52,8 @@ class ToolContext:
     ``media`` opens images and videos by media ref (``sha256:...``) or by a local path inside the
     allowed input roots, with the host's limits applied. ``put_media`` stores a file the tool made
     (an annotated video, say) and returns its ref. ``cache`` keeps what the tool computed for later
-    stages of the same job (see :mod:`forgeflow.plugins.cache`).
+    stages of the same job (see :mod:`forgeflow.plugins.cache`). ``progress`` tells whoever watches
+    the job how far the tool is (a ``pipeline_stage_progress`` message).
     """
 
     media_store: MediaStore
@@ -63,6 +66,44 @@ class ToolContext:
     plugin: str = ""
     tool: str = ""
     cache: OutputCache = field(default_factory=OutputCache)
+    #: Where :meth:`progress` sends ``{done, total, message}`` (set by the worker; None: nowhere).
+    progress_sink: Callable[[dict[str, Any]], None] | None = field(default=None, repr=False)
+    progress_interval_s: float = 0.5
+    _progress_lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
+    _progress_sent_at: float | None = field(default=None, init=False, repr=False)
+
+    def progress(self, done: float, total: float | None, message: str | None = None) -> None:
+        """Report that ``done`` of ``total`` units (frames, say) are done; ``total`` None when unknown.
+
+        Cheap to call every frame: reports closer together than ``FORGEFLOW_PROGRESS_INTERVAL_S``
+        are dropped, except the last one (``done >= total``). ``done`` above ``total`` counts as
+        ``total``; ``message`` is cut to 200 characters. Raises ``ValueError`` for a negative or
+        non-finite ``done`` or a ``total`` that is not positive.
+        """
+        if isinstance(done, bool) or not isinstance(done, (int, float)) or not math.isfinite(done) or done < 0:
+            raise ValueError(f"ctx.progress: done must be a finite number >= 0, got {done!r}")
+        if total is not None and (
+            isinstance(total, bool) or not isinstance(total, (int, float)) or not math.isfinite(total) or total <= 0
+        ):
+            raise ValueError(f"ctx.progress: total must be a finite number > 0 or None, got {total!r}")
+        if total is not None:
+            done = min(done, total)
+        final = total is not None and done >= total
+        now = time.monotonic()
+        with self._progress_lock:
+            sink = self.progress_sink
+            if sink is None:
+                return
+            sent_at = self._progress_sent_at
+            if not final and sent_at is not None and now - sent_at < self.progress_interval_s:
+                return
+            self._progress_sent_at = now
+            sink({"done": done, "total": total, "message": None if message is None else str(message)[:200]})
+
+    def end_progress(self) -> None:
+        """The call is over: later reports (from a thread the tool left running) go nowhere."""
+        with self._progress_lock:
+            self.progress_sink = None
 
     def media(self, source: str) -> MediaReader:
         from forgeflow.plugins.media import MediaReader

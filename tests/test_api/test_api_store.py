@@ -21,13 +21,46 @@ def test_migrations_create_exactly_the_declared_schema(store_url: str) -> None:
         store.migrate()  # idempotent
         with store.engine.connect() as conn:
             context = MigrationContext.configure(conn)
-            assert context.get_current_revision() == "0001_initial"
+            assert context.get_current_revision() == "0002_stage_progress"
             diff = [
                 d
                 for d in compare_metadata(context, metadata)
                 if d[0] != "remove_table" or d[1].name != "alembic_version"
             ]
             assert diff == []
+    finally:
+        store.close()
+
+
+def test_a_store_of_the_first_schema_upgrades_in_place_keeping_its_rows(store_url: str) -> None:
+    from alembic import command
+    from alembic.config import Config
+    from sqlalchemy import text
+
+    from forgeflow.api.store.db import MIGRATIONS_DIR
+
+    store = Store(store_url)
+    try:
+        cfg = Config()
+        cfg.set_main_option("script_location", str(MIGRATIONS_DIR))
+        cfg.set_main_option("path_separator", "os")
+        with store.engine.begin() as conn:
+            cfg.attributes["connection"] = conn
+            command.upgrade(cfg, "0001_initial")
+        store.create_job(
+            job_id="old", pipeline={"stages": []}, input_data={}, request_hash="h", source="inline", template_id=None
+        )
+        with store.engine.begin() as conn:
+            conn.execute(
+                text(
+                    "INSERT INTO stage_runs (job_id, stage_index, plugin, tool, status, attempt) "
+                    "VALUES ('old', 0, 'testkit', 'numbers', 'completed', 1)"
+                )
+            )
+        store.migrate()
+        (row,) = store.stage_rows("old")
+        assert (row["plugin"], row["status"], row["progress"]) == ("testkit", "completed", None)
+        assert store.get_job("old") is not None
     finally:
         store.close()
 

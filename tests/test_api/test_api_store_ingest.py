@@ -16,6 +16,7 @@ from forgeflow.events.models import (
     PipelineError,
     PipelineProgress,
     StageEnd,
+    StageProgress,
     StageStart,
     abnormal_end,
 )
@@ -125,6 +126,31 @@ def test_ingest_derives_the_job_and_its_stage_rows(store: Store):
     assert [p["seq"] for p in payloads] == list(range(1, 10))
     assert [p["type"] for p in payloads][-1] == "job_status" and payloads[-1]["status"] == "succeeded"
     assert list(payloads[1])[:3] == ["type", "job_id", "seq"]
+
+
+def test_stage_progress_is_kept_on_the_stage_and_the_result_is_stored_once(store: Store):
+    new_job(store, "jp", stages=1)
+    start = StageStart(job_id="jp", stage_index=0, plugin="testkit", tool="t0")
+    report = StageProgress(
+        job_id="jp", stage_index=0, plugin="testkit", tool="t0", done=16, total=64, fraction=0.25, message="16/64"
+    )
+    store.ingest([start, report])
+    (row,) = store.stage_rows("jp")
+    assert row["status"] == "running"
+    assert row["progress"] == {"done": 16, "total": 64, "fraction": 0.25, "message": "16/64"}
+    store.ingest([StageStart(job_id="jp", stage_index=0, plugin="testkit", tool="t0", attempt=2)])
+    assert store.stage_rows("jp")[0]["progress"] is None  # a new attempt starts from nothing
+    big = {"numbers": list(range(10_000))}
+    reports = [outcome.StageReport(index=0, plugin="testkit", tool="t0", status="completed")]
+    envelope = outcome.succeeded(big, reports).to_dict()
+    store.ingest([JobStatusEvent(job_id="jp", status="succeeded", envelope=envelope)])
+    assert store.get_job("jp")["envelope"] == envelope  # the whole result, once: in the job
+    terminal = store.event_dicts("jp")[-1]
+    assert terminal["type"] == "job_status" and terminal["status"] == "succeeded"
+    assert "result" not in terminal["envelope"]
+    assert terminal["envelope"]["result_size_bytes"] == len(json.dumps(big, separators=(",", ":")))
+    assert terminal["envelope"]["stages"] == envelope["stages"] and terminal["envelope"]["ok"] is True
+    assert sum(len(e.payload) for e in store.events_after("jp", 0)) < 2000
 
 
 def test_a_retried_delivery_is_stored_once(store: Store):

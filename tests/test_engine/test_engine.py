@@ -334,3 +334,23 @@ def test_cancel_a_job_waiting_for_a_device_slot(start_engine: Any) -> None:
     assert not client.status()["devices"]["cpu"]["waiting"]
     first.join(30)
     assert first_box["value"][1]["status"] == "succeeded"  # the job holding the slot is untouched
+
+
+def test_a_tools_progress_streams_back_through_the_engine(start_engine: Any) -> None:
+    """Progress crosses the engine socket both ways a stage can run there: a single call from a flow
+    run in another process (``/calls?progress=1``) and a job of the engine's own."""
+    from forgeflow.engine.client import EngineRunner
+    from forgeflow.engine.runners.base import Progress, ToolCall
+
+    client = start_engine(progress_interval_s=0)
+    updates: list[Progress] = []
+    call = ToolCall(plugin="testkit", tool="steps", config={"steps": 3, "delay_s": 0.05}, job_id="c", stage_index=0)
+    result = EngineRunner(client).run(call, updates.append)
+    assert result.ok and result.outputs == {"steps": 3}
+    assert [(u.done, u.total, u.message) for u in updates] == [(1, 3, "step 1"), (2, 3, "step 2"), (3, 3, "step 3")]
+    assert client.call(call).ok  # without a callback: the plain JSON answer
+
+    events, end = run(client, "job-progress", [{"plugin": "testkit", "tool": "steps", "config": {"steps": 2}}])
+    assert end["status"] == "succeeded"
+    kinds = [e["type"] for e in events if e.get("stage_index") == 0]
+    assert kinds == ["pipeline_stage_start", "pipeline_stage_progress", "pipeline_stage_progress", "pipeline_stage_end"]

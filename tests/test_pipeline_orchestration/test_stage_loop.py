@@ -109,3 +109,23 @@ def test_a_job_cancelled_before_a_stage_starts_none(registry):
     assert [s.status for s in envelope.stages] == ["cancelled"]
     assert [e.type for e in sink.events] == ["job_status"]
     assert sink.events[-1].status == "cancelled"  # type: ignore[union-attr]
+
+
+def test_a_tools_progress_is_streamed_between_its_stage_start_and_end(registry, monkeypatch):
+    monkeypatch.setenv("FORGEFLOW_PROGRESS_INTERVAL_S", "0")
+    get_settings.cache_clear()
+    envelope, events = _run(registry, [{"plugin": "testkit", "tool": "steps", "config": {"steps": 3}}], {})
+    assert envelope["ok"] is True
+    kinds = [e["type"] for e in events]
+    assert kinds == ["pipeline_stage_start"] + ["pipeline_stage_progress"] * 3 + [
+        "pipeline_stage_end",
+        "pipeline_progress",
+        "job_status",
+    ]
+    progress = [e for e in events if e["type"] == "pipeline_stage_progress"]
+    assert [(p["stage_index"], p["plugin"], p["tool"]) for p in progress] == [(0, "testkit", "steps")] * 3
+    assert [(p["done"], p["total"], p["fraction"], p["message"]) for p in progress] == [
+        (1, 3, 1 / 3, "step 1"),
+        (2, 3, 2 / 3, "step 2"),
+        (3, 3, 1.0, "step 3"),
+    ]

@@ -134,3 +134,17 @@ def test_docker_bad_calls_start_no_container(docker_runner):
     assert docker_runner.run(call("nope")).error_type == "UnknownTool"
     assert docker_runner.run(call("numbers", inputs={"count": "x"})).error_type == "InputError"
     assert docker_runner.created == []
+
+
+def test_a_tools_progress_leaves_the_container_while_it_runs(make_runner, docker_client):
+    runner = make_runner("docker", progress_interval_s=0)
+    updates: list[tuple[float, float | None, str | None, float]] = []
+    started = time.monotonic()
+    result = runner.run(
+        call("steps", config={"steps": 4, "delay_s": 0.4}),
+        lambda u: updates.append((u.done, u.total, u.message, time.monotonic())),
+    )
+    ended = time.monotonic()
+    assert result.ok, result
+    assert [u[:3] for u in updates] == [(i, 4, f"step {i}") for i in range(1, 5)]
+    assert updates[0][3] < ended - 0.8 and started < updates[0][3]  # streamed while running, not after

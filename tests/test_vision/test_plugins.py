@@ -258,6 +258,27 @@ def test_track_players_stride_and_summary(vision_ctx, sample_clip, get_tool):
     assert [f["frame_index"] for f in poses["poses"]] == [0, 4, 8, 12, 16, 20, 24, 28]
 
 
+@pytest.mark.vision
+def test_detection_and_pose_report_frames_as_progress(vision_ctx, sample_clip, get_tool):
+    from dataclasses import replace
+
+    detect_reports: list[dict] = []
+    ctx = replace(vision_ctx, progress_sink=detect_reports.append, progress_interval_s=0)
+    cfg = {"device": "cpu", "imgsz": 320, "frame_stride": 4, "max_frames": 8, "batch": 2}
+    players = get_tool("yolo_tracker", "detect_players").invoke(cfg, {"media": str(sample_clip)}, ctx)
+    assert [r["done"] for r in detect_reports] == [2, 4, 6, 8, 8]  # per batch of 2, then the final one
+    assert {r["total"] for r in detect_reports} == {8}
+    assert detect_reports[-1] == {"done": 8, "total": 8, "message": "8/8 frames"}
+
+    pose_reports: list[dict] = []
+    ctx = replace(vision_ctx, progress_sink=pose_reports.append, progress_interval_s=0)
+    get_tool("pose_estimator", "estimate_poses").invoke(
+        {"device": "cpu", "imgsz": 320}, {"media": str(sample_clip), **players}, ctx
+    )
+    assert [r["done"] for r in pose_reports] == list(range(1, 9))
+    assert pose_reports[-1] == {"done": 8, "total": 8, "message": "8/8 frames"}
+
+
 # --- models ------------------------------------------------------------------------------------
 
 

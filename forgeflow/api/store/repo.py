@@ -39,6 +39,7 @@ from forgeflow.events.models import (
     PipelineError,
     PipelineProgress,
     StageEnd,
+    StageProgress,
     StageStart,
     is_terminal_event,
 )
@@ -353,7 +354,9 @@ class Store:
                 job_changes[event.job_id] = {}
             seq = job["last_seq"] + 1
             job["last_seq"] = seq
-            data = event.model_dump(mode="json")
+            # Stored and sent as a summary: the whole envelope is stored once, in the job's row.
+            shown = event.summarized() if isinstance(event, JobStatusEvent) else event
+            data = shown.model_dump(mode="json")
             data["seq"] = seq
             text = event_text(data)
             cursor = conn.execute(
@@ -412,6 +415,7 @@ class Store:
                     duration_ms=None,
                     error=None,
                     error_type=None,
+                    progress=None,
                 )
                 self._observe(conn, event.plugin, resolve_plugin, "RUNNING", ts=event.timestamp)
             case StageEnd():
@@ -451,6 +455,10 @@ class Store:
                         error=error or f"stage {event.stage_index} failed",
                         error_type=error_type,
                     )
+            case StageProgress():
+                if not ended:
+                    progress = event.model_dump(mode="json", include={"done", "total", "fraction", "message"})
+                    self._upsert_stage(conn, job["id"], event.stage_index, plugin=event.plugin, progress=progress)
             case PipelineError():
                 if not ended:
                     changes["error"], changes["error_type"] = event.error, event.error_type

@@ -48,6 +48,7 @@ class StageRow(TypedDict):
     peak_memory_mb: float | None
     error: str | None
     error_type: str | None
+    progress: dict[str, Any] | None
 
 
 class TemplateRow(TypedDict):

@@ -106,6 +106,7 @@ stage_runs = Table(
     Column("peak_memory_mb", Float, nullable=True),
     Column("error", Text, nullable=True),
     Column("error_type", String(200), nullable=True),
+    Column("progress", JSONType, nullable=True),  # the last pipeline_stage_progress: done, total, fraction, message
     PrimaryKeyConstraint("job_id", "stage_index", name="pk_stage_runs"),
 )
 

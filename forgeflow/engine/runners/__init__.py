@@ -16,10 +16,11 @@ before anything is started, and recording lifecycle transitions without ever fai
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from forgeflow.engine.runners.base import CallResult, Runner, ToolCall
+from forgeflow.engine.runners.base import CallResult, Progress, ProgressCallback, Runner, ToolCall
 from forgeflow.pipeline.outcome import EndReason
 from forgeflow.plugins.errors import ForgeFlowError, InputError
 
@@ -33,6 +34,8 @@ __all__ = [
     "DockerRunner",
     "InlineRunner",
     "ProcessRunner",
+    "Progress",
+    "ProgressCallback",
     "Runner",
     "ToolCall",
     "get_runner",
@@ -153,3 +156,21 @@ def result_from_message(message: dict[str, Any]) -> CallResult:
         reused_outputs=int(message.get("reused_outputs") or 0),
         computed_outputs=int(message.get("computed_outputs") or 0),
     )
+
+
+def progress_relay(on_progress: ProgressCallback | None) -> Callable[[dict[str, Any]], None] | None:
+    """What passes a tool's ``{done, total, message}`` reports on to ``on_progress``: malformed
+    reports are dropped and a callback that raises is logged, so neither can fail the call."""
+    if on_progress is None:
+        return None
+
+    def relay(update: dict[str, Any]) -> None:
+        progress = Progress.from_message(update)
+        if progress is None:
+            return
+        try:
+            on_progress(progress)
+        except Exception:
+            log.warning("a progress callback failed", exc_info=True)
+
+    return relay

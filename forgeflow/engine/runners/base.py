@@ -8,6 +8,7 @@ crashes are all reported as failed results. It also records the plugin's lifecyc
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, Protocol
 
 from pydantic import BaseModel, Field
@@ -54,12 +55,38 @@ class CallResult(BaseModel):
         return cls(ok=False, error=error, error_type=error_type, duration_ms=duration_ms, **extra)
 
 
+class Progress(BaseModel):
+    """How far a running call is, as its tool reported through ``ctx.progress(done, total, message)``."""
+
+    done: float = Field(ge=0)
+    total: float | None = Field(None, gt=0)
+    message: str | None = None
+
+    @property
+    def fraction(self) -> float | None:
+        return min(1.0, self.done / self.total) if self.total else None
+
+    @classmethod
+    def from_message(cls, message: dict[str, Any]) -> Progress | None:
+        """A worker's ``progress`` message, or None when it is malformed (a plugin cannot break the call)."""
+        try:
+            return cls.model_validate({k: message.get(k) for k in ("done", "total", "message")})
+        except ValueError:
+            return None
+
+
+#: Receives a running call's progress; called from the runner's thread, must not block long.
+ProgressCallback = Callable[[Progress], None]
+
+
 class Runner(Protocol):
     """Runs tool calls in isolation and reports lifecycle transitions."""
 
     name: str
 
-    def run(self, call: ToolCall) -> CallResult: ...
+    def run(self, call: ToolCall, on_progress: ProgressCallback | None = None) -> CallResult:
+        """Run ``call``; ``on_progress`` (if given) receives the tool's progress while it runs."""
+        ...
 
     def close(self) -> None:
         """Stop every worker this runner started."""

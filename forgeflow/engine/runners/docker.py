@@ -36,8 +36,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from forgeflow.engine.runners import LifecycleRecorder, Prepared, prepare, result_from_message
-from forgeflow.engine.runners.base import CallResult, ToolCall
+from forgeflow.engine.runners import LifecycleRecorder, Prepared, prepare, progress_relay, result_from_message
+from forgeflow.engine.runners.base import CallResult, ProgressCallback, ToolCall
+from forgeflow.engine.runners.worker import PROGRESS_FILE
 from forgeflow.plugins.errors import PluginUnavailable, StageMemoryExceeded, StageTimeout, WorkerCrashed
 
 log = logging.getLogger("forgeflow.runners.docker")
@@ -48,6 +49,8 @@ PIDS_LIMIT = 512
 TMPFS_SIZE = "1g"
 LOG_TAIL_BYTES = 2048
 CONTAINER_HOME = "/forgeflow/home"
+#: How often a call's progress file is read while its tool runs.
+PROGRESS_POLL_S = 0.25
 
 
 class DockerRunner:
@@ -66,13 +69,13 @@ class DockerRunner:
 
     # -- public -------------------------------------------------------------------------------
 
-    def run(self, call: ToolCall) -> CallResult:
+    def run(self, call: ToolCall, on_progress: ProgressCallback | None = None) -> CallResult:
         prepared = prepare(self.registry, call)
         if isinstance(prepared, CallResult):
             return prepared
         self.lifecycle.running(prepared.plugin)
         try:
-            result = self._run(prepared, call)
+            result = self._run(prepared, call, on_progress)
         except Exception as exc:  # never raise for anything
             log.exception("docker runner failed on %s.%s", call.plugin, call.tool)
             result = CallResult.failure("RunnerError", f"{prepared.plugin}.{call.tool}: docker runner error: {exc}")
@@ -123,13 +126,14 @@ class DockerRunner:
             "FORGEFLOW_MAX_FRAMES": str(s.max_frames),
             "FORGEFLOW_MAX_PIXELS": str(s.max_pixels),
             "FORGEFLOW_MAX_OUTPUT_BYTES": str(s.max_output_bytes),
+            "FORGEFLOW_PROGRESS_INTERVAL_S": str(s.progress_interval_s),
             "PYTHONUNBUFFERED": "1",
         }
         if "FORGEFLOW_WORKER_RLIMIT_AS" in os.environ:
             env["FORGEFLOW_WORKER_RLIMIT_AS"] = os.environ["FORGEFLOW_WORKER_RLIMIT_AS"]
         return env
 
-    def _run(self, prepared: Prepared, call: ToolCall) -> CallResult:
+    def _run(self, prepared: Prepared, call: ToolCall, on_progress: ProgressCallback | None) -> CallResult:
         import docker
         from docker.errors import DockerException, ImageNotFound
 
@@ -217,7 +221,7 @@ class DockerRunner:
             with self._lock:
                 self._running.add(container.id)
             container.start()
-            outcome = self._wait(container, out_dir, call, label, start)
+            outcome = self._wait(container, out_dir, call, label, start, _ProgressTail(out_dir, on_progress))
             if outcome is not None:
                 return outcome
             return self._collect(container, out_dir, limit_mb, label, start)
@@ -235,8 +239,11 @@ class DockerRunner:
                     log.warning("could not remove container %s", container.id, exc_info=True)
             shutil.rmtree(scratch, ignore_errors=True)
 
-    def _wait(self, container: Any, out_dir: Path, call: ToolCall, label: str, start: float) -> CallResult | None:
-        """Wait for start-up, then for the call; a failed result on timeout, None when it exited."""
+    def _wait(
+        self, container: Any, out_dir: Path, call: ToolCall, label: str, start: float, progress: _ProgressTail
+    ) -> CallResult | None:
+        """Wait for start-up, then for the call (passing its progress on); a failed result on
+        timeout, None when it exited."""
         import requests
 
         ready = out_dir / "ready"
@@ -259,16 +266,24 @@ class DockerRunner:
                 last_status = now
             time.sleep(0.02)
         call_start = time.monotonic()
-        try:
-            container.wait(timeout=call.timeout_s)
-        except (requests.exceptions.ReadTimeout, requests.exceptions.ConnectionError):
-            container.kill()
-            return CallResult.failure(
-                StageTimeout,
-                f"{label} timed out after {call.timeout_s:g} s; its container was killed",
-                duration_ms=(time.monotonic() - call_start) * 1000.0,
-            )
-        return None
+        deadline = call_start + call.timeout_s
+        while True:
+            # Short waits while the tool reports progress; one wait to the deadline otherwise.
+            remaining = deadline - time.monotonic()
+            try:
+                container.wait(timeout=max(0.01, min(remaining, PROGRESS_POLL_S) if progress.wanted else remaining))
+                progress.poll()
+                return None
+            except (requests.exceptions.ReadTimeout, requests.exceptions.ConnectionError):
+                progress.poll()
+                if time.monotonic() < deadline:
+                    continue
+                container.kill()
+                return CallResult.failure(
+                    StageTimeout,
+                    f"{label} timed out after {call.timeout_s:g} s; its container was killed",
+                    duration_ms=(time.monotonic() - call_start) * 1000.0,
+                )
 
     def _collect(self, container: Any, out_dir: Path, limit_mb: int, label: str, start: float) -> CallResult:
         container.reload()
@@ -329,3 +344,35 @@ class DockerRunner:
                 except ValueError:
                     pass
             store.put_file(blob, filename=filename)
+
+
+class _ProgressTail:
+    """Reads the progress reports the container's worker appends to ``progress.jsonl``."""
+
+    def __init__(self, out_dir: Path, on_progress: ProgressCallback | None) -> None:
+        self.path = out_dir / PROGRESS_FILE
+        self.relay = progress_relay(on_progress)
+        self.offset = 0
+
+    @property
+    def wanted(self) -> bool:
+        return self.relay is not None
+
+    def poll(self) -> None:
+        if self.relay is None:
+            return
+        try:
+            with self.path.open("rb") as fh:
+                fh.seek(self.offset)
+                data = fh.read()
+        except OSError:
+            return
+        complete = data[: data.rfind(b"\n") + 1]  # a line still being written waits for the next poll
+        self.offset += len(complete)
+        for line in complete.splitlines():
+            try:
+                update = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(update, dict):
+                self.relay(update)

@@ -14,8 +14,8 @@ from __future__ import annotations
 import threading
 from typing import Any
 
-from forgeflow.engine.runners import LifecycleRecorder, prepare, result_from_message
-from forgeflow.engine.runners.base import CallResult, ToolCall
+from forgeflow.engine.runners import LifecycleRecorder, prepare, progress_relay, result_from_message
+from forgeflow.engine.runners.base import CallResult, ProgressCallback, ToolCall
 from forgeflow.engine.runners.worker import build_context, execute_call
 
 
@@ -31,7 +31,7 @@ class InlineRunner:
         self._initialized: set[str] = set()
         self._lock = threading.Lock()
 
-    def run(self, call: ToolCall) -> CallResult:
+    def run(self, call: ToolCall, on_progress: ProgressCallback | None = None) -> CallResult:
         prepared = prepare(self.registry, call)
         if isinstance(prepared, CallResult):
             return prepared
@@ -42,7 +42,14 @@ class InlineRunner:
         if first:
             self.lifecycle.initialized(plugin)
         self.lifecycle.running(plugin)
-        ctx = build_context(self.settings, plugin, prepared.tool.name, call.job_id, call.stage_index)
+        ctx = build_context(
+            self.settings,
+            plugin,
+            prepared.tool.name,
+            call.job_id,
+            call.stage_index,
+            progress_sink=progress_relay(on_progress),
+        )
         request = {
             "config": call.config,
             "inputs": call.inputs,

@@ -38,8 +38,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import IO, Any
 
-from forgeflow.engine.runners import LifecycleRecorder, Prepared, prepare, result_from_message
-from forgeflow.engine.runners.base import CallResult, ToolCall
+from forgeflow.engine.runners import LifecycleRecorder, Prepared, prepare, progress_relay, result_from_message
+from forgeflow.engine.runners.base import CallResult, ProgressCallback, ToolCall
 from forgeflow.engine.runners.protocol import (
     DeadlineExceeded,
     MessageReader,
@@ -253,9 +253,9 @@ class ProcessRunner:
 
     # -- public -------------------------------------------------------------------------------
 
-    def run(self, call: ToolCall) -> CallResult:
+    def run(self, call: ToolCall, on_progress: ProgressCallback | None = None) -> CallResult:
         try:
-            return self._run(call)
+            return self._run(call, on_progress)
         except Exception as exc:  # a bug here must still not crash the caller
             log.exception("process runner failed on %s.%s", call.plugin, call.tool)
             return CallResult.failure(
@@ -364,7 +364,7 @@ class ProcessRunner:
 
     # -- one call -----------------------------------------------------------------------------
 
-    def _run(self, call: ToolCall) -> CallResult:
+    def _run(self, call: ToolCall, on_progress: ProgressCallback | None) -> CallResult:
         prepared = prepare(self.registry, call)
         if isinstance(prepared, CallResult):
             return prepared
@@ -381,7 +381,7 @@ class ProcessRunner:
             self._release(worker)
             return CallResult.failure(EndReason.CANCELLED, "cancelled by request")
         self.lifecycle.running(plugin)
-        result, reusable = self._call(worker, prepared, call)
+        result, reusable = self._call(worker, prepared, call, on_progress)
         if reusable:
             self._release(worker)
         else:
@@ -389,7 +389,9 @@ class ProcessRunner:
         self.lifecycle.finished(plugin, result)
         return result
 
-    def _call(self, worker: Worker, prepared: Prepared, call: ToolCall) -> tuple[CallResult, bool]:
+    def _call(
+        self, worker: Worker, prepared: Prepared, call: ToolCall, on_progress: ProgressCallback | None
+    ) -> tuple[CallResult, bool]:
         label = f"{prepared.plugin}.{prepared.tool.name}"
         limit_mb = int(call.memory_limit_mb or self.settings.stage_memory_limit_mb)
         request = {
@@ -418,7 +420,13 @@ class ProcessRunner:
         worker.calls += 1
         try:
             worker.send(request)
-            message = worker.reader.read(deadline, tick=WATCHDOG_PERIOD_S, on_tick=watchdog)
+            relay = progress_relay(on_progress)
+            while True:
+                message = worker.reader.read(deadline, tick=WATCHDOG_PERIOD_S, on_tick=watchdog)
+                if message.get("type") != "progress":
+                    break
+                if relay is not None:
+                    relay(message)
         except DeadlineExceeded:
             worker.kill()
             elapsed = (time.monotonic() - start) * 1000.0

@@ -11,6 +11,8 @@ Messages (``type`` field):
 worker → parent
     ``ready``   ``{pid, plugin, version}``: the plugin imported; the worker takes calls.
     ``unavailable`` ``{reason}``: the plugin could not load in the worker (the worker exits).
+    ``progress`` ``{done, total, message}``: the running call's tool reported progress
+                (``ctx.progress``, already rate-limited); any number before the call's ``result``.
     ``result``  ``{ok, outputs, error, error_type, traceback, duration_ms, result_size_bytes,
                 peak_memory_mb, recycle}``: the answer to one ``call``.
 parent → worker

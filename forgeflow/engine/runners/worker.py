@@ -19,7 +19,8 @@ class name, or a ForgeFlow error's ``error_type``). After a ``MemoryError`` the 
 exits, so that the next call gets a fresh process with an unfragmented heap.
 
 ``--oneshot --request FILE --response FILE`` runs exactly one call from a JSON file and writes the
-result to a JSON file: the Docker runner's container entrypoint.
+result to a JSON file (its progress reports to ``progress.jsonl`` beside it): the Docker runner's
+container entrypoint.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ import os
 import sys
 import time
 import traceback
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -44,6 +46,8 @@ if TYPE_CHECKING:
 #: whose CUDA context reserves far more address space than it uses), ``on`` or ``off``. Where it is
 #: off, the runner's resident-memory watchdog alone enforces the limit.
 RLIMIT_ENV = "FORGEFLOW_WORKER_RLIMIT_AS"
+#: Oneshot (Docker) mode: the tool's progress reports, one JSON object per line, next to the response.
+PROGRESS_FILE = "progress.jsonl"
 _MEMORY_MESSAGES = ("can't allocate memory", "cannot allocate memory", "std::bad_alloc", "out of memory")
 
 
@@ -160,6 +164,7 @@ def build_context(
     job_id: str | None = None,
     stage_index: int | None = None,
     media_store: MediaStore | None = None,
+    progress_sink: Callable[[dict[str, Any]], None] | None = None,
 ) -> ToolContext:
     from forgeflow.plugins.cache import OutputCache, job_cache_dir
     from forgeflow.plugins.media import MediaStore
@@ -177,6 +182,8 @@ def build_context(
         stage_index=stage_index,
         plugin=plugin,
         tool=tool,
+        progress_sink=progress_sink,
+        progress_interval_s=settings.progress_interval_s,
     )
 
 
@@ -208,6 +215,7 @@ def execute_call(
         error = exc
     finally:
         limit.restore()
+        ctx.end_progress()  # nothing the tool left running may report after the result
     duration_ms = (time.perf_counter() - start) * 1000.0
     peak_kb = proc_status_kb("VmHWM") if peak_ok else None
     result: dict[str, Any] = {
@@ -340,6 +348,9 @@ def serve(plugin_name: str, proto_in: int, proto_out: int) -> int:
     write_message(proto_out, {"type": "ready", "pid": os.getpid(), "plugin": plugin.name, "version": plugin.version})
     from forgeflow.plugins.sdk import resource_loads
 
+    def send_progress(update: dict[str, Any]) -> None:
+        write_message(proto_out, {"type": "progress", **update})
+
     while True:
         message = read_message_blocking(proto_in)
         if message is None or message.get("type") == "shutdown":
@@ -347,7 +358,7 @@ def serve(plugin_name: str, proto_in: int, proto_out: int) -> int:
         if message.get("type") != "call":
             print(f"forgeflow worker: ignoring message of type {message.get('type')!r}", file=sys.stderr)
             continue
-        result = run_request(plugin, message, settings, measure_peak=True)
+        result = run_request(plugin, message, settings, measure_peak=True, progress_sink=send_progress)
         result["resource_loads"] = resource_loads()
         write_message(proto_out, result)
         if result.get("recycle"):
@@ -361,6 +372,7 @@ def run_request(
     *,
     measure_peak: bool,
     media_store: MediaStore | None = None,
+    progress_sink: Callable[[dict[str, Any]], None] | None = None,
 ) -> dict[str, Any]:
     tool_name = request.get("tool", "")
     tool = plugin.tools.get(tool_name)
@@ -373,7 +385,13 @@ def run_request(
             "duration_ms": 0.0,
         }
     ctx = build_context(
-        settings, plugin.name, tool.name, request.get("job_id"), request.get("stage_index"), media_store=media_store
+        settings,
+        plugin.name,
+        tool.name,
+        request.get("job_id"),
+        request.get("stage_index"),
+        media_store=media_store,
+        progress_sink=progress_sink,
     )
     return execute_call(
         tool, request, ctx, enforce_memory=True, measure_peak=measure_peak, max_output_bytes=settings.max_output_bytes
@@ -400,7 +418,13 @@ def oneshot(plugin_name: str, request_path: Path, response_path: Path, media_out
     settings = get_settings()
     request = json.loads(request_path.read_text())
     store = _OverlayMediaStore(settings.media_root, media_out) if media_out is not None else None
-    respond(run_request(plugin, request, settings, measure_peak=True, media_store=store))
+    progress_log = response_path.parent / PROGRESS_FILE
+
+    def append_progress(update: dict[str, Any]) -> None:  # the runner tails this file
+        with progress_log.open("a", encoding="utf-8") as fh:
+            fh.write(json.dumps(update, allow_nan=False) + "\n")
+
+    respond(run_request(plugin, request, settings, measure_peak=True, media_store=store, progress_sink=append_progress))
     return 0
 
 

@@ -369,6 +369,17 @@ def predict(
     return results
 
 
+def report_frames(ctx: ToolContext, done: int, total: int | None, *, final: bool = False) -> None:
+    """Frames done so far, as the stage's progress. ``total`` is an estimate (the container's frame
+    count) until ``final``, when ``done`` is the whole."""
+    if final:
+        total = done
+    elif total is not None:
+        total = max(total, done)  # an estimate that ran short
+    if total:
+        ctx.progress(done, total, f"{done}/{total} frames")
+
+
 def batched(items: Iterable[Any], size: int) -> Iterator[list[Any]]:
     chunk: list[Any] = []
     for item in items:

@@ -31,6 +31,7 @@ from forgeflow.plugins.builtin._vision import (
     prediction_key,
     r2,
     r4,
+    report_frames,
     resolve_device,
     resolve_weights,
     setup_ultralytics,
@@ -177,6 +178,7 @@ def estimate_poses(inputs: PoseInput, config: PoseConfig, ctx: ToolContext) -> P
             players = by_index[index].players
             poses = poses_of(reused[index], players) if players else []
             out[index] = FramePoses(frame_index=index, timestamp_s=r4(timestamp), poses=poses)
+        report_frames(ctx, len(wanted), len(wanted), final=True)
         return PoseOutput(poses=[out[i] for i in wanted])
 
     stride = 0
@@ -206,6 +208,7 @@ def estimate_poses(inputs: PoseInput, config: PoseConfig, ctx: ToolContext) -> P
         out[video_frame.index] = FramePoses(
             frame_index=video_frame.index, timestamp_s=r4(video_frame.timestamp_s), poses=poses
         )
+        report_frames(ctx, len(out), len(wanted), final=not remaining)
     if remaining:
         missing = sorted(remaining)
         raise MediaError(

@@ -33,6 +33,7 @@ from forgeflow.plugins.builtin._vision import (
     predict_frames,
     r2,
     r4,
+    report_frames,
     resolve_device,
     resolve_weights,
     setup_ultralytics,
@@ -157,6 +158,7 @@ def detect(
     tracker = _new_tracker(config.confidence, **(tracker_options or {})) if track and reader.kind == "video" else None
 
     frames_out: list[FramePlayers] = []
+    expected = reader.expected_frames(config.frame_stride, config.max_frames)
     previous_hist = None
     for chunk in batched(reader.frames(config.frame_stride, config.max_frames), config.batch):
         predictions = predict_frames(
@@ -200,6 +202,8 @@ def detect(
                     player.track_id = number
             players.sort(key=_sort_key)
             frames_out.append(FramePlayers(frame_index=frame.index, timestamp_s=r4(frame.timestamp_s), players=players))
+        report_frames(ctx, len(frames_out), expected)
+    report_frames(ctx, len(frames_out), expected, final=True)
     return frames_out
 
 

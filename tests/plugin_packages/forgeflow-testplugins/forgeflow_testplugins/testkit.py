@@ -5,6 +5,7 @@ from __future__ import annotations
 import ctypes
 import os
 import sys
+import threading
 import time
 from typing import Any, Literal
 
@@ -137,6 +138,33 @@ def sleep(inputs: EmptyModel, config: SleepConfig, ctx: ToolContext) -> SleepOut
     """Sleep ``seconds`` then succeed."""
     time.sleep(config.seconds)
     return SleepOutput(slept_s=config.seconds)
+
+
+class StepsConfig(BaseModel):
+    steps: int = Field(5, ge=1)
+    delay_s: float = Field(0.0, ge=0)
+    keep_reporting: bool = Field(False, description="Leave a thread that goes on reporting after the call.")
+
+
+class StepsOutput(BaseModel):
+    steps: int
+
+
+@plugin.tool(output=StepsOutput, config=StepsConfig)
+def steps(inputs: EmptyModel, config: StepsConfig, ctx: ToolContext) -> StepsOutput:
+    """Report progress ``steps`` times (``ctx.progress(i, steps, "step i")``), ``delay_s`` apart."""
+    for i in range(1, config.steps + 1):
+        time.sleep(config.delay_s)
+        ctx.progress(i, config.steps, f"step {i}")
+    if config.keep_reporting:
+
+        def late() -> None:
+            for _ in range(100):
+                time.sleep(0.005)
+                ctx.progress(1, None, "late")
+
+        threading.Thread(target=late, daemon=True).start()
+    return StepsOutput(steps=config.steps)
 
 
 class PidOutput(BaseModel):

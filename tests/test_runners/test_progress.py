@@ -1,0 +1,86 @@
+"""In-stage progress: ``ctx.progress`` in a tool reaches the runner's ``on_progress``, rate-limited,
+never after the call's result, and never able to fail the call."""
+
+from __future__ import annotations
+
+import math
+import time
+
+import pytest
+
+from forgeflow.engine.runners.base import Progress
+from forgeflow.plugins.sdk import ToolContext
+
+from ._helpers import call
+
+
+@pytest.mark.parametrize("kind", ["process", "inline"])
+def test_every_report_arrives_when_not_rate_limited(make_runner, kind):
+    runner = make_runner(kind, progress_interval_s=0)
+    updates: list[Progress] = []
+    result = runner.run(call("steps", config={"steps": 4}, job_id="j", stage_index=1), updates.append)
+    assert result.ok and result.outputs == {"steps": 4}
+    assert [(u.done, u.total, u.message) for u in updates] == [(i, 4, f"step {i}") for i in range(1, 5)]
+    assert [u.fraction for u in updates] == [0.25, 0.5, 0.75, 1.0]
+
+
+@pytest.mark.parametrize("kind", ["process", "inline"])
+def test_reports_are_rate_limited_but_the_first_and_the_last_go_through(make_runner, kind):
+    runner = make_runner(kind, progress_interval_s=30)
+    updates: list[Progress] = []
+    result = runner.run(call("steps", config={"steps": 50}), updates.append)
+    assert result.ok
+    assert [u.done for u in updates] == [1, 50]
+
+
+def test_no_report_of_a_finished_call_reaches_the_next_call(make_runner):
+    runner = make_runner("process", progress_interval_s=0)
+    first: list[Progress] = []
+    assert runner.run(call("steps", config={"steps": 2, "keep_reporting": True}), first.append).ok
+    second: list[Progress] = []
+    time.sleep(0.1)  # the first call's thread reports (into nothing) meanwhile
+    result = runner.run(call("steps", config={"steps": 3, "delay_s": 0.05}), second.append)
+    assert result.ok
+    assert [u.message for u in first] == ["step 1", "step 2"]
+    assert [u.message for u in second] == ["step 1", "step 2", "step 3"]
+
+
+def test_a_callback_that_raises_does_not_fail_the_call(make_runner):
+    runner = make_runner("process", progress_interval_s=0)
+
+    def broken(update: Progress) -> None:
+        raise RuntimeError("the watcher broke")
+
+    result = runner.run(call("steps", config={"steps": 3}), broken)
+    assert result.ok and result.outputs == {"steps": 3}
+
+
+@pytest.mark.fast
+def test_progress_arguments_are_checked_and_clamped(tmp_path):
+    from forgeflow.plugins.media import MediaStore
+
+    sent: list[dict] = []
+    ctx = ToolContext(media_store=MediaStore(tmp_path), progress_sink=sent.append, progress_interval_s=0)
+    ctx.progress(3, 10)
+    ctx.progress(12, 10, "x" * 500)  # over the total: counts as the total; long messages are cut
+    ctx.progress(7, None)
+    assert sent == [
+        {"done": 3, "total": 10, "message": None},
+        {"done": 10, "total": 10, "message": "x" * 200},
+        {"done": 7, "total": None, "message": None},
+    ]
+    for done, total in [(-1, 10), (math.nan, 10), (1, 0), (1, math.inf), ("3", 10), (True, 10)]:
+        with pytest.raises(ValueError, match=r"ctx\.progress"):
+            ctx.progress(done, total)  # type: ignore[arg-type]
+    ctx.end_progress()
+    ctx.progress(10, 10)
+    assert len(sent) == 3  # nothing after the call ended
+    ToolContext(media_store=MediaStore(tmp_path)).progress(1, 2)  # outside a call: goes nowhere
+
+
+@pytest.mark.fast
+def test_malformed_reports_are_dropped():
+    assert Progress.from_message({"done": 2, "total": 4, "message": "m"}) == Progress(done=2, total=4, message="m")
+    assert Progress.from_message({"done": -1}) is None
+    assert Progress.from_message({"done": 1, "total": 0}) is None
+    assert Progress(done=5, total=None).fraction is None
