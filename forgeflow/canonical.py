@@ -1,12 +1,13 @@
 """The one canonical JSON text of ForgeFlow: sorted keys, no spaces, UTF-8 kept.
 
 Equal values give equal bytes, so it serves request hashes (idempotent job ids), cache keys, result
-sizes and the runner↔worker wire format alike.
+sizes and the runner↔worker wire format alike. :func:`storable_problem` says what every store can hold.
 """
 
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -19,3 +20,56 @@ def canonical_json(value: Any, *, default: Callable[[Any], Any] | None = None) -
 def canonical_bytes(value: Any) -> bytes:
     """:func:`canonical_json` encoded as UTF-8."""
     return canonical_json(value).encode()
+
+
+#: Largest count a store keeps in a 32-bit column (a seq, an attempt, a number of stages or calls).
+MAX_COUNT = 2**31 - 1
+#: Largest size or duration a store keeps (2^53 - 1: exact in every JSON client, and in a 64-bit column).
+MAX_AMOUNT = 2**53 - 1
+#: How deeply a stored JSON value may nest (``[]`` and ``{}`` count one level): deeper ones could not
+#: be sent back (JSON encoders stop near 255 levels).
+MAX_JSON_DEPTH = 100
+
+
+def storable_problem(value: Any, *, max_depth: int = MAX_JSON_DEPTH, allow_nul: bool = False) -> str | None:
+    """Why ``value`` cannot be stored and sent back as JSON by every store ForgeFlow supports, or None:
+    nested deeper than ``max_depth``, a number that is not finite (JSON has no NaN or Infinity), or
+    (unless ``allow_nul``) U+0000 in a string or key (PostgreSQL refuses it in text and JSON)."""
+    stack: list[tuple[Any, int]] = [(value, 0)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, str):
+            if not allow_nul and "\x00" in item:
+                return "text must not contain U+0000 (NUL)"
+            continue
+        if isinstance(item, float) and not math.isfinite(item):
+            return "numbers must be finite (JSON has no NaN or Infinity)"
+        if isinstance(item, dict):
+            children: list[Any] = [*item.keys(), *item.values()]
+        elif isinstance(item, (list, tuple)):
+            children = list(item)
+        else:
+            continue
+        if depth >= max_depth:
+            return f"nested deeper than {max_depth} levels"
+        stack.extend((child, depth + 1) for child in children)
+    return None
+
+
+def storable(value: Any, *, allow_nul: bool = False) -> Any:
+    """``value`` when :func:`storable_problem` finds nothing, else a ``ValueError`` saying why (a pydantic validator)."""
+    problem = storable_problem(value, allow_nul=allow_nul)
+    if problem is not None:
+        raise ValueError(problem)
+    return value
+
+
+def without_nul(value: Any) -> Any:
+    """``value`` with each U+0000 in its strings and keys replaced by U+FFFD (what a PostgreSQL store keeps)."""
+    if isinstance(value, str):
+        return value.replace("\x00", "\ufffd")
+    if isinstance(value, dict):
+        return {without_nul(k): without_nul(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [without_nul(v) for v in value]
+    return value

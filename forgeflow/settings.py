@@ -16,6 +16,8 @@ from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from pydantic_settings.exceptions import SettingsError
 
+from forgeflow.pipeline.definition import MAX_STAGES
+
 _COUNTS_FORMS = 'a JSON object like {"cpu": 2, "cuda:0": 1}, or name=count pairs like cpu=2,cuda:0=1'
 _PATHS_FORMS = f'a folder, several separated by "{os.pathsep}", or a JSON list like ["/data/a", "/data/b"]'
 
@@ -87,7 +89,7 @@ class Settings(BaseSettings):
     max_pixels: int = Field(8192 * 8192, gt=0, description="Largest frame (width x height) a stage decodes.")
 
     # --- pipelines -------------------------------------------------------------------------------
-    max_stages: int = Field(32, ge=1, description="Most stages in one pipeline.")
+    max_stages: int = Field(32, ge=1, le=MAX_STAGES, description="Most stages in one pipeline.")
     max_output_bytes: int = Field(
         64 * 1024**2,
         ge=1024,

@@ -13,6 +13,7 @@ import logging
 import secrets
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
 
 from fastapi import Depends, FastAPI
 from fastapi.concurrency import run_in_threadpool
@@ -24,6 +25,7 @@ from forgeflow.api.auth import Authenticator, check_bind
 from forgeflow.api.deps import ApiState, require_auth
 from forgeflow.api.errors import install_error_handlers
 from forgeflow.api.hub import EventHub
+from forgeflow.api.models import ErrorBody
 from forgeflow.api.routers import engine, events, health, jobs, media, pipelines, plugins
 from forgeflow.api.store import Store
 from forgeflow.settings import Settings, get_settings
@@ -37,8 +39,10 @@ isolated task per stage, and every stage reports realtime messages.
 * **Jobs**: `POST /v1/jobs` with `{"pipeline": [stages], "input": {...}}`, a saved template
   `{"pipeline_id", "input"}`, or the legacy `{"plugin_id", "tool_name", "config", "input"}`.
 * **Realtime**: `WS /v1/ws/jobs/{job_id}?after_seq=N` (one job) and `WS /v1/ws/jobs?after_cursor=N`
-  (all jobs). Messages: `pipeline_stage_start`, `pipeline_stage_end`, `pipeline_error`,
-  `pipeline_progress`, `job_status`, each with `type`, `job_id`, `seq` (1, 2, 3 … per job),
+  (all jobs). Messages: `pipeline_stage_start`, `pipeline_stage_progress` (in-stage: `done`,
+  `total`, `fraction`, `message`), `pipeline_stage_end`, `pipeline_error`, `pipeline_progress`,
+  `job_status` (the terminal one carries the result envelope with the result's size instead of the
+  result: `GET /v1/jobs/{id}` has it), each with `type`, `job_id`, `seq` (1, 2, 3 … per job),
   `timestamp` and `event_id`. Stored before they are sent: reconnect with the last `seq` you saw.
 * **Auth**: with `FORGEFLOW_API_TOKEN` set (required off loopback) every call needs
   `Authorization: Bearer <token>`; WebSockets may pass `?token=`.
@@ -100,6 +104,41 @@ class BodyLimit:
             "error_type": "RequestTooLarge",
         }
         await JSONResponse(body, status_code=413)(scope, receive, send)
+
+
+#: What every route behind the API token may answer.
+UNAUTHORIZED: dict[int | str, dict[str, Any]] = {
+    401: {"model": ErrorBody, "description": "Missing or invalid API token."},
+}
+
+
+def _error_response(description: str) -> dict[str, Any]:
+    return {
+        "description": description,
+        "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorBody"}}},
+    }
+
+
+def document_common_errors(schema: dict[str, Any]) -> dict[str, Any]:
+    """The errors FastAPI and this app answer outside the routes' own code, in the OpenAPI document:
+    a request validation error is an :class:`~forgeflow.api.models.ErrorBody` (not FastAPI's
+    ``HTTPValidationError``); an operation with a JSON body answers 400 for a body that cannot be parsed
+    (not UTF-8, nested past the parser's limit) and 413 for one over ``FORGEFLOW_MAX_REQUEST_BYTES``."""
+    for item in schema.get("paths", {}).values():
+        for operation in item.values():
+            responses = operation.setdefault("responses", {})
+            if "application/json" in operation.get("requestBody", {}).get("content", {}):
+                responses.setdefault("400", _error_response("The body cannot be parsed (not UTF-8 JSON)."))
+                responses.setdefault("413", _error_response("Request body over FORGEFLOW_MAX_REQUEST_BYTES."))
+            for response in responses.values():
+                body = response.get("content", {}).get("application/json", {})
+                if body.get("schema", {}).get("$ref", "").endswith("/HTTPValidationError"):
+                    response["description"] = "Invalid request (the error names the field)."
+                    body["schema"] = {"$ref": "#/components/schemas/ErrorBody"}
+    components = schema.get("components", {}).get("schemas", {})
+    for name in ("HTTPValidationError", "ValidationError"):
+        components.pop(name, None)
+    return schema
 
 
 def local_api_url(settings: Settings, port: int | None = None) -> str:
@@ -192,11 +231,15 @@ def create_app(
     app.add_middleware(BodyLimit, limit=settings.max_request_bytes, exempt_prefix="/v1/media")
 
     secured = [Depends(require_auth)]
-    app.include_router(jobs.router, dependencies=secured)
-    app.include_router(pipelines.router, dependencies=secured)
-    app.include_router(plugins.router, dependencies=secured)
-    app.include_router(media.router, dependencies=secured)
-    app.include_router(engine.router, dependencies=secured)
+    for router in (jobs.router, pipelines.router, plugins.router, media.router, engine.router):
+        app.include_router(router, dependencies=secured, responses=UNAUTHORIZED)
     app.include_router(events.router)  # ingest: its own token check; WebSockets check in the handler
     app.include_router(health.router)
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            app.openapi_schema = document_common_errors(FastAPI.openapi(app))
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
     return app

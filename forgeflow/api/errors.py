@@ -9,7 +9,9 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import compile_path
 
+from forgeflow.events.models import EVENT_TYPES
 from forgeflow.plugins.errors import ForgeFlowError
 
 
@@ -51,7 +53,9 @@ def not_found(kind: str, ident: str, hint: str | None = None) -> ApiError:
 
 
 def _loc(loc: tuple[Any, ...] | list[Any]) -> str:
-    parts = [str(p) for p in loc]
+    """``events.1.ok`` for pydantic's ``("body", "events", 1, "pipeline_stage_end", "ok")``: where the
+    field is, without the request part or the event union's tag."""
+    parts = [str(p) for p in loc if p not in EVENT_TYPES]
     if parts and parts[0] in ("body", "query", "path", "header"):
         parts = parts[1:] or parts
     return ".".join(parts)
@@ -96,9 +100,34 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        kind = {404: ApiErrorType.NOT_FOUND, 405: ApiErrorType.METHOD_NOT_ALLOWED, 401: ApiErrorType.UNAUTHORIZED}.get(
-            exc.status_code, ApiErrorType.HTTP_ERROR
-        )
+        kind = {
+            400: ApiErrorType.BAD_REQUEST,
+            401: ApiErrorType.UNAUTHORIZED,
+            404: ApiErrorType.NOT_FOUND,
+            405: ApiErrorType.METHOD_NOT_ALLOWED,
+        }.get(exc.status_code, ApiErrorType.HTTP_ERROR)
+        headers = dict(exc.headers or {})
+        if exc.status_code == 405:
+            headers["Allow"] = ", ".join(allowed_methods(request, headers.get("Allow")))
         return JSONResponse(
-            {"error": str(exc.detail), "error_type": kind}, status_code=exc.status_code, headers=exc.headers
+            {"error": str(exc.detail), "error_type": kind}, status_code=exc.status_code, headers=headers
         )
+
+
+def allowed_methods(request: Request, named: str | None = None) -> list[str]:
+    """Every method the API answers at the request's path: the methods of its OpenAPI document's path
+    that matches, and ``named`` (the ``Allow`` of Starlette's own 405, which names only the first route
+    that matches the path)."""
+    methods = {m.strip().upper() for m in (named or "").split(",") if m.strip()}
+    app = request.app
+    path, root = request.scope["path"], request.scope.get("root_path", "")
+    if root and path.startswith(root):
+        path = path[len(root) :]
+    if isinstance(app, FastAPI):
+        for template, item in app.openapi().get("paths", {}).items():
+            if compile_path(template)[0].match(path):
+                methods |= {m.upper() for m in item if m.upper() in _HTTP_METHODS}
+    return sorted(methods)
+
+
+_HTTP_METHODS = {"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "TRACE"}

@@ -4,16 +4,33 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema
+from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema, field_validator
 
+from forgeflow.canonical import MAX_AMOUNT, storable
 from forgeflow.engine.lifecycle import PluginStatus
+from forgeflow.engine.runners.base import Progress
+from forgeflow.events.models import Event
 from forgeflow.pipeline.definition import PipelineStage
 from forgeflow.pipeline.outcome import JobStatus, StageReport
 
 JOB_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$"
 #: The largest offset, seq or cursor a request may give (2^53 - 1: exact in every JSON client, and in
-#: range of every database integer).
-MAX_POSITION = 2**53 - 1
+#: range of a 64-bit database integer).
+MAX_POSITION = MAX_AMOUNT
+MEDIA_REF_PATTERN = r"^sha256:[0-9a-f]{64}$"
+#: An id in a path or query: no U+0000 (no stored id has one; PostgreSQL is never asked).
+NO_NUL = r"^[^\x00]*$"
+
+
+class _RequestBody(BaseModel):
+    """A request body whose every field every store can hold (:func:`~forgeflow.canonical.storable`:
+    finite numbers, at most 100 levels deep, no U+0000), else a 422 naming the field."""
+
+    @field_validator("*")
+    @classmethod
+    def _storable_field(cls, value: Any) -> Any:
+        return storable(value)
+
 
 _STAGE_SCHEMA = PipelineStage.model_json_schema()
 _STAGES_SCHEMA = {"type": "array", "items": _STAGE_SCHEMA, "minItems": 1}
@@ -26,9 +43,10 @@ _PIPELINE_SCHEMA = {
             "properties": {
                 "stages": _STAGES_SCHEMA,
                 "timeout_seconds": {"type": "number", "exclusiveMinimum": 0, "default": 300.0},
-                "description": {"type": "string", "default": ""},
+                "description": {"type": "string", "maxLength": 10_000, "default": ""},
             },
             "required": ["stages"],
+            "additionalProperties": False,
         },
         {"type": "null"},
     ],
@@ -36,7 +54,64 @@ _PIPELINE_SCHEMA = {
 }
 
 RawPipeline = Annotated[list[Any] | dict[str, Any] | None, WithJsonSchema(_PIPELINE_SCHEMA)]
-RawStages = Annotated[list[Any] | None, WithJsonSchema({**_STAGES_SCHEMA, "description": "The stages, in order."})]
+RawStages = Annotated[
+    list[Any] | None,
+    WithJsonSchema({"anyOf": [_STAGES_SCHEMA, {"type": "null"}], "description": "The stages, in order."}),
+]
+
+
+def _absent(*names: str) -> dict[str, Any]:
+    """JSON Schema ``properties`` saying each of ``names`` is absent or null."""
+    return {name: {"type": "null"} for name in names}
+
+
+#: The forms of a job submission (``JobCreate``): exactly one of them.
+_JOB_FORMS: list[Any] = [
+    {
+        "title": "Inline stages (a list)",
+        "required": ["pipeline"],
+        "properties": {"pipeline": {"type": "array"}, **_absent("pipeline_id", "plugin_id", "tool_name", "config")},
+    },
+    {
+        "title": "Inline pipeline definition (an object: its own timeout_seconds and description)",
+        "required": ["pipeline"],
+        "properties": {
+            "pipeline": {"type": "object"},
+            **_absent("pipeline_id", "plugin_id", "tool_name", "config", "timeout_seconds", "description"),
+        },
+    },
+    {
+        "title": "Saved template (its own timeout)",
+        "required": ["pipeline_id"],
+        "properties": {
+            "pipeline_id": {"type": "string"},
+            **_absent("pipeline", "plugin_id", "tool_name", "config", "timeout_seconds", "description"),
+        },
+    },
+    {
+        "title": "Legacy single plugin",
+        "required": ["plugin_id", "tool_name"],
+        "properties": {
+            "plugin_id": {"type": "string"},
+            "tool_name": {"type": "string"},
+            **_absent("pipeline", "pipeline_id"),
+        },
+    },
+]
+
+#: A template's stages: in ``stages`` or (the seed's name) in ``pipeline``, not both.
+_TEMPLATE_FORMS: list[Any] = [
+    {
+        "title": "Stages in 'stages'",
+        "required": ["stages"],
+        "properties": {"stages": {"type": "array"}, **_absent("pipeline")},
+    },
+    {
+        "title": "Stages in 'pipeline' (the seed's name)",
+        "required": ["pipeline"],
+        "properties": {"pipeline": {"type": "array"}, **_absent("stages")},
+    },
+]
 
 SEED_JOB_EXAMPLE: dict[str, Any] = {
     "job_id": "job-123",
@@ -60,13 +135,14 @@ class ErrorBody(BaseModel):
     issues: list[dict[str, Any]] | None = Field(None, description="Every problem found (validation errors).")
 
 
-class JobCreate(BaseModel):
+class JobCreate(_RequestBody):
     """One of three forms: an inline `pipeline`, a saved template's `pipeline_id`, or the legacy
     single-plugin `plugin_id` + `tool_name` (+ `config`), which runs as a one-stage pipeline."""
 
     model_config = ConfigDict(
         extra="forbid",
         json_schema_extra={
+            "oneOf": _JOB_FORMS,
             "examples": [
                 SEED_JOB_EXAMPLE,
                 {"pipeline_id": "soccer-analysis", "input": {"media": "sha256:<hex>"}},
@@ -76,7 +152,7 @@ class JobCreate(BaseModel):
                     "config": {},
                     "input": {"media": "sha256:<hex>"},
                 },
-            ]
+            ],
         },
     )
 
@@ -109,6 +185,7 @@ class StageState(StageReport):
     attempt: int = 1
     started_at: str | None = None
     ended_at: str | None = None
+    progress: Progress | None = Field(None, description="The stage's last in-stage progress report, if any.")
 
 
 class JobView(BaseModel):
@@ -184,7 +261,7 @@ class EventList(BaseModel):
 
 
 class IngestBatch(BaseModel):
-    events: list[dict[str, Any]] = Field(max_length=10_000)
+    events: list[Event] = Field(max_length=10_000)
 
 
 class IngestResult(BaseModel):
@@ -193,12 +270,15 @@ class IngestResult(BaseModel):
     duplicates: int
 
 
-class PipelineCreate(BaseModel):
+class PipelineCreate(_RequestBody):
     """A template: `name` and `stages` (or the seed's `pipeline` list)."""
 
     model_config = ConfigDict(
         extra="forbid",
-        json_schema_extra={"examples": [{"name": "soccer-analysis", "stages": SEED_JOB_EXAMPLE["pipeline"]}]},
+        json_schema_extra={
+            "oneOf": _TEMPLATE_FORMS,
+            "examples": [{"name": "soccer-analysis", "stages": SEED_JOB_EXAMPLE["pipeline"]}],
+        },
     )
 
     name: str = Field(min_length=1, max_length=200)

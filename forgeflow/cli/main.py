@@ -30,6 +30,18 @@ engine_app = typer.Typer(help="This host's engine: warm worker pools shared by e
 app.add_typer(engine_app, name="engine")
 console = Console(stderr=True, soft_wrap=True)
 out = Console()
+#: Largest JSON document coloured on a terminal: highlighting is slow on big ones (a 50 MB result).
+HIGHLIGHT_MAX_CHARS = 256 * 1024
+
+
+def _print_json(text: str) -> None:
+    """JSON on stdout: coloured on a terminal when small, else as is (a pipe or file gets plain JSON)."""
+    if out.is_terminal and len(text) <= HIGHLIGHT_MAX_CHARS:
+        out.print_json(text)
+    else:
+        sys.stdout.write(text + "\n")
+        sys.stdout.flush()
+
 
 EXIT_OK, EXIT_FAILED, EXIT_INVALID = 0, 1, 2
 
@@ -178,7 +190,7 @@ def run(
     if out_dir is not None:
         _write_outputs(out_dir, envelope, sink, job_input, settings)
     if as_json:
-        out.print_json(canonical_json(envelope))
+        _print_json(canonical_json(envelope))
     raise typer.Exit(EXIT_OK if envelope["ok"] else EXIT_FAILED)
 
 
@@ -359,7 +371,7 @@ def schema() -> None:
     """Print the JSON Schema of pipeline files."""
     from forgeflow.pipeline.definition import pipeline_json_schema
 
-    out.print_json(json.dumps(pipeline_json_schema()))
+    _print_json(json.dumps(pipeline_json_schema()))
 
 
 @plugins_app.command("list")
@@ -368,7 +380,7 @@ def plugins_list(as_json: bool = typer.Option(False, "--json", help="Print JSON 
     registry = _registry()
     items = [registry.describe(name) for name in registry.names()]
     if as_json:
-        out.print_json(json.dumps(items))
+        _print_json(json.dumps(items))
         return
     table = Table(title="ForgeFlow plugins", title_justify="left")
     for column in ("plugin", "version", "aliases", "tools", "state", "last error"):
@@ -393,7 +405,7 @@ def plugins_show(name: str = typer.Argument(..., help="Plugin name or alias.")) 
     from forgeflow.plugins import UnknownPlugin
 
     try:
-        out.print_json(json.dumps(_registry().describe(name, schemas=True)))
+        _print_json(json.dumps(_registry().describe(name, schemas=True)))
     except UnknownPlugin as exc:
         console.print(f"[red]{exc.message}[/red]")
         raise typer.Exit(EXIT_INVALID) from None
@@ -482,7 +494,7 @@ def engine_status(as_json: bool = typer.Option(False, "--json", help="Print JSON
         console.print(f"[yellow]no engine: {exc}[/yellow]")
         raise typer.Exit(EXIT_FAILED) from None
     if as_json:
-        out.print_json(json.dumps(status))
+        _print_json(json.dumps(status))
         return
     jobs = status["jobs"]
     out.print(

@@ -3,6 +3,9 @@
 Every message carries ``type``, ``job_id``, ``timestamp`` (ISO-8601 UTC, ``Z``), an ``event_id``
 (UUID, so a retried delivery is stored once) and ``seq``, the per-job sequence number (1, 2, 3 …)
 that the event store assigns when it stores the message, before anyone sees it.
+
+The models are also the contract of the API's event ingest (their JSON Schema is in its OpenAPI
+document): strict types (no ``"5"`` for 5), finite numbers, and bounds that every store can hold.
 """
 
 from __future__ import annotations
@@ -11,9 +14,21 @@ import uuid
 from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    TypeAdapter,
+    WithJsonSchema,
+)
 
+from forgeflow.canonical import MAX_AMOUNT, MAX_COUNT, storable, without_nul
+from forgeflow.pipeline.definition import MAX_STAGES
 from forgeflow.pipeline.outcome import (
+    NAME_MAX,
     RESULT_KEYS,
     JobStatus,
     ResultEnvelope,
@@ -22,66 +37,135 @@ from forgeflow.pipeline.outcome import (
     is_terminal,
 )
 
+#: ``2026-02-15T10:30:00Z`` or with a fraction or an offset, years 1970 to 2999.
+TIMESTAMP_PATTERN = (
+    r"^(19[7-9][0-9]|2[0-9]{3})-(0[1-9]|1[0-2])-(0[1-9]|[12][0-9]|3[01])"
+    r"T([01][0-9]|2[0-3]):[0-5][0-9]:[0-5][0-9](\.[0-9]{1,6})?(Z|[+-]([01][0-9]|2[0-3]):[0-5][0-9])$"
+)
+
+
+def _storable_text(value: str) -> str:
+    return value.replace("\x00", "\ufffd")  # PostgreSQL refuses U+0000 in text: kept as U+FFFD
+
+
+_NUL_SAFE = AfterValidator(_storable_text)
+Id = Annotated[str, StringConstraints(min_length=1, max_length=128), _NUL_SAFE]
+Name = Annotated[str, StringConstraints(max_length=NAME_MAX), _NUL_SAFE]
+Text = Annotated[str, _NUL_SAFE]
+FlowRunId = Annotated[str, StringConstraints(max_length=64), _NUL_SAFE]
+
+
+def _whole_number(value: Any) -> Any:
+    """``3.0`` is the integer 3 (as in JSON Schema); a string never is (strict mode keeps ``"3"`` out)."""
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
+def _whole_numbers(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _whole_numbers(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_whole_numbers(v) for v in value]
+    return _whole_number(value)
+
+
+WholeNumber = BeforeValidator(_whole_number)
+StageIndex = Annotated[int, Field(ge=0, lt=MAX_STAGES), WholeNumber]
+Count = Annotated[int, Field(ge=0, le=MAX_COUNT), WholeNumber]
+Amount = Annotated[float, Field(ge=0, le=MAX_AMOUNT)]
+
+
+def _envelope_shape(value: dict[str, Any]) -> dict[str, Any]:
+    """A result envelope (as :class:`ResultEnvelope` reads it, strictly) that every store can hold
+    (U+0000 kept as U+FFFD, as in every text of a message)."""
+    ResultEnvelope.model_validate(_whole_numbers(value), strict=True)
+    return without_nul(storable(value, allow_nul=True))  # type: ignore[no-any-return]
+
+
+def _without_refs(schema: Any, defs: dict[str, Any]) -> Any:
+    """``schema`` with each ``$ref`` to ``defs`` replaced by what it names (to embed it elsewhere)."""
+    if isinstance(schema, list):
+        return [_without_refs(item, defs) for item in schema]
+    if not isinstance(schema, dict):
+        return schema
+    if "$ref" in schema:
+        return _without_refs(defs[schema["$ref"].rsplit("/", 1)[-1]], defs)
+    return {key: _without_refs(value, defs) for key, value in schema.items() if key != "$defs"}
+
+
+_ENVELOPE_SCHEMA = ResultEnvelope.model_json_schema()
+EnvelopeData = Annotated[
+    dict[str, Any],
+    AfterValidator(_envelope_shape),
+    WithJsonSchema(_without_refs(_ENVELOPE_SCHEMA, _ENVELOPE_SCHEMA.get("$defs", {}))),
+]
+
 
 def utc_timestamp() -> str:
     return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
-class _Event(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+def _type_required(schema: dict[str, Any]) -> None:
+    """``type`` has a default for Python code, but a message on the wire must name its kind."""
+    schema["required"] = sorted({*schema.get("required", []), "type"})
 
-    job_id: str
-    seq: int | None = None
-    timestamp: str = Field(default_factory=utc_timestamp)
-    event_id: str = Field(default_factory=lambda: uuid.uuid4().hex)
+
+class _Event(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False, json_schema_extra=_type_required)
+
+    job_id: Id
+    seq: Annotated[int, Field(ge=1, le=MAX_COUNT), WholeNumber] | None = None
+    timestamp: Annotated[str, StringConstraints(pattern=TIMESTAMP_PATTERN)] = Field(default_factory=utc_timestamp)
+    event_id: Id = Field(default_factory=lambda: uuid.uuid4().hex)
 
 
 class StageStart(_Event):
     type: Literal["pipeline_stage_start"] = "pipeline_stage_start"
-    stage_index: int
-    plugin: str
-    tool: str
-    attempt: int = 1
+    stage_index: StageIndex
+    plugin: Name
+    tool: Name
+    attempt: Annotated[int, Field(ge=1, le=MAX_COUNT), WholeNumber] = 1
 
 
 class StageEnd(_Event):
     type: Literal["pipeline_stage_end"] = "pipeline_stage_end"
-    stage_index: int
-    plugin: str
-    tool: str
-    duration_ms: int
+    stage_index: StageIndex
+    plugin: Name
+    tool: Name
+    duration_ms: Annotated[int, Field(ge=0, le=MAX_AMOUNT), WholeNumber]
     ok: bool
-    result_size_bytes: int
-    peak_memory_mb: float | None = None
+    result_size_bytes: Annotated[int, Field(ge=0, le=MAX_AMOUNT), WholeNumber]
+    peak_memory_mb: Amount | None = None
 
 
 class PipelineError(_Event):
     type: Literal["pipeline_error"] = "pipeline_error"
-    stage_index: int | None
-    plugin: str | None
-    tool: str | None = None
-    error: str
-    error_type: str
+    stage_index: StageIndex | None
+    plugin: Name | None
+    tool: Name | None = None
+    error: Text
+    error_type: Name
 
 
 class StageProgress(_Event):
     """How far the running stage is, as its tool reported (``ctx.progress``); rate-limited."""
 
     type: Literal["pipeline_stage_progress"] = "pipeline_stage_progress"
-    stage_index: int
-    plugin: str
-    tool: str
-    done: float = Field(ge=0, description="Units done (frames, say).")
-    total: float | None = Field(None, gt=0, description="Units in all; null when the tool does not know.")
-    fraction: float | None = Field(None, ge=0, le=1, description="done / total; null when total is.")
-    message: str | None = None
+    stage_index: StageIndex
+    plugin: Name
+    tool: Name
+    done: Amount = Field(description="Units done (frames, say).")
+    total: Annotated[float, Field(gt=0, le=MAX_AMOUNT)] | None = Field(
+        None, description="Units in all; null when the tool does not know."
+    )
+    fraction: Annotated[float, Field(ge=0, le=1)] | None = Field(None, description="done / total; null when total is.")
+    message: Name | None = None
 
 
 class PipelineProgress(_Event):
     type: Literal["pipeline_progress"] = "pipeline_progress"
-    stages_total: int
-    stages_completed: int
-    percent: int
+    stages_total: Count
+    stages_completed: Count
+    percent: Annotated[int, Field(ge=0, le=100), WholeNumber]
 
 
 class JobStatusEvent(_Event):
@@ -90,9 +174,9 @@ class JobStatusEvent(_Event):
 
     type: Literal["job_status"] = "job_status"
     status: JobStatus
-    flow_run_id: str | None = None
-    envelope: dict[str, Any] | None = None
-    waiting_for: str | None = Field(
+    flow_run_id: FlowRunId | None = None
+    envelope: EnvelopeData | None = None
+    waiting_for: Text | None = Field(
         None, description="Why a running job is not progressing: it waits for a device slot."
     )
 
@@ -108,6 +192,11 @@ Event = Annotated[
     Field(discriminator="type"),
 ]
 EVENT_ADAPTER: TypeAdapter[Event] = TypeAdapter(Event)
+#: Every message ``type``.
+EVENT_TYPES = frozenset(
+    model.model_fields["type"].default
+    for model in (StageStart, StageEnd, StageProgress, PipelineError, PipelineProgress, JobStatusEvent)
+)
 
 
 def parse_event(data: dict[str, Any]) -> Event:

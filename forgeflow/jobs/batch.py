@@ -15,7 +15,7 @@ from typing import Any
 from prefect import flow
 from prefect.context import get_run_context
 
-from forgeflow.jobs.flow import pipeline_flow
+from forgeflow.jobs.flow import flow_parameters, pipeline_flow
 from forgeflow.jobs.stages import PipelineFailed, current_services
 from forgeflow.pipeline import outcome
 from forgeflow.pipeline.definition import raw_stages
@@ -63,7 +63,8 @@ def batch_flow(
                 outcome.pending_reports(raw_stages(document)), error=exc.message, error_type=exc.error_type
             ).to_dict()
         else:
-            state = pipeline_flow(pipeline=document, input={"media": ref}, job_id=job_id, return_state=True)
+            parameters = flow_parameters(document, {"media": ref}, job_id, services.settings.jobs_dir / job_id)
+            state = pipeline_flow(**parameters, return_state=True)
             result = state.result(raise_on_failure=False)
             if isinstance(result, PipelineFailed):
                 envelope = result.envelope.to_dict()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from forgeflow.jobs.flow import pipeline_flow
+from forgeflow.jobs.flow import flow_parameters, pipeline_flow
 from forgeflow.jobs.stages import PipelineFailed, Services, current_services, use_services
 from forgeflow.pipeline.definition import PipelineDefinition
 
@@ -27,8 +27,10 @@ class PipelineExecutor:
         job_id: str,
     ) -> dict[str, Any]:
         document = pipeline.model_dump(mode="json") if isinstance(pipeline, PipelineDefinition) else pipeline
-        with use_services(self.services or current_services()):
-            state = pipeline_flow(pipeline=document, input=input_data, job_id=job_id, return_state=True)
+        services = self.services or current_services()
+        parameters = flow_parameters(document, input_data, job_id, services.settings.jobs_dir / job_id)
+        with use_services(services):
+            state = pipeline_flow(**parameters, return_state=True)
         if state.is_completed():
             return state.result()
         outcome = state.result(raise_on_failure=False)

@@ -12,8 +12,10 @@ with a terminal message when the body could not. A failed stage fails its task a
 from __future__ import annotations
 
 import collections
+import json
 import threading
 import uuid
+from pathlib import Path
 from typing import Any, Literal
 
 from prefect import flow, task
@@ -22,6 +24,7 @@ from prefect.context import get_run_context
 from prefect.states import Failed
 from pydantic import ValidationError
 
+from forgeflow.canonical import canonical_json
 from forgeflow.events.models import JobStatusEvent, abnormal_end
 from forgeflow.jobs.stages import JobRun, PipelineFailed, current_services, execute
 from forgeflow.pipeline import outcome as job_end
@@ -125,6 +128,25 @@ def _flow_ended_abnormally(status: Literal["crashed", "cancelled"]) -> Any:
     return hook
 
 
+#: Largest flow-run parameters passed inline (canonical JSON). Prefect's server refuses more than
+#: ``PREFECT_SERVER_API_MAX_PARAMETER_SIZE`` (512 KiB by default); what is larger goes in a file.
+INLINE_PARAMETERS_MAX = 256 * 1024
+
+
+def flow_parameters(pipeline: Any, input_data: dict[str, Any], job_id: str, spill_dir: Path) -> dict[str, Any]:
+    """The parameters of a job's flow run: ``{pipeline, input, job_id}`` when they are small enough,
+    else ``{job_id, parameters_file}`` naming ``spill_dir/parameters.json`` (the job's folder), so a
+    job input of any size the API accepts reaches its flow run."""
+    parameters = {"pipeline": pipeline, "input": input_data}
+    text = canonical_json(parameters)
+    if len(text.encode()) <= INLINE_PARAMETERS_MAX:
+        return {**parameters, "job_id": job_id}
+    spill_dir.mkdir(parents=True, exist_ok=True)
+    path = spill_dir / "parameters.json"
+    path.write_text(text, encoding="utf-8")
+    return {"job_id": job_id, "parameters_file": str(path)}
+
+
 def _run_name() -> str:
     from prefect.runtime import flow_run
 
@@ -140,18 +162,26 @@ def _run_name() -> str:
     on_cancellation=[_flow_ended_abnormally("cancelled")],
 )
 def pipeline_flow(
-    pipeline: dict[str, Any], input: dict[str, Any] | None = None, job_id: str | None = None
+    pipeline: dict[str, Any] | list[Any] | None = None,
+    input: dict[str, Any] | None = None,
+    job_id: str | None = None,
+    parameters_file: str | None = None,
 ) -> dict[str, Any]:
     """Run a ForgeFlow pipeline: one task per stage, stage N's outputs feeding stage N+1.
 
     Parameters are plain JSON so the Prefect UI, schedules and the API can all start it:
     ``pipeline`` is a pipeline definition (or the seed's list of stages), ``input`` the job input
     (``{"media": "sha256:..."}``), ``job_id`` the ForgeFlow job (one is made when absent).
+    ``parameters_file`` names a JSON file on this host holding ``{pipeline, input}`` instead: what
+    :func:`flow_parameters` passes when they are too large for a flow run's parameters.
     Returns the result envelope; after a failed stage the flow run ends Failed and its state
     carries :class:`PipelineFailed`, whose ``envelope`` holds the partial result.
     """
     services = current_services()
     job_id = job_id or uuid.uuid4().hex
+    if parameters_file is not None:
+        spilled = json.loads(Path(parameters_file).read_text(encoding="utf-8"))
+        pipeline, input = spilled["pipeline"], spilled["input"]
     input_data = dict(input or {})
     flow_run_id = str(get_run_context().flow_run.id)  # type: ignore[union-attr]
     try:

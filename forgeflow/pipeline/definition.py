@@ -12,6 +12,10 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+#: The most stages any pipeline may have, whatever a host allows (``FORGEFLOW_MAX_STAGES``, 32 by
+#: default, is at most this): stage indexes are below it in every message and store.
+MAX_STAGES = 10_000
+
 
 class PipelineStage(BaseModel):
     """One step: a plugin's tool with its config."""

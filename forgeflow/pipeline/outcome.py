@@ -22,7 +22,11 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
-from forgeflow.canonical import canonical_bytes
+from forgeflow.canonical import MAX_AMOUNT, MAX_COUNT, canonical_bytes
+from forgeflow.pipeline.definition import MAX_STAGES
+
+#: Longest plugin, tool or error type name a report holds (what the stores' columns hold).
+NAME_MAX = 200
 
 JobStatus = Literal["queued", "running", "succeeded", "failed", "cancelled", "crashed"]
 TerminalStatus = Literal["succeeded", "failed", "cancelled", "crashed"]
@@ -64,17 +68,17 @@ def is_terminal(status: str) -> bool:
 class StageReport(BaseModel):
     """What happened to one stage of one run."""
 
-    index: int
-    plugin: str
-    tool: str
+    index: int = Field(ge=0, lt=MAX_STAGES)
+    plugin: str = Field(max_length=NAME_MAX)
+    tool: str = Field(max_length=NAME_MAX)
     status: StageStatus = "pending"
-    duration_ms: float | None = None
-    result_size_bytes: int | None = None
-    peak_memory_mb: float | None = None
-    reused_outputs: int | None = None
-    computed_outputs: int | None = None
+    duration_ms: float | None = Field(None, ge=0, le=MAX_AMOUNT)
+    result_size_bytes: int | None = Field(None, ge=0, le=MAX_AMOUNT)
+    peak_memory_mb: float | None = Field(None, ge=0, le=MAX_AMOUNT)
+    reused_outputs: int | None = Field(None, ge=0, le=MAX_COUNT)
+    computed_outputs: int | None = Field(None, ge=0, le=MAX_COUNT)
     error: str | None = None
-    error_type: str | None = None
+    error_type: str | None = Field(None, max_length=NAME_MAX)
 
 
 class ResultEnvelope(BaseModel):
@@ -85,10 +89,10 @@ class ResultEnvelope(BaseModel):
 
     ok: bool
     result: dict[str, Any] | None = None
-    stages_executed: int = 0
+    stages_executed: int = Field(0, ge=0, le=MAX_STAGES)
     error: str | None = None
-    error_type: str | None = None
-    stage_failed: int | None = None
+    error_type: str | None = Field(None, max_length=NAME_MAX)
+    stage_failed: int | None = Field(None, ge=0, lt=MAX_STAGES)
     partial_result: dict[str, Any] | None = None
     stages: list[StageReport] = Field(default_factory=list)
 

@@ -3,6 +3,7 @@ observed over REST and WebSockets."""
 
 from __future__ import annotations
 
+import json
 import time
 from typing import Any
 
@@ -333,3 +334,39 @@ def test_api_restart_mid_job_loses_nothing(
         for server in (first, second):
             if server is not None:
                 server.stop()
+
+
+def test_in_stage_progress_streams_and_the_result_is_stored_once(api_factory: Any) -> None:
+    api = api_factory(progress_interval_s=0)
+    client = api.client()
+    pad = "A" * (1024 * 1024 - 300)  # a job input just under FORGEFLOW_MAX_JOB_INPUT_BYTES reaches its flow run
+    stages = [
+        {"plugin": "testkit", "tool": "steps", "config": {"steps": 3, "delay_s": 0.2}},
+        {"plugin": "testkit", "tool": "numbers"},
+    ]
+    body = {"job_id": "job-steps", "pipeline": stages, "input": {"count": 3000, "pad": pad}}
+    response = client.post("/v1/jobs", json=body)
+    assert response.status_code == 202, response.text[:500]
+    messages, close = ws_collect(f"{api.ws_url}/v1/ws/jobs/job-steps")
+    assert close is not None and close.code == 1000
+    _assert_gapless(messages)
+    first_stage = [m["type"] for m in messages if m.get("stage_index") == 0]
+    assert first_stage == ["pipeline_stage_start"] + ["pipeline_stage_progress"] * 3 + ["pipeline_stage_end"], [
+        m["type"] for m in messages
+    ]
+    reports = [m for m in messages if m["type"] == "pipeline_stage_progress"]
+    assert [(r["done"], r["total"], r["message"]) for r in reports] == [(i, 3, f"step {i}") for i in (1, 2, 3)]
+    assert reports[-1]["fraction"] == 1.0 and reports[-1]["plugin"] == "testkit" and reports[-1]["tool"] == "steps"
+
+    job = client.get("/v1/jobs/job-steps").json()
+    assert job["status"] == "succeeded", job.get("error")
+    result = job["envelope"]["result"]
+    assert result["numbers"] == list(range(3000)) and result["steps"] == 3
+    terminal = messages[-1]
+    assert terminal["type"] == "job_status" and terminal["status"] == "succeeded"
+    assert "result" not in terminal["envelope"]  # the result is stored once, with the job
+    assert terminal["envelope"]["result_size_bytes"] == len(json.dumps(result, separators=(",", ":")).encode())
+    assert sum(len(json.dumps(m)) for m in messages) < 20_000
+    state = client.get("/v1/jobs/job-steps/pipeline").json()
+    assert state["stages"][0]["progress"] == {"done": 3, "total": 3, "fraction": 1.0, "message": "step 3"}
+    assert state["stages"][1]["progress"] is None

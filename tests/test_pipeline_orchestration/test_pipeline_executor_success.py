@@ -87,3 +87,17 @@ def test_successful_calls_leave_plugins_initialized_with_counters(executor, serv
     assert status.state == "INITIALIZED"
     assert status.calls >= 2
     assert status.last_duration_ms is not None
+
+
+def test_a_job_input_larger_than_prefect_takes_reaches_its_flow_run_through_a_file(executor, services):
+    from forgeflow.jobs.flow import INLINE_PARAMETERS_MAX
+
+    pad = "A" * (2 * INLINE_PARAMETERS_MAX)  # past Prefect's 512 KiB limit on flow-run parameters
+    envelope = executor.execute(chain("numbers", "scale", "total"), {"count": 4, "pad": pad}, "job-spill")
+    assert envelope["ok"] is True and envelope["result"]["total"] == 12
+    flow_run_id = next(e.flow_run_id for e in services.sink.events if e.type == "job_status")
+    parameters = prefect_flow_run(flow_run_id)["parameters"]
+    assert parameters["job_id"] == "job-spill" and parameters["input"] is None and parameters["pipeline"] is None
+    spilled = services.settings.jobs_dir / "job-spill" / "parameters.json"
+    assert parameters["parameters_file"] == str(spilled)
+    assert len(spilled.read_bytes()) > 2 * INLINE_PARAMETERS_MAX

@@ -13,6 +13,7 @@ from forgeflow.api.deps import ApiState, get_state
 from forgeflow.api.errors import ApiError, ApiErrorType, not_found
 from forgeflow.api.models import (
     MAX_POSITION,
+    NO_NUL,
     CancelResult,
     ErrorBody,
     EventList,
@@ -258,7 +259,7 @@ async def submit_job(body: JobCreate, response: Response, state: ApiState = Depe
 @router.get("", response_model=JobList, summary="List jobs", responses=ERRORS)
 async def list_jobs(
     status: list[JobStatus] | None = Query(None, description="Only jobs in these states (repeat to give several)."),
-    pipeline_id: str | None = Query(None, description="Only jobs of this template."),
+    pipeline_id: str | None = Query(None, max_length=200, pattern=NO_NUL, description="Only jobs of this template."),
     limit: int = Query(50, ge=1, le=500),
     offset: int = Query(0, ge=0, le=MAX_POSITION),
     state: ApiState = Depends(get_state),
@@ -274,7 +275,7 @@ async def list_jobs(
     }
 
 
-JobIdPath = Path(..., min_length=1, max_length=128, description="The job id.")
+JobIdPath = Path(..., min_length=1, max_length=128, pattern=NO_NUL, description="The job id.")
 
 
 async def _job(state: ApiState, job_id: str) -> JobRow:
@@ -329,7 +330,11 @@ async def get_job_events(
     response_model=CancelResult,
     status_code=202,
     summary="Cancel a job",
-    responses={**ERRORS, 409: {"model": ErrorBody, "description": "The job already ended."}},
+    responses={
+        **ERRORS,
+        409: {"model": ErrorBody, "description": "The job already ended."},
+        503: {"model": ErrorBody, "description": "This service runs no launcher."},
+    },
 )
 async def cancel_job(job_id: str = JobIdPath, state: ApiState = Depends(get_state)) -> dict[str, Any]:
     """A queued job is cancelled at once; a running one gets SIGTERM (its flow run is cancelled and

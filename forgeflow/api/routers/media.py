@@ -5,14 +5,14 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Depends, Path, Request
 from fastapi.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 from starlette.types import Message
 
 from forgeflow.api.deps import ApiState, get_state
 from forgeflow.api.errors import ApiError, ApiErrorType, not_found
-from forgeflow.api.models import ErrorBody, MediaView
+from forgeflow.api.models import MEDIA_REF_PATTERN, ErrorBody, MediaView
 from forgeflow.plugins.errors import MediaError, MediaNotFound, MediaTooLarge
 
 router = APIRouter(prefix="/v1/media", tags=["media"])
@@ -138,9 +138,15 @@ async def upload_media(request: Request, state: ApiState = Depends(get_state)) -
     "/{ref}",
     response_model=MediaView,
     summary="What a media ref holds",
-    responses={404: {"model": ErrorBody, "description": "Unknown ref."}},
+    responses={
+        404: {"model": ErrorBody, "description": "Unknown ref."},
+        422: {"model": ErrorBody, "description": "Not a media ref."},
+    },
 )
-async def media_info(ref: str, state: ApiState = Depends(get_state)) -> dict[str, Any]:
+async def media_info(
+    ref: str = Path(..., pattern=MEDIA_REF_PATTERN, description="A media ref: `sha256:` and 64 hex digits."),
+    state: ApiState = Depends(get_state),
+) -> dict[str, Any]:
     try:
         return (await run_in_threadpool(state.media.info, ref)).to_dict()
     except MediaNotFound:

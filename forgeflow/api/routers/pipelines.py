@@ -6,12 +6,12 @@ import re
 import unicodedata
 from typing import Any
 
-from fastapi import APIRouter, Depends, Response
+from fastapi import APIRouter, Depends, Path, Response
 from fastapi.concurrency import run_in_threadpool
 
 from forgeflow.api.deps import ApiState, get_state
 from forgeflow.api.errors import ApiError, ApiErrorType, not_found
-from forgeflow.api.models import ErrorBody, PipelineCreate, TemplateDetail, TemplateSummary
+from forgeflow.api.models import NO_NUL, ErrorBody, PipelineCreate, TemplateDetail, TemplateSummary
 from forgeflow.api.routers.jobs import parse_pipeline, validation_error
 from forgeflow.api.routers.views import template_summary
 from forgeflow.api.store import Conflict
@@ -99,8 +99,11 @@ async def list_pipelines(state: ApiState = Depends(get_state)) -> list[dict[str,
     return [template_summary(r) for r in rows]
 
 
+PipelineIdPath = Path(..., min_length=1, max_length=200, pattern=NO_NUL, description="The template id.")
+
+
 @router.get("/{pipeline_id}", response_model=TemplateDetail, summary="A template with its statistics", responses=ERRORS)
-async def get_pipeline(pipeline_id: str, state: ApiState = Depends(get_state)) -> dict[str, Any]:
+async def get_pipeline(pipeline_id: str = PipelineIdPath, state: ApiState = Depends(get_state)) -> dict[str, Any]:
     """`{id, name, stages, last_used, success_rate, ...}`: run counts by status, mean duration of
     succeeded runs, and per stage the runs, failures and mean duration."""
     row = await run_in_threadpool(state.store.get_template, pipeline_id)
@@ -127,7 +130,7 @@ async def get_pipeline(pipeline_id: str, state: ApiState = Depends(get_state)) -
 
 
 @router.delete("/{pipeline_id}", status_code=204, summary="Delete a template", responses=ERRORS)
-async def delete_pipeline(pipeline_id: str, state: ApiState = Depends(get_state)) -> Response:
+async def delete_pipeline(pipeline_id: str = PipelineIdPath, state: ApiState = Depends(get_state)) -> Response:
     """Jobs that used it keep their own copy of the stages."""
     if not await run_in_threadpool(state.store.delete_template, pipeline_id):
         raise not_found("pipeline", pipeline_id)

@@ -33,6 +33,7 @@ def stage_states(job: JobRow, rows: list[StageRow]) -> list[dict[str, Any]]:
                 "peak_memory_mb",
                 "error",
                 "error_type",
+                "progress",
             ):
                 state[key] = row[key]
         out.append(state)

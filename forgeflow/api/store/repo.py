@@ -33,6 +33,7 @@ from forgeflow.api.store.rows import (
     template_row,
 )
 from forgeflow.api.store.tables import events, jobs, meta, pipelines, plugin_observed, stage_runs
+from forgeflow.canonical import MAX_COUNT
 from forgeflow.events.models import (
     Event,
     JobStatusEvent,
@@ -43,7 +44,7 @@ from forgeflow.events.models import (
     StageStart,
     is_terminal_event,
 )
-from forgeflow.pipeline.outcome import NOT_THE_PLUGINS_DOING, TERMINAL_STATUSES, is_terminal
+from forgeflow.pipeline.outcome import NOT_THE_PLUGINS_DOING, TERMINAL_STATUSES, StageReport, is_terminal
 
 
 def utcnow() -> datetime:
@@ -209,6 +210,7 @@ class Store:
             return [stage_row(r) for r in rows]
 
     def events_after(self, job_id: str, after_seq: int, limit: int = 1000) -> list[StoredEvent]:
+        after_seq = min(after_seq, MAX_COUNT)  # a seq is a 32-bit column: nothing follows a larger one
         query = (
             select(events.c.id, events.c.job_id, events.c.seq, events.c.type, events.c.payload)
             .where(events.c.job_id == job_id, events.c.seq > after_seq)
@@ -515,16 +517,13 @@ class Store:
         for report in envelope.get("stages") or []:
             self._stage_report(conn, job["id"], report)
 
-    def _stage_report(self, conn: Connection, job_id: str, report: dict[str, Any]) -> None:
-        index = report.get("index")
-        if not isinstance(index, int):
-            return
-        values: dict[str, Any] = {"plugin": report.get("plugin") or "", "tool": report.get("tool") or ""}
-        if report.get("status"):
-            values["status"] = report["status"]
+    def _stage_report(self, conn: Connection, job_id: str, data: dict[str, Any]) -> None:
+        report = StageReport.model_validate(data)  # the event's validation already checked its shape
+        index = report.index
+        values: dict[str, Any] = {"plugin": report.plugin, "tool": report.tool, "status": report.status}
         for key in ("duration_ms", "result_size_bytes", "peak_memory_mb", "error", "error_type"):
-            if report.get(key) is not None:
-                values[key] = report[key]
+            if getattr(report, key) is not None:
+                values[key] = getattr(report, key)
         current = conn.execute(
             select(stage_runs.c.status).where(stage_runs.c.job_id == job_id, stage_runs.c.stage_index == index)
         ).scalar()

@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any, Protocol
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, computed_field
 
 from forgeflow.plugins.errors import ForgeFlowError
 
@@ -62,8 +62,10 @@ class Progress(BaseModel):
     total: float | None = Field(None, gt=0)
     message: str | None = None
 
+    @computed_field  # type: ignore[prop-decorator]
     @property
     def fraction(self) -> float | None:
+        """``done / total`` (at most 1); None when ``total`` is."""
         return min(1.0, self.done / self.total) if self.total else None
 
     @classmethod

@@ -46,6 +46,8 @@ if TYPE_CHECKING:
 #: whose CUDA context reserves far more address space than it uses), ``on`` or ``off``. Where it is
 #: off, the runner's resident-memory watchdog alone enforces the limit.
 RLIMIT_ENV = "FORGEFLOW_WORKER_RLIMIT_AS"
+#: Longest error message of a failed call (a plugin may raise with megabytes of text).
+ERROR_MAX_CHARS = 16_000
 #: Oneshot (Docker) mode: the tool's progress reports, one JSON object per line, next to the response.
 PROGRESS_FILE = "progress.jsonl"
 _MEMORY_MESSAGES = ("can't allocate memory", "cannot allocate memory", "std::bad_alloc", "out of memory")
@@ -198,7 +200,7 @@ def execute_call(
 ) -> dict[str, Any]:
     """Run one call and describe its outcome as a ``result`` message. Never raises. Outputs over
     ``max_output_bytes`` (as canonical JSON) are an ``OutputError``: they never leave the worker."""
-    from forgeflow.canonical import canonical_bytes
+    from forgeflow.canonical import canonical_bytes, storable_problem
     from forgeflow.plugins.errors import ForgeFlowError, StageMemoryExceeded
 
     limit_mb = request.get("memory_limit_mb")
@@ -233,11 +235,11 @@ def execute_call(
         "computed_outputs": ctx.cache.misses,
     }
     if error is None:
+        stage = request.get("stage_index")
+        where = f"stage {stage} ({label})" if stage is not None else label
         try:
             size = result["result_size_bytes"] = len(canonical_bytes(outputs))
             if max_output_bytes is not None and size > max_output_bytes:
-                stage = request.get("stage_index")
-                where = f"stage {stage} ({label})" if stage is not None else label
                 result.update(
                     ok=False,
                     error=f"{where} returned {size} bytes of output, over the limit of {max_output_bytes} "
@@ -246,6 +248,12 @@ def execute_call(
                 )
                 return result
             json.dumps(outputs, allow_nan=False)
+            problem = storable_problem(outputs)
+            if problem is not None:
+                result.update(
+                    ok=False, error=f"{where} returned outputs a job cannot store: {problem}", error_type="OutputError"
+                )
+                return result
             result["outputs"] = outputs
             return result
         except (TypeError, ValueError) as exc:
@@ -273,6 +281,13 @@ def execute_call(
         result["traceback"] = _format_traceback(error)
     if isinstance(error, (SystemExit, KeyboardInterrupt)):
         result["recycle"] = True
+    # What a plugin raises travels in messages and stores: a class name of at most 200 characters, a
+    # message of at most ERROR_MAX_CHARS (its head and its tail).
+    result["error_type"] = str(result["error_type"])[:200]
+    text = str(result["error"])
+    if len(text) > ERROR_MAX_CHARS:
+        half = ERROR_MAX_CHARS // 2
+        result["error"] = f"{text[:half]}\n[… {len(text) - 2 * half} characters cut …]\n{text[-half:]}"
     error.__traceback__ = None  # drop the frames (and whatever they allocated) now
     return result
 

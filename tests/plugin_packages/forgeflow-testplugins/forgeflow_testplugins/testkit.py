@@ -140,6 +140,16 @@ def sleep(inputs: EmptyModel, config: SleepConfig, ctx: ToolContext) -> SleepOut
     return SleepOutput(slept_s=config.seconds)
 
 
+class EchoValue(BaseModel):
+    value: Any = None
+
+
+@plugin.tool(input=EchoValue, output=EchoValue)
+def echo(inputs: EchoValue, config: EmptyModel, ctx: ToolContext) -> EchoValue:
+    """Return ``value`` as it came."""
+    return EchoValue(value=inputs.value)
+
+
 class StepsConfig(BaseModel):
     steps: int = Field(5, ge=1)
     delay_s: float = Field(0.0, ge=0)
