@@ -4,8 +4,15 @@
 
 Rows: the plugin function called directly; ``Tool.invoke`` (validation included); the inline runner;
 the process runner with a warm worker (with and without the lifecycle store, whose SQLite writes
-are part of every real call); the process runner with a fresh process per call (cold); the Docker
-runner (one container per call) when an engine answers and the image exists.
+are part of every real call); the process runner with a fresh process per call (cold); and, when an
+engine answers and the image exists, the Docker runner with a warm container and with a fresh
+container per call.
+
+The warm Docker and warm process rows are measured side by side: their calls alternate (one to
+each, ``--n-warm`` times), so both see the same machine load; ``docker warm / process warm`` is the
+ratio of their medians (the issue's target: at most 1.2x).
+
+    FORGEFLOW_DOCKER_IMAGE=forgeflow-worker:cpu-test .venv/bin/python bench/bench_runners.py
 """
 
 from __future__ import annotations
@@ -52,9 +59,9 @@ def fmt(ms: float) -> str:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n-fast", type=int, default=5000, help="calls for direct/inline rows")
-    parser.add_argument("--n-warm", type=int, default=300, help="calls for warm process rows")
+    parser.add_argument("--n-warm", type=int, default=300, help="calls for warm process and warm docker rows")
     parser.add_argument("--n-cold", type=int, default=15, help="calls for the fresh-process row")
-    parser.add_argument("--n-docker", type=int, default=8, help="calls for the docker row")
+    parser.add_argument("--n-docker", type=int, default=8, help="calls for the fresh-container docker row")
     parser.add_argument("--no-docker", action="store_true")
     parser.add_argument("--no-write", action="store_true", help="print only; leave runners.md alone")
     args = parser.parse_args()
@@ -88,19 +95,8 @@ def main() -> int:
     inline = get_runner(settings.model_copy(update={"runner": "inline"}), registry)
     rows.append(("inline runner", measure(checked(inline), args.n_fast // 5, 20)))
 
-    for label, reg in (("process, warm worker", registry), ("process, warm worker, no lifecycle store", bare_registry)):
-        runner = get_runner(settings.model_copy(update={"runner": "process", "reuse_workers": True}), reg)
-        try:
-            rows.append((label, measure(checked(runner), args.n_warm, 10)))
-        finally:
-            runner.close()
-    cold = get_runner(settings.model_copy(update={"runner": "process", "reuse_workers": False}), registry)
-    try:
-        rows.append(("process, fresh process per call (cold)", measure(checked(cold), args.n_cold, 1)))
-    finally:
-        cold.close()
-
     docker_note = ""
+    docker_ok = False
     if not args.no_docker:
         try:
             import docker
@@ -108,18 +104,58 @@ def main() -> int:
             client = docker.from_env(timeout=10)
             client.ping()
             client.images.get(settings.docker_image)
-            runner = get_runner(settings.model_copy(update={"runner": "docker"}), registry)
-            try:
-                rows.append(
-                    (
-                        f"docker, one container per call ({settings.docker_image})",
-                        measure(checked(runner), args.n_docker, 1),
-                    )
-                )
-            finally:
-                runner.close()
+            docker_ok = True
         except Exception as exc:
-            docker_note = f"docker row skipped: {type(exc).__name__}: {exc}"
+            docker_note = f"docker rows skipped: {type(exc).__name__}: {exc}"
+
+    process = get_runner(settings.model_copy(update={"runner": "process", "reuse_workers": True}), registry)
+    warm_docker = get_runner(settings.model_copy(update={"runner": "docker", "reuse_workers": True}), registry)
+    try:
+        if docker_ok:
+            # Side by side: one call to each in turn, so both see the same load.
+            process_go, docker_go = checked(process), checked(warm_docker)
+            for _ in range(10):
+                process_go()
+                docker_go()
+            process_samples: list[float] = []
+            docker_samples: list[float] = []
+            for _ in range(args.n_warm):
+                process_samples += measure(process_go, 1, 0)
+                docker_samples += measure(docker_go, 1, 0)
+            rows.append(("process, warm worker", process_samples))
+            rows.append((f"docker, warm container ({settings.docker_image})", docker_samples))
+            ratio = statistics.median(docker_samples) / statistics.median(process_samples)
+            docker_note = (
+                f"docker warm / process warm (medians, calls alternating): {ratio:.2f}x; "
+                f"p95: {p95(docker_samples) / p95(process_samples):.2f}x"
+            )
+        else:
+            rows.append(("process, warm worker", measure(checked(process), args.n_warm, 10)))
+    finally:
+        process.close()
+        warm_docker.close()
+    bare = get_runner(settings.model_copy(update={"runner": "process", "reuse_workers": True}), bare_registry)
+    try:
+        rows.append(("process, warm worker, no lifecycle store", measure(checked(bare), args.n_warm, 10)))
+    finally:
+        bare.close()
+    cold = get_runner(settings.model_copy(update={"runner": "process", "reuse_workers": False}), registry)
+    try:
+        rows.append(("process, fresh process per call (cold)", measure(checked(cold), args.n_cold, 1)))
+    finally:
+        cold.close()
+
+    if docker_ok:
+        cold_docker = get_runner(settings.model_copy(update={"runner": "docker", "reuse_workers": False}), registry)
+        try:
+            rows.append(
+                (
+                    f"docker, fresh container per call ({settings.docker_image})",
+                    measure(checked(cold_docker), args.n_docker, 1),
+                )
+            )
+        finally:
+            cold_docker.close()
 
     direct = statistics.median(rows[0][1])
     lines = [
@@ -130,7 +166,8 @@ def main() -> int:
         med = statistics.median(samples)
         lines.append(f"| {label} | {len(samples)} | {fmt(med)} | {fmt(p95(samples))} | {med / direct:,.0f}× |")
     table = "\n".join(lines)
-    command = "FORGEFLOW_HOME=$(mktemp -d) .venv/bin/python bench/bench_runners.py " + " ".join(sys.argv[1:])
+    image = f"FORGEFLOW_DOCKER_IMAGE={settings.docker_image} " if docker_ok else ""
+    command = f"{image}FORGEFLOW_HOME=$(mktemp -d) .venv/bin/python bench/bench_runners.py " + " ".join(sys.argv[1:])
     meta = (
         f"Command: `{command.strip()}`  \n"
         f"Run: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} on {platform.node() or 'this machine'}, "

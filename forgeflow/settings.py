@@ -126,6 +126,28 @@ class Settings(BaseSettings):
     ws_queue_size: int = Field(1000, ge=10, description="Messages buffered per WebSocket client before it is dropped.")
     ws_ping_interval_s: float = Field(20.0, gt=0, description="Seconds between WebSocket pings to each client.")
 
+    # --- how the API runs jobs -------------------------------------------------------------------
+    launch: Literal["local", "deployment"] = Field(
+        "local",
+        description="How the API runs a job: on this host's engine (local), or as a flow run of the "
+        "Prefect deployment `deployment` that a Prefect worker picks up (deployment).",
+    )
+    deployment: str = Field(
+        "forgeflow-pipeline/pipeline", min_length=3, description="The deployment jobs run as in deployment mode."
+    )
+    flow_run_poll_s: float = Field(
+        1.0, gt=0, le=60, description="How often the API reads the state of a job's flow run in deployment mode."
+    )
+    heartbeat_interval_s: float = Field(
+        5.0, gt=0, le=300, description="How often a flow run tells the API that its running jobs are alive."
+    )
+    heartbeat_timeout_s: float = Field(
+        15.0,
+        gt=0,
+        description="A running job of deployment mode whose host said nothing for this long has lost its host: "
+        "the API ends it crashed (and marks its flow run Crashed).",
+    )
+
     # --- where flow runs send their events -------------------------------------------------------
     api_url: str | None = Field(None, description="Base URL of the API service that ingests flow-run events.")
     ingest_token: SecretStr | None = Field(None, description="Token for the internal event ingest endpoint.")

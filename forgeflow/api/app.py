@@ -22,7 +22,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from forgeflow import __version__
 from forgeflow.api.auth import Authenticator, check_bind
-from forgeflow.api.deps import ApiState, require_auth
+from forgeflow.api.deps import ApiState, require_auth, require_worker_auth
 from forgeflow.api.errors import install_error_handlers
 from forgeflow.api.hub import EventHub
 from forgeflow.api.models import ErrorBody
@@ -231,8 +231,9 @@ def create_app(
     app.add_middleware(BodyLimit, limit=settings.max_request_bytes, exempt_prefix="/v1/media")
 
     secured = [Depends(require_auth)]
-    for router in (jobs.router, pipelines.router, plugins.router, media.router, engine.router):
+    for router in (jobs.router, pipelines.router, plugins.router, engine.router):
         app.include_router(router, dependencies=secured, responses=UNAUTHORIZED)
+    app.include_router(media.router, dependencies=[Depends(require_worker_auth)], responses=UNAUTHORIZED)
     app.include_router(events.router)  # ingest: its own token check; WebSockets check in the handler
     app.include_router(health.router)
 

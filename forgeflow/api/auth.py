@@ -102,6 +102,17 @@ class Authenticator:
         if not _matches(token, self.api_token):
             raise _unauthorized("invalid API token")
 
+    def check_worker_token(self, token: str | None) -> None:
+        """A media call's bearer token: the API token, or the ingest token a worker host holds (its
+        flow runs fetch their inputs and store their outputs through the API)."""
+        if not self.required:
+            return
+        token = token.strip() if token else None
+        if not token:
+            raise _unauthorized("missing 'Authorization: Bearer <token>' header")
+        if not _matches(token, self.api_token, self.ingest_token):
+            raise _unauthorized("invalid API or ingest token")
+
     def ws_allowed(self, conn: HTTPConnection) -> bool:
         if not self.required:
             return True

@@ -54,3 +54,12 @@ def require_auth(
     """Dependency of every REST router: the bearer token, when the service requires one. Through
     :data:`~forgeflow.api.auth.bearer_scheme`, so OpenAPI lists the scheme on every route it guards."""
     get_state(request).auth.check_token(credentials.credentials if credentials else None)
+
+
+def require_worker_auth(
+    request: Request,
+    credentials: HTTPAuthorizationCredentials | None = Security(bearer_scheme),
+) -> None:
+    """Dependency of the media router: like :func:`require_auth`, and the ingest token also serves
+    (worker hosts hold it, not the API token)."""
+    get_state(request).auth.check_worker_token(credentials.credentials if credentials else None)

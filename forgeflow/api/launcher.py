@@ -113,6 +113,7 @@ class Launcher:
         self.poll_interval_s = poll_interval_s
         self.procs: dict[str, Any] = {}  # job_id -> JobProcess
         self.ended: dict[str, tuple[int | None, float]] = {}  # job_id -> (exit code, monotonic time)
+        self.ended_runs: dict[str, Any] = {}  # job_id -> its ended flow run (DeploymentRun), for the reason
         self._lock = asyncio.Lock()
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -120,9 +121,12 @@ class Launcher:
         self.enabled = True
         self._engine: Any = None  # EngineClient, once an engine was found or started
         self._engine_pid = 0
+        self._started = time.monotonic()
+        self._next_heartbeat_check = 0.0
 
     # --- life ------------------------------------------------------------------------------------
     async def start(self) -> None:
+        self._started = time.monotonic()
         await to_thread.run_sync(self._recover)
         self._task = asyncio.create_task(self._run(), name="forgeflow-launcher")
 
@@ -145,8 +149,15 @@ class Launcher:
     def wake(self) -> None:
         self._wake.set()
 
+    @property
+    def deployment_mode(self) -> bool:
+        """Whether jobs run as flow runs of a Prefect deployment (on workers) instead of on this host."""
+        return self.state.settings.launch == "deployment"
+
     def prestart_engine(self) -> None:
         """Start (or adopt) the engine in the background, so the first job does not wait for it."""
+        if self.deployment_mode:
+            return
 
         def start() -> None:
             try:
@@ -171,6 +182,9 @@ class Launcher:
         except Exception:
             log.exception("importing the spool failed")
         active = self.state.store.launched_active_jobs()
+        if self.deployment_mode:
+            self._recover_flow_runs(active)
+            return
         if active:
             try:
                 self.engine()  # started now, not on the first job's clock
@@ -193,6 +207,23 @@ class Launcher:
                 self.procs[job_id] = proc
             else:
                 self.ended[job_id] = (None, time.monotonic() - self.exit_grace_s + 1.0)
+
+    def _recover_flow_runs(self, active: list[JobRow]) -> None:
+        """Deployment mode: watch the flow runs of launched jobs again; launch again those whose
+        flow run was never created (the idempotency key makes a second creation the same run)."""
+        from forgeflow.jobs.deployment import DeploymentRun
+
+        for job in active:
+            if job["flow_run_id"]:
+                self.procs[job["id"]] = DeploymentRun(
+                    job["id"], job["flow_run_id"], self.state.settings.flow_run_poll_s
+                )
+                log.info("watching flow run %s of job %s again", job["flow_run_id"], job["id"])
+            elif job["last_seq"] <= 1:
+                self.state.store.set_launched(job["id"], None, None)
+                self._reset_launch(job["id"])
+            else:
+                self.ended[job["id"]] = (None, time.monotonic() - self.exit_grace_s)
 
     def engine(self) -> Any:
         """This host's engine client: the running engine (adopted), or one started now."""
@@ -243,12 +274,16 @@ class Launcher:
 
     async def tick(self) -> None:
         async with self._lock:
+            if self.deployment_mode and self.procs:
+                await to_thread.run_sync(self._find_lost_hosts)
             for job_id, proc in list(self.procs.items()):
                 code = proc.poll()
                 if code is None:
                     continue
                 del self.procs[job_id]
                 self.ended[job_id] = (code, time.monotonic())
+                if hasattr(proc, "final_reason"):
+                    self.ended_runs[job_id] = proc
                 await to_thread.run_sync(self.state.store.set_exit_code, job_id, code)
             for job_id, (code, since) in list(self.ended.items()):
                 if await to_thread.run_sync(self.state.store.has_terminal, job_id):
@@ -268,12 +303,34 @@ class Launcher:
                 for job in await to_thread.run_sync(self.state.store.jobs_to_launch, free):
                     await to_thread.run_sync(self._launch, job)
 
+    def _find_lost_hosts(self) -> None:
+        """Deployment mode: a job whose flow run a worker took and whose host has sent no heartbeat
+        for ``heartbeat_timeout_s`` lost its host (killed, powered off, cut off); its flow run is
+        marked Crashed. Checked once a
+        second, and only once this service has listened that long itself (after a restart every
+        heartbeat looks old)."""
+        now = time.monotonic()
+        timeout = self.state.settings.heartbeat_timeout_s
+        if now < self._next_heartbeat_check or now - self._started < timeout:
+            return
+        self._next_heartbeat_check = now + 1.0
+        # Only runs a worker has held for that long: one waiting for a worker has no host to lose.
+        held = [job_id for job_id, proc in self.procs.items() if getattr(proc, "claimed_for", lambda: 0.0)() >= timeout]
+        for job in self.state.store.silent_jobs(held, timeout):
+            proc = self.procs.get(job["id"])
+            if proc is not None and hasattr(proc, "lost"):
+                log.warning("job %s: its host sent no heartbeat for %g s", job["id"], timeout)
+                proc.lost(f"its host sent no heartbeat for {timeout:g} s")
+
     def _launch(self, job: JobRow) -> None:
         job_id = job["id"]
         store = self.state.store
         if not store.claim_launch(job_id):  # "launching": never started twice
             return
         try:
+            if self.deployment_mode:
+                self._launch_flow_run(job)
+                return
             client = self.engine()
             client.submit(
                 job_id,
@@ -284,7 +341,10 @@ class Launcher:
             )
         except Exception as exc:
             log.exception("could not start job %s", job_id)
-            error = f"could not hand the job to the engine: {exc}"
+            if self.deployment_mode:
+                error = f"could not create a flow run of deployment {self.state.settings.deployment!r}: {exc}"
+            else:
+                error = f"could not hand the job to the engine: {exc}"
             self._store_terminal(
                 job_id,
                 [
@@ -309,6 +369,21 @@ class Launcher:
         self.procs[job_id] = proc
         log.info("job %s runs on the engine (pid %s)", job_id, pid)
 
+    def _launch_flow_run(self, job: JobRow) -> None:
+        from forgeflow.jobs.deployment import DeploymentRun
+
+        settings = self.state.settings
+        run = DeploymentRun.start(
+            settings.deployment,
+            job_id=job["id"],
+            pipeline=job["pipeline"],
+            input_data=job["input"] or {},
+            poll_interval_s=settings.flow_run_poll_s,
+        )
+        self.state.store.set_launched(job["id"], None, None, flow_run_id=run.flow_run_id)
+        self.procs[job["id"]] = run
+        log.info("job %s runs as flow run %s of %s", job["id"], run.flow_run_id, settings.deployment)
+
     def _store_terminal(self, job_id: str, batch: list[Event]) -> None:
         self.state.store.ingest(batch, publish=self.state.publish, resolve_plugin=self.state.resolve_plugin)
 
@@ -317,7 +392,11 @@ class Launcher:
         job = store.get_job(job_id)
         if job is None or store.has_terminal(job_id):
             return
-        if code is None or code < 0:
+        run = self.ended_runs.pop(job_id, None)
+        ended_as = run.final_reason() if run is not None else None
+        if ended_as is not None:
+            reason = f"its flow run {job.get('flow_run_id')} ended without reporting a result: {ended_as}"
+        elif code is None or code < 0:
             reason = f"the engine running the job (pid {job.get('pid')}) ended without reporting its result"
         else:
             reason = f"the job ended (exit code {code}) without reporting a result"

@@ -9,7 +9,7 @@ from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema, field_validat
 from forgeflow.canonical import MAX_AMOUNT, storable
 from forgeflow.engine.lifecycle import PluginStatus
 from forgeflow.engine.runners.base import Progress
-from forgeflow.events.models import Event
+from forgeflow.events.models import Event, Id
 from forgeflow.pipeline.definition import PipelineStage
 from forgeflow.pipeline.outcome import JobStatus, StageReport
 
@@ -262,6 +262,11 @@ class EventList(BaseModel):
 
 class IngestBatch(BaseModel):
     events: list[Event] = Field(max_length=10_000)
+    alive: list[Id] = Field(
+        default_factory=list,
+        max_length=10_000,
+        description="Jobs still running on the sender's host (a heartbeat; the events' jobs count too).",
+    )
 
 
 class IngestResult(BaseModel):

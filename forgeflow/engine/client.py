@@ -78,6 +78,15 @@ class EngineClient:
         }
         return self._request("POST", "/jobs", json=body)  # type: ignore[no-any-return]
 
+    def submit_flow_run(self, flow_run_id: str, *, api_url: str, ingest_token: str | None) -> dict[str, Any]:
+        """Hand over a deployment's flow run (a Prefect worker's): the engine runs it as it is."""
+        body = {
+            "flow_run_id": flow_run_id,
+            "handed_by": os.getpid(),  # the engine cancels the run when this process dies
+            "sink": {"api_url": api_url, "ingest_token": ingest_token},
+        }
+        return self._request("POST", "/jobs", json=body)  # type: ignore[no-any-return]
+
     def stream(self, job_id: str, pipeline: Any, input_data: dict[str, Any]) -> Iterator[dict[str, Any]]:
         """Run a job and yield its events (``{"event": ...}``) then ``{"envelope": ..., "status": ...}``."""
         body = {"job_id": job_id, "pipeline": pipeline, "input": input_data, "stream": True}

@@ -37,10 +37,12 @@ from forgeflow.engine.runners import get_runner
 from forgeflow.engine.runners.base import CallResult, ProgressCallback, ToolCall
 from forgeflow.events.models import Event, JobStatusEvent, PipelineError, is_terminal_event
 from forgeflow.events.sinks import EventSink, HttpSink
+from forgeflow.jobs.media_sync import MediaSync
 from forgeflow.jobs.stages import Services
 from forgeflow.pipeline import outcome
 from forgeflow.pipeline.definition import raw_stages
 from forgeflow.pipeline.outcome import EndReason
+from forgeflow.plugins.media import MediaStore
 from forgeflow.settings import Settings
 
 log = logging.getLogger("forgeflow.engine")
@@ -52,13 +54,17 @@ FINISHED_KEPT = 2000
 
 
 class _TerminalWatch:
-    """Passes events on and remembers whether the job's terminal status went out."""
+    """Passes events on and remembers whether the job's terminal status went out; once ``muted``
+    (the job was lost to its caller), passes nothing on."""
 
     def __init__(self, inner: EventSink) -> None:
         self.inner = inner
         self.terminal_sent = False
+        self.muted = False
 
     def emit(self, event: Event) -> None:
+        if self.muted:
+            return
         if is_terminal_event(event):
             self.terminal_sent = True
         self.inner.emit(event)
@@ -99,6 +105,11 @@ class EngineJob:
     envelope: dict[str, Any] | None = None
     waiting_for: str | None = None
     done: threading.Event = field(default_factory=threading.Event)
+    #: A deployment's flow run that a Prefect worker handed over (run as it is, not created anew).
+    flow_run: Any = None
+    #: Why the job was stopped without a word of its own (the process that handed it over died).
+    lost: str | None = None
+    watch: _TerminalWatch | None = None
 
     def view(self) -> dict[str, Any]:
         return {
@@ -133,7 +144,49 @@ class Engine:
 
     # --- jobs ------------------------------------------------------------------------------------
 
-    def submit(self, job_id: str, pipeline: Any, input_data: dict[str, Any], sink: EventSink) -> EngineJob:
+    def submit_flow_run(self, flow_run_id: str, sink: EventSink, handed_by: int | None = None) -> EngineJob:
+        """Queue a flow run of the ``pipeline`` deployment that a Prefect worker handed over
+        (``python -m forgeflow.jobs.handoff``, process ``handed_by``): it runs here, on the warm
+        pools, as that flow run; it is cancelled when that process dies (the worker lost it)."""
+        from forgeflow.jobs.deployment import prefect_client
+
+        with prefect_client() as client:
+            flow_run = client.read_flow_run(flow_run_id)
+        parameters = flow_run.parameters or {}
+        job_id = str(parameters.get("job_id") or flow_run_id)
+        job = self.submit(job_id, parameters.get("pipeline"), parameters.get("input") or {}, sink, flow_run=flow_run)
+        if isinstance(sink, HttpSink):
+            sink.track(job_id)  # waiting for a job slot is no silence: the API hears of it
+        if handed_by is not None:
+            threading.Thread(
+                target=self._cancel_when_gone, args=(job, handed_by), name=f"watch-{job_id}"[:60], daemon=True
+            ).start()
+        return job
+
+    def _cancel_when_gone(self, job: EngineJob, pid: int) -> None:
+        from forgeflow.processes import pid_alive, process_create_time
+
+        created = process_create_time(pid)
+        while not job.done.wait(0.5):
+            if not pid_alive(pid, created):
+                # Prefect's worker saw its flow run's process die and marks the run Crashed; the API
+                # ends the job with that reason. The engine stops the work and says nothing more.
+                log.warning("job %s: the process that handed it over (pid %s) is gone: stopping it", job.job_id, pid)
+                job.lost = f"its flow run's process (pid {pid}) died"
+                if job.flow_run is not None:  # Crashed before the cancel could end it Failed
+                    from forgeflow.jobs.supervise import mark_flow_run
+
+                    mark_flow_run(str(job.flow_run.id), "crashed", job.lost)
+                if job.watch is not None:
+                    job.watch.muted = True
+                if isinstance(job.sink, HttpSink):
+                    job.sink.forget(job.job_id)
+                self.cancel(job.job_id)
+                return
+
+    def submit(
+        self, job_id: str, pipeline: Any, input_data: dict[str, Any], sink: EventSink, *, flow_run: Any = None
+    ) -> EngineJob:
         """Queue a job; it starts when one of ``max_concurrent_jobs`` is free. A job id the engine
         already runs is not started twice (the running one is returned)."""
         with self._lock:
@@ -142,7 +195,7 @@ class Engine:
             existing = self._jobs.get(job_id)
             if existing is not None and existing.status in ("queued", "running"):
                 return existing
-            job = EngineJob(job_id, pipeline, dict(input_data or {}), sink)
+            job = EngineJob(job_id, pipeline, dict(input_data or {}), sink, flow_run=flow_run)
             self._jobs[job_id] = job
             self._jobs.move_to_end(job_id)
             while len(self._jobs) > FINISHED_KEPT:
@@ -159,7 +212,9 @@ class Engine:
         key = (api_url.rstrip("/"), token)
         with self._lock:
             if key not in self._sinks:
-                self._sinks[key] = HttpSink(key[0], token, self.settings.spool_dir)
+                self._sinks[key] = HttpSink(
+                    key[0], token, self.settings.spool_dir, heartbeat_s=self.settings.heartbeat_interval_s
+                )
             return self._sinks[key]
 
     def _start_queued(self) -> None:
@@ -195,24 +250,44 @@ class Engine:
         from forgeflow.jobs.flow import last_flow_run_id
         from forgeflow.jobs.supervise import mark_flow_run
 
-        sink = _TerminalWatch(job.sink)
+        sink = job.watch = _TerminalWatch(job.sink)
+        if job.lost:
+            sink.muted = True
         services = Services(self.settings, self.registry, self.runner, sink)
+        if job.flow_run is not None and isinstance(job.sink, HttpSink):
+            # A worker host's flow run: its media come from and go to the API it reports to.
+            services.media_sync = MediaSync(
+                job.sink.api_url,
+                MediaStore(self.settings.media_root),
+                job.sink.token,
+                max_bytes=self.settings.max_media_bytes,
+            )
         status = "failed"
         try:
             with self._prefect_context():
-                envelope = PipelineExecutor(services).execute(job.pipeline, job.input, job.job_id)
+                executor = PipelineExecutor(services)
+                if job.flow_run is not None:
+                    envelope = executor.execute_flow_run(job.flow_run)
+                else:
+                    envelope = executor.execute(job.pipeline, job.input, job.job_id)
             job.envelope = envelope
             if envelope.get("error_type") == EndReason.VALIDATION:
                 status = "invalid"
             else:
                 status = outcome.job_status_of(envelope)
-            if status == "cancelled":
+            if status == "cancelled" and not job.lost:
                 flow_run_id = last_flow_run_id(job.job_id)
                 if flow_run_id:
                     mark_flow_run(flow_run_id, "cancelled", "cancelled by request")
         except BaseException as exc:
             log.exception("job %s failed inside the engine", job.job_id)
-            if not sink.terminal_sent:  # the flow run could not even start (Prefect down, say): say why
+            # A handed-over run cancelled through Prefect can be aborted by Prefect itself (its worker
+            # marks it Cancelled while it ends): the API ends that job from its stored messages.
+            aborted = job.flow_run is not None and services.is_cancelled(job.job_id)
+            if aborted:
+                status = "cancelled"
+            elif not sink.terminal_sent and not job.lost:
+                # the flow run could not even start (Prefect down, say): say why
                 error = f"the engine could not run the job's flow: {type(exc).__name__}: {exc}"[:4000]
                 job.envelope = outcome.not_started(
                     outcome.pending_reports(raw_stages(job.pipeline)), error=error, error_type=EndReason.FLOW_RUN_ERROR
@@ -229,6 +304,12 @@ class Engine:
                 sink.emit(JobStatusEvent(job_id=job.job_id, status="failed", envelope=job.envelope))
                 sink.flush(timeout=5.0)
         finally:
+            if job.lost and job.flow_run is not None:  # the stopped run may have said Failed since
+                from forgeflow.jobs.supervise import mark_flow_run
+
+                mark_flow_run(str(job.flow_run.id), "crashed", job.lost)
+            if services.media_sync is not None:
+                services.media_sync.close()
             self._pool_forget(job.job_id)
             with self._lock:
                 job.status, job.finished_at, job.waiting_for = status, time.time(), None
@@ -241,6 +322,8 @@ class Engine:
     @staticmethod
     def _end_unstarted(job: EngineJob) -> None:
         """A queued job that will not run: cancelled, and its stream (if any) ends."""
+        if isinstance(job.sink, HttpSink):
+            job.sink.forget(job.job_id)
         job.status, job.finished_at = "cancelled", time.time()
         job.envelope = outcome.not_started(
             outcome.pending_reports(raw_stages(job.pipeline)),

@@ -182,7 +182,10 @@ class _Handler(BaseHTTPRequestHandler):
             else:
                 self._send(400, {"error": "a job needs a sink (api_url) or stream: true"})
                 return
-            job = engine.submit(str(body["job_id"]), body["pipeline"], body.get("input") or {}, sink)
+            if body.get("flow_run_id"):
+                job = engine.submit_flow_run(str(body["flow_run_id"]), sink, handed_by=body.get("handed_by"))
+            else:
+                job = engine.submit(str(body["job_id"]), body["pipeline"], body.get("input") or {}, sink)
             if not stream:
                 self._send(202, job.view())
                 return

@@ -100,6 +100,14 @@ EnvelopeData = Annotated[
 ]
 
 
+def _json_object(value: dict[str, Any]) -> dict[str, Any]:
+    return without_nul(storable(value, allow_nul=True))  # type: ignore[no-any-return]
+
+
+#: A JSON object every store can hold (U+0000 kept as U+FFFD).
+JsonObject = Annotated[dict[str, Any], AfterValidator(_json_object)]
+
+
 def utc_timestamp() -> str:
     return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
@@ -179,12 +187,22 @@ class JobStatusEvent(_Event):
     waiting_for: Text | None = Field(
         None, description="Why a running job is not progressing: it waits for a device slot."
     )
+    pipeline: JsonObject | None = Field(
+        None,
+        description="The flow run's pipeline, on its way to the store with the running message (a run "
+        "started from the Prefect UI or a schedule becomes a job with it); kept on the job, not the message.",
+    )
+    input: JsonObject | None = Field(None, description="The flow run's job input, like `pipeline`.")
 
     def summarized(self) -> JobStatusEvent:
-        """This message with its envelope's result and partial result replaced by their sizes."""
-        if self.envelope is None or not any(k in self.envelope for k in RESULT_KEYS):
-            return self
-        return self.model_copy(update={"envelope": envelope_summary(self.envelope)})
+        """This message as stored and sent: the envelope's result and partial result replaced by their
+        sizes, the pipeline and input left to the job."""
+        update: dict[str, Any] = {}
+        if self.envelope is not None and any(k in self.envelope for k in RESULT_KEYS):
+            update["envelope"] = envelope_summary(self.envelope)
+        if self.pipeline is not None or self.input is not None:
+            update["pipeline"] = update["input"] = None
+        return self.model_copy(update=update) if update else self
 
 
 Event = Annotated[

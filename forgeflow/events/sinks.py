@@ -6,6 +6,10 @@ order; while the service is unreachable it spools them to ``FORGEFLOW_HOME/spool
 retrying, and what is still undelivered when the process ends stays in the spool, which the next
 sink (or the API at start-up) delivers. Events carry an ``event_id``, so a batch delivered twice
 is stored once. :class:`MemorySink` keeps events in the process (the CLI) and numbers them.
+
+While a job of its process runs, :class:`HttpSink` also says so every ``heartbeat_s`` (an ingest
+batch naming it under ``alive``): a host that dies takes its jobs' heartbeats with it, and the API
+ends those jobs ``crashed`` instead of waiting for a flow run nobody will finish.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ import json
 import logging
 import queue
 import threading
+import time
 import uuid
 from collections import defaultdict
 from collections.abc import Callable
@@ -23,7 +28,7 @@ from typing import Any, Protocol
 import httpx
 
 from forgeflow.events import spool
-from forgeflow.events.models import Event
+from forgeflow.events.models import Event, is_terminal_event
 
 log = logging.getLogger(__name__)
 
@@ -104,8 +109,11 @@ class HttpSink:
         batch_size: int = 200,
         max_backoff_s: float = 5.0,
         request_timeout_s: float = 5.0,
+        heartbeat_s: float = 5.0,
     ) -> None:
-        self.url = api_url.rstrip("/") + INGEST_PATH
+        self.api_url = api_url.rstrip("/")
+        self.token = token
+        self.url = self.api_url + INGEST_PATH
         self.spool_dir = Path(spool_dir)
         self.batch_size = batch_size
         self.max_backoff_s = max_backoff_s
@@ -119,6 +127,9 @@ class HttpSink:
         self._stop = threading.Event()
         self._spool_lock = threading.Lock()
         self._spool_path = spool.new_spool_path(self.spool_dir)
+        self.heartbeat_s = heartbeat_s
+        self._open_jobs: set[str] = set()  # jobs that emitted something and have not ended
+        self._next_heartbeat = 0.0
         self._thread = threading.Thread(target=self._run, name="forgeflow-event-sink", daemon=True)
         self._thread.start()
 
@@ -127,7 +138,22 @@ class HttpSink:
         with self._pending_lock:
             self._pending += 1
             self._idle.clear()
+            if is_terminal_event(event):
+                self._open_jobs.discard(event.job_id)
+            else:
+                self._open_jobs.add(event.job_id)
         self._queue.put(event.model_dump(mode="json"))
+
+    def track(self, job_id: str) -> None:
+        """Say that ``job_id`` runs from now on, before it has emitted anything (a job that waits in
+        this host's queue is alive too)."""
+        with self._pending_lock:
+            self._open_jobs.add(job_id)
+
+    def forget(self, job_id: str) -> None:
+        """Stop saying that ``job_id`` runs (it was stopped without a terminal message of its own)."""
+        with self._pending_lock:
+            self._open_jobs.discard(job_id)
 
     def flush(self, timeout: float = 10.0) -> bool:
         """Wait for delivery; what is not delivered by then is safe in the spool file."""
@@ -152,12 +178,24 @@ class HttpSink:
             try:
                 first = self._queue.get(timeout=0.2)
             except queue.Empty:
+                self._heartbeat()
                 continue
             batch = [first, *self._take(self.batch_size - 1)]
             if self._post(batch):
                 self._delivered(len(batch))
             else:
                 self._outage(batch)
+
+    def _heartbeat(self) -> None:
+        """Say which jobs of this process still run, every ``heartbeat_s`` while some do (a batch
+        of events says it too: each one's job is alive)."""
+        now = time.monotonic()
+        with self._pending_lock:
+            alive = sorted(self._open_jobs)
+        if not alive or now < self._next_heartbeat:
+            return
+        self._next_heartbeat = now + self.heartbeat_s
+        self._post([], alive=alive)
 
     def _take(self, limit: int) -> list[dict[str, Any]]:
         items: list[dict[str, Any]] = []
@@ -199,9 +237,12 @@ class HttpSink:
             if self._pending == 0:
                 self._idle.set()
 
-    def _post(self, batch: list[dict[str, Any]]) -> bool:
+    def _post(self, batch: list[dict[str, Any]], alive: list[str] | None = None) -> bool:
+        body: dict[str, Any] = {"events": batch}
+        if alive:
+            body["alive"] = alive
         try:
-            response = self._client.post(self.url, json={"events": batch})
+            response = self._client.post(self.url, json=body)
         except httpx.HTTPError as exc:
             log.debug("event delivery failed: %s", exc)
             return False
@@ -238,5 +279,5 @@ def sink_from_settings(settings: Any) -> EventSink:
         token = settings.ingest_token.get_secret_value() if settings.ingest_token else None
         if token is None and settings.api_token is not None:
             token = settings.api_token.get_secret_value()
-        return HttpSink(settings.api_url, token, settings.spool_dir)
+        return HttpSink(settings.api_url, token, settings.spool_dir, heartbeat_s=settings.heartbeat_interval_s)
     return MemorySink()

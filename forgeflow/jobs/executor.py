@@ -31,8 +31,22 @@ class PipelineExecutor:
         parameters = flow_parameters(document, input_data, job_id, services.settings.jobs_dir / job_id)
         with use_services(services):
             state = pipeline_flow(**parameters, return_state=True)
+        return self._envelope(state)
+
+    def execute_flow_run(self, flow_run: Any) -> dict[str, Any]:
+        """Run a flow run that exists already (one a deployment made, handed over by a Prefect
+        worker) in this process, with its own parameters; returns the envelope like :meth:`execute`."""
+        from prefect.flow_engine import run_flow
+
+        with use_services(self.services or current_services()):
+            state = run_flow(pipeline_flow, flow_run=flow_run, parameters=flow_run.parameters, return_type="state")
+        return self._envelope(state)
+
+    @staticmethod
+    def _envelope(state: Any) -> dict[str, Any]:
         if state.is_completed():
-            return state.result()
+            envelope: dict[str, Any] = state.result()
+            return envelope
         outcome = state.result(raise_on_failure=False)
         if isinstance(outcome, PipelineFailed):
             return outcome.envelope.to_dict()

@@ -14,7 +14,6 @@ from __future__ import annotations
 import collections
 import json
 import threading
-import uuid
 from pathlib import Path
 from typing import Any, Literal
 
@@ -100,13 +99,11 @@ def _run_stage_as_task(run: JobRun, stage: ResolvedStage, inputs: dict[str, Any]
 
 
 def _flow_ended_abnormally(status: Literal["crashed", "cancelled"]) -> Any:
-    def hook(flw: Any, flow_run: Any, state: Any) -> None:
+    def hook(flow: Any, flow_run: Any, state: Any) -> None:  # Prefect passes them by name
         if str(flow_run.id) in _ended_runs:
             return  # the body already sent the job's terminal message (a cancel, say)
         run = _active_runs.pop(str(flow_run.id), None)
-        job_id = (flow_run.parameters or {}).get("job_id") or (run.job_id if run else None)
-        if not job_id:
-            return
+        job_id = (flow_run.parameters or {}).get("job_id") or (run.job_id if run else str(flow_run.id))
         sink = run.services.sink if run else current_services().sink
         message = state.message or f"flow run {status}"
         error_type = EndReason.FLOW_RUN_CRASHED if status == "crashed" else EndReason.FLOW_RUN_CANCELLED
@@ -150,7 +147,7 @@ def flow_parameters(pipeline: Any, input_data: dict[str, Any], job_id: str, spil
 def _run_name() -> str:
     from prefect.runtime import flow_run
 
-    return f"job-{flow_run.parameters.get('job_id') or 'adhoc'}"
+    return f"job-{flow_run.parameters.get('job_id') or flow_run.id}"
 
 
 @flow(
@@ -178,12 +175,12 @@ def pipeline_flow(
     carries :class:`PipelineFailed`, whose ``envelope`` holds the partial result.
     """
     services = current_services()
-    job_id = job_id or uuid.uuid4().hex
+    flow_run_id = str(get_run_context().flow_run.id)  # type: ignore[union-attr]
+    job_id = job_id or flow_run_id
     if parameters_file is not None:
         spilled = json.loads(Path(parameters_file).read_text(encoding="utf-8"))
         pipeline, input = spilled["pipeline"], spilled["input"]
     input_data = dict(input or {})
-    flow_run_id = str(get_run_context().flow_run.id)  # type: ignore[union-attr]
     try:
         definition: PipelineDefinition | None = PipelineDefinition.model_validate(pipeline)
         parse_error = None
@@ -193,7 +190,14 @@ def pipeline_flow(
     run = JobRun(job_id, services, job_end.pending_reports(stages), flow_run_id)
     _active_runs[flow_run_id] = run
     _flow_run_of_job[job_id] = flow_run_id
-    run.emit(JobStatusEvent(job_id=job_id, status="running", flow_run_id=flow_run_id))
+    # The pipeline and input ride on the running message: a run the API did not start (the Prefect
+    # UI's "Run", a schedule) becomes a job with them; the store keeps them on the job, not the message.
+    shown = definition.model_dump(mode="json") if definition else pipeline if isinstance(pipeline, dict) else None
+    run.emit(
+        JobStatusEvent(
+            job_id=job_id, status="running", flow_run_id=flow_run_id, pipeline=shown, input=input_data or None
+        )
+    )
     try:
         return execute(run, definition, parse_error, input_data, _run_stage_as_task).to_dict()
     except PipelineFailed as failed:

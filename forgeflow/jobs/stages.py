@@ -25,12 +25,14 @@ from forgeflow.engine.registry import PluginRegistry
 from forgeflow.engine.runners.base import CallResult, Progress, Runner, ToolCall
 from forgeflow.events.models import JobStatusEvent, PipelineError, StageEnd, StageProgress, StageStart, progress
 from forgeflow.events.sinks import EventSink, sink_from_settings
+from forgeflow.jobs.media_sync import MediaSync
 from forgeflow.jobs.supervise import checkpoint_path
 from forgeflow.pipeline import outcome as job_end
 from forgeflow.pipeline.definition import PipelineDefinition
 from forgeflow.pipeline.outcome import EndReason, JobStatus, ResultEnvelope, StageReport
 from forgeflow.pipeline.validation import PipelineValidationError, ResolvedStage, validate_pipeline
 from forgeflow.plugins.cache import job_cache_dir
+from forgeflow.plugins.errors import MediaError
 from forgeflow.settings import Settings, get_settings
 
 #: error_type of a stage (and a job) stopped by a cancel request.
@@ -48,6 +50,9 @@ class Services:
     registry: PluginRegistry
     runner: Runner
     sink: EventSink
+    #: Fetches the media a stage reads from the API and uploads what it made (a host apart from the
+    #: API: ``FORGEFLOW_API_URL`` set); None: this host's media store is the one (embedded mode).
+    media_sync: MediaSync | None = None
 
     @classmethod
     def from_settings(cls, settings: Settings | None = None, sink: EventSink | None = None) -> Services:
@@ -58,7 +63,8 @@ class Services:
         settings = settings or get_settings()
         registry = PluginRegistry.discover(LifecycleStore(settings.lifecycle_db))
         runner = _engine_runner(settings) or get_runner(settings, registry)
-        return cls(settings, registry, runner, sink or sink_from_settings(settings))
+        sink = sink or sink_from_settings(settings)
+        return cls(settings, registry, runner, sink, MediaSync.from_settings(settings))
 
     def is_cancelled(self, job_id: str) -> bool:
         """Whether the job was cancelled (runners that support cancelling know)."""
@@ -68,6 +74,8 @@ class Services:
     def close(self) -> None:
         self.runner.close()
         self.sink.close()
+        if self.media_sync is not None:
+            self.media_sync.close()
 
 
 def _engine_runner(settings: Settings) -> Runner | None:
@@ -156,6 +164,7 @@ class JobRun:
 
     def call_stage(self, stage: ResolvedStage, inputs: dict[str, Any]) -> dict[str, Any]:
         """The stage's tool call through the runner: its outputs, or :class:`StageFailed`."""
+        self._sync_media(stage, inputs)
         settings = self.services.settings
         call = ToolCall(
             plugin=stage.plugin,
@@ -166,6 +175,7 @@ class JobRun:
             memory_limit_mb=stage.stage.memory_limit_mb or settings.stage_memory_limit_mb,
             job_id=self.job_id,
             stage_index=stage.index,
+            runner=stage.stage.effective_runner,
         )
         result = self.services.runner.run(call, lambda update: self.stage_progress(stage, update))
         self.outcomes[stage.index] = result
@@ -177,7 +187,25 @@ class JobRun:
             report.reused_outputs, report.computed_outputs = result.reused_outputs, result.computed_outputs
         if not result.ok:
             raise StageFailed(stage, result)
+        self._sync_media(stage, result.outputs or {}, made_by=result)
         return result.outputs or {}
+
+    def _sync_media(self, stage: ResolvedStage, values: dict[str, Any], made_by: CallResult | None = None) -> None:
+        """On a host apart from the API (:class:`~forgeflow.jobs.media_sync.MediaSync`): fetch the media
+        refs of a stage's inputs before its call, upload those of its outputs (``made_by``) after it.
+        A transfer that fails fails the stage with the error naming the ref and the API."""
+        sync = self.services.media_sync
+        if sync is None:
+            return
+        try:
+            if made_by is None:
+                sync.fetch(values)
+            else:
+                sync.upload(values)
+        except MediaError as exc:
+            spent = made_by.duration_ms if made_by is not None else 0.0
+            self.outcomes[stage.index] = CallResult.failure(exc.error_type, exc.message, spent)
+            raise StageFailed(stage, self.outcomes[stage.index]) from None
 
     def stage_progress(self, stage: ResolvedStage, update: Progress) -> None:
         self.emit(

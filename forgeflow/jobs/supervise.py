@@ -195,15 +195,13 @@ def reconcile_crash(
 def mark_flow_run(flow_run_id: str, status: str, message: str) -> None:
     """Force the Prefect flow run into Crashed or Cancelled (best effort: Prefect may be down)."""
     try:
-        from prefect.client.orchestration import get_client
         from prefect.client.schemas.objects import State
-        from prefect.settings import PREFECT_API_URL, temporary_settings
         from prefect.states import Cancelled, Crashed
 
+        from forgeflow.jobs.deployment import prefect_client
+
         state: State[Any] = Crashed(message=message) if status == "crashed" else Cancelled(message=message)
-        # Prefect froze its settings when first imported; the service may have set the URL since.
-        url = os.environ.get("PREFECT_API_URL")
-        with temporary_settings(updates={PREFECT_API_URL: url} if url else {}), get_client(sync_client=True) as client:
+        with prefect_client() as client:
             client.set_flow_run_state(flow_run_id, state, force=True)
     except Exception as exc:  # the job's terminal message matters more than Prefect's bookkeeping
         log.warning("could not mark flow run %s %s: %s", flow_run_id, status, exc)

@@ -8,13 +8,22 @@ A pipeline file may be the definition object or the seed's job form ``{"pipeline
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
 
 #: The most stages any pipeline may have, whatever a host allows (``FORGEFLOW_MAX_STAGES``, 32 by
 #: default, is at most this): stage indexes are below it in every message and store.
 MAX_STAGES = 10_000
+
+#: Where a stage's tool call runs: warm sandboxed worker processes, warm locked-down Docker
+#: containers, or the caller's own process (plugin unit tests only).
+RunnerKind = Literal["process", "docker", "inline"]
+RUNNER_DESCRIPTION = (
+    "Where the tool call runs: 'process' (warm sandboxed worker processes), 'docker' (warm locked-down "
+    "containers of the worker image) or 'inline' (plugin unit tests only; refused unless the host's own "
+    "runner is inline). Default: the host's FORGEFLOW_RUNNER."
+)
 
 
 class PipelineStage(BaseModel):
@@ -32,6 +41,11 @@ class PipelineStage(BaseModel):
     memory_limit_mb: int | None = Field(
         None, ge=64, le=2**20, description="This stage's memory limit in MB; default: the host's (capped by the host)."
     )
+    runner: RunnerKind | None = Field(
+        None, description=RUNNER_DESCRIPTION + " A stage's runner overrides the pipeline's."
+    )
+    #: The pipeline's ``runner``, set by the definition that holds this stage (not part of the JSON).
+    _pipeline_runner: RunnerKind | None = PrivateAttr(None)
 
     @field_validator("timeout_seconds")
     @classmethod
@@ -39,6 +53,11 @@ class PipelineStage(BaseModel):
         if value is not None and (not math.isfinite(value) or value <= 0):
             raise ValueError("timeout_seconds must be a positive number")
         return value
+
+    @property
+    def effective_runner(self) -> RunnerKind | None:
+        """The stage's own ``runner``, else its pipeline's; None: the host's default."""
+        return self.runner or self._pipeline_runner
 
 
 class PipelineDefinition(BaseModel):
@@ -49,6 +68,7 @@ class PipelineDefinition(BaseModel):
     stages: list[PipelineStage] = Field(min_length=1, description="The stages, in order.")
     timeout_seconds: float = Field(300.0, gt=0, description="Timeout of each stage, in seconds.")
     description: str = Field("", max_length=10_000)
+    runner: RunnerKind | None = Field(None, description=RUNNER_DESCRIPTION + " Applies to every stage without its own.")
 
     @field_validator("timeout_seconds")
     @classmethod
@@ -64,12 +84,29 @@ class PipelineDefinition(BaseModel):
         if isinstance(data, list):
             return {"stages": data}
         if isinstance(data, dict) and "stages" not in data and isinstance(data.get("pipeline"), list):
-            rest = {k: v for k, v in data.items() if k in ("timeout_seconds", "description")}
+            rest = {k: v for k, v in data.items() if k in ("timeout_seconds", "description", "runner")}
             return {"stages": data["pipeline"], **rest}
         return data
 
+    @model_validator(mode="after")
+    def _stages_know_the_pipeline_runner(self) -> PipelineDefinition:
+        # Each stage gets its own copy (a stage object may be shared with another definition).
+        stages = []
+        for given in self.stages:
+            stage = given
+            if stage._pipeline_runner != self.runner:
+                stage = given.model_copy()
+                stage._pipeline_runner = self.runner
+            stages.append(stage)
+        self.stages = stages
+        return self
+
     def stage_timeout(self, index: int) -> float:
         return self.stages[index].timeout_seconds or self.timeout_seconds
+
+    def stage_runner(self, index: int) -> RunnerKind | None:
+        """The runner stage ``index`` asks for (its own, else the pipeline's); None: the host's default."""
+        return self.stages[index].effective_runner
 
     @classmethod
     def from_legacy(cls, plugin_id: str, tool_name: str, config: dict[str, Any] | None = None) -> PipelineDefinition:
@@ -85,7 +122,7 @@ def pipeline_json_schema() -> dict[str, Any]:
     defs = definition.pop("$defs", {})
     defs["PipelineDefinition"] = definition
     stages = definition["properties"]["stages"]
-    settings = {k: definition["properties"][k] for k in ("timeout_seconds", "description")}
+    settings = {k: definition["properties"][k] for k in ("timeout_seconds", "description", "runner")}
     return {
         "$schema": "https://json-schema.org/draft/2020-12/schema",
         "$id": "https://forgeflow.dev/schemas/pipeline.json",

@@ -30,6 +30,12 @@ _CHUNK = 1024 * 1024
 MediaKind = Literal["image", "video"]
 
 
+class MediaDigestMismatch(MediaError):
+    """Bytes that were to be stored under a ref do not hash to it (nothing was stored)."""
+
+    error_type = "MediaDigestMismatch"
+
+
 @dataclass(frozen=True)
 class MediaInfo:
     ref: str
@@ -91,8 +97,18 @@ class MediaStore:
         with path.open("rb") as fh:
             return self.put_stream(fh, filename=filename or path.name, max_bytes=max_bytes)
 
-    def put_stream(self, stream: IO[bytes], filename: str | None = None, max_bytes: int | None = None) -> MediaInfo:
-        """Copy a stream into the store, hashing as it goes; refuse it past ``max_bytes``."""
+    def put_stream(
+        self,
+        stream: IO[bytes],
+        filename: str | None = None,
+        max_bytes: int | None = None,
+        expected_ref: str | None = None,
+    ) -> MediaInfo:
+        """Copy a stream into the store, hashing as it goes; refuse it past ``max_bytes``, and with
+        :class:`MediaDigestMismatch` when ``expected_ref`` is given and the bytes do not hash to it.
+        The bytes land in a temporary file that becomes the blob only once complete and checked: a
+        failure (or an exception from ``stream``) leaves nothing in the store."""
+        expected = self._digest(expected_ref) if expected_ref is not None else None
         self.root.mkdir(parents=True, exist_ok=True)
         digest = hashlib.sha256()
         size = 0
@@ -108,6 +124,10 @@ class MediaStore:
                         head += chunk[: 64 - len(head)]
                     digest.update(chunk)
                     out.write(chunk)
+            if expected is not None and digest.hexdigest() != expected:
+                raise MediaDigestMismatch(
+                    f"the bytes given for {expected_ref} ({size} bytes) hash to {REF_PREFIX}{digest.hexdigest()}"
+                )
             if size == 0:
                 raise MediaError("media is empty (0 bytes)")
             kind = sniff(head)
@@ -135,6 +155,11 @@ class MediaStore:
         if not sidecar.exists() or not self._blob(digest).exists():
             raise MediaNotFound(f"unknown media ref {ref!r}")
         return MediaInfo(**json.loads(sidecar.read_text()))
+
+    def has(self, ref: str) -> bool:
+        """Whether the store holds ``ref`` (its file and its sidecar); a malformed ref is a MediaError."""
+        digest = self._digest(ref)
+        return self._blob(digest).is_file() and self._sidecar(digest).is_file()
 
     def path(self, ref: str) -> Path:
         digest = self._digest(ref)

@@ -21,7 +21,7 @@ def test_migrations_create_exactly_the_declared_schema(store_url: str) -> None:
         store.migrate()  # idempotent
         with store.engine.connect() as conn:
             context = MigrationContext.configure(conn)
-            assert context.get_current_revision() == "0002_stage_progress"
+            assert context.get_current_revision() == "0003_job_heartbeat"
             diff = [
                 d
                 for d in compare_metadata(context, metadata)
@@ -47,10 +47,14 @@ def test_a_store_of_the_first_schema_upgrades_in_place_keeping_its_rows(store_ur
         with store.engine.begin() as conn:
             cfg.attributes["connection"] = conn
             command.upgrade(cfg, "0001_initial")
-        store.create_job(
-            job_id="old", pipeline={"stages": []}, input_data={}, request_hash="h", source="inline", template_id=None
-        )
-        with store.engine.begin() as conn:
+        with store.engine.begin() as conn:  # rows as the first schema's code wrote them
+            conn.execute(
+                text(
+                    "INSERT INTO jobs (id, status, source, pipeline, input, request_hash, created_at, updated_at, "
+                    "cancel_requested, last_seq, stages_total, stages_completed) VALUES ('old', 'succeeded', "
+                    "'inline', '{\"stages\": []}', '{}', 'h', CURRENT_TIMESTAMP, CURRENT_TIMESTAMP, false, 1, 1, 1)"
+                )
+            )
             conn.execute(
                 text(
                     "INSERT INTO stage_runs (job_id, stage_index, plugin, tool, status, attempt) "
@@ -60,7 +64,8 @@ def test_a_store_of_the_first_schema_upgrades_in_place_keeping_its_rows(store_ur
         store.migrate()
         (row,) = store.stage_rows("old")
         assert (row["plugin"], row["status"], row["progress"]) == ("testkit", "completed", None)
-        assert store.get_job("old") is not None
+        job = store.get_job("old")
+        assert job is not None and job["status"] == "succeeded" and job["heartbeat_at"] is None
     finally:
         store.close()
 

@@ -346,3 +346,34 @@ def test_an_infrastructure_failure_is_not_blamed_on_the_plugin(store: Store):
     store.ingest(run_stage("plugin-bug", 0, ok=False, plugin="innocent"))
     guilty = store.observed_plugins()["innocent"]
     assert (guilty["state"], guilty["last_error_type"], guilty["failures"]) == ("FAILED", "ValueError", 1)
+
+
+def test_a_running_job_whose_host_went_silent_is_found_and_a_heard_one_is_not(store: Store) -> None:
+    for job_id in ("quiet", "heard", "unlaunched", "claimed", "ended"):
+        new_job(store, job_id)
+    store.ingest([JobStatusEvent(job_id=j, status="running") for j in ("quiet", "heard", "ended")])
+    store.set_launched("claimed", None, None, flow_run_id="run-of-claimed")  # a worker took it, said nothing
+    store.heard_from(["quiet", "heard", "ended"])
+    store.ingest([JobStatusEvent(job_id="ended", status="succeeded", envelope=None)])
+    time.sleep(1.2)
+    store.heard_from(["heard"])
+    asked = ["quiet", "heard", "unlaunched", "claimed", "ended"]
+    silent = {j["id"] for j in store.silent_jobs(asked, silent_s=1.0)}
+    assert silent == {"quiet", "claimed"}  # never launched: nothing to lose; ended: nothing to watch
+    assert store.get_job("heard")["heartbeat_at"] is not None  # type: ignore[index]
+    assert store.silent_jobs([], silent_s=0.0) == []
+
+
+def test_a_run_started_elsewhere_becomes_a_job_with_the_pipeline_it_carries(store: Store) -> None:
+    pipeline = {"stages": [{"plugin": "testkit", "tool": "numbers", "config": {}}], "description": ""}
+    running = JobStatusEvent(job_id="from-ui", status="running", pipeline=pipeline, input={"count": 3})
+    (stored,) = store.ingest([running])
+    job = store.get_job("from-ui")
+    assert job is not None and job["source"] == "external" and job["status"] == "running"
+    assert job["pipeline"] == pipeline and job["input"] == {"count": 3} and job["stages_total"] == 1
+    message = json.loads(stored.payload)
+    assert message["pipeline"] is None and message["input"] is None  # kept on the job, not the message
+    new_job(store, "submitted")
+    store.ingest([JobStatusEvent(job_id="submitted", status="running", pipeline=pipeline, input={"x": 1})])
+    kept = store.get_job("submitted")
+    assert kept is not None and kept["input"] == {"count": 1} and len(kept["pipeline"]["stages"]) == 2

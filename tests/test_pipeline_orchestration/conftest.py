@@ -47,6 +47,7 @@ class IngestServer:
         self.port = free_port()
         self.events: list[dict[str, Any]] = []
         self.batches = 0
+        self.heartbeats: list[list[str]] = []  # each batch's "alive" list, in arrival order
         self._ids: set[str] = set()
         self._lock = threading.Lock()
         self._server: ThreadingHTTPServer | None = None
@@ -70,6 +71,8 @@ class IngestServer:
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
                 with owner._lock:
                     owner.batches += 1
+                    if body.get("alive"):
+                        owner.heartbeats.append(body["alive"])
                     for event in body["events"]:
                         if event["event_id"] in owner._ids:
                             continue

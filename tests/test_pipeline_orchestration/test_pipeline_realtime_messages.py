@@ -82,6 +82,26 @@ def test_http_sink_delivers_in_order_with_auth(ingest, tmp_path):
     assert [e["seq"] for e in ingest.for_job("j1")] == list(range(1, 51))
 
 
+def test_http_sink_says_which_jobs_still_run_until_they_end(ingest, tmp_path):
+    sink = HttpSink(ingest.url, ingest.token, tmp_path / "spool", heartbeat_s=0.2)
+    try:
+        sink.emit(JobStatusEvent(job_id="runs", status="running"))
+        sink.emit(JobStatusEvent(job_id="ends", status="running"))
+        sink.emit(JobStatusEvent(job_id="ends", status="succeeded", envelope=None))
+        deadline = time.monotonic() + 10
+        while len(ingest.heartbeats) < 3 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert ingest.heartbeats[:3] == [["runs"]] * 3  # every 0.2 s, only the job that has not ended
+        sink.emit(JobStatusEvent(job_id="runs", status="failed", envelope=None))
+        assert sink.flush(timeout=10)
+        time.sleep(0.3)
+        count = len(ingest.heartbeats)
+        time.sleep(0.6)
+        assert len(ingest.heartbeats) == count  # nothing runs: no more heartbeats
+    finally:
+        sink.close()
+
+
 def test_http_sink_spools_during_an_outage_and_loses_nothing(tmp_path):
     server = IngestServer()
     sink = HttpSink(server.url, server.token, tmp_path / "spool", max_backoff_s=0.3)

@@ -17,8 +17,9 @@ def settings(ff_home):
 
 
 @pytest.fixture
-def make_runner(settings, registry) -> Iterator[Callable[..., Any]]:
-    """``make_runner(kind="process", **setting_overrides)`` → a runner closed at teardown."""
+def make_runner_set(settings, registry) -> Iterator[Callable[..., Any]]:
+    """``make_runner_set(default="process", **setting_overrides)`` → what ``get_runner`` gives (a
+    RunnerSet: each call to the runner it asks for), closed at teardown."""
     from forgeflow.engine.runners import get_runner
 
     made: list[Any] = []
@@ -31,6 +32,17 @@ def make_runner(settings, registry) -> Iterator[Callable[..., Any]]:
     yield factory
     for runner in made:
         runner.close()
+
+
+@pytest.fixture
+def make_runner(make_runner_set) -> Callable[..., Any]:
+    """``make_runner(kind="process", **setting_overrides)`` → the concrete runner of ``kind`` (made by
+    the RunnerSet ``get_runner`` gives), closed at teardown."""
+
+    def factory(kind: str = "process", registry_=None, **overrides: Any) -> Any:
+        return make_runner_set(kind, registry_, **overrides).runner(kind)
+
+    return factory
 
 
 @pytest.fixture

@@ -25,12 +25,17 @@ def test_get_runner_picks_by_settings(settings, registry):
     from forgeflow.engine.runners.process import ProcessRunner
 
     assert settings.runner == "process"
-    runner = get_runner(settings, registry)
+    runner = get_runner(settings, registry)  # a RunnerSet: calls that name no runner go to settings.runner
     try:
-        assert isinstance(runner, ProcessRunner)
+        assert runner.name == "process" and runner.runners() == {}  # created on first use
+        assert runner.run(call("pid")).outputs["pid"] != os.getpid()
+        assert list(runner.runners()) == ["process"]
+        assert isinstance(runner.runner(), ProcessRunner)
     finally:
         runner.close()
-    assert isinstance(get_runner(settings.model_copy(update={"runner": "inline"}), registry), InlineRunner)
+    inline = get_runner(settings.model_copy(update={"runner": "inline"}), registry)
+    assert inline.name == "inline" and inline.run(call("pid")).outputs["pid"] == os.getpid()
+    assert isinstance(inline.runner(), InlineRunner)
 
 
 def test_warm_worker_is_reused_across_calls(runner):

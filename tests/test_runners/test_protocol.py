@@ -45,6 +45,20 @@ def test_roundtrip_and_partial_writes():
     os.close(r)
 
 
+def test_a_reader_closed_by_another_thread_reports_the_peer_gone():
+    r, w = os.pipe()
+    reader = MessageReader(r)
+    closer = threading.Timer(0.1, reader.close)  # what killing the worker does while a call waits
+    closer.start()
+    started = time.monotonic()
+    with pytest.raises(PeerClosed):
+        reader.read(started + 5, tick=0.05, on_tick=lambda: None)
+    assert time.monotonic() - started < 2
+    closer.join()
+    os.close(w)
+    os.close(r)
+
+
 def test_deadline_and_ticks():
     r, w = os.pipe()
     reader = MessageReader(r)

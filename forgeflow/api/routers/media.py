@@ -1,12 +1,15 @@
-"""``/v1/media``: upload an image or video into the content-addressed store; the ref is job input."""
+"""``/v1/media``: upload an image or video into the content-addressed store (the ref is job input),
+what a ref holds, and its bytes (what worker hosts fetch)."""
 
 from __future__ import annotations
 
+import base64
 import re
 from typing import Any
 
 from fastapi import APIRouter, Depends, Path, Request
 from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import FileResponse, Response
 from starlette.datastructures import UploadFile
 from starlette.types import Message
 
@@ -153,3 +156,73 @@ async def media_info(
         raise not_found("media ref", ref) from None
     except MediaError as exc:
         raise ApiError(422, exc.message, exc.error_type, field="ref") from None
+
+
+#: Every type :func:`~forgeflow.plugins.media.sniff` gives a stored file: what the content route may answer.
+STORED_MEDIA_TYPES = (
+    "image/jpeg",
+    "image/png",
+    "image/bmp",
+    "image/webp",
+    "image/tiff",
+    "video/mp4",
+    "video/quicktime",
+    "video/x-msvideo",
+    "video/x-matroska",
+)
+_BINARY = {"schema": {"type": "string", "format": "binary"}}
+_CONTENT_HEADERS = {
+    "ETag": {"description": 'The file\'s SHA-256 in hex, quoted: `"<hex>"`.', "schema": {"type": "string"}},
+    "Repr-Digest": {
+        "description": "The file's SHA-256 (RFC 9530): `sha-256=:<base64>:`.",
+        "schema": {"type": "string"},
+    },
+}
+
+
+@router.get(
+    "/{ref}/content",
+    summary="The bytes a media ref holds",
+    response_class=FileResponse,
+    responses={
+        200: {
+            "description": "The stored file, with its own media type; `Range` requests are answered 206.",
+            "content": dict.fromkeys(STORED_MEDIA_TYPES, _BINARY),
+            "headers": _CONTENT_HEADERS,
+        },
+        304: {"description": "`If-None-Match` names this file's ETag: the client has it already."},
+        404: {"model": ErrorBody, "description": "Unknown ref."},
+        422: {"model": ErrorBody, "description": "Not a media ref."},
+    },
+)
+async def media_content(
+    request: Request,
+    ref: str = Path(..., pattern=MEDIA_REF_PATTERN, description="A media ref: `sha256:` and 64 hex digits."),
+    state: ApiState = Depends(get_state),
+) -> Response:
+    """Streams the stored file (worker hosts fetch the media of their jobs here). `ETag` and
+    `Repr-Digest` carry its SHA-256, so a client checks what it got against the ref; the content
+    never changes, so it may be cached for good."""
+    try:
+        info = await run_in_threadpool(state.media.info, ref)
+        path = await run_in_threadpool(state.media.path, ref)
+    except MediaNotFound:
+        raise not_found("media ref", ref) from None
+    except MediaError as exc:
+        raise ApiError(422, exc.message, exc.error_type, field="ref") from None
+    etag = f'"{info.sha256}"'
+    headers = {
+        "ETag": etag,
+        "Repr-Digest": f"sha-256=:{base64.b64encode(bytes.fromhex(info.sha256)).decode()}:",
+        "Cache-Control": "private, max-age=31536000, immutable",
+    }
+    wanted = request.headers.get("if-none-match")
+    if wanted and (wanted.strip() == "*" or etag in [tag.strip().removeprefix("W/") for tag in wanted.split(",")]):
+        return Response(status_code=304, headers=headers)
+    return FileResponse(
+        path,
+        media_type=info.media_type,
+        headers=headers,
+        filename=info.filename,
+        content_disposition_type="inline",
+    )

@@ -15,7 +15,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from sqlalchemy import Connection, case, delete, func, insert, select, update
@@ -265,14 +265,38 @@ class Store:
         with self.engine.connect() as conn:
             return [job_row(r) for r in conn.execute(query).mappings()]
 
-    def set_launched(self, job_id: str, pid: int | None, create_time: float | None) -> None:
+    def set_launched(
+        self, job_id: str, pid: int | None, create_time: float | None, *, flow_run_id: str | None = None
+    ) -> None:
+        """The job runs: as process ``pid`` on this host, or (deployment mode) as flow run ``flow_run_id``."""
+        now = utcnow()
+        values: dict[str, Any] = {"pid": pid, "pid_create_time": create_time, "launched_at": now, "updated_at": now}
+        if flow_run_id is not None:
+            values["flow_run_id"] = flow_run_id
+        with self._write_lock, self.engine.begin() as conn:
+            conn.execute(update(jobs).where(jobs.c.id == job_id).values(**values))
+
+    def heard_from(self, job_ids: Iterable[str]) -> None:
+        """The hosts of these jobs said they still run them (a heartbeat)."""
+        ids = sorted(set(job_ids))
         now = utcnow()
         with self._write_lock, self.engine.begin() as conn:
-            conn.execute(
-                update(jobs)
-                .where(jobs.c.id == job_id)
-                .values(pid=pid, pid_create_time=create_time, launched_at=now, updated_at=now)
-            )
+            for i in range(0, len(ids), 500):
+                conn.execute(update(jobs).where(jobs.c.id.in_(ids[i : i + 500])).values(heartbeat_at=now))
+
+    def silent_jobs(self, job_ids: Iterable[str], silent_s: float) -> list[JobRow]:
+        """Of these jobs, those not ended whose host has said nothing for ``silent_s`` seconds."""
+        ids = list(job_ids)
+        if not ids:
+            return []
+        since = utcnow() - timedelta(seconds=silent_s)
+        query = select(jobs).where(
+            jobs.c.id.in_(ids),
+            jobs.c.status.in_(["queued", "running"]),
+            func.coalesce(jobs.c.heartbeat_at, jobs.c.started_at, jobs.c.launched_at) < since,
+        )
+        with self.engine.connect() as conn:
+            return [job_row(r) for r in conn.execute(query).mappings()]
 
     def claim_launch(self, job_id: str) -> bool:
         """Mark a queued job as being launched; False when another launcher (or a cancel) got there first."""
@@ -499,6 +523,12 @@ class Store:
         if ended or status == "queued":
             return
         if status == "running":
+            if job["source"] == "external" and event.pipeline is not None and not job["pipeline"].get("stages"):
+                # A flow run this service did not start (the Prefect UI, a schedule): its job gets
+                # the pipeline and input the run carries, as if it had been submitted here.
+                job["pipeline"] = changes["pipeline"] = event.pipeline
+                changes["input"] = event.input or {}
+                changes["stages_total"] = job["stages_total"] = len(event.pipeline.get("stages") or [])
             job["status"] = changes["status"] = "running"
             if job.get("started_at") is None:
                 job["started_at"] = changes["started_at"] = parse_ts(event.timestamp)

@@ -24,6 +24,7 @@ class JobRow(TypedDict):
     pid: int | None
     pid_create_time: float | None
     launched_at: datetime | None
+    heartbeat_at: datetime | None
     exit_code: int | None
     cancel_requested: bool
     envelope: dict[str, Any] | None

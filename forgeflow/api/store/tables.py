@@ -63,6 +63,7 @@ jobs = Table(
     Column("pid", Integer, nullable=True),
     Column("pid_create_time", Float, nullable=True),
     Column("launched_at", TZDateTime, nullable=True),
+    Column("heartbeat_at", TZDateTime, nullable=True),  # when the job's host last said it runs it
     Column("exit_code", Integer, nullable=True),
     Column("cancel_requested", Boolean, nullable=False, default=False),
     Column("envelope", JSONType, nullable=True),

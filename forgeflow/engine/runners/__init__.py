@@ -1,10 +1,15 @@
 """Sandboxed runners: run one tool call in isolation and report what came of it.
 
-``get_runner(settings, registry)`` picks the runner named by ``settings.runner``:
+Three concrete runners:
 
 * ``process`` (default): warm per-plugin worker processes (:mod:`.process`, :mod:`.worker`);
-* ``docker``: one container per call (:mod:`.docker`);
+* ``docker``: warm per-plugin locked-down containers, the same pools and worker protocol
+  (:mod:`.docker`);
 * ``inline``: in the caller's process, **for plugin unit tests only** (:mod:`.inline`).
+
+``get_runner(settings, registry)`` gives a :class:`~.dispatch.RunnerSet`: each call goes to the
+runner it asks for (``ToolCall.runner``, from the stage's or the pipeline's ``runner``), else to
+``settings.runner`` (``FORGEFLOW_RUNNER``); each concrete runner is created on its first call.
 
 Every runner implements :class:`~forgeflow.engine.runners.base.Runner`: ``run(call)`` never raises
 for anything a plugin does, and records lifecycle transitions in ``registry.lifecycle``.
@@ -37,6 +42,7 @@ __all__ = [
     "Progress",
     "ProgressCallback",
     "Runner",
+    "RunnerSet",
     "ToolCall",
     "get_runner",
 ]
@@ -45,21 +51,11 @@ log = logging.getLogger("forgeflow.runners")
 
 
 def get_runner(settings: Settings, registry: PluginRegistry) -> Runner:
-    """The runner ``settings.runner`` names (``process``, ``docker`` or ``inline``)."""
-    kind = settings.runner
-    if kind == "process":
-        from forgeflow.engine.runners.process import ProcessRunner
+    """The host's runner, a :class:`~.dispatch.RunnerSet`: each call to the runner it asks for,
+    else to ``settings.runner`` (``process``, ``docker`` or ``inline``); see :mod:`.dispatch`."""
+    from forgeflow.engine.runners.dispatch import RunnerSet
 
-        return ProcessRunner(settings, registry)
-    if kind == "docker":
-        from forgeflow.engine.runners.docker import DockerRunner
-
-        return DockerRunner(settings, registry)
-    if kind == "inline":
-        from forgeflow.engine.runners.inline import InlineRunner
-
-        return InlineRunner(settings, registry)
-    raise ValueError(f"unknown runner {kind!r}: expected process, docker or inline")
+    return RunnerSet(settings, registry)
 
 
 def __getattr__(name: str) -> Any:  # lazy: importing the package starts nothing heavy
@@ -75,6 +71,10 @@ def __getattr__(name: str) -> Any:  # lazy: importing the package starts nothing
         from forgeflow.engine.runners.docker import DockerRunner
 
         return DockerRunner
+    if name == "RunnerSet":
+        from forgeflow.engine.runners.dispatch import RunnerSet
+
+        return RunnerSet
     raise AttributeError(name)
 
 

@@ -13,6 +13,7 @@ from typing import Any, Protocol
 
 from pydantic import BaseModel, Field, computed_field
 
+from forgeflow.pipeline.definition import RunnerKind
 from forgeflow.plugins.errors import ForgeFlowError
 
 
@@ -27,6 +28,9 @@ class ToolCall(BaseModel):
     memory_limit_mb: int | None = Field(None, ge=16)
     job_id: str | None = None
     stage_index: int | None = None
+    runner: RunnerKind | None = Field(
+        None, description="The runner this call asks for (the stage's or its pipeline's); None: the host's default."
+    )
 
 
 class CallResult(BaseModel):

@@ -23,6 +23,11 @@ takes an idle worker, starts another while the pool has room, or waits for one. 
 resident memory adds up to more than ``idle_worker_memory_mb`` are stopped, least recently used
 first. ``cancel_job(job_id)`` kills the worker serving that job (its call answers ``Cancelled``)
 and stops the job's calls that still wait for a worker. Thread-safe.
+
+The docker runner (:mod:`.docker`) is this runner with containers as its workers: it overrides how a
+worker starts (:meth:`ProcessRunner._launch`), what a worker must match to serve a call
+(:meth:`ProcessRunner._worker_key`: its memory limit and GPU request) and how a worker dies
+(:class:`Worker`'s ``kill``, ``exit_description``, ``out_of_memory``).
 """
 
 from __future__ import annotations
@@ -132,10 +137,23 @@ def read_log_tail(path: Path, since: int = 0, limit: int = LOG_TAIL_BYTES) -> st
 
 
 class Worker:
-    """One live worker process of one plugin (used by one call at a time)."""
+    """One live worker process of one plugin (used by one call at a time).
 
-    def __init__(self, plugin: str, proc: subprocess.Popen[bytes], log_path: Path) -> None:
+    What another kind of worker (the docker runner's containers) overrides: ``noun`` and
+    ``killed_what`` (how messages name it), ``watch_memory`` (whether the runner's resident-memory
+    watchdog applies), :meth:`kill`, :meth:`exit_description` and :meth:`out_of_memory`.
+    """
+
+    noun = "plugin process"
+    killed_what = "its process group was killed"
+    #: The parent's resident-memory watchdog enforces the call's limit on this worker.
+    watch_memory = True
+    #: How long a worker whose pipe closed gets to report how it ended.
+    exit_wait_s = 1.0
+
+    def __init__(self, plugin: str, proc: subprocess.Popen[bytes], log_path: Path, key: Any = None) -> None:
         self.plugin = plugin
+        self.key = key  # what calls it may serve besides its plugin (None: any call of the plugin)
         self.proc = proc
         self.pid = proc.pid
         self.pgid = proc.pid  # start_new_session=True: the worker leads its own group
@@ -191,6 +209,14 @@ class Worker:
             return self.proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
             return None
+
+    def exit_description(self, returncode: int | None) -> str:
+        """How the worker ended (after :meth:`kill`): ``died with SIGSEGV (signal 11)`` ..."""
+        return describe_exit(returncode)
+
+    def out_of_memory(self) -> bool:
+        """Whether the worker was killed for memory from outside (after :meth:`kill`)."""
+        return False
 
     def _close_pipes(self) -> None:
         self.reader.close()
@@ -314,7 +340,7 @@ class ProcessRunner:
             if self._closed or self._idle.get(plugin) or self._count(plugin) >= self.settings.pool_size_of(plugin):
                 return False
             self._starting[plugin] = self._starting.get(plugin, 0) + 1
-        worker, _failure = self._start(plugin)
+        worker, _failure = self._start(plugin, self._default_key(plugin))
         if worker is None:
             return False
         self._release(worker)
@@ -369,7 +395,10 @@ class ProcessRunner:
         if isinstance(prepared, CallResult):
             return prepared
         plugin = prepared.plugin
-        worker, failure = self._acquire(plugin, call.job_id)
+        key = self._worker_key(prepared, call)
+        if isinstance(key, CallResult):  # the call cannot run here (e.g. no GPU): nothing was started
+            return key
+        worker, failure = self._acquire(plugin, call.job_id, key)
         if failure is not None:
             self.lifecycle.finished(plugin, failure)
             return failure
@@ -404,7 +433,7 @@ class ProcessRunner:
             "stage_index": call.stage_index,
         }
         log_offset = _file_size(worker.log_path)
-        baseline = worker.group_rss()
+        baseline = worker.group_rss() if worker.watch_memory else 0
         limit_bytes = baseline + limit_mb * 1024 * 1024
         peak_rss = baseline
 
@@ -418,30 +447,31 @@ class ProcessRunner:
         start = time.monotonic()
         deadline = start + call.timeout_s
         worker.calls += 1
+        tick = WATCHDOG_PERIOD_S if worker.watch_memory else None
         try:
             worker.send(request)
             relay = progress_relay(on_progress)
             while True:
-                message = worker.reader.read(deadline, tick=WATCHDOG_PERIOD_S, on_tick=watchdog)
+                message = worker.reader.read(deadline, tick=tick, on_tick=watchdog)
                 if message.get("type") != "progress":
                     break
                 if relay is not None:
                     relay(message)
         except DeadlineExceeded:
-            worker.kill()
             elapsed = (time.monotonic() - start) * 1000.0
+            worker.kill()
             return CallResult.failure(
                 StageTimeout,
-                f"{label} timed out after {call.timeout_s:g} s; its process group was killed",
+                f"{label} timed out after {call.timeout_s:g} s; {worker.killed_what}",
                 duration_ms=elapsed,
             ), False
         except _MemoryExceeded as exc:
-            worker.kill()
             elapsed = (time.monotonic() - start) * 1000.0
+            worker.kill()
             return CallResult.failure(
                 StageMemoryExceeded,
                 f"{label} exceeded its memory limit of {limit_mb} MB (resident memory reached "
-                f"{exc.rss_bytes / 2**20:.0f} MB); its process group was killed",
+                f"{exc.rss_bytes / 2**20:.0f} MB); {worker.killed_what}",
                 duration_ms=elapsed,
                 peak_memory_mb=round(exc.rss_bytes / 2**20, 1),
             ), False
@@ -451,11 +481,17 @@ class ProcessRunner:
                 worker.kill()
                 return CallResult.failure(EndReason.CANCELLED, "cancelled by request", duration_ms=elapsed), False
             broke = isinstance(exc, ProtocolError)
-            rc = worker.wait_exit(1.0) if not broke else None
+            rc = worker.wait_exit(worker.exit_wait_s) if not broke else None
             killed_rc = worker.kill()
             rc = rc if rc is not None else (None if broke else killed_rc)
-            what = f"broke the protocol ({exc})" if broke else describe_exit(rc)
+            what = f"broke the protocol ({exc})" if broke else worker.exit_description(rc)
             tail = read_log_tail(worker.log_path, since=log_offset)
+            if worker.out_of_memory():
+                return CallResult.failure(
+                    StageMemoryExceeded,
+                    f"{label} exceeded its memory limit of {limit_mb} MB ({worker.noun} {what})",
+                    duration_ms=elapsed,
+                ), False
             if rc == -signal.SIGABRT and "std::bad_alloc" in tail:
                 # Native code (C++) that cannot allocate aborts instead of raising.
                 return CallResult.failure(
@@ -464,14 +500,14 @@ class ProcessRunner:
                     f"the plugin process aborted)\n--- worker log (last {LOG_TAIL_BYTES} bytes) ---\n{tail}",
                     duration_ms=elapsed,
                 ), False
-            message_text = f"{label}: plugin process {what}"
+            message_text = f"{label}: {worker.noun} {what}"
             if tail:
                 message_text += f"\n--- worker log (last {LOG_TAIL_BYTES} bytes) ---\n{tail}"
             return CallResult.failure(WorkerCrashed, message_text, duration_ms=elapsed), False
         if message.get("type") != "result":
             worker.kill()
             return CallResult.failure(
-                WorkerCrashed, f"{label}: plugin process sent an unexpected {message.get('type')!r} message"
+                WorkerCrashed, f"{label}: {worker.noun} sent an unexpected {message.get('type')!r} message"
             ), False
         result = result_from_message(message)
         worker.loads = int(message.get("resource_loads") or worker.loads)
@@ -484,14 +520,28 @@ class ProcessRunner:
             worker.kill()
         return result, not recycle
 
+    # -- what a worker is -----------------------------------------------------------------------
+
+    def _worker_key(self, prepared: Prepared, call: ToolCall) -> Any:
+        """What a worker must have been started with to serve ``call`` besides its plugin (a worker
+        serves only calls of its own key), or a failed result when the call cannot run at all.
+        Process workers serve every call of their plugin: None."""
+        return None
+
+    def _default_key(self, plugin: str) -> Any:
+        """The key of a worker started ahead of its first call (:meth:`warm`)."""
+        return None
+
     # -- pool ---------------------------------------------------------------------------------
 
     def _count(self, plugin: str) -> int:
         """Workers of ``plugin`` alive or starting (call with the lock held)."""
         return sum(1 for w in self._all if w.plugin == plugin) + self._starting.get(plugin, 0)
 
-    def _acquire(self, plugin: str, job_id: str | None) -> tuple[Worker | None, CallResult | None]:
-        """An idle worker, a new one while the pool has room, or the next one released."""
+    def _acquire(self, plugin: str, job_id: str | None, key: Any = None) -> tuple[Worker | None, CallResult | None]:
+        """An idle worker (of ``key``), a new one while the pool has room, or the next one released.
+        When the pool is full and an idle worker of another key waits, that one is stopped to make
+        room."""
         size = self.settings.pool_size_of(plugin)
         with self._cond:
             self._waiting[plugin] = self._waiting.get(plugin, 0) + 1
@@ -502,8 +552,12 @@ class ProcessRunner:
                     if self._closed:
                         return None, CallResult.failure("RunnerError", f"{plugin}: the runner is closed")
                     idle = self._idle.get(plugin, [])
-                    while self.reuse_workers and idle:
-                        worker = idle.pop()  # the most recently used: its caches are the warmest
+                    while self.reuse_workers:
+                        # the most recently used of its key: its caches are the warmest
+                        worker = next((w for w in reversed(idle) if w.key == key), None)
+                        if worker is None:
+                            break
+                        idle.remove(worker)
                         if worker.alive():
                             return worker, None
                         self._all.discard(worker)
@@ -511,12 +565,15 @@ class ProcessRunner:
                     if self._count(plugin) < size:
                         self._starting[plugin] = self._starting.get(plugin, 0) + 1
                         break
+                    if idle:  # full, and idle workers of another key: retire the least recently used
+                        self._discard(idle.pop(0))
+                        continue
                     self._cond.wait(0.5)
             finally:
                 self._waiting[plugin] -= 1
                 if not self._waiting[plugin]:
                     del self._waiting[plugin]
-        return self._start(plugin)
+        return self._start(plugin, key)
 
     def _release(self, worker: Worker) -> None:
         self._trim_log(worker.log_path)
@@ -587,10 +644,10 @@ class ProcessRunner:
     def _trim_log(self, path: Path) -> None:
         trim_log(path)
 
-    def _start(self, plugin: str) -> tuple[Worker | None, CallResult | None]:
+    def _start(self, plugin: str, key: Any = None) -> tuple[Worker | None, CallResult | None]:
         """Start a worker whose place in the pool the caller reserved (``_starting``)."""
         try:
-            return self._spawn_worker(plugin)
+            return self._spawn_worker(plugin, key)
         finally:
             with self._cond:
                 self._starting[plugin] -= 1
@@ -598,11 +655,12 @@ class ProcessRunner:
                     del self._starting[plugin]
                 self._cond.notify_all()
 
-    def _spawn_worker(self, plugin: str) -> tuple[Worker | None, CallResult | None]:
-        log_path = worker_log_path(self.settings.logs_dir, plugin)
-        log_path.parent.mkdir(parents=True, exist_ok=True)
-        self._trim_log(log_path)
-        log_offset = _file_size(log_path)
+    def _log_path(self, plugin: str) -> Path:
+        return worker_log_path(self.settings.logs_dir, plugin)
+
+    def _launch(self, plugin: str, key: Any, log_path: Path) -> Worker:
+        """Start the worker process of ``plugin`` (stderr appended to ``log_path``); raises when it
+        cannot be started. The ``ready`` handshake is :meth:`_spawn_worker`'s."""
         cmd = [
             sys.executable,
             "-m",
@@ -625,12 +683,18 @@ class ProcessRunner:
                     env=self._env,
                 )
 
+        return Worker(plugin, self._spawner.submit(spawn).result(), log_path, key)
+
+    def _spawn_worker(self, plugin: str, key: Any = None) -> tuple[Worker | None, CallResult | None]:
+        log_path = self._log_path(plugin)
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        self._trim_log(log_path)
+        log_offset = _file_size(log_path)
         start = time.monotonic()
         try:
-            proc = self._spawner.submit(spawn).result()
+            worker = self._launch(plugin, key, log_path)
         except Exception as exc:
-            return None, CallResult.failure("RunnerError", f"{plugin}: cannot start a worker process: {exc}")
-        worker = Worker(plugin, proc, log_path)
+            return None, CallResult.failure("RunnerError", f"{plugin}: cannot start a worker: {exc}")
         with self._lock:
             self._all.add(worker)
         budget = float(self.settings.worker_startup_timeout_s)
@@ -646,10 +710,10 @@ class ProcessRunner:
             )
         except (PeerClosed, ProtocolError, OSError) as exc:
             self._forget(worker)
-            rc = worker.wait_exit(1.0) if not isinstance(exc, ProtocolError) else None
+            rc = worker.wait_exit(worker.exit_wait_s) if not isinstance(exc, ProtocolError) else None
             worker.kill()
             tail = read_log_tail(log_path, since=log_offset)
-            text = f"{plugin}: plugin process {describe_exit(rc)} while starting"
+            text = f"{plugin}: {worker.noun} {worker.exit_description(rc)} while starting"
             if tail:
                 text += f"\n--- worker log (last {LOG_TAIL_BYTES} bytes) ---\n{tail}"
             return None, CallResult.failure(WorkerCrashed, text, duration_ms=(time.monotonic() - start) * 1000.0)

@@ -149,11 +149,17 @@ class MessageReader:
             wait = deadline - now
             if next_tick is not None:
                 wait = max(0.0, min(wait, next_tick - now))
-            if self._selector.select(wait):
+            try:
+                ready = self._selector.select(wait)
+            except (ValueError, OSError):  # closed under us (the worker was killed: a cancel, say)
+                raise PeerClosed("the worker's protocol stream was closed") from None
+            if ready:
                 try:
                     chunk = os.read(self.fd, 1 << 20)
                 except BlockingIOError:
                     continue
+                except OSError:  # the descriptor was closed under us
+                    raise PeerClosed("the worker's protocol stream was closed") from None
                 if not chunk:
                     raise PeerClosed("worker closed its protocol stream")
                 self._buffer += chunk

@@ -18,9 +18,9 @@ call's peak memory, and every exception becomes a typed result (``error_type`` =
 class name, or a ForgeFlow error's ``error_type``). After a ``MemoryError`` the worker answers, then
 exits, so that the next call gets a fresh process with an unfragmented heap.
 
-``--oneshot --request FILE --response FILE`` runs exactly one call from a JSON file and writes the
-result to a JSON file (its progress reports to ``progress.jsonl`` beside it): the Docker runner's
-container entrypoint.
+``--media-out DIR`` (the Docker runner's containers, whose media root is mounted read-only): media a
+tool stores go to ``DIR``, which the runner imports into the host's media store after each call;
+reading still sees the whole store. The protocol is the same over the container's stdin/stdout.
 """
 
 from __future__ import annotations
@@ -48,8 +48,6 @@ if TYPE_CHECKING:
 RLIMIT_ENV = "FORGEFLOW_WORKER_RLIMIT_AS"
 #: Longest error message of a failed call (a plugin may raise with megabytes of text).
 ERROR_MAX_CHARS = 16_000
-#: Oneshot (Docker) mode: the tool's progress reports, one JSON object per line, next to the response.
-PROGRESS_FILE = "progress.jsonl"
 _MEMORY_MESSAGES = ("can't allocate memory", "cannot allocate memory", "std::bad_alloc", "out of memory")
 
 
@@ -351,7 +349,7 @@ class _OverlayMediaStore:
 # --- main loops ----------------------------------------------------------------------------------
 
 
-def serve(plugin_name: str, proto_in: int, proto_out: int) -> int:
+def serve(plugin_name: str, proto_in: int, proto_out: int, media_out: Path | None = None) -> int:
     from forgeflow.engine.runners.protocol import read_message_blocking, write_message
     from forgeflow.settings import get_settings
 
@@ -360,6 +358,7 @@ def serve(plugin_name: str, proto_in: int, proto_out: int) -> int:
         write_message(proto_out, {"type": "unavailable", "reason": reason})
         return 0
     settings = get_settings()
+    store = _OverlayMediaStore(settings.media_root, media_out) if media_out is not None else None
     write_message(proto_out, {"type": "ready", "pid": os.getpid(), "plugin": plugin.name, "version": plugin.version})
     from forgeflow.plugins.sdk import resource_loads
 
@@ -373,7 +372,9 @@ def serve(plugin_name: str, proto_in: int, proto_out: int) -> int:
         if message.get("type") != "call":
             print(f"forgeflow worker: ignoring message of type {message.get('type')!r}", file=sys.stderr)
             continue
-        result = run_request(plugin, message, settings, measure_peak=True, progress_sink=send_progress)
+        result = run_request(
+            plugin, message, settings, measure_peak=True, media_store=store, progress_sink=send_progress
+        )
         result["resource_loads"] = resource_loads()
         write_message(proto_out, result)
         if result.get("recycle"):
@@ -413,62 +414,24 @@ def run_request(
     )
 
 
-def oneshot(plugin_name: str, request_path: Path, response_path: Path, media_out: Path | None) -> int:
-    """Run the single call in ``request_path``; write the result message to ``response_path``."""
-    from forgeflow.settings import get_settings
-
-    def respond(message: dict[str, Any]) -> None:
-        tmp = response_path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(message, allow_nan=False))
-        os.replace(tmp, response_path)
-
-    plugin, reason = load_plugin(plugin_name)
-    if plugin is None:
-        respond({"type": "unavailable", "reason": reason})
-        return 0
-    try:  # tells the runner the plugin loaded: the call's own timeout starts now
-        (response_path.parent / "ready").touch()
-    except OSError:
-        pass
-    settings = get_settings()
-    request = json.loads(request_path.read_text())
-    store = _OverlayMediaStore(settings.media_root, media_out) if media_out is not None else None
-    progress_log = response_path.parent / PROGRESS_FILE
-
-    def append_progress(update: dict[str, Any]) -> None:  # the runner tails this file
-        with progress_log.open("a", encoding="utf-8") as fh:
-            fh.write(json.dumps(update, allow_nan=False) + "\n")
-
-    respond(run_request(plugin, request, settings, measure_peak=True, media_store=store, progress_sink=append_progress))
-    return 0
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="forgeflow-worker", description=__doc__.splitlines()[0])
     parser.add_argument("--plugin", required=True, help="canonical name of an installed plugin")
     parser.add_argument("--parent-pid", type=int, default=None)
-    parser.add_argument("--oneshot", action="store_true", help="run one call from --request (Docker mode)")
-    parser.add_argument("--request", type=Path)
-    parser.add_argument("--response", type=Path)
     parser.add_argument("--media-out", type=Path, help="writable folder for media a tool stores (Docker mode)")
     args = parser.parse_args(argv)
 
     proto_in, proto_out = isolate_stdio()
     faulthandler.enable(file=sys.stderr, all_threads=True)
-    if not args.oneshot:
-        from forgeflow.processes import die_with_parent
+    from forgeflow.processes import die_with_parent
 
-        die_with_parent(args.parent_pid)
+    die_with_parent(args.parent_pid)
     print(
         f"[forgeflow worker pid={os.getpid()} plugin={args.plugin} started {time.strftime('%Y-%m-%dT%H:%M:%S')}]",
         file=sys.stderr,
         flush=True,
     )
-    if args.oneshot:
-        if args.request is None or args.response is None:
-            parser.error("--oneshot needs --request and --response")
-        return oneshot(args.plugin, args.request, args.response, args.media_out)
-    return serve(args.plugin, proto_in, proto_out)
+    return serve(args.plugin, proto_in, proto_out, args.media_out)
 
 
 if __name__ == "__main__":

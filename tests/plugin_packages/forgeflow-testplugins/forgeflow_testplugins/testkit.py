@@ -116,6 +116,28 @@ def probe_media(inputs: MediaInput, config: EmptyModel, ctx: ToolContext) -> Med
     return MediaOutput(media_kind=reader.kind, frame_count=count, width=reader.width, height=reader.height)
 
 
+class ThumbnailOutput(BaseModel):
+    thumbnail: str
+    thumbnail_width: int
+
+
+@plugin.tool(input=MediaInput, output=ThumbnailOutput)
+def thumbnail(inputs: MediaInput, config: EmptyModel, ctx: ToolContext) -> ThumbnailOutput:
+    """Store the first frame of ``media`` at half size as a PNG (``ctx.put_media``): a tool that makes media."""
+    import tempfile
+    from pathlib import Path
+
+    import cv2
+
+    frame = next(iter(ctx.media(inputs.media).frames(max_frames=1))).image
+    small = cv2.resize(frame, (max(1, frame.shape[1] // 2), max(1, frame.shape[0] // 2)))
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "thumbnail.png"
+        cv2.imwrite(str(path), small)
+        ref = ctx.put_media(path, filename="thumbnail.png")
+    return ThumbnailOutput(thumbnail=ref, thumbnail_width=small.shape[1])
+
+
 # --- no-op and timing tools ------------------------------------------------------------------
 
 

@@ -1,0 +1,142 @@
+"""Deployment mode: a job is a flow run of the ``pipeline`` deployment that a Prefect worker runs.
+
+The API creates the flow run with :func:`prefect.deployments.run_deployment` (the job id, pipeline
+and input as parameters; the job id as idempotency key, so a relaunch never makes a second run) and
+watches it like a job process: :meth:`DeploymentRun.poll` gives an exit code once Prefect says the
+flow run has ended, :attr:`DeploymentRun.reason` the state's message (why a worker crashed it).
+The flow run itself sends the job's messages to the API's ingest endpoint, from whichever host runs it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+log = logging.getLogger("forgeflow.jobs.deployment")
+
+#: Exit codes a flow run's final state stands for (as a job process's would).
+EXIT_CODES = {"COMPLETED": 0, "FAILED": 1, "CRASHED": -1, "CANCELLED": -2}
+
+
+@contextmanager
+def prefect_client() -> Iterator[Any]:
+    """A synchronous Prefect client for ``PREFECT_API_URL`` as it is now (the service may set it
+    after Prefect froze its settings at import)."""
+    from prefect.client.orchestration import get_client
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    url = os.environ.get("PREFECT_API_URL")
+    with temporary_settings(updates={PREFECT_API_URL: url} if url else {}), get_client(sync_client=True) as client:
+        yield client
+
+
+class DeploymentRun:
+    """One job's flow run of a deployment, watched through the Prefect API."""
+
+    def __init__(self, job_id: str, flow_run_id: str, poll_interval_s: float = 1.0) -> None:
+        self.job_id = job_id
+        self.flow_run_id = flow_run_id
+        self.poll_interval_s = poll_interval_s
+        self.reason: str | None = None  # the final state's message
+        self._code: int | None = None
+        self._next_read = 0.0
+        self._claimed_at: float | None = None  # when a worker first took the run (left Scheduled)
+        self.create_time = None  # no process on this host
+
+    @classmethod
+    def start(
+        cls,
+        deployment: str,
+        *,
+        job_id: str,
+        pipeline: dict[str, Any],
+        input_data: dict[str, Any],
+        poll_interval_s: float = 1.0,
+    ) -> DeploymentRun:
+        """Create the job's flow run (Scheduled now; a worker of the deployment's pool picks it up)."""
+        from prefect.deployments import run_deployment
+
+        with prefect_client():  # run_deployment makes its own client, with these settings
+            flow_run = run_deployment(
+                deployment,
+                parameters={"pipeline": pipeline, "input": input_data, "job_id": job_id},
+                flow_run_name=f"job-{job_id}",
+                timeout=0,
+                as_subflow=False,
+                idempotency_key=f"forgeflow-job-{job_id}",
+                tags=["forgeflow"],
+            )
+        return cls(job_id, str(flow_run.id), poll_interval_s)  # type: ignore[union-attr]  # sync: a FlowRun
+
+    def poll(self) -> int | None:
+        """The exit code the flow run's final state stands for, or None while it has not ended
+        (read from Prefect at most every ``poll_interval_s``; None too while Prefect cannot answer)."""
+        if self._code is not None or time.monotonic() < self._next_read:
+            return self._code
+        self._next_read = time.monotonic() + self.poll_interval_s
+        try:
+            with prefect_client() as client:
+                state = client.read_flow_run(self.flow_run_id).state
+        except Exception as exc:
+            log.warning("could not read flow run %s of job %s: %s", self.flow_run_id, self.job_id, exc)
+            return None
+        if state is not None and self._claimed_at is None and not state.is_scheduled():
+            self._claimed_at = time.monotonic()
+        if state is None or not state.is_final():
+            return None
+        self.reason = self._describe(state)
+        self._code = EXIT_CODES.get(state.type.value, -1)
+        return self._code
+
+    def claimed_for(self) -> float:
+        """Seconds since a worker took the run (0 while it waits for one: no host to lose yet)."""
+        return 0.0 if self._claimed_at is None else time.monotonic() - self._claimed_at
+
+    def final_reason(self) -> str | None:
+        """How the flow run ended, read again (a moment after :meth:`poll` saw it end, the host may
+        have had the last word, a Crashed after a Failed, say)."""
+        try:
+            with prefect_client() as client:
+                state = client.read_flow_run(self.flow_run_id).state
+        except Exception:
+            return self.reason
+        return self._describe(state) if state is not None and state.is_final() else self.reason
+
+    @staticmethod
+    def _describe(state: Any) -> str:
+        return f"{state.name} ({state.message})" if state.message else str(state.name)
+
+    def lost(self, reason: str) -> None:
+        """The job's host stopped answering (no heartbeat): nobody will finish the flow run, so it is
+        marked Crashed with ``reason`` and counts as ended."""
+        from forgeflow.jobs.supervise import mark_flow_run
+
+        mark_flow_run(self.flow_run_id, "crashed", reason)
+        self.reason = f"Crashed ({reason})"
+        self._code = EXIT_CODES["CRASHED"]
+
+    def cancel(self, grace_s: float = 10.0) -> int | None:
+        """Ask Prefect to cancel the flow run (its worker stops it; the flow's cancellation hook ends
+        the job), then wait up to ``grace_s`` for it to end."""
+        from prefect.states import Cancelled, Cancelling
+
+        try:
+            with prefect_client() as client:
+                state = client.read_flow_run(self.flow_run_id).state
+                # A run no worker has started yet has nothing to stop: it is cancelled at once.
+                running = state is not None and state.is_running()
+                ending = Cancelling if running else Cancelled
+                client.set_flow_run_state(self.flow_run_id, ending(message="cancelled by request"), force=True)
+        except Exception as exc:
+            log.warning("could not cancel flow run %s of job %s: %s", self.flow_run_id, self.job_id, exc)
+        deadline = time.monotonic() + grace_s
+        while time.monotonic() < deadline:
+            self._next_read = 0.0
+            if self.poll() is not None:
+                return self._code
+            time.sleep(min(self.poll_interval_s, 0.5))
+        return None

@@ -1,0 +1,71 @@
+"""``python -m forgeflow.jobs.handoff``: what ``forgeflow worker`` starts for a ForgeFlow flow run.
+
+The flow-run command of :mod:`forgeflow.jobs.prefect_worker`. A Prefect process worker starts one
+process per flow run; ``python -m prefect.engine`` would import Prefect and
+ForgeFlow and load models afresh every time (2–3 s before the first stage, more with models). This
+small process instead hands the flow run (``PREFECT__FLOW_RUN_ID``) to the host's engine, where
+Prefect is imported, its client warm and the models loaded, and stays as the flow run's process for
+the worker: it exits with the run's exit code, and a SIGTERM (the worker cancelling the run) cancels
+the job in the engine. Without an engine on the host, or without ``FORGEFLOW_API_URL`` for its
+events, it becomes ``python -m prefect.engine`` (the run then runs in this process, cold).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import time
+from typing import Any
+
+#: How long a cancelled job may take to end in the engine before this process gives up on it.
+CANCEL_GRACE_S = 30.0
+POLL_S = 0.1
+
+
+def _cold_start() -> None:
+    os.execv(sys.executable, [sys.executable, "-m", "prefect.engine"])
+
+
+def main() -> int:
+    from forgeflow.engine.client import EngineClient, EngineUnavailable
+    from forgeflow.settings import get_settings
+
+    flow_run_id = os.environ.get("PREFECT__FLOW_RUN_ID")
+    settings = get_settings()
+    if not flow_run_id or not settings.api_url or not settings.use_engine:
+        _cold_start()
+    client = EngineClient(settings.engine_socket_path)
+    token = settings.ingest_token.get_secret_value() if settings.ingest_token else None
+    try:
+        job = client.submit_flow_run(flow_run_id, api_url=settings.api_url, ingest_token=token)  # type: ignore[arg-type]
+    except EngineUnavailable:
+        _cold_start()
+    job_id = job["job_id"]
+    cancel_by: list[float] = []
+
+    def on_signal(signum: int, frame: Any) -> None:
+        if not cancel_by:
+            cancel_by.append(time.monotonic() + CANCEL_GRACE_S)
+            try:
+                client.cancel(job_id)
+            except EngineUnavailable:
+                pass
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    while True:
+        try:
+            view = client.job(job_id)
+        except EngineUnavailable:
+            print(f"lost this host's engine while it ran job {job_id}", file=sys.stderr)
+            return 1
+        if view.get("exit_code") is not None and view["status"] not in ("queued", "running"):
+            return int(view["exit_code"])
+        if cancel_by and time.monotonic() > cancel_by[0]:
+            return 3
+        time.sleep(POLL_S)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,279 @@
+"""Media between hosts that share nothing but the API (and Prefect).
+
+A flow run on a worker host (``FORGEFLOW_API_URL`` set) has its own ``FORGEFLOW_HOME``, so its
+media store lacks what was uploaded to the API. Before a stage runs, :meth:`MediaSync.fetch` takes
+every media ref in the stage's inputs (the job's ``input.media`` among them) that this host's store
+lacks, downloads it from ``GET /v1/media/{ref}/content``, checks that the bytes hash to the ref and
+stores it: later stages and later jobs of the host find it there and download nothing. After the
+stage, :meth:`MediaSync.upload` sends every ref in its outputs that the API lacks (media the tool
+stored with ``ctx.put_media``: an annotated video) to ``POST /v1/media``, so the API can serve
+every ref of a result.
+
+Every failure is a :class:`~forgeflow.plugins.errors.MediaError` naming the ref and the API: the
+API unreachable or too slow (every request has a timeout, nothing waits forever), a ref it does
+not have (:class:`~forgeflow.plugins.errors.MediaNotFound`), bytes that do not hash to the ref
+(:class:`~forgeflow.plugins.media.MediaDigestMismatch`). A download is written to a temporary file
+that becomes part of the store only once it is complete and verified.
+
+The requests carry ``Authorization: Bearer <FORGEFLOW_INGEST_TOKEN>`` (the worker host's token,
+which the media routes take besides the API token), else the API token. Without
+``FORGEFLOW_API_URL`` (embedded mode) there is no MediaSync and nothing changes.
+"""
+
+from __future__ import annotations
+
+import io
+import re
+import threading
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from email.message import Message
+from typing import Any
+
+import httpx
+
+from forgeflow.plugins.errors import MediaError, MediaNotFound, MediaTooLarge
+from forgeflow.plugins.media import REF_PREFIX, MediaDigestMismatch, MediaStore
+from forgeflow.settings import Settings
+
+MEDIA_PATH = "/v1/media"
+_REF_RE = re.compile(rf"^{REF_PREFIX}[0-9a-f]{{64}}$")
+_REF_LENGTH = len(REF_PREFIX) + 64
+CONNECT_TIMEOUT_S = 5.0
+#: Longest wait for any one read or write of a transfer (a stalled API fails the stage, never hangs it).
+IO_TIMEOUT_S = 30.0
+
+
+class MediaSyncError(MediaError):
+    """The API could not be reached, or refused a media transfer."""
+
+    error_type = "MediaSyncError"
+
+
+@dataclass
+class MediaSyncStats:
+    """What a :class:`MediaSync` did so far (for logs, ``forgeflow engine status`` and tests)."""
+
+    downloads: int = 0
+    downloaded_bytes: int = 0
+    uploads: int = 0
+    uploaded_bytes: int = 0
+    #: Refs a stage read that were already in this host's store (no download).
+    local_hits: int = 0
+    #: Refs a stage made that the API already had (no upload).
+    remote_hits: int = 0
+
+
+def media_refs(value: Any) -> list[str]:
+    """Every media ref (``sha256:`` and 64 hex digits, the whole string) in a JSON value, in order, once."""
+    found: dict[str, None] = {}
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            if len(item) == _REF_LENGTH and _REF_RE.match(item):
+                found[item] = None
+        elif isinstance(item, dict):
+            stack.extend(reversed(list(item.values())))
+        elif isinstance(item, (list, tuple)):
+            stack.extend(reversed(item))
+    return list(found)
+
+
+class MediaSync:
+    """Keeps this host's media store and the API's in step for the stages of the jobs it runs."""
+
+    def __init__(
+        self,
+        api_url: str,
+        store: MediaStore,
+        token: str | None = None,
+        *,
+        max_bytes: int = 2 * 1024**3,
+        connect_timeout_s: float = CONNECT_TIMEOUT_S,
+        io_timeout_s: float = IO_TIMEOUT_S,
+    ) -> None:
+        self.api_url = api_url.rstrip("/")
+        self.store = store
+        self.max_bytes = max_bytes
+        self.stats = MediaSyncStats()
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        timeout = httpx.Timeout(io_timeout_s, connect=connect_timeout_s)
+        self._client = httpx.Client(base_url=self.api_url, headers=headers, timeout=timeout)
+        self._lock = threading.Lock()
+        self._ref_locks: dict[str, threading.Lock] = {}
+        self._on_api: set[str] = set()  # refs the API is known to hold
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> MediaSync | None:
+        """A MediaSync to ``settings.api_url`` with the ingest token (else the API token), or None
+        without an API URL (embedded mode: nothing to sync)."""
+        if not settings.api_url:
+            return None
+        secret = settings.ingest_token or settings.api_token
+        token = secret.get_secret_value() if secret is not None else None
+        return cls(settings.api_url, MediaStore(settings.media_root), token, max_bytes=settings.max_media_bytes)
+
+    # --- before a stage -------------------------------------------------------------------------
+    def fetch(self, value: Any) -> list[str]:
+        """Download every media ref in ``value`` (a stage's inputs) that this host's store lacks;
+        returns the refs downloaded. Raises a MediaError naming the ref and the API."""
+        fetched = []
+        for ref in media_refs(value):
+            with self._ref_lock(ref):
+                if self.store.has(ref):
+                    self._count(local_hits=1)
+                    continue
+                self._download(ref)
+                fetched.append(ref)
+        return fetched
+
+    def _download(self, ref: str) -> None:
+        url = f"{self.api_url}{MEDIA_PATH}/{ref}/content"
+        try:
+            with self._client.stream("GET", f"{MEDIA_PATH}/{ref}/content") as response:
+                if response.status_code == 404:
+                    raise MediaNotFound(
+                        f"media {ref} is not in this host's media store and the API at {self.api_url} does not "
+                        f"have it (404 from {url})"
+                    )
+                if response.status_code != 200:
+                    response.read()
+                    raise MediaSyncError(f"cannot fetch media {ref} from {url}: {_refusal(response)}")
+                info = self.store.put_stream(
+                    io.BufferedReader(_ChunkReader(response.iter_bytes())),
+                    filename=_filename(response.headers.get("content-disposition")),
+                    max_bytes=self.max_bytes,
+                    expected_ref=ref,
+                )
+        except MediaDigestMismatch as exc:
+            raise MediaDigestMismatch(
+                f"media {ref} fetched from {url} does not match its digest: {exc.message}; nothing was stored"
+            ) from None
+        except MediaTooLarge as exc:
+            raise MediaTooLarge(f"media {ref} fetched from {url}: {exc.message}; nothing was stored") from None
+        except httpx.HTTPError as exc:
+            raise MediaSyncError(
+                f"cannot fetch media {ref} from the API at {self.api_url}: {_describe(exc)}; nothing was stored"
+            ) from None
+        self._count(downloads=1, downloaded_bytes=info.size_bytes)
+        with self._lock:
+            self._on_api.add(ref)
+
+    # --- after a stage --------------------------------------------------------------------------
+    def upload(self, value: Any) -> list[str]:
+        """Send every media ref in ``value`` (a stage's outputs) that is in this host's store and not
+        on the API to ``POST /v1/media``; returns the refs uploaded. Refs this host lacks are not
+        media it made and are left alone."""
+        uploaded = []
+        for ref in media_refs(value):
+            with self._ref_lock(ref):
+                with self._lock:
+                    known = ref in self._on_api
+                if known or not self.store.has(ref):
+                    continue
+                if self._api_has(ref):
+                    self._count(remote_hits=1)
+                else:
+                    self._upload(ref)
+                    uploaded.append(ref)
+                with self._lock:
+                    self._on_api.add(ref)
+        return uploaded
+
+    def _api_has(self, ref: str) -> bool:
+        try:
+            response = self._client.get(f"{MEDIA_PATH}/{ref}")
+        except httpx.HTTPError as exc:
+            raise MediaSyncError(f"cannot upload media {ref} to the API at {self.api_url}: {_describe(exc)}") from None
+        if response.status_code == 200:
+            return True
+        if response.status_code == 404:
+            return False
+        raise MediaSyncError(
+            f"cannot upload media {ref} to the API at {self.api_url} (GET {MEDIA_PATH}/{ref}): {_refusal(response)}"
+        )
+
+    def _upload(self, ref: str) -> None:
+        info = self.store.info(ref)
+        headers = {"Content-Type": "application/octet-stream"}
+        if info.filename and info.filename.isascii() and info.filename.isprintable():
+            headers["X-Filename"] = info.filename
+        try:
+            with self.store.path(ref).open("rb") as fh:
+                response = self._client.post(MEDIA_PATH, content=fh, headers=headers)
+        except httpx.HTTPError as exc:
+            raise MediaSyncError(f"cannot upload media {ref} to the API at {self.api_url}: {_describe(exc)}") from None
+        if response.status_code != 201:
+            raise MediaSyncError(
+                f"cannot upload media {ref} to the API at {self.api_url} (POST {MEDIA_PATH}): {_refusal(response)}"
+            )
+        stored = response.json().get("ref")
+        if stored != ref:
+            raise MediaDigestMismatch(f"media {ref} uploaded to the API at {self.api_url} was stored as {stored}")
+        self._count(uploads=1, uploaded_bytes=info.size_bytes)
+
+    # --- plumbing ---------------------------------------------------------------------------------
+    def _ref_lock(self, ref: str) -> threading.Lock:
+        with self._lock:
+            return self._ref_locks.setdefault(ref, threading.Lock())
+
+    def _count(self, **amounts: int) -> None:
+        with self._lock:
+            for name, amount in amounts.items():
+                setattr(self.stats, name, getattr(self.stats, name) + amount)
+
+    def close(self) -> None:
+        self._client.close()
+
+
+class _ChunkReader(io.RawIOBase):
+    """A byte iterator (an HTTP body) as a raw stream, for :meth:`MediaStore.put_stream` to read."""
+
+    def __init__(self, chunks: Iterable[bytes]) -> None:
+        self._chunks: Iterator[bytes] = iter(chunks)
+        self._pending = b""
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        while not self._pending:
+            chunk = next(self._chunks, None)
+            if chunk is None:
+                return 0
+            self._pending = chunk
+        size = min(len(buffer), len(self._pending))
+        buffer[:size] = self._pending[:size]
+        self._pending = self._pending[size:]
+        return size
+
+
+def _filename(disposition: str | None) -> str | None:
+    if not disposition:
+        return None
+    message = Message()
+    message["content-disposition"] = disposition
+    name = message.get_filename()
+    return str(name) if name else None
+
+
+def _describe(exc: httpx.HTTPError) -> str:
+    if isinstance(exc, httpx.TimeoutException):
+        return f"no answer in time ({type(exc).__name__})"
+    if isinstance(exc, httpx.ConnectError):
+        return f"unreachable ({exc})"
+    return f"{type(exc).__name__}: {exc}"
+
+
+def _refusal(response: httpx.Response) -> str:
+    try:
+        body = response.json()
+        detail = body.get("error") if isinstance(body, dict) else None
+    except ValueError:
+        detail = None
+    detail = detail or response.text[:200] or response.reason_phrase
+    hint = ""
+    if response.status_code == 401:
+        hint = " (set FORGEFLOW_INGEST_TOKEN on this host to the API's ingest token)"
+    return f"{response.status_code} {detail}{hint}"

@@ -1,0 +1,130 @@
+"""Two hosts on one machine: PostgreSQL behind Prefect and the API; host A runs the Prefect server,
+the API and a worker, host B (`forgeflow up --join`) only an engine and a worker, with its own
+FORGEFLOW_HOME and no shared folder. Jobs spread over both; when host B dies mid-job, its jobs end
+`crashed` with the reason and the others succeed."""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import psutil
+import pytest
+
+from tests.conftest import free_port
+from tests.test_api.conftest import PostgresCluster, postgres_cluster, wait_job  # noqa: F401  (the fixture)
+
+pytestmark = pytest.mark.xdist_group("stack")
+
+JOBS = 10
+SLEEP_S = 4.0
+
+
+def _host_of(pid: int) -> str | None:
+    try:
+        return psutil.Process(pid).environ().get("FORGEFLOW_HOME")
+    except psutil.Error:
+        return None
+
+
+def _kill_host(home: Path) -> int:
+    """SIGKILL every process of the host whose FORGEFLOW_HOME is ``home`` (its power goes off)."""
+    killed = 0
+    for proc in psutil.process_iter():
+        if proc.pid != os.getpid() and _host_of(proc.pid) == str(home):
+            try:
+                proc.kill()
+                killed += 1
+            except psutil.Error:
+                pass
+    return killed
+
+
+@pytest.fixture
+def two_hosts(postgres_cluster: PostgresCluster, tmp_path: Path) -> Iterator[tuple[Any, Path, Path]]:  # noqa: F811
+    from forgeflow.cli import stack
+    from forgeflow.settings import Settings
+
+    prefect_db = postgres_cluster.new_database().replace("postgresql+psycopg://", "postgresql+asyncpg://")
+    api_db = postgres_cluster.new_database()
+    home_a, home_b = tmp_path / "host-a", tmp_path / "host-b"
+    server_env = {"PREFECT_API_DATABASE_CONNECTION_URL": prefect_db, "FORGEFLOW_DATABASE_URL": api_db}
+    saved = {k: os.environ.get(k) for k in (*server_env, "FORGEFLOW_HOME")}
+    try:
+        os.environ.update(server_env, FORGEFLOW_HOME=str(home_a))
+        started = stack.up(
+            Settings(home=home_a), prefect_port=free_port(), api_port=free_port(), workers=1, jobs_per_worker=2
+        )
+        token = (stack.stack_dir(Settings(home=home_a)) / "ingest-token").read_text().strip()
+        for key in server_env:  # host B knows only the two URLs and its token
+            os.environ.pop(key)
+        os.environ["FORGEFLOW_HOME"] = str(home_b)
+        stack.join(
+            Settings(home=home_b),
+            prefect_api_url=started.prefect_api_url,
+            api_url=started.api_url,
+            ingest_token=token,
+            workers=1,
+            jobs_per_worker=2,
+        )
+        yield started, home_a, home_b
+    finally:
+        for home in (home_b, home_a):
+            stack.down(Settings(home=home))
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def test_jobs_spread_over_two_hosts_and_a_dead_host_crashes_only_its_jobs(two_hosts: tuple[Any, Path, Path]) -> None:
+    started, home_a, home_b = two_hosts
+    api = httpx.Client(base_url=started.api_url, timeout=30)
+    prefect = httpx.Client(base_url=started.prefect_api_url, timeout=30)
+    stages = [
+        {"plugin": "testkit", "tool": "numbers", "config": {}},
+        {"plugin": "testkit", "tool": "sleep", "config": {"seconds": SLEEP_S}},
+    ]
+    ids = [f"job-spread-{i}" for i in range(JOBS)]
+    for job_id in ids:
+        answer = api.post("/v1/jobs", json={"job_id": job_id, "pipeline": stages, "input": {"count": 3}})
+        assert answer.status_code == 202, answer.text
+
+    # Wait until host B runs a job, then take host B down.
+    on_b: set[str] = set()
+    deadline = time.monotonic() + 120
+    while not on_b and time.monotonic() < deadline:
+        for summary in api.get("/v1/jobs", params={"status": "running", "limit": 100}).json()["items"]:
+            flow_run_id = api.get(f"/v1/jobs/{summary['job_id']}").json()["flow_run_id"]
+            pid = str(prefect.get(f"/flow_runs/{flow_run_id}").json().get("infrastructure_pid") or "")
+            pid = pid.rsplit(":", 1)[-1]
+            if pid.isdigit() and _host_of(int(pid)) == str(home_b):
+                on_b.add(summary["job_id"])
+        time.sleep(0.2)
+    assert on_b, "host B ran no job"
+    assert _kill_host(home_b) >= 2  # its worker, its engine, its flow runs
+    killed_at = time.monotonic()
+
+    for job_id in on_b:  # the API notices the silence and ends them
+        assert wait_job(api, job_id, timeout=60)["status"] == "crashed"
+    assert time.monotonic() - killed_at < 30
+    jobs = {job_id: wait_job(api, job_id, timeout=180) for job_id in ids}
+    crashed = {job_id for job_id, job in jobs.items() if job["status"] == "crashed"}
+    assert on_b <= crashed, {j: jobs[j]["status"] for j in on_b}
+    for job_id in crashed:
+        assert "no heartbeat" in jobs[job_id]["error"], jobs[job_id]["error"]
+        assert jobs[job_id]["finished_at"] is not None
+    succeeded = {job_id for job_id, job in jobs.items() if job["status"] == "succeeded"}
+    assert succeeded | crashed == set(ids) and len(succeeded) >= JOBS - 4
+    ran_on_a = {p.name for p in (home_a / "jobs").iterdir()} if (home_a / "jobs").exists() else set()
+    ran_on_b = {p.name for p in (home_b / "jobs").iterdir()} if (home_b / "jobs").exists() else set()
+    assert ran_on_b and ran_on_a, (ran_on_a, ran_on_b)  # both hosts ran jobs
+    assert succeeded <= ran_on_a | ran_on_b
+    for job_id in crashed:  # the Prefect side agrees
+        state = prefect.get(f"/flow_runs/{jobs[job_id]['flow_run_id']}").json()["state"]["type"]
+        assert state == "CRASHED", (job_id, state)
