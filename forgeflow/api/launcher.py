@@ -277,7 +277,7 @@ class Launcher:
             if self.deployment_mode and self.procs:
                 await to_thread.run_sync(self._find_lost_hosts)
             for job_id, proc in list(self.procs.items()):
-                code = proc.poll()
+                code = await to_thread.run_sync(proc.poll)  # may ask the engine or Prefect: off the event loop
                 if code is None:
                     continue
                 del self.procs[job_id]
@@ -306,9 +306,8 @@ class Launcher:
     def _find_lost_hosts(self) -> None:
         """Deployment mode: a job whose flow run a worker took and whose host has sent no heartbeat
         for ``heartbeat_timeout_s`` lost its host (killed, powered off, cut off); its flow run is
-        marked Crashed. Checked once a
-        second, and only once this service has listened that long itself (after a restart every
-        heartbeat looks old)."""
+        marked Crashed. Checked once a second, and only once this service has listened that long
+        itself (after a restart every heartbeat looks old)."""
         now = time.monotonic()
         timeout = self.state.settings.heartbeat_timeout_s
         if now < self._next_heartbeat_check or now - self._started < timeout:
