@@ -92,26 +92,18 @@ class Authenticator:
     def check_http(self, conn: HTTPConnection) -> None:
         self.check_token(_bearer(conn))
 
-    def check_token(self, token: str | None) -> None:
-        """A REST call's bearer token (``None``: no usable ``Authorization: Bearer`` header)."""
+    def check_token(self, token: str | None, *, worker: bool = False) -> None:
+        """A REST call's bearer token (``None``: no usable ``Authorization: Bearer`` header). With
+        ``worker``, the ingest token a worker host holds is accepted too (the media routes: its flow
+        runs fetch their inputs and store their outputs through the API)."""
         if not self.required:
             return
         token = token.strip() if token else None
         if not token:
             raise _unauthorized("missing 'Authorization: Bearer <token>' header")
-        if not _matches(token, self.api_token):
-            raise _unauthorized("invalid API token")
-
-    def check_worker_token(self, token: str | None) -> None:
-        """A media call's bearer token: the API token, or the ingest token a worker host holds (its
-        flow runs fetch their inputs and store their outputs through the API)."""
-        if not self.required:
-            return
-        token = token.strip() if token else None
-        if not token:
-            raise _unauthorized("missing 'Authorization: Bearer <token>' header")
-        if not _matches(token, self.api_token, self.ingest_token):
-            raise _unauthorized("invalid API or ingest token")
+        accepted = (self.api_token, self.ingest_token) if worker else (self.api_token,)
+        if not _matches(token, *accepted):
+            raise _unauthorized("invalid API or ingest token" if worker else "invalid API token")
 
     def ws_allowed(self, conn: HTTPConnection) -> bool:
         if not self.required:

@@ -62,4 +62,4 @@ def require_worker_auth(
 ) -> None:
     """Dependency of the media router: like :func:`require_auth`, and the ingest token also serves
     (worker hosts hold it, not the API token)."""
-    get_state(request).auth.check_worker_token(credentials.credentials if credentials else None)
+    get_state(request).auth.check_token(credentials.credentials if credentials else None, worker=True)

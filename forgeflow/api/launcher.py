@@ -32,6 +32,7 @@ from forgeflow.api.deps import ApiState
 from forgeflow.api.store.rows import JobRow
 from forgeflow.events import spool
 from forgeflow.events.models import Event, JobStatusEvent, PipelineError, parse_event
+from forgeflow.jobs.deployment import DeploymentRun
 from forgeflow.jobs.supervise import JobProcess
 from forgeflow.pipeline import outcome
 from forgeflow.pipeline.definition import raw_stages
@@ -113,7 +114,7 @@ class Launcher:
         self.poll_interval_s = poll_interval_s
         self.procs: dict[str, Any] = {}  # job_id -> JobProcess
         self.ended: dict[str, tuple[int | None, float]] = {}  # job_id -> (exit code, monotonic time)
-        self.ended_runs: dict[str, Any] = {}  # job_id -> its ended flow run (DeploymentRun), for the reason
+        self.ended_runs: dict[str, DeploymentRun] = {}  # job_id -> its ended flow run, for the reason
         self._lock = asyncio.Lock()
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -211,8 +212,6 @@ class Launcher:
     def _recover_flow_runs(self, active: list[JobRow]) -> None:
         """Deployment mode: watch the flow runs of launched jobs again; launch again those whose
         flow run was never created (the idempotency key makes a second creation the same run)."""
-        from forgeflow.jobs.deployment import DeploymentRun
-
         for job in active:
             if job["flow_run_id"]:
                 self.procs[job["id"]] = DeploymentRun(
@@ -282,7 +281,7 @@ class Launcher:
                     continue
                 del self.procs[job_id]
                 self.ended[job_id] = (code, time.monotonic())
-                if hasattr(proc, "final_reason"):
+                if isinstance(proc, DeploymentRun):
                     self.ended_runs[job_id] = proc
                 await to_thread.run_sync(self.state.store.set_exit_code, job_id, code)
             for job_id, (code, since) in list(self.ended.items()):
@@ -314,12 +313,15 @@ class Launcher:
             return
         self._next_heartbeat_check = now + 1.0
         # Only runs a worker has held for that long: one waiting for a worker has no host to lose.
-        held = [job_id for job_id, proc in self.procs.items() if getattr(proc, "claimed_for", lambda: 0.0)() >= timeout]
-        for job in self.state.store.silent_jobs(held, timeout):
-            proc = self.procs.get(job["id"])
-            if proc is not None and hasattr(proc, "lost"):
-                log.warning("job %s: its host sent no heartbeat for %g s", job["id"], timeout)
-                proc.lost(f"its host sent no heartbeat for {timeout:g} s")
+        held = {
+            job_id: proc
+            for job_id, proc in self.procs.items()
+            if isinstance(proc, DeploymentRun) and proc.claimed_for() >= timeout
+        }
+        for job in self.state.store.silent_jobs(list(held), timeout):
+            proc = held[job["id"]]
+            log.warning("job %s: its host sent no heartbeat for %g s", job["id"], timeout)
+            proc.lost(f"its host sent no heartbeat for {timeout:g} s")
 
     def _launch(self, job: JobRow) -> None:
         job_id = job["id"]
@@ -369,8 +371,6 @@ class Launcher:
         log.info("job %s runs on the engine (pid %s)", job_id, pid)
 
     def _launch_flow_run(self, job: JobRow) -> None:
-        from forgeflow.jobs.deployment import DeploymentRun
-
         settings = self.state.settings
         run = DeploymentRun.start(
             settings.deployment,

@@ -79,6 +79,23 @@ def stack_dir(settings: Settings) -> Path:
     return settings.home / "stack"
 
 
+def _claim_home(settings: Settings) -> Path:
+    """The home's ``stack.json`` path, after making sure no stack of this home runs."""
+    folder = stack_dir(settings)
+    folder.mkdir(parents=True, exist_ok=True)
+    state = folder / "stack.json"
+    if state.exists() and any(pid_alive(p.pid, p.create_time) for p in Stack.load(state).processes):
+        raise StackError(f"a stack of {settings.home} is running: `forgeflow down` stops it")
+    return state
+
+
+def _base_env(settings: Settings) -> dict[str, str]:
+    """This process's environment for a part of the stack: its home, no Prefect URL of its own."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_API_URL")}
+    env["FORGEFLOW_HOME"] = str(settings.home)
+    return env
+
+
 def _start(name: str, argv: list[str], env: dict[str, str], folder: Path, cwd: Path | None = None) -> StackProcess:
     log = folder / f"{name}.log"
     with log.open("ab") as out:
@@ -130,18 +147,14 @@ def up(
     """Start the stack (see the module's docstring); raises :class:`StackError` naming the part that
     failed, after stopping what had started. ``bind``: the address the Prefect server and the API
     listen on (another host's workers need a reachable one; the API then requires its token)."""
-    folder = stack_dir(settings)
-    folder.mkdir(parents=True, exist_ok=True)
-    state = folder / "stack.json"
-    if state.exists() and any(pid_alive(p.pid, p.create_time) for p in Stack.load(state).processes):
-        raise StackError(f"a stack of {settings.home} is running: `forgeflow down` stops it")
+    state = _claim_home(settings)
+    folder = state.parent
     if not (CODE_DIR / "prefect.yaml").is_file():
         raise StackError(f"prefect.yaml not found in {CODE_DIR}: `forgeflow up` runs from a ForgeFlow source tree")
     python = sys.executable
     prefect_cli = str(Path(python).with_name("prefect"))
     forgeflow_cli = str(Path(python).with_name("forgeflow"))
-    base = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_API_URL")}
-    base["FORGEFLOW_HOME"] = str(settings.home)
+    base = _base_env(settings)
     # What workers are told: this host's name when the services listen beyond loopback.
     advertised = "127.0.0.1" if bind in ("127.0.0.1", "localhost", "::1") else socket.getfqdn()
     prefect_url = f"http://{advertised}:{prefect_port}/api"
@@ -209,11 +222,7 @@ def join(
 ) -> Stack:
     """Make this host a worker host of a stack started elsewhere: its engine and ``workers`` Prefect
     workers, which reach the rest only through ``prefect_api_url`` and ``api_url``."""
-    folder = stack_dir(settings)
-    folder.mkdir(parents=True, exist_ok=True)
-    state = folder / "stack.json"
-    if state.exists() and any(pid_alive(p.pid, p.create_time) for p in Stack.load(state).processes):
-        raise StackError(f"a stack of {settings.home} is running: `forgeflow down` stops it")
+    state = _claim_home(settings)
     stack = Stack(prefect_api_url.rstrip("/"), api_url.rstrip("/"))
     try:
         _start_host(
@@ -249,8 +258,7 @@ def _start_host(
     python = sys.executable
     folder = state.parent
     run_env = {
-        **{k: v for k, v in os.environ.items() if not k.startswith("PREFECT_API_URL")},
-        "FORGEFLOW_HOME": str(settings.home),
+        **_base_env(settings),
         "FORGEFLOW_CODE_DIR": str(CODE_DIR),
         "PREFECT_API_URL": prefect_url,
         "FORGEFLOW_API_URL": api_url,

@@ -17,6 +17,7 @@ import pytest
 
 from tests.conftest import free_port
 from tests.test_api.conftest import wait_job, ws_collect
+from tests.test_deployments import KEEP_ALIVE
 
 pytestmark = pytest.mark.xdist_group("stack")
 
@@ -32,8 +33,8 @@ class Running:
     def __init__(self, stack: Any, home: Path) -> None:
         self.stack = stack
         self.home = home
-        self.api = httpx.Client(base_url=stack.api_url, timeout=30)
-        self.prefect = httpx.Client(base_url=stack.prefect_api_url, timeout=30)
+        self.api = httpx.Client(base_url=stack.api_url, timeout=30, limits=KEEP_ALIVE)
+        self.prefect = httpx.Client(base_url=stack.prefect_api_url, timeout=30, limits=KEEP_ALIVE)
 
     def prefect_post(self, path: str, json: Any) -> httpx.Response:
         """POST to Prefect, retried on 503 as Prefect's own client does (SQLite answers 503 when
