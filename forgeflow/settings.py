@@ -87,6 +87,11 @@ class Settings(BaseSettings):
     max_media_bytes: int = Field(2 * 1024**3, gt=0, description="Largest image or video accepted (upload or read).")
     max_frames: int = Field(20_000, gt=0, description="Most frames a stage reads from one video.")
     max_pixels: int = Field(8192 * 8192, gt=0, description="Largest frame (width x height) a stage decodes.")
+    annotate_media: bool = Field(
+        True,
+        description="Draw a job's result (players, poses, actions) on its input media and store it (H.264 MP4 or "
+        "JPEG), referenced from the envelope's annotated_media; false: no annotated media.",
+    )
 
     # --- pipelines -------------------------------------------------------------------------------
     max_stages: int = Field(32, ge=1, le=MAX_STAGES, description="Most stages in one pipeline.")

@@ -11,9 +11,17 @@ bash scripts/setup.sh --services
 PIP=(.venv/bin/python -m pip install -q --disable-pip-version-check)
 CONSTRAINTS=${FORGEFLOW_CONSTRAINTS-constraints/this-machine.txt}
 if [ -n "$CONSTRAINTS" ]; then PIP+=(-c "$CONSTRAINTS"); fi
-if ! .venv/bin/python -c "import forgeflow_testplugins, pytest, pytest_timeout, xdist, ruff, mypy, schemathesis" 2>/dev/null; then
+if ! .venv/bin/python -c "import forgeflow_testplugins, pytest, pytest_timeout, xdist, ruff, mypy, schemathesis, playwright" 2>/dev/null; then
   printf '\033[1m[test]\033[0m %s\n' "installing the dev tools and the test plugins"
   "${PIP[@]}" -e '.[api,postgres,docker,vision,dev]' -e tests/plugin_packages/forgeflow-testplugins
+fi
+
+# The web page's tests drive Debian's chromium through Playwright (executable_path: Playwright's own
+# browser download is never used).
+if ! command -v chromium >/dev/null 2>&1; then
+  printf '\033[1m[test]\033[0m %s\n' "apt-get install chromium"
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium >/dev/null
 fi
 
 # The gates: lint, format and types (configured in pyproject.toml), before any test runs.

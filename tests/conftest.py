@@ -109,3 +109,17 @@ def prefect_api_url() -> Iterator[str]:
         yield url
     finally:
         server.stop()
+
+
+def video_frames_and_size(path: Path | str) -> tuple[int, tuple[int, int]]:
+    """How many frames OpenCV reads from a video, and their (width, height)."""
+    import cv2
+
+    cap = cv2.VideoCapture(str(path))
+    assert cap.isOpened(), path
+    size = (int(cap.get(cv2.CAP_PROP_FRAME_WIDTH)), int(cap.get(cv2.CAP_PROP_FRAME_HEIGHT)))
+    count = 0
+    while cap.read()[0]:
+        count += 1
+    cap.release()
+    return count, size

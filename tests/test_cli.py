@@ -61,6 +61,28 @@ def test_run_writes_result_and_events_and_reports_failures(ff_home, prefect_api_
     events = [json.loads(line) for line in (tmp_path / "out" / "events.jsonl").read_text().splitlines()]
     assert [e["seq"] for e in events] == list(range(1, len(events) + 1))
     assert events[-1]["status"] == "succeeded"
+    assert not list((tmp_path / "out").glob("annotated*"))  # no media: nothing to draw on
+
+    # a job with media and players: --out gets a copy of the annotated image the job stored
+    import cv2
+    import numpy as np
+
+    image = tmp_path / "frame.jpg"
+    cv2.imwrite(str(image), np.full((120, 160, 3), 100, dtype=np.uint8))
+    drawn = tmp_path / "drawn.json"
+    drawn.write_text(json.dumps({"pipeline": [{"plugin": "tk", "tool": "fake_players"}]}))
+    result = forgeflow("run", str(drawn), "--input", str(image), "--out", str(tmp_path / "drawn"), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    envelope = json.loads((tmp_path / "drawn" / "result.json").read_text())
+    annotated = envelope["annotated_media"]
+    assert annotated["kind"] == "image" and annotated["media_type"] == "image/jpeg"
+    copy = tmp_path / "drawn" / "annotated.jpg"
+    assert f"wrote {copy}" in result.stderr.replace("\n", "")
+    from forgeflow.plugins.media import MediaStore
+    from forgeflow.settings import get_settings
+
+    assert copy.read_bytes() == MediaStore(get_settings().media_root).path(annotated["ref"]).read_bytes()
+    assert cv2.imread(str(copy)).shape == (120, 160, 3)
 
     failing = tmp_path / "failing.json"
     failing.write_text(

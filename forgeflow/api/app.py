@@ -27,6 +27,7 @@ from forgeflow.api.errors import install_error_handlers
 from forgeflow.api.hub import EventHub
 from forgeflow.api.models import ErrorBody
 from forgeflow.api.routers import engine, events, health, jobs, media, pipelines, plugins
+from forgeflow.api.routers.ui import install_ui
 from forgeflow.api.store import Store
 from forgeflow.settings import Settings, get_settings
 
@@ -231,11 +232,12 @@ def create_app(
     app.add_middleware(BodyLimit, limit=settings.max_request_bytes, exempt_prefix="/v1/media")
 
     secured = [Depends(require_auth)]
-    for router in (jobs.router, pipelines.router, plugins.router, engine.router):
+    for router in (jobs.router, pipelines.router, pipelines.checks_router, plugins.router, engine.router):
         app.include_router(router, dependencies=secured, responses=UNAUTHORIZED)
     app.include_router(media.router, dependencies=[Depends(require_worker_auth)], responses=UNAUTHORIZED)
     app.include_router(events.router)  # ingest: its own token check; WebSockets check in the handler
     app.include_router(health.router)
+    install_ui(app)
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:

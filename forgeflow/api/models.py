@@ -224,6 +224,10 @@ class JobSummary(BaseModel):
     stages_total: int
     stages_completed: int
     error_type: str | None
+    stages: list[str] = Field(default_factory=list, description="The stages as `plugin.tool`, in order.")
+    current_stage: int | None = Field(
+        None, description="The stage a running job is on (the first one not completed); null otherwise."
+    )
 
 
 class JobList(BaseModel):
@@ -291,6 +295,24 @@ class PipelineCreate(_RequestBody):
     pipeline: RawStages = None
     timeout_seconds: float | None = Field(None, gt=0)
     description: str | None = Field(None, max_length=10_000)
+
+
+class PipelineCheck(_RequestBody):
+    """A pipeline to check as `POST /v1/jobs` would, with the job input when there is one yet."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    pipeline: RawPipeline
+    input: dict[str, Any] | None = Field(
+        None, description="The job input; without it only what the stages need from it is listed."
+    )
+
+
+class PipelineCheckResult(BaseModel):
+    """A pipeline `POST /v1/jobs` would accept (with this job input, when one was given)."""
+
+    stages: list[str] = Field(description="The stages as `plugin.tool` (resolved names), in order.")
+    job_input_fields: list[str] = Field(description="What the job input must provide.")
 
 
 class TemplateSummary(BaseModel):

@@ -1,2 +1,2 @@
-"""The ``forgeflow`` command (:mod:`.main`) and the media helpers only it uses: drawing a result onto
-its media (:mod:`.annotate`) and making the offline sample clip (:mod:`.sample_clip`)."""
+"""The ``forgeflow`` command (:mod:`.main`) and making the offline sample clip (:mod:`.sample_clip`).
+A job's annotated media is made by the job itself (:mod:`forgeflow.jobs.annotate`)."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import sys
 import time
 import uuid
@@ -135,7 +136,7 @@ def run(
     media: Path | None = typer.Option(None, "--input", help="Image or video to analyse (becomes input.media)."),
     input_json: str | None = typer.Option(None, "--input-json", help="Job input as JSON (or a JSON file)."),
     out_dir: Path | None = typer.Option(
-        None, "--out", help="Write result.json, events.jsonl and annotated media here."
+        None, "--out", help="Write result.json, events.jsonl and the job's annotated media (annotated.mp4/.jpg) here."
     ),
     job_id: str | None = typer.Option(None, "--job-id", help="Job id (default: the file's job_id or a new one)."),
     as_json: bool = typer.Option(False, "--json", help="Print the result envelope as JSON on stdout."),
@@ -188,7 +189,7 @@ def run(
 
     _summary(envelope, elapsed, job_id)
     if out_dir is not None:
-        _write_outputs(out_dir, envelope, sink, job_input, settings)
+        _write_outputs(out_dir, envelope, sink, settings)
     if as_json:
         _print_json(canonical_json(envelope))
     raise typer.Exit(EXIT_OK if envelope["ok"] else EXIT_FAILED)
@@ -340,9 +341,7 @@ def _size(value: int | None) -> str:
     return f"{value / 1024:.1f} KB" if value >= 1024 else f"{value} B"
 
 
-def _write_outputs(
-    out_dir: Path, envelope: dict[str, Any], sink: Any, job_input: dict[str, Any], settings: Any
-) -> None:
+def _write_outputs(out_dir: Path, envelope: dict[str, Any], sink: Any, settings: Any) -> None:
     from forgeflow.events.models import JobStatusEvent
 
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -352,18 +351,27 @@ def _write_outputs(
             shown = event.summarized() if isinstance(event, JobStatusEvent) else event
             fh.write(shown.model_dump_json() + "\n")
     written = [out_dir / "result.json", out_dir / "events.jsonl"]
-    result = envelope.get("result") or envelope.get("partial_result") or {}
-    media_ref = job_input.get("media")
-    if media_ref and "players" in result:
-        from forgeflow.cli.annotate import annotate_media
-        from forgeflow.plugins import MediaStore
+    annotated = envelope.get("annotated_media")
+    if annotated:  # the job drew its result on its media and stored it: a copy of that file
+        from forgeflow.plugins import MediaError, MediaStore
 
-        store = MediaStore(settings.media_root)
-        source = store.resolve(media_ref, input_roots=settings.media_input_roots)
-        suffix = ".mp4" if store.info(media_ref).kind == "video" else ".jpg"
-        written.append(annotate_media(source, result, out_dir / f"annotated{suffix}"))
+        suffix = _ANNOTATED_SUFFIXES.get(
+            annotated.get("media_type"), ".mp4" if annotated.get("kind") == "video" else ".jpg"
+        )
+        target = out_dir / f"annotated{suffix}"
+        try:
+            shutil.copyfile(MediaStore(settings.media_root).path(annotated["ref"]), target)
+            written.append(target)
+        except (MediaError, OSError) as exc:
+            console.print(f"[yellow]annotated media {annotated['ref']} not copied: {exc}[/yellow]")
+    elif envelope.get("annotated_media_error"):
+        console.print(f"[yellow]{envelope['annotated_media_error']}[/yellow]")
     for path in written:
         console.print(f"wrote {path}")
+
+
+#: The file suffix of the copy of a job's annotated media, by its media type.
+_ANNOTATED_SUFFIXES = {"video/mp4": ".mp4", "image/jpeg": ".jpg", "image/png": ".png"}
 
 
 @app.command()

@@ -1,8 +1,9 @@
 """A job's stage loop, free of Prefect: services, the run's state, and the loop itself.
 
 :func:`execute` validates the pipeline, then runs its stages in order, stage N's outputs feeding
-stage N+1, and ends the job through :mod:`forgeflow.pipeline.outcome`. How one stage runs is
-given to it: :mod:`forgeflow.jobs.flow` runs each stage as a Prefect task whose state hooks call
+stage N+1, and ends the job through :mod:`forgeflow.pipeline.outcome` (with the result drawn on the
+job's input media, :mod:`forgeflow.jobs.annotate`, when it holds something to draw). How one stage
+runs is given to it: :mod:`forgeflow.jobs.flow` runs each stage as a Prefect task whose state hooks call
 :meth:`JobRun.stage_started` / :meth:`~JobRun.stage_completed` / :meth:`~JobRun.stage_failed`;
 :func:`run_stage_directly` does the same in-process (the fast tests use it). Either way the same
 events are emitted in the same order.
@@ -361,6 +362,8 @@ def execute(
             )
             run.reports = envelope.stages
             _write_checkpoint(services.settings, run.job_id, result, run.reports)
+            if isinstance(exc, Exception):  # not while the process is being stopped
+                envelope = _annotated(run, input_data, result, envelope)
             run.finish("cancelled" if cancelled else "failed", envelope)
             if cancelled and not isinstance(exc, Exception):
                 raise
@@ -369,6 +372,23 @@ def execute(
         result.update(outputs)
         _write_checkpoint(services.settings, run.job_id, result, run.reports)
 
-    envelope = job_end.succeeded(result, run.reports)
+    envelope = _annotated(run, input_data, result, job_end.succeeded(result, run.reports))
     run.finish("succeeded", envelope)
     return envelope
+
+
+def _annotated(
+    run: JobRun, input_data: dict[str, Any], result: dict[str, Any], envelope: ResultEnvelope
+) -> ResultEnvelope:
+    """The envelope with the job's annotated media (:func:`forgeflow.jobs.annotate.annotate_job`: the
+    result drawn on ``input.media``, stored) or the reason it could not be made; unchanged when there
+    is nothing to draw. Never fails the job."""
+    from forgeflow.jobs.annotate import annotate_job, has_drawable
+
+    if not has_drawable(result):
+        return envelope
+    services = run.services
+    annotated, error = annotate_job(services.settings, run.job_id, input_data, result, services.media_sync)
+    if annotated is None and error is None:
+        return envelope
+    return envelope.model_copy(update={"annotated_media": annotated, "annotated_media_error": error})

@@ -81,10 +81,27 @@ class StageReport(BaseModel):
     error_type: str | None = Field(None, max_length=NAME_MAX)
 
 
+class AnnotatedMedia(BaseModel):
+    """The job's result drawn on its input media, in the media store (:mod:`forgeflow.jobs.annotate`)."""
+
+    ref: str = Field(pattern=r"^sha256:[0-9a-f]{64}$", description="Media ref of the annotated file.")
+    media_type: str = Field(max_length=NAME_MAX, description="`video/mp4` (H.264) or `image/jpeg`.")
+    kind: Literal["image", "video"]
+    size_bytes: int = Field(ge=0, le=MAX_AMOUNT)
+    frames: int | None = Field(None, ge=0, le=MAX_COUNT, description="Frames of the video; null for an image.")
+
+
+#: The envelope's keys about its annotated media, left out of :meth:`ResultEnvelope.to_dict` when null.
+ANNOTATION_KEYS = ("annotated_media", "annotated_media_error")
+
+
 class ResultEnvelope(BaseModel):
     """``{ok, result, stages_executed}`` or ``{ok: false, error, error_type, stage_failed, partial_result}``.
 
     ``stage_failed`` is 0-based. ``stages`` reports every stage (completed, failed, skipped, cancelled).
+    A job with input ``media`` whose (partial) result holds something to draw also has
+    ``annotated_media`` (the result drawn on it, stored) or ``annotated_media_error`` (why not);
+    neither key appears otherwise.
     """
 
     ok: bool
@@ -95,12 +112,15 @@ class ResultEnvelope(BaseModel):
     stage_failed: int | None = Field(None, ge=0, lt=MAX_STAGES)
     partial_result: dict[str, Any] | None = None
     stages: list[StageReport] = Field(default_factory=list)
+    annotated_media: AnnotatedMedia | None = None
+    annotated_media_error: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        """The envelope with the keys of its kind only (success or failure)."""
+        """The envelope with the keys of its kind only (success or failure), and the annotated
+        media's keys only when set."""
         data = self.model_dump(mode="json")
         drop = ("error", "error_type", "stage_failed", "partial_result") if self.ok else ("result",)
-        return {k: v for k, v in data.items() if k not in drop}
+        return {k: v for k, v in data.items() if k not in drop and not (k in ANNOTATION_KEYS and v is None)}
 
 
 def pending_reports(stages: Iterable[object]) -> list[StageReport]:

@@ -136,3 +136,31 @@ def prefect_flow_run(flow_run_id: str) -> dict[str, Any]:
     response = httpx.get(f"{os.environ['PREFECT_API_URL']}/flow_runs/{flow_run_id}", timeout=10)
     response.raise_for_status()
     return response.json()
+
+
+def run_stage_loop(
+    registry: Any,
+    stages: list[dict[str, Any]],
+    job_input: dict[str, Any],
+    job_id: str = "job-loop",
+    media_sync: Any = None,
+) -> tuple[dict[str, Any], list[Any]]:
+    """The stage loop without Prefect (inline runner, in-memory sink): the job's envelope (success or
+    failure) and the events it emitted."""
+    from forgeflow.engine.runners.inline import InlineRunner
+    from forgeflow.events.sinks import MemorySink
+    from forgeflow.jobs.stages import JobRun, PipelineFailed, Services, execute
+    from forgeflow.pipeline import outcome
+    from forgeflow.pipeline.definition import PipelineDefinition
+    from forgeflow.settings import get_settings
+
+    settings = get_settings()
+    sink = MemorySink()
+    services = Services(settings, registry, InlineRunner(settings, registry), sink, media_sync=media_sync)
+    definition = PipelineDefinition.model_validate({"stages": stages})
+    run = JobRun(job_id, services, outcome.pending_reports(definition.stages))
+    try:
+        envelope = execute(run, definition, None, job_input).to_dict()
+    except PipelineFailed as failed:
+        envelope = failed.envelope.to_dict()
+    return envelope, list(sink.events)

@@ -16,21 +16,14 @@ from forgeflow.jobs.stages import JobRun, PipelineFailed, Services, execute
 from forgeflow.pipeline import outcome
 from forgeflow.pipeline.definition import PipelineDefinition
 from forgeflow.settings import get_settings
+from tests.test_pipeline_orchestration.conftest import run_stage_loop
 
 pytestmark = pytest.mark.fast
 
 
-def _run(registry: Any, stages: list[dict[str, Any]], job_input: dict[str, Any], job_id: str = "job-loop"):
-    settings = get_settings()
-    sink = MemorySink()
-    services = Services(settings, registry, InlineRunner(settings, registry), sink)
-    definition = PipelineDefinition.model_validate({"stages": stages})
-    run = JobRun(job_id, services, outcome.pending_reports(definition.stages))
-    try:
-        envelope = execute(run, definition, None, job_input).to_dict()
-    except PipelineFailed as failed:
-        envelope = failed.envelope.to_dict()
-    return envelope, [e.model_dump(mode="json") for e in sink.events]
+def _run(registry: Any, stages: list[dict[str, Any]], job_input: dict[str, Any]):
+    envelope, events = run_stage_loop(registry, stages, job_input)
+    return envelope, [e.model_dump(mode="json") for e in events]
 
 
 def test_outputs_feed_the_next_stage_and_events_come_in_order(registry):

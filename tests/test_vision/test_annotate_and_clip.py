@@ -1,4 +1,4 @@
-"""annotate_media writes a readable image or video; the sample clip is readable and reproducible."""
+"""annotate_media writes a readable image or H.264 video; the sample clip is readable and reproducible."""
 
 from __future__ import annotations
 
@@ -6,9 +6,10 @@ import hashlib
 
 import pytest
 
-from forgeflow.cli.annotate import annotate_media
 from forgeflow.cli.sample_clip import make_sample_clip
+from forgeflow.jobs.annotate import annotate_media, ffmpeg_exe
 from forgeflow.plugins.errors import MediaError, MediaNotFound
+from tests.conftest import video_frames_and_size
 
 # With pytest-xdist (--dist loadgroup) one worker runs the whole group: the session's vision fixtures
 # (sample clip, models, inference results) are made once.
@@ -49,27 +50,49 @@ def test_annotate_image(bus_result, assets, tmp_path):
     import numpy as np
 
     out = annotate_media(assets / "bus.jpg", bus_result, tmp_path / "bus.png")
-    assert out == tmp_path / "bus.png"
-    drawn, source = cv2.imread(str(out)), cv2.imread(str(assets / "bus.jpg"))
+    assert (out.path, out.kind, out.frames) == (tmp_path / "bus.png", "image", None)
+    drawn, source = cv2.imread(str(out.path)), cv2.imread(str(assets / "bus.jpg"))
     assert drawn.shape == source.shape
     assert np.abs(drawn.astype(int) - source.astype(int)).sum() > 0  # something was drawn
     # no image suffix: written as JPEG
-    assert annotate_media(assets / "bus.jpg", bus_result, tmp_path / "bus-annotated").suffix == ".jpg"
+    assert annotate_media(assets / "bus.jpg", bus_result, tmp_path / "bus-annotated").path.suffix == ".jpg"
+
+
+def _video_codec(path):
+    """The codec line of the first video stream, as ``ffmpeg -i`` reports it."""
+    import subprocess
+
+    probe = subprocess.run([ffmpeg_exe(), "-hide_banner", "-i", str(path)], capture_output=True, text=True, timeout=60)
+    return next(line for line in probe.stderr.splitlines() if "Video:" in line)
 
 
 @pytest.mark.vision
 def test_annotate_video(clip_result, sample_clip, tmp_path):
-    import cv2
-
     out = annotate_media(sample_clip, clip_result, tmp_path / "clip.avi")
-    assert out.suffix == ".mp4"
-    cap = cv2.VideoCapture(str(out))
-    assert cap.isOpened()
-    assert (int(cap.get(cv2.CAP_PROP_FRAME_WIDTH)), int(cap.get(cv2.CAP_PROP_FRAME_HEIGHT))) == (640, 360)
-    count = 0
-    while cap.read()[0]:
-        count += 1
-    assert count == 64
+    assert (out.path.suffix, out.kind, out.frames) == (".mp4", "video", 64)
+    assert video_frames_and_size(out.path) == (64, (640, 360))
+    codec = _video_codec(out.path)
+    assert "h264" in codec and "avc1" in codec and "yuv420p" in codec, codec  # what browsers play
+    assert not list(tmp_path.glob(".*partial*"))  # the temporary file became the output
+
+
+def test_annotate_video_of_odd_size_is_padded_to_even(tmp_path):
+    import subprocess
+
+    import numpy as np
+
+    # OpenCV's writers crop to even sizes: ffmpeg writes the 161x91 source (lossless FFV1 in Matroska)
+    source = tmp_path / "odd.mkv"
+    frames = b"".join(np.full((91, 161, 3), 40 * i, dtype=np.uint8).tobytes() for i in range(5))
+    command = [ffmpeg_exe(), "-loglevel", "error", "-f", "rawvideo", "-pix_fmt", "bgr24", "-s", "161x91"]
+    command += ["-r", "10", "-i", "-", "-c:v", "ffv1", str(source)]
+    subprocess.run(command, input=frames, check=True, timeout=60)
+    assert video_frames_and_size(source) == (5, (161, 91))
+    result = {"players": [{"frame_index": 0, "players": [{"box": [5, 5, 60, 80], "confidence": 0.8}]}]}
+    out = annotate_media(source, result, tmp_path / "odd.mp4")
+    assert out.frames == 5
+    assert video_frames_and_size(out.path) == (5, (162, 92))
+    assert "h264" in _video_codec(out.path)
 
 
 def test_annotate_partial_result_and_errors(sample_clip, tmp_path):
@@ -83,10 +106,26 @@ def test_annotate_partial_result_and_errors(sample_clip, tmp_path):
             }
         ]
     }
-    assert annotate_media(sample_clip, partial, tmp_path / "partial.mp4").is_file()
+    assert annotate_media(sample_clip, partial, tmp_path / "partial.mp4").path.is_file()
     with pytest.raises(MediaNotFound):
         annotate_media(tmp_path / "missing.mp4", partial, tmp_path / "x.mp4")
     junk = tmp_path / "junk.bin"
     junk.write_bytes(b"not media at all")
     with pytest.raises(MediaError):
         annotate_media(junk, partial, tmp_path / "x.mp4")
+    truncated = tmp_path / "truncated.mp4"
+    truncated.write_bytes(sample_clip.read_bytes()[:64])  # an MP4 header and no frames
+    with pytest.raises(MediaError):
+        annotate_media(truncated, partial, tmp_path / "x.mp4")
+    assert not (tmp_path / "x.mp4").exists()
+
+
+def test_an_encoder_failure_is_a_media_error_with_ffmpegs_words(sample_clip, tmp_path, monkeypatch):
+    import forgeflow.jobs.annotate as annotate
+
+    monkeypatch.setattr(annotate, "H264_OPTIONS", ("-c:v", "no-such-encoder", "-f", "mp4"))
+    partial = {"players": [{"frame_index": 0, "players": [{"box": [10, 10, 100, 200], "confidence": 0.9}]}]}
+    with pytest.raises(MediaError) as failed:
+        annotate_media(sample_clip, partial, tmp_path / "x.mp4")
+    assert "ffmpeg failed" in failed.value.message and "no-such-encoder" in failed.value.message
+    assert not list(tmp_path.glob("*.mp4")) and not list(tmp_path.glob(".*"))

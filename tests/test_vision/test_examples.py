@@ -73,10 +73,15 @@ def test_soccer_analysis_runs_and_is_deterministic(engine, assets):
     assert len(result["players"][0]["players"]) == 4
     assert all(len(p["keypoints"]) == 17 for p in result["poses"][0]["poses"])
     assert len(result["actions"][0]["actions"]) == 4
-    # a local path inside the allowed root gives the same result as the media ref
+    # the job drew its result on the image and stored it
+    annotated = first["annotated_media"]
+    assert (annotated["kind"], annotated["media_type"], annotated["frames"]) == ("image", "image/jpeg", None)
+    assert MediaStore(services.settings.media_root).has(annotated["ref"])
+    # a local path inside the allowed root gives the same result (and the same drawing) as the media ref
     second = executor.execute(pipeline, {"media": str(assets / "bus.jpg")}, "job-soccer-2")
     assert second["ok"], second
     assert canonical_json(second["result"]) == canonical_json(result)
+    assert second["annotated_media"] == annotated
 
 
 def test_seed_example_verbatim(engine, assets):
@@ -108,3 +113,8 @@ def test_soccer_analysis_on_the_sample_clip(engine, sample_clip):
     assert [len(result[k]) for k in ("players", "poses", "actions")] == [64, 64, 64]
     tracked = {p["track_id"] for f in result["players"] for p in f["players"] if p["track_id"] is not None}
     assert 4 <= len(tracked) <= 8
+    # the annotated video: H.264 MP4 (what browsers play) with every frame of the clip
+    annotated = outcome["annotated_media"]
+    assert (annotated["kind"], annotated["media_type"], annotated["frames"]) == ("video", "video/mp4", 64)
+    data = MediaStore(services.settings.media_root).path(annotated["ref"]).read_bytes()
+    assert b"avc1" in data and b"mp4v" not in data and len(data) == annotated["size_bytes"]

@@ -31,7 +31,7 @@ def test_plugin_modules_import_without_torch_or_ultralytics():
     code = (
         "import sys\n"
         "import forgeflow.plugins.builtin.yolo_tracker, forgeflow.plugins.builtin.pose_estimator\n"
-        "import forgeflow.plugins.builtin.classifier, forgeflow.cli.annotate\n"
+        "import forgeflow.plugins.builtin.classifier, forgeflow.jobs.annotate\n"
         "import forgeflow.cli.sample_clip\n"
         "heavy = [m for m in ('torch', 'ultralytics', 'cv2') if m in sys.modules]\n"
         "assert not heavy, heavy\n"

@@ -78,10 +78,10 @@ def _validate(state: ApiState, definition: PipelineDefinition, input_data: dict[
     return validate_pipeline(definition, input_data, state.registry, state.settings)
 
 
-def _check_cheap_limits(state: ApiState, body: JobCreate) -> None:
+def check_cheap_limits(state: ApiState, pipeline: Any, input_data: dict[str, Any] | None) -> None:
     """Limits that cost nothing to check, before the pipeline is parsed and validated."""
     settings = state.settings
-    stages = raw_stages(body.pipeline)
+    stages = raw_stages(pipeline)
     if len(stages) > settings.max_stages:
         raise ApiError(
             422,
@@ -89,7 +89,7 @@ def _check_cheap_limits(state: ApiState, body: JobCreate) -> None:
             ApiErrorType.REQUEST_VALIDATION,
             field="pipeline",
         )
-    size = len(canonical_json(body.input).encode())
+    size = len(canonical_json(input_data or {}).encode())
     if size > settings.max_job_input_bytes:
         raise ApiError(
             422,
@@ -100,7 +100,7 @@ def _check_cheap_limits(state: ApiState, body: JobCreate) -> None:
         )
 
 
-def _check_media(state: ApiState, media: Any) -> None:
+def check_media(state: ApiState, media: Any) -> None:
     """The job's media exists where a stage will look for it: a stored ref, or a file inside an allowed
     media root (422 naming ``input.media`` now, rather than a stage failing seconds later)."""
     try:
@@ -159,7 +159,7 @@ async def submit_job(body: JobCreate, response: Response, state: ApiState = Depe
                     ApiErrorType.REQUEST_VALIDATION,
                     field=name,
                 )
-    _check_cheap_limits(state, body)
+    check_cheap_limits(state, body.pipeline, body.input)
     template_id = None
     legacy = False
     if form == "pipeline":
@@ -214,7 +214,7 @@ async def submit_job(body: JobCreate, response: Response, state: ApiState = Depe
     except PipelineValidationError as exc:
         raise validation_error(exc, prefix="pipeline", legacy=legacy) from None
     if "media" in validated.job_input_fields:
-        await run_in_threadpool(_check_media, state, body.input.get("media"))
+        await run_in_threadpool(check_media, state, body.input.get("media"))
 
     pipeline = definition.model_dump(mode="json")
     request_hash = hashlib.sha256(

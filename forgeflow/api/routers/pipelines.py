@@ -11,13 +11,23 @@ from fastapi.concurrency import run_in_threadpool
 
 from forgeflow.api.deps import ApiState, get_state
 from forgeflow.api.errors import ApiError, ApiErrorType, not_found
-from forgeflow.api.models import NO_NUL, ErrorBody, PipelineCreate, TemplateDetail, TemplateSummary
-from forgeflow.api.routers.jobs import parse_pipeline, validation_error
+from forgeflow.api.models import (
+    NO_NUL,
+    ErrorBody,
+    PipelineCheck,
+    PipelineCheckResult,
+    PipelineCreate,
+    TemplateDetail,
+    TemplateSummary,
+)
+from forgeflow.api.routers.jobs import check_cheap_limits, check_media, parse_pipeline, validation_error
 from forgeflow.api.routers.views import template_summary
 from forgeflow.api.store import Conflict
 from forgeflow.pipeline.definition import PipelineDefinition
 
 router = APIRouter(prefix="/v1/pipelines", tags=["pipelines"])
+#: ``/v1/pipeline-checks``: a path of its own, so no template id can shadow it.
+checks_router = APIRouter(prefix="/v1/pipeline-checks", tags=["pipelines"])
 
 ERRORS: dict[int | str, dict[str, Any]] = {
     401: {"model": ErrorBody, "description": "Missing or invalid API token."},
@@ -90,6 +100,38 @@ async def create_pipeline(
         raise ApiError(409, str(exc), ApiErrorType.CONFLICT, field="name") from None
     response.headers["Location"] = f"/v1/pipelines/{template_id}"
     return template_summary(row)
+
+
+@checks_router.post(
+    "",
+    response_model=PipelineCheckResult,
+    summary="Check a pipeline without running it",
+    responses={
+        **ERRORS,
+        422: {"model": ErrorBody, "description": "POST /v1/jobs would refuse it: the same error, naming the field."},
+    },
+)
+async def check_pipeline(body: PipelineCheck, state: ApiState = Depends(get_state)) -> dict[str, Any]:
+    """The checks of `POST /v1/jobs` for an inline pipeline, without storing or running anything (what
+    a form calls while someone types): its limits, the pipeline document, the installed plugins and
+    tools, each stage's config, the inputs each stage needs from the job input or an earlier stage and
+    their types, and the job input when it is given. A pipeline a submission would refuse gets the
+    same 422, naming stage and field; one it would accept gets its stages and the job input fields."""
+    from forgeflow.pipeline.validation import PipelineValidationError, validate_pipeline
+
+    check_cheap_limits(state, body.pipeline, body.input)
+    raw = {"stages": body.pipeline} if isinstance(body.pipeline, list) else body.pipeline
+    definition = parse_pipeline(raw, prefix="pipeline")
+    try:
+        validated = await run_in_threadpool(validate_pipeline, definition, body.input, state.registry, state.settings)
+    except PipelineValidationError as exc:
+        raise validation_error(exc, prefix="pipeline") from None
+    if body.input is not None and "media" in validated.job_input_fields:
+        await run_in_threadpool(check_media, state, body.input.get("media"))
+    return {
+        "stages": [f"{s.plugin}.{s.tool.name}" for s in validated.stages],
+        "job_input_fields": list(validated.job_input_fields),
+    }
 
 
 @router.get("", response_model=list[TemplateSummary], summary="List pipeline templates", responses=ERRORS)

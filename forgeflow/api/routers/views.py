@@ -47,6 +47,8 @@ def current_stage(states: list[dict[str, Any]]) -> int | None:
 
 def job_summary(job: JobRow) -> dict[str, Any]:
     """One job in a list: status, timing, progress from the job row."""
+    stages = (job.get("pipeline") or {}).get("stages") or []
+    running = job["status"] == "running" and job["stages_completed"] < len(stages)
     return {
         "job_id": job["id"],
         "status": job["status"],
@@ -58,6 +60,8 @@ def job_summary(job: JobRow) -> dict[str, Any]:
         "stages_total": job["stages_total"],
         "stages_completed": job["stages_completed"],
         "error_type": job["error_type"],
+        "stages": [f"{s.get('plugin', '')}.{s.get('tool', '')}" for s in stages if isinstance(s, dict)],
+        "current_stage": job["stages_completed"] if running else None,
     }
 
 

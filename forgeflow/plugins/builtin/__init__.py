@@ -6,7 +6,7 @@
 
 The soccer pipeline (``examples/soccer-analysis.json``) chains the three; its result is
 ``{players, poses, actions}``, one entry per processed frame each (see :mod:`.schemas`).
-``annotate.annotate_media`` draws a result onto its image or video; ``sample_clip.make_sample_clip``
-makes the offline sample video. Importing these modules stays light: torch and Ultralytics load
-inside the tools, in the worker that runs them.
+A job draws its result onto its image or video itself (``forgeflow.jobs.annotate``);
+``forgeflow.cli.sample_clip.make_sample_clip`` makes the offline sample video. Importing these
+modules stays light: torch and Ultralytics load inside the tools, in the worker that runs them.
 """

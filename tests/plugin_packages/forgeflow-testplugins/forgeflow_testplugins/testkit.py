@@ -138,6 +138,37 @@ def thumbnail(inputs: MediaInput, config: EmptyModel, ctx: ToolContext) -> Thumb
     return ThumbnailOutput(thumbnail=ref, thumbnail_width=small.shape[1])
 
 
+class FakePlayersConfig(BaseModel):
+    frames: int | None = Field(
+        None, ge=1, le=10_000, description="Frames to report without reading the media; None: one per frame of it."
+    )
+
+
+class FakePlayersOutput(BaseModel):
+    players: list[dict[str, Any]]
+    poses: list[dict[str, Any]]
+
+
+@plugin.tool(input=MediaInput, output=FakePlayersOutput, config=FakePlayersConfig)
+def fake_players(inputs: MediaInput, config: FakePlayersConfig, ctx: ToolContext) -> FakePlayersOutput:
+    """One player (box, track id 1) and its pose per frame, in the shapes of the vision plugins'
+    ``players`` and ``poses``: something for the job's annotated media to draw, without a model."""
+    if config.frames is None:
+        reader = ctx.media(inputs.media)
+        sizes = [(frame.index, reader.width, reader.height) for frame in reader.frames()]
+    else:
+        sizes = [(index, 100, 100) for index in range(config.frames)]
+    players, poses = [], []
+    for index, width, height in sizes:
+        x1, y1, x2, y2 = width * 0.3 + index, height * 0.2, width * 0.6 + index, height * 0.9
+        player = {"box": [x1, y1, x2, y2], "confidence": 0.9, "track_id": 1, "class_name": "person"}
+        keypoints = [[x1 + (x2 - x1) * (k % 2), y1 + (y2 - y1) * k / 16, 0.9] for k in range(17)]
+        pose = {"player_index": 0, "track_id": 1, "box": player["box"], "keypoints": keypoints}
+        players.append({"frame_index": index, "timestamp_s": 0.0, "players": [player]})
+        poses.append({"frame_index": index, "timestamp_s": 0.0, "poses": [pose]})
+    return FakePlayersOutput(players=players, poses=poses)
+
+
 # --- no-op and timing tools ------------------------------------------------------------------
 
 

@@ -1,0 +1,455 @@
+"""A job's annotated media: its result drawn onto its image or video, stored in the media store.
+
+``annotate_media(source, result, out)`` draws, per frame, each player's box with its track id and
+confidence, the pose skeleton (COCO-17 limbs between keypoints with confidence >= 0.3) and the
+action label. ``result`` holds any of ``players``, ``poses``, ``actions`` (the pipeline's final or
+partial result). An image is written as JPEG or PNG (OpenCV); a video as H.264 MP4 (``libx264``,
+``yuv420p``, ``+faststart``: what browsers play) by piping raw frames into the ffmpeg binary of the
+``imageio-ffmpeg`` package, keeping the source's fps and size (an odd width or height is padded by
+one pixel: H.264 in ``yuv420p`` needs even ones). Frames the pipeline skipped (``frame_stride`` > 1)
+show the annotations of the last processed frame. Colours are fixed per track id, so the drawing is
+reproducible.
+
+:func:`annotate_job` is what the stage loop (:func:`forgeflow.jobs.stages.execute`) calls once a job
+ended with something drawable: it renders the job's ``input.media`` with its result, puts the file
+in the media store (uploading it to the API on a worker host) and returns the envelope's
+``annotated_media`` (:class:`~forgeflow.pipeline.outcome.AnnotatedMedia`) or, when drawing, encoding
+or storing failed, ``annotated_media_error``: annotation never fails a job.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import subprocess
+import tempfile
+from dataclasses import dataclass
+from fractions import Fraction
+from pathlib import Path
+from typing import IO, TYPE_CHECKING, Any
+
+from forgeflow.pipeline.outcome import AnnotatedMedia
+from forgeflow.plugins.errors import MediaError, MediaNotFound
+from forgeflow.plugins.media import REF_PREFIX, MediaKind, MediaStore, sniff
+
+if TYPE_CHECKING:
+    from forgeflow.jobs.media_sync import MediaSync
+    from forgeflow.settings import Settings
+
+__all__ = [
+    "DRAWABLE_KEYS",
+    "SKELETON",
+    "AnnotatedFile",
+    "annotate_frame",
+    "annotate_job",
+    "annotate_media",
+    "has_drawable",
+]
+
+log = logging.getLogger(__name__)
+
+#: The result fields :func:`annotate_media` draws (the soccer pipeline's outputs).
+DRAWABLE_KEYS = ("players", "poses", "actions")
+#: How much of ffmpeg's stderr an error message quotes (its tail).
+FFMPEG_STDERR_TAIL = 2000
+#: Longest an ffmpeg may take to finish its file once every frame was sent to it.
+FFMPEG_FINISH_TIMEOUT_S = 600.0
+#: ffmpeg's options for the annotated video: H.264 that browsers play (yuv420p, the index up front),
+#: even width and height (padded by one pixel where odd), no audio.
+H264_OPTIONS = (
+    "-an",
+    "-vf",
+    "pad=ceil(iw/2)*2:ceil(ih/2)*2",
+    "-c:v",
+    "libx264",
+    "-preset",
+    "veryfast",
+    "-crf",
+    "23",
+    "-pix_fmt",
+    "yuv420p",
+    "-movflags",
+    "+faststart",
+    "-f",
+    "mp4",
+)
+
+#: COCO-17 limbs (pairs of keypoint indices).
+SKELETON: tuple[tuple[int, int], ...] = (
+    (5, 7),
+    (7, 9),
+    (6, 8),
+    (8, 10),  # arms
+    (5, 6),
+    (5, 11),
+    (6, 12),
+    (11, 12),  # torso
+    (11, 13),
+    (13, 15),
+    (12, 14),
+    (14, 16),  # legs
+    (0, 1),
+    (0, 2),
+    (1, 3),
+    (2, 4),
+    (3, 5),
+    (4, 6),  # head
+)
+
+_PALETTE = (
+    (56, 56, 255),
+    (151, 157, 255),
+    (31, 112, 255),
+    (29, 178, 255),
+    (49, 210, 207),
+    (10, 249, 72),
+    (23, 204, 146),
+    (134, 219, 61),
+    (52, 147, 26),
+    (187, 212, 0),
+    (168, 153, 44),
+    (255, 194, 0),
+    (147, 69, 52),
+    (255, 115, 100),
+    (236, 24, 0),
+    (255, 56, 132),
+    (133, 0, 82),
+    (255, 56, 203),
+)
+_UNTRACKED = (160, 160, 160)
+_IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
+
+
+def _color(track_id: int | None) -> tuple[int, int, int]:
+    return _UNTRACKED if track_id is None else _PALETTE[track_id % len(_PALETTE)]
+
+
+def _by_frame(frames: Any, key: str) -> dict[int, list[dict[str, Any]]]:
+    out: dict[int, list[dict[str, Any]]] = {}
+    for frame in frames or []:
+        out[int(frame["frame_index"])] = list(frame.get(key) or [])
+    return out
+
+
+def _label(image: Any, text: str, x: int, y: int, color: tuple[int, int, int], scale: float) -> None:
+    import cv2
+
+    thickness = max(1, round(scale * 2))
+    (w, h), base = cv2.getTextSize(text, cv2.FONT_HERSHEY_SIMPLEX, scale, thickness)
+    y = max(y, h + base + 2)
+    cv2.rectangle(image, (x, y - h - base - 2), (x + w + 4, y), color, -1)
+    luminance = 0.114 * color[0] + 0.587 * color[1] + 0.299 * color[2]
+    ink = (0, 0, 0) if luminance > 140 else (255, 255, 255)
+    cv2.putText(image, text, (x + 2, y - base - 1), cv2.FONT_HERSHEY_SIMPLEX, scale, ink, thickness, cv2.LINE_AA)
+
+
+def annotate_frame(
+    image: Any,
+    players: list[dict[str, Any]],
+    poses: list[dict[str, Any]],
+    actions: list[dict[str, Any]],
+    *,
+    min_keypoint_confidence: float = 0.3,
+) -> Any:
+    """Draw one frame's players, poses and actions onto ``image`` (BGR, modified in place)."""
+    import cv2
+
+    height, width = image.shape[:2]
+    scale = max(0.5, min(width, height) / 600.0)
+    line = max(1, round(scale * 2))
+    action_by_player = {int(a["player_index"]): a for a in actions if "player_index" in a}
+    for pose in poses:
+        color = _color(pose.get("track_id"))
+        kps = pose.get("keypoints") or []
+        for a, b in SKELETON:
+            if (
+                a < len(kps)
+                and b < len(kps)
+                and kps[a][2] >= min_keypoint_confidence
+                and kps[b][2] >= min_keypoint_confidence
+            ):
+                p1 = (round(kps[a][0]), round(kps[a][1]))
+                p2 = (round(kps[b][0]), round(kps[b][1]))
+                cv2.line(image, p1, p2, color, line, cv2.LINE_AA)
+        for x, y, c in kps:
+            if c >= min_keypoint_confidence:
+                cv2.circle(image, (round(x), round(y)), line + 1, (255, 255, 255), -1, cv2.LINE_AA)
+    for index, player in enumerate(players):
+        box = [round(v) for v in player["box"]]
+        track_id = player.get("track_id")
+        color = _color(track_id)
+        cv2.rectangle(image, (box[0], box[1]), (box[2], box[3]), color, line)
+        name = f"#{track_id}" if track_id is not None else player.get("class_name", "person")
+        _label(image, f"{name} {player.get('confidence', 0):.2f}", box[0], box[1], color, scale * 0.7)
+        action = action_by_player.get(index)
+        if action is not None:
+            text = action["action"] + (f" {action['confidence']:.2f}" if "confidence" in action else "")
+            _label(image, text, box[0], min(box[3], height - 1), color, scale * 0.7)
+    # actions of players the result does not list (a result with actions only): label at the pose box
+    if not players:
+        for pose in poses:
+            action = action_by_player.get(int(pose.get("player_index", -1)))
+            if action is not None:
+                box = [round(v) for v in pose["box"]]
+                _label(image, action["action"], box[0], box[1], _color(pose.get("track_id")), scale * 0.7)
+    return image
+
+
+def has_drawable(result: dict[str, Any] | None) -> bool:
+    """Whether ``result`` holds something :func:`annotate_media` draws (a non-empty ``players``,
+    ``poses`` or ``actions`` list)."""
+    if not result:
+        return False
+    return any(isinstance(result.get(key), list) and len(result[key]) > 0 for key in DRAWABLE_KEYS)
+
+
+@dataclass(frozen=True)
+class AnnotatedFile:
+    """What :func:`annotate_media` wrote."""
+
+    path: Path
+    kind: MediaKind
+    #: Frames written (a video), None for an image.
+    frames: int | None
+
+
+def annotate_media(source_path: Path | str, result: dict[str, Any], out_path: Path | str) -> AnnotatedFile:
+    """Write ``source_path`` with ``result`` drawn on it.
+
+    An image is written in the format of ``out_path``'s suffix (``.jpg`` when it has none of an
+    image's); a video as H.264 MP4 (``.mp4``) with the source's fps and size (made even). The file
+    appears whole or not at all (written under a temporary name, then renamed). A source that
+    cannot be read, a video without frames and an encoder failure (with ffmpeg's stderr tail) are
+    :class:`MediaError`.
+    """
+    source = Path(source_path)
+    out = Path(out_path)
+    if not source.is_file():
+        raise MediaNotFound(f"media file not found: {source}")
+    with source.open("rb") as fh:
+        kind = sniff(fh.read(64))
+    if kind is None:
+        raise MediaError(f"unsupported or corrupt media: {source.name}")
+    frames = _Frames(result)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if kind[0] == "image":
+        if out.suffix.lower() not in _IMAGE_SUFFIXES:
+            out = out.with_suffix(".jpg")
+        _annotate_image(source, frames, out)
+        return AnnotatedFile(out, "image", None)
+    if out.suffix.lower() != ".mp4":
+        out = out.with_suffix(".mp4")
+    return AnnotatedFile(out, "video", _annotate_video(source, frames, out))
+
+
+class _Frames:
+    """A result's players, poses and actions by frame index, and which of them a frame shows."""
+
+    def __init__(self, result: dict[str, Any]) -> None:
+        self.players = _by_frame(result.get("players"), "players")
+        self.poses = _by_frame(result.get("poses"), "poses")
+        self.actions = _by_frame(result.get("actions"), "actions")
+        annotated = sorted(set(self.players) | set(self.poses) | set(self.actions))
+        stride = annotated[1] - annotated[0] if len(annotated) > 1 else 0
+        # frames after the last processed one keep its drawing for one stride, then show none
+        self.last_shown = annotated[-1] + stride if annotated else -1
+        self.current: int | None = None
+
+    def draw(self, index: int, image: Any) -> None:
+        if index in self.players or index in self.poses or index in self.actions:
+            self.current = index
+        if self.current is not None and index <= self.last_shown:
+            c = self.current
+            annotate_frame(image, self.players.get(c, []), self.poses.get(c, []), self.actions.get(c, []))
+
+
+def _annotate_image(source: Path, frames: _Frames, out: Path) -> None:
+    import cv2
+    import numpy as np
+
+    image = cv2.imdecode(np.fromfile(str(source), dtype=np.uint8), cv2.IMREAD_COLOR)
+    if image is None:
+        raise MediaError(f"cannot decode image: {source.name}")
+    frames.draw(0, image)
+    tmp = out.with_name(f".{out.stem}.partial{out.suffix}")
+    try:
+        if not cv2.imwrite(str(tmp), image):
+            raise MediaError(f"cannot write annotated image {out}")
+        tmp.replace(out)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def ffmpeg_exe() -> str:
+    """The ffmpeg binary of the ``imageio-ffmpeg`` package (it ships one built with libx264)."""
+    try:
+        import imageio_ffmpeg
+    except ImportError:
+        raise MediaError(
+            "writing the annotated video needs the 'imageio-ffmpeg' package (pip install 'forgeflow[vision]')"
+        ) from None
+    try:
+        return str(imageio_ffmpeg.get_ffmpeg_exe())
+    except RuntimeError as exc:
+        raise MediaError(f"no ffmpeg binary for the annotated video: {exc}") from None
+
+
+def _annotate_video(source: Path, frames: _Frames, out: Path) -> int:
+    """Draw every frame of ``source`` and pipe it to ffmpeg (H.264); returns the frames written."""
+    import cv2
+
+    cap = cv2.VideoCapture(str(source))
+    tmp = out.with_name(f".{out.stem}.partial.mp4")
+    try:
+        if not cap.isOpened():
+            raise MediaError(f"cannot open video (corrupt or truncated?): {source.name}")
+        ok, frame = cap.read()
+        if not ok or frame is None:
+            raise MediaError(f"video has no readable frames: {source.name}")
+        with tempfile.TemporaryFile() as stderr:
+            height, width = frame.shape[:2]
+            command = [
+                ffmpeg_exe(),
+                "-hide_banner",
+                "-loglevel",
+                "error",
+                "-nostdin",
+                "-y",
+                "-f",
+                "rawvideo",
+                "-pix_fmt",
+                "bgr24",
+                "-s",
+                f"{width}x{height}",
+                "-r",
+                _fps(cap.get(cv2.CAP_PROP_FPS)),
+                "-i",
+                "-",
+                *H264_OPTIONS,
+                str(tmp),
+            ]
+            proc = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=stderr)
+            try:
+                written = _pipe_frames(cap, frame, frames, proc, source.name)
+                try:
+                    code = proc.wait(timeout=FFMPEG_FINISH_TIMEOUT_S)
+                except subprocess.TimeoutExpired:
+                    raise MediaError(
+                        f"ffmpeg did not finish the annotated video within {FFMPEG_FINISH_TIMEOUT_S:.0f} s"
+                    ) from None
+            finally:
+                if proc.poll() is None:
+                    proc.kill()
+                    proc.wait()
+            if code != 0:
+                raise MediaError(f"ffmpeg failed writing the annotated video (exit {code}): {_tail(stderr)}")
+            if written == 0 or not tmp.is_file() or tmp.stat().st_size == 0:
+                raise MediaError(f"ffmpeg wrote no annotated video: {_tail(stderr)}")
+        tmp.replace(out)
+        return written
+    finally:
+        cap.release()
+        tmp.unlink(missing_ok=True)
+
+
+def _pipe_frames(cap: Any, frame: Any, frames: _Frames, proc: subprocess.Popen[bytes], name: str) -> int:
+    """Draw ``frame`` and every later one of ``cap`` and write them to ffmpeg's stdin, which is closed
+    after the last one (or when ffmpeg stops reading); returns the frames written."""
+    assert proc.stdin is not None
+    height, width = frame.shape[:2]
+    index = 0
+    try:
+        while frame is not None:
+            if frame.shape[:2] != (height, width):
+                raise MediaError(f"frame {index} of {name} is {frame.shape[1]}x{frame.shape[0]}, not {width}x{height}")
+            frames.draw(index, frame)
+            try:
+                proc.stdin.write(frame.data if frame.flags.c_contiguous else frame.copy().data)
+            except OSError:  # ffmpeg stopped (a broken pipe): its exit status and stderr say why
+                break
+            index += 1
+            ok, frame = cap.read()
+            if not ok:
+                break
+    finally:
+        try:
+            proc.stdin.close()
+        except OSError:
+            pass
+    return index
+
+
+def _fps(value: float) -> str:
+    """A video's frame rate as ffmpeg takes it (``30000/1001``); 25 when the container says nothing sane."""
+    fps = float(value or 0.0)
+    if not 0.1 <= fps <= 1000:
+        fps = 25.0
+    rate = Fraction(fps).limit_denominator(1001)
+    return f"{rate.numerator}/{rate.denominator}"
+
+
+def _tail(stream: IO[bytes] | None) -> str:
+    if stream is None:
+        return ""
+    stream.seek(0)
+    text = stream.read().decode("utf-8", "replace").strip()
+    text = text[-FFMPEG_STDERR_TAIL:]
+    return text or "(ffmpeg printed nothing)"
+
+
+# --- a job's annotated media ----------------------------------------------------------------------
+
+_UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
+
+
+def _safe_name(job_id: str) -> str:
+    return _UNSAFE.sub("_", job_id).strip("._")[:100] or "job"
+
+
+def annotated_filename(job_id: str, kind: MediaKind) -> str:
+    """The stored file's name: ``annotated-<job id>.mp4`` (a video) or ``.jpg`` (an image)."""
+    return f"annotated-{_safe_name(job_id)}{'.mp4' if kind == 'video' else '.jpg'}"
+
+
+def annotate_job(
+    settings: Settings,
+    job_id: str,
+    job_input: dict[str, Any],
+    result: dict[str, Any] | None,
+    media_sync: MediaSync | None = None,
+) -> tuple[AnnotatedMedia | None, str | None]:
+    """The job's result drawn on its ``input.media``, stored: ``(annotated_media, None)``;
+    ``(None, error)`` when that failed; ``(None, None)`` when there is nothing to draw on or with
+    (no ``media``, nothing drawable, or ``FORGEFLOW_ANNOTATE_MEDIA=false``). Never raises."""
+    media = job_input.get("media") if isinstance(job_input, dict) else None
+    if not settings.annotate_media or not isinstance(media, str) or not media or not has_drawable(result):
+        return None, None
+    assert result is not None
+    try:
+        store = MediaStore(settings.media_root)
+        if media_sync is not None and media.startswith(REF_PREFIX) and not store.has(media):
+            media_sync.fetch({"media": media})
+        source = store.resolve(media, input_roots=settings.media_input_roots)
+        folder = settings.jobs_dir / _safe_name(job_id)
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(prefix=".annotate-", dir=folder) as tmp:
+            drawn = annotate_media(source, result, Path(tmp) / "annotated.mp4")
+            info = store.put_file(
+                drawn.path, filename=annotated_filename(job_id, drawn.kind), max_bytes=settings.max_media_bytes
+            )
+        if media_sync is not None:
+            media_sync.upload({"annotated_media": info.ref})
+    except MediaError as exc:
+        return None, _failed(job_id, exc.message)
+    except Exception as exc:  # a result of an unexpected shape, OpenCV, the disk: the job keeps its status
+        return None, _failed(job_id, f"{type(exc).__name__}: {exc}")
+    annotated = AnnotatedMedia(
+        ref=info.ref, media_type=info.media_type, kind=info.kind, size_bytes=info.size_bytes, frames=drawn.frames
+    )
+    return annotated, None
+
+
+def _failed(job_id: str, message: str) -> str:
+    error = f"annotated media not made: {message}"[:4000]
+    log.warning("job %s: %s", job_id, error)
+    return error
