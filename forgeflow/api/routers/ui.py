@@ -9,6 +9,7 @@ page asks for one when the API answers 401. A Content-Security-Policy keeps it t
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 from typing import Any
@@ -39,9 +40,10 @@ EXAMPLE_PIPELINE: list[dict[str, Any]] = [
 router = APIRouter(include_in_schema=False)
 
 
+@functools.cache
 def _page() -> str:
     """index.html with its boot data in a JSON data block (not script: the CSP allows it; ``<`` is
-    escaped so no value can end the block)."""
+    escaped so no value can end the block). Made once: the file and the data do not change."""
     boot = {"version": __version__, "example_pipeline": EXAMPLE_PIPELINE}
     text = (UI_DIR / "index.html").read_text(encoding="utf-8")
     return text.replace("{{BOOT}}", json.dumps(boot).replace("<", "\\u003c"))

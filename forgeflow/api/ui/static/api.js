@@ -20,6 +20,8 @@ export function currentToken() {
 }
 
 let pendingPrompt = null;
+// Escape does not close the token dialog: nothing works without a token.
+document.getElementById("token-dialog").addEventListener("cancel", (event) => event.preventDefault());
 
 /** Show the token dialog; resolves once a token was entered. */
 export function askForToken(reason) {
@@ -40,7 +42,6 @@ export function askForToken(reason) {
       resolve();
     };
     form.addEventListener("submit", done);
-    dialog.addEventListener("cancel", (event) => event.preventDefault()); // nothing works without it
     dialog.showModal();
     input.focus();
   });

@@ -25,7 +25,6 @@ export async function jobView(main, jobId) {
     finishedAt: job.finished_at,
     stages: pipeline.stages.map((s) => ({ ...s })),
     completed: pipeline.stages_executed,
-    failure: null, // {error, error_type, stage_index} from a pipeline_error message
     waiting: null,
     envelopeShown: null,
   };
@@ -212,7 +211,6 @@ export async function jobView(main, jobId) {
           if (m.error_type === "cancelled") stage.status = "cancelled";
           else if (stage.status !== "completed") stage.status = "failed";
         }
-        state.failure = { error: m.error, error_type: m.error_type, stage_index: m.stage_index };
         break;
       case "pipeline_progress":
         state.completed = m.stages_completed;
