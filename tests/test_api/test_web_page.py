@@ -301,6 +301,7 @@ def test_the_page_asks_for_the_token_and_uses_it(api_factory: Any, open_page: Ca
     page.keyboard.press("Enter")
     expect(dialog).to_be_hidden()
     expect(page.locator("#jobs-count")).to_have_text("No jobs yet.")
+    _a_call_refused_for_a_replaced_token_retries_with_the_new_one(page, dialog, "gate-42")
 
     client = api.client()
     accepted = client.post("/v1/jobs", json={"pipeline": THREE_STAGES, "input": {"count": 2}}).json()
@@ -310,6 +311,46 @@ def test_the_page_asks_for_the_token_and_uses_it(api_factory: Any, open_page: Ca
     expect(page.locator("#job-status")).to_have_text("succeeded")
     expect(page.locator("#envelope-summary")).to_contain_text("result: numbers: 2 item(s), scaled: 2 item(s), total")
     assert _seqs(page) == list(range(1, wait_job(client, accepted["job_id"])["last_seq"] + 1))
+
+
+def _a_call_refused_for_a_replaced_token_retries_with_the_new_one(page: Any, dialog: Any, token: str) -> None:
+    """Calls in flight together with a wrong token: the one refused after the right token was entered
+    retries with it, rather than forget it and ask again (seen in CI as a dialog that came back)."""
+    from playwright.sync_api import expect
+
+    held: list[Any] = []
+
+    def hold_stale(route: Any) -> None:
+        if route.request.headers.get("authorization") == "Bearer stale":
+            held.append(route)
+        else:
+            route.continue_()
+
+    page.route("**/v1/plugins", hold_stale)
+    page.evaluate(
+        """() => {
+            sessionStorage.setItem('forgeflow.api-token', 'stale');
+            window.__raced = import('/ui/static/api.js')
+              .then(({ api }) => Promise.all([api('/v1/plugins'), api('/v1/pipelines')]))
+              .then(() => 'resolved', (error) => String(error));
+        }"""
+    )
+    expect(dialog).to_be_visible()  # /v1/pipelines was refused for "stale"
+    deadline = time.monotonic() + 30
+    while not held and time.monotonic() < deadline:
+        page.wait_for_timeout(50)
+    assert len(held) == 1, "the /v1/plugins call sent with the stale token was not held"
+    page.get_by_label("API token", exact=True).fill(token)
+    page.keyboard.press("Enter")
+    expect(dialog).to_be_hidden()
+    held[0].continue_()  # now refused for "stale", after the right token was entered
+    outcome = page.evaluate(
+        "Promise.race([window.__raced, new Promise((done) => setTimeout(() => done('still waiting'), 10000))])"
+    )
+    assert outcome == "resolved"
+    expect(dialog).to_be_hidden()
+    assert page.evaluate("sessionStorage.getItem('forgeflow.api-token')") == token
+    page.unroute("**/v1/plugins")
 
 
 def test_jobs_list_is_live_and_filters_templates_and_plugins(

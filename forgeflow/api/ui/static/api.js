@@ -48,15 +48,11 @@ export function askForToken(reason) {
   return pendingPrompt;
 }
 
-function authHeaders() {
-  const token = currentToken();
-  return token ? { Authorization: `Bearer ${token}` } : {};
-}
-
 /** A REST call: the parsed JSON (null for 204), or an ApiError with the service's error body. */
 export async function api(path, { method = "GET", json, form, response = false } = {}) {
   for (;;) {
-    const headers = authHeaders();
+    const sent = currentToken();
+    const headers = sent ? { Authorization: `Bearer ${sent}` } : {};
     let body;
     if (json !== undefined) {
       headers["Content-Type"] = "application/json";
@@ -66,9 +62,11 @@ export async function api(path, { method = "GET", json, form, response = false }
     }
     const res = await fetch(path, { method, headers, body });
     if (res.status === 401) {
-      const had = currentToken();
+      // A call sent before a new token was entered is refused for the old one: retry with the new
+      // token rather than forget it (calls in flight together would otherwise ask again).
+      if (currentToken() !== sent) continue;
       sessionStorage.removeItem(TOKEN_KEY);
-      await askForToken(had ? "That token was not accepted: enter the service's API token." : "This service requires an API token (FORGEFLOW_API_TOKEN).");
+      await askForToken(sent ? "That token was not accepted: enter the service's API token." : "This service requires an API token (FORGEFLOW_API_TOKEN).");
       continue;
     }
     if (!res.ok) {
