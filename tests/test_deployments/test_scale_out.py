@@ -17,7 +17,7 @@ import pytest
 
 from tests.conftest import free_port
 from tests.test_api.conftest import PostgresCluster, postgres_cluster, wait_job  # noqa: F401  (the fixture)
-from tests.test_deployments import KEEP_ALIVE
+from tests.test_deployments import KEEP_ALIVE, PrefectRest
 
 pytestmark = pytest.mark.xdist_group("stack")
 
@@ -86,7 +86,7 @@ def two_hosts(postgres_cluster: PostgresCluster, tmp_path: Path) -> Iterator[tup
 def test_jobs_spread_over_two_hosts_and_a_dead_host_crashes_only_its_jobs(two_hosts: tuple[Any, Path, Path]) -> None:
     started, home_a, home_b = two_hosts
     api = httpx.Client(base_url=started.api_url, timeout=30, limits=KEEP_ALIVE)
-    prefect = httpx.Client(base_url=started.prefect_api_url, timeout=30, limits=KEEP_ALIVE)
+    prefect = PrefectRest(started.prefect_api_url)
     stages = [
         {"plugin": "testkit", "tool": "numbers", "config": {}},
         {"plugin": "testkit", "tool": "sleep", "config": {"seconds": SLEEP_S}},

@@ -17,7 +17,7 @@ import pytest
 
 from tests.conftest import free_port
 from tests.test_api.conftest import wait_job, ws_collect
-from tests.test_deployments import KEEP_ALIVE
+from tests.test_deployments import KEEP_ALIVE, PrefectRest
 
 pytestmark = pytest.mark.xdist_group("stack")
 
@@ -34,17 +34,7 @@ class Running:
         self.stack = stack
         self.home = home
         self.api = httpx.Client(base_url=stack.api_url, timeout=30, limits=KEEP_ALIVE)
-        self.prefect = httpx.Client(base_url=stack.prefect_api_url, timeout=30, limits=KEEP_ALIVE)
-
-    def prefect_post(self, path: str, json: Any) -> httpx.Response:
-        """POST to Prefect, retried on 503 as Prefect's own client does (SQLite answers 503 when
-        two writes meet; the server's Retry-After says when to try again)."""
-        for _ in range(50):
-            answer = self.prefect.post(path, json=json)
-            if answer.status_code != 503:
-                return answer
-            time.sleep(float(answer.headers.get("Retry-After", "0.2")))
-        return answer
+        self.prefect = PrefectRest(stack.prefect_api_url)
 
     def deployment_id(self, name: str = "forgeflow-pipeline/pipeline") -> str:
         answer = self.prefect.get(f"/deployments/name/{name}")
@@ -123,7 +113,7 @@ def test_a_run_made_like_the_prefect_ui_makes_one_is_a_job_of_its_own(running: R
     deployment = running.deployment_id()
     flow_runs = []
     for count in (5, 6):  # two runs without a job id: two jobs, each named after its flow run
-        made = running.prefect_post(
+        made = running.prefect.post(
             f"/deployments/{deployment}/create_flow_run",
             json={"parameters": {"pipeline": {"pipeline": CHAIN}, "input": {"count": count}}},
         )
@@ -160,7 +150,7 @@ def test_a_scheduled_run_is_a_job(running: Running) -> None:
     deployment = running.deployment_id()
     # Hourly from three seconds from now: the scheduler makes the first run for then.
     anchor = (datetime.now(UTC) + timedelta(seconds=3)).isoformat()
-    made = running.prefect_post(
+    made = running.prefect.post(
         f"/deployments/{deployment}/schedules",
         json=[
             {
@@ -177,7 +167,7 @@ def test_a_scheduled_run_is_a_job(running: Running) -> None:
         deadline = time.monotonic() + 90
         runs: list[dict[str, Any]] = []
         while time.monotonic() < deadline and not runs:
-            answer = running.prefect_post(
+            answer = running.prefect.post(
                 "/flow_runs/filter", json={"flow_runs": {"deployment_id": {"any_": [deployment]}}}
             )
             answer.raise_for_status()
@@ -189,7 +179,7 @@ def test_a_scheduled_run_is_a_job(running: Running) -> None:
         assert job["input"] == {"count": 7} and job["envelope"]["result"]["total"] == 42
     finally:
         running.prefect.delete(f"/deployments/{deployment}/schedules/{schedule_id}")
-        later = running.prefect_post(
+        later = running.prefect.post(
             "/flow_runs/filter",
             json={"flow_runs": {"deployment_id": {"any_": [deployment]}, "state": {"type": {"any_": ["SCHEDULED"]}}}},
         )
