@@ -310,6 +310,9 @@ def test_the_page_asks_for_the_token_and_uses_it(api_factory: Any, open_page: Ca
     row.get_by_role("link").click()
     expect(page.locator("#job-status")).to_have_text("succeeded")
     expect(page.locator("#envelope-summary")).to_contain_text("result: numbers: 2 item(s), scaled: 2 item(s), total")
+    # Status and envelope of an ended job come from REST at once; its history replays over the
+    # (token-guarded) WebSocket, which closes with "job finished" after the last message.
+    expect(page.locator("#connection")).to_have_text("Job finished")
     assert _seqs(page) == list(range(1, wait_job(client, accepted["job_id"])["last_seq"] + 1))
 
 
