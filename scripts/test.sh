@@ -11,7 +11,7 @@ bash scripts/setup.sh --services
 PIP=(.venv/bin/python -m pip install -q --disable-pip-version-check)
 CONSTRAINTS=${FORGEFLOW_CONSTRAINTS-constraints/this-machine.txt}
 if [ -n "$CONSTRAINTS" ]; then PIP+=(-c "$CONSTRAINTS"); fi
-if ! .venv/bin/python -c "import forgeflow_testplugins, pytest, pytest_timeout, xdist, ruff, mypy, schemathesis, playwright" 2>/dev/null; then
+if ! .venv/bin/python -c "import forgeflow_testplugins, pytest, pytest_timeout, xdist, ruff, mypy, schemathesis, playwright, polars, duckdb, pyarrow" 2>/dev/null; then
   printf '\033[1m[test]\033[0m %s\n' "installing the dev tools and the test plugins"
   "${PIP[@]}" -e '.[api,postgres,docker,vision,dev]' -e tests/plugin_packages/forgeflow-testplugins
 fi

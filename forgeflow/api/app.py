@@ -26,7 +26,7 @@ from forgeflow.api.deps import ApiState, require_auth, require_worker_auth
 from forgeflow.api.errors import install_error_handlers
 from forgeflow.api.hub import EventHub
 from forgeflow.api.models import ErrorBody
-from forgeflow.api.routers import engine, events, health, jobs, media, pipelines, plugins
+from forgeflow.api.routers import engine, events, health, jobs, media, outputs, pipelines, plugins
 from forgeflow.api.routers.ui import install_ui
 from forgeflow.api.store import Store
 from forgeflow.settings import Settings, get_settings
@@ -52,6 +52,7 @@ isolated task per stage, and every stage reports realtime messages.
 
 TAGS = [
     {"name": "jobs", "description": "Submit, follow and cancel jobs."},
+    {"name": "outputs", "description": "A job's per-frame outputs: listed, paged by frame, downloaded as Parquet."},
     {"name": "pipelines", "description": "Saved pipeline templates and their statistics."},
     {"name": "plugins", "description": "Installed plugins, tools, schemas, lifecycle and health."},
     {"name": "media", "description": "Upload images and videos; use the ref as job input."},
@@ -232,7 +233,14 @@ def create_app(
     app.add_middleware(BodyLimit, limit=settings.max_request_bytes, exempt_prefix="/v1/media")
 
     secured = [Depends(require_auth)]
-    for router in (jobs.router, pipelines.router, pipelines.checks_router, plugins.router, engine.router):
+    for router in (
+        jobs.router,
+        outputs.router,
+        pipelines.router,
+        pipelines.checks_router,
+        plugins.router,
+        engine.router,
+    ):
         app.include_router(router, dependencies=secured, responses=UNAUTHORIZED)
     app.include_router(media.router, dependencies=[Depends(require_worker_auth)], responses=UNAUTHORIZED)
     app.include_router(events.router)  # ingest: its own token check; WebSockets check in the handler

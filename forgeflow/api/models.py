@@ -374,11 +374,46 @@ class PluginHealth(BaseModel):
     updated_at: float
 
 
+class JobOutput(BaseModel):
+    """One per-frame output of a job's (partial) result."""
+
+    name: str
+    stored: Literal["artifact", "inline"] = Field(
+        description="`artifact`: a chunked Parquet artifact in the media store (`ref`); `inline`: JSON in the envelope."
+    )
+    ref: str | None = Field(None, description="The artifact's media ref (its manifest of chunks).")
+    frames: int = Field(description="Records (one per processed frame).")
+    first_frame: int | None = None
+    last_frame: int | None = None
+    chunks: int | None = None
+    size_bytes: int | None = Field(None, description="Bytes of the artifact's chunks.")
+    counts: dict[str, int] | None = Field(None, description="Items per list column, summed (`players`: 15816).")
+    record: str | None = Field(None, description="The record model's name.")
+    format: str | None = None
+    columns: dict[str, str] | None = Field(None, description="The artifact's schema: column name → Arrow type.")
+    download_url: str = Field(description="GET it for the whole output as one Parquet file.")
+    frames_url: str = Field(description="GET it (`?start=&limit=`) for a page of records as JSON.")
+
+
+class JobOutputs(BaseModel):
+    job_id: str
+    outputs: list[JobOutput]
+
+
+class FramePage(BaseModel):
+    job_id: str
+    output: str
+    start: int
+    limit: int
+    frames: list[dict[str, Any]] = Field(description="Records with frame_index >= start, in frame order.")
+    next_start: int | None = Field(description="First frame index of the next page; null after the last.")
+
+
 class MediaView(BaseModel):
     ref: str = Field(description='Use it as job input: `{"input": {"media": ref}}`.')
     sha256: str
     size_bytes: int
-    kind: Literal["image", "video"]
+    kind: Literal["image", "video", "data"]
     media_type: str
     filename: str | None = None
 

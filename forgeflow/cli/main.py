@@ -136,7 +136,10 @@ def run(
     media: Path | None = typer.Option(None, "--input", help="Image or video to analyse (becomes input.media)."),
     input_json: str | None = typer.Option(None, "--input-json", help="Job input as JSON (or a JSON file)."),
     out_dir: Path | None = typer.Option(
-        None, "--out", help="Write result.json, events.jsonl and the job's annotated media (annotated.mp4/.jpg) here."
+        None,
+        "--out",
+        help="Write result.json, events.jsonl, one <output>.parquet per per-frame output stored as an artifact "
+        "and the job's annotated media (annotated.mp4/.jpg) here.",
     ),
     job_id: str | None = typer.Option(None, "--job-id", help="Job id (default: the file's job_id or a new one)."),
     as_json: bool = typer.Option(False, "--json", help="Print the result envelope as JSON on stdout."),
@@ -324,15 +327,20 @@ def _summary(envelope: dict[str, Any], elapsed: float, job_id: str) -> None:
     console.print(table)
     result = envelope.get("result") if envelope["ok"] else envelope.get("partial_result")
     if result:
-        parts = [
-            f"{key}: {len(value)} item(s)" if isinstance(value, list) else f"{key}: {value!r}"[:80]
-            for key, value in result.items()
-        ]
+        parts = [_described(key, value) for key, value in result.items()]
         console.print(("result · " if envelope["ok"] else "partial result · ") + ", ".join(parts))
     if not envelope["ok"]:
         console.print(
             f"[red]failed at stage {envelope.get('stage_failed')}: {envelope.get('error_type')}: {envelope.get('error')}[/red]"
         )
+
+
+def _described(key: str, value: Any) -> str:
+    from forgeflow.plugins.frames import is_frames
+
+    if is_frames(value):
+        return f"{key}: {value['frames']} frame(s) in {value['chunks']} chunk(s), {_size(value['size_bytes'])}"
+    return f"{key}: {len(value)} item(s)" if isinstance(value, list) else f"{key}: {value!r}"[:80]
 
 
 def _size(value: int | None) -> str:
@@ -351,6 +359,7 @@ def _write_outputs(out_dir: Path, envelope: dict[str, Any], sink: Any, settings:
             shown = event.summarized() if isinstance(event, JobStatusEvent) else event
             fh.write(shown.model_dump_json() + "\n")
     written = [out_dir / "result.json", out_dir / "events.jsonl"]
+    written += _write_frame_outputs(out_dir, envelope, settings)
     annotated = envelope.get("annotated_media")
     if annotated:  # the job drew its result on its media and stored it: a copy of that file
         from forgeflow.plugins import MediaError, MediaStore
@@ -368,6 +377,27 @@ def _write_outputs(out_dir: Path, envelope: dict[str, Any], sink: Any, settings:
         console.print(f"[yellow]{envelope['annotated_media_error']}[/yellow]")
     for path in written:
         console.print(f"wrote {path}")
+
+
+def _write_frame_outputs(out_dir: Path, envelope: dict[str, Any], settings: Any) -> list[Path]:
+    """``<output>.parquet`` for each per-frame output of the (partial) result, written a chunk at a time:
+    what an analyst opens with pandas, polars or DuckDB (result.json names them by ref)."""
+    from forgeflow.plugins import MediaError, MediaStore
+    from forgeflow.plugins.frames import is_frames, write_frames_file
+
+    result = envelope.get("result") if envelope.get("ok") else envelope.get("partial_result")
+    store = MediaStore(settings.media_root)
+    written = []
+    for key, value in (result or {}).items():
+        if not is_frames(value):
+            continue
+        target = out_dir / f"{key}.parquet"
+        try:
+            write_frames_file(value, store, target)
+            written.append(target)
+        except (MediaError, OSError) as exc:
+            console.print(f"[yellow]{key} ({value['$frames']}) not written: {exc}[/yellow]")
+    return written
 
 
 #: The file suffix of the copy of a job's annotated media, by its media type.

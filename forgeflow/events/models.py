@@ -169,6 +169,20 @@ class StageProgress(_Event):
     message: Name | None = None
 
 
+class StageWarning(_Event):
+    """Something the job's result should be read with: today, that the host's ``FORGEFLOW_MAX_FRAMES``
+    stopped a stage before its media's end (``reason: truncated``), with both counts."""
+
+    type: Literal["pipeline_stage_warning"] = "pipeline_stage_warning"
+    stage_index: StageIndex
+    plugin: Name
+    tool: Name
+    reason: Name
+    warning: Text
+    media_frames: Count | None = None
+    frames_read: Count | None = None
+
+
 class PipelineProgress(_Event):
     type: Literal["pipeline_progress"] = "pipeline_progress"
     stages_total: Count
@@ -206,14 +220,14 @@ class JobStatusEvent(_Event):
 
 
 Event = Annotated[
-    StageStart | StageEnd | StageProgress | PipelineError | PipelineProgress | JobStatusEvent,
+    StageStart | StageEnd | StageProgress | StageWarning | PipelineError | PipelineProgress | JobStatusEvent,
     Field(discriminator="type"),
 ]
 EVENT_ADAPTER: TypeAdapter[Event] = TypeAdapter(Event)
 #: Every message ``type``.
 EVENT_TYPES = frozenset(
     model.model_fields["type"].default
-    for model in (StageStart, StageEnd, StageProgress, PipelineError, PipelineProgress, JobStatusEvent)
+    for model in (StageStart, StageEnd, StageProgress, StageWarning, PipelineError, PipelineProgress, JobStatusEvent)
 )
 
 

@@ -23,6 +23,7 @@ import logging
 import re
 import subprocess
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
@@ -30,6 +31,7 @@ from typing import IO, TYPE_CHECKING, Any
 
 from forgeflow.pipeline.outcome import AnnotatedMedia
 from forgeflow.plugins.errors import MediaError, MediaNotFound
+from forgeflow.plugins.frames import is_frames, iter_frame_records
 from forgeflow.plugins.media import REF_PREFIX, MediaKind, MediaStore, sniff
 
 if TYPE_CHECKING:
@@ -124,11 +126,34 @@ def _color(track_id: int | None) -> tuple[int, int, int]:
     return _UNTRACKED if track_id is None else _PALETTE[track_id % len(_PALETTE)]
 
 
-def _by_frame(frames: Any, key: str) -> dict[int, list[dict[str, Any]]]:
-    out: dict[int, list[dict[str, Any]]] = {}
-    for frame in frames or []:
-        out[int(frame["frame_index"])] = list(frame.get(key) or [])
-    return out
+class _Cursor:
+    """One per-frame output (an inline list or a frames artifact), read forward a record at a time."""
+
+    def __init__(self, value: Any, key: str, store: MediaStore | None) -> None:
+        self.key = key
+        if is_frames(value):
+            if store is None:
+                raise MediaError(f"{key} is a frames artifact, but no media store was given to read it")
+            self._records: Iterator[dict[str, Any]] = iter_frame_records(value, store)
+            self.last: int | None = value.get("last_frame")
+        else:
+            frames = value if isinstance(value, list) else []
+            self._records = iter(frames)
+            self.last = int(frames[-1]["frame_index"]) if frames else None
+        self._next = next(self._records, None)
+
+    def peek(self) -> int | None:
+        return None if self._next is None else int(self._next["frame_index"])
+
+    def take(self, index: int) -> list[dict[str, Any]] | None:
+        """The items of frame ``index`` (None when the output has no record for it); records before it are passed."""
+        while self._next is not None and int(self._next["frame_index"]) < index:
+            self._next = next(self._records, None)
+        if self._next is None or int(self._next["frame_index"]) != index:
+            return None
+        items = list(self._next.get(self.key) or [])
+        self._next = next(self._records, None)
+        return items
 
 
 def _label(image: Any, text: str, x: int, y: int, color: tuple[int, int, int], scale: float) -> None:
@@ -197,10 +222,15 @@ def annotate_frame(
 
 def has_drawable(result: dict[str, Any] | None) -> bool:
     """Whether ``result`` holds something :func:`annotate_media` draws (a non-empty ``players``,
-    ``poses`` or ``actions`` list)."""
+    ``poses`` or ``actions`` list, or a frames artifact of them)."""
     if not result:
         return False
-    return any(isinstance(result.get(key), list) and len(result[key]) > 0 for key in DRAWABLE_KEYS)
+    values = [result.get(key) for key in DRAWABLE_KEYS]
+    return any(
+        (isinstance(value, list) and len(value) > 0)
+        or (isinstance(value, dict) and is_frames(value) and value["frames"])
+        for value in values
+    )
 
 
 @dataclass(frozen=True)
@@ -213,8 +243,11 @@ class AnnotatedFile:
     frames: int | None
 
 
-def annotate_media(source_path: Path | str, result: dict[str, Any], out_path: Path | str) -> AnnotatedFile:
-    """Write ``source_path`` with ``result`` drawn on it.
+def annotate_media(
+    source_path: Path | str, result: dict[str, Any], out_path: Path | str, store: MediaStore | None = None
+) -> AnnotatedFile:
+    """Write ``source_path`` with ``result`` drawn on it (its per-frame outputs inline, or frames
+    artifacts read from ``store`` a chunk at a time alongside the video: memory stays flat).
 
     An image is written in the format of ``out_path``'s suffix (``.jpg`` when it has none of an
     image's); a video as H.264 MP4 (``.mp4``) with the source's fps and size (made even). The file
@@ -230,7 +263,7 @@ def annotate_media(source_path: Path | str, result: dict[str, Any], out_path: Pa
         kind = sniff(fh.read(64))
     if kind is None:
         raise MediaError(f"unsupported or corrupt media: {source.name}")
-    frames = _Frames(result)
+    frames = _Frames(result, store)
     out.parent.mkdir(parents=True, exist_ok=True)
     if kind[0] == "image":
         if out.suffix.lower() not in _IMAGE_SUFFIXES:
@@ -243,24 +276,27 @@ def annotate_media(source_path: Path | str, result: dict[str, Any], out_path: Pa
 
 
 class _Frames:
-    """A result's players, poses and actions by frame index, and which of them a frame shows."""
+    """A result's players, poses and actions, read forward frame by frame as the video is drawn (frames
+    in increasing order): which of them a frame shows."""
 
-    def __init__(self, result: dict[str, Any]) -> None:
-        self.players = _by_frame(result.get("players"), "players")
-        self.poses = _by_frame(result.get("poses"), "poses")
-        self.actions = _by_frame(result.get("actions"), "actions")
-        annotated = sorted(set(self.players) | set(self.poses) | set(self.actions))
-        stride = annotated[1] - annotated[0] if len(annotated) > 1 else 0
-        # frames after the last processed one keep its drawing for one stride, then show none
-        self.last_shown = annotated[-1] + stride if annotated else -1
-        self.current: int | None = None
+    def __init__(self, result: dict[str, Any], store: MediaStore | None = None) -> None:
+        self.cursors = [_Cursor(result.get(key), key, store) for key in DRAWABLE_KEYS]
+        lasts = [c.last for c in self.cursors if c.last is not None]
+        self.last_annotated = max(lasts) if lasts else -1
+        firsts = sorted({i for c in self.cursors if (i := c.peek()) is not None})
+        self.first = firsts[0] if firsts else None
+        self.stride: int | None = None  # frames between the first two annotated ones (0: one frame)
+        self.current: list[list[dict[str, Any]]] | None = None
 
     def draw(self, index: int, image: Any) -> None:
-        if index in self.players or index in self.poses or index in self.actions:
-            self.current = index
-        if self.current is not None and index <= self.last_shown:
-            c = self.current
-            annotate_frame(image, self.players.get(c, []), self.poses.get(c, []), self.actions.get(c, []))
+        found = [c.take(index) for c in self.cursors]
+        if any(items is not None for items in found):
+            self.current = [items or [] for items in found]
+            if self.stride is None and index != self.first:
+                self.stride = index - (self.first or 0)
+        # frames after the last processed one keep its drawing for one stride, then show none
+        if self.current is not None and index <= self.last_annotated + (self.stride or 0):
+            annotate_frame(image, *self.current)
 
 
 def _annotate_image(source: Path, frames: _Frames, out: Path) -> None:
@@ -433,7 +469,7 @@ def annotate_job(
         folder = settings.jobs_dir / _safe_name(job_id)
         folder.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(prefix=".annotate-", dir=folder) as tmp:
-            drawn = annotate_media(source, result, Path(tmp) / "annotated.mp4")
+            drawn = annotate_media(source, result, Path(tmp) / "annotated.mp4", store)
             info = store.put_file(
                 drawn.path, filename=annotated_filename(job_id, drawn.kind), max_bytes=settings.max_media_bytes
             )

@@ -33,6 +33,7 @@ from typing import Any
 import httpx
 
 from forgeflow.plugins.errors import MediaError, MediaNotFound, MediaTooLarge
+from forgeflow.plugins.frames import FRAMES_KEY, chunk_refs, is_frames
 from forgeflow.plugins.media import REF_PREFIX, MediaDigestMismatch, MediaStore
 from forgeflow.settings import Settings
 
@@ -78,6 +79,13 @@ def media_refs(value: Any) -> list[str]:
         elif isinstance(item, (list, tuple)):
             stack.extend(reversed(item))
     return list(found)
+
+
+def _frames_values(value: Any) -> list[dict[str, Any]]:
+    """The per-frame artifact descriptors among a stage's input or output values."""
+    if not isinstance(value, dict):
+        return []
+    return [v for v in value.values() if is_frames(v)]
 
 
 class MediaSync:
@@ -126,6 +134,10 @@ class MediaSync:
                     continue
                 self._download(ref)
                 fetched.append(ref)
+        # a per-frame artifact's ref names its manifest: its chunks come after it
+        chunks = [chunk_refs(self.store, v) for v in _frames_values(value)]
+        if chunks:
+            fetched += self.fetch(chunks)
         return fetched
 
     def _download(self, ref: str) -> None:
@@ -166,6 +178,10 @@ class MediaSync:
         on the API to ``POST /v1/media``; returns the refs uploaded. Refs this host lacks are not
         media it made and are left alone."""
         uploaded = []
+        # a per-frame artifact's chunks go before its manifest, so the API never names a missing chunk
+        chunks = [chunk_refs(self.store, v) for v in _frames_values(value) if self.store.has(v[FRAMES_KEY])]
+        if chunks:
+            uploaded += self.upload(chunks)
         for ref in media_refs(value):
             with self._ref_lock(ref):
                 with self._lock:

@@ -23,8 +23,16 @@ from typing import Any
 from forgeflow.canonical import canonical_json
 from forgeflow.engine.lifecycle import LifecycleStore
 from forgeflow.engine.registry import PluginRegistry
-from forgeflow.engine.runners.base import CallResult, Progress, Runner, ToolCall
-from forgeflow.events.models import JobStatusEvent, PipelineError, StageEnd, StageProgress, StageStart, progress
+from forgeflow.engine.runners.base import CallResult, FramesRead, Progress, Runner, ToolCall
+from forgeflow.events.models import (
+    JobStatusEvent,
+    PipelineError,
+    StageEnd,
+    StageProgress,
+    StageStart,
+    StageWarning,
+    progress,
+)
 from forgeflow.events.sinks import EventSink, sink_from_settings
 from forgeflow.jobs.media_sync import MediaSync
 from forgeflow.jobs.supervise import checkpoint_path
@@ -34,6 +42,7 @@ from forgeflow.pipeline.outcome import EndReason, JobStatus, ResultEnvelope, Sta
 from forgeflow.pipeline.validation import PipelineValidationError, ResolvedStage, validate_pipeline
 from forgeflow.plugins.cache import job_cache_dir
 from forgeflow.plugins.errors import MediaError
+from forgeflow.plugins.frames import is_frames
 from forgeflow.settings import Settings, get_settings
 
 #: error_type of a stage (and a job) stopped by a cancel request.
@@ -147,6 +156,8 @@ class JobRun:
     outcomes: dict[int, CallResult] = field(default_factory=dict)
     completed: int = 0
     terminal_sent: bool = False
+    #: Disk the job's per-frame artifacts take so far (its budget: FORGEFLOW_MAX_ARTIFACT_BYTES_PER_JOB).
+    artifact_bytes: int = 0
 
     def emit(self, event: Any) -> None:
         self.services.sink.emit(event)
@@ -177,6 +188,7 @@ class JobRun:
             job_id=self.job_id,
             stage_index=stage.index,
             runner=stage.stage.effective_runner,
+            artifact_budget_bytes=max(0, settings.max_artifact_bytes_per_job - self.artifact_bytes),
         )
         result = self.services.runner.run(call, lambda update: self.stage_progress(stage, update))
         self.outcomes[stage.index] = result
@@ -186,10 +198,36 @@ class JobRun:
         report.peak_memory_mb = result.peak_memory_mb
         if result.reused_outputs or result.computed_outputs:
             report.reused_outputs, report.computed_outputs = result.reused_outputs, result.computed_outputs
+        if result.frames is not None:
+            self._frames_read(stage, result.frames)
         if not result.ok:
             raise StageFailed(stage, result)
+        self.artifact_bytes += sum(v["size_bytes"] for v in (result.outputs or {}).values() if is_frames(v))
         self._sync_media(stage, result.outputs or {}, made_by=result)
         return result.outputs or {}
+
+    def _frames_read(self, stage: ResolvedStage, frames: FramesRead) -> None:
+        """The stage's frame counts on its report; a cut by the host's cap goes out as a warning too."""
+        report = self.reports[stage.index]
+        report.media_frames, report.frames_read, report.truncated = (
+            frames.media_frames,
+            frames.frames_read,
+            frames.truncated,
+        )
+        if frames.truncated:
+            self.emit(
+                StageWarning(
+                    job_id=self.job_id,
+                    stage_index=stage.index,
+                    plugin=stage.stage.plugin,
+                    tool=stage.stage.tool,
+                    reason="truncated",
+                    warning=f"read {frames.frames_read} of {frames.media_frames} frames: the host's "
+                    f"FORGEFLOW_MAX_FRAMES={frames.max_frames} stopped the stage before the media's end",
+                    media_frames=frames.media_frames,
+                    frames_read=frames.frames_read,
+                )
+            )
 
     def _sync_media(self, stage: ResolvedStage, values: dict[str, Any], made_by: CallResult | None = None) -> None:
         """On a host apart from the API (:class:`~forgeflow.jobs.media_sync.MediaSync`): fetch the media

@@ -20,7 +20,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from enum import StrEnum
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, model_validator
 
 from forgeflow.canonical import MAX_AMOUNT, MAX_COUNT, canonical_bytes
 from forgeflow.pipeline.definition import MAX_STAGES
@@ -79,6 +79,13 @@ class StageReport(BaseModel):
     computed_outputs: int | None = Field(None, ge=0, le=MAX_COUNT)
     error: str | None = None
     error_type: str | None = Field(None, max_length=NAME_MAX)
+    media_frames: int | None = Field(
+        None, ge=0, le=MAX_AMOUNT, description="Frames in the media the stage read (null: it read no media)."
+    )
+    frames_read: int | None = Field(None, ge=0, le=MAX_AMOUNT, description="Frames the stage read of it.")
+    truncated: bool | None = Field(
+        None, description="True when the host's FORGEFLOW_MAX_FRAMES stopped the stage before the media's end."
+    )
 
 
 class AnnotatedMedia(BaseModel):
@@ -93,6 +100,9 @@ class AnnotatedMedia(BaseModel):
 
 #: The envelope's keys about its annotated media, left out of :meth:`ResultEnvelope.to_dict` when null.
 ANNOTATION_KEYS = ("annotated_media", "annotated_media_error")
+#: Keys about the frames read (an envelope's and its stage reports'), left out when null: a job that read
+#: no media has none of them.
+FRAME_KEYS = ("media_frames", "frames_read", "truncated")
 
 
 class ResultEnvelope(BaseModel):
@@ -114,13 +124,38 @@ class ResultEnvelope(BaseModel):
     stages: list[StageReport] = Field(default_factory=list)
     annotated_media: AnnotatedMedia | None = None
     annotated_media_error: str | None = None
+    media_frames: int | None = Field(
+        None, ge=0, le=MAX_AMOUNT, description="Frames in the job's media (the most any stage found)."
+    )
+    frames_read: int | None = Field(None, ge=0, le=MAX_AMOUNT, description="The most frames a stage read of it.")
+    truncated: bool | None = Field(
+        None,
+        description="True when a stage stopped at the host's FORGEFLOW_MAX_FRAMES before the media's end: the "
+        "result covers frames_read of media_frames frames. Never true without being said.",
+    )
+
+    @model_validator(mode="after")
+    def _frames_from_stages(self) -> ResultEnvelope:
+        """The envelope's frame counts follow from its stages' (set here so every ending has them)."""
+        seen = [r for r in self.stages if r.media_frames is not None]
+        if seen and self.media_frames is None:
+            self.media_frames = max(r.media_frames or 0 for r in seen)
+            self.frames_read = max(r.frames_read or 0 for r in seen)
+            self.truncated = any(bool(r.truncated) for r in seen)
+        return self
 
     def to_dict(self) -> dict[str, Any]:
         """The envelope with the keys of its kind only (success or failure), and the annotated
-        media's keys only when set."""
+        media's and frame counts' keys only when set."""
         data = self.model_dump(mode="json")
         drop = ("error", "error_type", "stage_failed", "partial_result") if self.ok else ("result",)
-        return {k: v for k, v in data.items() if k not in drop and not (k in ANNOTATION_KEYS and v is None)}
+        for stage in data["stages"]:
+            for key in FRAME_KEYS:
+                if stage.get(key) is None:
+                    stage.pop(key, None)
+        return {
+            k: v for k, v in data.items() if k not in drop and not (k in (*ANNOTATION_KEYS, *FRAME_KEYS) and v is None)
+        }
 
 
 def pending_reports(stages: Iterable[object]) -> list[StageReport]:

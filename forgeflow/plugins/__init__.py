@@ -18,15 +18,18 @@ from forgeflow.plugins.errors import (
     UnknownPlugin,
     UnknownTool,
 )
+from forgeflow.plugins.frames import ArtifactBudgetExceeded, FrameStream
 from forgeflow.plugins.media import Frame, MediaInfo, MediaReader, MediaStore
 from forgeflow.plugins.sdk import EmptyModel, Plugin, Tool, ToolContext, resource
 
 __all__ = [
+    "ArtifactBudgetExceeded",
     "ConfigError",
     "DeviceUnavailable",
     "EmptyModel",
     "ForgeFlowError",
     "Frame",
+    "FrameStream",
     "InputError",
     "MediaError",
     "MediaInfo",

@@ -27,7 +27,8 @@ REF_PREFIX = "sha256:"
 _REF_RE = re.compile(r"^sha256:([0-9a-f]{64})$")
 _CHUNK = 1024 * 1024
 
-MediaKind = Literal["image", "video"]
+#: ``data``: a columnar file ForgeFlow wrote (a chunk or manifest of a per-frame artifact, Parquet).
+MediaKind = Literal["image", "video", "data"]
 
 
 class MediaDigestMismatch(MediaError):
@@ -70,6 +71,8 @@ def sniff(head: bytes) -> tuple[MediaKind, str, str] | None:
         return "video", "video/x-matroska", ".mkv"
     if head[:4] in (b"II*\x00", b"MM\x00*"):
         return "image", "image/tiff", ".tif"
+    if head[:4] == b"PAR1":
+        return "data", "application/vnd.apache.parquet", ".parquet"
     return None
 
 
@@ -212,13 +215,18 @@ class MediaReader:
     """Decode the frames of one image or video file with limits.
 
     An image is a one-frame video at timestamp 0. ``frames(stride, max_frames)`` yields every
-    ``stride``-th frame up to the smaller of ``max_frames`` and the reader's own limit.
+    ``stride``-th frame up to ``max_frames`` (the tool's own choice) and the host's cap
+    (``FORGEFLOW_MAX_FRAMES``, none by default). Nothing is cut silently: ``frames_read`` counts the
+    frames yielded, ``frame_count`` is the media's (exact once read to the end), and ``truncated``
+    says the host's cap stopped reading before the end.
     """
 
-    def __init__(self, path: Path, *, max_bytes: int, max_frames: int, max_pixels: int) -> None:
+    def __init__(self, path: Path, *, max_bytes: int, max_frames: int | None, max_pixels: int) -> None:
         self.path = Path(path)
         self.max_frames = max_frames
         self.max_pixels = max_pixels
+        self.frames_read = 0
+        self.truncated = False
         if not self.path.is_file():
             raise MediaNotFound(f"media file not found: {self.path}")
         size = self.path.stat().st_size
@@ -230,6 +238,8 @@ class MediaReader:
             sniffed = sniff(fh.read(64))
         if sniffed is None:
             raise MediaError(f"unsupported or corrupt media: {self.path.name}")
+        if sniffed[0] == "data":
+            raise MediaError(f"{self.path.name} is a data file ({sniffed[1]}), not an image or video")
         self.kind: MediaKind = sniffed[0]
         self.media_type = sniffed[1]
         self.fps, self.frame_count, self.width, self.height = self._probe()
@@ -278,6 +288,10 @@ class MediaReader:
         self._check_resolution(image.shape[1], image.shape[0])
         return image
 
+    def _limit(self, max_frames: int | None) -> int | None:
+        limits = [n for n in (self.max_frames, max_frames) if n]
+        return min(limits) if limits else None
+
     def expected_frames(self, stride: int = 1, max_frames: int | None = None) -> int | None:
         """How many frames :meth:`frames` will yield, from the container's frame count (None when
         the video does not say). For progress reports: the decoder may find a few more or fewer."""
@@ -285,37 +299,90 @@ class MediaReader:
             return 1
         if self.frame_count <= 0:
             return None
-        limit = min(self.max_frames, max_frames) if max_frames else self.max_frames
-        return min(limit, -(-self.frame_count // max(stride, 1)))
+        whole = -(-self.frame_count // max(stride, 1))
+        limit = self._limit(max_frames)
+        return whole if limit is None else min(limit, whole)
 
     def frames(self, stride: int = 1, max_frames: int | None = None) -> Iterator[Frame]:
         import cv2
 
         if stride < 1:
             raise ValueError("stride must be >= 1")
-        limit = min(self.max_frames, max_frames) if max_frames else self.max_frames
+        limit = self._limit(max_frames)
         if self.kind == "image":
+            self.frames_read = max(self.frames_read, 1)
             yield Frame(0, 0.0, self._image)
             return
         cap = cv2.VideoCapture(str(self.path))
         try:
             index = 0
             yielded = 0
-            while yielded < limit:
+            while limit is None or yielded < limit:
                 ok = cap.grab()
                 if not ok:
+                    self.frame_count = index  # read to the end: the exact count, whatever the header said
                     break
                 if index % stride == 0:
                     ok, image = cap.retrieve()
                     if not ok or image is None:
                         raise MediaError(f"cannot decode frame {index} of {self.path.name} (corrupt video?)")
-                    yield Frame(index, round(index / self.fps, 6), image)
                     yielded += 1
+                    self.frames_read = max(self.frames_read, yielded)
+                    yield Frame(index, round(index / self.fps, 6), image)
                 index += 1
+            else:
+                # stopped by a limit: the host's cap is a cut to report when the media goes on
+                if self.max_frames is not None and yielded >= self.max_frames and cap.grab():
+                    self.truncated = True
             if index == 0:
                 raise MediaError(f"video has no readable frames (corrupt or truncated?): {self.path.name}")
         finally:
             cap.release()
+
+
+class FrameSeeker:
+    """Frames of one video by index, in increasing order, decoding only those asked for (``grab``
+    skips the rest): for a stage that follows another stage's frames as they stream in."""
+
+    def __init__(self, reader: MediaReader) -> None:
+        import cv2
+
+        self._reader = reader
+        self._cap = cv2.VideoCapture(str(reader.path)) if reader.kind == "video" else None
+        self._next = 0  # index of the frame the next grab() reads
+        self.covered = 0
+
+    def frame(self, index: int) -> Frame | None:
+        """Frame ``index`` (None when the media ends before it); indices must not go back."""
+        reader = self._reader
+        if self._cap is None:  # an image: its one frame
+            return Frame(0, 0.0, reader._image) if index == 0 else None
+        if index < self._next - 1:
+            raise MediaError(f"frame {index} asked for after frame {self._next - 1}: frames must come in order")
+        while self._next <= index:
+            if not self._cap.grab():
+                return None
+            self._next += 1
+        ok, image = self._cap.retrieve()
+        if not ok or image is None:
+            raise MediaError(f"cannot decode frame {index} of {reader.path.name} (corrupt video?)")
+        return Frame(index, round(index / reader.fps, 6), image)
+
+    def covers(self, count: int = 1) -> None:
+        """``count`` more frames of the media were analysed (decoded here or not: a reused result counts)."""
+        self.covered += count
+        self._reader.frames_read = max(self._reader.frames_read, self.covered)
+
+    def close(self) -> None:
+        if self._cap is not None:
+            self._cap.release()
+            self._cap = None
+
+    def __enter__(self) -> FrameSeeker:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 def _image_size(path: Path) -> tuple[int, int] | None:

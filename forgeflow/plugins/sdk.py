@@ -59,8 +59,12 @@ class ToolContext:
     media_store: MediaStore
     input_roots: list[Path] = field(default_factory=list)
     max_bytes: int = 2 * 1024**3
-    max_frames: int = 20_000
+    max_frames: int | None = None
     max_pixels: int = 8192 * 8192
+    #: Records per chunk of a ``FrameStream`` output (see :mod:`forgeflow.plugins.frames`).
+    chunk_frames: int = 256
+    #: Disk the call's per-frame artifacts may still take (None: no budget).
+    artifact_budget_bytes: int | None = None
     job_id: str | None = None
     stage_index: int | None = None
     plugin: str = ""
@@ -71,6 +75,7 @@ class ToolContext:
     progress_interval_s: float = 0.5
     _progress_lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
     _progress_sent_at: float | None = field(default=None, init=False, repr=False)
+    _readers: list[MediaReader] = field(default_factory=list, init=False, repr=False)
 
     def progress(self, done: float, total: float | None, message: str | None = None) -> None:
         """Report that ``done`` of ``total`` units (frames, say) are done; ``total`` None when unknown.
@@ -109,10 +114,42 @@ class ToolContext:
         from forgeflow.plugins.media import MediaReader
 
         path = self.media_store.resolve(source, input_roots=self.input_roots)
-        return MediaReader(path, max_bytes=self.max_bytes, max_frames=self.max_frames, max_pixels=self.max_pixels)
+        reader = MediaReader(path, max_bytes=self.max_bytes, max_frames=self.max_frames, max_pixels=self.max_pixels)
+        self._readers.append(reader)
+        return reader
+
+    def frames_seen(self) -> FramesSeen | None:
+        """How much of its media the call read, over every reader it opened (None: it opened none):
+        the stage report's ``media_frames``/``frames_read``/``truncated``, so no cut goes unsaid."""
+        if not self._readers:
+            return None
+        return FramesSeen(
+            media_frames=max(r.frame_count for r in self._readers),
+            frames_read=max(r.frames_read for r in self._readers),
+            truncated=any(r.truncated for r in self._readers),
+            max_frames=self.max_frames,
+        )
 
     def put_media(self, path: Path, filename: str | None = None) -> str:
         return self.media_store.put_file(path, filename=filename).ref
+
+
+@dataclass(frozen=True)
+class FramesSeen:
+    """Frames in a call's media and frames it read; ``truncated``: the host's cap stopped it early."""
+
+    media_frames: int
+    frames_read: int
+    truncated: bool
+    max_frames: int | None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "media_frames": self.media_frames,
+            "frames_read": self.frames_read,
+            "truncated": self.truncated,
+            "max_frames": self.max_frames,
+        }
 
 
 RunFn = Callable[[Any, Any, ToolContext], Any]
@@ -168,19 +205,50 @@ class Tool:
             ) from None
 
     def invoke(self, config: dict[str, Any] | None, inputs: dict[str, Any], ctx: ToolContext) -> dict[str, Any]:
-        """Validate, run, validate the output, and return it as JSON-ready data."""
+        """Validate, run, validate the output, and return it as JSON-ready data.
+
+        ``FrameStream`` inputs read artifacts from ``ctx.media_store`` as the tool iterates them (a
+        plain ``list`` input gets the records read into a list); ``FrameStream`` outputs are pulled
+        record by record and written chunk by chunk (:mod:`forgeflow.plugins.frames`)."""
+        from forgeflow.plugins import frames
+
         cfg = self.parse_config(config)
-        data = self.parse_inputs(inputs)
-        out = self.fn(data, cfg, ctx)
+        token = frames.use_store(ctx.media_store)
         try:
-            model = out if isinstance(out, self.output_model) else self.output_model.model_validate(out)
-        except ValidationError as exc:
-            raise OutputError(
-                f"{self.plugin_name}.{self.name} returned invalid output: {format_validation_error(exc)}",
-                plugin=self.plugin_name,
-                tool=self.name,
-            ) from None
-        return model.model_dump(mode="json")
+            streamed_in = frames.frame_fields(self.input_model)
+            inputs = {
+                name: list(frames.iter_frame_records(value, ctx.media_store))
+                if frames.is_frames(value) and name not in streamed_in
+                else value
+                for name, value in inputs.items()
+            }
+            data = self.parse_inputs(inputs)
+            out = self.fn(data, cfg, ctx)
+            try:
+                model = out if isinstance(out, self.output_model) else self.output_model.model_validate(out)
+            except ValidationError as exc:
+                raise OutputError(
+                    f"{self.plugin_name}.{self.name} returned invalid output: {format_validation_error(exc)}",
+                    plugin=self.plugin_name,
+                    tool=self.name,
+                ) from None
+            streamed_out = frames.frame_fields(self.output_model)
+            result: dict[str, Any] = model.model_dump(mode="json", exclude=set(streamed_out))
+            for name, record_type in streamed_out.items():
+                writer = frames.FrameWriter(
+                    store=ctx.media_store,
+                    record_type=record_type,
+                    field_name=name,
+                    chunk_frames=ctx.chunk_frames,
+                    budget_bytes=ctx.artifact_budget_bytes,
+                    label=f"{self.plugin_name}.{self.name}",
+                )
+                result[name] = writer.write_all(getattr(model, name))
+                if ctx.artifact_budget_bytes is not None:
+                    ctx.artifact_budget_bytes -= writer.size_bytes
+            return result
+        finally:
+            frames.reset_store(token)
 
 
 class Plugin:

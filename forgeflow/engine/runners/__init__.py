@@ -25,7 +25,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from forgeflow.engine.runners.base import CallResult, Progress, ProgressCallback, Runner, ToolCall
+from forgeflow.engine.runners.base import CallResult, FramesRead, Progress, ProgressCallback, Runner, ToolCall
 from forgeflow.pipeline.outcome import EndReason
 from forgeflow.plugins.errors import ForgeFlowError, InputError
 
@@ -155,6 +155,7 @@ def result_from_message(message: dict[str, Any]) -> CallResult:
         peak_memory_mb=message.get("peak_memory_mb"),
         reused_outputs=int(message.get("reused_outputs") or 0),
         computed_outputs=int(message.get("computed_outputs") or 0),
+        frames=FramesRead.model_validate(message["frames"]) if message.get("frames") else None,
     )
 
 

@@ -17,6 +17,16 @@ from forgeflow.pipeline.definition import RunnerKind
 from forgeflow.plugins.errors import ForgeFlowError
 
 
+class FramesRead(BaseModel):
+    """Frames in a call's media and frames it read: a cut is never silent (``truncated``: the host's
+    ``FORGEFLOW_MAX_FRAMES`` stopped reading before the media's end)."""
+
+    media_frames: int = Field(ge=0)
+    frames_read: int = Field(ge=0)
+    truncated: bool = False
+    max_frames: int | None = None
+
+
 class ToolCall(BaseModel):
     """One invocation of one tool, as a runner receives it."""
 
@@ -30,6 +40,11 @@ class ToolCall(BaseModel):
     stage_index: int | None = None
     runner: RunnerKind | None = Field(
         None, description="The runner this call asks for (the stage's or its pipeline's); None: the host's default."
+    )
+    artifact_budget_bytes: int | None = Field(
+        None,
+        ge=0,
+        description="Disk the call's per-frame artifacts may take (what the job has left); None: the host's.",
     )
 
 
@@ -48,6 +63,7 @@ class CallResult(BaseModel):
         0, description="Values this call read from the job's cache (ctx.cache) instead of computing."
     )
     computed_outputs: int = Field(0, description="Cacheable values this call computed.")
+    frames: FramesRead | None = Field(None, description="How much of its media the call read (None: it read none).")
 
     @classmethod
     def failure(

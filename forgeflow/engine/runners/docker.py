@@ -321,12 +321,14 @@ class DockerRunner(ProcessRunner):
             "FORGEFLOW_HOME": CONTAINER_HOME,
             "FORGEFLOW_MEDIA_INPUT_ROOTS": json.dumps([str(p) for p in s.media_input_roots]),
             "FORGEFLOW_MAX_MEDIA_BYTES": str(s.max_media_bytes),
-            "FORGEFLOW_MAX_FRAMES": str(s.max_frames),
             "FORGEFLOW_MAX_PIXELS": str(s.max_pixels),
             "FORGEFLOW_MAX_OUTPUT_BYTES": str(s.max_output_bytes),
+            "FORGEFLOW_FRAME_CHUNK_FRAMES": str(s.frame_chunk_frames),
             "FORGEFLOW_PROGRESS_INTERVAL_S": str(s.progress_interval_s),
             "PYTHONUNBUFFERED": "1",
         }
+        if s.max_frames is not None:
+            env["FORGEFLOW_MAX_FRAMES"] = str(s.max_frames)
         if "FORGEFLOW_WORKER_RLIMIT_AS" in os.environ:
             env["FORGEFLOW_WORKER_RLIMIT_AS"] = os.environ["FORGEFLOW_WORKER_RLIMIT_AS"]
         return env

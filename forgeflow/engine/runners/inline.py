@@ -49,6 +49,7 @@ class InlineRunner:
             call.job_id,
             call.stage_index,
             progress_sink=progress_relay(on_progress),
+            artifact_budget_bytes=call.artifact_budget_bytes,
         )
         request = {
             "config": call.config,

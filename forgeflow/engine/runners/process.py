@@ -431,6 +431,7 @@ class ProcessRunner:
             "memory_limit_mb": limit_mb,
             "job_id": call.job_id,
             "stage_index": call.stage_index,
+            "artifact_budget_bytes": call.artifact_budget_bytes,
         }
         log_offset = _file_size(worker.log_path)
         baseline = worker.group_rss() if worker.watch_memory else 0

@@ -165,6 +165,7 @@ def build_context(
     stage_index: int | None = None,
     media_store: MediaStore | None = None,
     progress_sink: Callable[[dict[str, Any]], None] | None = None,
+    artifact_budget_bytes: int | None = None,
 ) -> ToolContext:
     from forgeflow.plugins.cache import OutputCache, job_cache_dir
     from forgeflow.plugins.media import MediaStore
@@ -178,6 +179,10 @@ def build_context(
         max_bytes=settings.max_media_bytes,
         max_frames=settings.max_frames,
         max_pixels=settings.max_pixels,
+        chunk_frames=settings.frame_chunk_frames,
+        artifact_budget_bytes=artifact_budget_bytes
+        if artifact_budget_bytes is not None
+        else settings.max_artifact_bytes_per_job,
         job_id=job_id,
         stage_index=stage_index,
         plugin=plugin,
@@ -231,6 +236,7 @@ def execute_call(
         "recycle": False,
         "reused_outputs": ctx.cache.hits,
         "computed_outputs": ctx.cache.misses,
+        "frames": seen.to_dict() if (seen := ctx.frames_seen()) is not None else None,
     }
     if error is None:
         stage = request.get("stage_index")
@@ -408,6 +414,7 @@ def run_request(
         request.get("stage_index"),
         media_store=media_store,
         progress_sink=progress_sink,
+        artifact_budget_bytes=request.get("artifact_budget_bytes"),
     )
     return execute_call(
         tool, request, ctx, enforce_memory=True, measure_peak=measure_peak, max_output_bytes=settings.max_output_bytes

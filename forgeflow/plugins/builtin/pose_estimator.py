@@ -15,7 +15,8 @@ model places outside the image or does not see has a low confidence, not a missi
 
 from __future__ import annotations
 
-import math
+from collections.abc import Iterable, Iterator
+from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, Field
@@ -39,6 +40,8 @@ from forgeflow.plugins.builtin._vision import (
 )
 from forgeflow.plugins.builtin.schemas import FramePlayers, FramePoses, Pose
 from forgeflow.plugins.errors import ConfigError, InputError, MediaError
+from forgeflow.plugins.frames import FrameStream
+from forgeflow.plugins.media import FrameSeeker, MediaReader
 from forgeflow.plugins.sdk import Plugin, ToolContext
 
 plugin = Plugin(
@@ -71,11 +74,11 @@ class PoseInput(BaseModel):
     media: str = Field(
         min_length=1, description="The image or video the players were detected in (media ref or allowed local path)."
     )
-    players: list[FramePlayers] = Field(description="Per-frame players of the detection stage.")
+    players: FrameStream[FramePlayers] = Field(description="Per-frame players of the detection stage.")
 
 
 class PoseOutput(BaseModel):
-    poses: list[FramePoses]
+    poses: FrameStream[FramePoses]
 
 
 def match_poses(
@@ -107,112 +110,119 @@ def estimate_poses(inputs: PoseInput, config: PoseConfig, ctx: ToolContext) -> P
     device = resolve_device(config.device)
     weights = resolve_weights(config.model)
     reader = ctx.media(inputs.media)
+    return PoseOutput(poses=_poses(inputs.players, reader, weights, device, config, ctx))
 
-    by_index: dict[int, FramePlayers] = {}
-    for frame in inputs.players:
-        if frame.frame_index in by_index:
-            raise InputError(f"players lists frame {frame.frame_index} twice")
-        by_index[frame.frame_index] = frame
-    wanted = sorted(i for i in by_index if i % config.frame_stride == 0)
-    if config.max_frames is not None:
-        wanted = wanted[: config.max_frames]
-    if not wanted:
-        return PoseOutput(poses=[])
-    if reader.kind == "image" and wanted != [0]:
-        raise InputError(f"players refer to frames {wanted[:5]}… but the media is a single image")
 
-    needs_model = any(by_index[i].players for i in wanted)
-    model = None
-    if needs_model:
-        setup_ultralytics()
-        model = load_yolo(str(weights), device)
-        if getattr(model, "task", "pose") != "pose":
-            raise ConfigError(f"model {config.model!r} is a {model.task!r} model, not a pose model (no keypoints)")
-
-    def poses_of(prediction: Prediction, players: list[Any]) -> list[Pose]:
-        poses: list[Pose] = []
-        if prediction.keypoints is None or not len(prediction.data):
-            return poses
-        pose_boxes = [[float(v) for v in b[:4]] for b in prediction.data]
-        for pi, qi, value in match_poses([p.box for p in players], pose_boxes, config.match_iou):
-            keypoints = [[r2(pt[0]), r2(pt[1]), r4(pt[2] if len(pt) > 2 else 1.0)] for pt in prediction.keypoints[qi]]
-            if len(keypoints) != 17:
-                raise ConfigError(
-                    f"model {config.model!r} gives {len(keypoints)} keypoints per person, not the 17 of COCO"
-                )
-            poses.append(
-                Pose(
-                    track_id=players[pi].track_id,
-                    player_index=pi,
-                    box=[r2(v) for v in pose_boxes[qi]],
-                    confidence=r4(prediction.data[qi][4]),
-                    match_iou=r4(value),
-                    keypoints=keypoints,
-                )
+def _wanted(players: Iterable[FramePlayers], config: PoseConfig) -> Iterator[FramePlayers]:
+    """The frames of ``players`` this stage analyses (``frame_stride``, ``max_frames``), checked to come in
+    increasing frame order: the stream is read once, as it comes."""
+    previous = -1
+    taken = 0
+    for frame in players:
+        if frame.frame_index <= previous:
+            raise InputError(
+                f"players lists frame {frame.frame_index} after frame {previous} (frames must be unique and in order)"
             )
-        return poses
-
-    # Frames an earlier stage of this job already ran the same model on need no decoding at all.
-    reused: dict[int, Prediction] = {}
-    if model is not None and ctx.cache.enabled:
-        floor = min(config.confidence, PREDICT_CONF_FLOOR)
-        for index in wanted:
-            key = prediction_key(
-                ctx,
-                weights=weights,
-                media=reader.path,
-                frame_index=index,
-                device=device,
-                imgsz=config.imgsz,
-                floor=floor,
-                batch=1,
-            )
-            found = cached_prediction(ctx, key)
-            if found is None:
-                break
-            reused[index] = found.select(config.confidence, None)
-    out: dict[int, FramePoses] = {}
-    if len(reused) == len(wanted):
-        for index in wanted:
-            timestamp = 0.0 if reader.kind == "image" else round(index / reader.fps, 6)
-            players = by_index[index].players
-            poses = poses_of(reused[index], players) if players else []
-            out[index] = FramePoses(frame_index=index, timestamp_s=r4(timestamp), poses=poses)
-        report_frames(ctx, len(wanted), len(wanted), final=True)
-        return PoseOutput(poses=[out[i] for i in wanted])
-
-    stride = 0
-    for index in wanted:
-        stride = math.gcd(stride, index)
-    stride = max(stride, 1)
-    remaining = set(wanted)
-    for video_frame in reader.frames(stride, wanted[-1] // stride + 1):
-        if video_frame.index not in remaining:
+        previous = frame.frame_index
+        if frame.frame_index % config.frame_stride:
             continue
-        remaining.discard(video_frame.index)
-        players = by_index[video_frame.index].players
-        poses = []
-        if players and model is not None:
-            prediction = predict_frames(
-                model,
-                [video_frame],
-                ctx,
-                weights=weights,
-                media=reader.path,
-                device=device,
-                imgsz=config.imgsz,
-                confidence=config.confidence,
-                classes=None,
-            )[0]
-            poses = poses_of(prediction, players)
-        out[video_frame.index] = FramePoses(
-            frame_index=video_frame.index, timestamp_s=r4(video_frame.timestamp_s), poses=poses
+        if config.max_frames is not None and taken >= config.max_frames:
+            return
+        taken += 1
+        yield frame
+
+
+def _poses(
+    players: FrameStream[FramePlayers],
+    reader: MediaReader,
+    weights: Path,
+    device: str,
+    config: PoseConfig,
+    ctx: ToolContext,
+) -> Iterator[FramePoses]:
+    """Each wanted frame's poses, frame by frame as the players stream in: a frame an earlier stage of this
+    job already ran the same model on is not decoded at all (its prediction comes from ``ctx.cache``)."""
+    model: Any = None
+    floor = min(config.confidence, PREDICT_CONF_FLOOR)
+    total = players.frames
+    done = 0
+    with FrameSeeker(reader) as seeker:
+        for frame in _wanted(players, config):
+            index = frame.frame_index
+            if reader.kind == "image" and index != 0:
+                raise InputError(f"players refer to frame {index} but the media is a single image")
+            timestamp = 0.0 if reader.kind == "image" else round(index / reader.fps, 6)
+            poses: list[Pose] = []
+            if frame.players:
+                if model is None:
+                    model = _pose_model(weights, device, config)
+                key = prediction_key(
+                    ctx,
+                    weights=weights,
+                    media=reader.path,
+                    frame_index=index,
+                    device=device,
+                    imgsz=config.imgsz,
+                    floor=floor,
+                    batch=1,
+                )
+                prediction = cached_prediction(ctx, key) if ctx.cache.enabled else None
+                if prediction is not None:
+                    prediction = prediction.select(config.confidence, None)
+                else:
+                    video_frame = seeker.frame(index)
+                    if video_frame is None:
+                        raise MediaError(
+                            f"players refer to frame {index}, which the media does not have (it has "
+                            f"{reader.frame_count} frames): was 'players' detected on this media?"
+                        )
+                    timestamp = video_frame.timestamp_s
+                    prediction = predict_frames(
+                        model,
+                        [video_frame],
+                        ctx,
+                        weights=weights,
+                        media=reader.path,
+                        device=device,
+                        imgsz=config.imgsz,
+                        confidence=config.confidence,
+                        classes=None,
+                    )[0]
+                poses = _match(prediction, frame.players, config)
+            seeker.covers()
+            done += 1
+            yield FramePoses(frame_index=index, timestamp_s=r4(timestamp), poses=poses)
+            report_frames(ctx, done, total)
+    if done != total:  # the count ran short of (or past) the estimate: the whole, once
+        report_frames(ctx, done, total, final=True)
+
+
+def _pose_model(weights: Path, device: str, config: PoseConfig) -> Any:
+    setup_ultralytics()
+    model = load_yolo(str(weights), device)
+    if getattr(model, "task", "pose") != "pose":
+        raise ConfigError(f"model {config.model!r} is a {model.task!r} model, not a pose model (no keypoints)")
+    return model
+
+
+def _match(prediction: Prediction, players: list[Any], config: PoseConfig) -> list[Pose]:
+    """The prediction's poses matched one-to-one to the frame's players (see :func:`match_poses`)."""
+    poses: list[Pose] = []
+    if prediction.keypoints is None or not len(prediction.data):
+        return poses
+    pose_boxes = [[float(v) for v in b[:4]] for b in prediction.data]
+    for pi, qi, value in match_poses([p.box for p in players], pose_boxes, config.match_iou):
+        keypoints = [[r2(pt[0]), r2(pt[1]), r4(pt[2] if len(pt) > 2 else 1.0)] for pt in prediction.keypoints[qi]]
+        if len(keypoints) != 17:
+            raise ConfigError(f"model {config.model!r} gives {len(keypoints)} keypoints per person, not the 17 of COCO")
+        poses.append(
+            Pose(
+                track_id=players[pi].track_id,
+                player_index=pi,
+                box=[r2(v) for v in pose_boxes[qi]],
+                confidence=r4(prediction.data[qi][4]),
+                match_iou=r4(value),
+                keypoints=keypoints,
+            )
         )
-        report_frames(ctx, len(out), len(wanted), final=not remaining)
-    if remaining:
-        missing = sorted(remaining)
-        raise MediaError(
-            f"players refer to frame(s) {missing[:5]} that the media does not have (it ended earlier, or the "
-            f"host's limit of {reader.max_frames} frames per stage stopped reading): was 'players' detected on this media?"
-        )
-    return PoseOutput(poses=[out[i] for i in wanted])
+    return poses

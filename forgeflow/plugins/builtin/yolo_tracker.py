@@ -21,6 +21,7 @@ image has no motion to track: its players are numbered 1, 2, … from left to ri
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from types import SimpleNamespace
 from typing import Any
 
@@ -40,6 +41,7 @@ from forgeflow.plugins.builtin._vision import (
     vision_unavailable_reason,
 )
 from forgeflow.plugins.builtin.schemas import FramePlayers, MediaInput, Player
+from forgeflow.plugins.frames import FrameStream
 from forgeflow.plugins.sdk import Plugin, ToolContext
 
 plugin = Plugin(
@@ -84,7 +86,7 @@ class TrackConfig(VisionConfig):
 
 
 class PlayersOutput(BaseModel):
-    players: list[FramePlayers]
+    players: FrameStream[FramePlayers]
 
 
 class TrackSummary(BaseModel):
@@ -96,7 +98,7 @@ class TrackSummary(BaseModel):
 
 
 class TracksOutput(BaseModel):
-    players: list[FramePlayers]
+    players: FrameStream[FramePlayers]
     tracks: list[TrackSummary]
 
 
@@ -147,8 +149,9 @@ def detect(
     track: bool,
     tracker_options: dict[str, Any] | None = None,
     scene_cut: float = 0.5,
-) -> list[FramePlayers]:
-    """Detect (and track) players in every selected frame of ``media``."""
+) -> Iterator[FramePlayers]:
+    """Detect (and track) players in every selected frame of ``media``, frame by frame (a generator:
+    nothing of the video is held but the frames of one inference batch)."""
     device = resolve_device(config.device)  # before anything heavy: a missing GPU fails fast
     weights = resolve_weights(config.model)
     reader = ctx.media(media)
@@ -157,7 +160,7 @@ def detect(
     names = getattr(model, "names", {}) or {}
     tracker = _new_tracker(config.confidence, **(tracker_options or {})) if track and reader.kind == "video" else None
 
-    frames_out: list[FramePlayers] = []
+    done = 0
     expected = reader.expected_frames(config.frame_stride, config.max_frames)
     previous_hist = None
     for chunk in batched(reader.frames(config.frame_stride, config.max_frames), config.batch):
@@ -201,10 +204,10 @@ def detect(
                 for number, player in enumerate(players, start=1):
                     player.track_id = number
             players.sort(key=_sort_key)
-            frames_out.append(FramePlayers(frame_index=frame.index, timestamp_s=r4(frame.timestamp_s), players=players))
-        report_frames(ctx, len(frames_out), expected)
-    report_frames(ctx, len(frames_out), expected, final=True)
-    return frames_out
+            done += 1
+            yield FramePlayers(frame_index=frame.index, timestamp_s=r4(frame.timestamp_s), players=players)
+        report_frames(ctx, done, expected)
+    report_frames(ctx, done, expected, final=True)
 
 
 @plugin.tool(input=MediaInput, output=PlayersOutput, config=DetectConfig)
@@ -220,18 +223,21 @@ def detect_players(inputs: MediaInput, config: DetectConfig, ctx: ToolContext) -
 @plugin.tool(input=MediaInput, output=TracksOutput, config=TrackConfig)
 def track_players(inputs: MediaInput, config: TrackConfig, ctx: ToolContext) -> TracksOutput:
     """Track players across video frames with ByteTrack: per-frame players plus a summary per track id."""
-    frames = detect(
-        inputs.media,
-        config,
-        ctx,
-        classes=config.classes,
-        track=True,
-        tracker_options={
-            "track_buffer": config.track_buffer,
-            "match_thresh": config.match_thresh,
-            "new_track_thresh": config.new_track_thresh,
-        },
-        scene_cut=config.scene_cut,
+    # the per-track summary needs every frame first: this tool holds its players (detect_players streams)
+    frames = list(
+        detect(
+            inputs.media,
+            config,
+            ctx,
+            classes=config.classes,
+            track=True,
+            tracker_options={
+                "track_buffer": config.track_buffer,
+                "match_thresh": config.match_thresh,
+                "new_track_thresh": config.new_track_thresh,
+            },
+            scene_cut=config.scene_cut,
+        )
     )
     seen: dict[int, list[tuple[int, float]]] = {}
     for frame in frames:

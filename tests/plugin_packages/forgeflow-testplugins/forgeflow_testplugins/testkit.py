@@ -7,11 +7,13 @@ import os
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
-from forgeflow.plugins import EmptyModel, Plugin, ToolContext
+from forgeflow.plugins import EmptyModel, FrameStream, Plugin, ToolContext
+from forgeflow.plugins.builtin.schemas import FramePlayers, Player
 
 plugin = Plugin("testkit", "0.1.0", aliases=["tk"], description="Test tools for ForgeFlow itself.")
 
@@ -167,6 +169,103 @@ def fake_players(inputs: MediaInput, config: FakePlayersConfig, ctx: ToolContext
         players.append({"frame_index": index, "timestamp_s": 0.0, "players": [player]})
         poses.append({"frame_index": index, "timestamp_s": 0.0, "poses": [pose]})
     return FakePlayersOutput(players=players, poses=poses)
+
+
+# --- per-frame streams at match length, without a model ----------------------------------------
+
+
+class CrowdConfig(BaseModel):
+    people: int = Field(22, ge=0, le=500, description="Players a frame.")
+    frames: int | None = Field(
+        None, ge=1, le=10_000_000, description="Frames to make without reading the media; None: every frame of it."
+    )
+
+
+class CrowdOutput(BaseModel):
+    players: FrameStream[FramePlayers]
+
+
+def crowd_frame(index: int, timestamp_s: float, people: int, width: int = 1280, height: int = 720) -> FramePlayers:
+    """``people`` boxes that drift across the frame by a fixed rule (track ids 1..people)."""
+    players = []
+    for i in range(people):
+        x = float((i * 53 + index * 3) % max(width - 40, 1))
+        y = float((i * 31) % max(height - 90, 1))
+        players.append(
+            Player(box=[x, y, x + 40.0, y + 90.0], confidence=0.5 + (i % 5) / 10, track_id=i + 1, class_name="person")
+        )
+    return FramePlayers(frame_index=index, timestamp_s=round(timestamp_s, 4), players=players)
+
+
+@plugin.tool(input=MediaInput, output=CrowdOutput, config=CrowdConfig)
+def crowd_players(inputs: MediaInput, config: CrowdConfig, ctx: ToolContext) -> CrowdOutput:
+    """A model-free stand-in detector: ``people`` players on every frame of the media (decoded, so the
+    media is really read to its end), streamed frame by frame like the real detector's."""
+
+    def frames() -> Iterator[FramePlayers]:
+        if config.frames is not None:
+            for index in range(config.frames):
+                yield crowd_frame(index, index / 25, config.people)
+                ctx.progress(index + 1, config.frames)
+            return
+        reader = ctx.media(inputs.media)
+        expected = reader.expected_frames()
+        for done, frame in enumerate(reader.frames(), start=1):
+            yield crowd_frame(frame.index, frame.timestamp_s, config.people, reader.width, reader.height)
+            ctx.progress(done, max(expected or done, done))
+
+    return CrowdOutput(players=frames())
+
+
+class FrameCount(BaseModel):
+    frame_index: int = Field(ge=0)
+    players: int = Field(ge=0)
+    mean_confidence: float | None = None
+
+
+class CountPlayersConfig(BaseModel):
+    fail_at_frame: int | None = Field(None, ge=0, description="Raise on reaching this frame (partial results).")
+
+
+class CountPlayersInput(BaseModel):
+    players: FrameStream[FramePlayers]
+
+
+class CountPlayersOutput(BaseModel):
+    counts: FrameStream[FrameCount]
+    frames_expected: int | None = Field(description="Frames the upstream stream said it holds.")
+
+
+@plugin.tool(input=CountPlayersInput, output=CountPlayersOutput, config=CountPlayersConfig)
+def count_players(inputs: CountPlayersInput, config: CountPlayersConfig, ctx: ToolContext) -> CountPlayersOutput:
+    """A third-party streaming consumer and producer: players a frame, read a chunk at a time from the
+    upstream stream and written as it goes."""
+
+    def counts() -> Iterator[FrameCount]:
+        for done, frame in enumerate(inputs.players, start=1):
+            if config.fail_at_frame is not None and frame.frame_index >= config.fail_at_frame:
+                raise RuntimeError(f"failing on purpose at frame {frame.frame_index}")
+            confidences = [p.confidence for p in frame.players]
+            mean = round(sum(confidences) / len(confidences), 4) if confidences else None
+            yield FrameCount(frame_index=frame.frame_index, players=len(frame.players), mean_confidence=mean)
+            ctx.progress(done, inputs.players.frames)
+
+    return CountPlayersOutput(counts=counts(), frames_expected=inputs.players.frames)
+
+
+class ListPlayersInput(BaseModel):
+    players: list[FramePlayers]
+
+
+class ListPlayersOutput(BaseModel):
+    frames: int
+    total_players: int
+
+
+@plugin.tool(input=ListPlayersInput, output=ListPlayersOutput)
+def count_players_list(inputs: ListPlayersInput, config: EmptyModel, ctx: ToolContext) -> ListPlayersOutput:
+    """A tool written before streams: its ``list`` input gets every record, read into memory."""
+    return ListPlayersOutput(frames=len(inputs.players), total_players=sum(len(f.players) for f in inputs.players))
 
 
 # --- no-op and timing tools ------------------------------------------------------------------

@@ -1,0 +1,480 @@
+"""Per-frame outputs as chunked, columnar artifacts: how a match's worth of records travels.
+
+A tool's per-frame output (players, poses, actions: one record per processed frame) grows with the
+video: ~28 KB a frame as JSON for the soccer pipeline, ~3.7 GB for a 90-minute match. So a field
+declared :class:`FrameStream` is never a JSON array passed whole. The tool returns any iterable of
+records (a generator, typically); the SDK pulls it record by record and writes a chunk of
+``chunk_frames`` records at a time as a Parquet file into the content-addressed media store. The
+output field then holds a small **descriptor** naming the artifact::
+
+    {"$frames": "sha256:…", "format": "parquet", "record": "FramePlayers", "frames": 135000,
+     "first_frame": 0, "last_frame": 134999, "chunks": 528, "size_bytes": …, "counts": {"players": …},
+     "columns": {"frame_index": "int64", …}}
+
+``$frames`` is the ref of the artifact's manifest (a Parquet table listing the chunks' refs and frame
+ranges). The next stage declares its input ``FrameStream[...]`` too and iterates it: chunks are read
+one at a time, so neither stage ever holds more than one chunk. An output of at most ``chunk_frames``
+records (an image, a short clip) stays an inline JSON list, as before: small results stay readable.
+
+Why Parquet (measured in ``bench/bench_frames.py``, BENCHMARKS.md): every chunk is a complete file
+that pandas, polars, DuckDB and Spark open in one line; with zstd the soccer records are ~8× smaller
+than JSON; a chunk is its own row group, so a reader (or a page over REST) decodes only the chunks
+that hold the frames it wants. Arrow IPC reads faster, but DuckDB has no built-in IPC reader and the
+files are larger; at ~22 records a frame the decode cost is negligible beside a model's.
+
+Deterministic: the same records give the same chunk bytes (fixed schema from the record model, fixed
+writer options, no timestamps), hence the same refs and the same descriptor.
+
+A tool whose input field is a plain ``list[...]`` still gets a list (the chunks read into memory):
+third-party tools keep working unchanged; only streaming ones have flat memory.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import io
+import itertools
+import json
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Generic, TypeVar, get_args
+
+from pydantic import BaseModel, GetCoreSchemaHandler, GetJsonSchemaHandler
+from pydantic_core import core_schema
+
+from forgeflow.plugins.errors import InputError, OutputError
+
+if TYPE_CHECKING:
+    from pydantic.json_schema import JsonSchemaValue
+
+    from forgeflow.plugins.media import MediaStore
+
+__all__ = [
+    "FRAMES_KEY",
+    "ArtifactBudgetExceeded",
+    "FrameStream",
+    "FrameWriter",
+    "frame_fields",
+    "is_frames",
+    "iter_frame_records",
+    "page_frames",
+    "write_frames_file",
+]
+
+#: The key that marks a value as a frames descriptor; its value is the manifest's media ref.
+FRAMES_KEY = "$frames"
+#: JSON Schema keyword on a streamed field: its records may arrive as an artifact, not inline.
+SCHEMA_MARK = "x-forgeflow-frames"
+FORMAT = "parquet"
+_COMPRESSION = "zstd"
+
+R = TypeVar("R", bound=BaseModel)
+
+#: The media store of the call being run: where a FrameStream input reads its chunks from.
+_store_var: contextvars.ContextVar[MediaStore | None] = contextvars.ContextVar("forgeflow_frames_store", default=None)
+
+
+class ArtifactBudgetExceeded(OutputError):
+    """A job's per-frame artifacts would take more disk than FORGEFLOW_MAX_ARTIFACT_BYTES_PER_JOB."""
+
+    error_type = "ArtifactBudgetExceeded"
+
+
+def is_frames(value: Any) -> bool:
+    """Whether ``value`` is a frames descriptor (an artifact by ref), not inline data."""
+    return isinstance(value, dict) and isinstance(value.get(FRAMES_KEY), str)
+
+
+# --- the type tools declare ---------------------------------------------------------------------
+
+
+class FrameStream(Generic[R]):
+    """A per-frame sequence of records ``R`` (each with an int ``frame_index``), in frame order.
+
+    Declare it on an output model (``players: FrameStream[FramePlayers]``) and return any iterable
+    of ``R`` (or dicts): the SDK writes it chunk by chunk. Declare it on an input model and iterate
+    it: records arrive one chunk at a time, whether the upstream output was inline or an artifact.
+    Its JSON Schema is that of ``list[R]``, so the pipeline's type check between stages is unchanged.
+    Iterate it once (a stream, not a list); ``frames`` says how many records it holds when known.
+    """
+
+    def __init__(
+        self, records: Iterable[Any], record_type: type[R], *, frames: int | None = None, source: str = ""
+    ) -> None:
+        self._records = records
+        self.record_type = record_type
+        self.frames = frames
+        self._source = source  # an artifact's ref: its records are checked as they are read
+
+    def __iter__(self) -> Iterator[R]:
+        from pydantic import ValidationError
+
+        from forgeflow.plugins.sdk import format_validation_error
+
+        for position, item in enumerate(self._records):
+            if isinstance(item, self.record_type) or not self._source:
+                yield item
+                continue
+            try:
+                yield self.record_type.model_validate(item)
+            except ValidationError as exc:
+                raise InputError(
+                    f"frames artifact {self._source}: record {position} is not a {self.record_type.__name__}: "
+                    f"{format_validation_error(exc)}"
+                ) from None
+
+    def __repr__(self) -> str:
+        return f"FrameStream[{self.record_type.__name__}](frames={self.frames})"
+
+    @classmethod
+    def __get_pydantic_core_schema__(cls, source: Any, handler: GetCoreSchemaHandler) -> core_schema.CoreSchema:
+        args = get_args(source)
+        if len(args) != 1 or not (isinstance(args[0], type) and issubclass(args[0], BaseModel)):
+            raise TypeError("FrameStream needs a record model: FrameStream[MyFrameRecord]")
+        record_type: type[BaseModel] = args[0]
+        if "frame_index" not in record_type.model_fields:
+            raise TypeError(f"{record_type.__name__} needs an int field 'frame_index' to be a FrameStream record")
+
+        def validate(value: Any, as_list: core_schema.ValidatorFunctionWrapHandler) -> FrameStream[Any]:
+            if isinstance(value, FrameStream):
+                return value
+            if isinstance(value, (list, tuple)):  # inline (small): checked at once, errors located
+                records = as_list(value)
+                return FrameStream(records, record_type, frames=len(records))
+            if is_frames(value):
+                store = _store_var.get()
+                if store is None:
+                    raise ValueError("a frames artifact can only be read inside a tool call (no media store)")
+                frames = value.get("frames")
+                return FrameStream(
+                    _artifact_records(store, value),
+                    record_type,
+                    frames=frames if isinstance(frames, int) else None,
+                    source=value[FRAMES_KEY],
+                )
+            if isinstance(value, (str, bytes, dict)) or not isinstance(value, Iterable):
+                raise ValueError(f"expected a list of {record_type.__name__} records or a frames artifact")
+            return FrameStream(value, record_type)  # a tool's own iterable: the writer checks each record
+
+        list_schema = handler.generate_schema(list[record_type])  # type: ignore[valid-type]
+        return core_schema.no_info_wrap_validator_function(
+            validate,
+            list_schema,
+            serialization=core_schema.plain_serializer_function_ser_schema(lambda v: v, when_used="always"),
+        )
+
+    @classmethod
+    def __get_pydantic_json_schema__(
+        cls, schema: core_schema.CoreSchema, handler: GetJsonSchemaHandler
+    ) -> JsonSchemaValue:
+        """``list[R]``'s schema, marked: what the type check between stages compares."""
+        json_schema = handler(schema)
+        json_schema[SCHEMA_MARK] = True
+        return json_schema
+
+
+def frame_fields(model: type[BaseModel]) -> dict[str, type[BaseModel]]:
+    """The fields of ``model`` declared ``FrameStream[R]``, with their record types."""
+    found: dict[str, type[BaseModel]] = {}
+    for name, info in model.model_fields.items():
+        annotation = info.annotation
+        origin = getattr(annotation, "__origin__", None)
+        if origin is FrameStream:
+            found[name] = get_args(annotation)[0]
+    return found
+
+
+# --- Arrow schema from the record model ----------------------------------------------------------
+
+
+def _arrow_type(schema: dict[str, Any], defs: dict[str, Any]) -> Any:
+    """The Arrow type of a JSON Schema node (None where a node has no columnar form)."""
+    import pyarrow as pa
+
+    if "$ref" in schema:
+        return _arrow_type(defs[schema["$ref"].rsplit("/", 1)[-1]], defs)
+    if "anyOf" in schema:
+        options = [s for s in schema["anyOf"] if s.get("type") != "null"]
+        return _arrow_type(options[0], defs) if len(options) == 1 else None
+    kind = schema.get("type")
+    if kind == "integer":
+        return pa.int64()
+    if kind == "number":
+        return pa.float64()
+    if kind == "string":
+        return pa.string()
+    if kind == "boolean":
+        return pa.bool_()
+    if kind == "array" and isinstance(schema.get("items"), dict):
+        item = _arrow_type(schema["items"], defs)
+        return None if item is None else pa.list_(item)
+    if kind == "object" and schema.get("properties") and not schema.get("additionalProperties"):
+        fields = []
+        for name, sub in schema["properties"].items():
+            sub_type = _arrow_type(sub, defs)
+            if sub_type is None:
+                return None
+            fields.append(pa.field(name, sub_type))
+        return pa.struct(fields)
+    return None
+
+
+_schemas: dict[type[BaseModel], Any] = {}
+
+
+def record_schema(record_type: type[BaseModel]) -> Any:
+    """The Arrow schema of a record model: one column per field, nested as the model nests; a model
+    with no columnar form (free-form dicts, unions) is one JSON text column ``record``."""
+    import pyarrow as pa
+
+    if record_type not in _schemas:
+        json_schema = record_type.model_json_schema()
+        struct = _arrow_type(json_schema, json_schema.get("$defs", {}))
+        if struct is None:
+            _schemas[record_type] = pa.schema([pa.field("frame_index", pa.int64()), pa.field("record", pa.string())])
+        else:
+            _schemas[record_type] = pa.schema(list(struct))
+    return _schemas[record_type]
+
+
+def _is_json_column(schema: Any) -> bool:
+    return list(schema.names) == ["frame_index", "record"]
+
+
+def _table(records: list[dict[str, Any]], schema: Any) -> Any:
+    import pyarrow as pa
+
+    if _is_json_column(schema):
+        rows = [{"frame_index": r["frame_index"], "record": json.dumps(r, sort_keys=True)} for r in records]
+        return pa.Table.from_pylist(rows, schema=schema)
+    return pa.Table.from_pylist(records, schema=schema)
+
+
+def _rows(table: Any) -> list[dict[str, Any]]:
+    if _is_json_column(table.schema):
+        return [json.loads(text) for text in table.column("record").to_pylist()]
+    rows: list[dict[str, Any]] = table.to_pylist()
+    return rows
+
+
+def _parquet_bytes(table: Any) -> bytes:
+    import pyarrow.parquet as pq
+
+    buf = io.BytesIO()
+    pq.write_table(table, buf, compression=_COMPRESSION, row_group_size=max(1, table.num_rows), write_statistics=False)
+    return buf.getvalue()
+
+
+def _read_parquet(data: Any) -> Any:
+    import pyarrow.parquet as pq
+
+    return pq.read_table(data)
+
+
+# --- writing ----------------------------------------------------------------------------------------
+
+
+@dataclass
+class FrameWriter:
+    """Writes one per-frame output: records in, inline list or artifact descriptor out.
+
+    ``budget_bytes`` is what the job may still write; ``on_chunk`` (if given) hears of each chunk
+    stored (its frame range), for progress and for readers that follow the artifact as it grows.
+    """
+
+    store: MediaStore
+    record_type: type[BaseModel]
+    field_name: str
+    chunk_frames: int
+    budget_bytes: int | None = None
+    label: str = ""
+    _pending: list[dict[str, Any]] = field(default_factory=list)
+    _chunks: list[dict[str, Any]] = field(default_factory=list)
+    _counts: dict[str, int] = field(default_factory=dict)
+    _frames: int = 0
+    _size: int = 0
+    _first: int | None = None
+    _last: int | None = None
+
+    def write_all(self, records: Iterable[Any]) -> list[dict[str, Any]] | dict[str, Any]:
+        for item in records:
+            self.append(item)
+        return self.finish()
+
+    def append(self, item: Any) -> None:
+        try:
+            model = item if isinstance(item, self.record_type) else self.record_type.model_validate(item)
+        except Exception as exc:
+            raise OutputError(
+                f"{self.label} output {self.field_name!r}: record {self._frames} is not a "
+                f"{self.record_type.__name__}: {exc}"
+            ) from None
+        record = model.model_dump(mode="json")
+        index = record["frame_index"]
+        if self._last is not None and index < self._last:
+            raise OutputError(
+                f"{self.label} output {self.field_name!r}: frame_index {index} after {self._last} "
+                "(per-frame records must come in frame order)"
+            )
+        if self._first is None:
+            self._first = index
+        self._last = index
+        self._frames += 1
+        for key, value in record.items():
+            if isinstance(value, list):
+                self._counts[key] = self._counts.get(key, 0) + len(value)
+        self._pending.append(record)
+        # one chunk more than a chunk is held back, so an output of exactly one chunk stays inline
+        if len(self._pending) > self.chunk_frames:
+            self._flush(self._pending[: self.chunk_frames])
+            del self._pending[: self.chunk_frames]
+
+    def _flush(self, records: list[dict[str, Any]]) -> None:
+        data = _parquet_bytes(_table(records, record_schema(self.record_type)))
+        self._size += len(data)
+        if self.budget_bytes is not None and self._size > self.budget_bytes:
+            raise ArtifactBudgetExceeded(
+                f"{self.label} output {self.field_name!r} needs more than the job's artifact budget "
+                f"({self.budget_bytes} bytes left of FORGEFLOW_MAX_ARTIFACT_BYTES_PER_JOB) after "
+                f"{self._frames} frames"
+            )
+        info = self.store.put_bytes(data, filename=f"{self.field_name}-{records[0]['frame_index']}.parquet")
+        self._chunks.append(
+            {
+                "ref": info.ref,
+                "first_frame": records[0]["frame_index"],
+                "last_frame": records[-1]["frame_index"],
+                "frames": len(records),
+                "size_bytes": len(data),
+            }
+        )
+
+    def finish(self) -> list[dict[str, Any]] | dict[str, Any]:
+        """The inline list (at most one chunk of records, nothing stored) or the artifact's descriptor."""
+        if not self._chunks:
+            records, self._pending = self._pending, []
+            return records
+        if self._pending:
+            self._flush(self._pending)
+            self._pending = []
+        import pyarrow as pa
+
+        manifest = pa.Table.from_pylist(
+            self._chunks,
+            schema=pa.schema(
+                [
+                    pa.field("ref", pa.string()),
+                    pa.field("first_frame", pa.int64()),
+                    pa.field("last_frame", pa.int64()),
+                    pa.field("frames", pa.int64()),
+                    pa.field("size_bytes", pa.int64()),
+                ]
+            ),
+        )
+        info = self.store.put_bytes(_parquet_bytes(manifest), filename=f"{self.field_name}.manifest.parquet")
+        schema = record_schema(self.record_type)
+        return {
+            FRAMES_KEY: info.ref,
+            "format": FORMAT,
+            "record": self.record_type.__name__,
+            "frames": self._frames,
+            "first_frame": self._first,
+            "last_frame": self._last,
+            "chunks": len(self._chunks),
+            "size_bytes": self._size,
+            "counts": dict(sorted(self._counts.items())),
+            "columns": {f.name: str(f.type) for f in schema},
+        }
+
+    @property
+    def size_bytes(self) -> int:
+        return self._size
+
+
+# --- reading ----------------------------------------------------------------------------------------
+
+
+def _manifest(store: MediaStore, descriptor: dict[str, Any]) -> list[dict[str, Any]]:
+    try:
+        rows: list[dict[str, Any]] = _read_parquet(store.path(descriptor[FRAMES_KEY])).to_pylist()
+    except Exception as exc:
+        raise InputError(f"cannot read frames artifact {descriptor[FRAMES_KEY]}: {type(exc).__name__}: {exc}") from None
+    return rows
+
+
+def _chunk_rows(store: MediaStore, chunk: dict[str, Any]) -> list[dict[str, Any]]:
+    try:
+        return _rows(_read_parquet(store.path(chunk["ref"])))
+    except Exception as exc:
+        raise InputError(f"cannot read frames chunk {chunk['ref']}: {type(exc).__name__}: {exc}") from None
+
+
+def chunk_refs(store: MediaStore, descriptor: dict[str, Any]) -> list[str]:
+    """The media refs of an artifact's chunks (its manifest must be in ``store``)."""
+    return [chunk["ref"] for chunk in _manifest(store, descriptor)]
+
+
+def _artifact_records(store: MediaStore, descriptor: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    for chunk in _manifest(store, descriptor):
+        yield from _chunk_rows(store, chunk)
+
+
+def iter_frame_records(value: Any, store: MediaStore) -> Iterator[dict[str, Any]]:
+    """The records of a per-frame value, inline list or artifact, one chunk in memory at a time."""
+    if is_frames(value):
+        yield from _artifact_records(store, value)
+    elif isinstance(value, list):
+        yield from value
+
+
+def page_frames(value: Any, store: MediaStore, start: int, limit: int) -> tuple[list[dict[str, Any]], int | None]:
+    """Up to ``limit`` records from frame ``start`` on, and the frame the next page starts at (None: no
+    more). Only the chunks from ``start`` on are read, and only until the page is full."""
+
+    def records() -> Iterator[dict[str, Any]]:
+        if not is_frames(value):
+            yield from value or []
+            return
+        for chunk in _manifest(store, value):
+            if chunk["last_frame"] >= start:
+                yield from _chunk_rows(store, chunk)
+
+    page = list(itertools.islice((r for r in records() if r.get("frame_index", -1) >= start), limit + 1))
+    return page[:limit], (page[limit]["frame_index"] if len(page) > limit else None)
+
+
+def write_frames_file(value: Any, store: MediaStore, out: Any, record_type: type[BaseModel] | None = None) -> int:
+    """One Parquet file of a per-frame output (a row group per chunk) written to ``out`` (a path or a
+    binary file), chunk by chunk; returns the number of records. An inline list is written the same way."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    writer = None
+    count = 0
+    try:
+        if is_frames(value):
+            for chunk in _manifest(store, value):
+                table = _read_parquet(store.path(chunk["ref"]))
+                writer = writer or pq.ParquetWriter(out, table.schema, compression=_COMPRESSION)
+                writer.write_table(table)
+                count += table.num_rows
+        else:
+            rows = list(value or [])
+            schema = record_schema(record_type) if record_type is not None else None
+            table = pa.Table.from_pylist(rows, schema=schema) if schema is not None else pa.Table.from_pylist(rows)
+            writer = pq.ParquetWriter(out, table.schema, compression=_COMPRESSION)
+            writer.write_table(table)
+            count = table.num_rows
+    finally:
+        if writer is not None:
+            writer.close()
+    return count
+
+
+def use_store(store: MediaStore) -> contextvars.Token[MediaStore | None]:
+    """Make ``store`` the one FrameStream inputs read from (for the call being run)."""
+    return _store_var.set(store)
+
+
+def reset_store(token: contextvars.Token[MediaStore | None]) -> None:
+    _store_var.reset(token)
