@@ -504,3 +504,41 @@ def test_the_default_limits_fit_a_match() -> None:
     whole_1080p_match = 10 * 1000**3  # 90 minutes at ~15 Mbit/s (720p: 1-3 GB)
     assert settings.max_upload_bytes >= whole_1080p_match
     assert settings.max_media_bytes >= settings.max_upload_bytes  # what is uploaded can be read
+
+
+def test_two_fetches_of_one_ref_on_one_host_take_turns(proxy: CuttingProxy, tmp_path: Path) -> None:
+    """Two flow runs of a host (two MediaSyncs on one store) never append to the same partial file:
+    the second waits for the first's lock, then finds the ref stored and fetches nothing."""
+    ref, data = _stored(proxy, tmp_path, 2 * MIB)
+    stalled = threading.Event()
+    proxy.plans = [Plan(cut=300_000, hold=stalled)]
+    first, second = _sync(proxy, tmp_path / "worker"), _sync(proxy, tmp_path / "worker")
+    errors: list[BaseException] = []
+
+    def fetch(sync: Any) -> None:
+        try:
+            sync.fetch({"media": ref})
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=fetch, args=(first,))]
+    threads[0].start()
+    partial = first.store.partial_path(ref)
+    deadline = time.monotonic() + 30
+    while not (partial.exists() and partial.stat().st_size == 300_000):
+        assert time.monotonic() < deadline, "the first fetch never got its first bytes"
+        time.sleep(0.02)
+    threads.append(threading.Thread(target=fetch, args=(second,)))
+    threads[1].start()
+    time.sleep(0.5)  # the second is waiting for the lock now, not fetching
+    assert len(proxy.seen) == 1
+    stalled.set()  # the first one's connection breaks; it resumes and stores the file
+    for thread in threads:
+        thread.join(30)
+    first.close()
+    second.close()
+    assert errors == []
+    assert [s.range for s in proxy.seen] == [None, "bytes=300000-"]
+    assert (first.stats.downloads, first.stats.resumes) == (1, 1)
+    assert (second.stats.downloads, second.stats.local_hits) == (0, 1)
+    assert first.store.path(ref).read_bytes() == data and not partial.exists()
