@@ -18,6 +18,11 @@ from pydantic_settings.exceptions import SettingsError
 
 from forgeflow.pipeline.definition import MAX_STAGES
 
+#: Default of ``max_upload_bytes`` and ``max_media_bytes``: a whole match. A 90-minute broadcast is
+#: 1-3 GB at 720p and 5-10 GB at 1080p (8-15 Mbit/s); 16 GiB takes 90 minutes at up to ~25 Mbit/s.
+#: Neither limit costs memory (uploads, fetches and reads stream), only the disk the file takes.
+MATCH_MEDIA_BYTES = 16 * 1024**3
+
 _COUNTS_FORMS = 'a JSON object like {"cpu": 2, "cuda:0": 1}, or name=count pairs like cpu=2,cuda:0=1'
 _PATHS_FORMS = f'a folder, several separated by "{os.pathsep}", or a JSON list like ["/data/a", "/data/b"]'
 
@@ -84,7 +89,12 @@ class Settings(BaseSettings):
         + _PATHS_FORMS
         + ".",
     )
-    max_media_bytes: int = Field(2 * 1024**3, gt=0, description="Largest image or video accepted (upload or read).")
+    max_media_bytes: int = Field(
+        MATCH_MEDIA_BYTES,
+        gt=0,
+        description="Largest image or video a stage reads, a worker host fetches or a tool stores (16 GiB: a "
+        "whole match).",
+    )
     max_frames: int | None = Field(
         None,
         gt=0,
@@ -138,7 +148,12 @@ class Settings(BaseSettings):
     api_port: int = Field(8700, ge=0, le=65535, description="TCP port the API listens on.")
     api_token: SecretStr | None = Field(None, description="Bearer token for every REST and WebSocket call.")
     database_url: str | None = Field(None, description="SQLAlchemy URL; default: SQLite file in home.")
-    max_upload_bytes: int = Field(512 * 1024**2, gt=0, description="Largest media upload.")
+    max_upload_bytes: int = Field(
+        MATCH_MEDIA_BYTES,
+        gt=0,
+        description="Largest media upload (413 above it; 16 GiB: a whole match). Uploads stream to disk: memory "
+        "does not grow with their size.",
+    )
     max_request_bytes: int = Field(
         16 * 1024**2, gt=0, description="Largest JSON request body (413 above it; media uploads have their own limit)."
     )

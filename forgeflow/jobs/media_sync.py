@@ -12,8 +12,14 @@ every ref of a result.
 Every failure is a :class:`~forgeflow.plugins.errors.MediaError` naming the ref and the API: the
 API unreachable or too slow (every request has a timeout, nothing waits forever), a ref it does
 not have (:class:`~forgeflow.plugins.errors.MediaNotFound`), bytes that do not hash to the ref
-(:class:`~forgeflow.plugins.media.MediaDigestMismatch`). A download is written to a temporary file
-that becomes part of the store only once it is complete and verified.
+(:class:`~forgeflow.plugins.media.MediaDigestMismatch`).
+
+A download streams (memory holds one chunk, whatever the size: a match is gigabytes) into a partial
+file named after the ref (:meth:`MediaStore.resumable_writer`), which becomes part of the store only
+once complete and verified against the ref's SHA-256. When the connection breaks after bytes came, the
+download continues with ``Range: bytes=<have>-`` (up to ``max_resumes`` times); a partial file that a
+killed or failed run left is continued the same way by the next fetch. An API that answers the whole
+file instead (200) is read from the start again. Uploads stream the stored file the same way.
 
 The requests carry ``Authorization: Bearer <FORGEFLOW_INGEST_TOKEN>`` (the worker host's token,
 which the media routes take besides the API token), else the API token. Without
@@ -22,10 +28,9 @@ which the media routes take besides the API token), else the API token. Without
 
 from __future__ import annotations
 
-import io
+import logging
 import re
 import threading
-from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from email.message import Message
 from typing import Any
@@ -34,8 +39,8 @@ import httpx
 
 from forgeflow.plugins.errors import MediaError, MediaNotFound, MediaTooLarge
 from forgeflow.plugins.frames import FRAMES_KEY, chunk_refs, is_frames
-from forgeflow.plugins.media import REF_PREFIX, MediaDigestMismatch, MediaStore
-from forgeflow.settings import Settings
+from forgeflow.plugins.media import REF_PREFIX, MediaDigestMismatch, MediaStore, MediaWriter
+from forgeflow.settings import MATCH_MEDIA_BYTES, Settings
 
 MEDIA_PATH = "/v1/media"
 _REF_RE = re.compile(rf"^{REF_PREFIX}[0-9a-f]{{64}}$")
@@ -43,6 +48,10 @@ _REF_LENGTH = len(REF_PREFIX) + 64
 CONNECT_TIMEOUT_S = 5.0
 #: Longest wait for any one read or write of a transfer (a stalled API fails the stage, never hangs it).
 IO_TIMEOUT_S = 30.0
+#: Times one download continues after its connection broke mid-way (each resumed try must bring bytes).
+MAX_RESUMES = 5
+
+log = logging.getLogger(__name__)
 
 
 class MediaSyncError(MediaError):
@@ -56,7 +65,11 @@ class MediaSyncStats:
     """What a :class:`MediaSync` did so far (for logs, ``forgeflow engine status`` and tests)."""
 
     downloads: int = 0
+    #: Bytes received from the API (a resumed download counts only what it fetched itself).
     downloaded_bytes: int = 0
+    #: Range requests that continued earlier bytes of a download (after a broken connection, or from
+    #: the partial file a killed or failed run left).
+    resumes: int = 0
     uploads: int = 0
     uploaded_bytes: int = 0
     #: Refs a stage read that were already in this host's store (no download).
@@ -97,13 +110,15 @@ class MediaSync:
         store: MediaStore,
         token: str | None = None,
         *,
-        max_bytes: int = 2 * 1024**3,
+        max_bytes: int = MATCH_MEDIA_BYTES,
         connect_timeout_s: float = CONNECT_TIMEOUT_S,
         io_timeout_s: float = IO_TIMEOUT_S,
+        max_resumes: int = MAX_RESUMES,
     ) -> None:
         self.api_url = api_url.rstrip("/")
         self.store = store
         self.max_bytes = max_bytes
+        self.max_resumes = max_resumes
         self.stats = MediaSyncStats()
         headers = {"Authorization": f"Bearer {token}"} if token else {}
         timeout = httpx.Timeout(io_timeout_s, connect=connect_timeout_s)
@@ -143,34 +158,86 @@ class MediaSync:
     def _download(self, ref: str) -> None:
         url = f"{self.api_url}{MEDIA_PATH}/{ref}/content"
         try:
-            with self._client.stream("GET", f"{MEDIA_PATH}/{ref}/content") as response:
-                if response.status_code == 404:
-                    raise MediaNotFound(
-                        f"media {ref} is not in this host's media store and the API at {self.api_url} does not "
-                        f"have it (404 from {url})"
-                    )
-                if response.status_code != 200:
-                    response.read()
-                    raise MediaSyncError(f"cannot fetch media {ref} from {url}: {_refusal(response)}")
-                info = self.store.put_stream(
-                    io.BufferedReader(_ChunkReader(response.iter_bytes())),
-                    filename=_filename(response.headers.get("content-disposition")),
-                    max_bytes=self.max_bytes,
-                    expected_ref=ref,
-                )
+            with self.store.resumable_writer(ref, max_bytes=self.max_bytes) as partial:
+                if self.store.has(ref):  # another process of this host fetched it while this one waited
+                    partial.discard()
+                    self._count(local_hits=1)
+                    return
+                received, resumes, filename = self._receive(ref, url, partial)
+                info = partial.commit(filename)
         except MediaDigestMismatch as exc:
             raise MediaDigestMismatch(
                 f"media {ref} fetched from {url} does not match its digest: {exc.message}; nothing was stored"
             ) from None
         except MediaTooLarge as exc:
-            raise MediaTooLarge(f"media {ref} fetched from {url}: {exc.message}; nothing was stored") from None
-        except httpx.HTTPError as exc:
-            raise MediaSyncError(
-                f"cannot fetch media {ref} from the API at {self.api_url}: {_describe(exc)}; nothing was stored"
+            raise MediaTooLarge(
+                f"media {ref} fetched from {url}: {exc.message} (FORGEFLOW_MAX_MEDIA_BYTES); nothing was stored"
             ) from None
-        self._count(downloads=1, downloaded_bytes=info.size_bytes)
+        except httpx.HTTPError as exc:
+            raise MediaSyncError(f"cannot fetch media {ref} from the API at {self.api_url}: {_describe(exc)}") from None
+        self._count(downloads=1, downloaded_bytes=received, resumes=resumes)
+        log.debug("fetched %s (%d bytes, %d received, %d resumes)", ref, info.size_bytes, received, resumes)
         with self._lock:
             self._on_api.add(ref)
+
+    def _receive(self, ref: str, url: str, partial: MediaWriter) -> tuple[int, int, str | None]:
+        """Stream the bytes of ``ref`` into ``partial``, continuing what it holds with a ``Range``
+        request; a connection that breaks after bytes came is resumed the same way, at most
+        ``max_resumes`` times. Returns (bytes received, resumes, the file's name)."""
+        etag = f'"{ref.removeprefix(REF_PREFIX)}"'
+        received = resumes = breaks = 0
+        filename: str | None = None
+        while True:
+            # Identity: a Range counts the bytes of the file itself, which are what the ref hashes.
+            headers = {"Accept-Encoding": "identity"}
+            if partial.size:
+                # If-Range: should the API hold other bytes under this name, it answers 200 with all of them.
+                headers |= {"Range": f"bytes={partial.size}-", "If-Range": etag}
+            got = 0
+            try:
+                with self._client.stream("GET", f"{MEDIA_PATH}/{ref}/content", headers=headers) as response:
+                    if response.status_code == 416 and partial.size:
+                        if partial.complete:  # the earlier try had every byte; it stopped before storing
+                            return received, resumes, filename
+                        partial.restart()
+                        continue
+                    if response.status_code == 404:
+                        partial.discard()
+                        raise MediaNotFound(
+                            f"media {ref} is not in this host's media store and the API at {self.api_url} does "
+                            f"not have it (404 from {url})"
+                        )
+                    if response.status_code not in (200, 206):
+                        response.read()
+                        raise MediaSyncError(f"cannot fetch media {ref} from {url}: {_refusal(response)}")
+                    if response.status_code == 206 and _range_start(response) != partial.size:
+                        raise MediaSyncError(
+                            f"cannot fetch media {ref} from {url}: asked for bytes from {partial.size}, got "
+                            f"{response.headers.get('content-range')!r}"
+                        )
+                    if response.status_code == 200 and partial.size:
+                        partial.restart()  # the API sent the whole file after all: take it from the start
+                    if partial.size:
+                        resumes += 1
+                    filename = _filename(response.headers.get("content-disposition")) or filename
+                    total = _total_size(response)
+                    if total is not None and total > self.max_bytes:
+                        partial.discard()
+                        raise MediaTooLarge(f"media is {total} bytes, over the limit of {self.max_bytes} bytes")
+                    for chunk in response.iter_bytes():
+                        partial.write(chunk)
+                        got += len(chunk)
+                received += got
+                return received, resumes, filename
+            except httpx.TransportError as exc:
+                received += got
+                breaks += 1
+                if got == 0 or breaks > self.max_resumes:
+                    kept = f"; the {partial.size} bytes received are kept for the next try" if partial.size else ""
+                    raise MediaSyncError(
+                        f"cannot fetch media {ref} from the API at {self.api_url}: {_describe(exc)}{kept}"
+                    ) from None
+                log.info("fetching %s broke after %d bytes (%s); resuming", ref, partial.size, _describe(exc))
 
     # --- after a stage --------------------------------------------------------------------------
     def upload(self, value: Any) -> list[str]:
@@ -243,26 +310,19 @@ class MediaSync:
         self._client.close()
 
 
-class _ChunkReader(io.RawIOBase):
-    """A byte iterator (an HTTP body) as a raw stream, for :meth:`MediaStore.put_stream` to read."""
+def _range_start(response: httpx.Response) -> int | None:
+    """Where the bytes of a 206 answer start (``Content-Range: bytes <start>-<end>/<size>``)."""
+    match = re.match(r"^bytes (\d+)-\d+/(\d+|\*)$", response.headers.get("content-range", ""))
+    return int(match.group(1)) if match else None
 
-    def __init__(self, chunks: Iterable[bytes]) -> None:
-        self._chunks: Iterator[bytes] = iter(chunks)
-        self._pending = b""
 
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, buffer: Any) -> int:
-        while not self._pending:
-            chunk = next(self._chunks, None)
-            if chunk is None:
-                return 0
-            self._pending = chunk
-        size = min(len(buffer), len(self._pending))
-        buffer[:size] = self._pending[:size]
-        self._pending = self._pending[size:]
-        return size
+def _total_size(response: httpx.Response) -> int | None:
+    """The whole file's size as an answer gives it (Content-Range of a 206, else Content-Length)."""
+    match = re.match(r"^bytes \d+-\d+/(\d+)$", response.headers.get("content-range", ""))
+    if match:
+        return int(match.group(1))
+    length = response.headers.get("content-length", "")
+    return int(length) if response.status_code == 200 and length.isdigit() else None
 
 
 def _filename(disposition: str | None) -> str | None:

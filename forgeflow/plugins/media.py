@@ -8,6 +8,7 @@ frame-count and resolution limits, and turns every decoding failure into a :clas
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
@@ -26,6 +27,8 @@ os.environ.setdefault("OPENCV_FFMPEG_LOGLEVEL", "-8")
 REF_PREFIX = "sha256:"
 _REF_RE = re.compile(r"^sha256:([0-9a-f]{64})$")
 _CHUNK = 1024 * 1024
+#: Folder of the store where resumable downloads gather (:meth:`MediaStore.resumable_writer`).
+PARTIAL_DIR = ".partial"
 
 #: ``data``: a columnar file ForgeFlow wrote (a chunk or manifest of a per-frame artifact, Parquet).
 MediaKind = Literal["image", "video", "data"]
@@ -111,46 +114,74 @@ class MediaStore:
         :class:`MediaDigestMismatch` when ``expected_ref`` is given and the bytes do not hash to it.
         The bytes land in a temporary file that becomes the blob only once complete and checked: a
         failure (or an exception from ``stream``) leaves nothing in the store."""
+        with self.writer(max_bytes=max_bytes, expected_ref=expected_ref) as writer:
+            while chunk := stream.read(_CHUNK):
+                writer.write(chunk)
+            return writer.commit(filename)
+
+    def writer(self, *, max_bytes: int | None = None, expected_ref: str | None = None) -> MediaWriter:
+        """A :class:`MediaWriter` on a new temporary file: for bytes that arrive piece by piece (an
+        upload). Use it as a context manager; whatever is not committed is deleted on exit."""
         expected = self._digest(expected_ref) if expected_ref is not None else None
         self.root.mkdir(parents=True, exist_ok=True)
-        digest = hashlib.sha256()
-        size = 0
-        head = b""
         fd, tmp_name = tempfile.mkstemp(dir=self.root, prefix=".upload-")
+        return MediaWriter(self, fd, Path(tmp_name), max_bytes=max_bytes, expected=expected, keep=False)
+
+    def partial_path(self, ref: str) -> Path:
+        """Where the bytes of ``ref`` gather while :meth:`resumable_writer` receives them."""
+        return self.root / PARTIAL_DIR / self._digest(ref)
+
+    def resumable_writer(self, ref: str, *, max_bytes: int | None = None) -> MediaWriter:
+        """A :class:`MediaWriter` for the bytes of ``ref`` that survives its process: it appends to
+        :meth:`partial_path`, which keeps what an earlier writer (this process or one that was killed)
+        received, so a download continues where that one stopped (``writer.size`` bytes are there).
+        The writer holds an exclusive lock on the partial file until it closes, so two processes never
+        append to it at once; the second one waits, then finds the ref in the store. The partial file
+        is deleted once committed, when it turns out wrong (digest, size) and when it is empty."""
+        digest = self._digest(ref)
+        path = self.partial_path(ref)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        while True:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)  # like mkstemp: the blob it becomes
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            try:
+                current = os.stat(path)
+            except FileNotFoundError:
+                current = None
+            if current is not None and current.st_ino == os.fstat(fd).st_ino:
+                break
+            os.close(fd)  # the holder committed or deleted the file while this one waited: open afresh
+        writer = MediaWriter(self, fd, path, max_bytes=max_bytes, expected=digest, keep=True)
         try:
-            with os.fdopen(fd, "wb") as out:
-                while chunk := stream.read(_CHUNK):
-                    size += len(chunk)
-                    if max_bytes is not None and size > max_bytes:
-                        raise MediaTooLarge(f"media is larger than the limit of {max_bytes} bytes")
-                    if len(head) < 64:
-                        head += chunk[: 64 - len(head)]
-                    digest.update(chunk)
-                    out.write(chunk)
-            if expected is not None and digest.hexdigest() != expected:
-                raise MediaDigestMismatch(
-                    f"the bytes given for {expected_ref} ({size} bytes) hash to {REF_PREFIX}{digest.hexdigest()}"
-                )
-            if size == 0:
-                raise MediaError("media is empty (0 bytes)")
-            kind = sniff(head)
-            if kind is None:
-                raise MediaError(
-                    "unsupported media: not a known image (JPEG, PNG, BMP, WebP, TIFF) or video (MP4, MOV, AVI, MKV)"
-                )
-            hexdigest = digest.hexdigest()
-            blob = self._blob(hexdigest)
-            blob.parent.mkdir(parents=True, exist_ok=True)
-            info = MediaInfo(REF_PREFIX + hexdigest, hexdigest, size, kind[0], kind[1], filename)
-            if not blob.exists():
-                os.replace(tmp_name, blob)
-            sidecar = self._sidecar(hexdigest)
-            if not sidecar.exists():
-                _atomic_write(sidecar, json.dumps(info.to_dict()).encode())
-            return info
-        finally:
-            if os.path.exists(tmp_name):
-                os.unlink(tmp_name)
+            with open(path, "rb") as held:
+                while chunk := held.read(_CHUNK):
+                    writer._take(chunk)
+        except MediaTooLarge:
+            writer.discard()  # it can never become the blob
+            raise
+        except BaseException:
+            writer.close()
+            raise
+        os.lseek(fd, writer.size, os.SEEK_SET)
+        return writer
+
+    def _commit(self, tmp: Path, hexdigest: str, size: int, head: bytes, filename: str | None) -> MediaInfo:
+        if size == 0:
+            raise MediaError("media is empty (0 bytes)")
+        kind = sniff(head)
+        if kind is None:
+            raise MediaError(
+                "unsupported media: not a known image (JPEG, PNG, BMP, WebP, TIFF) or video (MP4, MOV, AVI, MKV)"
+            )
+        blob = self._blob(hexdigest)
+        blob.parent.mkdir(parents=True, exist_ok=True)
+        info = MediaInfo(REF_PREFIX + hexdigest, hexdigest, size, kind[0], kind[1], filename)
+        if not blob.exists():
+            os.replace(tmp, blob)
+        sidecar = self._sidecar(hexdigest)
+        if not sidecar.exists():
+            _atomic_write(sidecar, json.dumps(info.to_dict()).encode())
+        return info
 
     def info(self, ref: str) -> MediaInfo:
         digest = self._digest(ref)
@@ -197,6 +228,111 @@ class MediaStore:
         return match.group(1)
 
 
+class MediaWriter:
+    """One file on its way into a :class:`MediaStore`: :meth:`write` appends bytes as they arrive
+    (hashed as they go, refused past ``max_bytes``), :meth:`commit` checks them and makes the file a
+    blob. Nothing half-written ever appears under a ref. Made by :meth:`MediaStore.writer` (a
+    temporary file, deleted unless committed) and :meth:`MediaStore.resumable_writer` (a partial file
+    kept for the next try). Memory stays at one chunk whatever the file's size."""
+
+    def __init__(
+        self, store: MediaStore, fd: int, path: Path, *, max_bytes: int | None, expected: str | None, keep: bool
+    ) -> None:
+        self.store = store
+        self.path = path
+        self.max_bytes = max_bytes
+        self.size = 0
+        self._fd: int | None = fd
+        self._expected = expected
+        self._keep = keep
+        self._digest = hashlib.sha256()
+        self._head = b""
+
+    def _take(self, data: bytes) -> None:
+        self.size += len(data)
+        if self.max_bytes is not None and self.size > self.max_bytes:
+            raise MediaTooLarge(f"media is larger than the limit of {self.max_bytes} bytes")
+        if len(self._head) < 64:
+            self._head += data[: 64 - len(self._head)]
+        self._digest.update(data)
+
+    def write(self, data: bytes) -> None:
+        """Append ``data``; :class:`MediaTooLarge` once the file would pass ``max_bytes`` (the file is
+        then deleted: it can never become a blob)."""
+        assert self._fd is not None, "the writer is closed"
+        try:
+            self._take(data)
+        except MediaTooLarge:
+            self.discard()
+            raise
+        view = memoryview(data)
+        while view:
+            view = view[os.write(self._fd, view) :]
+
+    def restart(self) -> None:
+        """Throw away what the file holds and start it again from byte 0."""
+        assert self._fd is not None, "the writer is closed"
+        os.ftruncate(self._fd, 0)
+        os.lseek(self._fd, 0, os.SEEK_SET)
+        self.size = 0
+        self._digest = hashlib.sha256()
+        self._head = b""
+
+    @property
+    def complete(self) -> bool:
+        """Whether the bytes so far hash to the expected ref (a resumable writer's file may be whole)."""
+        return self._expected is not None and self.size > 0 and self._digest.hexdigest() == self._expected
+
+    def commit(self, filename: str | None = None) -> MediaInfo:
+        """Check the bytes (against the expected ref, if any; not empty; a known image or video) and
+        make them the store's blob. On any refusal the file is deleted and nothing is stored."""
+        assert self._fd is not None, "the writer is closed"
+        hexdigest = self._digest.hexdigest()
+        try:
+            if self._expected is not None and hexdigest != self._expected:
+                raise MediaDigestMismatch(
+                    f"the bytes given for {REF_PREFIX}{self._expected} ({self.size} bytes) hash to "
+                    f"{REF_PREFIX}{hexdigest}"
+                )
+            os.fsync(self._fd)
+            return self.store._commit(self.path, hexdigest, self.size, self._head, filename)
+        finally:
+            self.discard()  # a committed file is the blob now; this unlinks nothing else under its name
+
+    def discard(self) -> None:
+        """Delete the file (whatever it holds) and close the writer."""
+        if self._fd is None:
+            return
+        self._keep = False
+        self.close()
+
+    def close(self) -> None:
+        """Close the writer: a resumable writer keeps its partial file (unless empty) for the next try;
+        a temporary one deletes its file. A committed file is already the blob either way."""
+        if self._fd is None:
+            return
+        try:
+            if not (self._keep and self.size > 0) and self._holds_path():
+                os.unlink(self.path)
+        finally:
+            os.close(self._fd)  # releases the partial file's lock
+            self._fd = None
+
+    def _holds_path(self) -> bool:
+        """Whether :attr:`path` is still this writer's file (not yet renamed into the store)."""
+        assert self._fd is not None
+        try:
+            return os.stat(self.path).st_ino == os.fstat(self._fd).st_ino
+        except FileNotFoundError:
+            return False
+
+    def __enter__(self) -> MediaWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
 def _atomic_write(path: Path, data: bytes) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
     with os.fdopen(fd, "wb") as fh:
@@ -233,7 +369,9 @@ class MediaReader:
         if size == 0:
             raise MediaError(f"media file is empty (0 bytes): {self.path.name}")
         if size > max_bytes:
-            raise MediaTooLarge(f"media file is {size} bytes, over the limit of {max_bytes}")
+            raise MediaTooLarge(
+                f"media file is {size} bytes, over the limit of {max_bytes} (FORGEFLOW_MAX_MEDIA_BYTES)"
+            )
         with self.path.open("rb") as fh:
             sniffed = sniff(fh.read(64))
         if sniffed is None:
@@ -277,11 +415,19 @@ class MediaReader:
         import cv2
         import numpy as np
 
-        # Read the header first so a huge image is refused before it is decoded.
-        data = np.fromfile(str(self.path), dtype=np.uint8)
+        # Check the header first so a huge image is refused before it is read and decoded; and the file
+        # itself, which is read whole: no image within max_pixels takes more than 8 bytes a pixel (RGBA,
+        # 16 bits a channel, uncompressed), while the media limit is sized for videos (gigabytes).
         header = _image_size(self.path)
         if header is not None:
             self._check_resolution(*header)
+        size = self.path.stat().st_size
+        if size > self.max_pixels * 8 + _CHUNK:
+            raise MediaTooLarge(
+                f"image file is {size} bytes, more than any image of at most {self.max_pixels} pixels "
+                f"takes: {self.path.name}"
+            )
+        data = np.fromfile(str(self.path), dtype=np.uint8)
         image = cv2.imdecode(data, cv2.IMREAD_COLOR)
         if image is None or image.size == 0:
             raise MediaError(f"cannot decode image (corrupt or truncated?): {self.path.name}")

@@ -25,6 +25,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 
 from forgeflow.plugins.cache import OutputCache
 from forgeflow.plugins.errors import ConfigError, InputError, OutputError, PluginUnavailable
+from forgeflow.settings import MATCH_MEDIA_BYTES
 
 if TYPE_CHECKING:
     from forgeflow.plugins.media import MediaReader, MediaStore
@@ -58,7 +59,7 @@ class ToolContext:
 
     media_store: MediaStore
     input_roots: list[Path] = field(default_factory=list)
-    max_bytes: int = 2 * 1024**3
+    max_bytes: int = MATCH_MEDIA_BYTES
     max_frames: int | None = None
     max_pixels: int = 8192 * 8192
     #: Records per chunk of a ``FrameStream`` output (see :mod:`forgeflow.plugins.frames`).

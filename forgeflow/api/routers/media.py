@@ -4,59 +4,181 @@ what a ref holds, and its bytes (what worker hosts fetch)."""
 from __future__ import annotations
 
 import base64
+import errno
 import re
-from typing import Any
+from functools import partial
+from typing import TYPE_CHECKING, Any
 
 from fastapi import APIRouter, Depends, Path, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse, Response
-from starlette.datastructures import UploadFile
-from starlette.types import Message
+from python_multipart.exceptions import MultipartParseError
+from python_multipart.multipart import MultipartParser, parse_options_header
 
 from forgeflow.api.deps import ApiState, get_state
 from forgeflow.api.errors import ApiError, ApiErrorType, not_found
 from forgeflow.api.models import MEDIA_REF_PATTERN, ErrorBody, MediaView
 from forgeflow.plugins.errors import MediaError, MediaNotFound, MediaTooLarge
+from forgeflow.plugins.media import MediaWriter
+
+if TYPE_CHECKING:
+    from python_multipart.multipart import MultipartCallbacks
 
 router = APIRouter(prefix="/v1/media", tags=["media"])
 
 MULTIPART_OVERHEAD = 64 * 1024
-
-
-class _BodyTooLarge(Exception):
-    pass
-
-
-def _limited(request: Request, limit: int) -> Request:
-    """The request with a body that stops at ``limit`` bytes (chunked uploads have no Content-Length)."""
-    seen = 0
-    receive = request.receive
-
-    async def limited_receive() -> Message:
-        nonlocal seen
-        message = await receive()
-        if message["type"] == "http.request":
-            seen += len(message.get("body", b""))
-            if seen > limit:
-                raise _BodyTooLarge()
-        return message
-
-    return Request(request.scope, limited_receive)
+#: Bytes of an upload gathered before they are written to the store (off the event loop).
+WRITE_BATCH = 1024 * 1024
 
 
 def _too_large(limit: int) -> ApiError:
-    return ApiError(413, f"upload is larger than the limit of {limit} bytes", "MediaTooLarge", field="file")
+    return ApiError(
+        413,
+        f"upload is larger than the limit of {limit} bytes (FORGEFLOW_MAX_UPLOAD_BYTES)",
+        "MediaTooLarge",
+        field="file",
+    )
 
 
-def _store(state: ApiState, stream: Any, filename: str | None) -> dict[str, Any]:
+def _malformed(detail: str) -> ApiError:
+    return ApiError(422, f"malformed multipart body: {detail}", ApiErrorType.REQUEST_VALIDATION, field="file")
+
+
+def _no_file() -> ApiError:
+    return ApiError(422, "the form needs a file in the field 'file'", ApiErrorType.REQUEST_VALIDATION, field="file")
+
+
+class _Batches:
+    """Upload bytes on their way into a :class:`MediaWriter`: gathered to :data:`WRITE_BATCH`, then
+    hashed and written in a worker thread, so the event loop never waits on the disk and memory holds
+    one batch whatever the upload's size."""
+
+    def __init__(self, writer: MediaWriter) -> None:
+        self.writer = writer
+        self._parts: list[bytes] = []
+        self._size = 0
+
+    def add(self, data: bytes) -> None:
+        if data:
+            self._parts.append(data)
+            self._size += len(data)
+
+    async def flush(self, *, all_of_it: bool = False) -> None:
+        if self._size >= WRITE_BATCH or (all_of_it and self._size):
+            data = b"".join(self._parts)
+            self._parts.clear()
+            self._size = 0
+            await run_in_threadpool(self.writer.write, data)
+
+
+class _FormFile:
+    """The callbacks of a streaming multipart parser that route the data of the form's file part
+    (field ``file``, with a filename) into a :class:`_Batches`; every other part is read past, never
+    kept (the body limit bounds them)."""
+
+    def __init__(self, batches: _Batches) -> None:
+        self.batches = batches
+        self.filename: str | None = None
+        self.found = False  # the file part began
+        self.complete = False  # ... and ended
+        self.ended = False  # the closing boundary came
+        self._into_file = False
+        self._header_name = b""
+        self._header_value = b""
+        self._disposition = b""
+
+    def callbacks(self) -> MultipartCallbacks:
+        return {
+            "on_part_begin": self.on_part_begin,
+            "on_part_data": self.on_part_data,
+            "on_part_end": self.on_part_end,
+            "on_header_field": self.on_header_field,
+            "on_header_value": self.on_header_value,
+            "on_header_end": self.on_header_end,
+            "on_headers_finished": self.on_headers_finished,
+            "on_end": self.on_end,
+        }
+
+    def on_part_begin(self) -> None:
+        self._disposition = b""
+        self._into_file = False
+
+    def on_header_field(self, data: bytes, start: int, end: int) -> None:
+        self._header_name += data[start:end]
+
+    def on_header_value(self, data: bytes, start: int, end: int) -> None:
+        self._header_value += data[start:end]
+
+    def on_header_end(self) -> None:
+        if self._header_name.lower() == b"content-disposition":
+            self._disposition = self._header_value
+        self._header_name = self._header_value = b""
+
+    def on_headers_finished(self) -> None:
+        _, options = parse_options_header(self._disposition)
+        if b"name" not in options:
+            raise _malformed('the Content-Disposition header field "name" must be provided')
+        if options[b"name"] != b"file" or b"filename" not in options:
+            return
+        if self.found:
+            raise _malformed("more than one file in the field 'file'")
+        self.found = self._into_file = True
+        self.filename = _decode(options[b"filename"]) or None
+
+    def on_part_data(self, data: bytes, start: int, end: int) -> None:
+        if self._into_file:
+            self.batches.add(data[start:end])
+
+    def on_part_end(self) -> None:
+        if self._into_file:
+            self.complete = True
+        self._into_file = False
+
+    def on_end(self) -> None:
+        self.ended = True
+
+
+def _decode(raw: bytes) -> str:
     try:
-        info = state.media.put_stream(stream, filename=filename, max_bytes=state.settings.max_upload_bytes)
-    except MediaTooLarge:
-        raise _too_large(state.settings.max_upload_bytes) from None
-    except MediaError as exc:
-        status = 415 if "unsupported" in exc.message else 422
-        raise ApiError(status, exc.message, exc.error_type, field="file") from None
-    return info.to_dict()
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return raw.decode("latin-1")
+
+
+async def _receive_form(request: Request, batches: _Batches, limit: int) -> str | None:
+    """Stream a multipart/form-data body: the file's bytes into ``batches``; returns its filename."""
+    _, params = parse_options_header(request.headers.get("content-type", ""))
+    boundary = params.get(b"boundary")
+    if not boundary:
+        raise _malformed("missing boundary in multipart")
+    form = _FormFile(batches)
+    parser = MultipartParser(boundary, form.callbacks())
+    received = 0
+    try:
+        async for chunk in request.stream():
+            received += len(chunk)
+            if received > limit + MULTIPART_OVERHEAD:
+                raise _too_large(limit)
+            parser.write(chunk)
+            await batches.flush()
+        parser.finalize()
+    except MultipartParseError as exc:
+        raise _malformed(str(exc)) from None
+    if not form.found:
+        raise _no_file()
+    if not (form.complete and form.ended):
+        raise _malformed("the body ended before the file did")
+    await batches.flush(all_of_it=True)
+    return form.filename
+
+
+async def _receive_raw(request: Request, batches: _Batches) -> str | None:
+    """Stream a raw body (``application/octet-stream``, ``image/*``, ``video/*``) into ``batches``."""
+    async for chunk in request.stream():
+        batches.add(chunk)
+        await batches.flush()
+    await batches.flush(all_of_it=True)
+    return request.headers.get("x-filename") or None
 
 
 @router.post(
@@ -67,6 +189,7 @@ def _store(state: ApiState, stream: Any, filename: str | None) -> dict[str, Any]
     responses={
         401: {"model": ErrorBody, "description": "Missing or invalid API token."},
         413: {"model": ErrorBody, "description": "Larger than FORGEFLOW_MAX_UPLOAD_BYTES."},
+        507: {"model": ErrorBody, "description": "No disk space left for it on the API host."},
         415: {"model": ErrorBody, "description": "Not a supported image or video."},
         422: {"model": ErrorBody, "description": "No file, or an empty one."},
     },
@@ -95,46 +218,35 @@ async def upload_media(request: Request, state: ApiState = Depends(get_state)) -
     length = request.headers.get("content-length")
     if length is not None and length.isdigit() and int(length) > limit + MULTIPART_OVERHEAD:
         raise _too_large(limit)
-    if content_type.startswith("multipart/form-data"):
-        limited = _limited(request, limit + MULTIPART_OVERHEAD)
-        try:
-            form = await limited.form(max_files=1, max_fields=10)
-        except _BodyTooLarge:
-            raise _too_large(limit) from None
-        except Exception as exc:
-            if "too large" in str(exc).lower():
-                raise _too_large(limit) from None
-            raise ApiError(
-                422, f"malformed multipart body: {exc}", ApiErrorType.REQUEST_VALIDATION, field="file"
-            ) from None
-        try:
-            upload = form.get("file")
-            if not isinstance(upload, UploadFile):
-                raise ApiError(
-                    422, "the form needs a file in the field 'file'", ApiErrorType.REQUEST_VALIDATION, field="file"
-                )
-            return await run_in_threadpool(_store, state, upload.file, upload.filename)
-        finally:
-            await form.close()
-    if not re.match(r"^(application/octet-stream|image/|video/)", content_type):
+    multipart = content_type.startswith("multipart/form-data")
+    if not multipart and not re.match(r"^(application/octet-stream|image/|video/)", content_type):
         raise ApiError(
             415,
             "send multipart/form-data with a 'file' field, or the raw bytes as application/octet-stream",
             "UnsupportedMediaType",
             field="file",
         )
-    import tempfile
-
-    with tempfile.SpooledTemporaryFile(max_size=8 * 1024 * 1024, dir=str(state.settings.home)) as tmp:
-        size = 0
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > limit:
-                raise _too_large(limit)
-            tmp.write(chunk)
-        tmp.seek(0)
-        filename = request.headers.get("x-filename") or None
-        return await run_in_threadpool(_store, state, tmp, filename)
+    # The bytes go straight into a temporary file of the store as they arrive, hashed on the way:
+    # no copy in memory nor in a spool file, whatever the size (a match is gigabytes).
+    writer = await run_in_threadpool(partial(state.media.writer, max_bytes=limit))
+    try:
+        batches = _Batches(writer)
+        filename = await (_receive_form(request, batches, limit) if multipart else _receive_raw(request, batches))
+        info = await run_in_threadpool(writer.commit, filename)
+    except MediaTooLarge:
+        raise _too_large(limit) from None
+    except MediaError as exc:
+        status = 415 if "unsupported" in exc.message else 422
+        raise ApiError(status, exc.message, exc.error_type, field="file") from None
+    except OSError as exc:
+        if exc.errno != errno.ENOSPC:
+            raise
+        raise ApiError(
+            507, "no space left for the upload in the API's media store", "InsufficientStorage", field="file"
+        ) from None
+    finally:
+        await run_in_threadpool(writer.close)  # deletes what was not committed
+    return info.to_dict()
 
 
 @router.get(
