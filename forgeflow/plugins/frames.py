@@ -31,7 +31,6 @@ third-party tools keep working unchanged; only streaming ones have flat memory.
 
 from __future__ import annotations
 
-import contextvars
 import io
 import itertools
 import json
@@ -69,9 +68,6 @@ FORMAT = "parquet"
 _COMPRESSION = "zstd"
 
 R = TypeVar("R", bound=BaseModel)
-
-#: The media store of the call being run: where a FrameStream input reads its chunks from.
-_store_var: contextvars.ContextVar[MediaStore | None] = contextvars.ContextVar("forgeflow_frames_store", default=None)
 
 
 class ArtifactBudgetExceeded(OutputError):
@@ -141,17 +137,8 @@ class FrameStream(Generic[R]):
             if isinstance(value, (list, tuple)):  # inline (small): checked at once, errors located
                 records = as_list(value)
                 return FrameStream(records, record_type, frames=len(records))
-            if is_frames(value):
-                store = _store_var.get()
-                if store is None:
-                    raise ValueError("a frames artifact can only be read inside a tool call (no media store)")
-                frames = value.get("frames")
-                return FrameStream(
-                    _artifact_records(store, value),
-                    record_type,
-                    frames=frames if isinstance(frames, int) else None,
-                    source=value[FRAMES_KEY],
-                )
+            if is_frames(value):  # Tool.invoke opens artifacts (open_stream) before validation
+                raise ValueError("a frames artifact is read by the SDK inside a tool call, not validated as data")
             if isinstance(value, (str, bytes, dict)) or not isinstance(value, Iterable):
                 raise ValueError(f"expected a list of {record_type.__name__} records or a frames artifact")
             return FrameStream(value, record_type)  # a tool's own iterable: the writer checks each record
@@ -471,10 +458,12 @@ def write_frames_file(value: Any, store: MediaStore, out: Any, record_type: type
     return count
 
 
-def use_store(store: MediaStore) -> contextvars.Token[MediaStore | None]:
-    """Make ``store`` the one FrameStream inputs read from (for the call being run)."""
-    return _store_var.set(store)
-
-
-def reset_store(token: contextvars.Token[MediaStore | None]) -> None:
-    _store_var.reset(token)
+def open_stream(value: dict[str, Any], record_type: type[R], store: MediaStore) -> FrameStream[R]:
+    """An artifact's records as the :class:`FrameStream` a tool iterates (read from ``store`` a chunk at a time)."""
+    frames = value.get("frames")
+    return FrameStream(
+        _artifact_records(store, value),
+        record_type,
+        frames=frames if isinstance(frames, int) else None,
+        source=value[FRAMES_KEY],
+    )

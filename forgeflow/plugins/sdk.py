@@ -25,6 +25,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 
 from forgeflow.plugins.cache import OutputCache
 from forgeflow.plugins.errors import ConfigError, InputError, OutputError, PluginUnavailable
+from forgeflow.plugins.frames import is_frames
 from forgeflow.settings import MATCH_MEDIA_BYTES
 
 if TYPE_CHECKING:
@@ -195,15 +196,30 @@ class Tool:
                 tool=self.name,
             ) from None
 
-    def parse_inputs(self, inputs: dict[str, Any]) -> BaseModel:
+    def parse_inputs(self, inputs: dict[str, Any], store: MediaStore | None = None) -> BaseModel:
+        """The inputs as the tool's input model. A frames artifact (a per-frame output passed by ref) is
+        opened from ``store``: a ``FrameStream`` field reads it as the tool iterates, a ``list`` field
+        gets every record. Without a store (a call checked before it runs) artifacts are not read:
+        they stand for valid streams of their kind."""
+        opened = {name: self._open_frames(name, value, store) for name, value in inputs.items() if is_frames(value)}
         try:
-            return self.input_model.model_validate(inputs)
+            return self.input_model.model_validate({**inputs, **opened})
         except ValidationError as exc:
             raise InputError(
                 f"{self.plugin_name}.{self.name}: invalid input: {format_validation_error(exc)}",
                 plugin=self.plugin_name,
                 tool=self.name,
             ) from None
+
+    def _open_frames(self, name: str, value: dict[str, Any], store: MediaStore | None) -> Any:
+        from forgeflow.plugins import frames
+
+        record_type = frames.frame_fields(self.input_model).get(name)
+        if record_type is None:  # a list field: every record, in memory
+            return list(frames.iter_frame_records(value, store)) if store is not None else []
+        if store is None:
+            return frames.FrameStream((), record_type, frames=value.get("frames"))
+        return frames.open_stream(value, record_type, store)
 
     def invoke(self, config: dict[str, Any] | None, inputs: dict[str, Any], ctx: ToolContext) -> dict[str, Any]:
         """Validate, run, validate the output, and return it as JSON-ready data.
@@ -214,42 +230,31 @@ class Tool:
         from forgeflow.plugins import frames
 
         cfg = self.parse_config(config)
-        token = frames.use_store(ctx.media_store)
+        data = self.parse_inputs(inputs, ctx.media_store)
+        out = self.fn(data, cfg, ctx)
         try:
-            streamed_in = frames.frame_fields(self.input_model)
-            inputs = {
-                name: list(frames.iter_frame_records(value, ctx.media_store))
-                if frames.is_frames(value) and name not in streamed_in
-                else value
-                for name, value in inputs.items()
-            }
-            data = self.parse_inputs(inputs)
-            out = self.fn(data, cfg, ctx)
-            try:
-                model = out if isinstance(out, self.output_model) else self.output_model.model_validate(out)
-            except ValidationError as exc:
-                raise OutputError(
-                    f"{self.plugin_name}.{self.name} returned invalid output: {format_validation_error(exc)}",
-                    plugin=self.plugin_name,
-                    tool=self.name,
-                ) from None
-            streamed_out = frames.frame_fields(self.output_model)
-            result: dict[str, Any] = model.model_dump(mode="json", exclude=set(streamed_out))
-            for name, record_type in streamed_out.items():
-                writer = frames.FrameWriter(
-                    store=ctx.media_store,
-                    record_type=record_type,
-                    field_name=name,
-                    chunk_frames=ctx.chunk_frames,
-                    budget_bytes=ctx.artifact_budget_bytes,
-                    label=f"{self.plugin_name}.{self.name}",
-                )
-                result[name] = writer.write_all(getattr(model, name))
-                if ctx.artifact_budget_bytes is not None:
-                    ctx.artifact_budget_bytes -= writer.size_bytes
-            return result
-        finally:
-            frames.reset_store(token)
+            model = out if isinstance(out, self.output_model) else self.output_model.model_validate(out)
+        except ValidationError as exc:
+            raise OutputError(
+                f"{self.plugin_name}.{self.name} returned invalid output: {format_validation_error(exc)}",
+                plugin=self.plugin_name,
+                tool=self.name,
+            ) from None
+        streamed_out = frames.frame_fields(self.output_model)
+        result: dict[str, Any] = model.model_dump(mode="json", exclude=set(streamed_out))
+        for name, record_type in streamed_out.items():
+            writer = frames.FrameWriter(
+                store=ctx.media_store,
+                record_type=record_type,
+                field_name=name,
+                chunk_frames=ctx.chunk_frames,
+                budget_bytes=ctx.artifact_budget_bytes,
+                label=f"{self.plugin_name}.{self.name}",
+            )
+            result[name] = writer.write_all(getattr(model, name))
+            if ctx.artifact_budget_bytes is not None:
+                ctx.artifact_budget_bytes -= writer.size_bytes
+        return result
 
 
 class Plugin:
