@@ -291,7 +291,9 @@ def _show(progress: Progress, bars: list[Any], event: Any) -> None:
     elif event.type == "pipeline_stage_progress":
         # The bar counts what the tool counts (frames): "37/64 frames" or the tool's own message.
         count = f"{event.done:g}/{event.total:g}" if event.total else f"{event.done:g}"
-        status = f"[yellow]{event.message or count}[/yellow]"
+        pace = f" · {event.rate:.1f}/s" if event.rate else ""
+        pace += f" · ETA {_duration(event.eta_s)}" if event.eta_s is not None else ""
+        status = f"[yellow]{event.message or count}{pace}[/yellow]"
         if event.total:
             progress.update(bar, total=event.total, completed=event.done, status=status)
         else:
@@ -333,6 +335,12 @@ def _summary(envelope: dict[str, Any], elapsed: float, job_id: str) -> None:
         console.print(
             f"[red]failed at stage {envelope.get('stage_failed')}: {envelope.get('error_type')}: {envelope.get('error')}[/red]"
         )
+
+
+def _duration(seconds: float) -> str:
+    minutes, secs = divmod(round(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
 
 
 def _described(key: str, value: Any) -> str:

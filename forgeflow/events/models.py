@@ -167,6 +167,8 @@ class StageProgress(_Event):
     )
     fraction: Annotated[float, Field(ge=0, le=1)] | None = Field(None, description="done / total; null when total is.")
     message: Name | None = None
+    rate: Amount | None = Field(None, description="Units a second since the stage's call started (frames/s).")
+    eta_s: Amount | None = Field(None, description="Seconds left at that rate; null without a total.")
 
 
 class StageWarning(_Event):

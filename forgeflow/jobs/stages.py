@@ -16,6 +16,7 @@ import contextvars
 import os
 import shutil
 import threading
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -158,6 +159,8 @@ class JobRun:
     terminal_sent: bool = False
     #: Disk the job's per-frame artifacts take so far (its budget: FORGEFLOW_MAX_ARTIFACT_BYTES_PER_JOB).
     artifact_bytes: int = 0
+    #: When each stage's call started (monotonic): its progress' rate and ETA count from there.
+    call_started: dict[int, float] = field(default_factory=dict)
 
     def emit(self, event: Any) -> None:
         self.services.sink.emit(event)
@@ -190,6 +193,7 @@ class JobRun:
             runner=stage.stage.effective_runner,
             artifact_budget_bytes=max(0, settings.max_artifact_bytes_per_job - self.artifact_bytes),
         )
+        self.call_started[stage.index] = time.monotonic()
         result = self.services.runner.run(call, lambda update: self.stage_progress(stage, update))
         self.outcomes[stage.index] = result
         report = self.reports[stage.index]
@@ -247,6 +251,9 @@ class JobRun:
             raise StageFailed(stage, self.outcomes[stage.index]) from None
 
     def stage_progress(self, stage: ResolvedStage, update: Progress) -> None:
+        elapsed = time.monotonic() - self.call_started.get(stage.index, time.monotonic())
+        rate = update.done / elapsed if elapsed > 0 and update.done > 0 else None
+        eta = (update.total - update.done) / rate if rate and update.total is not None else None
         self.emit(
             StageProgress(
                 job_id=self.job_id,
@@ -257,6 +264,8 @@ class JobRun:
                 total=update.total,
                 fraction=update.fraction,
                 message=update.message,
+                rate=round(rate, 2) if rate is not None else None,
+                eta_s=round(max(eta, 0.0), 1) if eta is not None else None,
             )
         )
 

@@ -138,6 +138,10 @@ def test_stage_progress_is_kept_on_the_stage_and_the_result_is_stored_once(store
     (row,) = store.stage_rows("jp")
     assert row["status"] == "running"
     assert row["progress"] == {"done": 16, "total": 64, "fraction": 0.25, "message": "16/64"}
+    paced = report.model_copy(update={"event_id": "paced", "done": 32, "rate": 8.0, "eta_s": 4.0})
+    store.ingest([paced])
+    assert store.stage_rows("jp")[0]["progress"]["rate"] == 8.0  # frames/s and ETA kept when the job sends them
+    assert store.stage_rows("jp")[0]["progress"]["eta_s"] == 4.0
     store.ingest([StageStart(job_id="jp", stage_index=0, plugin="testkit", tool="t0", attempt=2)])
     assert store.stage_rows("jp")[0]["progress"] is None  # a new attempt starts from nothing
     big = {"numbers": list(range(10_000))}

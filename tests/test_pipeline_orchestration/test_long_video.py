@@ -109,6 +109,10 @@ def test_a_frame_cap_that_is_hit_is_never_silent(long_settings, video_300, monke
     assert warnings[0]["reason"] == "truncated" and warnings[0]["stage_index"] == 0
     assert (warnings[0]["media_frames"], warnings[0]["frames_read"]) == (300, 100)
     assert "FORGEFLOW_MAX_FRAMES=100" in warnings[0]["warning"]
+    # progress on a long stage says frames/s and the time left
+    progress = [e for e in events if e["type"] == "pipeline_stage_progress" and e["stage_index"] == 0]
+    assert progress and all(e["rate"] > 0 for e in progress)
+    assert progress[-1]["done"] == progress[-1]["total"] and progress[-1]["eta_s"] == 0
 
 
 def test_a_video_longer_than_the_old_cap_is_read_to_the_end(long_settings, executor, tmp_path):

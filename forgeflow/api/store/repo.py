@@ -484,6 +484,7 @@ class Store:
             case StageProgress():
                 if not ended:
                     progress = event.model_dump(mode="json", include={"done", "total", "fraction", "message"})
+                    progress.update(event.model_dump(mode="json", include={"rate", "eta_s"}, exclude_none=True))
                     self._upsert_stage(conn, job["id"], event.stage_index, plugin=event.plugin, progress=progress)
             case PipelineError():
                 if not ended:

@@ -81,6 +81,8 @@ class Progress(BaseModel):
     done: float = Field(ge=0)
     total: float | None = Field(None, gt=0)
     message: str | None = None
+    rate: float | None = Field(None, ge=0, description="Units a second since the call started (set by the job).")
+    eta_s: float | None = Field(None, ge=0, description="Seconds left at that rate (set by the job).")
 
     @computed_field  # type: ignore[prop-decorator]
     @property

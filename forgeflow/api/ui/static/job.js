@@ -88,7 +88,9 @@ export async function jobView(main, jobId) {
       const fraction = p.fraction ?? null;
       add("Progress",
         h("progress", { max: 1, value: stage.status === "completed" ? 1 : fraction ?? undefined, "aria-label": `Progress of stage ${stage.index}` }),
-        ` ${p.message || `${p.done}${p.total ? ` / ${p.total}` : ""}`}`);
+        ` ${p.message || `${p.done}${p.total ? ` / ${p.total}` : ""}`}`,
+        running && p.rate ? ` · ${p.rate.toFixed(1)}/s` : "",
+        running && p.eta_s !== null && p.eta_s !== undefined ? ` · ETA ${formatMs(p.eta_s * 1000)}` : "");
     }
     if (stage.result_size_bytes !== undefined && stage.result_size_bytes !== null) add("Output", formatBytes(stage.result_size_bytes));
     if (stage.peak_memory_mb !== undefined && stage.peak_memory_mb !== null) add("Peak memory", `${Math.round(stage.peak_memory_mb)} MB`);
@@ -198,7 +200,7 @@ export async function jobView(main, jobId) {
         if (state.status === "queued") state.status = "running";
         break;
       case "pipeline_stage_progress":
-        stage.progress = { done: m.done, total: m.total, fraction: m.fraction, message: m.message };
+        stage.progress = { done: m.done, total: m.total, fraction: m.fraction, message: m.message, rate: m.rate, eta_s: m.eta_s };
         if (stage.status === "pending") stage.status = "running";
         break;
       case "pipeline_stage_end":
