@@ -124,8 +124,8 @@ class ClassifierConfig(BaseModel):
         30.0,
         gt=0.0,
         le=120.0,
-        description="Time window (centred) of a track's body scale (median torso length); results are "
-        "returned this half window behind the input.",
+        description="Time window (centred) of a track's body scale (median torso length). A stream's "
+        "results come half the widest window behind its input.",
     )
     crouch_knee_angle: float = Field(
         120.0, gt=0.0, lt=180.0, description="Knee angle (degrees) under which a player crouches."
