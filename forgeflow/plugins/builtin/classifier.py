@@ -77,6 +77,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from forgeflow.plugins.builtin._vision import r4
 from forgeflow.plugins.builtin.schemas import Action, FrameActions, FramePoses, Pose
 from forgeflow.plugins.errors import InputError
+from forgeflow.plugins.frames import FrameStream
 from forgeflow.plugins.media import MediaReader
 from forgeflow.plugins.sdk import Plugin, ToolContext
 
@@ -137,14 +138,14 @@ class ClassifierConfig(BaseModel):
 
 
 class ClassifierInput(BaseModel):
-    poses: list[FramePoses] = Field(description="Per-frame poses of the pose stage.")
+    poses: FrameStream[FramePoses] = Field(description="Per-frame poses of the pose stage.")
     media: str | None = Field(
         None, min_length=1, description="The video the poses come from (used to remove camera motion)."
     )
 
 
 class ClassifierOutput(BaseModel):
-    actions: list[FrameActions]
+    actions: FrameStream[FrameActions]
 
 
 # --- geometry ------------------------------------------------------------------------------------
@@ -676,4 +677,4 @@ def action_stream(
 @plugin.tool(input=ClassifierInput, output=ClassifierOutput, config=ClassifierConfig)
 def classify_actions(inputs: ClassifierInput, config: ClassifierConfig, ctx: ToolContext) -> ClassifierOutput:
     """An action per player per frame (standing, walking, running, jumping, crouching, lying, arms_raised)."""
-    return ClassifierOutput(actions=list(action_stream(inputs.poses, config, ctx, inputs.media)))
+    return ClassifierOutput(actions=action_stream(inputs.poses, config, ctx, inputs.media))
