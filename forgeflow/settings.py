@@ -245,6 +245,11 @@ class Settings(BaseSettings):
         return self.home / "cache"
 
     @property
+    def checkpoints_dir(self) -> Path:
+        """Checkpoints of calls, for jobs that resume (:mod:`forgeflow.plugins.checkpoints`)."""
+        return self.home / "checkpoints"
+
+    @property
     def engine_socket_path(self) -> Path:
         return self.engine_socket or self.home / "engine.sock"
 

@@ -188,6 +188,8 @@ def pipeline_flow(
         definition, parse_error = None, definition_error(exc)
     stages = definition.stages if definition else []
     run = JobRun(job_id, services, job_end.pending_reports(stages), flow_run_id)
+    # A Prefect retry of the flow run (run_count 2, 3, ...) resumes the attempt before it.
+    run.resume = (getattr(get_run_context().flow_run, "run_count", 1) or 1) > 1
     _active_runs[flow_run_id] = run
     _flow_run_of_job[job_id] = flow_run_id
     # The pipeline and input ride on the running message: a run the API did not start (the Prefect

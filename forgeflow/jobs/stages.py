@@ -35,15 +35,17 @@ from forgeflow.events.models import (
     progress,
 )
 from forgeflow.events.sinks import EventSink, sink_from_settings
-from forgeflow.jobs.media_sync import MediaSync
+from forgeflow.jobs.media_sync import MediaSync, media_refs
 from forgeflow.jobs.supervise import checkpoint_path
 from forgeflow.pipeline import outcome as job_end
 from forgeflow.pipeline.definition import PipelineDefinition
 from forgeflow.pipeline.outcome import EndReason, JobStatus, ResultEnvelope, StageReport
 from forgeflow.pipeline.validation import PipelineValidationError, ResolvedStage, validate_pipeline
 from forgeflow.plugins.cache import job_cache_dir
-from forgeflow.plugins.errors import MediaError
-from forgeflow.plugins.frames import is_frames
+from forgeflow.plugins.checkpoints import Checkpoints, call_key
+from forgeflow.plugins.errors import ForgeFlowError, MediaError
+from forgeflow.plugins.frames import chunk_refs, is_frames
+from forgeflow.plugins.media import MediaStore
 from forgeflow.settings import Settings, get_settings
 
 #: error_type of a stage (and a job) stopped by a cancel request.
@@ -161,6 +163,14 @@ class JobRun:
     artifact_bytes: int = 0
     #: When each stage's call started (monotonic): its progress' rate and ETA count from there.
     call_started: dict[int, float] = field(default_factory=dict)
+    #: Resume an earlier attempt (a retry): completed calls are reused, resumable ones continue.
+    resume: bool = False
+    #: Each stage's call key (:mod:`forgeflow.plugins.checkpoints`), its checkpoints' name.
+    call_keys: dict[int, str] = field(default_factory=dict)
+
+    @property
+    def checkpoints(self) -> Checkpoints:
+        return Checkpoints(self.services.settings.checkpoints_dir)
 
     def emit(self, event: Any) -> None:
         self.services.sink.emit(event)
@@ -178,9 +188,19 @@ class JobRun:
         )
 
     def call_stage(self, stage: ResolvedStage, inputs: dict[str, Any]) -> dict[str, Any]:
-        """The stage's tool call through the runner: its outputs, or :class:`StageFailed`."""
+        """The stage's tool call through the runner: its outputs, or :class:`StageFailed`. A job that
+        resumes takes the outputs of a call that completed in an earlier attempt instead."""
         self._sync_media(stage, inputs)
         settings = self.services.settings
+        entry = self.services.registry.resolve(stage.plugin)
+        key = self.call_keys[stage.index] = call_key(
+            stage.plugin, entry.version or "", stage.tool.name, stage.config, inputs
+        )
+        if self.resume and (done := self._completed_before(key)) is not None:
+            self.outcomes[stage.index] = CallResult(ok=True, outputs=done)
+            self.reports[stage.index].from_checkpoint = True
+            self.artifact_bytes += sum(v["size_bytes"] for v in done.values() if is_frames(v))
+            return done
         call = ToolCall(
             plugin=stage.plugin,
             tool=stage.tool.name,
@@ -192,6 +212,8 @@ class JobRun:
             stage_index=stage.index,
             runner=stage.stage.effective_runner,
             artifact_budget_bytes=max(0, settings.max_artifact_bytes_per_job - self.artifact_bytes),
+            checkpoint_key=key,
+            resume=self.resume,
         )
         self.call_started[stage.index] = time.monotonic()
         result = self.services.runner.run(call, lambda update: self.stage_progress(stage, update))
@@ -207,8 +229,23 @@ class JobRun:
         if not result.ok:
             raise StageFailed(stage, result)
         self.artifact_bytes += sum(v["size_bytes"] for v in (result.outputs or {}).values() if is_frames(v))
+        self.checkpoints.mark_done(key, result.outputs or {})
         self._sync_media(stage, result.outputs or {}, made_by=result)
         return result.outputs or {}
+
+    def _completed_before(self, key: str) -> dict[str, Any] | None:
+        """A completed call's outputs, when every media ref and artifact chunk they name is still here."""
+        done = self.checkpoints.done(key)
+        if done is None:
+            return None
+        store = MediaStore(self.services.settings.media_root)
+        try:
+            refs = media_refs(done) + [r for v in done.values() if is_frames(v) for r in chunk_refs(store, v)]
+            if all(store.has(ref) for ref in refs):
+                return done
+        except ForgeFlowError:
+            pass
+        return None
 
     def _frames_read(self, stage: ResolvedStage, frames: FramesRead) -> None:
         """The stage's frame counts on its report; a cut by the host's cap goes out as a warning too."""
@@ -307,6 +344,9 @@ class JobRun:
         )
         self.services.sink.flush(timeout=5.0)
         shutil.rmtree(job_cache_dir(self.services.settings.cache_dir, self.job_id), ignore_errors=True)
+        if status == "succeeded":  # nothing left to resume
+            for key in self.call_keys.values():
+                self.checkpoints.forget(key)
 
 
 def _stage_end(job_id: str, stage: ResolvedStage, result: CallResult, ok: bool) -> StageEnd:
@@ -362,6 +402,7 @@ def execute(
         if definition is None:
             raise parse_error or PipelineValidationError([])
         validated = validate_pipeline(definition, input_data, services.registry, services.settings)
+        run.resume = run.resume or definition.resume
     except PipelineValidationError as exc:
         for issue in reversed(exc.issues):
             if issue.stage_index is not None and issue.stage_index < len(run.reports):

@@ -10,7 +10,16 @@ from __future__ import annotations
 import math
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    SerializerFunctionWrapHandler,
+    field_validator,
+    model_serializer,
+    model_validator,
+)
 
 #: The most stages any pipeline may have, whatever a host allows (``FORGEFLOW_MAX_STAGES``, 32 by
 #: default, is at most this): stage indexes are below it in every message and store.
@@ -69,6 +78,20 @@ class PipelineDefinition(BaseModel):
     timeout_seconds: float = Field(300.0, gt=0, description="Timeout of each stage, in seconds.")
     description: str = Field("", max_length=10_000)
     runner: RunnerKind | None = Field(None, description=RUNNER_DESCRIPTION + " Applies to every stage without its own.")
+    resume: bool = Field(
+        False,
+        description="Resume an earlier attempt of this job: a stage whose call completed before (same plugin "
+        "version, tool, config and inputs) is not run again, and a resumable tool continues after the chunks "
+        "an interrupted call wrote. POST /v1/jobs/{id}/retry sets it.",
+    )
+
+    @model_serializer(mode="wrap")
+    def _without_default_resume(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        # `resume` is said only when set: every pipeline written before it keeps its exact JSON.
+        data: dict[str, Any] = handler(self)
+        if not self.resume:
+            data.pop("resume", None)
+        return data
 
     @field_validator("timeout_seconds")
     @classmethod
@@ -84,7 +107,7 @@ class PipelineDefinition(BaseModel):
         if isinstance(data, list):
             return {"stages": data}
         if isinstance(data, dict) and "stages" not in data and isinstance(data.get("pipeline"), list):
-            rest = {k: v for k, v in data.items() if k in ("timeout_seconds", "description", "runner")}
+            rest = {k: v for k, v in data.items() if k in ("timeout_seconds", "description", "runner", "resume")}
             return {"stages": data["pipeline"], **rest}
         return data
 
@@ -122,7 +145,7 @@ def pipeline_json_schema() -> dict[str, Any]:
     defs = definition.pop("$defs", {})
     defs["PipelineDefinition"] = definition
     stages = definition["properties"]["stages"]
-    settings = {k: definition["properties"][k] for k in ("timeout_seconds", "description", "runner")}
+    settings = {k: definition["properties"][k] for k in ("timeout_seconds", "description", "runner", "resume")}
     return {
         "$schema": "https://json-schema.org/draft/2020-12/schema",
         "$id": "https://forgeflow.dev/schemas/pipeline.json",

@@ -86,6 +86,9 @@ class StageReport(BaseModel):
     truncated: bool | None = Field(
         None, description="True when the host's FORGEFLOW_MAX_FRAMES stopped the stage before the media's end."
     )
+    from_checkpoint: bool | None = Field(
+        None, description="True when a resumed job took this stage's outputs from an earlier attempt's call."
+    )
 
 
 class AnnotatedMedia(BaseModel):
@@ -103,6 +106,8 @@ ANNOTATION_KEYS = ("annotated_media", "annotated_media_error")
 #: Keys about the frames read (an envelope's and its stage reports'), left out when null: a job that read
 #: no media has none of them.
 FRAME_KEYS = ("media_frames", "frames_read", "truncated")
+#: Stage report keys left out when null (a stage that read no media, one that ran rather than resumed).
+OPTIONAL_STAGE_KEYS = (*FRAME_KEYS, "from_checkpoint")
 
 
 class ResultEnvelope(BaseModel):
@@ -150,7 +155,7 @@ class ResultEnvelope(BaseModel):
         data = self.model_dump(mode="json")
         drop = ("error", "error_type", "stage_failed", "partial_result") if self.ok else ("result",)
         for stage in data["stages"]:
-            for key in FRAME_KEYS:
+            for key in OPTIONAL_STAGE_KEYS:
                 if stage.get(key) is None:
                     stage.pop(key, None)
         return {

@@ -36,6 +36,7 @@ import itertools
 import json
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Generic, TypeVar, get_args
 
 from pydantic import BaseModel, GetCoreSchemaHandler, GetJsonSchemaHandler
@@ -265,8 +266,9 @@ def _read_parquet(data: Any) -> Any:
 class FrameWriter:
     """Writes one per-frame output: records in, inline list or artifact descriptor out.
 
-    ``budget_bytes`` is what the job may still write; ``on_chunk`` (if given) hears of each chunk
-    stored (its frame range), for progress and for readers that follow the artifact as it grows.
+    ``budget_bytes`` is what the job may still write. ``journal`` (a file of
+    :class:`forgeflow.plugins.checkpoints.Checkpoints`) gets a line per chunk stored, so that
+    :meth:`resume` of a later attempt of the same call starts with them.
     """
 
     store: MediaStore
@@ -275,6 +277,9 @@ class FrameWriter:
     chunk_frames: int
     budget_bytes: int | None = None
     label: str = ""
+    journal: Path | None = None
+    #: Set by :meth:`resume`: records up to this frame are in the resumed chunks, later ones are written.
+    resume_after: int | None = None
     _pending: list[dict[str, Any]] = field(default_factory=list)
     _chunks: list[dict[str, Any]] = field(default_factory=list)
     _counts: dict[str, int] = field(default_factory=dict)
@@ -288,6 +293,34 @@ class FrameWriter:
             self.append(item)
         return self.finish()
 
+    def resume(self) -> int | None:
+        """Start with the chunks an earlier attempt of the call journalled (those still in the store, in
+        order); returns the last frame they hold (None: nothing to resume)."""
+        if self.journal is None:
+            return None
+        try:
+            lines = self.journal.read_text(encoding="utf-8").splitlines()
+        except OSError:
+            return None
+        for line in lines:
+            try:
+                chunk = json.loads(line)
+                ref, first, last = chunk["ref"], int(chunk["first_frame"]), int(chunk["last_frame"])
+            except (ValueError, KeyError, TypeError):
+                break  # a line cut by the kill: what came before it holds
+            if (self._last is not None and first <= self._last) or not self.store.has(ref):
+                break
+            counts = chunk.get("counts") or {}
+            self._chunks.append({k: chunk[k] for k in ("ref", "first_frame", "last_frame", "frames", "size_bytes")})
+            self._frames += int(chunk["frames"])
+            self._size += int(chunk["size_bytes"])
+            for key, value in counts.items():
+                self._counts[key] = self._counts.get(key, 0) + int(value)
+            self._first = first if self._first is None else self._first
+            self._last = last
+        self.resume_after = self._last
+        return self._last
+
     def append(self, item: Any) -> None:
         try:
             model = item if isinstance(item, self.record_type) else self.record_type.model_validate(item)
@@ -298,6 +331,8 @@ class FrameWriter:
             ) from None
         record = model.model_dump(mode="json")
         index = record["frame_index"]
+        if self.resume_after is not None and index <= self.resume_after:
+            return  # in a resumed chunk already
         if self._last is not None and index < self._last:
             raise OutputError(
                 f"{self.label} output {self.field_name!r}: frame_index {index} after {self._last} "
@@ -307,9 +342,6 @@ class FrameWriter:
             self._first = index
         self._last = index
         self._frames += 1
-        for key, value in record.items():
-            if isinstance(value, list):
-                self._counts[key] = self._counts.get(key, 0) + len(value)
         self._pending.append(record)
         # one chunk more than a chunk is held back, so an output of exactly one chunk stays inline
         if len(self._pending) > self.chunk_frames:
@@ -326,15 +358,24 @@ class FrameWriter:
                 f"{self._frames} frames"
             )
         info = self.store.put_bytes(data, filename=f"{self.field_name}-{records[0]['frame_index']}.parquet")
-        self._chunks.append(
-            {
-                "ref": info.ref,
-                "first_frame": records[0]["frame_index"],
-                "last_frame": records[-1]["frame_index"],
-                "frames": len(records),
-                "size_bytes": len(data),
-            }
-        )
+        chunk = {
+            "ref": info.ref,
+            "first_frame": records[0]["frame_index"],
+            "last_frame": records[-1]["frame_index"],
+            "frames": len(records),
+            "size_bytes": len(data),
+        }
+        self._chunks.append(chunk)
+        counts = _list_counts(records)
+        for key, value in counts.items():
+            self._counts[key] = self._counts.get(key, 0) + value
+        if self.journal is not None:
+            try:
+                self.journal.parent.mkdir(parents=True, exist_ok=True)
+                with self.journal.open("a", encoding="utf-8") as fh:
+                    fh.write(json.dumps({**chunk, "counts": counts}, sort_keys=True) + "\n")
+            except OSError:
+                self.journal = None  # no checkpoints (a read-only or full disk): never fail the call
 
     def finish(self) -> list[dict[str, Any]] | dict[str, Any]:
         """The inline list (at most one chunk of records, nothing stored) or the artifact's descriptor."""
@@ -376,6 +417,16 @@ class FrameWriter:
     @property
     def size_bytes(self) -> int:
         return self._size
+
+
+def _list_counts(records: list[dict[str, Any]]) -> dict[str, int]:
+    """Items of each list column, summed over ``records`` (``players``: people detected)."""
+    counts: dict[str, int] = {}
+    for record in records:
+        for key, value in record.items():
+            if isinstance(value, list):
+                counts[key] = counts.get(key, 0) + len(value)
+    return counts
 
 
 # --- reading ----------------------------------------------------------------------------------------

@@ -449,7 +449,9 @@ class MediaReader:
         limit = self._limit(max_frames)
         return whole if limit is None else min(limit, whole)
 
-    def frames(self, stride: int = 1, max_frames: int | None = None) -> Iterator[Frame]:
+    def frames(self, stride: int = 1, max_frames: int | None = None, start: int = 0) -> Iterator[Frame]:
+        """Every ``stride``-th frame from ``start`` (the frames before it are skipped without being
+        decoded, and count as read: a resumed call read them in its earlier attempt)."""
         import cv2
 
         if stride < 1:
@@ -468,7 +470,10 @@ class MediaReader:
                 if not ok:
                     self.frame_count = index  # read to the end: the exact count, whatever the header said
                     break
-                if index % stride == 0:
+                if index % stride == 0 and index < start:
+                    yielded += 1
+                    self.frames_read = max(self.frames_read, yielded)
+                elif index % stride == 0:
                     ok, image = cap.retrieve()
                     if not ok or image is None:
                         raise MediaError(f"cannot decode frame {index} of {self.path.name} (corrupt video?)")

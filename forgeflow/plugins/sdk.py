@@ -23,9 +23,10 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
+from forgeflow.plugins import frames
 from forgeflow.plugins.cache import OutputCache
+from forgeflow.plugins.checkpoints import Checkpoints
 from forgeflow.plugins.errors import ConfigError, InputError, OutputError, PluginUnavailable
-from forgeflow.plugins.frames import is_frames
 from forgeflow.settings import MATCH_MEDIA_BYTES
 
 if TYPE_CHECKING:
@@ -67,6 +68,14 @@ class ToolContext:
     chunk_frames: int = 256
     #: Disk the call's per-frame artifacts may still take (None: no budget).
     artifact_budget_bytes: int | None = None
+    #: Where the call's chunks are journalled (:mod:`forgeflow.plugins.checkpoints`), under its key.
+    checkpoints: Checkpoints = field(default_factory=Checkpoints)
+    checkpoint_key: str | None = None
+    #: The job resumes an earlier attempt: a resumable tool continues after its journalled chunks.
+    resume: bool = False
+    #: Set for a resumable tool that resumes: its per-frame outputs hold every frame up to this one
+    #: already, so it may start after it (records up to it are dropped either way).
+    resume_after: int | None = None
     job_id: str | None = None
     stage_index: int | None = None
     plugin: str = ""
@@ -177,6 +186,9 @@ class Tool:
     output_model: type[BaseModel]
     fn: RunFn = field(repr=False)
     plugin_name: str = ""
+    #: Its per-frame outputs depend on each frame alone (no state carried from frame to frame), so a
+    #: retried call may continue after the chunks an interrupted attempt wrote (``ctx.resume_after``).
+    resumable: bool = False
 
     def schemas(self) -> dict[str, dict[str, Any]]:
         """JSON Schemas of config, input and output (the tool's manifest)."""
@@ -201,7 +213,9 @@ class Tool:
         opened from ``store``: a ``FrameStream`` field reads it as the tool iterates, a ``list`` field
         gets every record. Without a store (a call checked before it runs) artifacts are not read:
         they stand for valid streams of their kind."""
-        opened = {name: self._open_frames(name, value, store) for name, value in inputs.items() if is_frames(value)}
+        opened = {
+            name: self._open_frames(name, value, store) for name, value in inputs.items() if frames.is_frames(value)
+        }
         try:
             return self.input_model.model_validate({**inputs, **opened})
         except ValidationError as exc:
@@ -212,8 +226,6 @@ class Tool:
             ) from None
 
     def _open_frames(self, name: str, value: dict[str, Any], store: MediaStore | None) -> Any:
-        from forgeflow.plugins import frames
-
         record_type = frames.frame_fields(self.input_model).get(name)
         if record_type is None:  # a list field: every record, in memory
             return list(frames.iter_frame_records(value, store)) if store is not None else []
@@ -227,10 +239,9 @@ class Tool:
         ``FrameStream`` inputs read artifacts from ``ctx.media_store`` as the tool iterates them (a
         plain ``list`` input gets the records read into a list); ``FrameStream`` outputs are pulled
         record by record and written chunk by chunk (:mod:`forgeflow.plugins.frames`)."""
-        from forgeflow.plugins import frames
-
         cfg = self.parse_config(config)
         data = self.parse_inputs(inputs, ctx.media_store)
+        writers = self._writers(ctx)
         out = self.fn(data, cfg, ctx)
         try:
             model = out if isinstance(out, self.output_model) else self.output_model.model_validate(out)
@@ -240,21 +251,32 @@ class Tool:
                 plugin=self.plugin_name,
                 tool=self.name,
             ) from None
-        streamed_out = frames.frame_fields(self.output_model)
-        result: dict[str, Any] = model.model_dump(mode="json", exclude=set(streamed_out))
-        for name, record_type in streamed_out.items():
-            writer = frames.FrameWriter(
-                store=ctx.media_store,
-                record_type=record_type,
-                field_name=name,
-                chunk_frames=ctx.chunk_frames,
-                budget_bytes=ctx.artifact_budget_bytes,
-                label=f"{self.plugin_name}.{self.name}",
-            )
+        result: dict[str, Any] = model.model_dump(mode="json", exclude=set(writers))
+        for name, writer in writers.items():
+            writer.budget_bytes = ctx.artifact_budget_bytes
             result[name] = writer.write_all(getattr(model, name))
             if ctx.artifact_budget_bytes is not None:
                 ctx.artifact_budget_bytes -= writer.size_bytes
         return result
+
+    def _writers(self, ctx: ToolContext) -> dict[str, Any]:
+        """A writer per ``FrameStream`` output; a resumable tool's journal its chunks, and start with
+        those of an earlier attempt when the job resumes (``ctx.resume_after``: where all of them end)."""
+        writers = {
+            name: frames.FrameWriter(
+                store=ctx.media_store,
+                record_type=record_type,
+                field_name=name,
+                chunk_frames=ctx.chunk_frames,
+                label=f"{self.plugin_name}.{self.name}",
+                journal=ctx.checkpoints.journal(ctx.checkpoint_key, name) if self.resumable else None,
+            )
+            for name, record_type in frames.frame_fields(self.output_model).items()
+        }
+        if self.resumable and ctx.resume and writers:
+            ends = [writer.resume() for writer in writers.values()]
+            ctx.resume_after = None if None in ends else min(e for e in ends if e is not None)
+        return writers
 
 
 class Plugin:
@@ -300,8 +322,13 @@ class Plugin:
         output: type[BaseModel],
         config: type[BaseModel] = EmptyModel,
         description: str | None = None,
+        resumable: bool = False,
     ) -> Callable[[RunFn], RunFn]:
-        """Register ``fn(inputs, config, ctx)`` as a tool (its name defaults to the function's)."""
+        """Register ``fn(inputs, config, ctx)`` as a tool (its name defaults to the function's).
+
+        ``resumable=True``: the tool's per-frame outputs depend on each frame alone, so a retried job
+        continues it after the chunks an interrupted attempt wrote; the tool may skip to
+        ``ctx.resume_after`` (records up to it are dropped anyway)."""
 
         def register(fn: RunFn) -> RunFn:
             tool_name = name or fn.__name__
@@ -317,6 +344,7 @@ class Plugin:
                 output_model=output,
                 fn=fn,
                 plugin_name=self.name,
+                resumable=resumable,
             )
             return fn
 

@@ -46,6 +46,10 @@ class ToolCall(BaseModel):
         ge=0,
         description="Disk the call's per-frame artifacts may take (what the job has left); None: the host's.",
     )
+    checkpoint_key: str | None = Field(
+        None, max_length=128, description="The call's key: where its chunks are journalled (a resumable tool's)."
+    )
+    resume: bool = Field(False, description="The job resumes: a resumable tool continues after its journalled chunks.")
 
 
 class CallResult(BaseModel):

@@ -50,6 +50,8 @@ class InlineRunner:
             call.stage_index,
             progress_sink=progress_relay(on_progress),
             artifact_budget_bytes=call.artifact_budget_bytes,
+            checkpoint_key=call.checkpoint_key,
+            resume=call.resume,
         )
         request = {
             "config": call.config,

@@ -432,6 +432,8 @@ class ProcessRunner:
             "job_id": call.job_id,
             "stage_index": call.stage_index,
             "artifact_budget_bytes": call.artifact_budget_bytes,
+            "checkpoint_key": call.checkpoint_key,
+            "resume": call.resume,
         }
         log_offset = _file_size(worker.log_path)
         baseline = worker.group_rss() if worker.watch_memory else 0

@@ -166,8 +166,11 @@ def build_context(
     media_store: MediaStore | None = None,
     progress_sink: Callable[[dict[str, Any]], None] | None = None,
     artifact_budget_bytes: int | None = None,
+    checkpoint_key: str | None = None,
+    resume: bool = False,
 ) -> ToolContext:
     from forgeflow.plugins.cache import OutputCache, job_cache_dir
+    from forgeflow.plugins.checkpoints import Checkpoints
     from forgeflow.plugins.media import MediaStore
     from forgeflow.plugins.sdk import ToolContext
 
@@ -183,6 +186,9 @@ def build_context(
         artifact_budget_bytes=artifact_budget_bytes
         if artifact_budget_bytes is not None
         else settings.max_artifact_bytes_per_job,
+        checkpoints=Checkpoints(settings.checkpoints_dir),
+        checkpoint_key=checkpoint_key,
+        resume=resume,
         job_id=job_id,
         stage_index=stage_index,
         plugin=plugin,
@@ -415,6 +421,8 @@ def run_request(
         media_store=media_store,
         progress_sink=progress_sink,
         artifact_budget_bytes=request.get("artifact_budget_bytes"),
+        checkpoint_key=request.get("checkpoint_key"),
+        resume=bool(request.get("resume")),
     )
     return execute_call(
         tool, request, ctx, enforce_memory=True, measure_peak=measure_peak, max_output_bytes=settings.max_output_bytes

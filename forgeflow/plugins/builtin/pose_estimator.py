@@ -104,7 +104,7 @@ def match_poses(
     return sorted(matches)
 
 
-@plugin.tool(input=PoseInput, output=PoseOutput, config=PoseConfig)
+@plugin.tool(input=PoseInput, output=PoseOutput, config=PoseConfig, resumable=True)
 def estimate_poses(inputs: PoseInput, config: PoseConfig, ctx: ToolContext) -> PoseOutput:
     """17 COCO keypoints (x, y, confidence) per detected player, matched to the player and its track id."""
     device = resolve_device(config.device)
@@ -141,7 +141,8 @@ def _poses(
     ctx: ToolContext,
 ) -> Iterator[FramePoses]:
     """Each wanted frame's poses, frame by frame as the players stream in: a frame an earlier stage of this
-    job already ran the same model on is not decoded at all (its prediction comes from ``ctx.cache``)."""
+    job already ran the same model on is not decoded at all (its prediction comes from ``ctx.cache``).
+    Each frame's poses depend on that frame alone: a resumed call starts after ``ctx.resume_after``."""
     model: Any = None
     floor = min(config.confidence, PREDICT_CONF_FLOOR)
     total = players.frames
@@ -149,6 +150,10 @@ def _poses(
     with FrameSeeker(reader) as seeker:
         for frame in _wanted(players, config):
             index = frame.frame_index
+            if ctx.resume_after is not None and index <= ctx.resume_after:
+                done += 1  # in the chunks an earlier attempt of this call wrote
+                seeker.covers()
+                continue
             if reader.kind == "image" and index != 0:
                 raise InputError(f"players refer to frame {index} but the media is a single image")
             timestamp = 0.0 if reader.kind == "image" else round(index / reader.fps, 6)

@@ -13,7 +13,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, Field
 
 from forgeflow.plugins import EmptyModel, FrameStream, Plugin, ToolContext
-from forgeflow.plugins.builtin.schemas import FramePlayers, Player
+from forgeflow.plugins.builtin.schemas import FramePlayers, FramePoses, Player, Pose
 
 plugin = Plugin("testkit", "0.1.0", aliases=["tk"], description="Test tools for ForgeFlow itself.")
 
@@ -179,6 +179,8 @@ class CrowdConfig(BaseModel):
     frames: int | None = Field(
         None, ge=1, le=10_000_000, description="Frames to make without reading the media; None: every frame of it."
     )
+    tally_file: str | None = Field(None, description="Append a byte per frame made here (tests count the work).")
+    delay_s: float = Field(0.0, ge=0, le=10, description="Sleep this long per frame (a slower detector).")
 
 
 class CrowdOutput(BaseModel):
@@ -197,24 +199,68 @@ def crowd_frame(index: int, timestamp_s: float, people: int, width: int = 1280, 
     return FramePlayers(frame_index=index, timestamp_s=round(timestamp_s, 4), players=players)
 
 
-@plugin.tool(input=MediaInput, output=CrowdOutput, config=CrowdConfig)
+@plugin.tool(input=MediaInput, output=CrowdOutput, config=CrowdConfig, resumable=True)
 def crowd_players(inputs: MediaInput, config: CrowdConfig, ctx: ToolContext) -> CrowdOutput:
     """A model-free stand-in detector: ``people`` players on every frame of the media (decoded, so the
-    media is really read to its end), streamed frame by frame like the real detector's."""
+    media is really read to its end), streamed frame by frame like the real detector's. Each frame's
+    players depend on that frame alone, so a retried call continues after its last checkpointed chunk."""
+    start = 0 if ctx.resume_after is None else ctx.resume_after + 1
+
+    def made(frame: FramePlayers) -> FramePlayers:
+        if config.tally_file:  # a byte per frame made, whatever becomes of the process
+            with open(config.tally_file, "a") as tally:
+                tally.write(".")
+        if config.delay_s:
+            time.sleep(config.delay_s)
+        return frame
 
     def frames() -> Iterator[FramePlayers]:
         if config.frames is not None:
-            for index in range(config.frames):
-                yield crowd_frame(index, index / 25, config.people)
+            for index in range(start, config.frames):
+                yield made(crowd_frame(index, index / 25, config.people))
                 ctx.progress(index + 1, config.frames)
             return
         reader = ctx.media(inputs.media)
         expected = reader.expected_frames()
-        for done, frame in enumerate(reader.frames(), start=1):
-            yield crowd_frame(frame.index, frame.timestamp_s, config.people, reader.width, reader.height)
-            ctx.progress(done, max(expected or done, done))
+        for frame in reader.frames(start=start):
+            yield made(crowd_frame(frame.index, frame.timestamp_s, config.people, reader.width, reader.height))
+            ctx.progress(frame.index + 1, max(expected or 0, frame.index + 1))
 
     return CrowdOutput(players=frames())
+
+
+class CrowdPosesInput(BaseModel):
+    players: FrameStream[FramePlayers]
+
+
+class CrowdPosesOutput(BaseModel):
+    poses: FrameStream[FramePoses]
+
+
+def crowd_pose(frame: FramePlayers) -> FramePoses:
+    """An upright skeleton in each player's box (the COCO-17 layout of a standing person)."""
+    poses = []
+    for index, player in enumerate(frame.players):
+        x1, y1, x2, y2 = player.box
+        w, h = x2 - x1, y2 - y1
+        keypoints = [[round(x1 + w * (0.35 + 0.3 * (k % 2)), 2), round(y1 + h * k / 17, 2), 0.9] for k in range(17)]
+        poses.append(
+            Pose(
+                track_id=player.track_id,
+                player_index=index,
+                box=player.box,
+                confidence=player.confidence,
+                match_iou=1.0,
+                keypoints=keypoints,
+            )
+        )
+    return FramePoses(frame_index=frame.frame_index, timestamp_s=frame.timestamp_s, poses=poses)
+
+
+@plugin.tool(input=CrowdPosesInput, output=CrowdPosesOutput, resumable=True)
+def crowd_poses(inputs: CrowdPosesInput, config: EmptyModel, ctx: ToolContext) -> CrowdPosesOutput:
+    """A model-free stand-in pose estimator: a skeleton per player, frame by frame as players stream in."""
+    return CrowdPosesOutput(poses=(crowd_pose(frame) for frame in inputs.players))
 
 
 class FrameCount(BaseModel):
