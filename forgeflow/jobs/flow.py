@@ -175,7 +175,8 @@ def pipeline_flow(
     carries :class:`PipelineFailed`, whose ``envelope`` holds the partial result.
     """
     services = current_services()
-    flow_run_id = str(get_run_context().flow_run.id)  # type: ignore[union-attr]
+    this_run = get_run_context().flow_run  # type: ignore[union-attr]
+    flow_run_id = str(this_run.id)
     job_id = job_id or flow_run_id
     if parameters_file is not None:
         spilled = json.loads(Path(parameters_file).read_text(encoding="utf-8"))
@@ -189,7 +190,7 @@ def pipeline_flow(
     stages = definition.stages if definition else []
     run = JobRun(job_id, services, job_end.pending_reports(stages), flow_run_id)
     # A Prefect retry of the flow run (run_count 2, 3, ...) resumes the attempt before it.
-    run.resume = (getattr(get_run_context().flow_run, "run_count", 1) or 1) > 1
+    run.resume = (this_run.run_count or 1) > 1
     _active_runs[flow_run_id] = run
     _flow_run_of_job[job_id] = flow_run_id
     # The pipeline and input ride on the running message: a run the API did not start (the Prefect
