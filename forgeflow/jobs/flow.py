@@ -176,6 +176,7 @@ def pipeline_flow(
     """
     services = current_services()
     this_run = get_run_context().flow_run  # type: ignore[union-attr]
+    assert this_run is not None  # the flow's body runs in its flow run
     flow_run_id = str(this_run.id)
     job_id = job_id or flow_run_id
     if parameters_file is not None:
