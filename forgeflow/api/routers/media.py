@@ -13,12 +13,12 @@ from fastapi.responses import FileResponse, Response
 from starlette.datastructures import UploadFile
 from starlette.types import Message
 
-from forgeflow.api.deps import ApiState, get_state
+from forgeflow.api.deps import ApiState, WorkerScopedRoute, get_state
 from forgeflow.api.errors import ApiError, ApiErrorType, not_found
 from forgeflow.api.models import MEDIA_REF_PATTERN, ErrorBody, MediaView
 from forgeflow.plugins.errors import MediaError, MediaNotFound, MediaTooLarge
 
-router = APIRouter(prefix="/v1/media", tags=["media"])
+router = APIRouter(prefix="/v1/media", tags=["media"], route_class=WorkerScopedRoute)
 
 MULTIPART_OVERHEAD = 64 * 1024
 
