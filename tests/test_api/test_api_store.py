@@ -21,7 +21,7 @@ def test_migrations_create_exactly_the_declared_schema(store_url: str) -> None:
         store.migrate()  # idempotent
         with store.engine.connect() as conn:
             context = MigrationContext.configure(conn)
-            assert context.get_current_revision() == "0003_job_heartbeat"
+            assert context.get_current_revision() == "0004_actors"
             diff = [
                 d
                 for d in compare_metadata(context, metadata)
@@ -66,6 +66,9 @@ def test_a_store_of_the_first_schema_upgrades_in_place_keeping_its_rows(store_ur
         assert (row["plugin"], row["status"], row["progress"]) == ("testkit", "completed", None)
         job = store.get_job("old")
         assert job is not None and job["status"] == "succeeded" and job["heartbeat_at"] is None
+        assert (job["created_by"], job["cancelled_by"]) == (None, None)  # made before tokens had names
+        store.set_cancel_requested("old", "later-admin")
+        assert store.audit_entries(10)[0][0]["actor"] == "later-admin"
     finally:
         store.close()
 

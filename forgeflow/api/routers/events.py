@@ -1,7 +1,7 @@
 """Realtime: the internal ingest endpoint and the WebSocket streams.
 
-``POST /internal/v1/events`` (Bearer ingest token) stores each event (dedupe by ``event_id``,
-per-job ``seq``) and only then broadcasts it.
+``POST /internal/v1/events`` (Bearer ingest token, or an ``admin`` API token) stores each event
+(dedupe by ``event_id``, per-job ``seq``) and only then broadcasts it.
 
 ``WS /v1/ws/jobs/{job_id}?after_seq=N`` streams one job: it subscribes first, replays the stored
 messages with ``seq > N`` (default 0: everything) from the database, then sends live ones, skipping
@@ -10,6 +10,9 @@ and in order. The stream closes (1000, "job finished") after the terminal ``job_
 
 ``WS /v1/ws/jobs?after_cursor=N`` streams every job. Each message also carries ``cursor``, the
 global position of the stream; without ``after_cursor`` it starts with live messages.
+
+A stream needs a ``read`` token, in ``Authorization: Bearer`` or the ``forgeflow.bearer.`` subprotocol
+(:mod:`forgeflow.api.auth`); a token in the URL is refused.
 
 A client whose queue (``ws_queue_size``) overflows is closed with code 1013 and a reason naming
 where to resume; the others and the ingestion never wait for it.
@@ -55,6 +58,7 @@ def _check_ingest(request: Request) -> None:
     dependencies=[Depends(_check_ingest)],
     responses={
         401: {"model": ErrorBody, "description": "Missing or invalid ingest token."},
+        403: {"model": ErrorBody, "description": "An API token without the `admin` scope (`missing_scope`)."},
         413: {"model": ErrorBody, "description": "Batch too large."},
         422: {"model": ErrorBody, "description": "An event is malformed (nothing of the batch is stored)."},
     },
