@@ -33,6 +33,18 @@ def _token(token_file: Path | None) -> str | None:
     return secret.get_secret_value() if secret is not None else None
 
 
+def _status(api: str, job_id: str, headers: dict[str, str]) -> str | None:
+    from urllib.parse import quote
+
+    import httpx
+
+    try:
+        answer = httpx.get(f"{api.rstrip('/')}/v1/jobs/{quote(job_id, safe='')}", headers=headers, timeout=30)
+        return str(answer.json()["status"]) if answer.status_code == 200 else None
+    except (httpx.HTTPError, ValueError, KeyError):
+        return None
+
+
 def watch(
     job_id: str = typer.Argument(..., help="The job to follow."),
     api: str | None = typer.Option(None, "--api", help="The API's URL (default: FORGEFLOW_API_URL, else this host's)."),
@@ -74,6 +86,8 @@ def watch(
                     sys.stdout.write(json.dumps(message, separators=(",", ":")) + "\n")
                     sys.stdout.flush()
                 if ws.close_code == 1000 and ws.close_reason == "job finished":
+                    if status is None:  # it ended before --after-seq: ask for its status
+                        status = _status(api, job_id, headers)
                     raise typer.Exit(0 if status == "succeeded" else 1)
         except InvalidStatus as exc:
             response = exc.response

@@ -96,8 +96,14 @@ def test_each_route_refuses_a_token_outside_its_scope_naming_the_scope(scoped: I
                 assert f"'{scope}' scope" in body["error"]
             allowed = client.request(method, _concrete(path), headers=bearer(holders[scope]), json={})
             assert allowed.status_code not in (401, 403), (method, path, allowed.text)
-    for method, path, _scopes in operations:  # and no token at all is a 401
+    ingest = bearer(scoped.state.auth.ingest_token)
+    for method, path, _scopes in operations:  # no token at all is a 401; the ingest token opens media only
         assert client.request(method, _concrete(path), headers={"Authorization": ""}).status_code == 401
+        by_worker = client.request(method, _concrete(path), headers=ingest, json={})
+        if path.startswith("/v1/media"):
+            assert by_worker.status_code not in (401, 403), (method, path, by_worker.text)
+        else:
+            assert by_worker.status_code == 401, (method, path, by_worker.text)
     assert scoped.client.get("/v1/jobs", headers=bearer("not-a-token")).status_code == 401
 
 
@@ -354,8 +360,19 @@ def test_the_watch_command_follows_a_job_with_the_token_in_a_header(api_factory:
     job_id = client.post("/v1/jobs", json={"pipeline": THREE_STAGES, "input": {"count": 2}}).json()["job_id"]
     token_file = tmp_path / "token"
     token_file.write_text("watch-secret-42\n")
+    command = [
+        sys.executable,
+        "-m",
+        "forgeflow.cli",
+        "watch",
+        job_id,
+        "--api",
+        api.url,
+        "--token-file",
+        str(token_file),
+    ]
     done = subprocess.run(
-        [sys.executable, "-m", "forgeflow.cli", "watch", job_id, "--api", api.url, "--token-file", str(token_file)],
+        command,
         capture_output=True,
         text=True,
         timeout=180,
@@ -365,6 +382,14 @@ def test_the_watch_command_follows_a_job_with_the_token_in_a_header(api_factory:
     messages = [json.loads(line) for line in done.stdout.splitlines()]
     assert [m["seq"] for m in messages] == list(range(1, len(messages) + 1))
     assert messages[-1]["type"] == "job_status" and messages[-1]["status"] == "succeeded"
+    caught_up = subprocess.run(  # nothing after the last seq: the job's status still decides the exit
+        [*command, "--after-seq", str(len(messages))],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={k: v for k, v in os.environ.items() if k != "FORGEFLOW_API_TOKEN"},
+    )
+    assert (caught_up.returncode, caught_up.stdout) == (0, ""), caught_up.stderr
     refused = subprocess.run(
         [sys.executable, "-m", "forgeflow.cli", "watch", job_id, "--api", api.url],
         capture_output=True,
