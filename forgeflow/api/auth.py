@@ -310,12 +310,16 @@ class Authenticator:
         raise unauthorized("invalid API or ingest token" if worker else "invalid API token")
 
     def identify_ws(self, conn: HTTPConnection) -> Principal:
+        how = (
+            f"send 'Authorization: Bearer <token>' or offer the subprotocols '{WS_PROTOCOL}' and "
+            f"'{WS_BEARER_PREFIX}<base64url of the token>'"
+        )
         if "token" in conn.query_params:
-            raise unauthorized(
-                "a token in the URL is refused (URLs are logged): send 'Authorization: Bearer <token>' or "
-                f"offer the subprotocols '{WS_PROTOCOL}' and '{WS_BEARER_PREFIX}<base64url of the token>'"
-            )
-        return self.identify(_bearer(conn) or _ws_token(conn))
+            raise unauthorized(f"a token in the URL is refused (URLs are logged): {how}")
+        token = _bearer(conn) or _ws_token(conn)
+        if self.required and not token:
+            raise unauthorized(f"missing token: {how}")
+        return self.identify(token)
 
     def check_ingest(self, conn: HTTPConnection) -> None:
         token = _bearer(conn)

@@ -61,7 +61,6 @@ def _authorize(
         for scope in scopes.scopes:
             if not principal.may(scope):
                 raise forbidden(principal, Scope(scope))
-    request.state.principal = principal
     return principal
 
 
