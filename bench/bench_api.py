@@ -51,10 +51,7 @@ def serve(port: int, home: str, database_url: str | None) -> None:
     from forgeflow.api.app import create_app
     from forgeflow.settings import Settings
 
-    # The submission rate limit is off: this measures how fast the API takes jobs, not the limit.
-    settings = Settings(
-        home=Path(home), api_port=port, database_url=database_url, ws_queue_size=100_000, submit_rate_per_minute=0
-    )
+    settings = Settings(home=Path(home), api_port=port, database_url=database_url, ws_queue_size=100_000)
     app = create_app(settings, launch_jobs=False)
     uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning", ws="websockets-sansio")
 
