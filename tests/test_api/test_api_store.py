@@ -115,3 +115,32 @@ def test_concurrent_writers_get_gapless_per_job_sequences(store_url: str) -> Non
         assert store.ingest([JobStatusEvent(job_id=job["id"], status="cancelled")])[0].terminal
     finally:
         store.close()
+
+
+def test_the_store_keeps_who_created_cancelled_and_deleted(store_url: str) -> None:
+    store = Store(store_url)
+    store.migrate()
+    try:
+        job, created = store.create_job(
+            job_id="who-1",
+            pipeline={"stages": []},
+            input_data={},
+            request_hash="h",
+            source="inline",
+            template_id=None,
+            created_by="ci",
+        )
+        assert created and job["created_by"] == "ci" and job["cancelled_by"] is None
+        store.set_cancel_requested("who-1", "ops")
+        store.set_cancel_requested("who-1", "someone-later")  # the first request counts
+        assert store.get_job("who-1")["cancelled_by"] == "ops"  # type: ignore[index]
+        assert store.create_template("t", "T", {"stages": []}, created_by="ci")["created_by"] == "ci"
+        assert store.delete_template("t", by="ops") and not store.delete_template("t", by="ops")
+        entries, total = store.audit_entries(10)
+        assert [(e["actor"], e["action"], e["target"]) for e in entries] == [
+            ("ops", "template.delete", "t"),
+            ("ops", "job.cancel", "who-1"),
+        ]
+        assert total == 2
+    finally:
+        store.close()
