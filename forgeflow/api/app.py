@@ -21,7 +21,7 @@ from fastapi.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from forgeflow import __version__
-from forgeflow.api.auth import Authenticator, check_bind
+from forgeflow.api.auth import Authenticator, check_access_settings
 from forgeflow.api.deps import ApiState
 from forgeflow.api.errors import install_error_handlers
 from forgeflow.api.hub import EventHub
@@ -200,11 +200,7 @@ def create_app(
     """The ForgeFlow API. ``api_url``: where job processes send events (default: the bind address);
     ``prefect_api_url``: the Prefect server job processes use (default: ``PREFECT_API_URL``)."""
     settings = settings or get_settings()
-    check_bind(settings.api_host, settings.has_api_tokens)
-    if settings.api_tokens_file is not None:
-        from forgeflow.api.auth import TokenFile
-
-        TokenFile(settings.api_tokens_file)  # a missing or invalid tokens file stops start-up, naming it
+    check_access_settings(settings.api_host, settings.has_api_tokens, settings.api_tokens_file)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

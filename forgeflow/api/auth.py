@@ -245,6 +245,14 @@ def check_bind(host: str, has_tokens: bool) -> None:
         )
 
 
+def check_access_settings(host: str, has_tokens: bool, tokens_file: Path | None) -> None:
+    """Before anything starts: the bind rule, and a tokens file that exists and parses (else a
+    SystemExit naming the file and what is wrong)."""
+    check_bind(host, has_tokens)
+    if tokens_file is not None:
+        TokenFile(tokens_file)
+
+
 def _bearer(conn: HTTPConnection) -> str | None:
     """The token of an ``Authorization: Bearer <token>`` header, parsed as :data:`bearer_scheme` does."""
     scheme, value = get_authorization_scheme_param(conn.headers.get("authorization"))
