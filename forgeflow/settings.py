@@ -146,7 +146,23 @@ class Settings(BaseSettings):
     # --- API service -----------------------------------------------------------------------------
     api_host: str = Field("127.0.0.1", description="Bind address; anything but loopback requires api_token.")
     api_port: int = Field(8700, ge=0, le=65535, description="TCP port the API listens on.")
-    api_token: SecretStr | None = Field(None, description="Bearer token for every REST and WebSocket call.")
+    api_token: SecretStr | None = Field(
+        None, description="A bearer token with every scope (read, run, admin), named 'api-token' in the records."
+    )
+    api_tokens_file: Path | None = Field(
+        None,
+        description="JSON or TOML file of named tokens, each {name, scopes, sha256}: only the SHA-256 of each "
+        "token (`forgeflow tokens add`); read again when it changes, so tokens rotate without a restart.",
+    )
+    submit_rate_per_minute: float = Field(
+        120.0,
+        ge=0,
+        description="Job submissions one token may make per minute, on average (0: no limit); past it 429 "
+        "with Retry-After.",
+    )
+    submit_burst: int = Field(
+        60, ge=1, description="Job submissions one token may make at once before the rate applies."
+    )
     database_url: str | None = Field(None, description="SQLAlchemy URL; default: SQLite file in home.")
     max_upload_bytes: int = Field(
         MATCH_MEDIA_BYTES,
@@ -223,6 +239,11 @@ class Settings(BaseSettings):
                 raise ValueError(f"{part!r} is not name=count; use {_COUNTS_FORMS}")
             counts[name.strip()] = count.strip()
         return counts
+
+    @property
+    def has_api_tokens(self) -> bool:
+        """Whether the API asks callers for a token (``api_token`` or a tokens file)."""
+        return self.api_token is not None or self.api_tokens_file is not None
 
     @property
     def media_root(self) -> Path:

@@ -15,18 +15,19 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
-from fastapi import Depends, FastAPI
+from fastapi import FastAPI
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from forgeflow import __version__
-from forgeflow.api.auth import Authenticator, check_bind
-from forgeflow.api.deps import ApiState, require_auth, require_worker_auth
+from forgeflow.api.auth import Authenticator, check_access_settings
+from forgeflow.api.deps import ApiState
 from forgeflow.api.errors import install_error_handlers
 from forgeflow.api.hub import EventHub
 from forgeflow.api.models import ErrorBody
-from forgeflow.api.routers import engine, events, health, jobs, media, outputs, pipelines, plugins
+from forgeflow.api.quota import SubmissionQuota
+from forgeflow.api.routers import access, engine, events, health, jobs, media, outputs, pipelines, plugins
 from forgeflow.api.routers.ui import install_ui
 from forgeflow.api.store import Store
 from forgeflow.settings import Settings, get_settings
@@ -45,8 +46,13 @@ isolated task per stage, and every stage reports realtime messages.
   `job_status` (the terminal one carries the result envelope with the result's size instead of the
   result: `GET /v1/jobs/{id}` has it), each with `type`, `job_id`, `seq` (1, 2, 3 … per job),
   `timestamp` and `event_id`. Stored before they are sent: reconnect with the last `seq` you saw.
-* **Auth**: with `FORGEFLOW_API_TOKEN` set (required off loopback) every call needs
-  `Authorization: Bearer <token>`; WebSockets may pass `?token=`.
+* **Auth**: with tokens configured (`FORGEFLOW_API_TOKEN`, named tokens in `FORGEFLOW_API_TOKENS_FILE`;
+  required off loopback) every call needs `Authorization: Bearer <token>`; a browser's WebSocket offers
+  the subprotocols `forgeflow.v1` and `forgeflow.bearer.<base64url of the token>` instead. A token in a
+  URL (`?token=`) is refused. Scopes: `read` (GET, streams), `run` (submit, upload, save templates,
+  cancel one's own jobs), `admin` (the rest); each operation lists what it needs, and a call outside
+  them is a 403 naming the scope. `GET /v1/auth/me` says what the token may do. Submissions are
+  rate-limited per token (429 with `Retry-After`).
 * **Errors**: `{"error", "error_type", "field"?, "issues"?}` with a 4xx status.
 """
 
@@ -58,6 +64,7 @@ TAGS = [
     {"name": "media", "description": "Upload images and videos; use the ref as job input."},
     {"name": "realtime", "description": "Event ingest (internal) and WebSocket streams."},
     {"name": "engine", "description": "This host's engine: warm worker pools, job queue, device slots."},
+    {"name": "auth", "description": "The calling token's name and scopes; who cancelled and deleted what."},
     {"name": "health", "description": "Service health."},
 ]
 
@@ -108,9 +115,10 @@ class BodyLimit:
         await JSONResponse(body, status_code=413)(scope, receive, send)
 
 
-#: What every route behind the API token may answer.
+#: What every route behind a token may answer.
 UNAUTHORIZED: dict[int | str, dict[str, Any]] = {
     401: {"model": ErrorBody, "description": "Missing or invalid API token."},
+    403: {"model": ErrorBody, "description": "The token lacks the scope the operation needs (`missing_scope`)."},
 }
 
 
@@ -175,7 +183,8 @@ def build_state(settings: Settings, *, api_url: str, prefect_api_url: str | None
         hub=EventHub(settings.ws_queue_size),
         registry=registry,
         media=MediaStore(settings.media_root),
-        auth=Authenticator(api_token, ingest_token),
+        auth=Authenticator(api_token, ingest_token, settings.api_tokens_file),
+        quota=SubmissionQuota(settings.submit_rate_per_minute, settings.submit_burst),
         api_url=api_url,
         prefect_api_url=prefect_api_url,
     )
@@ -192,8 +201,7 @@ def create_app(
     """The ForgeFlow API. ``api_url``: where job processes send events (default: the bind address);
     ``prefect_api_url``: the Prefect server job processes use (default: ``PREFECT_API_URL``)."""
     settings = settings or get_settings()
-    api_token = settings.api_token.get_secret_value() if settings.api_token else None
-    check_bind(settings.api_host, api_token)
+    check_access_settings(settings.api_host, settings.has_api_tokens, settings.api_tokens_file)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -232,7 +240,7 @@ def create_app(
 
     app.add_middleware(BodyLimit, limit=settings.max_request_bytes, exempt_prefix="/v1/media")
 
-    secured = [Depends(require_auth)]
+    # Each of these routers' routes is guarded by the scope it declares or its method implies (ScopedRoute).
     for router in (
         jobs.router,
         outputs.router,
@@ -240,9 +248,10 @@ def create_app(
         pipelines.checks_router,
         plugins.router,
         engine.router,
+        media.router,
+        access.router,
     ):
-        app.include_router(router, dependencies=secured, responses=UNAUTHORIZED)
-    app.include_router(media.router, dependencies=[Depends(require_worker_auth)], responses=UNAUTHORIZED)
+        app.include_router(router, responses=UNAUTHORIZED)
     app.include_router(events.router)  # ingest: its own token check; WebSockets check in the handler
     app.include_router(health.router)
     install_ui(app)

@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import inspect
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from fastapi import Request, Security
-from fastapi.security import HTTPAuthorizationCredentials
+from fastapi import Request, Security, params
+from fastapi.routing import APIRoute
+from fastapi.security import HTTPAuthorizationCredentials, SecurityScopes
 from starlette.requests import HTTPConnection
 
-from forgeflow.api.auth import Authenticator, bearer_scheme
+from forgeflow.api.auth import Authenticator, Principal, Scope, bearer_scheme, forbidden
+from forgeflow.api.errors import ApiError, ApiErrorType
 from forgeflow.api.hub import EventHub
+from forgeflow.api.quota import SubmissionQuota
 from forgeflow.api.store import Store, StoredEvent
 from forgeflow.engine.registry import PluginRegistry
 from forgeflow.plugins import MediaStore
@@ -28,6 +33,7 @@ class ApiState:
     registry: PluginRegistry
     media: MediaStore
     auth: Authenticator
+    quota: SubmissionQuota
     api_url: str
     prefect_api_url: str | None
     launcher: Launcher | None = None
@@ -47,19 +53,93 @@ def get_state(conn: HTTPConnection) -> ApiState:
     return conn.app.state.forgeflow  # type: ignore[no-any-return]
 
 
-def require_auth(
-    request: Request,
-    credentials: HTTPAuthorizationCredentials | None = Security(bearer_scheme),
-) -> None:
-    """Dependency of every REST router: the bearer token, when the service requires one. Through
-    :data:`~forgeflow.api.auth.bearer_scheme`, so OpenAPI lists the scheme on every route it guards."""
-    get_state(request).auth.check_token(credentials.credentials if credentials else None)
+def _authorize(
+    request: Request, scopes: SecurityScopes, credentials: HTTPAuthorizationCredentials | None, *, worker: bool
+) -> Principal:
+    principal = get_state(request).auth.identify(credentials.credentials if credentials else None, worker=worker)
+    if not principal.worker:
+        for scope in scopes.scopes:
+            if not principal.may(scope):
+                raise forbidden(principal, Scope(scope))
+    return principal
 
 
-def require_worker_auth(
+def authorize(
     request: Request,
+    scopes: SecurityScopes,
     credentials: HTTPAuthorizationCredentials | None = Security(bearer_scheme),
-) -> None:
-    """Dependency of the media router: like :func:`require_auth`, and the ingest token also serves
-    (worker hosts hold it, not the API token)."""
-    get_state(request).auth.check_token(credentials.credentials if credentials else None, worker=True)
+) -> Principal:
+    """The caller, checked against the scopes its route declares (``Security(authorize, scopes=[...])``);
+    through :data:`~forgeflow.api.auth.bearer_scheme`, so OpenAPI lists the scheme and the scopes."""
+    return _authorize(request, scopes, credentials, worker=False)
+
+
+def authorize_worker(
+    request: Request,
+    scopes: SecurityScopes,
+    credentials: HTTPAuthorizationCredentials | None = Security(bearer_scheme),
+) -> Principal:
+    """Like :func:`authorize`, and the ingest token also serves (worker hosts hold it, not an API token)."""
+    return _authorize(request, scopes, credentials, worker=True)
+
+
+_GUARDS = (authorize, authorize_worker)
+
+#: The scope a route needs unless it declares its own guard: reading is ``read``, deleting ``admin``,
+#: any other write ``run``.
+METHOD_SCOPES = {"GET": Scope.READ, "HEAD": Scope.READ, "DELETE": Scope.ADMIN}
+
+
+def method_scope(methods: set[str]) -> Scope:
+    scopes = {METHOD_SCOPES.get(m.upper(), Scope.RUN) for m in methods}
+    return max(scopes, key=list(Scope).index)  # the strongest, should a route take several methods
+
+
+def _declares_guard(endpoint: Callable[..., Any], dependencies: Sequence[params.Depends] | None) -> bool:
+    declared = [d.dependency for d in dependencies or ()]
+    declared += [
+        p.default.dependency
+        for p in inspect.signature(endpoint).parameters.values()
+        if isinstance(p.default, params.Depends)
+    ]
+    return any(d in _GUARDS for d in declared)
+
+
+class ScopedRoute(APIRoute):
+    """A route behind a token: it declares its guard (``Security(authorize, scopes=[...])`` as a
+    dependency or a parameter), or gets the one its method implies (:data:`METHOD_SCOPES`)."""
+
+    guard: Callable[..., Principal] = authorize
+
+    def __init__(self, path: str, endpoint: Callable[..., Any], **kwargs: Any) -> None:
+        dependencies = list(kwargs.pop("dependencies", None) or [])
+        if not _declares_guard(endpoint, dependencies):
+            scope = method_scope(set(kwargs.get("methods") or {"GET"}))
+            dependencies.append(Security(type(self).guard, scopes=[scope]))
+        super().__init__(path, endpoint, dependencies=dependencies, **kwargs)
+
+
+class WorkerScopedRoute(ScopedRoute):
+    """A route that the ingest token of worker hosts opens too (the media routes)."""
+
+    guard = authorize_worker
+
+
+def within_submission_quota(request: Request, principal: Principal = Security(authorize, scopes=[Scope.RUN])) -> None:
+    """Dependency of every route that submits work (jobs; batches when the API takes them): one
+    submission from the token's bucket, else 429 with ``Retry-After``."""
+    state = get_state(request)
+    if principal.name is None:  # an open service: one caller, nobody to be fair to
+        return
+    wait = state.quota.take(principal.name)
+    if wait > 0:
+        settings = state.settings
+        after = SubmissionQuota.retry_after(wait)
+        raise ApiError(
+            429,
+            f"the token {principal.name!r} submitted more than {settings.submit_burst} jobs at once or "
+            f"{settings.submit_rate_per_minute:g} a minute (FORGEFLOW_SUBMIT_BURST, "
+            f"FORGEFLOW_SUBMIT_RATE_PER_MINUTE): retry in {after} s",
+            ApiErrorType.TOO_MANY_REQUESTS,
+            headers={"Retry-After": after},
+        )

@@ -24,6 +24,8 @@ class ApiErrorType(StrEnum):
     NOT_FOUND = "NotFound"
     CONFLICT = "Conflict"
     UNAUTHORIZED = "Unauthorized"
+    FORBIDDEN = "Forbidden"
+    TOO_MANY_REQUESTS = "TooManyRequests"
     UNAVAILABLE = "Unavailable"
     METHOD_NOT_ALLOWED = "MethodNotAllowed"
     HTTP_ERROR = "HTTPError"

@@ -454,8 +454,9 @@ class Launcher:
         return event
 
     # --- cancel ----------------------------------------------------------------------------------
-    async def cancel(self, job_id: str) -> JobRow:
-        """Cancel a job: a queued one at once, a running one by signalling its process."""
+    async def cancel(self, job_id: str, by: str | None = None) -> JobRow:
+        """Cancel a job: a queued one at once, a running one by signalling its process. ``by``: the name
+        of the token that asked (kept as the job's ``cancelled_by``)."""
         store = self.state.store
         async with self._lock:
             job = await to_thread.run_sync(store.get_job, job_id)
@@ -463,7 +464,7 @@ class Launcher:
                 raise KeyError(job_id)
             if outcome.is_terminal(job["status"]):
                 return job
-            await to_thread.run_sync(store.set_cancel_requested, job_id)
+            await to_thread.run_sync(store.set_cancel_requested, job_id, by)
             if job["source"] == "external":
                 return {**job, "cancel_requested": True}  # run elsewhere: nothing here to signal
             if job["launched_at"] is None:

@@ -133,6 +133,7 @@ class ErrorBody(BaseModel):
     error_type: str = Field(description="A stable name of the kind of error.")
     field: str | None = Field(None, description="The request field at fault, dotted (e.g. `pipeline.1.tool`).")
     issues: list[dict[str, Any]] | None = Field(None, description="Every problem found (validation errors).")
+    missing_scope: str | None = Field(None, description="A 403's scope the token lacks (`read`, `run`, `admin`).")
 
 
 class JobCreate(_RequestBody):
@@ -176,6 +177,7 @@ class JobAccepted(BaseModel):
     status: JobStatus
     created: bool = Field(description="False when an earlier identical submission with this job_id exists.")
     pipeline_id: str | None = None
+    created_by: str | None = Field(None, description="The name of the token that submitted it (null: no token).")
     links: dict[str, str]
 
 
@@ -199,6 +201,8 @@ class JobView(BaseModel):
     updated_at: str
     flow_run_id: str | None
     cancel_requested: bool
+    cancelled_by: str | None = Field(None, description="The name of the token that asked to cancel it.")
+    created_by: str | None = Field(None, description="The name of the token that submitted it (null: no token).")
     stages_total: int
     stages_completed: int
     current_stage: int | None
@@ -228,6 +232,7 @@ class JobSummary(BaseModel):
     current_stage: int | None = Field(
         None, description="The stage a running job is on (the first one not completed); null otherwise."
     )
+    created_by: str | None = Field(None, description="The name of the token that submitted it (null: no token).")
 
 
 class JobList(BaseModel):
@@ -255,6 +260,7 @@ class CancelResult(BaseModel):
     job_id: str
     status: JobStatus
     cancel_requested: bool
+    cancelled_by: str | None = Field(None, description="The name of the token that asked first.")
 
 
 class EventList(BaseModel):
@@ -322,6 +328,7 @@ class TemplateSummary(BaseModel):
     created_at: str
     timeout_seconds: float
     description: str
+    created_by: str | None = Field(None, description="The name of the token that saved it (null: no token).")
 
 
 class StageStats(BaseModel):
@@ -416,6 +423,28 @@ class MediaView(BaseModel):
     kind: Literal["image", "video", "data"]
     media_type: str
     filename: str | None = None
+
+
+class Caller(BaseModel):
+    """The token a call was made with, and what it may do."""
+
+    name: str | None = Field(description="The token's name; null on an open service (loopback, no tokens).")
+    scopes: list[Literal["read", "run", "admin"]] = Field(description="What it may do: read, run, admin.")
+    auth_required: bool = Field(description="Whether the service asks for a token at all.")
+
+
+class AuditEntry(BaseModel):
+    at: str
+    actor: str | None = Field(description="The name of the token that did it (null: no token).")
+    action: Literal["job.cancel", "template.delete"]
+    target: str = Field(description="The job or template id.")
+
+
+class AuditList(BaseModel):
+    items: list[AuditEntry]
+    total: int
+    limit: int
+    offset: int
 
 
 class Health(BaseModel):

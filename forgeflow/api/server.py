@@ -16,7 +16,7 @@ import os
 import signal
 import sys
 
-from forgeflow.api.auth import InsecureBind, check_bind
+from forgeflow.api.auth import InsecureBind, InvalidTokens, check_access_settings
 from forgeflow.jobs.prefect_server import LocalPrefectServer
 from forgeflow.settings import Settings, get_settings
 
@@ -24,13 +24,14 @@ log = logging.getLogger(__name__)
 
 
 def serve(settings: Settings | None = None, *, log_level: str = "info") -> None:
-    """Run the API until interrupted. Raises :class:`InsecureBind` for a non-loopback bind without a token."""
+    """Run the API until interrupted. Raises :class:`InsecureBind` for a non-loopback bind without a token,
+    :class:`InvalidTokens` for a tokens file that is missing or invalid (before anything starts)."""
     import uvicorn
 
     from forgeflow.api.app import create_app, local_api_url
 
     settings = settings or get_settings()
-    check_bind(settings.api_host, settings.api_token.get_secret_value() if settings.api_token else None)
+    check_access_settings(settings.api_host, settings.has_api_tokens, settings.api_tokens_file)
     # uvicorn shuts down gracefully on SIGTERM, then raises the signal again; with the default handler
     # that ends the process before the `finally` below stops the Prefect server. Exit through it.
     signal.signal(signal.SIGTERM, _exit_on_sigterm)
@@ -66,10 +67,13 @@ def _exit_on_sigterm(signum: int, frame: object) -> None:
 
 
 def main() -> int:
+    from forgeflow.redact import install_log_redaction
+
+    install_log_redaction()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         serve()
-    except InsecureBind as exc:
+    except (InsecureBind, InvalidTokens) as exc:
         print(f"forgeflow serve: {exc}", file=sys.stderr)
         return 2
     return 0

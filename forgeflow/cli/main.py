@@ -24,11 +24,20 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from forgeflow.cli.tokens import tokens_app
+from forgeflow.cli.watch import watch
+from forgeflow.redact import install_log_redaction
+
+# Every ForgeFlow process a command becomes (API, engine, worker, the stack's parts) logs no credential.
+install_log_redaction()
+
 app = typer.Typer(help="ForgeFlow: fault-isolated multi-plugin vision pipelines on Prefect.", no_args_is_help=True)
 plugins_app = typer.Typer(help="Installed plugins and their lifecycle.", no_args_is_help=True)
 app.add_typer(plugins_app, name="plugins")
 engine_app = typer.Typer(help="This host's engine: warm worker pools shared by every job.", no_args_is_help=True)
 app.add_typer(engine_app, name="engine")
+app.add_typer(tokens_app, name="tokens")
+app.command("watch")(watch)
 console = Console(stderr=True, soft_wrap=True)
 out = Console()
 #: Largest JSON document coloured on a terminal: highlighting is slow on big ones (a 50 MB result).

@@ -89,10 +89,24 @@ def _claim_home(settings: Settings) -> Path:
     return state
 
 
+#: What only the API process holds: the Prefect server, the engine and the workers (which run plugin
+#: code and reach the API with the ingest token) never see an API token.
+API_CREDENTIALS = ("FORGEFLOW_API_TOKEN", "FORGEFLOW_API_TOKENS_FILE")
+
+
 def _base_env(settings: Settings) -> dict[str, str]:
-    """This process's environment for a part of the stack: its home, no Prefect URL of its own."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_API_URL")}
+    """This process's environment for a part of the stack: its home, no Prefect URL of its own, no API token."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_API_URL") and k not in API_CREDENTIALS}
     env["FORGEFLOW_HOME"] = str(settings.home)
+    return env
+
+
+def _api_credentials(settings: Settings) -> dict[str, str]:
+    env = {}
+    if settings.api_token is not None:
+        env["FORGEFLOW_API_TOKEN"] = settings.api_token.get_secret_value()
+    if settings.api_tokens_file is not None:
+        env["FORGEFLOW_API_TOKENS_FILE"] = str(settings.api_tokens_file)
     return env
 
 
@@ -194,9 +208,10 @@ def up(
             "FORGEFLOW_API_PORT": str(api_port),
             "FORGEFLOW_API_URL": api_url,
             "FORGEFLOW_INGEST_TOKEN": ingest_token,
+            **_api_credentials(settings),
         }
-        if advertised != "127.0.0.1" and settings.api_token is None:
-            raise StackError(f"--bind {bind} exposes the API: set FORGEFLOW_API_TOKEN")
+        if advertised != "127.0.0.1" and not settings.has_api_tokens:
+            raise StackError(f"--bind {bind} exposes the API: set FORGEFLOW_API_TOKEN or FORGEFLOW_API_TOKENS_FILE")
         api = _start("api", [forgeflow_cli, "serve"], api_env, folder)
         stack.processes.append(api)
         stack.save(state)

@@ -256,8 +256,10 @@ def main(argv: list[str] | None = None) -> int:
     # a short Retry-After): allow more retries than Prefect's 5 before a run fails to start.
     os.environ.setdefault("PREFECT_CLIENT_MAX_RETRIES", "30")
     from forgeflow.engine.core import Engine
+    from forgeflow.redact import install_log_redaction
     from forgeflow.settings import get_settings
 
+    install_log_redaction()
     handler = logging.StreamHandler()
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     forgeflow_log = logging.getLogger("forgeflow")

@@ -30,6 +30,10 @@ from forgeflow.pipeline import outcome as job_end
 from forgeflow.pipeline.definition import PipelineDefinition
 from forgeflow.pipeline.outcome import EndReason
 from forgeflow.pipeline.validation import ResolvedStage, definition_error
+from forgeflow.redact import install_log_redaction
+
+# A cold flow-run process (`python -m prefect.engine`) has no entry point of ours: it loads this module.
+install_log_redaction()
 
 FLOW_NAME = "forgeflow-pipeline"
 # Prefect's own timeout only backstops the runner's hard kill.

@@ -29,8 +29,10 @@ def _cold_start() -> None:
 
 def main() -> int:
     from forgeflow.engine.client import EngineClient, EngineUnavailable
+    from forgeflow.redact import install_log_redaction
     from forgeflow.settings import get_settings
 
+    install_log_redaction()
     flow_run_id = os.environ.get("PREFECT__FLOW_RUN_ID")
     settings = get_settings()
     if not flow_run_id or not settings.api_url or not settings.use_engine:

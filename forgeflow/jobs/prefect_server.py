@@ -179,6 +179,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--port", type=int, default=4200)
     parser.add_argument("--parent-pid", type=int, default=None, help="stop (SIGTERM) when this process ends")
     args = parser.parse_args(argv)
+    from forgeflow.redact import install_log_redaction
+
+    install_log_redaction()  # its access log is one of the stack's logs
     if args.parent_pid is not None:
         # Whoever started the server may be SIGKILLed: the kernel then stops the server too.
         die_with_parent(args.parent_pid, signal.SIGTERM)

@@ -48,6 +48,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--name", default=None)
     parser.add_argument("--limit", type=int, default=None, help="most flow runs at once")
     args = parser.parse_args(argv)
+    from forgeflow.redact import install_log_redaction
+
+    install_log_redaction()
     try:
         asyncio.run(run_worker(args.pool, args.name, args.limit))
     except KeyboardInterrupt:

@@ -17,6 +17,8 @@ from tests.test_api.conftest import event
 
 
 def test_websockets_need_the_token_when_set(api_factory: Any) -> None:
+    from forgeflow.api.auth import ws_bearer_protocol
+
     api = api_factory(launch_jobs=False, token="s3cret")
     assert httpx.get(f"{api.url}/v1/jobs", timeout=10).status_code == 401
     assert api.client().get("/v1/jobs").status_code == 200
@@ -27,7 +29,10 @@ def test_websockets_need_the_token_when_set(api_factory: Any) -> None:
     with pytest.raises(InvalidStatus) as info:
         connect(f"{api.ws_url}/v1/ws/jobs?token=nope")
     assert info.value.response.status_code == 401
-    with connect(f"{api.ws_url}/v1/ws/jobs/authjob?token=s3cret") as ws:
+    with pytest.raises(InvalidStatus) as info:  # the right token, in the URL: refused (URLs are logged)
+        connect(f"{api.ws_url}/v1/ws/jobs/authjob?token=s3cret")
+    assert info.value.response.status_code == 401
+    with connect(f"{api.ws_url}/v1/ws/jobs/authjob", subprotocols=["forgeflow.v1", ws_bearer_protocol("s3cret")]) as ws:  # type: ignore[list-item]
         assert '"seq":1' in ws.recv(timeout=10)
     with connect(f"{api.ws_url}/v1/ws/jobs/authjob", additional_headers=api.headers) as ws:
         assert '"seq":1' in ws.recv(timeout=10)

@@ -21,7 +21,7 @@ def test_migrations_create_exactly_the_declared_schema(store_url: str) -> None:
         store.migrate()  # idempotent
         with store.engine.connect() as conn:
             context = MigrationContext.configure(conn)
-            assert context.get_current_revision() == "0003_job_heartbeat"
+            assert context.get_current_revision() == "0004_actors"
             diff = [
                 d
                 for d in compare_metadata(context, metadata)
@@ -66,6 +66,9 @@ def test_a_store_of_the_first_schema_upgrades_in_place_keeping_its_rows(store_ur
         assert (row["plugin"], row["status"], row["progress"]) == ("testkit", "completed", None)
         job = store.get_job("old")
         assert job is not None and job["status"] == "succeeded" and job["heartbeat_at"] is None
+        assert (job["created_by"], job["cancelled_by"]) == (None, None)  # made before tokens had names
+        store.set_cancel_requested("old", "later-admin")
+        assert store.audit_entries(10)[0][0]["actor"] == "later-admin"
     finally:
         store.close()
 
@@ -110,5 +113,34 @@ def test_concurrent_writers_get_gapless_per_job_sequences(store_url: str) -> Non
         )
         assert created and job["last_seq"] == 1
         assert store.ingest([JobStatusEvent(job_id=job["id"], status="cancelled")])[0].terminal
+    finally:
+        store.close()
+
+
+def test_the_store_keeps_who_created_cancelled_and_deleted(store_url: str) -> None:
+    store = Store(store_url)
+    store.migrate()
+    try:
+        job, created = store.create_job(
+            job_id="who-1",
+            pipeline={"stages": []},
+            input_data={},
+            request_hash="h",
+            source="inline",
+            template_id=None,
+            created_by="ci",
+        )
+        assert created and job["created_by"] == "ci" and job["cancelled_by"] is None
+        store.set_cancel_requested("who-1", "ops")
+        store.set_cancel_requested("who-1", "someone-later")  # the first request counts
+        assert store.get_job("who-1")["cancelled_by"] == "ops"  # type: ignore[index]
+        assert store.create_template("t", "T", {"stages": []}, created_by="ci")["created_by"] == "ci"
+        assert store.delete_template("t", by="ops") and not store.delete_template("t", by="ops")
+        entries, total = store.audit_entries(10)
+        assert [(e["actor"], e["action"], e["target"]) for e in entries] == [
+            ("ops", "template.delete", "t"),
+            ("ops", "job.cancel", "who-1"),
+        ]
+        assert total == 2
     finally:
         store.close()

@@ -32,9 +32,19 @@ CONFIG = Path(__file__).with_name("schemathesis.toml")
 
 
 def test_the_api_keeps_to_its_openapi_document(api_factory: Any, tmp_path: Path) -> None:
+    # A fuzzed job never passes validation anyway; the submission rate limit is off so the fuzzer reaches
+    # the submission code rather than its 429.
+    api = api_factory(launch_jobs=False, token="fuzz-token", submit_rate_per_minute=0)
+    done = _schemathesis(api.url, "fuzz-token", FUZZ_SECONDS, tmp_path)
+    report = done.stdout + done.stderr
+    print(report)  # pytest shows it with a failure; the seed to replay it is in its last lines
+    assert done.returncode == 0, "schemathesis found failures:\n" + report[report.find("FAILURES") :][-20_000:]
+
+
+def _schemathesis(url: str, token: str, seconds: int, cwd: Path, *extra: str, env: dict[str, str] | None = None) -> Any:
+    import os
     import subprocess
 
-    api = api_factory(launch_jobs=False, token="fuzz-token")  # a fuzzed job never passes validation anyway
     command = [
         sys.executable,
         "-c",
@@ -42,13 +52,14 @@ def test_the_api_keeps_to_its_openapi_document(api_factory: Any, tmp_path: Path)
         "--config-file",
         str(CONFIG),
         "run",
-        f"{api.url}/openapi.json",
+        f"{url}/openapi.json",
         "--checks",
         "all",
+        *extra,
         "--header",
-        f"Authorization: Bearer {api.token}",
+        f"Authorization: Bearer {token}",
         "--max-time",
-        str(FUZZ_SECONDS),
+        str(seconds),
         "--workers",
         "1",
         "--continue-on-failure",
@@ -58,12 +69,62 @@ def test_the_api_keeps_to_its_openapi_document(api_factory: Any, tmp_path: Path)
         "none",
         "--no-color",
     ]
-    done = subprocess.run(
-        command, cwd=tmp_path, capture_output=True, text=True, timeout=FUZZ_SECONDS + 120, check=False
+    return subprocess.run(
+        command,
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=seconds + 120,
+        check=False,
+        env={**os.environ, **(env or {})},
+    )
+
+
+READ_FUZZ_SECONDS = 60
+
+
+def test_a_read_token_finds_no_write_that_succeeds(api_factory: Any, tmp_path: Path) -> None:
+    """Schemathesis with a ``read`` token, against a service holding a job, a template and media: no
+    operation that needs more than ``read`` answers 2xx (the check in schemathesis_read_scope.py, from
+    each operation's declared scopes), and afterwards the store holds exactly what it held before."""
+    from tests.test_api.test_api_access import bearer, write_tokens
+    from tests.test_api.test_api_requests import PNG
+
+    tokens = {"fuzz-reader": ("fuzz-read-token", ["read"]), "seeder": ("fuzz-seed-token", ["read", "run", "admin"])}
+    api = api_factory(launch_jobs=False, api_tokens_file=write_tokens(tmp_path / "tokens.json", tokens))
+    import httpx
+
+    with httpx.Client(base_url=api.url, headers=bearer("fuzz-seed-token"), timeout=30) as seeder:
+        assert seeder.post("/v1/pipelines", json={"name": "Seeded", "stages": STAGES}).status_code == 201
+        assert seeder.post("/v1/jobs", json={"pipeline": STAGES, "input": {}}).status_code == 202
+        assert seeder.post("/v1/media", files={"file": ("x.png", PNG)}).status_code == 201
+
+    def snapshot() -> Any:
+        store = api.state.store
+        jobs, _ = store.list_jobs(None, 500, 0)
+        return (
+            [(j["id"], j["status"], j["cancel_requested"]) for j in jobs],
+            [(t["id"], t["name"]) for t in store.list_templates()],
+            store.audit_entries(500)[1],
+            sorted(str(p) for p in api.settings.media_root.rglob("*") if p.is_file()),
+        )
+
+    before = snapshot()
+    hooks = {"SCHEMATHESIS_HOOKS": str(Path(__file__).with_name("schemathesis_read_scope.py"))}
+    # Writes are refused by design (403), so "valid data is accepted" cannot hold for them.
+    done = _schemathesis(
+        api.url,
+        "fuzz-read-token",
+        READ_FUZZ_SECONDS,
+        tmp_path,
+        "--exclude-checks",
+        "positive_data_acceptance",
+        env=hooks,
     )
     report = done.stdout + done.stderr
-    print(report)  # pytest shows it with a failure; the seed to replay it is in its last lines
+    print(report)
     assert done.returncode == 0, "schemathesis found failures:\n" + report[report.find("FAILURES") :][-20_000:]
+    assert snapshot() == before
 
 
 # --- what the fuzzer cannot see once a rejection is allowed ---------------------------------------

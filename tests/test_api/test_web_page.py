@@ -451,3 +451,147 @@ def test_controls_have_labels_and_work_from_the_keyboard(
     page.keyboard.press("Enter")
     expect(page.locator("h1")).to_contain_text(job_id)
     expect(page.get_by_role("progressbar", name="Progress of stage 0")).to_have_count(0)  # testkit reports none
+
+
+def _sign_in(page: Any, token: str) -> None:
+    from playwright.sync_api import expect
+
+    dialog = page.get_by_role("dialog", name="API token needed")
+    expect(dialog).to_be_visible()
+    page.get_by_label("API token", exact=True).fill(token)
+    page.keyboard.press("Enter")
+    expect(dialog).to_be_hidden()
+
+
+def test_the_page_shows_only_what_the_token_may_do(
+    api_factory: Any, open_page: Callable[[str], WatchedPage], tmp_path: Path
+) -> None:
+    """A read token sees jobs but no Run page and no cancel; a run token cancels its own job and the
+    page says who did; an admin deletes a template, and the page lists who deleted what."""
+    import httpx
+    from playwright.sync_api import expect
+
+    from tests.test_api.test_api_access import bearer, write_tokens
+
+    tokens = {"reader": ("page-reader", ["read"]), "runner": ("page-runner", ["read", "run"])}
+    tokens["boss"] = ("page-boss", ["read", "run", "admin"])
+    api = api_factory(launch_jobs=False, api_tokens_file=write_tokens(tmp_path / "tokens.json", tokens))
+    http = httpx.Client(base_url=api.url, headers=bearer("page-runner"), timeout=30)
+    job_id = http.post("/v1/jobs", json={"pipeline": THREE_STAGES, "input": {"count": 2}}).json()["job_id"]
+    assert http.post("/v1/pipelines", json={"name": "Kept", "stages": THREE_STAGES}).status_code == 201
+
+    reader = open_page(api.url).page
+    reader.goto("/ui")
+    _sign_in(reader, "page-reader")
+    expect(reader.locator("#caller")).to_have_text("reader · read")
+    expect(reader.locator('nav a[data-section="run"]')).to_be_hidden()
+    row = reader.locator(f'#jobs-table tr[data-job-id="{job_id}"]')
+    expect(row.locator(".created-by")).to_have_text("runner")
+    expect(reader.get_by_role("link", name="Run a pipeline")).to_have_count(0)
+    row.get_by_role("link").click()
+    expect(reader.locator("#job-created-by")).to_have_text("runner")
+    expect(reader.locator("#cancel-job")).to_be_hidden()
+    reader.goto("/ui#/run")
+    expect(reader.locator("#run-refused")).to_contain_text('needs the "run" scope')
+    reader.goto("/ui#/templates")
+    expect(reader.locator('#templates-table tr[data-template-id="kept"] .created-by')).to_have_text("runner")
+    expect(reader.locator(".delete-template")).to_have_count(0)
+
+    runner = open_page(api.url).page
+    runner.goto(f"/ui#/jobs/{job_id}")
+    _sign_in(runner, "page-runner")
+    expect(runner.locator('nav a[data-section="run"]')).to_be_visible()
+    runner.locator("#cancel-job").click()
+    expect(runner.locator("#job-status")).to_have_text("cancelled")
+    expect(runner.locator("#job-cancelled-by")).to_have_text("runner")
+
+    boss = open_page(api.url).page
+    boss.goto("/ui#/templates")
+    _sign_in(boss, "page-boss")
+    boss.get_by_role("button", name="Delete Kept").click()
+    expect(boss.locator("#audit")).to_contain_text("boss deleted template kept")
+    expect(boss.locator("#audit")).to_contain_text("runner cancelled job")
+    expect(boss.locator("#templates-table")).to_have_count(0)
+
+
+def test_a_distinctive_token_is_never_written_anywhere(
+    open_page: Callable[[str], WatchedPage], prefect_api_url: str, tmp_path: Path
+) -> None:
+    """``forgeflow serve`` (its access log on) with a distinctive token; the page signs in with it and
+    follows a job live, a WebSocket client replays it (bearer subprotocol), ``forgeflow watch`` follows it
+    (header), and old clients send it in URLs (refused). Then no log file, database or file of the
+    service, its engine or the Prefect server holds the token, in clear or as its subprotocol form."""
+    import subprocess
+    import sys
+    import uuid
+
+    import httpx
+    from playwright.sync_api import expect
+    from websockets.exceptions import InvalidStatus
+    from websockets.sync.client import connect
+
+    from forgeflow.api.auth import ws_bearer_protocol
+    from tests.conftest import _SESSION_DIR, free_port
+    from tests.test_api.conftest import start_subprocess_server, ws_collect
+
+    canary = f"canary-{uuid.uuid4().hex}"
+    home = tmp_path / "home"
+    home.mkdir()
+    api = start_subprocess_server(
+        home,
+        free_port(),
+        database_url=f"sqlite:///{home / 'api.sqlite'}",
+        prefect_api_url=prefect_api_url,
+        extra_env={"FORGEFLOW_API_TOKEN": canary},
+    )
+    api.token = canary
+    try:
+        client = api.client()
+        page = open_page(api.url).page
+        page.goto("/ui")
+        _sign_in(page, canary)
+        expect(page.locator("#jobs-count")).to_have_text("No jobs yet.")
+        job_id = client.post("/v1/jobs", json={"pipeline": THREE_STAGES, "input": {"count": 2}}).json()["job_id"]
+        row = page.locator(f'#jobs-table tr[data-job-id="{job_id}"]')
+        expect(row).to_contain_text("succeeded", timeout=LONG)  # live over the all-jobs WebSocket
+        row.get_by_role("link").click()
+        expect(page.locator("#connection")).to_have_text("Job finished")
+        last_seq = wait_job(client, job_id)["last_seq"]
+        assert _seqs(page) == list(range(1, last_seq + 1))
+
+        replayed, _ = ws_collect(f"{api.ws_url}/v1/ws/jobs/{job_id}?after_seq=0", headers=api.headers)
+        assert [m["seq"] for m in replayed] == list(range(1, last_seq + 1))
+        with connect(
+            f"{api.ws_url}/v1/ws/jobs/{job_id}?after_seq=1",
+            subprotocols=["forgeflow.v1", ws_bearer_protocol(canary)],  # type: ignore[list-item]
+        ) as ws:
+            assert json.loads(ws.recv(timeout=30))["seq"] == 2
+        watched = subprocess.run(
+            [sys.executable, "-m", "forgeflow.cli", "watch", job_id, "--api", api.url],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            env={**os.environ, "FORGEFLOW_API_TOKEN": canary, "FORGEFLOW_HOME": str(home)},
+        )
+        assert watched.returncode == 0, watched.stderr
+        assert len(watched.stdout.splitlines()) == last_seq
+
+        # What an old client does: the token in the URL. Refused, and logged redacted.
+        assert httpx.get(f"{api.url}/v1/jobs?token={canary}", timeout=10).status_code == 401
+        with pytest.raises(InvalidStatus):
+            connect(f"{api.ws_url}/v1/ws/jobs?token={canary}")
+    finally:
+        api.stop()
+
+    needles = (canary.encode(), ws_bearer_protocol(canary).encode())
+    places = [tmp_path, _SESSION_DIR / "prefect-server"]
+    hits = [
+        str(path)
+        for place in places
+        for path in place.rglob("*")
+        if path.is_file() and any(needle in path.read_bytes() for needle in needles)
+    ]
+    assert hits == []
+    log = "".join(p.read_text(errors="replace") for p in home.glob("api-*.log"))
+    assert f"/v1/ws/jobs/{job_id}" in log and "/v1/jobs?token=[redacted]" in log  # the access log was on
+    assert (home / "forgeflow.sqlite").exists() or (home / "api.sqlite").exists()

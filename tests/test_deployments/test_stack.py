@@ -1,6 +1,7 @@
 """The production shape on real parts: `forgeflow up` (a Prefect server with the work pool and
 prefect.yaml's deployments, the API in deployment mode, the engine, a `prefect worker`), then jobs
-from the API, from Prefect's REST API the way the UI's "Run" makes them, and from a schedule."""
+from the API, from Prefect's REST API the way the UI's "Run" makes them, and from a schedule. The stack
+runs with a distinctive API token that no log, database or file of the stack may hold."""
 
 from __future__ import annotations
 
@@ -27,13 +28,16 @@ CHAIN = [
     {"plugin": "testkit", "tool": "total"},
 ]
 TERMINAL = {"succeeded", "failed", "cancelled", "crashed"}
+#: The stack's API token: distinctive, so a search of everything the stack wrote finds any copy.
+CANARY = "stack-canary-7f3a91c2d5e84b06"
+AUTH = {"Authorization": f"Bearer {CANARY}"}
 
 
 class Running:
     def __init__(self, stack: Any, home: Path) -> None:
         self.stack = stack
         self.home = home
-        self.api = httpx.Client(base_url=stack.api_url, timeout=30, limits=KEEP_ALIVE)
+        self.api = httpx.Client(base_url=stack.api_url, timeout=30, limits=KEEP_ALIVE, headers=AUTH)
         self.prefect = PrefectRest(stack.prefect_api_url)
 
     def deployment_id(self, name: str = "forgeflow-pipeline/pipeline") -> str:
@@ -67,11 +71,13 @@ class Running:
 
 @pytest.fixture(scope="module")
 def running(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Running]:
+    from pydantic import SecretStr
+
     from forgeflow.cli import stack
     from forgeflow.settings import Settings
 
     home = tmp_path_factory.mktemp("stack-home")
-    settings = Settings(home=home)
+    settings = Settings(home=home, api_token=SecretStr(CANARY))
     saved = {k: os.environ.get(k) for k in ("FORGEFLOW_HOME", "PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS")}
     os.environ["FORGEFLOW_HOME"] = str(home)
     os.environ["PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS"] = "1"  # schedule-made runs within seconds
@@ -102,7 +108,7 @@ def test_an_api_job_is_a_flow_run_of_the_pipeline_deployment(running: Running) -
     assert flow_run["deployment_id"] == running.deployment_id()
     assert flow_run["name"] == "job-job-deployed" and flow_run["state"]["type"] == "COMPLETED"
     assert flow_run["parameters"]["job_id"] == "job-deployed"
-    messages, _ = ws_collect(f"{running.stack.api_url.replace('http', 'ws')}/v1/ws/jobs/job-deployed")
+    messages, _ = ws_collect(f"{running.stack.api_url.replace('http', 'ws')}/v1/ws/jobs/job-deployed", headers=AUTH)
     kinds = [m["type"] for m in messages]
     assert kinds.count("pipeline_stage_start") == kinds.count("pipeline_stage_end") == 3
     assert [m["seq"] for m in messages] == list(range(1, len(messages) + 1))
@@ -136,7 +142,9 @@ def test_a_run_made_like_the_prefect_ui_makes_one_is_a_job_of_its_own(running: R
 
     ended: set[str] = set()
     deadline = time.monotonic() + 30
-    with connect(f"{running.stack.api_url.replace('http', 'ws')}/v1/ws/jobs?after_cursor=0") as ws:
+    with connect(
+        f"{running.stack.api_url.replace('http', 'ws')}/v1/ws/jobs?after_cursor=0", additional_headers=AUTH
+    ) as ws:
         while ended != set(flow_runs) and time.monotonic() < deadline:
             message = json.loads(ws.recv(timeout=deadline - time.monotonic()))
             if message["job_id"] in flow_runs and message["type"] == "job_status" and message["status"] in TERMINAL:
@@ -215,3 +223,23 @@ def test_a_flow_run_killed_on_its_worker_ends_its_job_crashed_with_the_reason(ru
     # said so, or the API reconciled the Crashed run: either way the error says what happened.
     assert "-9" in job["error"] or "died" in job["error"], job["error"]
     assert job["envelope"]["error_type"] == "FlowRunCrashed", job["envelope"]
+
+
+def test_the_api_token_is_nowhere_in_what_the_stack_wrote(running: Running) -> None:
+    """After every test above ran through the stack (the API, the engine, the worker and its flow runs,
+    Prefect's server), the token is in none of the stack's logs, databases or files. A call with the
+    token in its URL (refused) is in the API's access log, redacted."""
+    assert httpx.get(f"{running.stack.api_url}/v1/jobs?token={CANARY}", timeout=10).status_code == 401
+    from websockets.exceptions import InvalidStatus
+    from websockets.sync.client import connect
+
+    with pytest.raises(InvalidStatus):
+        connect(f"{running.stack.api_url.replace('http', 'ws')}/v1/ws/jobs?token={CANARY}")
+    api_log = running.home / "stack" / "api.log"
+    deadline = time.monotonic() + 10
+    while "?token=[redacted]" not in api_log.read_text(errors="replace") and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert "/v1/jobs?token=[redacted]" in api_log.read_text(errors="replace")
+    hits = [str(path) for path in running.home.rglob("*") if path.is_file() and CANARY.encode() in path.read_bytes()]
+    assert hits == []
+    assert (running.home / "stack" / "worker-1.log").is_file() and (running.home / "prefect").is_dir()

@@ -7,9 +7,9 @@ from typing import Any
 from fastapi import APIRouter, Depends
 from fastapi.concurrency import run_in_threadpool
 
-from forgeflow.api.deps import ApiState, get_state
+from forgeflow.api.deps import ApiState, ScopedRoute, get_state
 
-router = APIRouter(tags=["engine"])
+router = APIRouter(tags=["engine"], route_class=ScopedRoute)
 
 
 @router.get(

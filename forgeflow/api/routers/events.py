@@ -1,7 +1,7 @@
 """Realtime: the internal ingest endpoint and the WebSocket streams.
 
-``POST /internal/v1/events`` (Bearer ingest token) stores each event (dedupe by ``event_id``,
-per-job ``seq``) and only then broadcasts it.
+``POST /internal/v1/events`` (Bearer ingest token, or an ``admin`` API token) stores each event
+(dedupe by ``event_id``, per-job ``seq``) and only then broadcasts it.
 
 ``WS /v1/ws/jobs/{job_id}?after_seq=N`` streams one job: it subscribes first, replays the stored
 messages with ``seq > N`` (default 0: everything) from the database, then sends live ones, skipping
@@ -10,6 +10,9 @@ and in order. The stream closes (1000, "job finished") after the terminal ``job_
 
 ``WS /v1/ws/jobs?after_cursor=N`` streams every job. Each message also carries ``cursor``, the
 global position of the stream; without ``after_cursor`` it starts with live messages.
+
+A stream needs a ``read`` token, in ``Authorization: Bearer`` or the ``forgeflow.bearer.`` subprotocol
+(:mod:`forgeflow.api.auth`); a token in the URL is refused.
 
 A client whose queue (``ws_queue_size``) overflows is closed with code 1013 and a reason naming
 where to resume; the others and the ingestion never wait for it.
@@ -28,8 +31,9 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
 from starlette.websockets import WebSocketDisconnect, WebSocketState
 
+from forgeflow.api.auth import WS_PROTOCOL, Scope, forbidden, ws_subprotocols
 from forgeflow.api.deps import ApiState, get_state
-from forgeflow.api.errors import ApiErrorType
+from forgeflow.api.errors import ApiError, ApiErrorType
 from forgeflow.api.hub import Subscription
 from forgeflow.api.models import MAX_POSITION, ErrorBody, IngestBatch, IngestResult
 from forgeflow.api.store import StoredEvent
@@ -54,6 +58,7 @@ def _check_ingest(request: Request) -> None:
     dependencies=[Depends(_check_ingest)],
     responses={
         401: {"model": ErrorBody, "description": "Missing or invalid ingest token."},
+        403: {"model": ErrorBody, "description": "An API token without the `admin` scope (`missing_scope`)."},
         413: {"model": ErrorBody, "description": "Batch too large."},
         422: {"model": ErrorBody, "description": "An event is malformed (nothing of the batch is stored)."},
     },
@@ -88,6 +93,24 @@ async def _deny(websocket: WebSocket, status: int, error: str, error_type: str) 
         await websocket.send_denial_response(JSONResponse(body, status_code=status))
     except RuntimeError:
         await websocket.close(code=4000 + status, reason=error[:120])
+
+
+async def _admit(websocket: WebSocket, state: ApiState) -> bool:
+    """Whether the caller may read the streams; a refusal is answered (401, 403) before the upgrade."""
+    try:
+        principal = state.auth.identify_ws(websocket)
+        if not principal.may(Scope.READ):
+            raise forbidden(principal, Scope.READ)
+    except ApiError as exc:
+        await _deny(websocket, exc.status, exc.body["error"], exc.body["error_type"])
+        return False
+    return True
+
+
+async def _accept(websocket: WebSocket) -> None:
+    """Accept, answering ``forgeflow.v1`` when the client offered it (a browser that offered subprotocols
+    needs one back); the bearer subprotocol is never echoed."""
+    await websocket.accept(subprotocol=WS_PROTOCOL if WS_PROTOCOL in ws_subprotocols(websocket) else None)
 
 
 def _query_int(websocket: WebSocket, name: str) -> int | None:
@@ -204,13 +227,7 @@ async def _send_all(websocket: WebSocket, state: ApiState, sub: Subscription, po
 async def ws_job(websocket: WebSocket, job_id: str) -> None:
     """Messages of one job: `?after_seq=N` replays what came after N (default 0), then live."""
     state = get_state(websocket)
-    if not state.auth.ws_allowed(websocket):
-        await _deny(
-            websocket,
-            401,
-            "missing or invalid API token (header 'Authorization: Bearer' or ?token=)",
-            ApiErrorType.UNAUTHORIZED,
-        )
+    if not await _admit(websocket, state):
         return
     try:
         after = _query_int(websocket, "after_seq") or 0
@@ -221,7 +238,7 @@ async def ws_job(websocket: WebSocket, job_id: str) -> None:
     if job is None:
         await _deny(websocket, 404, f"unknown job {job_id!r}", ApiErrorType.NOT_FOUND)
         return
-    await websocket.accept()
+    await _accept(websocket)
     sub = state.hub.subscribe(job_id)  # subscribe before the replay reads the store
     pos = _Position(after)
     await _run_stream(websocket, state, sub, _send_job(websocket, state, sub, job_id, pos), pos, "after_seq")
@@ -231,13 +248,7 @@ async def ws_job(websocket: WebSocket, job_id: str) -> None:
 async def ws_all_jobs(websocket: WebSocket) -> None:
     """Messages of every job, each with a global `cursor`; `?after_cursor=N` replays what came after N."""
     state = get_state(websocket)
-    if not state.auth.ws_allowed(websocket):
-        await _deny(
-            websocket,
-            401,
-            "missing or invalid API token (header 'Authorization: Bearer' or ?token=)",
-            ApiErrorType.UNAUTHORIZED,
-        )
+    if not await _admit(websocket, state):
         return
     try:
         after = _query_int(websocket, "after_cursor")
@@ -246,7 +257,7 @@ async def ws_all_jobs(websocket: WebSocket) -> None:
     except ValueError as exc:
         await _deny(websocket, 422, str(exc), ApiErrorType.REQUEST_VALIDATION)
         return
-    await websocket.accept()
+    await _accept(websocket)
     sub = state.hub.subscribe(None)
     if after is None:
         after = await run_in_threadpool(state.store.max_cursor)

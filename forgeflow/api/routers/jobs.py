@@ -6,10 +6,11 @@ import hashlib
 import uuid
 from typing import Any
 
-from fastapi import APIRouter, Depends, Path, Query, Response
+from fastapi import APIRouter, Depends, Path, Query, Response, Security
 from fastapi.concurrency import run_in_threadpool
 
-from forgeflow.api.deps import ApiState, get_state
+from forgeflow.api.auth import Principal, Scope, forbidden
+from forgeflow.api.deps import ApiState, ScopedRoute, authorize, get_state, within_submission_quota
 from forgeflow.api.errors import ApiError, ApiErrorType, not_found
 from forgeflow.api.models import (
     MAX_POSITION,
@@ -37,7 +38,7 @@ from forgeflow.pipeline.validation import (
 )
 from forgeflow.plugins.errors import MediaError
 
-router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
+router = APIRouter(prefix="/v1/jobs", tags=["jobs"], route_class=ScopedRoute)
 
 ERRORS: dict[int | str, dict[str, Any]] = {
     401: {"model": ErrorBody, "description": "Missing or invalid API token."},
@@ -127,9 +128,19 @@ def parse_pipeline(raw: Any, *, prefix: str) -> PipelineDefinition:
         409: {"model": ErrorBody, "description": "job_id already used with a different body."},
         413: {"model": ErrorBody, "description": "Request body too large."},
         422: {"model": ErrorBody, "description": "Malformed request or invalid pipeline (nothing is stored)."},
+        429: {
+            "model": ErrorBody,
+            "description": "The token's submission rate is used up: retry after `Retry-After` s.",
+        },
     },
+    dependencies=[Depends(within_submission_quota)],
 )
-async def submit_job(body: JobCreate, response: Response, state: ApiState = Depends(get_state)) -> dict[str, Any]:
+async def submit_job(
+    body: JobCreate,
+    response: Response,
+    state: ApiState = Depends(get_state),
+    principal: Principal = Security(authorize, scopes=[Scope.RUN]),
+) -> dict[str, Any]:
     """Validates the pipeline against the installed plugins and the job input, stores the job as
     `queued` and returns at once (202). The job runs as its own Prefect flow run; follow it on
     `GET /v1/jobs/{job_id}` or `WS /v1/ws/jobs/{job_id}`."""
@@ -232,6 +243,7 @@ async def submit_job(body: JobCreate, response: Response, state: ApiState = Depe
                 request_hash=request_hash,
                 source=source,
                 template_id=template_id,
+                created_by=principal.name,
                 publish=state.publish,
             )
         )
@@ -246,6 +258,7 @@ async def submit_job(body: JobCreate, response: Response, state: ApiState = Depe
         "status": job["status"],
         "created": created,
         "pipeline_id": template_id,
+        "created_by": job["created_by"],
         "links": {
             "self": f"/v1/jobs/{job_id}",
             "pipeline": f"/v1/jobs/{job_id}/pipeline",
@@ -336,11 +349,18 @@ async def get_job_events(
         503: {"model": ErrorBody, "description": "This service runs no launcher."},
     },
 )
-async def cancel_job(job_id: str = JobIdPath, state: ApiState = Depends(get_state)) -> dict[str, Any]:
+async def cancel_job(
+    job_id: str = JobIdPath,
+    state: ApiState = Depends(get_state),
+    principal: Principal = Security(authorize, scopes=[Scope.RUN]),
+) -> dict[str, Any]:
     """A queued job is cancelled at once; a running one gets SIGTERM (its flow run is cancelled and
     its running stage killed), SIGKILL after a grace period. Its terminal `cancelled` message
-    follows on the job's stream."""
+    follows on the job's stream. A `run` token cancels the jobs it submitted; another's job needs
+    `admin`. The job keeps the name of the token that asked (`cancelled_by`)."""
     job = await _job(state, job_id)
+    if job["created_by"] != principal.name and not principal.may(Scope.ADMIN):
+        raise forbidden(principal, Scope.ADMIN, f"cancelling job {job_id!r} of {job['created_by'] or 'no token'!r}")
     if is_terminal(job["status"]):
         raise ApiError(
             409, f"job {job_id!r} already ended ({job['status']})", ApiErrorType.CONFLICT, job_status=job["status"]
@@ -348,7 +368,7 @@ async def cancel_job(job_id: str = JobIdPath, state: ApiState = Depends(get_stat
     if state.launcher is None:
         raise ApiError(503, "this service runs no launcher", ApiErrorType.UNAVAILABLE)
     try:
-        job = await state.launcher.cancel(job_id)
+        job = await state.launcher.cancel(job_id, by=principal.name)
     except KeyError:
         raise not_found("job", job_id) from None
-    return {"job_id": job_id, "status": job["status"], "cancel_requested": True}
+    return {"job_id": job_id, "status": job["status"], "cancel_requested": True, "cancelled_by": job["cancelled_by"]}

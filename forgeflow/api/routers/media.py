@@ -15,7 +15,7 @@ from fastapi.responses import FileResponse, Response
 from python_multipart.exceptions import MultipartParseError
 from python_multipart.multipart import MultipartParser, parse_options_header
 
-from forgeflow.api.deps import ApiState, get_state
+from forgeflow.api.deps import ApiState, WorkerScopedRoute, get_state
 from forgeflow.api.errors import ApiError, ApiErrorType, not_found
 from forgeflow.api.models import MEDIA_REF_PATTERN, ErrorBody, MediaView
 from forgeflow.plugins.errors import MediaError, MediaNotFound, MediaTooLarge
@@ -24,7 +24,7 @@ from forgeflow.plugins.media import MediaWriter
 if TYPE_CHECKING:
     from python_multipart.multipart import MultipartCallbacks
 
-router = APIRouter(prefix="/v1/media", tags=["media"])
+router = APIRouter(prefix="/v1/media", tags=["media"], route_class=WorkerScopedRoute)
 
 MULTIPART_OVERHEAD = 64 * 1024
 #: Bytes of an upload gathered before they are written to the store (off the event loop).

@@ -18,13 +18,13 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse
 from starlette.background import BackgroundTask
 
-from forgeflow.api.deps import ApiState, get_state
+from forgeflow.api.deps import ApiState, ScopedRoute, get_state
 from forgeflow.api.errors import ApiError, ApiErrorType, not_found
 from forgeflow.api.models import MAX_POSITION, NO_NUL, ErrorBody, FramePage, JobOutputs
 from forgeflow.plugins.errors import MediaError
 from forgeflow.plugins.frames import FRAMES_KEY, is_frames, page_frames, write_frames_file
 
-router = APIRouter(prefix="/v1/jobs", tags=["outputs"])
+router = APIRouter(prefix="/v1/jobs", tags=["outputs"], route_class=ScopedRoute)
 
 ERRORS: dict[int | str, dict[str, Any]] = {
     404: {"model": ErrorBody, "description": "Unknown job, or the job has no such per-frame output (yet)."},

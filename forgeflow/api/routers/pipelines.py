@@ -6,10 +6,11 @@ import re
 import unicodedata
 from typing import Any
 
-from fastapi import APIRouter, Depends, Path, Response
+from fastapi import APIRouter, Depends, Path, Response, Security
 from fastapi.concurrency import run_in_threadpool
 
-from forgeflow.api.deps import ApiState, get_state
+from forgeflow.api.auth import Principal, Scope
+from forgeflow.api.deps import ApiState, ScopedRoute, authorize, get_state
 from forgeflow.api.errors import ApiError, ApiErrorType, not_found
 from forgeflow.api.models import (
     NO_NUL,
@@ -25,9 +26,9 @@ from forgeflow.api.routers.views import template_summary
 from forgeflow.api.store import Conflict
 from forgeflow.pipeline.definition import PipelineDefinition
 
-router = APIRouter(prefix="/v1/pipelines", tags=["pipelines"])
+router = APIRouter(prefix="/v1/pipelines", tags=["pipelines"], route_class=ScopedRoute)
 #: ``/v1/pipeline-checks``: a path of its own, so no template id can shadow it.
-checks_router = APIRouter(prefix="/v1/pipeline-checks", tags=["pipelines"])
+checks_router = APIRouter(prefix="/v1/pipeline-checks", tags=["pipelines"], route_class=ScopedRoute)
 
 ERRORS: dict[int | str, dict[str, Any]] = {
     401: {"model": ErrorBody, "description": "Missing or invalid API token."},
@@ -62,7 +63,10 @@ def _job_input_fields(state: ApiState, definition: PipelineDefinition) -> list[s
     },
 )
 async def create_pipeline(
-    body: PipelineCreate, response: Response, state: ApiState = Depends(get_state)
+    body: PipelineCreate,
+    response: Response,
+    state: ApiState = Depends(get_state),
+    principal: Principal = Security(authorize, scopes=[Scope.RUN]),
 ) -> dict[str, Any]:
     """The stages are validated against the installed plugins (job inputs are checked when a job
     uses the template). The id is a slug of the name: `"Soccer Analysis"` → `soccer-analysis`."""
@@ -94,7 +98,11 @@ async def create_pipeline(
         raise validation_error(exc, prefix="stages") from None
     try:
         row = await run_in_threadpool(
-            state.store.create_template, template_id, body.name.strip(), definition.model_dump(mode="json")
+            state.store.create_template,
+            template_id,
+            body.name.strip(),
+            definition.model_dump(mode="json"),
+            principal.name,
         )
     except Conflict as exc:
         raise ApiError(409, str(exc), ApiErrorType.CONFLICT, field="name") from None
@@ -110,6 +118,7 @@ async def create_pipeline(
         **ERRORS,
         422: {"model": ErrorBody, "description": "POST /v1/jobs would refuse it: the same error, naming the field."},
     },
+    dependencies=[Security(authorize, scopes=[Scope.READ])],  # a POST that stores nothing: reading is enough
 )
 async def check_pipeline(body: PipelineCheck, state: ApiState = Depends(get_state)) -> dict[str, Any]:
     """The checks of `POST /v1/jobs` for an inline pipeline, without storing or running anything (what
@@ -172,8 +181,12 @@ async def get_pipeline(pipeline_id: str = PipelineIdPath, state: ApiState = Depe
 
 
 @router.delete("/{pipeline_id}", status_code=204, summary="Delete a template", responses=ERRORS)
-async def delete_pipeline(pipeline_id: str = PipelineIdPath, state: ApiState = Depends(get_state)) -> Response:
-    """Jobs that used it keep their own copy of the stages."""
-    if not await run_in_threadpool(state.store.delete_template, pipeline_id):
+async def delete_pipeline(
+    pipeline_id: str = PipelineIdPath,
+    state: ApiState = Depends(get_state),
+    principal: Principal = Security(authorize, scopes=[Scope.ADMIN]),
+) -> Response:
+    """Jobs that used it keep their own copy of the stages. Who deleted it is in `GET /v1/audit`."""
+    if not await run_in_threadpool(state.store.delete_template, pipeline_id, principal.name):
         raise not_found("pipeline", pipeline_id)
     return Response(status_code=204)

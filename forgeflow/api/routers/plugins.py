@@ -7,13 +7,13 @@ from typing import Any
 from fastapi import APIRouter, Depends
 from fastapi.concurrency import run_in_threadpool
 
-from forgeflow.api.deps import ApiState, get_state
+from forgeflow.api.deps import ApiState, ScopedRoute, get_state
 from forgeflow.api.errors import ApiError, ApiErrorType
 from forgeflow.api.models import ErrorBody, PluginDetail, PluginHealth, PluginSummary
 from forgeflow.api.store.rows import PluginObservedRow
 from forgeflow.plugins.errors import UnknownPlugin
 
-router = APIRouter(prefix="/v1/plugins", tags=["plugins"])
+router = APIRouter(prefix="/v1/plugins", tags=["plugins"], route_class=ScopedRoute)
 
 ERRORS: dict[int | str, dict[str, Any]] = {
     401: {"model": ErrorBody, "description": "Missing or invalid API token."},

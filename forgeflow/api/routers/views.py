@@ -62,6 +62,7 @@ def job_summary(job: JobRow) -> dict[str, Any]:
         "error_type": job["error_type"],
         "stages": [f"{s.get('plugin', '')}.{s.get('tool', '')}" for s in stages if isinstance(s, dict)],
         "current_stage": job["stages_completed"] if running else None,
+        "created_by": job["created_by"],
     }
 
 
@@ -73,6 +74,7 @@ def job_view(job: JobRow, rows: list[StageRow]) -> dict[str, Any]:
         "updated_at": iso(job["updated_at"]),
         "flow_run_id": job["flow_run_id"],
         "cancel_requested": bool(job["cancel_requested"]),
+        "cancelled_by": job["cancelled_by"],
         "stages_total": len(states) or job["stages_total"],
         "stages_completed": sum(1 for s in states if s["status"] == "completed"),
         "current_stage": current_stage(states),
@@ -115,4 +117,5 @@ def template_summary(row: TemplateRow) -> dict[str, Any]:
         "created_at": iso(row["created_at"]),
         "timeout_seconds": definition.get("timeout_seconds", 300.0),
         "description": definition.get("description", ""),
+        "created_by": row["created_by"],
     }

@@ -23,16 +23,18 @@ from sqlalchemy.exc import IntegrityError
 
 from forgeflow.api.store.db import make_engine, migrate
 from forgeflow.api.store.rows import (
+    AuditRow,
     JobRow,
     PluginObservedRow,
     StageRow,
     TemplateRow,
+    audit_row,
     job_row,
     plugin_observed_row,
     stage_row,
     template_row,
 )
-from forgeflow.api.store.tables import events, jobs, meta, pipelines, plugin_observed, stage_runs
+from forgeflow.api.store.tables import audit, events, jobs, meta, pipelines, plugin_observed, stage_runs
 from forgeflow.canonical import MAX_COUNT
 from forgeflow.events.models import (
     Event,
@@ -133,6 +135,7 @@ class Store:
         request_hash: str,
         source: str,
         template_id: str | None,
+        created_by: str | None = None,
         publish: Callable[[list[StoredEvent]], None] | None = None,
     ) -> tuple[JobRow, bool]:
         """Insert a queued job and its first message; an existing id with the same body is returned as is.
@@ -163,6 +166,7 @@ class Store:
                             last_seq=0,
                             stages_total=len(pipeline.get("stages", [])),
                             stages_completed=0,
+                            created_by=created_by,
                         )
                     )
                     stored = self._ingest(conn, [JobStatusEvent(job_id=job_id, status="queued")])
@@ -313,9 +317,29 @@ class Store:
         with self._write_lock, self.engine.begin() as conn:
             conn.execute(update(jobs).where(jobs.c.id == job_id).values(exit_code=code, updated_at=utcnow()))
 
-    def set_cancel_requested(self, job_id: str) -> None:
+    def set_cancel_requested(self, job_id: str, by: str | None = None) -> None:
+        """Mark the job cancelled on request, and by whom (the first request counts)."""
         with self._write_lock, self.engine.begin() as conn:
-            conn.execute(update(jobs).where(jobs.c.id == job_id).values(cancel_requested=True, updated_at=utcnow()))
+            first = conn.execute(select(jobs.c.cancel_requested).where(jobs.c.id == job_id)).scalar() is False
+            values: dict[str, Any] = {"cancel_requested": True, "updated_at": utcnow()}
+            if first:
+                values["cancelled_by"] = by
+            conn.execute(update(jobs).where(jobs.c.id == job_id).values(**values))
+            if first:
+                self._audit(conn, by, "job.cancel", job_id)
+
+    # --- audit -----------------------------------------------------------------------------------
+    @staticmethod
+    def _audit(conn: Connection, actor: str | None, action: str, target: str) -> None:
+        conn.execute(insert(audit).values(at=utcnow(), actor=actor, action=action, target=target))
+
+    def audit_entries(self, limit: int, offset: int = 0) -> tuple[list[AuditRow], int]:
+        """Cancels and deletes, newest first, with the total count."""
+        with self.engine.connect() as conn:
+            rows = conn.execute(select(audit).order_by(audit.c.id.desc()).limit(limit).offset(offset)).mappings()
+            items = [audit_row(r) for r in rows]
+            total = conn.execute(select(func.count()).select_from(audit)).scalar() or 0
+        return items, int(total)
 
     # --- ingest --------------------------------------------------------------------------------
     def ingest(
@@ -633,7 +657,9 @@ class Store:
         conn.execute(update(plugin_observed).where(plugin_observed.c.plugin == name).values(**values))
 
     # --- templates -------------------------------------------------------------------------------
-    def create_template(self, template_id: str, name: str, definition: dict[str, Any]) -> TemplateRow:
+    def create_template(
+        self, template_id: str, name: str, definition: dict[str, Any], created_by: str | None = None
+    ) -> TemplateRow:
         now = utcnow()
         with self._write_lock:
             if self.get_template(template_id) is not None:
@@ -642,7 +668,12 @@ class Store:
                 with self.engine.begin() as conn:
                     conn.execute(
                         insert(pipelines).values(
-                            id=template_id, name=name, definition=definition, created_at=now, updated_at=now
+                            id=template_id,
+                            name=name,
+                            definition=definition,
+                            created_at=now,
+                            updated_at=now,
+                            created_by=created_by,
                         )
                     )
             except IntegrityError:
@@ -661,9 +692,12 @@ class Store:
             rows = conn.execute(select(pipelines).order_by(pipelines.c.created_at, pipelines.c.id)).mappings()
             return [template_row(r) for r in rows]
 
-    def delete_template(self, template_id: str) -> bool:
+    def delete_template(self, template_id: str, by: str | None = None) -> bool:
         with self._write_lock, self.engine.begin() as conn:
-            return conn.execute(delete(pipelines).where(pipelines.c.id == template_id)).rowcount > 0
+            deleted = conn.execute(delete(pipelines).where(pipelines.c.id == template_id)).rowcount > 0
+            if deleted:
+                self._audit(conn, by, "template.delete", template_id)
+            return deleted
 
     def template_stats(self, template_id: str) -> dict[str, Any]:
         with self.engine.connect() as conn:

@@ -33,6 +33,8 @@ class JobRow(TypedDict):
     last_seq: int
     stages_total: int
     stages_completed: int
+    created_by: str | None
+    cancelled_by: str | None
 
 
 class StageRow(TypedDict):
@@ -58,6 +60,15 @@ class TemplateRow(TypedDict):
     definition: dict[str, Any]
     created_at: datetime
     updated_at: datetime
+    created_by: str | None
+
+
+class AuditRow(TypedDict):
+    id: int
+    at: datetime
+    actor: str | None
+    action: str
+    target: str
 
 
 class PluginObservedRow(TypedDict):
@@ -85,3 +96,7 @@ def template_row(row: Any) -> TemplateRow:
 
 def plugin_observed_row(row: Any) -> PluginObservedRow:
     return cast(PluginObservedRow, dict(row))
+
+
+def audit_row(row: Any) -> AuditRow:
+    return cast(AuditRow, dict(row))

@@ -9,6 +9,7 @@
 ``pipelines``   saved templates, id = slug of the name.
 ``plugin_observed``  plugin lifecycle as seen from ingested stage events (workers may run elsewhere).
 ``meta``        small key/value settings of this store (the generated ingest token).
+``audit``       who did what that leaves no row of its own: cancels and deletes, by token name.
 """
 
 from __future__ import annotations
@@ -72,6 +73,8 @@ jobs = Table(
     Column("last_seq", Integer, nullable=False, default=0),
     Column("stages_total", Integer, nullable=False, default=0),
     Column("stages_completed", Integer, nullable=False, default=0),
+    Column("created_by", String(64), nullable=True),  # the submitting token's name (None: open service)
+    Column("cancelled_by", String(64), nullable=True),
     Index("ix_jobs_status_created", "status", "created_at"),
     Index("ix_jobs_created", "created_at"),
     Index("ix_jobs_template", "template_id"),
@@ -119,6 +122,7 @@ pipelines = Table(
     Column("definition", JSONType, nullable=False),
     Column("created_at", TZDateTime, nullable=False),
     Column("updated_at", TZDateTime, nullable=False),
+    Column("created_by", String(64), nullable=True),
     UniqueConstraint("name", name="uq_pipelines_name"),
 )
 
@@ -140,4 +144,14 @@ meta = Table(
     metadata,
     Column("key", String(64), primary_key=True),
     Column("value", Text, nullable=False),
+)
+
+audit = Table(
+    "audit",
+    metadata,
+    Column("id", CursorType, primary_key=True, autoincrement=True),
+    Column("at", TZDateTime, nullable=False),
+    Column("actor", String(64), nullable=True),
+    Column("action", String(32), nullable=False),  # job.cancel | template.delete
+    Column("target", String(200), nullable=False),
 )

@@ -1,6 +1,7 @@
 // The API as the page uses it: REST calls with the bearer token (asked for when the service answers
 // 401), media fetched as blobs (a <video> cannot send a header), and WebSocket streams that resume
 // from the last position they delivered after a dropped connection, so no message is lost or repeated.
+// The token never goes into a URL (URLs are logged): a WebSocket carries it in a subprotocol.
 
 const TOKEN_KEY = "forgeflow.api-token";
 
@@ -17,6 +18,36 @@ export class ApiError extends Error {
 
 export function currentToken() {
   return sessionStorage.getItem(TOKEN_KEY);
+}
+
+/** The subprotocols a WebSocket offers: "forgeflow.v1" (the one the service answers) and, with a
+ * token, "forgeflow.bearer.<base64url of the token>" (a browser cannot set an Authorization header). */
+export function streamProtocols() {
+  const token = currentToken();
+  if (!token) return ["forgeflow.v1"];
+  const bytes = new TextEncoder().encode(token);
+  const encoded = btoa(String.fromCharCode(...bytes)).replace(/\+/g, "-").replace(/\//g, "_").replace(/=+$/, "");
+  return ["forgeflow.v1", `forgeflow.bearer.${encoded}`];
+}
+
+let caller = null; // [token, promise of GET /v1/auth/me]
+
+/** Who the page's token is and what it may do: {name, scopes, auth_required} (asked once per token). */
+export function whoami() {
+  const token = currentToken();
+  if (!caller || caller[0] !== token) {
+    const asked = api("/v1/auth/me");
+    caller = [token, asked];
+    // The call may have asked for a token on the way: keep its answer under the token it ended with.
+    asked.then(() => { caller = [currentToken(), asked]; }, () => { caller = null; });
+  }
+  return caller[1];
+}
+
+/** Whether ``me`` (from whoami) may do what ``scope`` allows: "read", "run" or "admin" (not knowing
+ * who the token is, the page offers everything and the service decides). */
+export function may(me, scope) {
+  return !me || me.scopes.includes(scope);
 }
 
 let pendingPrompt = null;
@@ -109,8 +140,6 @@ export class LiveStream {
     const base = `${location.protocol === "https:" ? "wss" : "ws"}://${location.host}${this.path}`;
     const query = new URLSearchParams();
     if (this.position !== null) query.set(this.param, String(this.position));
-    const token = currentToken();
-    if (token) query.set("token", token);
     const text = query.toString();
     return text ? `${base}?${text}` : base;
   }
@@ -124,7 +153,7 @@ export class LiveStream {
   connect() {
     if (this.stopped) return;
     this.onState(this.attempts ? "reconnecting" : "connecting");
-    const socket = new WebSocket(this.url());
+    const socket = new WebSocket(this.url(), streamProtocols());
     this.socket = socket;
     let opened = false;
     socket.onopen = () => {

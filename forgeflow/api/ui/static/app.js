@@ -1,6 +1,9 @@
 // The page's router: #/jobs, #/jobs/<id>, #/run, #/templates, #/plugins. Each view renders into
 // <main> and returns a cleanup function (it closes its WebSocket streams when the view is left).
+// The page offers only what the token may do (GET /v1/auth/me): no Run page without "run", no
+// cancel of another's job without "admin", no template deletes without "admin".
 
+import { may, whoami } from "./api.js";
 import { h, setConnection } from "./dom.js";
 import { jobsView } from "./jobs.js";
 import { jobView } from "./job.js";
@@ -25,16 +28,22 @@ async function render(navigated) {
   setConnection("");
   const { parts, params } = parseRoute();
   const section = parts[0] || "jobs";
+  let me = null;
+  try { me = await whoami(); } catch { /* unknown: offer everything, the service still decides */ }
+  const caller = document.getElementById("caller");
+  caller.textContent = me && me.name ? `${me.name} · ${me.scopes.join(", ")}` : "";
+  caller.title = me && me.name ? "The API token of this tab: its name and what it may do" : "";
   for (const link of document.querySelectorAll("nav a")) {
     if (link.dataset.section === section) link.setAttribute("aria-current", "page");
     else link.removeAttribute("aria-current");
+    if (link.dataset.section === "run") link.hidden = !may(me, "run");
   }
   main.replaceChildren();
   let view;
-  if (section === "jobs" && parts[1]) view = jobView(main, parts[1]);
-  else if (section === "jobs") view = jobsView(main, params);
-  else if (section === "run") view = runView(main, params, boot);
-  else if (section === "templates") view = templatesView(main);
+  if (section === "jobs" && parts[1]) view = jobView(main, parts[1], me);
+  else if (section === "jobs") view = jobsView(main, params, me);
+  else if (section === "run") view = runView(main, params, boot, me);
+  else if (section === "templates") view = templatesView(main, me);
   else if (section === "plugins") view = pluginsView(main);
   else {
     main.append(h("h1", {}, "Not found"), h("p", {}, "No such page. ", h("a", { href: "#/jobs" }, "Go to the jobs.")));

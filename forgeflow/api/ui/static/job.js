@@ -2,10 +2,10 @@
 // in-stage progress, end, error), the failure with its partial result, the result envelope, the
 // annotated media the job stored, and every message received (seq, type) in order.
 
-import { api, ApiError, LiveStream, mediaObjectUrl } from "./api.js";
+import { api, ApiError, LiveStream, mediaObjectUrl, may } from "./api.js";
 import { elapsed, formatBytes, formatMs, formatTime, h, prettyJson, setConnection, statusBadge, TERMINAL } from "./dom.js";
 
-export async function jobView(main, jobId) {
+export async function jobView(main, jobId, me = null) {
   const path = `/v1/jobs/${encodeURIComponent(jobId)}`;
   let job;
   let pipeline;
@@ -27,16 +27,24 @@ export async function jobView(main, jobId) {
     completed: pipeline.stages_executed,
     waiting: null,
     envelopeShown: null,
+    cancelledBy: job.cancelled_by,
   };
 
   const statusCell = h("dd", { id: "job-status" });
+  const cancelledByCell = h("dd", { id: "job-cancelled-by" });
+  // Its own jobs a "run" token may cancel; another's takes "admin".
+  const mayCancel = may(me, "admin") || (may(me, "run") && (!me || job.created_by === me.name));
   const durationCell = h("dd", { id: "job-duration" });
   const stagesCell = h("dd", { id: "job-stages" });
   const waitingCell = h("p", { class: "muted", role: "status" });
   const cancelButton = h("button", { type: "button", class: "secondary", id: "cancel-job" }, "Cancel job");
   cancelButton.addEventListener("click", async () => {
     cancelButton.disabled = true;
-    try { await api(`${path}/cancel`, { method: "POST" }); } catch (error) { cancelButton.after(h("span", { class: "error" }, ` ${error.message}`)); }
+    try {
+      const answer = await api(`${path}/cancel`, { method: "POST" });
+      state.cancelledBy = answer.cancelled_by;
+      render();
+    } catch (error) { cancelButton.after(h("span", { class: "error" }, ` ${error.message}`)); }
   });
   const timeline = h("ol", { class: "timeline", id: "stages", "aria-labelledby": "stages-heading" });
   const failure = h("section", { id: "failure", "aria-labelledby": "failure-heading", hidden: true });
@@ -55,6 +63,8 @@ export async function jobView(main, jobId) {
         h("dt", {}, "Pipeline"), h("dd", {}, job.pipeline_id ? h("a", { href: "#/templates" }, `template ${job.pipeline_id}`) : `${job.source} pipeline`),
         h("dt", {}, "Input"), h("dd", {}, h("code", {}, JSON.stringify(job.input))),
         h("dt", {}, "Created"), h("dd", {}, formatTime(job.created_at)),
+        h("dt", {}, "Submitted by"), h("dd", { id: "job-created-by" }, job.created_by || "–"),
+        h("dt", {}, "Cancelled by"), cancelledByCell,
         h("dt", {}, "Duration"), durationCell,
         h("dt", {}, "Stages"), stagesCell,
         h("dt", {}, "Flow run"), h("dd", {}, job.flow_run_id || "–")),
@@ -149,7 +159,8 @@ export async function jobView(main, jobId) {
     statusCell.replaceChildren(statusBadge(state.status));
     durationCell.textContent = formatMs(elapsed(state.startedAt, state.finishedAt));
     stagesCell.textContent = `${state.completed} of ${state.stages.length} completed`;
-    cancelButton.hidden = TERMINAL.has(state.status);
+    cancelButton.hidden = TERMINAL.has(state.status) || !mayCancel;
+    cancelledByCell.textContent = state.cancelledBy || "–";
     waitingCell.textContent = state.status === "queued" && state.waiting ? `Waiting for ${state.waiting}` : "";
     timeline.replaceChildren(...state.stages.map(stageItem));
   };
@@ -165,6 +176,7 @@ export async function jobView(main, jobId) {
     state.status = view.status;
     state.startedAt = view.started_at;
     state.finishedAt = view.finished_at;
+    state.cancelledBy = view.cancelled_by;
     state.stages = stages.stages.map((s) => ({ ...s }));
     state.completed = stages.stages_executed;
     render();

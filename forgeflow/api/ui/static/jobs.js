@@ -1,12 +1,12 @@
 // Jobs: the list, filtered by status and template, kept live by the all-jobs WebSocket.
 
-import { api, LiveStream } from "./api.js";
+import { api, LiveStream, may } from "./api.js";
 import { elapsed, formatMs, formatTime, h, setConnection, statusBadge, TERMINAL } from "./dom.js";
 
 const STATUSES = ["queued", "running", "succeeded", "failed", "cancelled", "crashed"];
 const PAGE = 100;
 
-export async function jobsView(main, params) {
+export async function jobsView(main, params, me = null) {
   const status = params.get("status") || "";
   const template = params.get("pipeline_id") || "";
   const heading = h("h1", {}, "Jobs");
@@ -26,13 +26,13 @@ export async function jobsView(main, params) {
   const table = h("table", { id: "jobs-table" },
     h("caption", { class: "muted caption" }, "Newest first; updates live."),
     h("thead", {}, h("tr", {},
-      ["Job", "Status", "Pipeline", "Current stage", "Progress", "Duration", "Created"].map((t) => h("th", { scope: "col" }, t)))),
+      ["Job", "Status", "Pipeline", "Current stage", "Progress", "Duration", "Created", "By"].map((t) => h("th", { scope: "col" }, t)))),
     body);
   main.append(heading,
     h("form", { class: "filters", role: "search", "aria-label": "Filter jobs", onsubmit: (e) => e.preventDefault() },
       h("div", {}, h("label", { for: "filter-status" }, "Status"), statusSelect),
       h("div", {}, h("label", { for: "filter-template" }, "Template"), templateSelect),
-      h("a", { href: "#/run" }, "Run a pipeline")),
+      may(me, "run") ? h("a", { href: "#/run" }, "Run a pipeline") : null),
     count, table);
 
   api("/v1/pipelines").then((templates) => {
@@ -58,7 +58,8 @@ export async function jobsView(main, params) {
         job.stage_fraction !== undefined && job.stage_fraction !== null ? h("div", { class: "muted" }, `${Math.round(job.stage_fraction * 100)} % of the stage`) : null),
       h("td", {}, progress, ` ${job.stages_completed}/${job.stages_total}`),
       h("td", { class: "duration" }, formatMs(elapsed(job.started_at, job.finished_at))),
-      h("td", {}, formatTime(job.created_at)));
+      h("td", {}, formatTime(job.created_at)),
+      h("td", { class: "created-by" }, job.created_by || "–"));
     return tr;
   };
 

@@ -1,7 +1,7 @@
 // Run: upload an image or video, choose a saved template or write a pipeline (checked while typing
 // by POST /v1/pipeline-checks, the rules of POST /v1/jobs), submit, and go to the job's page.
 
-import { api, ApiError } from "./api.js";
+import { api, ApiError, may } from "./api.js";
 import { formatBytes, h } from "./dom.js";
 
 /** "Stage 1 (pose-estimator.estimate_poses), field config.model: message" for a validation issue. */
@@ -19,7 +19,12 @@ function errorList(body) {
   return h("ul", { class: "issues" }, issues.map((issue) => h("li", {}, describeIssue(issue))));
 }
 
-export async function runView(main, params, boot) {
+export async function runView(main, params, boot, me = null) {
+  if (!may(me, "run")) {
+    main.append(h("h1", { id: "run-heading" }, "Run a pipeline"),
+      h("p", { id: "run-refused", role: "status" }, `The token ${me.name} may ${me.scopes.join(", ") || "do nothing"}: running pipelines needs the "run" scope.`));
+    return null;
+  }
   let media = null; // the upload's MediaView
   const fileInput = h("input", { id: "media-file", type: "file", accept: "image/*,video/*", "aria-describedby": "media-status" });
   const mediaStatus = h("p", { id: "media-status", role: "status", "aria-live": "polite", class: "muted" }, "No file yet.");
