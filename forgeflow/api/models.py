@@ -178,6 +178,7 @@ class JobAccepted(BaseModel):
     created: bool = Field(description="False when an earlier identical submission with this job_id exists.")
     pipeline_id: str | None = None
     created_by: str | None = Field(None, description="The name of the token that submitted it (null: no token).")
+    retry_of: str | None = Field(None, description="The job this one retries (POST /v1/jobs/{id}/retry), if any.")
     links: dict[str, str]
 
 
@@ -193,7 +194,7 @@ class StageState(StageReport):
 class JobView(BaseModel):
     job_id: str
     status: JobStatus
-    source: Literal["inline", "template", "legacy", "external"]
+    source: Literal["inline", "template", "legacy", "external", "retry"]
     pipeline_id: str | None
     created_at: str
     started_at: str | None
@@ -203,6 +204,7 @@ class JobView(BaseModel):
     cancel_requested: bool
     cancelled_by: str | None = Field(None, description="The name of the token that asked to cancel it.")
     created_by: str | None = Field(None, description="The name of the token that submitted it (null: no token).")
+    retry_of: str | None = Field(None, description="The job this one retries (POST /v1/jobs/{id}/retry), if any.")
     stages_total: int
     stages_completed: int
     current_stage: int | None
@@ -233,6 +235,7 @@ class JobSummary(BaseModel):
         None, description="The stage a running job is on (the first one not completed); null otherwise."
     )
     created_by: str | None = Field(None, description="The name of the token that submitted it (null: no token).")
+    retry_of: str | None = Field(None, description="The job this one retries (POST /v1/jobs/{id}/retry), if any.")
 
 
 class JobList(BaseModel):

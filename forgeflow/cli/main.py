@@ -152,6 +152,12 @@ def run(
     ),
     job_id: str | None = typer.Option(None, "--job-id", help="Job id (default: the file's job_id or a new one)."),
     as_json: bool = typer.Option(False, "--json", help="Print the result envelope as JSON on stdout."),
+    resume: bool = typer.Option(
+        False,
+        "--resume",
+        help="Resume an earlier attempt of the same work: completed stages are reused, a resumable stage "
+        "continues after its last chunk (the pipeline's 'resume').",
+    ),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Also show Prefect's own logs."),
 ) -> None:
     """Run a pipeline: on this host's engine when one runs (warm models), else in this process
@@ -168,6 +174,8 @@ def run(
     registry = _registry()
     try:
         definition = parse_definition(document)
+        if resume:
+            definition = definition.model_copy(update={"resume": True})
         validate_pipeline(definition, job_input, registry)
     except PipelineValidationError as exc:
         _print_issues(exc)

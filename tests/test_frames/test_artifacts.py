@@ -181,3 +181,35 @@ def test_writing_and_reading_a_match_length_stream_holds_one_chunk(store):
     # 8x the frames, the same memory (a generous 1.5x for allocator noise); the records as JSON are ~12 MB
     assert long_peak < 1.5 * short_peak, (short_peak, long_peak)
     assert long_peak < 8 * 2**20, long_peak
+
+
+def test_a_resumed_writer_continues_after_its_journalled_chunks(store, tmp_path):
+    from forgeflow_testplugins.testkit import crowd_frame
+
+    records = [crowd_frame(i, i / 25, 3) for i in range(45)]
+    whole = FrameWriter(store=store, record_type=FramePlayers, field_name="players", chunk_frames=10)
+    expected = whole.write_all(records)
+    journal = tmp_path / "players.jsonl"
+    first = FrameWriter(store=store, record_type=FramePlayers, field_name="players", chunk_frames=10, journal=journal)
+    for record in records[:27]:  # killed after 27 frames: chunks 0-9 and 10-19 are stored and journalled
+        first.append(record)
+    assert len(journal.read_text().splitlines()) == 2
+    journal.write_text(journal.read_text() + '{"ref": "sha256:cut')  # a line the kill cut short
+    second = FrameWriter(store=store, record_type=FramePlayers, field_name="players", chunk_frames=10, journal=journal)
+    assert second.resume() == 19
+    assert second.write_all(records) == expected  # frames up to 19 are dropped, the rest written as before
+
+
+def test_a_journal_naming_a_lost_chunk_resumes_before_it(store, tmp_path):
+    from forgeflow_testplugins.testkit import crowd_frame
+
+    records = [crowd_frame(i, i / 25, 3) for i in range(35)]
+    journal = tmp_path / "players.jsonl"
+    first = FrameWriter(store=store, record_type=FramePlayers, field_name="players", chunk_frames=10, journal=journal)
+    expected = first.write_all(records)
+    lost = chunk_refs(store, expected)[1]
+    store.path(lost).unlink()
+    second = FrameWriter(store=store, record_type=FramePlayers, field_name="players", chunk_frames=10, journal=journal)
+    assert second.resume() == 9  # chunk 10-19 is gone: only the first one is kept
+    assert second.write_all(records) == expected
+    assert store.has(lost)

@@ -249,22 +249,31 @@ async def submit_job(
         )
     except Conflict as exc:
         raise ApiError(409, str(exc), ApiErrorType.CONFLICT, field="job_id") from None
+    return _accepted(state, response, job, created)
+
+
+def _accepted(state: ApiState, response: Response, job: JobRow, created: bool) -> dict[str, Any]:
+    """The answer to a stored submission (202 when it made the job, 200 when it was there), the
+    launcher woken for a new one."""
     if created and state.launcher is not None:
         state.launcher.wake()
+    job_id = job["id"]
     response.status_code = 202 if created else 200
     response.headers["Location"] = f"/v1/jobs/{job_id}"
     return {
         "job_id": job_id,
         "status": job["status"],
         "created": created,
-        "pipeline_id": template_id,
+        "pipeline_id": job["template_id"],
         "created_by": job["created_by"],
+        "retry_of": job["retry_of"],
         "links": {
             "self": f"/v1/jobs/{job_id}",
             "pipeline": f"/v1/jobs/{job_id}/pipeline",
             "events": f"/v1/jobs/{job_id}/events",
             "websocket": f"/v1/ws/jobs/{job_id}",
             "cancel": f"/v1/jobs/{job_id}/cancel",
+            "outputs": f"/v1/jobs/{job_id}/outputs",
         },
     }
 
@@ -372,3 +381,64 @@ async def cancel_job(
     except KeyError:
         raise not_found("job", job_id) from None
     return {"job_id": job_id, "status": job["status"], "cancel_requested": True, "cancelled_by": job["cancelled_by"]}
+
+
+@router.post(
+    "/{job_id}/retry",
+    status_code=202,
+    response_model=JobAccepted,
+    summary="Retry a job that did not succeed, resuming its work",
+    responses={
+        **ERRORS,
+        409: {"model": ErrorBody, "description": "The job has not ended, or it succeeded."},
+        429: {"model": ErrorBody, "description": "The token's submission rate is used up."},
+    },
+    dependencies=[Depends(within_submission_quota)],
+)
+async def retry_job(
+    response: Response,
+    job_id: str = JobIdPath,
+    state: ApiState = Depends(get_state),
+    principal: Principal = Security(authorize, scopes=[Scope.RUN]),
+) -> dict[str, Any]:
+    """A new job, linked to this one (`retry_of`), with the same pipeline and input and `resume: true`:
+    the stages that completed (same plugin version, tool, config and inputs) are not run again, their
+    outputs and artifacts are taken as they are; a stage that was interrupted (its host or engine lost)
+    continues after the last chunk it wrote when its tool is resumable, else it starts over. The
+    result is the one an uninterrupted run gives. Retrying the same job twice gives the same new job."""
+    job = await _job(state, job_id)
+    if not is_terminal(job["status"]) or job["status"] == "succeeded":
+        reason = "it succeeded: nothing to retry" if job["status"] == "succeeded" else f"it is {job['status']}"
+        raise ApiError(
+            409, f"job {job_id!r} cannot be retried: {reason}", ApiErrorType.CONFLICT, job_status=job["status"]
+        )
+    pipeline = {**job["pipeline"], "resume": True}
+    retry_id = _retry_id(job_id, job_id)
+    while (
+        (earlier := await run_in_threadpool(state.store.get_job, retry_id)) is not None
+        and is_terminal(earlier["status"])
+        and earlier["status"] != "succeeded"
+    ):
+        retry_id = _retry_id(job_id, retry_id)  # that retry ended without success too: another one
+    request_hash = hashlib.sha256(canonical_json({"retry_of": job_id, "pipeline": pipeline}).encode()).hexdigest()
+    try:
+        retry, created = await run_in_threadpool(
+            lambda: state.store.create_job(
+                job_id=retry_id,
+                pipeline=pipeline,
+                input_data=job["input"],
+                request_hash=request_hash,
+                source="retry",
+                template_id=job["template_id"],
+                created_by=principal.name,
+                retry_of=job_id,
+                publish=state.publish,
+            )
+        )
+    except Conflict as exc:
+        raise ApiError(409, str(exc), ApiErrorType.CONFLICT) from None
+    return _accepted(state, response, retry, created)
+
+
+def _retry_id(job_id: str, seed: str) -> str:
+    return f"{job_id[:100]}-retry-{hashlib.sha256(seed.encode()).hexdigest()[:8]}"

@@ -63,6 +63,7 @@ def job_summary(job: JobRow) -> dict[str, Any]:
         "stages": [f"{s.get('plugin', '')}.{s.get('tool', '')}" for s in stages if isinstance(s, dict)],
         "current_stage": job["stages_completed"] if running else None,
         "created_by": job["created_by"],
+        "retry_of": job["retry_of"],
     }
 
 

@@ -136,6 +136,7 @@ class Store:
         source: str,
         template_id: str | None,
         created_by: str | None = None,
+        retry_of: str | None = None,
         publish: Callable[[list[StoredEvent]], None] | None = None,
     ) -> tuple[JobRow, bool]:
         """Insert a queued job and its first message; an existing id with the same body is returned as is.
@@ -167,6 +168,7 @@ class Store:
                             stages_total=len(pipeline.get("stages", [])),
                             stages_completed=0,
                             created_by=created_by,
+                            retry_of=retry_of,
                         )
                     )
                     stored = self._ingest(conn, [JobStatusEvent(job_id=job_id, status="queued")])

@@ -35,6 +35,7 @@ class JobRow(TypedDict):
     stages_completed: int
     created_by: str | None
     cancelled_by: str | None
+    retry_of: str | None
 
 
 class StageRow(TypedDict):

@@ -75,6 +75,7 @@ jobs = Table(
     Column("stages_completed", Integer, nullable=False, default=0),
     Column("created_by", String(64), nullable=True),  # the submitting token's name (None: open service)
     Column("cancelled_by", String(64), nullable=True),
+    Column("retry_of", String(128), nullable=True),  # the job this one retries (it resumes that one's work)
     Index("ix_jobs_status_created", "status", "created_at"),
     Index("ix_jobs_created", "created_at"),
     Index("ix_jobs_template", "template_id"),

@@ -46,6 +46,15 @@ export async function jobView(main, jobId, me = null) {
       render();
     } catch (error) { cancelButton.after(h("span", { class: "error" }, ` ${error.message}`)); }
   });
+  // A job that ended without success may be retried: a linked job that resumes its work.
+  const retryButton = h("button", { type: "button", class: "secondary", id: "retry-job" }, "Retry (resume)");
+  retryButton.addEventListener("click", async () => {
+    retryButton.disabled = true;
+    try {
+      const answer = await api(`${path}/retry`, { method: "POST" });
+      location.hash = `#/jobs/${encodeURIComponent(answer.job_id)}`;
+    } catch (error) { retryButton.disabled = false; retryButton.after(h("span", { class: "error" }, ` ${error.message}`)); }
+  });
   const timeline = h("ol", { class: "timeline", id: "stages", "aria-labelledby": "stages-heading" });
   const failure = h("section", { id: "failure", "aria-labelledby": "failure-heading", hidden: true });
   const media = h("section", { id: "media", class: "media", "aria-labelledby": "media-heading" },
@@ -65,11 +74,12 @@ export async function jobView(main, jobId, me = null) {
         h("dt", {}, "Created"), h("dd", {}, formatTime(job.created_at)),
         h("dt", {}, "Submitted by"), h("dd", { id: "job-created-by" }, job.created_by || "–"),
         h("dt", {}, "Cancelled by"), cancelledByCell,
+        ...(job.retry_of ? [h("dt", {}, "Retry of"), h("dd", {}, h("a", { href: `#/jobs/${encodeURIComponent(job.retry_of)}` }, job.retry_of))] : []),
         h("dt", {}, "Duration"), durationCell,
         h("dt", {}, "Stages"), stagesCell,
         h("dt", {}, "Flow run"), h("dd", {}, job.flow_run_id || "–")),
       waitingCell,
-      h("div", { class: "row" }, cancelButton, h("a", { href: "#/jobs" }, "All jobs"))),
+      h("div", { class: "row" }, cancelButton, retryButton, h("a", { href: "#/jobs" }, "All jobs"))),
     h("section", { "aria-labelledby": "stages-heading" }, h("h2", { id: "stages-heading" }, "Stages"), h("div", { class: "panel" }, timeline)),
     failure,
     media,
@@ -160,6 +170,7 @@ export async function jobView(main, jobId, me = null) {
     durationCell.textContent = formatMs(elapsed(state.startedAt, state.finishedAt));
     stagesCell.textContent = `${state.completed} of ${state.stages.length} completed`;
     cancelButton.hidden = TERMINAL.has(state.status) || !mayCancel;
+    retryButton.hidden = !TERMINAL.has(state.status) || state.status === "succeeded" || !may(me, "run");
     cancelledByCell.textContent = state.cancelledBy || "–";
     waitingCell.textContent = state.status === "queued" && state.waiting ? `Waiting for ${state.waiting}` : "";
     timeline.replaceChildren(...state.stages.map(stageItem));

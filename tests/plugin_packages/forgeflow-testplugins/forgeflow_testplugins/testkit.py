@@ -271,6 +271,7 @@ class FrameCount(BaseModel):
 
 class CountPlayersConfig(BaseModel):
     fail_at_frame: int | None = Field(None, ge=0, description="Raise on reaching this frame (partial results).")
+    fail_while_file: str | None = Field(None, description="Raise at the first frame while this file exists.")
 
 
 class CountPlayersInput(BaseModel):
@@ -291,6 +292,8 @@ def count_players(inputs: CountPlayersInput, config: CountPlayersConfig, ctx: To
         for done, frame in enumerate(inputs.players, start=1):
             if config.fail_at_frame is not None and frame.frame_index >= config.fail_at_frame:
                 raise RuntimeError(f"failing on purpose at frame {frame.frame_index}")
+            if config.fail_while_file and os.path.exists(config.fail_while_file):
+                raise RuntimeError(f"failing while {config.fail_while_file} exists")
             confidences = [p.confidence for p in frame.players]
             mean = round(sum(confidences) / len(confidences), 4) if confidences else None
             yield FrameCount(frame_index=frame.frame_index, players=len(frame.players), mean_confidence=mean)
