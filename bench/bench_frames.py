@@ -131,7 +131,7 @@ def job(frame_counts: list[int]) -> None:
                 "FORGEFLOW_MEDIA_INPUT_ROOTS": str(base),
                 "FORGEFLOW_ANNOTATE_MEDIA": "false",
                 "FORGEFLOW_USE_ENGINE": "false",
-                "PYTHONPATH": str(ROOT),
+                "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p),
             }
             out_dir = base / f"out{frames}"
             cmd = [PYTHON, "-m", "forgeflow.cli.main", "run", str(base / "pipeline.json")]
