@@ -18,6 +18,8 @@ import shutil
 import threading
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import wait as futures_wait
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -36,6 +38,7 @@ from forgeflow.events.models import (
 )
 from forgeflow.events.sinks import EventSink, sink_from_settings
 from forgeflow.jobs.media_sync import MediaSync, media_refs
+from forgeflow.jobs.overlap import end_feeds, prepare_feeds, streamed_fields, wait_for_feeds
 from forgeflow.jobs.supervise import checkpoint_path
 from forgeflow.pipeline import outcome as job_end
 from forgeflow.pipeline.definition import PipelineDefinition
@@ -44,7 +47,7 @@ from forgeflow.pipeline.validation import PipelineValidationError, ResolvedStage
 from forgeflow.plugins.cache import job_cache_dir
 from forgeflow.plugins.checkpoints import Checkpoints, call_key
 from forgeflow.plugins.errors import ForgeFlowError, MediaError
-from forgeflow.plugins.frames import chunk_refs, is_frames
+from forgeflow.plugins.frames import chunk_refs, is_frames, is_live
 from forgeflow.plugins.media import MediaStore
 from forgeflow.settings import Settings, get_settings
 
@@ -167,6 +170,11 @@ class JobRun:
     resume: bool = False
     #: Each stage's call key (:mod:`forgeflow.plugins.checkpoints`), its checkpoints' name.
     call_keys: dict[int, str] = field(default_factory=dict)
+    #: The stage that made each context field (a streamed input is keyed by its maker's call).
+    field_stage: dict[str, int] = field(default_factory=dict)
+    #: Set once a stage's call runs with its feeds ready (:mod:`forgeflow.jobs.overlap`).
+    feeding: dict[int, threading.Event] = field(default_factory=dict)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     @property
     def checkpoints(self) -> Checkpoints:
@@ -194,13 +202,16 @@ class JobRun:
         settings = self.services.settings
         entry = self.services.registry.resolve(stage.plugin)
         key = self.call_keys[stage.index] = call_key(
-            stage.plugin, entry.version or "", stage.tool.name, stage.config, inputs
+            stage.plugin, entry.version or "", stage.tool.name, stage.config, self._keyed(inputs)
         )
         if self.resume and (done := self._completed_before(key)) is not None:
             self.outcomes[stage.index] = CallResult(ok=True, outputs=done)
             self.reports[stage.index].from_checkpoint = True
-            self.artifact_bytes += sum(v["size_bytes"] for v in done.values() if is_frames(v))
+            with self._lock:
+                self.artifact_bytes += sum(v["size_bytes"] for v in done.values() if is_frames(v))
             return done
+        prepare_feeds(self.checkpoints, key, stage, MediaStore(settings.media_root), self.resume)
+        self.feeding.setdefault(stage.index, threading.Event()).set()
         call = ToolCall(
             plugin=stage.plugin,
             tool=stage.tool.name,
@@ -228,10 +239,21 @@ class JobRun:
             self._frames_read(stage, result.frames)
         if not result.ok:
             raise StageFailed(stage, result)
-        self.artifact_bytes += sum(v["size_bytes"] for v in (result.outputs or {}).values() if is_frames(v))
+        with self._lock:
+            self.artifact_bytes += sum(v["size_bytes"] for v in (result.outputs or {}).values() if is_frames(v))
         self.checkpoints.mark_done(key, result.outputs or {})
         self._sync_media(stage, result.outputs or {}, made_by=result)
         return result.outputs or {}
+
+    def _keyed(self, inputs: dict[str, Any]) -> dict[str, Any]:
+        """The inputs as a call key sees them: a per-frame output of an earlier stage (finished or still
+        being written) by the call that makes it, so overlapping or not, the key is the same."""
+        return {
+            name: {"$frames_of": self.call_keys[self.field_stage[name]], "field": name}
+            if (is_frames(value) or is_live(value)) and name in self.field_stage
+            else value
+            for name, value in inputs.items()
+        }
 
     def _completed_before(self, key: str) -> dict[str, Any] | None:
         """A completed call's outputs, when every media ref and artifact chunk they name is still here."""
@@ -307,10 +329,11 @@ class JobRun:
         )
 
     def stage_completed(self, stage: ResolvedStage) -> None:
-        self.reports[stage.index].status = "completed"
-        self.completed += 1
-        self.emit(_stage_end(self.job_id, stage, self.outcomes[stage.index], ok=True))
-        self.emit(progress(self.job_id, self.completed, len(self.reports)))
+        with self._lock:  # stages that overlap end from their own threads
+            self.reports[stage.index].status = "completed"
+            self.completed += 1
+            self.emit(_stage_end(self.job_id, stage, self.outcomes[stage.index], ok=True))
+            self.emit(progress(self.job_id, self.completed, len(self.reports)))
 
     def stage_failed(self, stage: ResolvedStage, message: str | None = None) -> None:
         result = self.outcomes.get(stage.index) or CallResult.failure("TaskFailed", message or "the stage task failed")
@@ -388,6 +411,18 @@ def run_stage_directly(run: JobRun, stage: ResolvedStage, inputs: dict[str, Any]
     return outputs
 
 
+def _feeding(run: JobRun, stage: ResolvedStage, inputs: dict[str, Any], run_stage: StageDriver) -> dict[str, Any]:
+    """A stage that a next one reads as it goes: when its call ends, so do its feeds."""
+    try:
+        outputs = run_stage(run, stage, inputs)
+    except BaseException as exc:
+        call = run.outcomes.get(stage.index)
+        end_feeds(run.checkpoints, run.call_keys.get(stage.index), stage, (call.error if call else None) or str(exc))
+        raise
+    end_feeds(run.checkpoints, run.call_keys.get(stage.index), stage, None)
+    return outputs
+
+
 def execute(
     run: JobRun,
     definition: PipelineDefinition | None,
@@ -427,38 +462,92 @@ def execute(
 
     context = dict(input_data)
     result: dict[str, Any] = {}
-    for stage in validated.stages:
-        inputs = {name: context[name] for name in stage.input_fields if name in context}
-        try:
+    stages = validated.stages
+    # A stage that a next one may read while it writes (overlap.streamed_fields) runs in a thread of
+    # its own; every other stage runs here, as it always did.
+    pool = ThreadPoolExecutor(max_workers=len(stages), thread_name_prefix="forgeflow-stage")
+    started: list[tuple[ResolvedStage, Future[dict[str, Any]] | None]] = []
+    collected = 0  # started stages whose outputs joined the context
+
+    def collect(upto: int) -> None:
+        """Wait for the started stages before ``upto`` and take their outputs (the first failure raises)."""
+        nonlocal collected
+        while collected < min(upto, len(started)):
+            stage, future = started[collected]
+            current[0] = stage
+            outputs = future.result() if future is not None else pending_outputs.pop(stage.index)
+            context.update(outputs)
+            result.update(outputs)
+            _write_checkpoint(services.settings, run.job_id, result, run.reports)
+            collected += 1
+
+    current: list[ResolvedStage] = [stages[0]]
+    pending_outputs: dict[int, dict[str, Any]] = {}
+    try:
+        for position, stage in enumerate(stages):
+            current[0] = stage
+            feeds = None
+            if collected < len(started):  # the previous stage still runs: may this one read it as it goes?
+                producer, future = started[-1]
+                fields = streamed_fields(producer, stage)
+                if fields and future is not None:
+                    event = run.feeding.setdefault(producer.index, threading.Event())
+                    feeds = wait_for_feeds(run.checkpoints, producer, run.call_keys, event, future, fields)
+                if feeds is None:
+                    collect(len(started))
+                else:  # what it takes from stages before its producer must be there
+                    needs = set(stage.input_fields) - set(feeds)
+                    made = [i for i, (s, _) in enumerate(started[:-1]) if needs & set(s.output_fields)]
+                    collect(max(made, default=-1) + 1)
+            current[0] = stage
             if services.is_cancelled(run.job_id):  # cancelled between two stages: start no other
                 run.outcomes[stage.index] = CallResult.failure(CANCELLED, "cancelled by request")
                 run.reports[stage.index].status = "cancelled"
                 raise StageFailed(stage, run.outcomes[stage.index])
-            outputs = run_stage(run, stage, inputs)
-        except BaseException as exc:
-            call = run.outcomes.get(stage.index)
-            error = call.error if call and not call.ok else str(exc) or type(exc).__name__
-            error_type = call.error_type if call and not call.ok else type(exc).__name__
-            cancelled = not isinstance(exc, Exception) or error_type == CANCELLED
-            envelope = job_end.failed(
-                run.reports,
-                error=error or "stage failed",
-                error_type=error_type or "Error",
-                stage_failed=stage.index,
-                partial_result=result,
-                ending="cancelled" if cancelled else "failed",
-            )
-            run.reports = envelope.stages
-            _write_checkpoint(services.settings, run.job_id, result, run.reports)
-            if isinstance(exc, Exception):  # not while the process is being stopped
-                envelope = _annotated(run, input_data, result, envelope)
-            run.finish("cancelled" if cancelled else "failed", envelope)
-            if cancelled and not isinstance(exc, Exception):
-                raise
-            raise PipelineFailed(envelope) from None
-        context.update(outputs)
-        result.update(outputs)
+            inputs = {name: context[name] for name in stage.input_fields if name in context} | (feeds or {})
+            for name in stage.output_fields:
+                run.field_stage[name] = stage.index
+            follower = stages[position + 1] if position + 1 < len(stages) else None
+            if follower is not None and streamed_fields(stage, follower):
+                task = contextvars.copy_context().run
+                started.append((stage, pool.submit(task, _feeding, run, stage, inputs, run_stage)))
+            else:
+                pending_outputs[stage.index] = run_stage(run, stage, inputs)
+                started.append((stage, None))
+                collect(len(started))
+        collect(len(started))
+    except BaseException as exc:
+        stage = current[0]
+        futures_wait([f for _, f in started if f is not None])  # stages still running end first
+        for earlier, future in started[collected:]:  # what stages before the failed one made is kept
+            if earlier.index >= stage.index or future is None:
+                break
+            if future.exception() is not None:  # a stage it overlapped failed first: the job failed there
+                stage, exc = earlier, future.exception() or exc
+                break
+            result.update(future.result())
+        call = run.outcomes.get(stage.index)
+        error = call.error if call and not call.ok else str(exc) or type(exc).__name__
+        error_type = call.error_type if call and not call.ok else type(exc).__name__
+        cancelled = not isinstance(exc, Exception) or error_type == CANCELLED
+        envelope = job_end.failed(
+            run.reports,
+            error=error or "stage failed",
+            error_type=error_type or "Error",
+            stage_failed=stage.index,
+            partial_result=result,
+            ending="cancelled" if cancelled else "failed",
+        )
+        run.reports = envelope.stages
         _write_checkpoint(services.settings, run.job_id, result, run.reports)
+        if isinstance(exc, Exception):  # not while the process is being stopped
+            envelope = _annotated(run, input_data, result, envelope)
+        run.finish("cancelled" if cancelled else "failed", envelope)
+        if cancelled and not isinstance(exc, Exception):
+            raise
+        raise PipelineFailed(envelope) from None
+    finally:
+        pool.shutdown(wait=False)
 
     envelope = _annotated(run, input_data, result, job_end.succeeded(result, run.reports))
     run.finish("succeeded", envelope)

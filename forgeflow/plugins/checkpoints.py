@@ -84,7 +84,8 @@ class Checkpoints:
         return data if isinstance(data, dict) else None
 
     def mark_done(self, key: str, outputs: dict[str, Any]) -> None:
-        """Keep a completed call's outputs (and drop its journals); never fails the job."""
+        """Keep a completed call's outputs; never fails the job. Its journals stay: a stage that overlapped
+        it may still be reading them (they go with the job's checkpoints when it succeeds)."""
         if self.root is None:
             return
         text = canonical_json(outputs)
@@ -97,8 +98,6 @@ class Checkpoints:
             with os.fdopen(fd, "w", encoding="utf-8") as fh:
                 fh.write(text)
             os.replace(tmp, folder / "done.json")
-            for journal in folder.glob("*.jsonl"):
-                journal.unlink(missing_ok=True)
         except OSError:
             pass
 

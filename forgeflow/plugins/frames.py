@@ -34,6 +34,7 @@ from __future__ import annotations
 import io
 import itertools
 import json
+import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -80,6 +81,86 @@ class ArtifactBudgetExceeded(OutputError):
 def is_frames(value: Any) -> bool:
     """Whether ``value`` is a frames descriptor (an artifact by ref), not inline data."""
     return isinstance(value, dict) and isinstance(value.get(FRAMES_KEY), str)
+
+
+class UpstreamFailed(InputError):
+    """The stage whose per-frame output this stage was reading as it grew failed before finishing it."""
+
+    error_type = "UpstreamFailed"
+
+
+# --- a per-frame output while it is being written (stages that overlap) ------------------------------
+
+#: The key of a live feed: a per-frame output its stage is still writing, named by its chunk journal.
+LIVE_KEY = "$frames_live"
+#: How often a reader of a live feed looks for the next chunk.
+LIVE_POLL_S = 0.05
+
+
+def is_live(value: Any) -> bool:
+    """Whether ``value`` is a live feed (an output still being written), not a finished one."""
+    return isinstance(value, dict) and isinstance(value.get(LIVE_KEY), str)
+
+
+def live_feed(journal: Path) -> dict[str, Any]:
+    """The value a consumer stage gets for an output whose chunks are journalled to ``journal`` as they come."""
+    return {LIVE_KEY: str(journal)}
+
+
+def _end_path(journal: Path) -> Path:
+    return journal.with_name(journal.name + ".end")
+
+
+def has_chunks(journal: Path) -> bool:
+    """Whether a chunk was journalled (a reader can start on it)."""
+    try:
+        return journal.stat().st_size > 0
+    except OSError:
+        return False
+
+
+def open_feed(journal: Path) -> None:
+    """A producer starts (again): no end is known yet."""
+    _end_path(journal).unlink(missing_ok=True)
+
+
+def end_feed(journal: Path, *, failed: str | None = None) -> None:
+    """The producer's call ended: its readers finish (what was journalled is the whole) or, when it
+    ``failed``, raise :class:`UpstreamFailed`."""
+    end = _end_path(journal)
+    try:
+        end.parent.mkdir(parents=True, exist_ok=True)
+        tmp = end.with_name(end.name + ".tmp")
+        tmp.write_text(json.dumps({"failed": failed}), encoding="utf-8")
+        tmp.replace(end)
+    except OSError:
+        pass
+
+
+def _live_records(store: MediaStore, value: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    """The records of a live feed as its chunks are journalled, until its producer's call ends."""
+    journal = Path(value[LIVE_KEY])
+    end = _end_path(journal)
+    offset = 0
+    while True:
+        ended = end.exists()  # looked at before the journal: every line written before the end is read
+        try:
+            with journal.open("rb") as fh:
+                fh.seek(offset)
+                data = fh.read()
+        except FileNotFoundError:
+            data = b""
+        complete = data[: data.rfind(b"\n") + 1]
+        offset += len(complete)
+        for line in complete.splitlines():
+            yield from _chunk_rows(store, json.loads(line))
+        if ended and not complete:
+            failed = json.loads(end.read_text(encoding="utf-8")).get("failed")
+            if failed:
+                raise UpstreamFailed(f"the stage writing this input failed: {failed}")
+            return
+        if not complete:
+            time.sleep(LIVE_POLL_S)
 
 
 # --- the type tools declare ---------------------------------------------------------------------
@@ -293,6 +374,11 @@ class FrameWriter:
             self.append(item)
         return self.finish()
 
+    def restart(self) -> None:
+        """Start from frame 0: what an earlier attempt journalled is dropped."""
+        if self.journal is not None:
+            self.journal.unlink(missing_ok=True)
+
     def resume(self) -> int | None:
         """Start with the chunks an earlier attempt of the call journalled (those still in the store, in
         order); returns the last frame they hold (None: nothing to resume)."""
@@ -318,6 +404,13 @@ class FrameWriter:
                 self._counts[key] = self._counts.get(key, 0) + int(value)
             self._first = first if self._first is None else self._first
             self._last = last
+        kept = "".join(line + "\n" for line in lines[: len(self._chunks)])
+        try:  # the journal holds exactly the kept chunks: what is appended next follows them
+            tmp = self.journal.with_name(self.journal.name + ".tmp")
+            tmp.write_text(kept, encoding="utf-8")
+            tmp.replace(self.journal)
+        except OSError:
+            self.journal = None
         self.resume_after = self._last
         return self._last
 
@@ -458,9 +551,11 @@ def _artifact_records(store: MediaStore, descriptor: dict[str, Any]) -> Iterator
 
 
 def iter_frame_records(value: Any, store: MediaStore) -> Iterator[dict[str, Any]]:
-    """The records of a per-frame value, inline list or artifact, one chunk in memory at a time."""
+    """The records of a per-frame value, inline list, artifact or live feed, one chunk in memory at a time."""
     if is_frames(value):
         yield from _artifact_records(store, value)
+    elif is_live(value):
+        yield from _live_records(store, value)
     elif isinstance(value, list):
         yield from value
 
@@ -510,11 +605,12 @@ def write_frames_file(value: Any, store: MediaStore, out: Any, record_type: type
 
 
 def open_stream(value: dict[str, Any], record_type: type[R], store: MediaStore) -> FrameStream[R]:
-    """An artifact's records as the :class:`FrameStream` a tool iterates (read from ``store`` a chunk at a time)."""
+    """An artifact's (or a live feed's) records as the :class:`FrameStream` a tool iterates, read from
+    ``store`` a chunk at a time."""
     frames = value.get("frames")
     return FrameStream(
-        _artifact_records(store, value),
+        iter_frame_records(value, store),
         record_type,
         frames=frames if isinstance(frames, int) else None,
-        source=value[FRAMES_KEY],
+        source=value.get(FRAMES_KEY) or value[LIVE_KEY],
     )

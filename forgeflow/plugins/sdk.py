@@ -214,7 +214,9 @@ class Tool:
         gets every record. Without a store (a call checked before it runs) artifacts are not read:
         they stand for valid streams of their kind."""
         opened = {
-            name: self._open_frames(name, value, store) for name, value in inputs.items() if frames.is_frames(value)
+            name: self._open_frames(name, value, store)
+            for name, value in inputs.items()
+            if frames.is_frames(value) or frames.is_live(value)
         }
         try:
             return self.input_model.model_validate({**inputs, **opened})
@@ -260,7 +262,7 @@ class Tool:
         return result
 
     def _writers(self, ctx: ToolContext) -> dict[str, Any]:
-        """A writer per ``FrameStream`` output; a resumable tool's journal its chunks, and start with
+        """A writer per ``FrameStream`` output, journalling its chunks; a resumable tool's start with
         those of an earlier attempt when the job resumes (``ctx.resume_after``: where all of them end)."""
         writers = {
             name: frames.FrameWriter(
@@ -269,13 +271,18 @@ class Tool:
                 field_name=name,
                 chunk_frames=ctx.chunk_frames,
                 label=f"{self.plugin_name}.{self.name}",
-                journal=ctx.checkpoints.journal(ctx.checkpoint_key, name) if self.resumable else None,
+                # every chunk is journalled: a checkpoint (for a resumable tool) and the feed that a
+                # next stage reads while this one still writes
+                journal=ctx.checkpoints.journal(ctx.checkpoint_key, name),
             )
             for name, record_type in frames.frame_fields(self.output_model).items()
         }
         if self.resumable and ctx.resume and writers:
             ends = [writer.resume() for writer in writers.values()]
             ctx.resume_after = None if None in ends else min(e for e in ends if e is not None)
+        else:
+            for writer in writers.values():
+                writer.restart()
         return writers
 
 

@@ -62,7 +62,6 @@ def test_stages_pass_per_frame_outputs_as_artifacts(long_settings, video_300, ex
     assert is_frames(players) and is_frames(counts)
     assert players["frames"] == counts["frames"] == 300 and players["chunks"] == 6
     assert players["counts"] == {"players": 900}
-    assert envelope["result"]["frames_expected"] == 300
     store = MediaStore(long_settings().media_root)
     assert [r["players"] for r in iter_frame_records(counts, store)] == [3] * 300
     # the envelope says how much of the media was read, stage by stage: all of it
@@ -148,3 +147,29 @@ def test_the_annotated_video_is_drawn_from_the_artifacts(long_settings, video_30
     assert is_frames(envelope["result"]["players"])
     annotated = envelope["annotated_media"]
     assert annotated["kind"] == "video" and annotated["frames"] == 300
+
+
+def test_a_stage_starts_on_the_first_chunks_of_the_one_before(long_settings, video_300, prefect_api_url):
+    """Stages overlap: the consumer's start comes before the producer's end, and the result is the same
+    as the stages run one after the other (here: with the producer's output inline, read at its end)."""
+    pipeline = crowd_then_count(delay_s=0.01)  # ~3 s of producing: time for the consumer to start early
+    envelope, events = run_with(long_settings(), pipeline, {"media": video_300}, "job-overlap")
+    assert envelope["ok"], envelope
+    order = [(e["type"], e.get("stage_index")) for e in events if e["type"].startswith("pipeline_stage_")]
+    assert order.index(("pipeline_stage_start", 1)) < order.index(("pipeline_stage_end", 0))
+    seqless = [e for e in events if e["type"] == "pipeline_progress"]
+    assert [e["stages_completed"] for e in seqless] == [1, 2]
+    sequential, _ = run_with(long_settings(), crowd_then_count(), {"media": video_300}, "job-no-overlap")
+    assert sequential["result"] == envelope["result"]
+
+
+def test_a_failed_producer_stops_the_stage_reading_it(long_settings, video_300, prefect_api_url):
+    pipeline = crowd_then_count(delay_s=0.005, fail_at_frame=200)
+    envelope, events = run_with(long_settings(), pipeline, {"media": video_300}, "job-overlap-fails")
+    assert envelope["ok"] is False and envelope["stage_failed"] == 0
+    assert "fails on purpose at frame 200" in envelope["error"]
+    consumer = envelope["stages"][1]
+    assert consumer["status"] == "failed" and consumer["error_type"] == "UpstreamFailed"
+    assert envelope["partial_result"] == {}
+    terminal = [e for e in events if e["type"] == "job_status"][-1]
+    assert terminal["status"] == "failed" and events[-1] is terminal  # nothing after the terminal message

@@ -181,6 +181,7 @@ class CrowdConfig(BaseModel):
     )
     tally_file: str | None = Field(None, description="Append a byte per frame made here (tests count the work).")
     delay_s: float = Field(0.0, ge=0, le=10, description="Sleep this long per frame (a slower detector).")
+    fail_at_frame: int | None = Field(None, ge=0, description="Raise on reaching this frame.")
 
 
 class CrowdOutput(BaseModel):
@@ -207,6 +208,8 @@ def crowd_players(inputs: MediaInput, config: CrowdConfig, ctx: ToolContext) -> 
     start = 0 if ctx.resume_after is None else ctx.resume_after + 1
 
     def made(frame: FramePlayers) -> FramePlayers:
+        if config.fail_at_frame is not None and frame.frame_index >= config.fail_at_frame:
+            raise RuntimeError(f"the stand-in detector fails on purpose at frame {frame.frame_index}")
         if config.tally_file:  # a byte per frame made, whatever becomes of the process
             with open(config.tally_file, "a") as tally:
                 tally.write(".")
@@ -280,7 +283,6 @@ class CountPlayersInput(BaseModel):
 
 class CountPlayersOutput(BaseModel):
     counts: FrameStream[FrameCount]
-    frames_expected: int | None = Field(description="Frames the upstream stream said it holds.")
 
 
 @plugin.tool(input=CountPlayersInput, output=CountPlayersOutput, config=CountPlayersConfig)
@@ -299,7 +301,7 @@ def count_players(inputs: CountPlayersInput, config: CountPlayersConfig, ctx: To
             yield FrameCount(frame_index=frame.frame_index, players=len(frame.players), mean_confidence=mean)
             ctx.progress(done, inputs.players.frames)
 
-    return CountPlayersOutput(counts=counts(), frames_expected=inputs.players.frames)
+    return CountPlayersOutput(counts=counts())
 
 
 class ListPlayersInput(BaseModel):
