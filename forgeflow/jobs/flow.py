@@ -86,7 +86,8 @@ def _run_stage_as_task(run: JobRun, stage: ResolvedStage, inputs: dict[str, Any]
         retries=stage.stage.retries,
         # Prefect can only interrupt the main thread: in the engine's job threads the runner's own
         # hard kill is the one timeout (and Prefect would warn about it at every stage).
-        timeout_seconds=stage.timeout_s + _BACKSTOP_GRACE_S
+        # (the runner's timeout counts from the last progress, up to the host's cap: so does the backstop)
+        timeout_seconds=max(stage.timeout_s, run.services.settings.max_stage_timeout_s) + _BACKSTOP_GRACE_S
         if threading.current_thread() is threading.main_thread()
         else None,
         cache_policy=NO_CACHE,

@@ -35,7 +35,7 @@ import io
 import itertools
 import json
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Generic, TypeVar, get_args
@@ -361,6 +361,8 @@ class FrameWriter:
     journal: Path | None = None
     #: Set by :meth:`resume`: records up to this frame are in the resumed chunks, later ones are written.
     resume_after: int | None = None
+    #: Hears the frames stored so far after each chunk (progress of a tool that reports none).
+    on_chunk: Callable[[int], None] | None = None
     _pending: list[dict[str, Any]] = field(default_factory=list)
     _chunks: list[dict[str, Any]] = field(default_factory=list)
     _counts: dict[str, int] = field(default_factory=dict)
@@ -462,6 +464,8 @@ class FrameWriter:
         counts = _list_counts(records)
         for key, value in counts.items():
             self._counts[key] = self._counts.get(key, 0) + value
+        if self.on_chunk is not None:
+            self.on_chunk(sum(c["frames"] for c in self._chunks))
         if self.journal is not None:
             try:
                 self.journal.parent.mkdir(parents=True, exist_ok=True)

@@ -87,6 +87,7 @@ class ToolContext:
     _progress_lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
     _progress_sent_at: float | None = field(default=None, init=False, repr=False)
     _readers: list[MediaReader] = field(default_factory=list, init=False, repr=False)
+    _tool_reports: bool = field(default=False, init=False, repr=False)
 
     def progress(self, done: float, total: float | None, message: str | None = None) -> None:
         """Report that ``done`` of ``total`` units (frames, say) are done; ``total`` None when unknown.
@@ -102,6 +103,16 @@ class ToolContext:
             isinstance(total, bool) or not isinstance(total, (int, float)) or not math.isfinite(total) or total <= 0
         ):
             raise ValueError(f"ctx.progress: total must be a finite number > 0 or None, got {total!r}")
+        self._tool_reports = True
+        self._send(done, total, message)
+
+    def frames_written(self, frames: int) -> None:
+        """The SDK stored another chunk of a per-frame output: progress for a tool that reports none
+        of its own (it keeps a long stage's timeout, which counts from its last progress, from firing)."""
+        if not self._tool_reports:
+            self._send(frames, None, f"{frames} frames written")
+
+    def _send(self, done: float, total: float | None, message: str | None) -> None:
         if total is not None:
             done = min(done, total)
         final = total is not None and done >= total
@@ -274,6 +285,7 @@ class Tool:
                 # every chunk is journalled: a checkpoint (for a resumable tool) and the feed that a
                 # next stage reads while this one still writes
                 journal=ctx.checkpoints.journal(ctx.checkpoint_key, name),
+                on_chunk=ctx.frames_written,
             )
             for name, record_type in frames.frame_fields(self.output_model).items()
         }

@@ -84,3 +84,17 @@ def test_malformed_reports_are_dropped():
     assert Progress.from_message({"done": -1}) is None
     assert Progress.from_message({"done": 1, "total": 0}) is None
     assert Progress(done=5, total=None).fraction is None
+
+
+def test_the_timeout_counts_from_the_last_progress(make_runner):
+    """A long stage that keeps reporting more done (a match's frames) runs past its timeout; one that
+    stops reporting dies a timeout after its last report; the host's cap bounds it in all."""
+    runner = make_runner("process", progress_interval_s=0)
+    going = runner.run(call("steps", config={"steps": 8, "delay_s": 0.3}, timeout_s=1.0))  # 2.4 s in all
+    assert going.ok, going.error
+    stalled = runner.run(call("steps", config={"steps": 3, "delay_s": 1.6}, timeout_s=1.0))
+    assert not stalled.ok and stalled.error_type == "TimeoutError"
+    assert "timed out after 1 s" in (stalled.error or "")  # no progress before the first 1.6 s
+    capped = make_runner("process", progress_interval_s=0, max_stage_timeout_s=1.5)
+    over = capped.run(call("steps", config={"steps": 10, "delay_s": 0.3}, timeout_s=1.0))
+    assert not over.ok and "FORGEFLOW_MAX_STAGE_TIMEOUT_S" in (over.error or "")

@@ -448,7 +448,11 @@ class ProcessRunner:
                 raise _MemoryExceeded(rss)
 
         start = time.monotonic()
+        # The timeout is the longest a call may go without progress: a tool that reports more frames
+        # done (a long video) runs on, up to the host's cap in all; one that stalls dies on time.
         deadline = start + call.timeout_s
+        cap = start + max(call.timeout_s, self.settings.max_stage_timeout_s)
+        furthest = -1.0
         worker.calls += 1
         tick = WATCHDOG_PERIOD_S if worker.watch_memory else None
         try:
@@ -458,16 +462,24 @@ class ProcessRunner:
                 message = worker.reader.read(deadline, tick=tick, on_tick=watchdog)
                 if message.get("type") != "progress":
                     break
+                done = message.get("done")
+                if isinstance(done, (int, float)) and done > furthest:
+                    furthest = float(done)
+                    deadline = min(time.monotonic() + call.timeout_s, cap)
                 if relay is not None:
                     relay(message)
         except DeadlineExceeded:
-            elapsed = (time.monotonic() - start) * 1000.0
+            now = time.monotonic()
+            elapsed = (now - start) * 1000.0
             worker.kill()
-            return CallResult.failure(
-                StageTimeout,
-                f"{label} timed out after {call.timeout_s:g} s; {worker.killed_what}",
-                duration_ms=elapsed,
-            ), False
+            why = (
+                f"timed out after {call.timeout_s:g} s"
+                if furthest < 0
+                else f"made no progress for {call.timeout_s:g} s (after {now - start:.0f} s in all)"
+                if now < cap
+                else f"ran into the host's cap of {self.settings.max_stage_timeout_s:g} s (FORGEFLOW_MAX_STAGE_TIMEOUT_S)"
+            )
+            return CallResult.failure(StageTimeout, f"{label} {why}; {worker.killed_what}", duration_ms=elapsed), False
         except _MemoryExceeded as exc:
             elapsed = (time.monotonic() - start) * 1000.0
             worker.kill()
