@@ -368,5 +368,12 @@ def test_in_stage_progress_streams_and_the_result_is_stored_once(api_factory: An
     assert terminal["envelope"]["result_size_bytes"] == len(json.dumps(result, separators=(",", ":")).encode())
     assert sum(len(json.dumps(m)) for m in messages) < 20_000
     state = client.get("/v1/jobs/job-steps/pipeline").json()
-    assert state["stages"][0]["progress"] == {"done": 3, "total": 3, "fraction": 1.0, "message": "step 3"}
+    kept = state["stages"][0]["progress"]
+    assert {k: kept[k] for k in ("done", "total", "fraction", "message")} == {
+        "done": 3,
+        "total": 3,
+        "fraction": 1.0,
+        "message": "step 3",
+    }
+    assert kept["rate"] > 0 and kept["eta_s"] == 0  # frames/s and the time left ride along
     assert state["stages"][1]["progress"] is None

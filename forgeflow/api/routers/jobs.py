@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import hashlib
+import re
 import uuid
 from typing import Any
+from urllib.parse import quote
 
 from fastapi import APIRouter, Depends, Path, Query, Response, Security
 from fastapi.concurrency import run_in_threadpool
@@ -13,6 +15,7 @@ from forgeflow.api.auth import Principal, Scope, forbidden
 from forgeflow.api.deps import ApiState, ScopedRoute, authorize, get_state, within_submission_quota
 from forgeflow.api.errors import ApiError, ApiErrorType, not_found
 from forgeflow.api.models import (
+    JOB_ID_PATTERN,
     MAX_POSITION,
     NO_NUL,
     CancelResult,
@@ -259,7 +262,7 @@ def _accepted(state: ApiState, response: Response, job: JobRow, created: bool) -
         state.launcher.wake()
     job_id = job["id"]
     response.status_code = 202 if created else 200
-    response.headers["Location"] = f"/v1/jobs/{job_id}"
+    response.headers["Location"] = f"/v1/jobs/{quote(job_id, safe='')}"
     return {
         "job_id": job_id,
         "status": job["status"],
@@ -390,6 +393,7 @@ async def cancel_job(
     summary="Retry a job that did not succeed, resuming its work",
     responses={
         **ERRORS,
+        200: {"model": JobAccepted, "description": "This job was retried before: that retry, unless it failed too."},
         409: {"model": ErrorBody, "description": "The job has not ended, or it succeeded."},
         429: {"model": ErrorBody, "description": "The token's submission rate is used up."},
     },
@@ -441,4 +445,7 @@ async def retry_job(
 
 
 def _retry_id(job_id: str, seed: str) -> str:
-    return f"{job_id[:100]}-retry-{hashlib.sha256(seed.encode()).hexdigest()[:8]}"
+    """The id of a retry: the job's own where it has the form of a submitted id (jobs made by Prefect
+    runs may not), then ``-retry-`` and a hash."""
+    base = job_id[:100] if re.match(JOB_ID_PATTERN, job_id[:100]) else "job"
+    return f"{base}-retry-{hashlib.sha256(seed.encode()).hexdigest()[:8]}"
