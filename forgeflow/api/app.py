@@ -47,7 +47,8 @@ isolated task per stage, and every stage reports realtime messages.
   `timestamp` and `event_id`. Stored before they are sent: reconnect with the last `seq` you saw.
 * **Auth**: with `FORGEFLOW_API_TOKEN` set (required off loopback) every call needs
   `Authorization: Bearer <token>`; WebSockets may pass `?token=`.
-* **Errors**: `{"error", "error_type", "field"?, "issues"?}` with a 4xx status.
+* **Errors**: `{"error", "error_type", "field"?, "issues"?}` with a 4xx status; a body that is not
+  JSON is a 422 saying `malformed JSON at line L, column C: reason`, with `line` and `column`.
 """
 
 TAGS = [

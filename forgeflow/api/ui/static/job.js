@@ -21,6 +21,7 @@ export async function jobView(main, jobId) {
 
   const state = {
     status: job.status,
+    flowRunId: job.flow_run_id,
     startedAt: job.started_at,
     finishedAt: job.finished_at,
     stages: pipeline.stages.map((s) => ({ ...s })),
@@ -32,6 +33,7 @@ export async function jobView(main, jobId) {
   const statusCell = h("dd", { id: "job-status" });
   const durationCell = h("dd", { id: "job-duration" });
   const stagesCell = h("dd", { id: "job-stages" });
+  const flowRunCell = h("dd", { id: "job-flow-run" });
   const waitingCell = h("p", { class: "muted", role: "status" });
   const cancelButton = h("button", { type: "button", class: "secondary", id: "cancel-job" }, "Cancel job");
   cancelButton.addEventListener("click", async () => {
@@ -57,7 +59,7 @@ export async function jobView(main, jobId) {
         h("dt", {}, "Created"), h("dd", {}, formatTime(job.created_at)),
         h("dt", {}, "Duration"), durationCell,
         h("dt", {}, "Stages"), stagesCell,
-        h("dt", {}, "Flow run"), h("dd", {}, job.flow_run_id || "–")),
+        h("dt", {}, "Flow run"), flowRunCell),
       waitingCell,
       h("div", { class: "row" }, cancelButton, h("a", { href: "#/jobs" }, "All jobs"))),
     h("section", { "aria-labelledby": "stages-heading" }, h("h2", { id: "stages-heading" }, "Stages"), h("div", { class: "panel" }, timeline)),
@@ -147,6 +149,7 @@ export async function jobView(main, jobId) {
     statusCell.replaceChildren(statusBadge(state.status));
     durationCell.textContent = formatMs(elapsed(state.startedAt, state.finishedAt));
     stagesCell.textContent = `${state.completed} of ${state.stages.length} completed`;
+    flowRunCell.textContent = state.flowRunId || "–";
     cancelButton.hidden = TERMINAL.has(state.status);
     waitingCell.textContent = state.status === "queued" && state.waiting ? `Waiting for ${state.waiting}` : "";
     timeline.replaceChildren(...state.stages.map(stageItem));
@@ -161,6 +164,7 @@ export async function jobView(main, jobId) {
   const refresh = async () => {
     const [view, stages] = await Promise.all([api(path), api(`${path}/pipeline`)]);
     state.status = view.status;
+    state.flowRunId = view.flow_run_id || state.flowRunId;
     state.startedAt = view.started_at;
     state.finishedAt = view.finished_at;
     state.stages = stages.stages.map((s) => ({ ...s }));
@@ -187,6 +191,7 @@ export async function jobView(main, jobId) {
       case "job_status":
         state.status = m.status;
         state.waiting = m.waiting_for || null;
+        if (m.flow_run_id) state.flowRunId = m.flow_run_id; // a job submitted here gets its flow run when it starts
         if (m.status === "running" && !state.startedAt) state.startedAt = m.timestamp;
         if (TERMINAL.has(m.status)) {
           state.finishedAt = state.finishedAt || m.timestamp;
