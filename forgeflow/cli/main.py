@@ -25,10 +25,57 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-app = typer.Typer(help="ForgeFlow: fault-isolated multi-plugin vision pipelines on Prefect.", no_args_is_help=True)
-plugins_app = typer.Typer(help="Installed plugins and their lifecycle.", no_args_is_help=True)
+
+class ProseHelp(typer.core.TyperGroup):
+    """A command group whose ``--help`` reads as prose: an option shows the name of its value
+    (``--input MEDIA``) or nothing for a flag, never a Python type (``<str>``, ``<bool>``); an argument
+    is its plain name (``FILE``, not ``{file} <path>``); a command's summary in a list is its first
+    paragraph on one line (not the docstring's own line breaks)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        _prose_params(self)
+        for command in self.commands.values():
+            if command.help and not command.short_help:
+                command.short_help = " ".join(command.help.split("\n\n")[0].split())
+            if not isinstance(command, typer.core.TyperGroup):  # a group of ours does its own
+                _prose_params(command)
+
+    def format_help(self, ctx: Any, formatter: Any) -> None:
+        _prose_params(self)  # the root's completion options are added after __init__
+        super().format_help(ctx, formatter)
+
+
+def _prose_params(command: Any) -> None:
+    """Name a command's parameters as :class:`ProseHelp` says, ``--help`` (made on demand) included."""
+    for param in command.params:
+        name = (param.metavar or param.name or "").upper()
+        if isinstance(param, typer.core.TyperArgument):
+            usage = name if param.required else f"[{name}]"
+            setattr(param, "display_type_rich", lambda ctx: None)  # noqa: B010 - this instance's own
+            setattr(param, "get_usage_pieces", lambda ctx, usage=usage: [usage])  # noqa: B010
+            param.metavar = name
+        elif isinstance(param, typer.core.TyperOption):
+            param.metavar = "" if param.is_flag else name
+    make_help_option = command.get_help_option
+
+    def help_option(ctx: Any) -> Any:
+        option = make_help_option(ctx)
+        if option is not None:
+            option.metavar = ""
+        return option
+
+    setattr(command, "get_help_option", help_option)  # noqa: B010
+
+
+app = typer.Typer(
+    cls=ProseHelp, help="ForgeFlow: fault-isolated multi-plugin vision pipelines on Prefect.", no_args_is_help=True
+)
+plugins_app = typer.Typer(cls=ProseHelp, help="Installed plugins and their lifecycle.", no_args_is_help=True)
 app.add_typer(plugins_app, name="plugins")
-engine_app = typer.Typer(help="This host's engine: warm worker pools shared by every job.", no_args_is_help=True)
+engine_app = typer.Typer(
+    cls=ProseHelp, help="This host's engine: warm worker pools shared by every job.", no_args_is_help=True
+)
 app.add_typer(engine_app, name="engine")
 console = Console(stderr=True, soft_wrap=True)
 out = Console()
@@ -128,9 +175,13 @@ def _print_warnings(validated: Any) -> None:
 
 @app.command()
 def validate(
-    file: Path = typer.Argument(..., help="Pipeline JSON file."),
-    media: Path | None = typer.Option(None, "--input", help="Media file the job would read (checks input types)."),
-    input_json: str | None = typer.Option(None, "--input-json", help="Job input as JSON (or a JSON file)."),
+    file: Path = typer.Argument(..., help="Pipeline JSON file.", metavar="FILE"),
+    media: Path | None = typer.Option(
+        None, "--input", help="Media file the job would read (checks input types).", metavar="MEDIA"
+    ),
+    input_json: str | None = typer.Option(
+        None, "--input-json", help="Job input as JSON (or a JSON file).", metavar="JSON"
+    ),
 ) -> None:
     """Check a pipeline without running it: plugins, tools, configs, stage compatibility."""
     from forgeflow.pipeline.validation import PipelineValidationError, parse_definition, validate_pipeline
@@ -156,13 +207,22 @@ def validate(
 
 @app.command()
 def run(
-    file: Path = typer.Argument(..., help="Pipeline JSON file (a definition or the seed's job form)."),
-    media: Path | None = typer.Option(None, "--input", help="Image or video to analyse (becomes input.media)."),
-    input_json: str | None = typer.Option(None, "--input-json", help="Job input as JSON (or a JSON file)."),
-    out_dir: Path | None = typer.Option(
-        None, "--out", help="Write result.json, events.jsonl and the job's annotated media (annotated.mp4/.jpg) here."
+    file: Path = typer.Argument(..., help="Pipeline JSON file (a definition or the seed's job form).", metavar="FILE"),
+    media: Path | None = typer.Option(
+        None, "--input", help="Image or video to analyse (becomes input.media).", metavar="MEDIA"
     ),
-    job_id: str | None = typer.Option(None, "--job-id", help="Job id (default: the file's job_id or a new one)."),
+    input_json: str | None = typer.Option(
+        None, "--input-json", help="Job input as JSON (or a JSON file).", metavar="JSON"
+    ),
+    out_dir: Path | None = typer.Option(
+        None,
+        "--out",
+        help="Write result.json, events.jsonl and the job's annotated media (annotated.mp4/.jpg) here.",
+        metavar="DIR",
+    ),
+    job_id: str | None = typer.Option(
+        None, "--job-id", help="Job id (default: the file's job_id or a new one).", metavar="ID"
+    ),
     as_json: bool = typer.Option(False, "--json", help="Print the result envelope as JSON on stdout."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Also show Prefect's own logs."),
 ) -> None:
