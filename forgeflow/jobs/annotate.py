@@ -250,15 +250,21 @@ class _Frames:
         self.poses = _by_frame(result.get("poses"), "poses")
         self.actions = _by_frame(result.get("actions"), "actions")
         annotated = sorted(set(self.players) | set(self.poses) | set(self.actions))
-        stride = annotated[1] - annotated[0] if len(annotated) > 1 else 0
-        # frames after the last processed one keep its drawing for one stride, then show none
-        self.last_shown = annotated[-1] + stride if annotated else -1
+        stride = annotated[1] - annotated[0] if len(annotated) > 1 else 1
+        # A frame between two analysed ones shows the earlier one's drawing; the video ends with the
+        # stride of the last analysed frame (what was analysed: a stage that read 4 frames of 64 gives
+        # a 4-frame video, one that read every 2nd frame of 64 a 64-frame one).
+        self.last_shown = annotated[-1] + stride - 1 if annotated else None
         self.current: int | None = None
+
+    def covers(self, index: int) -> bool:
+        """Whether frame ``index`` belongs in the annotated video (every frame when nothing is drawn)."""
+        return self.last_shown is None or index <= self.last_shown
 
     def draw(self, index: int, image: Any) -> None:
         if index in self.players or index in self.poses or index in self.actions:
             self.current = index
-        if self.current is not None and index <= self.last_shown:
+        if self.current is not None and self.covers(index):
             c = self.current
             annotate_frame(image, self.players.get(c, []), self.poses.get(c, []), self.actions.get(c, []))
 
@@ -353,13 +359,13 @@ def _annotate_video(source: Path, frames: _Frames, out: Path) -> int:
 
 
 def _pipe_frames(cap: Any, frame: Any, frames: _Frames, proc: subprocess.Popen[bytes], name: str) -> int:
-    """Draw ``frame`` and every later one of ``cap`` and write them to ffmpeg's stdin, which is closed
-    after the last one (or when ffmpeg stops reading); returns the frames written."""
+    """Draw ``frame`` and every later one of ``cap`` that the result covers and write them to ffmpeg's
+    stdin, which is closed after the last one (or when ffmpeg stops reading); returns the frames written."""
     assert proc.stdin is not None
     height, width = frame.shape[:2]
     index = 0
     try:
-        while frame is not None:
+        while frame is not None and frames.covers(index):
             if frame.shape[:2] != (height, width):
                 raise MediaError(f"frame {index} of {name} is {frame.shape[1]}x{frame.shape[0]}, not {width}x{height}")
             frames.draw(index, frame)
