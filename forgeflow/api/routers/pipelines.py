@@ -209,6 +209,8 @@ async def replace_pipeline(
     """Replaces a saved template's stages, timeout, runner and description with the body's (the same
     form and checks as `POST /v1/pipelines`). Its id, statistics and the jobs that used it stay (each
     job keeps its own copy of the stages); the name may change only as far as its id does not."""
+    if await run_in_threadpool(state.store.get_template, pipeline_id) is None:
+        raise not_found("pipeline", pipeline_id, "save it with POST /v1/pipelines")
     template_id = _template_id(body.name)
     if template_id != pipeline_id:
         raise ApiError(
@@ -220,7 +222,7 @@ async def replace_pipeline(
         )
     definition = await _validated_template(state, body)
     row = await run_in_threadpool(state.store.update_template, pipeline_id, body.name.strip(), definition)
-    if row is None:
+    if row is None:  # deleted meanwhile
         raise not_found("pipeline", pipeline_id, "save it with POST /v1/pipelines")
     return template_summary(row)
 
