@@ -233,5 +233,6 @@ def test_the_run_summary_fits_80_columns_without_breaking_plugin_tool(capsys):
     _summary(console, envelope, 12.3, "job-1234567890ab")
     text = console.export_text()
     assert max(len(line) for line in text.splitlines()) <= 80
-    for plugin, tool in names:
-        assert f"{plugin}.{tool}" in text, text
+    for index, (plugin, tool) in enumerate(names):
+        assert f"{index}: {plugin}.{tool}" in text, text
+    assert "12345 ms" in text and "472.1 KB" in text and "1234 MB" in text  # no number cut either

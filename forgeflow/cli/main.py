@@ -392,22 +392,28 @@ def _show(progress: Progress, bars: list[Any], event: Any) -> None:
 def _summary(results: Console, envelope: dict[str, Any], elapsed: float, job_id: str) -> None:
     """The stage table and the result's fields on ``results``; a failure's reason on stderr."""
     stages = envelope.get("stages", [])
-    names = [f"{report['plugin']}.{report['tool']}" for report in stages]
-    # plugin.tool never breaks mid-word: the numbers wrap at their spaces first, and the table has no
-    # inner rules, so the soccer pipeline's table fits 80 columns
-    table = Table(title=f"job {job_id} · {elapsed:.2f} s", title_justify="left", box=box.SIMPLE_HEAD)
-    for column in ("stage", "plugin.tool", "status", "duration", "output", "peak mem"):
+    # "0: plugin.tool" as the progress bars name it. No cell breaks mid-word: with two spaces between
+    # columns and no side rules, the soccer pipeline's table fits 80 columns ("peak mem" wraps at its space).
+    names = [f"{report['index']}: {report['plugin']}.{report['tool']}" for report in stages]
+    table = Table(
+        title=f"job {job_id} · {elapsed:.2f} s",
+        title_justify="left",
+        box=box.SIMPLE_HEAD,
+        show_edge=False,
+        padding=(0, 1, 0, 0),
+        pad_edge=False,
+    )
+    for column in ("stage", "status", "duration", "output", "peak mem"):
         table.add_column(
             column,
-            justify="right" if column in ("duration", "output", "peak mem") else "left",
-            no_wrap=column in ("plugin.tool", "status"),
-            min_width=max(map(len, names), default=0) if column == "plugin.tool" else None,
+            justify="left" if column in ("stage", "status") else "right",
+            no_wrap=column != "peak mem",
+            min_width=max(map(len, names), default=0) if column == "stage" else None,
         )
     colors = {"completed": "green", "failed": "red", "skipped": "dim"}
     for report, name in zip(stages, names, strict=True):
         status = report["status"]
         table.add_row(
-            str(report["index"]),
             name,
             f"[{colors.get(status, 'white')}]{status}[/]",
             f"{report['duration_ms']:.0f} ms" if report.get("duration_ms") is not None else "",
