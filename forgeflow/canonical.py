@@ -34,26 +34,42 @@ MAX_JSON_DEPTH = 100
 def storable_problem(value: Any, *, max_depth: int = MAX_JSON_DEPTH, allow_nul: bool = False) -> str | None:
     """Why ``value`` cannot be stored and sent back as JSON by every store ForgeFlow supports, or None:
     nested deeper than ``max_depth``, a number that is not finite (JSON has no NaN or Infinity), or
-    (unless ``allow_nul``) U+0000 in a string or key (PostgreSQL refuses it in text and JSON)."""
-    stack: list[tuple[Any, int]] = [(value, 0)]
+    (unless ``allow_nul``) U+0000 in a string or key (PostgreSQL refuses it in text and JSON). The
+    reason names where the value is when it is inside ``value`` (``config.confidence: ...``)."""
+    found = storable_issue(value, max_depth=max_depth, allow_nul=allow_nul)
+    if found is None:
+        return None
+    path, problem = found
+    return f"{path}: {problem}" if path else problem
+
+
+def storable_issue(value: Any, *, max_depth: int = MAX_JSON_DEPTH, allow_nul: bool = False) -> tuple[str, str] | None:
+    """:func:`storable_problem` as ``(path, problem)``: the dotted path inside ``value`` (``""`` for
+    ``value`` itself, ``config.confidence``, ``stages.0.config``) and the reason."""
+    stack: list[tuple[Any, int, str]] = [(value, 0, "")]
     while stack:
-        item, depth = stack.pop()
+        item, depth, path = stack.pop()
         if isinstance(item, str):
             if not allow_nul and "\x00" in item:
-                return "text must not contain U+0000 (NUL)"
+                return path, "text must not contain U+0000 (NUL)"
             continue
         if isinstance(item, float) and not math.isfinite(item):
-            return "numbers must be finite (JSON has no NaN or Infinity)"
+            return path, "numbers must be finite (JSON has no NaN or Infinity)"
         if isinstance(item, dict):
-            children: list[Any] = [*item.keys(), *item.values()]
+            children: list[tuple[Any, str]] = [(key, path) for key in item]
+            children += [(child, _joined(path, key)) for key, child in item.items()]
         elif isinstance(item, (list, tuple)):
-            children = list(item)
+            children = [(child, _joined(path, index)) for index, child in enumerate(item)]
         else:
             continue
         if depth >= max_depth:
-            return f"nested deeper than {max_depth} levels"
-        stack.extend((child, depth + 1) for child in children)
+            return "", f"nested deeper than {max_depth} levels"  # the path would be as deep
+        stack.extend((child, depth + 1, where) for child, where in reversed(children))
     return None
+
+
+def _joined(path: str, key: Any) -> str:
+    return f"{path}.{key}" if path else str(key)
 
 
 def storable(value: Any, *, allow_nul: bool = False) -> Any:
@@ -62,6 +78,11 @@ def storable(value: Any, *, allow_nul: bool = False) -> Any:
     if problem is not None:
         raise ValueError(problem)
     return value
+
+
+def whole_if_integral(value: float) -> int | float:
+    """``64.0`` as ``64`` (counts such as frames done read as integers in JSON), other numbers as they are."""
+    return int(value) if isinstance(value, float) and value.is_integer() else value
 
 
 def without_nul(value: Any) -> Any:

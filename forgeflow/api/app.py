@@ -53,7 +53,8 @@ isolated task per stage, and every stage reports realtime messages.
   cancel one's own jobs), `admin` (the rest); each operation lists what it needs, and a call outside
   them is a 403 naming the scope. `GET /v1/auth/me` says what the token may do. Submissions are
   rate-limited per token (429 with `Retry-After`).
-* **Errors**: `{"error", "error_type", "field"?, "issues"?}` with a 4xx status.
+* **Errors**: `{"error", "error_type", "field"?, "issues"?}` with a 4xx status; a body that is not
+  JSON is a 422 saying `malformed JSON at line L, column C: reason`, with `line` and `column`.
 """
 
 TAGS = [

@@ -1,4 +1,5 @@
-"""Errors of the API and their JSON form: ``{"error", "error_type", "field"?, "issues"?}``."""
+"""Errors of the API and their JSON form: ``{"error", "error_type", "field"?, "issues"?}`` (a body that
+is not JSON: ``line`` and ``column`` instead of ``field``)."""
 
 from __future__ import annotations
 
@@ -63,6 +64,25 @@ def _loc(loc: tuple[Any, ...] | list[Any]) -> str:
     return ".".join(parts)
 
 
+async def _malformed_json(request: Request, error: dict[str, Any]) -> dict[str, Any]:
+    """The body of a 422 for a request body that is not JSON: the line, column and reason, as
+    ``forgeflow validate`` says them (FastAPI gives only the character offset, in ``loc``)."""
+    loc = error.get("loc", ())
+    offset = loc[1] if len(loc) > 1 and isinstance(loc[1], int) else 0
+    reason = str((error.get("ctx") or {}).get("error") or "not valid JSON")
+    text = (await request.body()).decode("utf-8", errors="replace")[:offset]
+    line = text.count("\n") + 1
+    column = offset - (text.rfind("\n") + 1) + 1
+    message = f"malformed JSON at line {line}, column {column}: {reason}"
+    return {
+        "error": message,
+        "error_type": ApiErrorType.REQUEST_VALIDATION,
+        "line": line,
+        "column": column,
+        "issues": [{"field": None, "location": "body", "message": message, "line": line, "column": column}],
+    }
+
+
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
@@ -70,10 +90,18 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
+        errors = exc.errors()
+        malformed = next((e for e in errors if e.get("type") == "json_invalid"), None)
+        if malformed is not None:
+            return JSONResponse(await _malformed_json(request, malformed), status_code=422)
         issues = []
-        for err in exc.errors():
+        for err in errors:
             loc = err.get("loc", ())
-            issues.append({"field": _loc(loc), "location": loc[0] if loc else None, "message": err.get("msg", "")})
+            field = _loc(loc)
+            inner = (err.get("ctx") or {}).get("path")  # where inside the field (storable values)
+            if inner:
+                field = f"{field}.{inner}" if field else str(inner)
+            issues.append({"field": field, "location": loc[0] if loc else None, "message": err.get("msg", "")})
         first: dict[str, Any] = issues[0] if issues else {"field": None, "message": "invalid request"}
         message = f"{first['field']}: {first['message']}" if first["field"] else first["message"]
         if len(issues) > 1:

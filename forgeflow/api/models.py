@@ -5,12 +5,13 @@ from __future__ import annotations
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema, field_validator
+from pydantic_core import PydanticCustomError
 
-from forgeflow.canonical import MAX_AMOUNT, storable
+from forgeflow.canonical import MAX_AMOUNT, storable_issue
 from forgeflow.engine.lifecycle import PluginStatus
 from forgeflow.engine.runners.base import Progress
 from forgeflow.events.models import Event, Id
-from forgeflow.pipeline.definition import PipelineStage
+from forgeflow.pipeline.definition import RUNNER_DESCRIPTION, PipelineStage, RunnerKind
 from forgeflow.pipeline.outcome import JobStatus, StageReport
 
 JOB_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$"
@@ -23,13 +24,18 @@ NO_NUL = r"^[^\x00]*$"
 
 
 class _RequestBody(BaseModel):
-    """A request body whose every field every store can hold (:func:`~forgeflow.canonical.storable`:
+    """A request body whose every field every store can hold (:func:`~forgeflow.canonical.storable_issue`:
     finite numbers, at most 100 levels deep, no U+0000), else a 422 naming the field."""
 
     @field_validator("*")
     @classmethod
     def _storable_field(cls, value: Any) -> Any:
-        return storable(value)
+        found = storable_issue(value)
+        if found is not None:
+            # ``path`` (inside the field) lets the error name ``pipeline.0.config.confidence``, not ``pipeline``
+            path, problem = found
+            raise PydanticCustomError("storable", problem, {"path": path} if path else None)
+        return value
 
 
 _STAGE_SCHEMA = PipelineStage.model_json_schema()
@@ -134,6 +140,8 @@ class ErrorBody(BaseModel):
     field: str | None = Field(None, description="The request field at fault, dotted (e.g. `pipeline.1.tool`).")
     issues: list[dict[str, Any]] | None = Field(None, description="Every problem found (validation errors).")
     missing_scope: str | None = Field(None, description="A 403's scope the token lacks (`read`, `run`, `admin`).")
+    line: int | None = Field(None, description="A body that is not JSON: the line of the first error (1-based).")
+    column: int | None = Field(None, description="A body that is not JSON: the column of the first error (1-based).")
 
 
 class JobCreate(_RequestBody):
@@ -304,6 +312,7 @@ class PipelineCreate(_RequestBody):
     pipeline: RawStages = None
     timeout_seconds: float | None = Field(None, gt=0)
     description: str | None = Field(None, max_length=10_000)
+    runner: RunnerKind | None = Field(None, description=RUNNER_DESCRIPTION + " Applies to every stage without its own.")
 
 
 class PipelineCheck(_RequestBody):
@@ -322,6 +331,12 @@ class PipelineCheckResult(BaseModel):
 
     stages: list[str] = Field(description="The stages as `plugin.tool` (resolved names), in order.")
     job_input_fields: list[str] = Field(description="What the job input must provide.")
+    warnings: list[dict[str, Any]] = Field(
+        default_factory=list,
+        description="What is likely a mistake though a job may still run, each like an issue (`stage_index`, "
+        "`plugin`, `tool`, `field`, `error_type`, `message`): `StageOrder`, a field a stage needs from the job "
+        "input that a later stage produces (saving it as a template is refused).",
+    )
 
 
 class TemplateSummary(BaseModel):
@@ -329,9 +344,11 @@ class TemplateSummary(BaseModel):
     name: str
     stages: list[dict[str, Any]]
     created_at: str
+    updated_at: str
     timeout_seconds: float
     description: str
     created_by: str | None = Field(None, description="The name of the token that saved it (null: no token).")
+    runner: RunnerKind | None = None
 
 
 class StageStats(BaseModel):

@@ -20,6 +20,7 @@ os.environ.setdefault("PREFECT_UI_ENABLED", "false")
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 
 import typer
+from rich import box
 from rich.console import Console
 from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
@@ -31,10 +32,57 @@ from forgeflow.redact import install_log_redaction
 # Every ForgeFlow process a command becomes (API, engine, worker, the stack's parts) logs no credential.
 install_log_redaction()
 
-app = typer.Typer(help="ForgeFlow: fault-isolated multi-plugin vision pipelines on Prefect.", no_args_is_help=True)
-plugins_app = typer.Typer(help="Installed plugins and their lifecycle.", no_args_is_help=True)
+
+class ProseHelp(typer.core.TyperGroup):
+    """A command group whose ``--help`` reads as prose: an option shows the name of its value
+    (``--input MEDIA``) or nothing for a flag, never a Python type (``<str>``, ``<bool>``); an argument
+    is its plain name (``FILE``, not ``{file} <path>``); a command's summary in a list is its first
+    paragraph on one line (not the docstring's own line breaks)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        _prose_params(self)
+        for command in self.commands.values():
+            if command.help and not command.short_help:
+                command.short_help = " ".join(command.help.split("\n\n")[0].split())
+            if not isinstance(command, typer.core.TyperGroup):  # a group of ours does its own
+                _prose_params(command)
+
+    def format_help(self, ctx: Any, formatter: Any) -> None:
+        _prose_params(self)  # the root's completion options are added after __init__
+        super().format_help(ctx, formatter)
+
+
+def _prose_params(command: Any) -> None:
+    """Name a command's parameters as :class:`ProseHelp` says, ``--help`` (made on demand) included."""
+    for param in command.params:
+        name = (param.metavar or param.name or "").upper()
+        if isinstance(param, typer.core.TyperArgument):
+            usage = name if param.required else f"[{name}]"
+            setattr(param, "display_type_rich", lambda ctx: None)  # noqa: B010 - this instance's own
+            setattr(param, "get_usage_pieces", lambda ctx, usage=usage: [usage])  # noqa: B010
+            param.metavar = name
+        elif isinstance(param, typer.core.TyperOption):
+            param.metavar = "" if param.is_flag else name
+    make_help_option = command.get_help_option
+
+    def help_option(ctx: Any) -> Any:
+        option = make_help_option(ctx)
+        if option is not None:
+            option.metavar = ""
+        return option
+
+    setattr(command, "get_help_option", help_option)  # noqa: B010
+
+
+app = typer.Typer(
+    cls=ProseHelp, help="ForgeFlow: fault-isolated multi-plugin vision pipelines on Prefect.", no_args_is_help=True
+)
+plugins_app = typer.Typer(cls=ProseHelp, help="Installed plugins and their lifecycle.", no_args_is_help=True)
 app.add_typer(plugins_app, name="plugins")
-engine_app = typer.Typer(help="This host's engine: warm worker pools shared by every job.", no_args_is_help=True)
+engine_app = typer.Typer(
+    cls=ProseHelp, help="This host's engine: warm worker pools shared by every job.", no_args_is_help=True
+)
 app.add_typer(engine_app, name="engine")
 app.add_typer(tokens_app, name="tokens")
 app.command("watch")(watch)
@@ -112,11 +160,37 @@ def _print_issues(exc: Any) -> None:
         console.print(f"[red]✗[/red] {issue.location or 'pipeline'}: {issue.message} [dim]({issue.error_type})[/dim]")
 
 
+def _print_warnings(validated: Any) -> None:
+    """What may still run but is likely a mistake, on stderr: the validation's warnings (a stage that
+    needs a field only a later stage produces) and a stage asking for a GPU this host lacks."""
+    from forgeflow.engine.admission import host_gpu_count
+
+    warnings = [(w.location, w.message, w.error_type) for w in validated.warnings]
+    if not host_gpu_count():
+        for stage in validated.stages:
+            device = str(stage.config.get("device") or "").strip().lower()
+            if device.startswith("cuda"):
+                warnings.append(
+                    (
+                        f"stage {stage.index} {stage.name} field 'config.device'",
+                        f"asks for {device!r}, but this host has no NVIDIA GPU: run here, the stage fails "
+                        "(use 'auto' or 'cpu', or run it on a GPU worker)",
+                        "DeviceUnavailable",
+                    )
+                )
+    for location, message, error_type in warnings:
+        console.print(f"[yellow]![/yellow] {location}: {message} [dim]({error_type})[/dim]")
+
+
 @app.command()
 def validate(
-    file: Path = typer.Argument(..., help="Pipeline JSON file."),
-    media: Path | None = typer.Option(None, "--input", help="Media file the job would read (checks input types)."),
-    input_json: str | None = typer.Option(None, "--input-json", help="Job input as JSON (or a JSON file)."),
+    file: Path = typer.Argument(..., help="Pipeline JSON file.", metavar="FILE"),
+    media: Path | None = typer.Option(
+        None, "--input", help="Media file the job would read (checks input types).", metavar="MEDIA"
+    ),
+    input_json: str | None = typer.Option(
+        None, "--input-json", help="Job input as JSON (or a JSON file).", metavar="JSON"
+    ),
 ) -> None:
     """Check a pipeline without running it: plugins, tools, configs, stage compatibility."""
     from forgeflow.pipeline.validation import PipelineValidationError, parse_definition, validate_pipeline
@@ -132,25 +206,33 @@ def validate(
     except PipelineValidationError as exc:
         _print_issues(exc)
         raise typer.Exit(EXIT_INVALID) from None
-    console.print(f"[green]✓[/green] {file}: valid, {len(validated.stages)} stage(s)")
+    _print_warnings(validated)
+    out.print(f"[green]✓[/green] {file}: valid, {len(validated.stages)} stage(s)")
     for stage in validated.stages:
-        console.print(f"  {stage.index}: {stage.plugin}.{stage.tool.name}  → {', '.join(stage.output_fields)}")
+        out.print(f"  {stage.index}: {stage.name}  → {', '.join(stage.output_fields)}")
     if validated.job_input_fields:
-        console.print(f"  job input: {', '.join(validated.job_input_fields)}")
+        out.print(f"  job input: {', '.join(validated.job_input_fields)}")
 
 
 @app.command()
 def run(
-    file: Path = typer.Argument(..., help="Pipeline JSON file (a definition or the seed's job form)."),
-    media: Path | None = typer.Option(None, "--input", help="Image or video to analyse (becomes input.media)."),
-    input_json: str | None = typer.Option(None, "--input-json", help="Job input as JSON (or a JSON file)."),
+    file: Path = typer.Argument(..., help="Pipeline JSON file (a definition or the seed's job form).", metavar="FILE"),
+    media: Path | None = typer.Option(
+        None, "--input", help="Image or video to analyse (becomes input.media).", metavar="MEDIA"
+    ),
+    input_json: str | None = typer.Option(
+        None, "--input-json", help="Job input as JSON (or a JSON file).", metavar="JSON"
+    ),
     out_dir: Path | None = typer.Option(
         None,
         "--out",
         help="Write result.json, events.jsonl, one <output>.parquet per per-frame output stored as an artifact "
         "and the job's annotated media (annotated.mp4/.jpg) here.",
+        metavar="DIR",
     ),
-    job_id: str | None = typer.Option(None, "--job-id", help="Job id (default: the file's job_id or a new one)."),
+    job_id: str | None = typer.Option(
+        None, "--job-id", help="Job id (default: the file's job_id or a new one).", metavar="ID"
+    ),
     as_json: bool = typer.Option(False, "--json", help="Print the result envelope as JSON on stdout."),
     resume: bool = typer.Option(
         False,
@@ -176,10 +258,12 @@ def run(
         definition = parse_definition(document)
         if resume:
             definition = definition.model_copy(update={"resume": True})
-        validate_pipeline(definition, job_input, registry)
+        validated = validate_pipeline(definition, job_input, registry)
     except PipelineValidationError as exc:
         _print_issues(exc)
         raise typer.Exit(EXIT_INVALID) from None
+    _print_warnings(validated)
+    definition = validated.canonical_definition()
 
     from forgeflow.settings import get_settings
 
@@ -207,9 +291,10 @@ def run(
             envelope = _run_here(settings, definition, job_input, job_id, sink, verbose=verbose)
         elapsed = time.perf_counter() - started
 
-    _summary(envelope, elapsed, job_id)
+    results = console if as_json else out  # with --json, stdout holds the envelope alone
+    _summary(results, envelope, elapsed, job_id)
     if out_dir is not None:
-        _write_outputs(out_dir, envelope, sink, settings)
+        _write_outputs(results, out_dir, envelope, sink, settings)
     if as_json:
         _print_json(canonical_json(envelope))
     raise typer.Exit(EXIT_OK if envelope["ok"] else EXIT_FAILED)
@@ -324,30 +409,42 @@ def _show(progress: Progress, bars: list[Any], event: Any) -> None:
         progress.stop_task(bar)
 
 
-def _summary(envelope: dict[str, Any], elapsed: float, job_id: str) -> None:
-    table = Table(title=f"job {job_id} · {elapsed:.2f} s", title_justify="left")
-    for column in ("stage", "plugin.tool", "status", "duration", "output", "peak mem"):
+def _summary(results: Console, envelope: dict[str, Any], elapsed: float, job_id: str) -> None:
+    """The stage table and the result's fields on ``results``; a failure's reason on stderr."""
+    stages = envelope.get("stages", [])
+    # "0: plugin.tool" as the progress bars name it. No cell breaks mid-word: with two spaces between
+    # columns and no side rules, the soccer pipeline's table fits 80 columns ("peak mem" wraps at its space).
+    names = [f"{report['index']}: {report['plugin']}.{report['tool']}" for report in stages]
+    table = Table(
+        title=f"job {job_id} · {elapsed:.2f} s",
+        title_justify="left",
+        box=box.SIMPLE_HEAD,
+        show_edge=False,
+        padding=(0, 1, 0, 0),
+        pad_edge=False,
+    )
+    for column in ("stage", "status", "duration", "output", "peak mem"):
         table.add_column(
             column,
-            justify="right" if column in ("duration", "output", "peak mem") else "left",
-            overflow="fold",  # long plugin names wrap rather than lose their tool
+            justify="left" if column in ("stage", "status") else "right",
+            no_wrap=column != "peak mem",
+            min_width=max(map(len, names), default=0) if column == "stage" else None,
         )
     colors = {"completed": "green", "failed": "red", "skipped": "dim"}
-    for report in envelope.get("stages", []):
+    for report, name in zip(stages, names, strict=True):
         status = report["status"]
         table.add_row(
-            str(report["index"]),
-            f"{report['plugin']}.{report['tool']}",
+            name,
             f"[{colors.get(status, 'white')}]{status}[/]",
             f"{report['duration_ms']:.0f} ms" if report.get("duration_ms") is not None else "",
             _size(report.get("result_size_bytes")),
             f"{report['peak_memory_mb']:.0f} MB" if report.get("peak_memory_mb") else "",
         )
-    console.print(table)
+    results.print(table)
     result = envelope.get("result") if envelope["ok"] else envelope.get("partial_result")
     if result:
         parts = [_described(key, value) for key, value in result.items()]
-        console.print(("result · " if envelope["ok"] else "partial result · ") + ", ".join(parts))
+        results.print(("result · " if envelope["ok"] else "partial result · ") + ", ".join(parts))
     if not envelope["ok"]:
         console.print(
             f"[red]failed at stage {envelope.get('stage_failed')}: {envelope.get('error_type')}: {envelope.get('error')}[/red]"
@@ -374,7 +471,7 @@ def _size(value: int | None) -> str:
     return f"{value / 1024:.1f} KB" if value >= 1024 else f"{value} B"
 
 
-def _write_outputs(out_dir: Path, envelope: dict[str, Any], sink: Any, settings: Any) -> None:
+def _write_outputs(results: Console, out_dir: Path, envelope: dict[str, Any], sink: Any, settings: Any) -> None:
     from forgeflow.events.models import JobStatusEvent
 
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -401,7 +498,7 @@ def _write_outputs(out_dir: Path, envelope: dict[str, Any], sink: Any, settings:
     elif envelope.get("annotated_media_error"):
         console.print(f"[yellow]{envelope['annotated_media_error']}[/yellow]")
     for path in written:
-        console.print(f"wrote {path}")
+        results.print(f"wrote {path}")
 
 
 def _write_frame_outputs(out_dir: Path, envelope: dict[str, Any], settings: Any) -> list[Path]:
@@ -463,15 +560,65 @@ def plugins_list(as_json: bool = typer.Option(False, "--json", help="Print JSON 
 
 
 @plugins_app.command("show")
-def plugins_show(name: str = typer.Argument(..., help="Plugin name or alias.")) -> None:
-    """One plugin with its tools' JSON Schemas."""
+def plugins_show(
+    name: str = typer.Argument(..., help="Plugin name or alias.", metavar="NAME"),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON (with the tools' JSON Schemas) instead."),
+) -> None:
+    """One plugin: its tools with their inputs, outputs and config fields (types, defaults)."""
     from forgeflow.plugins import UnknownPlugin
 
     try:
-        _print_json(json.dumps(_registry().describe(name, schemas=True)))
+        item = _registry().describe(name, schemas=True)
     except UnknownPlugin as exc:
         console.print(f"[red]{exc.message}[/red]")
         raise typer.Exit(EXIT_INVALID) from None
+    if as_json:
+        _print_json(json.dumps(item))
+        return
+    aliases = f" (aliases: {', '.join(item['aliases'])})" if item["aliases"] else ""
+    out.print(f"[bold]{item['name']}[/bold] {item['version'] or ''}{aliases} · {item['lifecycle']['state']}")
+    for line in (item["description"], item["unavailable_reason"], f"entry point: {item['entry_point']}"):
+        if line:
+            out.print(f"  {line}", highlight=False)
+    for tool in item["tools"]:
+        table = Table(title=f"{tool['name']}: {tool['description']}", title_justify="left", box=box.SIMPLE_HEAD)
+        for column in ("", "field", "type", "default", "description"):
+            table.add_column(column, overflow="fold")
+        for part in ("input", "output", "config"):
+            rows = _schema_fields(tool["schemas"][part], with_defaults=part != "output")
+            for index, (field, kind, default, description) in enumerate(rows):
+                table.add_row(part if index == 0 else "", field, kind, default, description)
+            if not rows:
+                table.add_row(part, "[dim]none[/dim]", "", "", "")
+        out.print(table)
+
+
+def _schema_fields(schema: dict[str, Any], *, with_defaults: bool) -> list[tuple[str, str, str, str]]:
+    """``(field, type, default, description)`` for each property of a model's JSON Schema; with
+    ``with_defaults``, the default is "required" for a field without one."""
+    rows = []
+    required = set(schema.get("required", []))
+    for field, spec in schema.get("properties", {}).items():
+        default = ""
+        if with_defaults:
+            default = "required" if field in required else json.dumps(spec.get("default"))
+        rows.append((field, _schema_type(spec), default, spec.get("description", "")))
+    return rows
+
+
+def _schema_type(spec: dict[str, Any]) -> str:
+    """A short name of a JSON Schema type: ``integer``, ``array of FramePlayers``, ``"cpu" | "cuda"``."""
+    if "$ref" in spec:
+        return str(spec["$ref"]).rsplit("/", 1)[-1]
+    if "enum" in spec:
+        return " | ".join(json.dumps(value) for value in spec["enum"])
+    if "const" in spec:
+        return json.dumps(spec["const"])
+    if "anyOf" in spec:
+        return " | ".join(_schema_type(option) for option in spec["anyOf"])
+    if spec.get("type") == "array":
+        return f"array of {_schema_type(spec.get('items', {}))}"
+    return str(spec.get("type", "any"))
 
 
 @app.command("sample-clip")

@@ -20,12 +20,13 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
+    PlainSerializer,
     StringConstraints,
     TypeAdapter,
     WithJsonSchema,
 )
 
-from forgeflow.canonical import MAX_AMOUNT, MAX_COUNT, storable, without_nul
+from forgeflow.canonical import MAX_AMOUNT, MAX_COUNT, storable, whole_if_integral, without_nul
 from forgeflow.pipeline.definition import MAX_STAGES
 from forgeflow.pipeline.outcome import (
     NAME_MAX,
@@ -72,6 +73,8 @@ WholeNumber = BeforeValidator(_whole_number)
 StageIndex = Annotated[int, Field(ge=0, lt=MAX_STAGES), WholeNumber]
 Count = Annotated[int, Field(ge=0, le=MAX_COUNT), WholeNumber]
 Amount = Annotated[float, Field(ge=0, le=MAX_AMOUNT)]
+#: A count of units (frames) that may be fractional: sent as an integer when it is whole.
+Units = PlainSerializer(whole_if_integral)
 
 
 def _envelope_shape(value: dict[str, Any]) -> dict[str, Any]:
@@ -161,8 +164,8 @@ class StageProgress(_Event):
     stage_index: StageIndex
     plugin: Name
     tool: Name
-    done: Amount = Field(description="Units done (frames, say).")
-    total: Annotated[float, Field(gt=0, le=MAX_AMOUNT)] | None = Field(
+    done: Annotated[Amount, Units] = Field(description="Units done (frames, say).")
+    total: Annotated[float, Field(gt=0, le=MAX_AMOUNT), Units] | None = Field(
         None, description="Units in all; null when the tool does not know."
     )
     fraction: Annotated[float, Field(ge=0, le=1)] | None = Field(None, description="done / total; null when total is.")

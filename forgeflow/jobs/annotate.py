@@ -285,8 +285,15 @@ class _Frames:
         self.last_annotated = max(lasts) if lasts else -1
         firsts = sorted({i for c in self.cursors if (i := c.peek()) is not None})
         self.first = firsts[0] if firsts else None
-        self.stride: int | None = None  # frames between the first two annotated ones (0: one frame)
+        self.stride: int | None = None  # frames between the first two annotated ones (None: seen one yet)
         self.current: list[list[dict[str, Any]]] | None = None
+
+    def covers(self, index: int) -> bool:
+        """Whether frame ``index`` belongs in the annotated video (every frame when nothing is drawn).
+        A frame between two analysed ones shows the earlier one's drawing; the video ends with the
+        stride of the last analysed frame (what was analysed: a stage that read 4 frames of 64 gives
+        a 4-frame video, one that read every 2nd frame of 64 a 64-frame one)."""
+        return self.last_annotated < 0 or index <= self.last_annotated + (self.stride or 1) - 1
 
     def draw(self, index: int, image: Any) -> None:
         found = [c.take(index) for c in self.cursors]
@@ -294,8 +301,7 @@ class _Frames:
             self.current = [items or [] for items in found]
             if self.stride is None and index != self.first:
                 self.stride = index - (self.first or 0)
-        # frames after the last processed one keep its drawing for one stride, then show none
-        if self.current is not None and index <= self.last_annotated + (self.stride or 0):
+        if self.current is not None and self.covers(index):
             annotate_frame(image, *self.current)
 
 
@@ -389,13 +395,13 @@ def _annotate_video(source: Path, frames: _Frames, out: Path) -> int:
 
 
 def _pipe_frames(cap: Any, frame: Any, frames: _Frames, proc: subprocess.Popen[bytes], name: str) -> int:
-    """Draw ``frame`` and every later one of ``cap`` and write them to ffmpeg's stdin, which is closed
-    after the last one (or when ffmpeg stops reading); returns the frames written."""
+    """Draw ``frame`` and every later one of ``cap`` that the result covers and write them to ffmpeg's
+    stdin, which is closed after the last one (or when ffmpeg stops reading); returns the frames written."""
     assert proc.stdin is not None
     height, width = frame.shape[:2]
     index = 0
     try:
-        while frame is not None:
+        while frame is not None and frames.covers(index):
             if frame.shape[:2] != (height, width):
                 raise MediaError(f"frame {index} of {name} is {frame.shape[1]}x{frame.shape[0]}, not {width}x{height}")
             frames.draw(index, frame)

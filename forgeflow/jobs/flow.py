@@ -64,7 +64,7 @@ def last_flow_run_id(job_id: str) -> str | None:
 def _run_stage_as_task(run: JobRun, stage: ResolvedStage, inputs: dict[str, Any]) -> dict[str, Any]:
     """A stage as a Prefect task, named so the UI shows index, plugin and tool; its state hooks make
     the stage's transitions (start, end, error) on the run."""
-    label = f"stage-{stage.index}: {stage.stage.plugin}.{stage.stage.tool}"
+    label = f"stage-{stage.index}: {stage.name}"
 
     def on_running(tsk: Any, task_run: Any, state: Any) -> None:
         run.stage_started(stage, attempt=getattr(task_run, "run_count", 1) or 1)

@@ -136,9 +136,7 @@ class StageFailed(Exception):
     """A stage's tool call failed; carries the runner's result."""
 
     def __init__(self, stage: ResolvedStage, result: CallResult) -> None:
-        super().__init__(
-            f"stage {stage.index} ({stage.stage.plugin}.{stage.stage.tool}) failed: {result.error_type}: {result.error}"
-        )
+        super().__init__(f"stage {stage.index} ({stage.name}) failed: {result.error_type}: {result.error}")
         self.stage = stage
         self.result = result
 
@@ -189,7 +187,7 @@ class JobRun:
             StageStart(
                 job_id=self.job_id,
                 stage_index=stage.index,
-                plugin=stage.stage.plugin,
+                plugin=stage.plugin,
                 tool=stage.stage.tool,
                 attempt=max(1, attempt),
             )
@@ -317,7 +315,7 @@ class JobRun:
             StageProgress(
                 job_id=self.job_id,
                 stage_index=stage.index,
-                plugin=stage.stage.plugin,
+                plugin=stage.plugin,
                 tool=stage.stage.tool,
                 done=update.done,
                 total=update.total,
@@ -345,7 +343,7 @@ class JobRun:
             PipelineError(
                 job_id=self.job_id,
                 stage_index=stage.index,
-                plugin=stage.stage.plugin,
+                plugin=stage.plugin,
                 tool=stage.stage.tool,
                 error=result.error or "stage failed",
                 error_type=result.error_type or "Error",
@@ -376,7 +374,7 @@ def _stage_end(job_id: str, stage: ResolvedStage, result: CallResult, ok: bool) 
     return StageEnd(
         job_id=job_id,
         stage_index=stage.index,
-        plugin=stage.stage.plugin,
+        plugin=stage.plugin,
         tool=stage.stage.tool,
         duration_ms=round(result.duration_ms),
         ok=ok,
@@ -460,6 +458,9 @@ def execute(
         run.finish("failed", envelope)
         raise PipelineFailed(envelope) from None
 
+    for stage in validated.stages:  # reported under the plugin's canonical name, whatever alias it was given
+        if stage.index < len(run.reports):
+            run.reports[stage.index].plugin = stage.plugin
     context = dict(input_data)
     result: dict[str, Any] = {}
     stages = validated.stages

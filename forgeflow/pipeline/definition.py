@@ -41,6 +41,13 @@ class PipelineStage(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     plugin: str = Field(min_length=1, max_length=200, description="Plugin name or alias.")
+    plugin_alias: str | None = Field(
+        None,
+        min_length=1,
+        max_length=200,
+        description="The alias this stage was written with: ForgeFlow stores and reports every stage under "
+        "the plugin's canonical name in `plugin` and keeps the alias here.",
+    )
     tool: str = Field(min_length=1, max_length=200, description="Tool name.")
     config: dict[str, Any] = Field(default_factory=dict, description="Tool configuration (validated by the tool).")
     timeout_seconds: float | None = Field(

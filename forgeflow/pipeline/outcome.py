@@ -51,14 +51,24 @@ CANCEL_REASONS: frozenset[str] = frozenset(
 )
 
 
-#: Endings that are not the plugin's doing — a cancel, or the infrastructure failing (the job's process
-#: or engine killed, a flow run that could not start, a job that could not be launched): the plugin is
-#: left INITIALIZED (no longer running, nothing failed in it), never FAILED.
-NOT_THE_PLUGINS_DOING: frozenset[str] = CANCEL_REASONS | {
-    EndReason.FLOW_RUN_CRASHED,
-    EndReason.FLOW_RUN_ERROR,
-    EndReason.LAUNCH_ERROR,
-}
+#: Errors by which a tool refuses what the caller gave it (``InputError``: inputs well-typed but
+#: unusable, say empty; ``ConfigError``: a config combination the model cannot express): they fail the
+#: stage and the job, but say nothing about the plugin's health.
+CALLERS_MISTAKES: frozenset[str] = frozenset({"InputError", "ConfigError"})
+
+#: Endings that are not the plugin's doing — a cancel, the caller's input or config that the tool
+#: refused, or the infrastructure failing (the job's process or engine killed, a flow run that could
+#: not start, a job that could not be launched): the plugin is left INITIALIZED (no longer running,
+#: nothing failed in it), never FAILED.
+NOT_THE_PLUGINS_DOING: frozenset[str] = (
+    CANCEL_REASONS
+    | CALLERS_MISTAKES
+    | {
+        EndReason.FLOW_RUN_CRASHED,
+        EndReason.FLOW_RUN_ERROR,
+        EndReason.LAUNCH_ERROR,
+    }
+)
 
 
 def is_terminal(status: str) -> bool:

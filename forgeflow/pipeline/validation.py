@@ -9,6 +9,7 @@ tool and field, so a user fixes a pipeline in one round.
 
 from __future__ import annotations
 
+import difflib
 from dataclasses import dataclass, field
 from typing import Annotated, Any
 
@@ -66,31 +67,45 @@ class PipelineValidationError(ForgeFlowError):
         }
 
 
-def definition_error(exc: ValidationError) -> PipelineValidationError:
-    """A pipeline document that does not parse, as issues naming the stage and field."""
+def definition_error(exc: ValidationError, stages_key: str | None = "stages") -> PipelineValidationError:
+    """A pipeline document that does not parse, as issues naming the stage and field; an issue with the
+    list of stages itself names ``stages_key`` (the key the document holds it under; None: nothing, the
+    caller names the list)."""
     issues = []
     for err in exc.errors():
         loc = list(err["loc"])
+        message = err["msg"]
         stage_index = None
         if len(loc) >= 2 and loc[0] in ("stages", "pipeline") and isinstance(loc[1], int):
             stage_index = loc[1]
             loc = loc[2:]
+        elif loc in (["stages"], ["pipeline"]):  # the list of stages itself (empty, say)
+            loc = [stages_key] if stages_key else []
+            if err["type"] == "too_short":
+                message = "a pipeline needs at least one stage"
         issues.append(
             ValidationIssue(
                 stage_index=stage_index,
                 field=".".join(str(p) for p in loc) or None,
-                message=err["msg"],
+                message=message,
             )
         )
     return PipelineValidationError(issues)
 
 
-def parse_definition(data: Any) -> PipelineDefinition:
-    """Parse a pipeline document (definition, seed list form, or bare list) or raise issues."""
+def parse_definition(data: Any, *, list_named_by_caller: bool = False) -> PipelineDefinition:
+    """Parse a pipeline document (definition, seed list form, or bare list) or raise issues. An issue
+    with the list of stages names the key the document holds it under (``stages`` or ``pipeline``),
+    or none for a bare list, or when ``list_named_by_caller`` (the caller wrapped a list its user sent)."""
     try:
         return PipelineDefinition.model_validate(data)
     except ValidationError as exc:
-        raise definition_error(exc) from None
+        stages_key: str | None = "stages"
+        if list_named_by_caller or isinstance(data, list):
+            stages_key = None
+        elif isinstance(data, dict) and "stages" not in data and "pipeline" in data:
+            stages_key = "pipeline"
+        raise definition_error(exc, stages_key) from None
 
 
 def _issue_text(issue: ValidationIssue) -> str:
@@ -111,8 +126,14 @@ class ResolvedStage:
     output_fields: tuple[str, ...]
 
     @property
-    def label(self) -> str:
-        return f"{self.index}: {self.stage.plugin}.{self.stage.tool}"
+    def name(self) -> str:
+        """``plugin.tool`` with the canonical plugin name (whatever name or alias the stage used)."""
+        return f"{self.plugin}.{self.tool.name}"
+
+
+#: ``error_type`` of a stage that needs a field only a later stage produces (a warning while the job
+#: input may still provide it; an error for a template, and for a job whose input does not).
+STAGE_ORDER = "StageOrder"
 
 
 @dataclass(frozen=True)
@@ -121,6 +142,20 @@ class ValidatedPipeline:
     stages: tuple[ResolvedStage, ...]
     job_input_fields: tuple[str, ...] = field(default_factory=tuple)
     """Fields the stages read from the job input (what a template's user must provide)."""
+    warnings: tuple[ValidationIssue, ...] = ()
+    """What may still run but is likely a mistake: a job input field that a later stage produces
+    (``StageOrder``; only when no job input was given to check)."""
+
+    def canonical_definition(self) -> PipelineDefinition:
+        """The definition with every stage's plugin named canonically (aliases resolved), as stored
+        and reported everywhere; a stage written with an alias keeps it in ``plugin_alias``."""
+        stages = []
+        for resolved in self.stages:
+            stage = resolved.stage
+            if stage.plugin != resolved.plugin:
+                stage = stage.model_copy(update={"plugin": resolved.plugin, "plugin_alias": stage.plugin})
+            stages.append(stage)
+        return self.definition.model_copy(update={"stages": stages})
 
 
 def validate_pipeline(
@@ -149,6 +184,8 @@ def validate_pipeline(
     context: dict[str, tuple[dict[str, Any], dict[str, Any], str]] = {}
     job_input_fields: list[str] = []
     resolved: list[ResolvedStage] = []
+    warnings: list[ValidationIssue] = []
+    producers = _producers(definition, registry)
 
     for index, stage in enumerate(definition.stages):
 
@@ -176,12 +213,18 @@ def validate_pipeline(
         except ForgeFlowError as exc:
             issue(exc.message, error_type=exc.error_type)
             continue
+        if stage.plugin_alias is not None and _plugin_named(registry, stage.plugin_alias) != entry.name:
+            issue(f"{stage.plugin_alias!r} is not a name of plugin {entry.name!r}", "plugin_alias")
         try:
             config = tool.config_model.model_validate(stage.config).model_dump(mode="json")
         except ValidationError as exc:
             for err in exc.errors():
                 loc = ".".join(str(p) for p in err["loc"])
-                issue(f"invalid config: {err['msg']}", f"config.{loc}" if loc else "config", "ConfigError")
+                hint = ""
+                if err["type"] == "extra_forbidden" and len(err["loc"]) == 1:  # a misspelt option
+                    close = difflib.get_close_matches(str(err["loc"][0]), list(tool.config_model.model_fields), n=1)
+                    hint = f"; did you mean {close[0]!r}?" if close else ""
+                issue(f"invalid config: {err['msg']}{hint}", f"config.{loc}" if loc else "config", "ConfigError")
             config = dict(stage.config)
 
         input_schema = tool.input_model.model_json_schema()
@@ -205,12 +248,26 @@ def validate_pipeline(
                 context[name] = ({}, {}, "input")
                 job_input_fields.append(name)
             elif info.is_required():
+                later = next(((i, label) for i, label in producers.get(name, ()) if i > index), None)
                 if input_data is None:
                     job_input_fields.append(name)
                     context[name] = ({}, {}, "input")
+                    if later is not None:
+                        warnings.append(
+                            ValidationIssue(
+                                stage_index=index,
+                                plugin=entry.name,
+                                tool=stage.tool,
+                                field=name,
+                                error_type=STAGE_ORDER,
+                                message=f"needs {name!r} from the job input, but {_order_hint(name, later)}",
+                            )
+                        )
                 else:
+                    hint = f"; {_order_hint(name, later)}" if later is not None else ""
                     issue(
-                        f"needs input {name!r} ({_type_text(dst)}) that neither the job input nor an earlier stage provides",
+                        f"needs input {name!r} ({_type_text(dst)}) that neither the job input nor an earlier "
+                        f"stage provides{hint}",
                         name,
                         "MissingInput",
                     )
@@ -224,7 +281,33 @@ def validate_pipeline(
 
     if issues:
         raise PipelineValidationError(issues)
-    return ValidatedPipeline(definition, tuple(resolved), tuple(dict.fromkeys(job_input_fields)))
+    return ValidatedPipeline(definition, tuple(resolved), tuple(dict.fromkeys(job_input_fields)), tuple(warnings))
+
+
+def _plugin_named(registry: PluginRegistry, name: str) -> str | None:
+    try:
+        return registry.resolve(name).name
+    except ForgeFlowError:
+        return None
+
+
+def _producers(definition: PipelineDefinition, registry: PluginRegistry) -> dict[str, list[tuple[int, str]]]:
+    """Output field → the stages that produce it, as ``(index, "plugin.tool")`` in order (stages whose
+    plugin or tool does not resolve are left out: they get their own issue)."""
+    producers: dict[str, list[tuple[int, str]]] = {}
+    for index, stage in enumerate(definition.stages):
+        try:
+            entry, tool = registry.tool(stage.plugin, stage.tool)
+        except ForgeFlowError:
+            continue
+        for name in tool.output_model.model_fields:
+            producers.setdefault(name, []).append((index, f"{entry.name}.{tool.name}"))
+    return producers
+
+
+def _order_hint(name: str, later: tuple[int, str]) -> str:
+    index, label = later
+    return f"stage {index} {label} produces it: move that stage earlier, or pass {name!r} in the job input"
 
 
 def _check_input_value(value: Any, info: Any, name: str, issue: Any) -> None:

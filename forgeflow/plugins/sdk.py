@@ -88,14 +88,16 @@ class ToolContext:
     _progress_sent_at: float | None = field(default=None, init=False, repr=False)
     _readers: list[MediaReader] = field(default_factory=list, init=False, repr=False)
     _tool_reports: bool = field(default=False, init=False, repr=False)
+    _progress_sent: dict[str, Any] | None = field(default=None, init=False, repr=False)
 
     def progress(self, done: float, total: float | None, message: str | None = None) -> None:
         """Report that ``done`` of ``total`` units (frames, say) are done; ``total`` None when unknown.
 
         Cheap to call every frame: reports closer together than ``FORGEFLOW_PROGRESS_INTERVAL_S``
-        are dropped, except the last one (``done >= total``). ``done`` above ``total`` counts as
-        ``total``; ``message`` is cut to 200 characters. Raises ``ValueError`` for a negative or
-        non-finite ``done`` or a ``total`` that is not positive.
+        are dropped, except the last one (``done >= total``), and so is a report equal to the one
+        sent before it. ``done`` above ``total`` counts as ``total``; ``message`` is cut to 200
+        characters. Raises ``ValueError`` for a negative or non-finite ``done`` or a ``total`` that is
+        not positive.
         """
         if isinstance(done, bool) or not isinstance(done, (int, float)) or not math.isfinite(done) or done < 0:
             raise ValueError(f"ctx.progress: done must be a finite number >= 0, got {done!r}")
@@ -124,8 +126,11 @@ class ToolContext:
             sent_at = self._progress_sent_at
             if not final and sent_at is not None and now - sent_at < self.progress_interval_s:
                 return
-            self._progress_sent_at = now
-            sink({"done": done, "total": total, "message": None if message is None else str(message)[:200]})
+            report = {"done": done, "total": total, "message": None if message is None else str(message)[:200]}
+            if report == self._progress_sent:  # a final report that repeats the last one says nothing new
+                return
+            self._progress_sent_at, self._progress_sent = now, report
+            sink(report)
 
     def end_progress(self) -> None:
         """The call is over: later reports (from a thread the tool left running) go nowhere."""

@@ -64,7 +64,7 @@ def test_three_stage_pipeline_full_message_sequence(api: ApiServer) -> None:
     assert state["stages_executed"] == 3 and state["current_stage"] is None and state["percent"] == 100
     assert [s["status"] for s in state["stages"]] == ["completed"] * 3
     assert all(s["duration_ms"] is not None and s["started_at"] and s["ended_at"] for s in state["stages"])
-    assert [s["plugin"] for s in state["stages"]] == ["testkit", "tk", "testkit"]
+    assert [s["plugin"] for s in state["stages"]] == ["testkit", "testkit", "testkit"]  # canonical, not the alias tk
 
     # A late subscriber gets everything by replay; a reconnecting one what came after its seq.
     late, _ = ws_collect(f"{api.ws_url}/v1/ws/jobs/job-123")

@@ -146,7 +146,9 @@ def test_a_valid_submission_is_stored_queued_and_idempotent(in_process_api: InPr
     assert other.status_code == 409 and other.json()["field"] == "job_id"
     job = client.get("/v1/jobs/job-1").json()
     assert (job["status"], job["source"], job["pipeline_id"]) == ("queued", "inline", None)
-    assert [s["plugin"] for s in job["pipeline"]["stages"]] == ["testkit", "tk", "testkit"]  # as written
+    # stored under the canonical name, with the alias the stage was written with beside it
+    assert [s["plugin"] for s in job["pipeline"]["stages"]] == ["testkit", "testkit", "testkit"]
+    assert [s["plugin_alias"] for s in job["pipeline"]["stages"]] == [None, "tk", None]
     assert job["pipeline"]["stages"][1]["config"] == {"factor": 3}
     assert [s["status"] for s in client.get("/v1/jobs/job-1/pipeline").json()["stages"]] == ["pending"] * 3
     events = client.get("/v1/jobs/job-1/events").json()
@@ -476,3 +478,125 @@ def test_input_media_is_checked_at_submission(in_process_factory: Any, tmp_path:
     # A pipeline whose stages do not read media does not care what the input's media says.
     noop = client.post("/v1/jobs", json={"pipeline": [{"plugin": "testkit", "tool": "noop"}], "input": {"media": "x"}})
     assert noop.status_code == 202
+
+
+def test_a_body_that_is_not_json_gets_line_column_and_reason(shared_in_process_api: InProcessApi) -> None:
+    """Every JSON route says where the JSON breaks and why, as ``forgeflow validate`` does (not the
+    character offset posing as a field)."""
+    api = shared_in_process_api
+    json_type = {"content-type": "application/json"}
+    ingest = {**json_type, "Authorization": f"Bearer {api.state.auth.ingest_token}"}
+    for text, (line, column) in (
+        ('{"pipeline": [ {"plugin": "pc", "tool": "count_people",} ]}', (1, 56)),
+        ('{\n  "pipeline": [\n    hello\n  ]\n}', (3, 5)),
+        ("hello", (1, 1)),
+    ):
+        with pytest.raises(json.JSONDecodeError) as parsed:
+            json.loads(text)
+        assert (parsed.value.lineno, parsed.value.colno) == (line, column)
+        expected = f"malformed JSON at line {line}, column {column}: {parsed.value.msg}"
+        for method, path, headers in (
+            ("POST", "/v1/jobs", json_type),
+            ("POST", "/v1/pipelines", json_type),
+            ("PUT", "/v1/pipelines/count", json_type),
+            ("POST", "/v1/pipeline-checks", json_type),
+            ("POST", "/internal/v1/events", ingest),
+        ):
+            response = api.client.request(method, path, content=text.encode(), headers=headers)
+            assert response.status_code == 422, (path, response.text)
+            body = response.json()
+            assert body["error"] == expected, (path, body)
+            assert (body["line"], body["column"], body.get("field")) == (line, column, None), (path, body)
+
+
+def test_templates_take_the_pipeline_runner_and_are_replaced_with_put(in_process_api: InProcessApi) -> None:
+    client = in_process_api.client
+    body = {"name": "Count", "stages": THREE_STAGES, "runner": "process", "description": "count"}
+    created = client.post("/v1/pipelines", json=body)
+    assert created.status_code == 201, created.text
+    saved = created.json()
+    assert (saved["id"], saved["runner"], saved["description"]) == ("count", "process", "count")
+    # stored under the canonical plugin name, the alias kept beside it
+    assert [(s["plugin"], s["plugin_alias"]) for s in saved["stages"]] == [
+        ("testkit", None),
+        ("testkit", "tk"),
+        ("testkit", None),
+    ]
+    again = client.post("/v1/pipelines", json=body)
+    assert again.status_code == 409 and "PUT /v1/pipelines/count" in again.json()["error"]
+
+    replaced = client.put(
+        "/v1/pipelines/count", json={"name": "count", "pipeline": THREE_STAGES[:2], "timeout_seconds": 60}
+    )
+    assert replaced.status_code == 200, replaced.text
+    detail = client.get("/v1/pipelines/count").json()
+    assert [s["tool"] for s in detail["stages"]] == ["numbers", "scale"]
+    assert (detail["name"], detail["timeout_seconds"], detail["runner"], detail["description"]) == (
+        "count",
+        60,
+        None,
+        "",
+    )
+    assert detail["updated_at"] >= detail["created_at"]
+    assert [(s["plugin"], s["tool"]) for s in detail["stage_stats"]] == [("testkit", "numbers"), ("testkit", "scale")]
+    job = client.post("/v1/jobs", json={"pipeline_id": "count", "input": {"count": 2}})
+    assert (
+        job.status_code == 202 and len(client.get(f"/v1/jobs/{job.json()['job_id']}").json()["pipeline"]["stages"]) == 2
+    )
+
+    renamed = client.put("/v1/pipelines/count", json={"name": "Other", "stages": THREE_STAGES})
+    assert renamed.status_code == 422 and renamed.json()["field"] == "name"
+    assert client.put("/v1/pipelines/nope", json={"name": "nope", "stages": THREE_STAGES}).status_code == 404
+    invalid = client.put("/v1/pipelines/count", json={"name": "count", "stages": [{"plugin": "tk", "tool": "numbr"}]})
+    assert invalid.status_code == 422 and invalid.json()["field"] == "stages.0"
+    assert len(client.get("/v1/pipelines/count").json()["stages"]) == 2  # a refused update changes nothing
+
+
+def test_stage_order_is_a_warning_to_check_and_an_error_to_save(in_process_api: InProcessApi) -> None:
+    """``total`` before the ``scale`` that makes its ``scaled``: a job input may still give it, so a
+    check warns; a template could never run as saved, so saving it is refused."""
+    client = in_process_api.client
+    reversed_stages = [THREE_STAGES[2], THREE_STAGES[0], THREE_STAGES[1]]
+    checked = client.post("/v1/pipeline-checks", json={"pipeline": reversed_stages})
+    assert checked.status_code == 200, checked.text
+    [warning] = checked.json()["warnings"]
+    assert (warning["stage_index"], warning["field"], warning["error_type"]) == (0, "scaled", "StageOrder")
+    assert "stage 2 testkit.scale produces it: move that stage earlier" in warning["message"]
+    with_input = client.post("/v1/pipeline-checks", json={"pipeline": reversed_stages, "input": {"count": 1}})
+    assert with_input.status_code == 422 and "stage 2 testkit.scale produces it" in with_input.json()["error"]
+    saved = client.post("/v1/pipelines", json={"name": "backwards", "pipeline": reversed_stages})
+    assert saved.status_code == 422, saved.text
+    assert (saved.json()["error_type"], saved.json()["field"]) == ("PipelineValidationError", "pipeline.0.scaled")
+    assert saved.json()["issues"][0]["error_type"] == "StageOrder"
+    assert client.get("/v1/pipelines").json() == []
+
+
+def test_the_pipeline_view_reports_reused_and_computed_outputs_as_the_envelope_does(
+    in_process_api: InProcessApi,
+) -> None:
+    from forgeflow.pipeline import outcome
+
+    client = in_process_api.client
+    assert (
+        client.post("/v1/jobs", json={"job_id": "j1", "pipeline": THREE_STAGES, "input": {"count": 1}}).status_code
+        == 202
+    )
+    reports = [
+        outcome.StageReport(
+            index=i, plugin="testkit", tool=s["tool"], status="completed", reused_outputs=i, computed_outputs=64 - i
+        )
+        for i, s in enumerate(THREE_STAGES)
+    ]
+    envelope = outcome.succeeded({"total": 0}, reports).to_dict()
+    done = [
+        event("j1", "job_status", status="running"),
+        event("j1", "job_status", status="succeeded", envelope=envelope),
+    ]
+    assert in_process_api.ingest(done).status_code == 200
+    stages = client.get("/v1/jobs/j1/pipeline").json()["stages"]
+    shown = [(s["reused_outputs"], s["computed_outputs"]) for s in stages]
+    assert (
+        shown
+        == [(r["reused_outputs"], r["computed_outputs"]) for r in envelope["stages"]]
+        == [(0, 64), (1, 63), (2, 62)]
+    )

@@ -381,3 +381,33 @@ def test_a_run_started_elsewhere_becomes_a_job_with_the_pipeline_it_carries(stor
     store.ingest([JobStatusEvent(job_id="submitted", status="running", pipeline=pipeline, input={"x": 1})])
     kept = store.get_job("submitted")
     assert kept is not None and kept["input"] == {"count": 1} and len(kept["pipeline"]["stages"]) == 2
+
+
+@pytest.mark.parametrize("error_first", [False, True], ids=["end-then-error", "error-then-end"])
+def test_a_tool_refusing_its_input_does_not_make_the_plugin_failed(store: Store, error_first: bool):
+    """A stage whose tool raised InputError fails, but the plugin is healthy (the caller's mistake);
+    the same stage with a RuntimeError marks it FAILED. Either order of the two messages."""
+
+    def failed_stage(job_id: str, error_type: str) -> list[Any]:
+        start, *_, end = run_stage(job_id, 0, ok=True, plugin="refusing")
+        end = end.model_copy(update={"ok": False})
+        error = PipelineError(
+            job_id=job_id, stage_index=0, plugin="refusing", tool="t0", error="no players", error_type=error_type
+        )
+        return [start, error, end] if error_first else [start, end, error]
+
+    new_job(store, "refused", stages=1)
+    store.ingest(failed_stage("refused", "InputError"))
+    assert [r["status"] for r in store.stage_rows("refused")] == ["failed"]
+    observed = store.observed_plugins()["refusing"]
+    assert (observed["state"], observed["calls"], observed["failures"]) == ("INITIALIZED", 1, 0)
+
+    new_job(store, "broken", stages=1)
+    store.ingest(failed_stage("broken", "RuntimeError"))
+    observed = store.observed_plugins()["refusing"]
+    assert (observed["state"], observed["last_error_type"], observed["calls"], observed["failures"]) == (
+        "FAILED",
+        "RuntimeError",
+        2,
+        1,
+    )

@@ -194,7 +194,7 @@ def test_405_names_every_method_of_the_path(shared_in_process_api: InProcessApi)
     for path, allow in (
         ("/v1/jobs", "GET, POST"),
         ("/v1/pipelines", "GET, POST"),
-        ("/v1/pipelines/x", "DELETE, GET"),
+        ("/v1/pipelines/x", "DELETE, GET, PUT"),
         ("/v1/jobs/x/cancel", "POST"),
         ("/openapi.json", "GET, HEAD"),
     ):
@@ -225,7 +225,8 @@ def test_the_document_states_every_error_in_the_api_s_own_shape(shared_in_proces
 @pytest.mark.fast
 def test_what_the_store_cannot_hold_or_send_back_is_refused(shared_in_process_api: InProcessApi) -> None:
     """A body that is not UTF-8 JSON is a 400; JSON nested too deeply to send back, NaN or Infinity (which
-    Python's parser takes), or a NUL in text (which PostgreSQL cannot store) a 422 naming the field."""
+    Python's parser takes), or a NUL in text (which PostgreSQL cannot store) a 422 naming the field, down
+    to the value inside it (``pipeline.0.config.confidence``, not ``pipeline``)."""
     client = shared_in_process_api.client
     json_type = {"content-type": "application/json"}
     not_utf8 = client.post("/v1/jobs", content=b'{"input": "\xff"}', headers=json_type)
@@ -235,10 +236,21 @@ def test_what_the_store_cannot_hold_or_send_back_is_refused(shared_in_process_ap
         deep = [deep]
     for path, body, field, message in (
         ("/v1/jobs", {"pipeline": STAGES, "input": {"x": deep}}, "input", "nested deeper than 100"),
-        ("/v1/jobs", {"pipeline": STAGES, "input": {"x": "a\x00b"}}, "input", "U+0000"),
-        ("/v1/jobs", {"pipeline": [{**STAGES[0], "config": {"\x00": 1}}]}, "pipeline", "U+0000"),
+        ("/v1/jobs", {"pipeline": STAGES, "input": {"x": "a\x00b"}}, "input.x", "U+0000"),
+        ("/v1/jobs", {"pipeline": [{**STAGES[0], "config": {"\x00": 1}}]}, "pipeline.0.config", "U+0000"),
         ("/v1/pipelines", {"name": "a\x00b", "stages": STAGES}, "name", "U+0000"),
-        ("/v1/jobs", b'{"pipeline": [{"plugin": "testkit", "tool": "noop"}], "input": {"x": NaN}}', "input", "finite"),
+        (
+            "/v1/jobs",
+            b'{"pipeline": [{"plugin": "testkit", "tool": "noop"}], "input": {"x": NaN}}',
+            "input.x",
+            "finite",
+        ),
+        (
+            "/v1/jobs",
+            b'{"pipeline": [{"plugin": "testkit", "tool": "noop", "config": {"confidence": NaN}}]}',
+            "pipeline.0.config.confidence",
+            "finite",
+        ),
         (
             "/v1/jobs",
             b'{"pipeline": [{"plugin": "testkit", "tool": "noop"}], "timeout_seconds": Infinity}',

@@ -210,7 +210,7 @@ def test_a_failing_stage_shows_its_error_and_the_partial_result(
 ) -> None:
     from playwright.sync_api import expect
 
-    _, page = _serve_and_open(api_factory, open_page, "/ui#/run")
+    api, page = _serve_and_open(api_factory, open_page, "/ui#/run")
     pipeline_box = page.get_by_label("Pipeline (JSON")
     status = page.locator("#pipeline-status")
 
@@ -228,9 +228,13 @@ def test_a_failing_stage_shows_its_error_and_the_partial_result(
     pipeline_box.fill(json.dumps(failing))
     expect(status).to_contain_text("Valid: 3 stage(s)")
     page.get_by_role("button", name="Run pipeline").click()
-    _job_id_from(page)
+    job_id = _job_id_from(page)
 
     expect(page.locator("#job-status")).to_have_text("failed", timeout=LONG)
+    # the flow run the job got once it started, without a reload
+    flow_run_id = api.client().get(f"/v1/jobs/{job_id}").json()["flow_run_id"]
+    assert flow_run_id
+    expect(page.locator("#job-flow-run")).to_have_text(flow_run_id)
     failure = page.locator("#failure")
     expect(failure).to_be_visible()
     expect(failure).to_have_attribute("role", "alert")
@@ -374,7 +378,7 @@ def test_jobs_list_is_live_and_filters_templates_and_plugins(
     bad = client.post("/v1/jobs", json={"pipeline": failing, "input": {"count": 1}}).json()["job_id"]
     bad_row = page.locator(f'#jobs-table tr[data-job-id="{bad}"]')
     expect(bad_row).to_contain_text("failed", timeout=LONG)
-    expect(good_row).to_contain_text("testkit.numbers → tk.scale → testkit.total")
+    expect(good_row).to_contain_text("testkit.numbers → testkit.scale → testkit.total")  # canonical, not tk
     expect(good_row).to_contain_text("template tk-chain")
     expect(good_row).to_contain_text("3/3")
 
@@ -442,6 +446,8 @@ def test_controls_have_labels_and_work_from_the_keyboard(
     job_id = _job_id_from(page)
     expect(page.locator("#job-status")).to_have_text("succeeded", timeout=LONG)
     assert page.evaluate("document.activeElement.tagName") == "H1"  # a new view takes the focus to its heading
+    # ... for screen readers: it is no control, so it shows no focus ring (which read like an error box)
+    assert page.evaluate("getComputedStyle(document.activeElement).outlineStyle") == "none"
 
     # Back to the list with the keyboard: the job's link opens it with Enter.
     page.get_by_role("link", name="Jobs", exact=True).focus()
@@ -595,3 +601,28 @@ def test_a_distinctive_token_is_never_written_anywhere(
     log = "".join(p.read_text(errors="replace") for p in home.glob("api-*.log"))
     assert f"/v1/ws/jobs/{job_id}" in log and "/v1/jobs?token=[redacted]" in log  # the access log was on
     assert (home / "forgeflow.sqlite").exists() or (home / "api.sqlite").exists()
+
+
+def test_the_run_page_warns_about_stage_order_and_keeps_a_template_s_description_apart(
+    api_factory: Any, open_page: Callable[[str], WatchedPage]
+) -> None:
+    from playwright.sync_api import expect
+
+    api, page = _serve_and_open(api_factory, open_page, "/ui#/run", launch_jobs=False)
+    status = page.locator("#pipeline-status")
+    backwards = [THREE_STAGES[2], THREE_STAGES[0], THREE_STAGES[1]]
+    page.get_by_label("Pipeline (JSON").fill(json.dumps(backwards))
+    expect(status).to_contain_text("Valid: 3 stage(s)")
+    expect(page.locator("#pipeline-warnings")).to_be_visible()
+    expect(status).to_contain_text("Stage 0 (testkit.total), field scaled: needs 'scaled' from the job input")
+    expect(status).to_contain_text("stage 2 testkit.scale produces it: move that stage earlier")
+    page.get_by_label("Pipeline (JSON").fill(json.dumps(THREE_STAGES))
+    expect(status).to_contain_text("Valid: 3 stage(s)")
+    expect(page.locator("#pipeline-warnings")).to_have_count(0)
+
+    body = {"name": "Tk Chain", "stages": THREE_STAGES, "description": "count"}
+    assert api.client().post("/v1/pipelines", json=body).status_code == 201
+    page.goto("/ui#/run?template=tk-chain")
+    info = page.locator("#template-info")
+    expect(info).to_contain_text("The job input needs: count.")
+    assert info.inner_text().splitlines() == ["count", "The job input needs: count."]

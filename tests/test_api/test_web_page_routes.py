@@ -60,7 +60,8 @@ def test_the_page_fetches_nothing_from_another_origin() -> None:
 
 #: Requests POST /v1/jobs refuses, and the field it names: the check answers the same 422.
 REFUSED = [
-    ({"pipeline": [], "input": {}}, "pipeline.stages"),
+    ({"pipeline": [], "input": {}}, "pipeline"),  # the key the user sent, not the definition's "stages"
+    ({"pipeline": {"stages": []}, "input": {}}, "pipeline.stages"),
     ({"pipeline": [{"plugin": "testkit"}], "input": {}}, "pipeline.0.tool"),
     (
         {"pipeline": [{"plugin": "testkit", "tool": "numbers", "bogus": 1}], "input": {"count": 1}},
@@ -106,6 +107,7 @@ def test_a_check_of_a_valid_pipeline_lists_stages_and_job_input(shared_in_proces
     assert without_input.json() == {
         "stages": ["testkit.numbers", "testkit.scale", "testkit.total"],  # the alias tk resolved
         "job_input_fields": ["count"],
+        "warnings": [],
     }
     with_input = client.post("/v1/pipeline-checks", json={"pipeline": {"stages": THREE_STAGES}, "input": {"count": 2}})
     assert with_input.status_code == 200
@@ -122,7 +124,7 @@ def test_job_list_names_the_stages_and_the_current_one(in_process_api: InProcess
     submitted = client.post("/v1/jobs", json={"job_id": "j1", "pipeline": THREE_STAGES, "input": {"count": 1}})
     assert submitted.status_code == 202
     listed = client.get("/v1/jobs").json()["items"][0]
-    assert listed["stages"] == ["testkit.numbers", "tk.scale", "testkit.total"]
+    assert listed["stages"] == ["testkit.numbers", "testkit.scale", "testkit.total"]  # canonical, not the alias tk
     assert listed["current_stage"] is None  # queued
     running = [event("j1", "job_status", status="running"), *stage_events("j1", 0)]
     assert in_process_api.ingest(running).status_code == 200

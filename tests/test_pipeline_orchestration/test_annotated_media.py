@@ -121,6 +121,18 @@ def test_a_video_job_stores_an_h264_mp4_of_every_frame(registry, ff_home, tmp_pa
     assert 0 < moov < mdat  # +faststart: the index comes first, a browser plays while it downloads
 
 
+def test_the_annotated_video_covers_the_frames_that_were_analysed(registry, ff_home, tmp_path):
+    """A stage that read 3 frames of an 8-frame clip (``max_frames``, a legacy job's config) gives a
+    3-frame annotated video, not the whole clip with 5 frames of nothing drawn."""
+    ref = MediaStore(get_settings().media_root).put_file(_video(tmp_path / "in.mp4")).ref
+    stages = [{**FAKE_PLAYERS, "config": {"frames": 3}}]
+    envelope, _ = run_stage_loop(registry, stages, {"media": ref}, job_id="job-first-frames")
+    assert envelope["ok"] is True, envelope
+    annotated = envelope["annotated_media"]
+    assert annotated["frames"] == 3
+    assert video_frames_and_size(MediaStore(get_settings().media_root).path(annotated["ref"])) == (3, (320, 180))
+
+
 def test_a_job_without_media_or_without_anything_to_draw_has_no_annotated_media(registry, ff_home, tmp_path):
     envelope, _ = run_stage_loop(registry, [{"plugin": "testkit", "tool": "numbers"}], {"count": 2})
     assert envelope["ok"] is True

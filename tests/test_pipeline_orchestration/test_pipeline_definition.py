@@ -283,3 +283,60 @@ def test_compatibility_follows_refs_between_models():
     assert incompatibility(src, dst, src_defs, dst_defs) is None
     dst_defs["P"]["required"] = ["box", "track_id"]
     assert "track_id" in incompatibility(src, dst, src_defs, dst_defs)
+
+
+def test_a_stage_that_needs_what_a_later_stage_makes_is_named(registry):
+    """``total`` first, ``scale`` (which makes its ``scaled``) last: a template (no job input) is valid
+    but warned about, a job input without ``scaled`` is refused with the same hint, and a job input
+    that gives ``scaled`` is fine."""
+    definition = parse_definition(
+        [{"plugin": "testkit", "tool": "total"}, {"plugin": "tk", "tool": "numbers"}, {"plugin": "tk", "tool": "scale"}]
+    )
+    hint = "stage 2 testkit.scale produces it: move that stage earlier, or pass 'scaled' in the job input"
+    validated = validate_pipeline(definition, None, registry)
+    [warning] = validated.warnings
+    assert (warning.stage_index, warning.plugin, warning.field, warning.error_type) == (
+        0,
+        "testkit",
+        "scaled",
+        "StageOrder",
+    )
+    assert warning.message == f"needs 'scaled' from the job input, but {hint}"
+    with pytest.raises(PipelineValidationError) as err:
+        validate_pipeline(definition, {"count": 2}, registry)
+    [issue] = err.value.issues
+    assert issue.error_type == "MissingInput" and issue.message.endswith(hint)
+    assert validate_pipeline(definition, {"count": 2, "scaled": [1]}, registry).warnings == ()
+    in_order = parse_definition([{"plugin": "tk", "tool": "numbers"}, {"plugin": "tk", "tool": "scale"}])
+    assert validate_pipeline(in_order, None, registry).warnings == ()
+
+
+def test_a_misspelt_config_key_gets_a_suggestion(registry):
+    with pytest.raises(PipelineValidationError) as err:
+        validate_pipeline(
+            parse_definition([{"plugin": "videotracker", "tool": "detect_players", "config": {"confidance": 0.3}}]),
+            None,
+            registry,
+        )
+    [issue] = err.value.issues
+    assert issue.field == "config.confidance" and issue.error_type == "ConfigError"
+    assert issue.message == "invalid config: Extra inputs are not permitted; did you mean 'confidence'?"
+
+
+def test_the_canonical_definition_names_plugins_canonically_and_keeps_the_alias(registry):
+    definition = parse_definition([{"plugin": "tk", "tool": "numbers"}, {"plugin": "testkit", "tool": "scale"}])
+    canonical = validate_pipeline(definition, None, registry).canonical_definition()
+    assert [(s.plugin, s.plugin_alias) for s in canonical.stages] == [("testkit", "tk"), ("testkit", None)]
+    assert validate_pipeline(canonical, None, registry).canonical_definition() == canonical  # stable
+    wrong = parse_definition([{"plugin": "testkit", "plugin_alias": "pose", "tool": "numbers"}])
+    with pytest.raises(PipelineValidationError) as err:
+        validate_pipeline(wrong, None, registry)
+    assert err.value.issues[0].field == "plugin_alias"
+
+
+def test_an_empty_list_of_stages_is_named_by_the_key_it_came_under():
+    for document, field in (({"stages": []}, "stages"), ({"pipeline": []}, "pipeline"), ([], None)):
+        with pytest.raises(PipelineValidationError) as err:
+            parse_definition(document)
+        assert err.value.issues[0].field == field, document
+        assert err.value.issues[0].message == "a pipeline needs at least one stage"

@@ -76,7 +76,8 @@ def test_single_plugin_jobs_still_work_as_one_stage_pipelines(executor):
         "stages_executed": 1,
     }
     [stage] = envelope["stages"]
-    assert (stage["index"], stage["plugin"], stage["tool"], stage["status"]) == (0, "tk", "numbers", "completed")
+    # the envelope names the plugin canonically, not by the alias the legacy job gave
+    assert (stage["index"], stage["plugin"], stage["tool"], stage["status"]) == (0, "testkit", "numbers", "completed")
     assert stage["error"] is None and stage["duration_ms"] is not None
     assert stage["result_size_bytes"] == len(b'{"numbers":[10,11,12]}')
 

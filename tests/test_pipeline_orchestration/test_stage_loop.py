@@ -122,3 +122,11 @@ def test_a_tools_progress_is_streamed_between_its_stage_start_and_end(registry, 
         (2, 3, 2 / 3, "step 2"),
         (3, 3, 1.0, "step 3"),
     ]
+
+
+def test_a_stage_written_with_an_alias_is_reported_under_the_canonical_name(registry):
+    stages = [{"plugin": "tk", "tool": "numbers"}, {"plugin": "tk", "tool": "fail"}]
+    envelope, events = _run(registry, stages, {"count": 2})
+    assert [s["plugin"] for s in envelope["stages"]] == ["testkit", "testkit"]
+    named = [e["plugin"] for e in events if "plugin" in e and e["type"] != "job_status"]
+    assert named and set(named) == {"testkit"}, named

@@ -9,7 +9,7 @@ from pydantic import BaseModel
 
 from forgeflow.engine.lifecycle import LifecycleState, LifecycleStore
 from forgeflow.engine.registry import PluginRegistry
-from forgeflow.plugins import Plugin
+from forgeflow.plugins import InputError, Plugin
 
 from ._helpers import call
 
@@ -53,6 +53,8 @@ def test_inline_with_an_in_memory_plugin_and_lifecycle(tmp_path, make_runner):
         """Say hello."""
         if inputs.name == "error":
             raise ValueError("no greeting for errors")
+        if not inputs.name:
+            raise InputError("an empty name cannot be greeted", plugin=ctx.plugin, tool=ctx.tool)
         return Out(greeting=f"{config.greeting}, {inputs.name} ({ctx.plugin}.{ctx.tool})")
 
     store = LifecycleStore(tmp_path / "lc.sqlite")
@@ -67,6 +69,11 @@ def test_inline_with_an_in_memory_plugin_and_lifecycle(tmp_path, make_runner):
     assert runner.run(call("greet", plugin="greeter", inputs={"name": "Bob"})).ok
     assert store.get("greeter").state == LifecycleState.INITIALIZED
     assert (store.get("greeter").calls, store.get("greeter").failures) == (3, 1)
+    # The tool refusing what the caller gave it fails the call, not the plugin.
+    refused = runner.run(call("greet", plugin="greeter", inputs={"name": ""}))
+    assert refused.error_type == "InputError"
+    assert store.get("greeter").state == LifecycleState.INITIALIZED
+    assert (store.get("greeter").calls, store.get("greeter").failures) == (4, 1)
 
 
 def test_docker_media_overlay_reads_store_writes_aside_and_imports(tmp_path, settings):

@@ -3,6 +3,7 @@ never after the call's result, and never able to fail the call."""
 
 from __future__ import annotations
 
+import json
 import math
 import time
 
@@ -98,3 +99,34 @@ def test_the_timeout_counts_from_the_last_progress(make_runner):
     capped = make_runner("process", progress_interval_s=0, max_stage_timeout_s=1.5)
     over = capped.run(call("steps", config={"steps": 10, "delay_s": 0.3}, timeout_s=1.0))
     assert not over.ok and "FORGEFLOW_MAX_STAGE_TIMEOUT_S" in (over.error or "")
+
+
+@pytest.mark.fast
+def test_a_report_equal_to_the_last_one_is_not_sent_again(tmp_path):
+    """The vision plugins end with a final report that repeats their loop's last one (64/64 after
+    64/64): one message, not two."""
+    from forgeflow.plugins.media import MediaStore
+
+    sent: list[dict] = []
+    ctx = ToolContext(media_store=MediaStore(tmp_path), progress_sink=sent.append, progress_interval_s=0)
+    ctx.progress(32, 64, "32/64 frames")
+    ctx.progress(64, 64, "64/64 frames")
+    ctx.progress(64, 64, "64/64 frames")
+    ctx.progress(64, 64, "done")  # a new message is news
+    assert sent == [
+        {"done": 32, "total": 64, "message": "32/64 frames"},
+        {"done": 64, "total": 64, "message": "64/64 frames"},
+        {"done": 64, "total": 64, "message": "done"},
+    ]
+
+
+@pytest.mark.fast
+def test_whole_counts_travel_as_integers():
+    from forgeflow.events.models import StageProgress
+
+    progress = Progress(done=64, total=64.0)
+    assert progress.model_dump_json() == '{"done":64,"total":64,"message":null,"fraction":1.0}'
+    message = StageProgress(job_id="j", stage_index=0, plugin="p", tool="t", done=1.0, total=64, fraction=1 / 64)
+    data = json.loads(message.model_dump_json())
+    assert (data["done"], data["total"]) == (1, 64) and type(data["done"]) is int and type(data["total"]) is int
+    assert json.loads(Progress(done=2.5, total=10).model_dump_json())["done"] == 2.5

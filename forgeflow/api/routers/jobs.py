@@ -113,9 +113,11 @@ def check_media(state: ApiState, media: Any) -> None:
         raise ApiError(422, exc.message, exc.error_type, field="input.media") from None
 
 
-def parse_pipeline(raw: Any, *, prefix: str) -> PipelineDefinition:
+def parse_pipeline(raw: Any, *, prefix: str, list_form: bool = False) -> PipelineDefinition:
+    """``raw`` parsed, or a 422 whose field starts with ``prefix``; ``list_form``: ``raw`` wraps the
+    list of stages the user sent as ``prefix`` (a problem with that list names ``prefix`` alone)."""
     try:
-        return parse_definition(raw)
+        return parse_definition(raw, list_named_by_caller=list_form)
     except PipelineValidationError as exc:
         raise validation_error(exc, prefix=prefix) from None
 
@@ -191,7 +193,7 @@ async def submit_job(
                 ApiErrorType.REQUEST_VALIDATION,
                 field="timeout_seconds",
             )
-        definition = parse_pipeline(raw, prefix="pipeline")
+        definition = parse_pipeline(raw, prefix="pipeline", list_form=isinstance(body.pipeline, list))
         source = "inline"
     elif form == "pipeline_id":
         if body.timeout_seconds is not None or body.description is not None:
@@ -230,7 +232,7 @@ async def submit_job(
     if "media" in validated.job_input_fields:
         await run_in_threadpool(check_media, state, body.input.get("media"))
 
-    pipeline = definition.model_dump(mode="json")
+    pipeline = validated.canonical_definition().model_dump(mode="json")
     request_hash = hashlib.sha256(
         canonical_json(
             {"source": source, "pipeline_id": template_id, "pipeline": pipeline, "input": body.input}

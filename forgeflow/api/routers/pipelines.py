@@ -51,28 +51,9 @@ def _job_input_fields(state: ApiState, definition: PipelineDefinition) -> list[s
         return []
 
 
-@router.post(
-    "",
-    status_code=201,
-    response_model=TemplateSummary,
-    summary="Save a pipeline template",
-    responses={
-        **ERRORS,
-        409: {"model": ErrorBody, "description": "A template with this name (id) exists."},
-        422: {"model": ErrorBody, "description": "Malformed or invalid pipeline."},
-    },
-)
-async def create_pipeline(
-    body: PipelineCreate,
-    response: Response,
-    state: ApiState = Depends(get_state),
-    principal: Principal = Security(authorize, scopes=[Scope.RUN]),
-) -> dict[str, Any]:
-    """The stages are validated against the installed plugins (job inputs are checked when a job
-    uses the template). The id is a slug of the name: `"Soccer Analysis"` → `soccer-analysis`."""
-    template_id = slugify(body.name)
-    if not template_id:
-        raise ApiError(422, "the name must contain letters or digits", ApiErrorType.REQUEST_VALIDATION, field="name")
+def _template_definition(body: PipelineCreate) -> PipelineDefinition:
+    """The definition a template body describes (stages in ``stages`` or the seed's ``pipeline``), or
+    a 422 naming the field the body used."""
     if body.stages is not None and body.pipeline is not None:
         raise ApiError(
             422,
@@ -84,28 +65,67 @@ async def create_pipeline(
     if stages is None:
         raise ApiError(422, "a template needs 'stages'", ApiErrorType.REQUEST_VALIDATION, field="stages")
     raw: dict[str, Any] = {"stages": stages}
-    if body.timeout_seconds is not None:
-        raw["timeout_seconds"] = body.timeout_seconds
-    if body.description is not None:
-        raw["description"] = body.description
-    definition = parse_pipeline(raw, prefix="stages")
+    for name in ("timeout_seconds", "description", "runner"):
+        if getattr(body, name) is not None:
+            raw[name] = getattr(body, name)
+    return parse_pipeline(raw, prefix="stages" if body.stages is not None else "pipeline", list_form=True)
 
-    from forgeflow.pipeline.validation import PipelineValidationError, validate_pipeline
 
+async def _validated_template(state: ApiState, body: PipelineCreate) -> dict[str, Any]:
+    """The definition of a template to store: valid, every stage's plugin named canonically, and no
+    stage that needs a field only a later stage produces (a job could never give it in time)."""
+    from forgeflow.pipeline.validation import STAGE_ORDER, PipelineValidationError, validate_pipeline
+
+    definition = _template_definition(body)
+    prefix = "stages" if body.stages is not None else "pipeline"
     try:
-        await run_in_threadpool(validate_pipeline, definition, None, state.registry, state.settings)
+        validated = await run_in_threadpool(validate_pipeline, definition, None, state.registry, state.settings)
+        order = [w for w in validated.warnings if w.error_type == STAGE_ORDER]
+        if order:
+            raise PipelineValidationError(order)
     except PipelineValidationError as exc:
-        raise validation_error(exc, prefix="stages") from None
+        raise validation_error(exc, prefix=prefix) from None
+    return validated.canonical_definition().model_dump(mode="json")
+
+
+def _template_id(name: str) -> str:
+    template_id = slugify(name)
+    if not template_id:
+        raise ApiError(422, "the name must contain letters or digits", ApiErrorType.REQUEST_VALIDATION, field="name")
+    return template_id
+
+
+@router.post(
+    "",
+    status_code=201,
+    response_model=TemplateSummary,
+    summary="Save a pipeline template",
+    responses={
+        **ERRORS,
+        409: {"model": ErrorBody, "description": "A template with this name (id) exists: replace it with PUT."},
+        422: {"model": ErrorBody, "description": "Malformed or invalid pipeline."},
+    },
+)
+async def create_pipeline(
+    body: PipelineCreate,
+    response: Response,
+    state: ApiState = Depends(get_state),
+    principal: Principal = Security(authorize, scopes=[Scope.RUN]),
+) -> dict[str, Any]:
+    """The stages are validated against the installed plugins (job inputs are checked when a job
+    uses the template); a stage that needs a field only a later stage produces is refused. The id
+    is a slug of the name: `"Soccer Analysis"` → `soccer-analysis`. `PUT /v1/pipelines/{id}` replaces
+    a saved one."""
+    template_id = _template_id(body.name)
+    definition = await _validated_template(state, body)
     try:
         row = await run_in_threadpool(
-            state.store.create_template,
-            template_id,
-            body.name.strip(),
-            definition.model_dump(mode="json"),
-            principal.name,
+            state.store.create_template, template_id, body.name.strip(), definition, principal.name
         )
     except Conflict as exc:
-        raise ApiError(409, str(exc), ApiErrorType.CONFLICT, field="name") from None
+        raise ApiError(
+            409, f"{exc}: replace it with PUT /v1/pipelines/{template_id}", ApiErrorType.CONFLICT, field="name"
+        ) from None
     response.headers["Location"] = f"/v1/pipelines/{template_id}"
     return template_summary(row)
 
@@ -130,7 +150,7 @@ async def check_pipeline(body: PipelineCheck, state: ApiState = Depends(get_stat
 
     check_cheap_limits(state, body.pipeline, body.input)
     raw = {"stages": body.pipeline} if isinstance(body.pipeline, list) else body.pipeline
-    definition = parse_pipeline(raw, prefix="pipeline")
+    definition = parse_pipeline(raw, prefix="pipeline", list_form=isinstance(body.pipeline, list))
     try:
         validated = await run_in_threadpool(validate_pipeline, definition, body.input, state.registry, state.settings)
     except PipelineValidationError as exc:
@@ -138,8 +158,9 @@ async def check_pipeline(body: PipelineCheck, state: ApiState = Depends(get_stat
     if body.input is not None and "media" in validated.job_input_fields:
         await run_in_threadpool(check_media, state, body.input.get("media"))
     return {
-        "stages": [f"{s.plugin}.{s.tool.name}" for s in validated.stages],
+        "stages": [s.name for s in validated.stages],
         "job_input_fields": list(validated.job_input_fields),
+        "warnings": [w.model_dump() for w in validated.warnings],
     }
 
 
@@ -178,6 +199,39 @@ async def get_pipeline(pipeline_id: str = PipelineIdPath, state: ApiState = Depe
     definition = PipelineDefinition.model_validate(row["definition"])
     fields = await run_in_threadpool(_job_input_fields, state, definition)
     return {**summary, **stats, "stage_stats": stage_stats, "job_input_fields": fields}
+
+
+@router.put(
+    "/{pipeline_id}",
+    response_model=TemplateSummary,
+    summary="Replace a pipeline template",
+    responses={
+        **ERRORS,
+        422: {"model": ErrorBody, "description": "Malformed or invalid pipeline, or a name of another id."},
+    },
+)
+async def replace_pipeline(
+    body: PipelineCreate, pipeline_id: str = PipelineIdPath, state: ApiState = Depends(get_state)
+) -> dict[str, Any]:
+    """Replaces a saved template's stages, timeout, runner and description with the body's (the same
+    form and checks as `POST /v1/pipelines`). Its id, statistics and the jobs that used it stay (each
+    job keeps its own copy of the stages); the name may change only as far as its id does not."""
+    if await run_in_threadpool(state.store.get_template, pipeline_id) is None:
+        raise not_found("pipeline", pipeline_id, "save it with POST /v1/pipelines")
+    template_id = _template_id(body.name)
+    if template_id != pipeline_id:
+        raise ApiError(
+            422,
+            f"the name {body.name.strip()!r} has the id {template_id!r}, not {pipeline_id!r}: "
+            "save it as a new template with POST /v1/pipelines",
+            ApiErrorType.REQUEST_VALIDATION,
+            field="name",
+        )
+    definition = await _validated_template(state, body)
+    row = await run_in_threadpool(state.store.update_template, pipeline_id, body.name.strip(), definition)
+    if row is None:  # deleted meanwhile
+        raise not_found("pipeline", pipeline_id, "save it with POST /v1/pipelines")
+    return template_summary(row)
 
 
 @router.delete("/{pipeline_id}", status_code=204, summary="Delete a template", responses=ERRORS)

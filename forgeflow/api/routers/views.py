@@ -12,6 +12,8 @@ from forgeflow.pipeline.outcome import shown_stage_status
 def stage_states(job: JobRow, rows: list[StageRow]) -> list[dict[str, Any]]:
     stages = (job.get("pipeline") or {}).get("stages") or []
     by_index = {r["stage_index"]: r for r in rows}
+    # What only the envelope reports (the stage rows keep what the stage messages say)
+    reported = {r.get("index"): r for r in (job.get("envelope") or {}).get("stages") or [] if isinstance(r, dict)}
     count = max(len(stages), max(by_index, default=-1) + 1)
     out = []
     for index in range(count):
@@ -36,6 +38,9 @@ def stage_states(job: JobRow, rows: list[StageRow]) -> list[dict[str, Any]]:
                 "progress",
             ):
                 state[key] = row[key]
+        for key in ("reused_outputs", "computed_outputs"):
+            if reported.get(index, {}).get(key) is not None:
+                state[key] = reported[index][key]
         out.append(state)
     return out
 
@@ -116,7 +121,9 @@ def template_summary(row: TemplateRow) -> dict[str, Any]:
         "name": row["name"],
         "stages": definition.get("stages", []),
         "created_at": iso(row["created_at"]),
+        "updated_at": iso(row["updated_at"]),
         "timeout_seconds": definition.get("timeout_seconds", 300.0),
         "description": definition.get("description", ""),
         "created_by": row["created_by"],
+        "runner": definition.get("runner"),
     }

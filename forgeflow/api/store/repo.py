@@ -494,17 +494,21 @@ class Store:
                         duration_ms=event.duration_ms,
                     )
                 elif not job.get("cancel_requested"):
+                    # Whether the plugin failed is the stage's pipeline_error's to say (a tool refusing
+                    # its input does not make the plugin FAILED): when it came first, say it now; else
+                    # count the call and leave the state to it.
                     error, error_type = self._stage_error(conn, job["id"], event.stage_index)
+                    faulty = error_type is not None and error_type not in NOT_THE_PLUGINS_DOING
                     self._observe(
                         conn,
                         event.plugin,
                         resolve_plugin,
-                        "FAILED",
+                        None if error_type is None else "FAILED" if faulty else "INITIALIZED",
                         ts=event.timestamp,
                         calls=1,
-                        failures=1,
+                        failures=1 if faulty else 0,
                         duration_ms=event.duration_ms,
-                        error=error or f"stage {event.stage_index} failed",
+                        error=error,
                         error_type=error_type,
                     )
             case StageProgress():
@@ -535,6 +539,8 @@ class Store:
                         resolve_plugin,
                         "FAILED",
                         ts=event.timestamp,
+                        # the failed call counts once: here when its stage end came first (not a crash)
+                        failures=1 if self._stage_ended(conn, job["id"], event.stage_index) else 0,
                         error=event.error,
                         error_type=event.error_type,
                     )
@@ -611,12 +617,21 @@ class Store:
         ).first()
         return (row[0], row[1]) if row else (None, None)
 
+    def _stage_ended(self, conn: Connection, job_id: str, index: int | None) -> bool:
+        """Whether the stage's call ended (a ``pipeline_stage_end`` came for it)."""
+        if index is None:
+            return False
+        ended_at = conn.execute(
+            select(stage_runs.c.ended_at).where(stage_runs.c.job_id == job_id, stage_runs.c.stage_index == index)
+        ).scalar()
+        return ended_at is not None
+
     def _observe(
         self,
         conn: Connection,
         plugin: str | None,
         resolve_plugin: Callable[[str], str] | None,
-        state: str,
+        state: str | None,
         *,
         ts: str,
         calls: int = 0,
@@ -634,7 +649,7 @@ class Store:
             conn.execute(
                 insert(plugin_observed).values(
                     plugin=name,
-                    state=state,
+                    state=state or "INITIALIZED",
                     last_error=error,
                     last_error_type=error_type,
                     calls=calls,
@@ -650,7 +665,7 @@ class Store:
         }
         if duration_ms is not None:
             values["last_duration_ms"] = duration_ms
-        if when >= row["updated_at"] or state == "FAILED":
+        if state is not None and (when >= row["updated_at"] or state == "FAILED"):
             values["state"] = state
             values["updated_at"] = max(when, row["updated_at"])
             if state == "FAILED" and (error is not None or row["state"] != "FAILED"):
@@ -683,6 +698,16 @@ class Store:
         template = self.get_template(template_id)
         assert template is not None
         return template
+
+    def update_template(self, template_id: str, name: str, definition: dict[str, Any]) -> TemplateRow | None:
+        """Replace a template's name and definition (its id and runs stay); None when there is none."""
+        with self._write_lock, self.engine.begin() as conn:
+            changed = conn.execute(
+                update(pipelines)
+                .where(pipelines.c.id == template_id)
+                .values(name=name, definition=definition, updated_at=utcnow())
+            ).rowcount
+        return self.get_template(template_id) if changed else None
 
     def get_template(self, template_id: str) -> TemplateRow | None:
         with self.engine.connect() as conn:

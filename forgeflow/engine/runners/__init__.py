@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from forgeflow.engine.runners.base import CallResult, FramesRead, Progress, ProgressCallback, Runner, ToolCall
-from forgeflow.pipeline.outcome import EndReason
+from forgeflow.pipeline.outcome import NOT_THE_PLUGINS_DOING
 from forgeflow.plugins.errors import ForgeFlowError, InputError
 
 if TYPE_CHECKING:
@@ -134,8 +134,8 @@ class LifecycleRecorder:
         self._do("running", plugin)
 
     def finished(self, plugin: str, result: CallResult) -> None:
-        if result.error_type == EndReason.CANCELLED:  # the caller stopped it: the plugin did nothing wrong
-            self._do("initialized", plugin)
+        if result.error_type in NOT_THE_PLUGINS_DOING:  # cancelled, or its input refused: nothing failed in it
+            self._do("ended_without_fault", plugin, result.duration_ms)
         elif result.ok:
             self._do("succeeded", plugin, result.duration_ms)
         else:

@@ -9,10 +9,11 @@ crashes are all reported as failed results. It also records the plugin's lifecyc
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import Annotated, Any, Protocol
 
-from pydantic import BaseModel, Field, computed_field
+from pydantic import BaseModel, Field, PlainSerializer, computed_field
 
+from forgeflow.canonical import whole_if_integral
 from forgeflow.pipeline.definition import RunnerKind
 from forgeflow.plugins.errors import ForgeFlowError
 
@@ -82,8 +83,8 @@ class CallResult(BaseModel):
 class Progress(BaseModel):
     """How far a running call is, as its tool reported through ``ctx.progress(done, total, message)``."""
 
-    done: float = Field(ge=0)
-    total: float | None = Field(None, gt=0)
+    done: Annotated[float, PlainSerializer(whole_if_integral)] = Field(ge=0)
+    total: Annotated[float, PlainSerializer(whole_if_integral)] | None = Field(None, gt=0)
     message: str | None = None
     rate: float | None = Field(None, ge=0, description="Units a second since the call started (set by the job).")
     eta_s: float | None = Field(None, ge=0, description="Seconds left at that rate (set by the job).")

@@ -21,6 +21,7 @@ export async function jobView(main, jobId, me = null) {
 
   const state = {
     status: job.status,
+    flowRunId: job.flow_run_id,
     startedAt: job.started_at,
     finishedAt: job.finished_at,
     stages: pipeline.stages.map((s) => ({ ...s })),
@@ -36,6 +37,7 @@ export async function jobView(main, jobId, me = null) {
   const mayCancel = may(me, "admin") || (may(me, "run") && (!me || job.created_by === me.name));
   const durationCell = h("dd", { id: "job-duration" });
   const stagesCell = h("dd", { id: "job-stages" });
+  const flowRunCell = h("dd", { id: "job-flow-run" });
   const waitingCell = h("p", { class: "muted", role: "status" });
   const cancelButton = h("button", { type: "button", class: "secondary", id: "cancel-job" }, "Cancel job");
   cancelButton.addEventListener("click", async () => {
@@ -77,7 +79,7 @@ export async function jobView(main, jobId, me = null) {
         ...(job.retry_of ? [h("dt", {}, "Retry of"), h("dd", {}, h("a", { href: `#/jobs/${encodeURIComponent(job.retry_of)}` }, job.retry_of))] : []),
         h("dt", {}, "Duration"), durationCell,
         h("dt", {}, "Stages"), stagesCell,
-        h("dt", {}, "Flow run"), h("dd", {}, job.flow_run_id || "–")),
+        h("dt", {}, "Flow run"), flowRunCell),
       waitingCell,
       h("div", { class: "row" }, cancelButton, retryButton, h("a", { href: "#/jobs" }, "All jobs"))),
     h("section", { "aria-labelledby": "stages-heading" }, h("h2", { id: "stages-heading" }, "Stages"), h("div", { class: "panel" }, timeline)),
@@ -169,6 +171,7 @@ export async function jobView(main, jobId, me = null) {
     statusCell.replaceChildren(statusBadge(state.status));
     durationCell.textContent = formatMs(elapsed(state.startedAt, state.finishedAt));
     stagesCell.textContent = `${state.completed} of ${state.stages.length} completed`;
+    flowRunCell.textContent = state.flowRunId || "–";
     cancelButton.hidden = TERMINAL.has(state.status) || !mayCancel;
     retryButton.hidden = !TERMINAL.has(state.status) || state.status === "succeeded" || !may(me, "run");
     cancelledByCell.textContent = state.cancelledBy || "–";
@@ -185,6 +188,7 @@ export async function jobView(main, jobId, me = null) {
   const refresh = async () => {
     const [view, stages] = await Promise.all([api(path), api(`${path}/pipeline`)]);
     state.status = view.status;
+    state.flowRunId = view.flow_run_id || state.flowRunId;
     state.startedAt = view.started_at;
     state.finishedAt = view.finished_at;
     state.cancelledBy = view.cancelled_by;
@@ -212,6 +216,7 @@ export async function jobView(main, jobId, me = null) {
       case "job_status":
         state.status = m.status;
         state.waiting = m.waiting_for || null;
+        if (m.flow_run_id) state.flowRunId = m.flow_run_id; // a job submitted here gets its flow run when it starts
         if (m.status === "running" && !state.startedAt) state.startedAt = m.timestamp;
         if (TERMINAL.has(m.status)) {
           state.finishedAt = state.finishedAt || m.timestamp;

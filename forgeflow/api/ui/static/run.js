@@ -107,7 +107,11 @@ export async function runView(main, params, boot, me = null) {
           needs = (await api(`/v1/pipelines/${encodeURIComponent(template.id)}`)).job_input_fields;
           needsFor = checkedState;
         } catch { needs = []; }
-        if (number === checkNumber) templateInfo.textContent = `${template.description || ""} The job input needs: ${needs.join(", ") || "nothing"}.`;
+        if (number === checkNumber) {
+          // The description is the author's text, the hint ours: each its own sentence on its own line.
+          const hint = `The job input needs: ${needs.join(", ") || "nothing"}.`;
+          templateInfo.replaceChildren(...(template.description ? [template.description, h("br"), hint] : [hint]));
+        }
       }
       return;
     }
@@ -145,7 +149,10 @@ export async function runView(main, params, boot, me = null) {
     textarea.setAttribute("aria-invalid", String(!result.valid));
     if (result.valid) {
       const needs = result.job_input_fields.length ? `; the job input needs ${result.job_input_fields.join(", ")}` : "";
-      pipelineStatus.replaceChildren(h("p", { class: "ok" }, `Valid: ${result.stages.length} stage(s), ${result.stages.join(" → ")}${needs}.`));
+      const warnings = result.warnings || [];
+      pipelineStatus.replaceChildren(h("p", { class: "ok" }, `Valid: ${result.stages.length} stage(s), ${result.stages.join(" → ")}${needs}.`),
+        ...(warnings.length ? [h("p", { class: "warning", id: "pipeline-warnings" }, "Warning:"),
+          h("ul", { class: "issues warning" }, warnings.map((w) => h("li", {}, describeIssue(w))))] : []));
     } else {
       pipelineStatus.replaceChildren(h("p", { class: "error" }, `Not valid (${result.error_type}${result.field ? `, ${result.field}` : ""}):`), errorList(result));
     }
@@ -178,7 +185,8 @@ export async function runView(main, params, boot, me = null) {
     saveStatus.className = "";
     if (!templateName.value.trim()) { saveStatus.className = "error"; saveStatus.textContent = "Give the template a name."; templateName.focus(); return; }
     try {
-      const stages = Array.isArray(parsed) ? { stages: parsed } : { stages: parsed?.stages, timeout_seconds: parsed?.timeout_seconds, description: parsed?.description };
+      const stages = Array.isArray(parsed) ? { stages: parsed }
+        : { stages: parsed?.stages, timeout_seconds: parsed?.timeout_seconds, description: parsed?.description, runner: parsed?.runner };
       const saved = await api("/v1/pipelines", { method: "POST", json: { name: templateName.value.trim(), ...stages } });
       saveStatus.className = "ok";
       saveStatus.textContent = `Saved as ${saved.id}.`;
