@@ -125,7 +125,9 @@ def test_whole_counts_travel_as_integers():
     from forgeflow.events.models import StageProgress
 
     progress = Progress(done=64, total=64.0)
-    assert progress.model_dump_json() == '{"done":64,"total":64,"message":null,"fraction":1.0}'
+    assert progress.model_dump_json() == (
+        '{"done":64,"total":64,"message":null,"rate":null,"eta_s":null,"fraction":1.0}'
+    )
     message = StageProgress(job_id="j", stage_index=0, plugin="p", tool="t", done=1.0, total=64, fraction=1 / 64)
     data = json.loads(message.model_dump_json())
     assert (data["done"], data["total"]) == (1, 64) and type(data["done"]) is int and type(data["total"]) is int
