@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/bench_frames.py formats --frames 1500
     .venv/bin/python bench/bench_frames.py job --frames 1500 15000 135000
+    .venv/bin/python bench/bench_frames.py video --frames 1500
 
 ``formats`` — why Parquet: 22 players a frame (``FramePlayers``) and their poses (``FramePoses``, 17
 keypoints each), written and read back chunk by chunk (256 frames) as canonical JSON, Arrow IPC
@@ -15,6 +16,12 @@ classifier), as ``forgeflow run`` (a fresh process: Prefect, a worker per stage,
 stages, no engine) against the same three functions called in one loop in a fresh process (the
 direct script). Wall time and the peak of RSS summed over each side's whole process tree (sampled
 every 50 ms). Needs the test plugins (``bash scripts/test.sh`` installs them).
+
+``video`` — the README's main job on a 720p "crowd" video made offline (six moving copies of
+Ultralytics' two sample photos, ~10 people a frame): ``forgeflow run examples/soccer-analysis.json``
+from a fresh home (no engine: a new user's run, cold) against the 20-line one-pass Ultralytics script
+(``YOLO(pose).track(video, stream=True, persist=True)`` and a per-player rule), whole processes, the
+same weights, image size and thresholds.
 """
 
 from __future__ import annotations
@@ -50,6 +57,80 @@ for frame in action_stream(poses, ClassifierConfig(), ctx, video):
     actions += len(frame.actions)
 print(frames, actions)
 """
+
+
+SCRIPT = """
+import os, sys
+os.environ.update(YOLO_OFFLINE="1", YOLO_VERBOSE="False", YOLO_AUTOINSTALL="False")
+from forgeflow.plugins.builtin._vision import bundled_pose_weights, setup_ultralytics
+setup_ultralytics()
+from ultralytics import YOLO
+model = YOLO(str(bundled_pose_weights()))
+frames = players = standing = 0
+for result in model.track(sys.argv[1], stream=True, persist=True, imgsz=640, conf=0.25, classes=[0], verbose=False):
+    frames += 1
+    for box in result.boxes.xyxy.tolist():
+        players += 1
+        standing += (box[3] - box[1]) >= 1.5 * (box[2] - box[0])  # the per-player rule
+print(frames, players, standing)
+"""
+
+
+def crowd_video(path: Path, frames: int) -> Path:
+    """A 1280x720 video of six tiles, each a slow pan over bus.jpg or zidane.jpg (the sample clip's)."""
+    import cv2
+    import numpy as np
+
+    from forgeflow.cli.sample_clip import sample_frames
+
+    tiles = [sample_frames(frames + 6 * k, (426, 360)) for k in range(6)]
+    for k, tile in enumerate(tiles):  # each tile starts elsewhere in its pan
+        for _ in range(6 * k):
+            next(tile)
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), 25.0, (1280, 720))
+    for _ in range(frames):
+        canvas = np.full((720, 1280, 3), 114, dtype=np.uint8)
+        for k, tile in enumerate(tiles):
+            row, col = divmod(k, 3)
+            canvas[row * 360 : row * 360 + 360, col * 426 : col * 426 + 426] = next(tile)
+        writer.write(canvas)
+    writer.release()
+    return path
+
+
+def video(frames: int) -> None:
+    with tempfile.TemporaryDirectory(prefix="bench-video-") as tmp:
+        base = Path(tmp)
+        clip = crowd_video(base / "crowd.mp4", frames)
+        env = {**os.environ, "FORGEFLOW_HOME": str(base / "home"), "FORGEFLOW_MEDIA_INPUT_ROOTS": str(base)}
+        pipeline = str(ROOT / "examples" / "soccer-analysis.json")
+        cmd = [PYTHON, "-m", "forgeflow.cli.main", "run", pipeline, "--input", str(clip), "--out", str(base / "out")]
+        ff_wall, ff_rss, ff_out = timed(cmd, env)
+        envelope = json.loads((base / "out" / "result.json").read_text())
+        assert envelope["ok"], ff_out[-3000:]
+        d_wall, d_rss, d_out = timed([PYTHON, "-c", SCRIPT, str(clip)], env)
+        d_frames, d_players, _ = (int(v) for v in d_out.split()[-3:])
+        players = envelope["result"]["players"]
+        stages = {s["tool"]: round((s["duration_ms"] or 0) / 1000, 1) for s in envelope["stages"]}
+        print(
+            json.dumps(
+                {
+                    "frames": frames,
+                    "forgeflow_s": round(ff_wall, 1),
+                    "script_s": round(d_wall, 1),
+                    "ratio": round(ff_wall / d_wall, 2),
+                    "forgeflow_peak_mib": round(ff_rss / 2**20),
+                    "script_peak_mib": round(d_rss / 2**20),
+                    "stage_s": stages,
+                    "players_forgeflow": (players.get("counts") or {}).get("players")
+                    if isinstance(players, dict)
+                    else None,
+                    "players_script": d_players,
+                    "script_frames": d_frames,
+                    "result_json_kib": round((base / "out" / "result.json").stat().st_size / 1024, 1),
+                }
+            )
+        )
 
 
 class PeakTreeRSS:
@@ -244,9 +325,13 @@ def main() -> None:
     f.add_argument("--frames", type=int, default=1500)
     j = sub.add_parser("job")
     j.add_argument("--frames", type=int, nargs="+", default=[1500, 15000])
+    v = sub.add_parser("video")
+    v.add_argument("--frames", type=int, default=1500)
     args = parser.parse_args()
     if args.what == "formats":
         formats(args.frames)
+    elif args.what == "video":
+        video(args.frames)
     else:
         job(args.frames)
 

@@ -88,7 +88,10 @@ def test_annotate_video_of_odd_size_is_padded_to_even(tmp_path):
     command += ["-r", "10", "-i", "-", "-c:v", "ffv1", str(source)]
     subprocess.run(command, input=frames, check=True, timeout=60)
     assert video_frames_and_size(source) == (5, (161, 91))
-    result = {"players": [{"frame_index": 0, "players": [{"box": [5, 5, 60, 80], "confidence": 0.8}]}]}
+    # players on every frame: the video annotates what was analysed (all 5 frames here)
+    result = {
+        "players": [{"frame_index": i, "players": [{"box": [5, 5, 60, 80], "confidence": 0.8}]} for i in range(5)]
+    }
     out = annotate_media(source, result, tmp_path / "odd.mp4")
     assert out.frames == 5
     assert video_frames_and_size(out.path) == (5, (162, 92))
