@@ -31,7 +31,7 @@ from typing import IO, TYPE_CHECKING, Any
 
 from forgeflow.pipeline.outcome import AnnotatedMedia
 from forgeflow.plugins.errors import MediaError, MediaNotFound
-from forgeflow.plugins.frames import is_frames, iter_frame_records
+from forgeflow.plugins.frames import is_frames, is_live, iter_frame_records
 from forgeflow.plugins.media import REF_PREFIX, MediaKind, MediaStore, sniff
 
 if TYPE_CHECKING:
@@ -229,6 +229,7 @@ def has_drawable(result: dict[str, Any] | None) -> bool:
     return any(
         (isinstance(value, list) and len(value) > 0)
         or (isinstance(value, dict) and is_frames(value) and value["frames"])
+        or is_live(value)  # outputs still being written: drawn as they come
         for value in values
     )
 

@@ -55,12 +55,21 @@ def prepare_feeds(checkpoints: Checkpoints, key: str, stage: ResolvedStage, stor
             writer.restart()
 
 
-def end_feeds(checkpoints: Checkpoints, key: str | None, stage: ResolvedStage, failed: str | None) -> None:
-    """A stage's call ended: the readers of its feeds finish (or fail with ``failed``)."""
+def end_feeds(
+    checkpoints: Checkpoints,
+    key: str | None,
+    stage: ResolvedStage,
+    failed: str | None,
+    outputs: dict[str, Any] | None = None,
+) -> None:
+    """A stage's call ended with ``outputs``: the readers of its feeds finish with them (or fail with
+    ``failed``)."""
     if key is None:
         return
-    for journal in _journals(checkpoints, key, stage):
-        end_feed(journal, failed=failed)
+    for name in frame_fields(stage.tool.output_model):
+        journal = checkpoints.journal(key, name)
+        if journal is not None:
+            end_feed(journal, failed=failed, value=(outputs or {}).get(name))
 
 
 def wait_for_feeds(

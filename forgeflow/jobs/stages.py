@@ -42,12 +42,12 @@ from forgeflow.jobs.overlap import end_feeds, prepare_feeds, streamed_fields, wa
 from forgeflow.jobs.supervise import checkpoint_path
 from forgeflow.pipeline import outcome as job_end
 from forgeflow.pipeline.definition import PipelineDefinition
-from forgeflow.pipeline.outcome import EndReason, JobStatus, ResultEnvelope, StageReport
+from forgeflow.pipeline.outcome import AnnotatedMedia, EndReason, JobStatus, ResultEnvelope, StageReport
 from forgeflow.pipeline.validation import PipelineValidationError, ResolvedStage, validate_pipeline
 from forgeflow.plugins.cache import job_cache_dir
 from forgeflow.plugins.checkpoints import Checkpoints, call_key
 from forgeflow.plugins.errors import ForgeFlowError, MediaError
-from forgeflow.plugins.frames import chunk_refs, is_frames, is_live
+from forgeflow.plugins.frames import chunk_refs, frame_fields, is_frames, is_live, live_feed
 from forgeflow.plugins.media import MediaStore
 from forgeflow.settings import Settings, get_settings
 
@@ -172,6 +172,8 @@ class JobRun:
     field_stage: dict[str, int] = field(default_factory=dict)
     #: Set once a stage's call runs with its feeds ready (:mod:`forgeflow.jobs.overlap`).
     feeding: dict[int, threading.Event] = field(default_factory=dict)
+    #: Set when the job stops early: whatever waits for a stage that will not start gives up.
+    stopping: threading.Event = field(default_factory=threading.Event)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     @property
@@ -207,6 +209,9 @@ class JobRun:
             self.reports[stage.index].from_checkpoint = True
             with self._lock:
                 self.artifact_bytes += sum(v["size_bytes"] for v in done.values() if is_frames(v))
+            # its readers get its outputs whole when its feeds end (nothing is journalled this time)
+            prepare_feeds(self.checkpoints, key, stage, MediaStore(settings.media_root), resume=False)
+            self.feeding.setdefault(stage.index, threading.Event()).set()
             return done
         prepare_feeds(self.checkpoints, key, stage, MediaStore(settings.media_root), self.resume)
         self.feeding.setdefault(stage.index, threading.Event()).set()
@@ -417,7 +422,7 @@ def _feeding(run: JobRun, stage: ResolvedStage, inputs: dict[str, Any], run_stag
         call = run.outcomes.get(stage.index)
         end_feeds(run.checkpoints, run.call_keys.get(stage.index), stage, (call.error if call else None) or str(exc))
         raise
-    end_feeds(run.checkpoints, run.call_keys.get(stage.index), stage, None)
+    end_feeds(run.checkpoints, run.call_keys.get(stage.index), stage, None, outputs)
     return outputs
 
 
@@ -484,6 +489,7 @@ def execute(
 
     current: list[ResolvedStage] = [stages[0]]
     pending_outputs: dict[int, dict[str, Any]] = {}
+    annotation: Future[tuple[AnnotatedMedia | None, str | None]] | None = None  # drawn as the stages go
     try:
         for position, stage in enumerate(stages):
             current[0] = stage
@@ -498,8 +504,8 @@ def execute(
                     collect(len(started))
                 else:  # what it takes from stages before its producer must be there
                     needs = set(stage.input_fields) - set(feeds)
-                    made = [i for i, (s, _) in enumerate(started[:-1]) if needs & set(s.output_fields)]
-                    collect(max(made, default=-1) + 1)
+                    makers = [i for i, (s, _) in enumerate(started[:-1]) if needs & set(s.output_fields)]
+                    collect(max(makers, default=-1) + 1)
             current[0] = stage
             if services.is_cancelled(run.job_id):  # cancelled between two stages: start no other
                 run.outcomes[stage.index] = CallResult.failure(CANCELLED, "cancelled by request")
@@ -509,17 +515,21 @@ def execute(
             for name in stage.output_fields:
                 run.field_stage[name] = stage.index
             follower = stages[position + 1] if position + 1 < len(stages) else None
+            if follower is None and (live := _drawn_live(run, stages, input_data)):
+                annotation = pool.submit(contextvars.copy_context().run, _annotate_live, run, live, input_data)
             if follower is not None and streamed_fields(stage, follower):
                 task = contextvars.copy_context().run
                 started.append((stage, pool.submit(task, _feeding, run, stage, inputs, run_stage)))
             else:
-                pending_outputs[stage.index] = run_stage(run, stage, inputs)
+                pending_outputs[stage.index] = _feeding(run, stage, inputs, run_stage)
                 started.append((stage, None))
                 collect(len(started))
         collect(len(started))
     except BaseException as exc:
         stage = current[0]
-        futures_wait([f for _, f in started if f is not None])  # stages still running end first
+        run.stopping.set()
+        running: list[Future[Any]] = [f for _, f in started if f is not None]
+        futures_wait(running + ([annotation] if annotation is not None else []))
         for earlier, future in started[collected:]:  # what stages before the failed one made is kept
             if earlier.index >= stage.index or future is None:
                 break
@@ -550,23 +560,65 @@ def execute(
     finally:
         pool.shutdown(wait=False)
 
-    envelope = _annotated(run, input_data, result, job_end.succeeded(result, run.reports))
+    made = annotation.result() if annotation is not None else (None, None)
+    envelope = _annotated(run, input_data, result, job_end.succeeded(result, run.reports), made)
     run.finish("succeeded", envelope)
     return envelope
 
 
+def _drawn_live(run: JobRun, stages: tuple[ResolvedStage, ...], input_data: dict[str, Any]) -> dict[str, int]:
+    """The drawable outputs (``players``, ``poses``, ``actions``) and the stages that make them, when the
+    job's media can be annotated while its last stage runs: each is a ``FrameStream`` its stage writes
+    as a feed. Empty otherwise (the job is annotated after its stages, as before)."""
+    from forgeflow.jobs.annotate import DRAWABLE_KEYS
+
+    settings = run.services.settings
+    if not settings.annotate_media or not isinstance(input_data.get("media"), str):
+        return {}
+    drawn = {key: run.field_stage[key] for key in DRAWABLE_KEYS if key in run.field_stage}
+    streamed = all(key in frame_fields(stages[index].tool.output_model) for key, index in drawn.items())
+    return drawn if streamed else {}
+
+
+def _annotate_live(
+    run: JobRun, drawn: dict[str, int], input_data: dict[str, Any]
+) -> tuple[AnnotatedMedia | None, str | None]:
+    """The job's annotated media drawn from its stages' feeds while they still write (the video is read
+    and encoded alongside the last stage, not after it); (None, None) when the job stopped first."""
+    from forgeflow.jobs.annotate import annotate_job
+
+    feeds: dict[str, Any] = {}
+    for key, index in drawn.items():
+        ready = run.feeding.setdefault(index, threading.Event())
+        while not ready.wait(0.1):
+            if run.stopping.is_set():
+                return None, None
+        journal = run.checkpoints.journal(run.call_keys[index], key)
+        if journal is None:
+            return None, None
+        feeds[key] = live_feed(journal)
+    services = run.services
+    return annotate_job(services.settings, run.job_id, input_data, feeds, services.media_sync)
+
+
 def _annotated(
-    run: JobRun, input_data: dict[str, Any], result: dict[str, Any], envelope: ResultEnvelope
+    run: JobRun,
+    input_data: dict[str, Any],
+    result: dict[str, Any],
+    envelope: ResultEnvelope,
+    drawn: tuple[AnnotatedMedia | None, str | None] = (None, None),
 ) -> ResultEnvelope:
     """The envelope with the job's annotated media (:func:`forgeflow.jobs.annotate.annotate_job`: the
-    result drawn on ``input.media``, stored) or the reason it could not be made; unchanged when there
-    is nothing to draw. Never fails the job."""
+    result drawn on ``input.media``, stored; ``drawn`` when it was made while the stages ran) or the
+    reason it could not be made; unchanged when there is nothing to draw. Never fails the job."""
     from forgeflow.jobs.annotate import annotate_job, has_drawable
 
     if not has_drawable(result):
         return envelope
     services = run.services
-    annotated, error = annotate_job(services.settings, run.job_id, input_data, result, services.media_sync)
+    annotated, error = drawn
+    if annotated is None:
+        annotated, error = annotate_job(services.settings, run.job_id, input_data, result, services.media_sync)
     if annotated is None and error is None:
         return envelope
     return envelope.model_copy(update={"annotated_media": annotated, "annotated_media_error": error})

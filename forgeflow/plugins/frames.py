@@ -124,14 +124,14 @@ def open_feed(journal: Path) -> None:
     _end_path(journal).unlink(missing_ok=True)
 
 
-def end_feed(journal: Path, *, failed: str | None = None) -> None:
-    """The producer's call ended: its readers finish (what was journalled is the whole) or, when it
-    ``failed``, raise :class:`UpstreamFailed`."""
+def end_feed(journal: Path, *, failed: str | None = None, value: Any = None) -> None:
+    """The producer's call ended with ``value`` (the output: inline records or an artifact): its
+    readers finish with what they did not read yet, or, when it ``failed``, raise :class:`UpstreamFailed`."""
     end = _end_path(journal)
     try:
         end.parent.mkdir(parents=True, exist_ok=True)
         tmp = end.with_name(end.name + ".tmp")
-        tmp.write_text(json.dumps({"failed": failed}), encoding="utf-8")
+        tmp.write_text(json.dumps({"failed": failed, "value": value}), encoding="utf-8")
         tmp.replace(end)
     except OSError:
         pass
@@ -142,6 +142,7 @@ def _live_records(store: MediaStore, value: dict[str, Any]) -> Iterator[dict[str
     journal = Path(value[LIVE_KEY])
     end = _end_path(journal)
     offset = 0
+    chunks_read = 0
     while True:
         ended = end.exists()  # looked at before the journal: every line written before the end is read
         try:
@@ -153,11 +154,18 @@ def _live_records(store: MediaStore, value: dict[str, Any]) -> Iterator[dict[str
         complete = data[: data.rfind(b"\n") + 1]
         offset += len(complete)
         for line in complete.splitlines():
+            chunks_read += 1
             yield from _chunk_rows(store, json.loads(line))
         if ended and not complete:
-            failed = json.loads(end.read_text(encoding="utf-8")).get("failed")
-            if failed:
-                raise UpstreamFailed(f"the stage writing this input failed: {failed}")
+            marker = json.loads(end.read_text(encoding="utf-8"))
+            if marker.get("failed"):
+                raise UpstreamFailed(f"the stage writing this input failed: {marker['failed']}")
+            final = marker.get("value")
+            if is_frames(final):  # chunks not journalled here (a call reused from an earlier attempt)
+                for chunk in _manifest(store, final)[chunks_read:]:
+                    yield from _chunk_rows(store, chunk)
+            elif isinstance(final, list) and chunks_read == 0:  # an output of one chunk or less: inline
+                yield from final
             return
         if not complete:
             time.sleep(LIVE_POLL_S)

@@ -4,6 +4,7 @@ silently (the model-free stand-in detector of the test plugins reads every frame
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Any
 
@@ -179,3 +180,19 @@ def test_a_failed_producer_stops_the_stage_reading_it(long_settings, video_300, 
     assert envelope["partial_result"] == {}
     terminal = [e for e in events if e["type"] == "job_status"][-1]
     assert terminal["status"] == "failed" and events[-1] is terminal  # nothing after the terminal message
+
+
+def test_the_video_is_annotated_while_the_last_stage_runs(long_settings, video_300, monkeypatch, prefect_api_url):
+    """With every drawable output a stream, the annotated video is drawn from the stages' feeds while
+    they write: the envelope names it as before; when a stage fails, the drawing stops with the job."""
+    monkeypatch.setenv("FORGEFLOW_ANNOTATE_MEDIA", "true")
+    long_settings.cache_clear()
+    envelope, _ = run_with(long_settings(), crowd_then_count(delay_s=0.005), {"media": video_300}, "job-drawn-live")
+    assert envelope["ok"], envelope
+    assert envelope["annotated_media"]["frames"] == 300 and envelope["annotated_media"]["kind"] == "video"
+    failing = crowd_then_count(delay_s=0.005, fail_at_frame=200)
+    started = time.monotonic()
+    failed, events = run_with(long_settings(), failing, {"media": video_300}, "job-drawn-live-fails")
+    assert failed["ok"] is False and failed["stage_failed"] == 0
+    assert "annotated_media" not in failed  # its partial result holds nothing to draw
+    assert time.monotonic() - started < 60 and events[-1]["type"] == "job_status"
