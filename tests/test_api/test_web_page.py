@@ -626,3 +626,29 @@ def test_the_run_page_warns_about_stage_order_and_keeps_a_template_s_description
     info = page.locator("#template-info")
     expect(info).to_contain_text("The job input needs: count.")
     assert info.inner_text().splitlines() == ["count", "The job input needs: count."]
+
+
+def test_a_failed_job_is_retried_from_its_page(api_factory: Any, open_page: Callable[[str], WatchedPage]) -> None:
+    """The job page of a failed job offers *Retry (resume)*: it opens the linked job, which names the
+    job it retries and takes the completed stages from it (the failing stage fails again here)."""
+    from playwright.sync_api import expect
+
+    api = api_factory()
+    failing = [*THREE_STAGES[:2], {"plugin": "testkit", "tool": "fail", "config": {"message": "the net is torn"}}]
+    with api.client() as client:
+        first = client.post("/v1/jobs", json={"pipeline": failing, "input": {"count": 3}}).json()["job_id"]
+    page = open_page(api.url).page
+    page.goto(f"/ui#/jobs/{first}")
+    expect(page.locator("#job-status")).to_have_text("failed", timeout=LONG)
+    retry = page.get_by_role("button", name="Retry (resume)")
+    expect(retry).to_be_visible()
+    retry.click()
+    page.wait_for_url(re.compile(r"#/jobs/.+-retry-"))
+    retried = _job_id_from(page)
+    assert retried.startswith(f"{first}-retry-")
+    expect(page.get_by_role("link", name=first)).to_be_visible()  # "Retry of"
+    expect(page.locator("#job-status")).to_have_text("failed", timeout=LONG)
+    with api.client() as client:
+        stages = client.get(f"/v1/jobs/{retried}").json()["envelope"]["stages"]
+    assert [s.get("from_checkpoint") for s in stages[:2]] == [True, True]
+    expect(page.get_by_role("button", name="Retry (resume)")).to_be_visible()
