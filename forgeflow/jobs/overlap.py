@@ -20,7 +20,7 @@ from typing import Any
 
 from forgeflow.pipeline.validation import ResolvedStage
 from forgeflow.plugins.checkpoints import Checkpoints
-from forgeflow.plugins.frames import FrameWriter, end_feed, frame_fields, has_chunks, live_feed, open_feed
+from forgeflow.plugins.frames import end_feed, frame_fields, has_chunks, keep_journalled, live_feed, open_feed
 from forgeflow.plugins.media import MediaStore
 
 __all__ = ["end_feeds", "prepare_feeds", "streamed_fields", "wait_for_feeds"]
@@ -47,12 +47,10 @@ def prepare_feeds(checkpoints: Checkpoints, key: str, stage: ResolvedStage, stor
     otherwise) and no end, so nothing an earlier attempt left is read as this attempt's."""
     for journal in _journals(checkpoints, key, stage):
         open_feed(journal)
-        writer = FrameWriter(store=store, record_type=stage.tool.output_model, field_name="", chunk_frames=1)
-        writer.journal = journal
         if resume and stage.tool.resumable:
-            writer.resume()  # keeps the valid prefix, rewritten in place
+            keep_journalled(journal, store)  # the valid prefix, rewritten in place
         else:
-            writer.restart()
+            journal.unlink(missing_ok=True)
 
 
 def end_feeds(

@@ -394,33 +394,17 @@ class FrameWriter:
         order); returns the last frame they hold (None: nothing to resume)."""
         if self.journal is None:
             return None
-        try:
-            lines = self.journal.read_text(encoding="utf-8").splitlines()
-        except OSError:
-            return None
-        for line in lines:
-            try:
-                chunk = json.loads(line)
-                ref, first, last = chunk["ref"], int(chunk["first_frame"]), int(chunk["last_frame"])
-            except (ValueError, KeyError, TypeError):
-                break  # a line cut by the kill: what came before it holds
-            if (self._last is not None and first <= self._last) or not self.store.has(ref):
-                break
-            counts = chunk.get("counts") or {}
+        kept = keep_journalled(self.journal, self.store)
+        if kept is None:
+            self.journal = None
+        for chunk in kept or []:
             self._chunks.append({k: chunk[k] for k in ("ref", "first_frame", "last_frame", "frames", "size_bytes")})
             self._frames += int(chunk["frames"])
             self._size += int(chunk["size_bytes"])
-            for key, value in counts.items():
+            for key, value in (chunk.get("counts") or {}).items():
                 self._counts[key] = self._counts.get(key, 0) + int(value)
-            self._first = first if self._first is None else self._first
-            self._last = last
-        kept = "".join(line + "\n" for line in lines[: len(self._chunks)])
-        try:  # the journal holds exactly the kept chunks: what is appended next follows them
-            tmp = self.journal.with_name(self.journal.name + ".tmp")
-            tmp.write_text(kept, encoding="utf-8")
-            tmp.replace(self.journal)
-        except OSError:
-            self.journal = None
+            self._first = chunk["first_frame"] if self._first is None else self._first
+            self._last = chunk["last_frame"]
         self.resume_after = self._last
         return self._last
 
@@ -522,6 +506,35 @@ class FrameWriter:
     @property
     def size_bytes(self) -> int:
         return self._size
+
+
+def keep_journalled(journal: Path, store: MediaStore) -> list[dict[str, Any]] | None:
+    """The chunks a journal names that an attempt may continue from: those still in the store, in frame
+    order, up to the first line a kill cut short or the first chunk lost. The journal is rewritten to
+    hold just those, so what is appended next follows them. None: the journal cannot be rewritten."""
+    try:
+        lines = journal.read_text(encoding="utf-8").splitlines()
+    except FileNotFoundError:
+        return []  # nothing journalled: nothing to keep
+    except OSError:
+        return None
+    kept: list[dict[str, Any]] = []
+    for line in lines:
+        try:
+            chunk = json.loads(line)
+            ref, first, last = chunk["ref"], int(chunk["first_frame"]), int(chunk["last_frame"])
+        except (ValueError, KeyError, TypeError):
+            break  # a line cut by the kill: what came before it holds
+        if (kept and first <= kept[-1]["last_frame"]) or not store.has(ref):
+            break
+        kept.append({**chunk, "first_frame": first, "last_frame": last})
+    try:
+        tmp = journal.with_name(journal.name + ".tmp")
+        tmp.write_text("".join(line + "\n" for line in lines[: len(kept)]), encoding="utf-8")
+        tmp.replace(journal)
+    except OSError:
+        return None
+    return kept
 
 
 def _list_counts(records: list[dict[str, Any]]) -> dict[str, int]:
