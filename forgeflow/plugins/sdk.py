@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from forgeflow.plugins import frames
 from forgeflow.plugins.cache import OutputCache
@@ -145,12 +145,12 @@ class ToolContext:
         self._readers.append(reader)
         return reader
 
-    def frames_seen(self) -> FramesSeen | None:
+    def frames_seen(self) -> FramesRead | None:
         """How much of its media the call read, over every reader it opened (None: it opened none):
         the stage report's ``media_frames``/``frames_read``/``truncated``, so no cut goes unsaid."""
         if not self._readers:
             return None
-        return FramesSeen(
+        return FramesRead(
             media_frames=max(r.frame_count for r in self._readers),
             frames_read=max(r.frames_read for r in self._readers),
             truncated=any(r.truncated for r in self._readers),
@@ -161,22 +161,14 @@ class ToolContext:
         return self.media_store.put_file(path, filename=filename).ref
 
 
-@dataclass(frozen=True)
-class FramesSeen:
-    """Frames in a call's media and frames it read; ``truncated``: the host's cap stopped it early."""
+class FramesRead(BaseModel):
+    """Frames in a call's media and frames it read: a cut is never silent (``truncated``: the host's
+    ``FORGEFLOW_MAX_FRAMES`` stopped reading before the media's end)."""
 
-    media_frames: int
-    frames_read: int
-    truncated: bool
-    max_frames: int | None
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "media_frames": self.media_frames,
-            "frames_read": self.frames_read,
-            "truncated": self.truncated,
-            "max_frames": self.max_frames,
-        }
+    media_frames: int = Field(ge=0)
+    frames_read: int = Field(ge=0)
+    truncated: bool = False
+    max_frames: int | None = None
 
 
 RunFn = Callable[[Any, Any, ToolContext], Any]

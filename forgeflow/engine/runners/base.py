@@ -16,16 +16,9 @@ from pydantic import BaseModel, Field, PlainSerializer, computed_field
 from forgeflow.canonical import whole_if_integral
 from forgeflow.pipeline.definition import RunnerKind
 from forgeflow.plugins.errors import ForgeFlowError
+from forgeflow.plugins.sdk import FramesRead
 
-
-class FramesRead(BaseModel):
-    """Frames in a call's media and frames it read: a cut is never silent (``truncated``: the host's
-    ``FORGEFLOW_MAX_FRAMES`` stopped reading before the media's end)."""
-
-    media_frames: int = Field(ge=0)
-    frames_read: int = Field(ge=0)
-    truncated: bool = False
-    max_frames: int | None = None
+__all__ = ["CallResult", "FramesRead", "Progress", "ProgressCallback", "Runner", "ToolCall"]
 
 
 class ToolCall(BaseModel):

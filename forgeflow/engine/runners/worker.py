@@ -242,7 +242,7 @@ def execute_call(
         "recycle": False,
         "reused_outputs": ctx.cache.hits,
         "computed_outputs": ctx.cache.misses,
-        "frames": seen.to_dict() if (seen := ctx.frames_seen()) is not None else None,
+        "frames": seen.model_dump() if (seen := ctx.frames_seen()) is not None else None,
     }
     if error is None:
         stage = request.get("stage_index")
