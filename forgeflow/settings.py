@@ -71,6 +71,35 @@ class Settings(BaseSettings):
         description='Concurrent stages per device, e.g. {"cpu": 2, "cuda:0": 1}; default: one per CPU core for '
         '"cpu" and 1 per GPU. Stages beyond the slots wait (and say so).',
     )
+    batching: bool = Field(
+        True,
+        description="Let the engine group concurrent calls of a batchable tool (same plugin, version, tool and "
+        "config) from different jobs into one call of one warm worker (one model pass for all of them).",
+    )
+    batch_max_size: int = Field(
+        8, ge=1, le=256, description="Most calls in one batch, unless the tool or batch_sizes says otherwise."
+    )
+    batch_max_wait_ms: float = Field(
+        10.0,
+        ge=0,
+        le=10_000,
+        description="Longest a batchable call waits for others to join its batch (it also gathers while the "
+        "device is busy); unless the tool or batch_waits_ms says otherwise.",
+    )
+    batch_sizes: Annotated[dict[str, int], NoDecode] = Field(
+        default_factory=dict,
+        description='Per-tool batch sizes, e.g. {"pose-estimator.estimate_poses": 16} or '
+        "pose-estimator.estimate_poses=16; 1 turns batching off for that tool.",
+    )
+    batch_waits_ms: Annotated[dict[str, float], NoDecode] = Field(
+        default_factory=dict,
+        description='Per-tool longest waits in ms, e.g. {"pose-estimator.estimate_poses": 5}.',
+    )
+    vision_joined_passes: bool = Field(
+        False,
+        description="The built-in vision tools run a cross-job batch through one forward pass (faster on a GPU; "
+        "results equal to ~1e-4, not byte for byte) instead of one pass per call inside the batch.",
+    )
     reuse_outputs: bool = Field(
         True,
         description="Let a stage reuse what an earlier stage of the same job computed (ctx.cache): same bytes, less work.",
@@ -221,7 +250,7 @@ class Settings(BaseSettings):
                 raise ValueError(f"not a JSON list ({exc.msg}); use {_PATHS_FORMS}") from None
         return [part for part in text.split(os.pathsep) if part.strip()]
 
-    @field_validator("pool_sizes", "device_slots", mode="before")
+    @field_validator("pool_sizes", "device_slots", "batch_sizes", "batch_waits_ms", mode="before")
     @classmethod
     def _counts(cls, value: Any) -> Any:
         if not isinstance(value, str):

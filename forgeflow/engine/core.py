@@ -12,7 +12,9 @@ is that all of it lives on between jobs:
 * **cheaper Prefect** — flow runs start in a process where Prefect is already imported and its
   client warm, without the per-run heartbeat thread whose exit costs a sync flow about a second
   (the engine reconciles lost jobs itself);
-* **reuse** — each job has its own ``ctx.cache`` (removed when the job ends).
+* **reuse** — each job has its own ``ctx.cache`` (removed when the job ends);
+* **batches** — concurrent calls of a batchable tool from different jobs run as one call of one
+  warm worker (:mod:`forgeflow.engine.batching`).
 
 Jobs are submitted with where their events go: an API's ingest endpoint (``HttpSink``, spooled
 while the API is away) or a stream back to the caller (``forgeflow run``).
@@ -31,6 +33,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from forgeflow.engine.admission import AdmittedRunner, DeviceSlots
+from forgeflow.engine.batching import BatchingRunner
 from forgeflow.engine.lifecycle import LifecycleStore
 from forgeflow.engine.registry import PluginRegistry
 from forgeflow.engine.runners import get_runner
@@ -131,7 +134,9 @@ class Engine:
         self.registry = registry or PluginRegistry.discover(LifecycleStore(settings.lifecycle_db))
         self.pool = get_runner(settings, self.registry)
         self.slots = DeviceSlots(settings.device_slots)
-        self.runner = AdmittedRunner(self.pool, self.slots, on_wait=self._stage_waits)
+        self.runner = BatchingRunner(
+            AdmittedRunner(self.pool, self.slots, on_wait=self._stage_waits), settings, self.registry
+        )
         self.started_at = time.time()
         self.prefect_api_url = os.environ.get("PREFECT_API_URL")
         self._lock = threading.Lock()
@@ -411,6 +416,7 @@ class Engine:
             "max_concurrent_jobs": self.settings.max_concurrent_jobs,
             "jobs": {"running": running, "queued": queued, "finished": finished},
             "devices": self.slots.status(),
+            "batching": self.runner.status(),
             **pools,
         }
 

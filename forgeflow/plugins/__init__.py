@@ -20,10 +20,11 @@ from forgeflow.plugins.errors import (
 )
 from forgeflow.plugins.frames import ArtifactBudgetExceeded, FrameStream
 from forgeflow.plugins.media import Frame, MediaInfo, MediaReader, MediaStore
-from forgeflow.plugins.sdk import EmptyModel, Plugin, Tool, ToolContext, resource
+from forgeflow.plugins.sdk import BatchSpec, EmptyModel, Plugin, Tool, ToolContext, resource
 
 __all__ = [
     "ArtifactBudgetExceeded",
+    "BatchSpec",
     "ConfigError",
     "DeviceUnavailable",
     "EmptyModel",

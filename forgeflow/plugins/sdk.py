@@ -16,7 +16,7 @@ import inspect
 import math
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from forgeflow.plugins import frames
+from forgeflow.plugins.batching import BatchGather, BatchSpec, GroupFn
 from forgeflow.plugins.cache import OutputCache
 from forgeflow.plugins.checkpoints import Checkpoints
 from forgeflow.plugins.errors import ConfigError, InputError, OutputError, PluginUnavailable
@@ -32,7 +33,11 @@ from forgeflow.settings import MATCH_MEDIA_BYTES
 if TYPE_CHECKING:
     from forgeflow.plugins.media import MediaReader, MediaStore
 
+T = TypeVar("T")
+R = TypeVar("R")
+
 __all__ = [
+    "BatchSpec",
     "EmptyModel",
     "Plugin",
     "Tool",
@@ -84,6 +89,8 @@ class ToolContext:
     #: Where :meth:`progress` sends ``{done, total, message}`` (set by the worker; None: nowhere).
     progress_sink: Callable[[dict[str, Any]], None] | None = field(default=None, repr=False)
     progress_interval_s: float = 0.5
+    #: The batch this call is part of (set by the worker; None: the call runs alone).
+    gather: BatchGather | None = field(default=None, repr=False)
     _progress_lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
     _progress_sent_at: float | None = field(default=None, init=False, repr=False)
     _readers: list[MediaReader] = field(default_factory=list, init=False, repr=False)
@@ -131,6 +138,22 @@ class ToolContext:
                 return
             self._progress_sent_at, self._progress_sent = now, report
             sink(report)
+
+    def batched(self, key: Hashable, items: Sequence[T], fn: GroupFn[T, R]) -> list[R]:
+        """This call's results of ``fn``, one per item, in order: ``fn(groups)`` takes one list of
+        items per call and returns one list of results per call.
+
+        Alone, that is ``fn([items])[0]``. In a batch (a tool declared with ``batch=`` that the engine
+        gave several jobs' calls at once), the calls that ask with an equal ``key`` at about the same
+        time go through one ``fn`` with a group each (one model call for all of them). ``key`` says
+        which calls may join: put in it whatever the results depend on besides the items (model,
+        device, thresholds). To keep batched results byte-identical to unbatched ones, ``fn`` must
+        give each group what it would give it alone: a model whose output depends on what else
+        shares its forward pass (most convolution kernels, in the last float bits) runs each group
+        as its own pass."""
+        if self.gather is None:
+            return BatchGather.alone(items, fn)
+        return self.gather.call(key, items, fn)
 
     def end_progress(self) -> None:
         """The call is over: later reports (from a thread the tool left running) go nowhere."""
@@ -197,6 +220,9 @@ class Tool:
     #: Its per-frame outputs depend on each frame alone (no state carried from frame to frame), so a
     #: retried call may continue after the chunks an interrupted attempt wrote (``ctx.resume_after``).
     resumable: bool = False
+    #: The tool takes batches: the engine may join concurrent calls of it from different jobs (its
+    #: model passes meet in :meth:`ToolContext.batched`); None: every call runs alone.
+    batch: BatchSpec | None = None
 
     def schemas(self) -> dict[str, dict[str, Any]]:
         """JSON Schemas of config, input and output (the tool's manifest)."""
@@ -339,12 +365,19 @@ class Plugin:
         config: type[BaseModel] = EmptyModel,
         description: str | None = None,
         resumable: bool = False,
+        batch: BatchSpec | bool | None = None,
     ) -> Callable[[RunFn], RunFn]:
         """Register ``fn(inputs, config, ctx)`` as a tool (its name defaults to the function's).
 
         ``resumable=True``: the tool's per-frame outputs depend on each frame alone, so a retried job
         continues it after the chunks an interrupted attempt wrote; the tool may skip to
-        ``ctx.resume_after`` (records up to it are dropped anyway)."""
+        ``ctx.resume_after`` (records up to it are dropped anyway).
+
+        ``batch=BatchSpec(max_batch=..., max_wait_ms=...)`` (or ``True`` for the host's defaults):
+        the tool takes batches. The engine may give one warm worker the concurrent calls of several
+        jobs with the same config; each still runs ``fn`` with its own inputs and ``ctx``, and the
+        model passes it routes through :meth:`ToolContext.batched` run once for all of them."""
+        spec = BatchSpec() if batch is True else (batch or None)
 
         def register(fn: RunFn) -> RunFn:
             tool_name = name or fn.__name__
@@ -361,6 +394,7 @@ class Plugin:
                 fn=fn,
                 plugin_name=self.name,
                 resumable=resumable,
+                batch=spec,
             )
             return fn
 
@@ -388,8 +422,6 @@ class Plugin:
         if reason:
             raise PluginUnavailable(f"plugin {self.name!r} is unavailable: {reason}", plugin=self.name)
 
-
-T = TypeVar("T")
 
 _resource_loads = 0  # how many resource() loads this process has done: a warm worker's count stays put
 

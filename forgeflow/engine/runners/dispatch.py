@@ -24,6 +24,7 @@ from forgeflow.pipeline.outcome import EndReason
 
 if TYPE_CHECKING:
     from forgeflow.engine.registry import PluginRegistry
+    from forgeflow.engine.runners.batch_call import BatchPart
     from forgeflow.settings import Settings
 
 #: How long a cancel mark is kept for a job that never says it ended.
@@ -102,6 +103,27 @@ class RunnerSet:
         except Exception as exc:
             return CallResult.failure("RunnerError", f"{label}: cannot create the {kind} runner: {exc}")
         return runner.run(call, on_progress)
+
+    def run_batch(self, parts: list[BatchPart], max_wait_ms: float) -> None:
+        """Run a batch of calls (one plugin, tool, config and runner) in the runner they ask for;
+        a runner that takes no batches runs each call alone. Every part is answered on return."""
+        try:
+            runner = self.runner(parts[0].call.runner or self.default)
+        except Exception as exc:
+            for part in parts:
+                part.resolve(CallResult.failure("RunnerError", f"cannot create the runner: {exc}"))
+            return
+        batch = getattr(runner, "run_batch", None)
+        if batch is not None:
+            batch(parts, max_wait_ms)
+        for part in parts:
+            if not part.done.is_set():
+                part.resolve(self.run(part.call, part.on_progress))
+
+    def takes_batches(self, kind: str | None) -> bool:
+        """Whether calls for the runner of ``kind`` (default: the host's) may be batched: the process
+        runner's only (a container or the caller's own process runs each call as today)."""
+        return (kind or self.default) == "process"
 
     def close(self) -> None:
         with self._lock:

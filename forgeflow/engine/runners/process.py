@@ -41,7 +41,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
 from forgeflow.engine.runners import LifecycleRecorder, Prepared, prepare, progress_relay, result_from_message
 from forgeflow.engine.runners.base import CallResult, ProgressCallback, ToolCall
@@ -54,6 +54,9 @@ from forgeflow.engine.runners.protocol import (
 )
 from forgeflow.pipeline.outcome import EndReason
 from forgeflow.plugins.errors import PluginUnavailable, StageMemoryExceeded, StageTimeout, WorkerCrashed
+
+if TYPE_CHECKING:
+    from forgeflow.engine.runners.batch_call import BatchPart
 
 log = logging.getLogger("forgeflow.runners.process")
 
@@ -287,6 +290,13 @@ class ProcessRunner:
             return CallResult.failure(
                 "RunnerError", f"{call.plugin}.{call.tool}: runner error: {type(exc).__name__}: {exc}"
             )
+
+    def run_batch(self, parts: list[BatchPart], max_wait_ms: float) -> None:
+        """Run the calls of ``parts`` (one plugin, tool and config) as one batch in one worker, each
+        part answered as its own call ends (see :mod:`.batch_call`)."""
+        from forgeflow.engine.runners.batch_call import run_batch
+
+        run_batch(self, parts, max_wait_ms)
 
     def close(self) -> None:
         with self._cond:

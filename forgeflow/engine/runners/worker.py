@@ -31,6 +31,7 @@ import importlib
 import json
 import os
 import sys
+import threading
 import time
 import traceback
 from collections.abc import Callable
@@ -375,12 +376,24 @@ def serve(plugin_name: str, proto_in: int, proto_out: int, media_out: Path | Non
     from forgeflow.plugins.sdk import resource_loads
 
     def send_progress(update: dict[str, Any]) -> None:
-        write_message(proto_out, {"type": "progress", **update})
+        send({"type": "progress", **update})
+
+    send_lock = threading.Lock()
+
+    def send(reply: dict[str, Any]) -> None:  # a batch's calls answer from their own threads
+        with send_lock:
+            write_message(proto_out, reply)
 
     while True:
         message = read_message_blocking(proto_in)
         if message is None or message.get("type") == "shutdown":
             return 0
+        if message.get("type") == "batch":
+            from forgeflow.engine.runners.worker_batch import run_batch
+
+            if run_batch(plugin, message, settings, send, media_store=store):
+                return 0
+            continue
         if message.get("type") != "call":
             print(f"forgeflow worker: ignoring message of type {message.get('type')!r}", file=sys.stderr)
             continue
@@ -388,7 +401,7 @@ def serve(plugin_name: str, proto_in: int, proto_out: int, media_out: Path | Non
             plugin, message, settings, measure_peak=True, media_store=store, progress_sink=send_progress
         )
         result["resource_loads"] = resource_loads()
-        write_message(proto_out, result)
+        send(result)
         if result.get("recycle"):
             return 0
 

@@ -9,6 +9,10 @@ and ``player_index``; a player without a matching pose gets no pose entry (the p
 see that person). Frames are exactly the frames listed in ``players`` (``frame_stride`` and
 ``max_frames`` thin them further), so the stages stay aligned whatever stride detection used.
 
+Batches: concurrent calls of several jobs with one config run as one batch of one warm worker
+(the engine's cross-job batching); each call's frame passes go through :func:`model_passes`, so
+its poses are byte for byte those it gets alone.
+
 Keypoints are ``[x, y, confidence]`` in pixels of the original frame, COCO-17 order; a keypoint the
 model places outside the image or does not see has a low confidence, not a missing entry.
 """
@@ -42,7 +46,7 @@ from forgeflow.plugins.builtin.schemas import FramePlayers, FramePoses, Pose
 from forgeflow.plugins.errors import ConfigError, InputError, MediaError
 from forgeflow.plugins.frames import FrameStream
 from forgeflow.plugins.media import FrameSeeker, MediaReader
-from forgeflow.plugins.sdk import Plugin, ToolContext
+from forgeflow.plugins.sdk import BatchSpec, Plugin, ToolContext
 
 plugin = Plugin(
     "pose-estimator",
@@ -104,7 +108,7 @@ def match_poses(
     return sorted(matches)
 
 
-@plugin.tool(input=PoseInput, output=PoseOutput, config=PoseConfig, resumable=True)
+@plugin.tool(input=PoseInput, output=PoseOutput, config=PoseConfig, resumable=True, batch=BatchSpec())
 def estimate_poses(inputs: PoseInput, config: PoseConfig, ctx: ToolContext) -> PoseOutput:
     """17 COCO keypoints (x, y, confidence) per detected player, matched to the player and its track id."""
     device = resolve_device(config.device)

@@ -11,6 +11,10 @@ Tools
 ``track_players``
     The same, with the ByteTrack parameters exposed and a per-track summary (``tracks``).
 
+Both tools take batches (the engine's cross-job batching): concurrent calls of several jobs with
+one config run in one warm worker, each with its own tracker, and their model passes meet (results
+byte for byte those of each call alone).
+
 Tracking: Ultralytics' ``BYTETracker`` with a fresh tracker per call (ids start at 1 for every
 video, so the same input gives the same ids). A detection the tracker has not confirmed yet (a
 person that appears mid-video is confirmed on its second frame) has ``track_id: null``. A scene
@@ -42,7 +46,7 @@ from forgeflow.plugins.builtin._vision import (
 )
 from forgeflow.plugins.builtin.schemas import FramePlayers, MediaInput, Player
 from forgeflow.plugins.frames import FrameStream
-from forgeflow.plugins.sdk import Plugin, ToolContext
+from forgeflow.plugins.sdk import BatchSpec, Plugin, ToolContext
 
 plugin = Plugin(
     "forgesyte-yolo-tracker",
@@ -210,7 +214,7 @@ def detect(
     report_frames(ctx, done, expected, final=True)
 
 
-@plugin.tool(input=MediaInput, output=PlayersOutput, config=DetectConfig)
+@plugin.tool(input=MediaInput, output=PlayersOutput, config=DetectConfig, batch=BatchSpec())
 def detect_players(inputs: MediaInput, config: DetectConfig, ctx: ToolContext) -> PlayersOutput:
     """Detect players (people) per frame: box xyxy, confidence, class and a ByteTrack track id."""
     return PlayersOutput(
@@ -220,7 +224,7 @@ def detect_players(inputs: MediaInput, config: DetectConfig, ctx: ToolContext) -
     )
 
 
-@plugin.tool(input=MediaInput, output=TracksOutput, config=TrackConfig)
+@plugin.tool(input=MediaInput, output=TracksOutput, config=TrackConfig, batch=BatchSpec())
 def track_players(inputs: MediaInput, config: TrackConfig, ctx: ToolContext) -> TracksOutput:
     """Track players across video frames with ByteTrack: per-frame players plus a summary per track id."""
     # the per-track summary needs every frame first: this tool holds its players (detect_players streams)

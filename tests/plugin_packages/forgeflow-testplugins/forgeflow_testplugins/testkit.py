@@ -12,7 +12,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
-from forgeflow.plugins import EmptyModel, FrameStream, Plugin, ToolContext
+from forgeflow.plugins import BatchSpec, EmptyModel, FrameStream, Plugin, ToolContext
 from forgeflow.plugins.builtin.schemas import FramePlayers, FramePoses, Player, Pose
 
 plugin = Plugin("testkit", "0.1.0", aliases=["tk"], description="Test tools for ForgeFlow itself.")
@@ -480,3 +480,50 @@ class BadOutput(BaseModel):
 def bad_output(inputs: EmptyModel, config: EmptyModel, ctx: ToolContext) -> Any:
     """Return something the output model rejects."""
     return {"value": "not a number"}
+
+
+# --- a batchable tool (the engine's cross-job batching) ------------------------------------------
+
+
+class BatchProbeInput(BaseModel):
+    value: int
+    seconds: float = Field(0.0, ge=0, description="Sleep this long before the batched pass (a slow call).")
+    crash: bool = Field(False, description="Crash the worker (a segfault) when the batched pass sees this input.")
+    fail: bool = Field(False, description="Raise in the batched pass for this input.")
+
+
+class BatchProbeConfig(BaseModel):
+    record: str = Field(description="A file each batched pass appends 'pid groups' to (what was joined).")
+    hold_s: float = Field(0.0, ge=0, description="The pass takes this long (a model call in progress).")
+
+
+class BatchProbeOutput(BaseModel):
+    doubled: int
+    pid: int
+
+
+@plugin.tool(
+    input=BatchProbeInput,
+    output=BatchProbeOutput,
+    config=BatchProbeConfig,
+    batch=BatchSpec(max_batch=8, max_wait_ms=200),
+)
+def batch_probe(inputs: BatchProbeInput, config: BatchProbeConfig, ctx: ToolContext) -> BatchProbeOutput:
+    """Doubles ``value`` in a batched pass that records how many calls it joined (and misbehaves on demand)."""
+    if inputs.seconds:
+        time.sleep(inputs.seconds)
+    ctx.progress(0, 1, "before the pass")
+
+    def double(groups: list[list[BatchProbeInput]]) -> list[list[int]]:
+        with open(config.record, "a") as fh:
+            fh.write(f"{os.getpid()} {len(groups)}\n")
+        if any(item.crash for group in groups for item in group):
+            ctypes.string_at(0)
+        if any(item.fail for group in groups for item in group):
+            raise ValueError("a marked input")
+        time.sleep(config.hold_s)
+        return [[item.value * 2 for item in group] for group in groups]
+
+    (doubled,) = ctx.batched("double", [inputs], double)
+    ctx.progress(1, 1, "after the pass")
+    return BatchProbeOutput(doubled=doubled, pid=os.getpid())
