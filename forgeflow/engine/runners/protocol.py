@@ -17,6 +17,9 @@ worker → parent
                 peak_memory_mb, recycle}``: the answer to one ``call``.
 parent → worker
     ``call``    ``{tool, config, inputs, memory_limit_mb, job_id, stage_index}``
+    ``batch``   ``{tool, config, max_wait_ms, memory_limit_mb, items: [{inputs, job_id, stage_index,
+                ...}]}``: several jobs' calls of one batchable tool at once (:mod:`.worker_batch`);
+                each item's ``progress`` and ``result`` carry its ``item`` index, in any order.
     ``shutdown``: leave cleanly (closing stdin does the same).
 """
 
