@@ -1,10 +1,12 @@
 """Cross-job batching: 20 one-image pose jobs submitted at once to the engine, batching on and off,
 against the pose model called directly in a warm loop, in one run.
 
-    .venv/bin/python bench/bench_batching.py [--jobs 20] [--rounds 2]
+    .venv/bin/python bench/bench_batching.py [--jobs 20] [--rounds 2] [--joined]
 
 Starts a local Prefect server (SQLite) in a fresh folder, then for each mode an engine of its own
-(``FORGEFLOW_BATCHING=true`` / ``false``, defaults otherwise) that runs every job as a Prefect flow
+(``FORGEFLOW_BATCHING=true``; the same with one CPU slot, so calls gather while it is busy;
+``FORGEFLOW_BATCHING=false``; with ``--joined``, ``FORGEFLOW_VISION_JOINED_PASSES=true`` too;
+defaults otherwise) that runs every job as a Prefect flow
 run with a task run per stage. Each job is ``detect_players → estimate_poses`` on one image
 (Ultralytics' bus.jpg and zidane.jpg, alternately) on the CPU. After two warm-up jobs, ``--jobs``
 jobs go to the engine at once (one streaming client each); the time from the first submission to
@@ -76,12 +78,12 @@ def burst(client: Any, images: list[str], n: int, prefix: str) -> tuple[float, i
 
 
 def engine_mode(
-    home: Path, prefect_url: str, images: list[str], assets: Path, batching: bool, args: Any
+    home: Path, prefect_url: str, images: list[str], assets: Path, args: Any, **overrides: Any
 ) -> dict[str, Any]:
     from forgeflow.engine.client import ensure_engine
     from forgeflow.settings import Settings
 
-    settings = Settings(home=home, batching=batching, media_input_roots=[assets])
+    settings = Settings(home=home, media_input_roots=[assets], **overrides)
     client, _status = ensure_engine(settings, env={"PREFECT_API_URL": prefect_url}, timeout=180)
     try:
         burst(client, images, 2, "warm")  # workers started, models loaded
@@ -103,6 +105,9 @@ def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--jobs", type=int, default=20)
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument(
+        "--joined", action="store_true", help="also a row with FORGEFLOW_VISION_JOINED_PASSES=true (for a GPU host)"
+    )
     args = parser.parse_args()
 
     from ultralytics import ASSETS
@@ -119,9 +124,16 @@ def main() -> int:
     prefect_url = prefect.start(timeout=180)
     try:
         modes = {
-            "on": engine_mode(base / "on", prefect_url, images, assets, True, args),
-            "off": engine_mode(base / "off", prefect_url, images, assets, False, args),
+            "batching on": engine_mode(base / "on", prefect_url, images, assets, args, batching=True),
+            "batching on, 1 CPU slot": engine_mode(
+                base / "on1", prefect_url, images, assets, args, batching=True, device_slots={"cpu": 1}
+            ),
+            "batching off": engine_mode(base / "off", prefect_url, images, assets, args, batching=False),
         }
+        if args.joined:
+            modes["batching on, joined passes"] = engine_mode(
+                base / "joined", prefect_url, images, assets, args, batching=True, vision_joined_passes=True
+            )
         direct = statistics.median(direct_loop(images, args.jobs) for _ in range(2))
     finally:
         prefect.stop()
@@ -132,7 +144,7 @@ def main() -> int:
     print("|---|---:|---:|---:|---|")
     for name, row in modes.items():
         print(
-            f"| engine, batching {name} ({row['succeeded']}/{args.jobs} succeeded) | {row['jobs_per_s']:.2f} | "
+            f"| engine, {name} ({row['succeeded']}/{args.jobs} succeeded) | {row['jobs_per_s']:.2f} | "
             f"{row['jobs_per_s'] / direct:.2f}× | {row['batches']} ({row['batched_calls']}) | {row['rounds_s']} |"
         )
     print(f"| pose model called directly, warm loop | {direct:.2f} images/s | 1.00× | — | — |")
