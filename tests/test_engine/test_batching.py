@@ -124,6 +124,26 @@ def test_cancelled_and_timed_out_calls_of_a_batch_end_alone(engine: Engine, tmp_
     assert after.ok and after.outputs == {"doubled": 10, "pid": after.outputs["pid"]}  # type: ignore[index]
 
 
+@pytest.mark.parametrize("engine", [{"device_slots": {"cpu": 1}}], indirect=True)
+def test_a_call_cancelled_while_its_batch_waits_for_the_device_ends_alone(engine: Engine, tmp_path: Path) -> None:
+    record = tmp_path / "passes.txt"
+    running: dict[str, CallResult] = {}
+    holder = threading.Thread(target=lambda: running.setdefault("r", engine.call(probe(record, "holder", 1, hold_s=4))))
+    holder.start()
+    deadline = time.monotonic() + 60
+    while not record.exists():  # the holder's pass has begun: it holds the only CPU slot
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    threading.Timer(0.5, engine.pool.cancel_job, args=("queued",)).start()
+    queued = engine.call(probe(record, "queued", 2, hold_s=4))
+
+    assert queued.error_type == "Cancelled", queued
+    assert holder.is_alive()  # it ended while the batch ahead of it still ran
+    holder.join(60)
+    assert running["r"].ok and running["r"].outputs["doubled"] == 2  # type: ignore[index]
+    assert len(passes(record)) == 1  # the cancelled call never reached a worker
+
+
 def test_a_worker_crash_in_a_batch_fails_only_the_poisoned_job(engine: Engine, tmp_path: Path) -> None:
     record = tmp_path / "passes.txt"
     engine.call(probe(record, "warm", 0))
@@ -164,8 +184,8 @@ def test_batched_vision_calls_are_byte_identical_to_calls_alone(engine: Engine) 
     assets = assets_dir()
     engine.settings.media_input_roots.append(assets)
     images = [str(assets / name) for name in ("bus.jpg", "zidane.jpg", "bus.jpg", "zidane.jpg")]
-    detect = {"plugin": "forgesyte-yolo-tracker", "tool": "detect_players", "config": {"device": "cpu"}}
-    pose = {"plugin": "pose-estimator", "tool": "estimate_poses", "config": {"device": "cpu"}}
+    detect = {"plugin": "forgesyte-yolo-tracker", "tool": "detect_players", "config": {"device": "cpu", "imgsz": 320}}
+    pose = {"plugin": "pose-estimator", "tool": "estimate_poses", "config": {"device": "cpu", "imgsz": 320}}
 
     def stage(spec: dict[str, Any], job: str, inputs: dict[str, Any]) -> ToolCall:
         return ToolCall(**spec, inputs=inputs, job_id=job, stage_index=0, timeout_s=120)

@@ -425,10 +425,25 @@ def run_request(
             "error_type": "UnknownTool",
             "duration_ms": 0.0,
         }
-    ctx = build_context(
+    ctx = request_context(settings, plugin.name, tool.name, request, media_store, progress_sink)
+    return execute_call(
+        tool, request, ctx, enforce_memory=True, measure_peak=measure_peak, max_output_bytes=settings.max_output_bytes
+    )
+
+
+def request_context(
+    settings: Settings,
+    plugin: str,
+    tool: str,
+    request: dict[str, Any],
+    media_store: MediaStore | None,
+    progress_sink: Callable[[dict[str, Any]], None] | None,
+) -> ToolContext:
+    """The context of the call ``request`` describes (a ``call`` message, or an item of a ``batch``)."""
+    return build_context(
         settings,
-        plugin.name,
-        tool.name,
+        plugin,
+        tool,
         request.get("job_id"),
         request.get("stage_index"),
         media_store=media_store,
@@ -436,9 +451,6 @@ def run_request(
         artifact_budget_bytes=request.get("artifact_budget_bytes"),
         checkpoint_key=request.get("checkpoint_key"),
         resume=bool(request.get("resume")),
-    )
-    return execute_call(
-        tool, request, ctx, enforce_memory=True, measure_peak=measure_peak, max_output_bytes=settings.max_output_bytes
     )
 
 

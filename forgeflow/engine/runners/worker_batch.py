@@ -36,7 +36,7 @@ def run_batch(
 ) -> bool:
     """Run every item of a ``batch`` message, sending each item's progress and result through
     ``send`` (thread-safe); True when the worker must leave afterwards (a MemoryError, say)."""
-    from forgeflow.engine.runners.worker import AddressSpaceLimit, build_context, execute_call, rlimit_wanted
+    from forgeflow.engine.runners.worker import AddressSpaceLimit, execute_call, request_context, rlimit_wanted
     from forgeflow.plugins.batching import BatchGather
     from forgeflow.plugins.sdk import resource_loads
 
@@ -67,18 +67,7 @@ def run_batch(
 
         request = {**item, "tool": tool.name, "config": message.get("config") or {}}
         try:
-            ctx = build_context(
-                settings,
-                plugin.name,
-                tool.name,
-                item.get("job_id"),
-                item.get("stage_index"),
-                media_store=media_store,
-                progress_sink=progress,
-                artifact_budget_bytes=item.get("artifact_budget_bytes"),
-                checkpoint_key=item.get("checkpoint_key"),
-                resume=bool(item.get("resume")),
-            )
+            ctx = request_context(settings, plugin.name, tool.name, item, media_store, progress)
             ctx.gather = gather
             result = execute_call(
                 tool,

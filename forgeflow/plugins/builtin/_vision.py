@@ -492,16 +492,10 @@ def predict_frames(
     """Predictions for ``frames`` (Frame objects of ``media``), through the job's cache when it is on.
     The model pass goes through ``ctx.batched``: in a batch of several jobs' calls it is one worker's
     pass for all of them (see :func:`model_passes`)."""
+    images = [f.image for f in frames]
     if not ctx.cache.enabled:
         return model_passes(
-            ctx,
-            model,
-            [f.image for f in frames],
-            weights=weights,
-            device=device,
-            imgsz=imgsz,
-            confidence=confidence,
-            classes=classes,
+            ctx, model, images, weights=weights, device=device, imgsz=imgsz, confidence=confidence, classes=classes
         )
     floor = min(confidence, PREDICT_CONF_FLOOR)
     keys = [
@@ -522,14 +516,7 @@ def predict_frames(
         found = [Prediction.decode(blob) for blob in cached]  # type: ignore[arg-type]
     else:
         found = model_passes(
-            ctx,
-            model,
-            [f.image for f in frames],
-            weights=weights,
-            device=device,
-            imgsz=imgsz,
-            confidence=floor,
-            classes=None,
+            ctx, model, images, weights=weights, device=device, imgsz=imgsz, confidence=floor, classes=None
         )
         for key, prediction in zip(keys, found, strict=True):
             ctx.cache.misses += 1
