@@ -214,3 +214,19 @@ def test_batched_vision_calls_are_byte_identical_to_calls_alone(engine: Engine) 
     # 8 calls ran in fewer batches than calls: the jobs' calls were joined
     assert after["batched_calls"] - before["batched_calls"] == 8
     assert after["batches"] - before["batches"] < 8
+
+
+def test_batch_limits_come_from_the_tool_then_the_host_per_tool(monkeypatch: pytest.MonkeyPatch) -> None:
+    from forgeflow.engine.batching import BatchLimits, batch_limits
+    from forgeflow.plugins.builtin.pose_estimator import plugin as pose
+    from forgeflow_testplugins.testkit import plugin as testkit
+
+    probe_tool, pose_tool = testkit.tools["batch_probe"], pose.tools["estimate_poses"]
+    assert batch_limits(Settings(), "testkit", probe_tool) == BatchLimits(8, 200.0)  # the tool's BatchSpec
+    assert batch_limits(Settings(), "pose-estimator", pose_tool) == BatchLimits(8, 10.0)  # the host's defaults
+    monkeypatch.setenv("FORGEFLOW_BATCH_SIZES", "testkit.batch_probe=3,pose-estimator.estimate_poses=1")
+    monkeypatch.setenv("FORGEFLOW_BATCH_WAITS_MS", '{"testkit.batch_probe": 5}')
+    assert batch_limits(Settings(), "testkit", probe_tool) == BatchLimits(3, 5.0)
+    assert batch_limits(Settings(), "pose-estimator", pose_tool) is None  # a size of 1: never batched
+    assert batch_limits(Settings(batching=False), "testkit", probe_tool) is None
+    assert batch_limits(Settings(), "testkit", testkit.tools["sleep"]) is None  # not batchable
