@@ -161,6 +161,21 @@ def test_a_worker_crash_in_a_batch_fails_only_the_poisoned_job(engine: Engine, t
     assert len(retried) >= 2 and all(groups == 1 for _pid, groups in retried), joined  # then each went alone
 
 
+def test_a_call_over_its_memory_in_a_batch_fails_alone(engine: Engine, tmp_path: Path) -> None:
+    record = tmp_path / "passes.txt"
+    engine.call(probe(record, "warm", 0))
+    calls = [probe(record, f"ok-{i}", i) for i in range(3)]
+    calls[1] = probe(record, "hog", 1, allocate_mb=4096)
+    for call in calls:
+        call.memory_limit_mb = 256  # the batch may take 3 x 256 MB; the hog wants 4 GB
+    results = call_all(engine, calls)
+
+    assert results[1].error_type == "MemoryError", results[1]
+    assert [results[0].ok, results[2].ok] == [True, True], [r.error for r in results]
+    assert [results[0].outputs["doubled"], results[2].outputs["doubled"]] == [0, 4]  # type: ignore[index]
+    assert engine.call(probe(record, "after", 5)).ok  # the pool serves on (the worker was replaced)
+
+
 def test_a_failing_input_in_a_joined_pass_fails_only_its_call(engine: Engine, tmp_path: Path) -> None:
     record = tmp_path / "passes.txt"
     results = call_all(engine, [probe(record, "ok", 1), probe(record, "bad", 2, fail=True), probe(record, "ok2", 3)])

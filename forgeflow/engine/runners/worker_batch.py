@@ -58,9 +58,14 @@ def run_batch(
     gather = BatchGather(len(items), float(message.get("max_wait_ms") or 0.0) / 1000.0)
     lock = threading.Lock()
     recycle = False
+    armed = threading.Event()
 
     def part(index: int, item: dict[str, Any]) -> None:
         nonlocal recycle
+        # this thread's malloc arena (64 MB of address space, reserved on its first allocation)
+        # exists before the batch's address-space limit: it must not count against the calls
+        bytearray(1 << 17)
+        armed.wait()
 
         def progress(update: dict[str, Any]) -> None:
             send({"type": "progress", "item": index, **update})
@@ -87,13 +92,17 @@ def run_batch(
         send(result)
 
     limit_mb = message.get("memory_limit_mb")
-    with AddressSpaceLimit(int(limit_mb) if limit_mb else None, rlimit_wanted()):
-        threads = [
-            threading.Thread(target=part, args=(index, item), name=f"batch-item-{index}", daemon=True)
-            for index, item in enumerate(items)
-        ]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
+    threads = [
+        threading.Thread(target=part, args=(index, item), name=f"batch-item-{index}", daemon=True)
+        for index, item in enumerate(items)
+    ]
+    for thread in threads:  # started (stacks mapped) before the limit
+        thread.start()
+    try:
+        with AddressSpaceLimit(int(limit_mb) if limit_mb else None, rlimit_wanted()):
+            armed.set()
+            for thread in threads:
+                thread.join()
+    finally:
+        armed.set()
     return recycle

@@ -490,6 +490,7 @@ class BatchProbeInput(BaseModel):
     seconds: float = Field(0.0, ge=0, description="Sleep this long before the batched pass (a slow call).")
     crash: bool = Field(False, description="Crash the worker (a segfault) when the batched pass sees this input.")
     fail: bool = Field(False, description="Raise in the batched pass for this input.")
+    allocate_mb: int = Field(0, ge=0, description="Allocate (and touch) this much memory before the pass.")
 
 
 class BatchProbeConfig(BaseModel):
@@ -512,6 +513,10 @@ def batch_probe(inputs: BatchProbeInput, config: BatchProbeConfig, ctx: ToolCont
     """Doubles ``value`` in a batched pass that records how many calls it joined (and misbehaves on demand)."""
     if inputs.seconds:
         time.sleep(inputs.seconds)
+    if inputs.allocate_mb:
+        hog = bytearray(inputs.allocate_mb * 2**20)
+        hog[::4096] = b"x" * len(range(0, len(hog), 4096))
+        del hog
     ctx.progress(0, 1, "before the pass")
 
     def double(groups: list[list[BatchProbeInput]]) -> list[list[int]]:
