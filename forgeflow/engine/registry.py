@@ -116,7 +116,12 @@ class PluginRegistry:
         tools: list[dict[str, Any]] = []
         if entry.plugin is not None:
             for tool in entry.plugin.tools.values():
-                item: dict[str, Any] = {"name": tool.name, "description": tool.description}
+                item: dict[str, Any] = {
+                    "name": tool.name,
+                    "description": tool.description,
+                    # it takes batches across jobs (the host's settings fill what it leaves None)
+                    "batch": tool.batch.model_dump() if tool.batch is not None else None,
+                }
                 if schemas:
                     item["schemas"] = tool.schemas()
                 tools.append(item)

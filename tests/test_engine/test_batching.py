@@ -245,3 +245,14 @@ def test_batch_limits_come_from_the_tool_then_the_host_per_tool(monkeypatch: pyt
     assert batch_limits(Settings(), "pose-estimator", pose_tool) is None  # a size of 1: never batched
     assert batch_limits(Settings(batching=False), "testkit", probe_tool) is None
     assert batch_limits(Settings(), "testkit", testkit.tools["sleep"]) is None  # not batchable
+
+
+def test_plugins_say_which_tools_take_batches() -> None:
+    from forgeflow.engine.registry import PluginRegistry
+
+    registry = PluginRegistry.discover()
+    tools = {t["name"]: t for t in registry.describe("testkit")["tools"]}
+    assert tools["batch_probe"]["batch"] == {"max_batch": 8, "max_wait_ms": 200.0}
+    assert tools["sleep"]["batch"] is None
+    poses = {t["name"]: t for t in registry.describe("pose")["tools"]}
+    assert poses["estimate_poses"]["batch"] == {"max_batch": None, "max_wait_ms": None}
