@@ -128,7 +128,9 @@ def test_cancelled_and_timed_out_calls_of_a_batch_end_alone(engine: Engine, tmp_
 def test_a_call_cancelled_while_its_batch_waits_for_the_device_ends_alone(engine: Engine, tmp_path: Path) -> None:
     record = tmp_path / "passes.txt"
     running: dict[str, CallResult] = {}
-    holder = threading.Thread(target=lambda: running.setdefault("r", engine.call(probe(record, "holder", 1, hold_s=4))))
+    holder = threading.Thread(
+        target=lambda: running.setdefault("r", engine.call(probe(record, "holder", 1, hold_s=2.5)))
+    )
     holder.start()
     deadline = time.monotonic() + 60
     while not record.exists():  # the holder's pass has begun: it holds the only CPU slot
