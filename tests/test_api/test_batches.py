@@ -1,0 +1,161 @@
+"""A batch through the API in local mode (the host's engine runs its files' jobs concurrently):
+each file its own job, a corrupt file fails alone, the summary names every file, a second run
+reuses every result (0 tool calls), a retry runs only the failed file, progress on the stream."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.batch_helpers import calls, file_work, make_images, wait_batch
+from tests.test_api.conftest import ApiServer
+
+
+@pytest.fixture
+def media_api(api_factory: Any, tmp_path: Path) -> tuple[ApiServer, Path]:
+    incoming = tmp_path / "incoming"
+    incoming.mkdir()
+    return api_factory(media_input_roots=[incoming], max_concurrent_jobs=4), incoming
+
+
+def test_a_batch_runs_each_file_as_its_own_job_and_a_rerun_reuses_them(
+    media_api: tuple[ApiServer, Path], tmp_path: Path
+) -> None:
+    api, incoming = media_api
+    names = make_images(incoming, 4, corrupt=1)
+    log = tmp_path / "calls.log"
+    client = api.client()
+    body = {"name": "nightly", "pipeline": file_work(log), "folder": str(incoming), "pattern": "*.png"}
+    answer = client.post("/v1/batches", json=body)
+    assert answer.status_code == 201, answer.text
+    batch_id = answer.json()["batch_id"]
+    batch = wait_batch(client, batch_id)
+    assert batch["status"] == "failed"  # one file failed: the batch says so, the others succeeded
+    files = {f["name"]: f for f in batch["files"]}
+    assert set(files) == set(names)
+    assert files["bad-0.png"]["status"] == "failed" and files["bad-0.png"]["error_type"] == "MediaError"
+    assert files["bad-0.png"]["attempts"] == 1  # its own failure: never retried
+    assert all(files[n]["status"] == "succeeded" for n in names if n != "bad-0.png")
+    assert batch["counts"] | {"total": 5} == batch["counts"]
+    assert (batch["counts"]["succeeded"], batch["counts"]["failed"], batch["counts"]["reused"]) == (4, 1, 0)
+    assert calls(log) == 4
+    jobs = {n: client.get(f"/v1/jobs/{f['job_id']}").json() for n, f in files.items()}
+    assert all(j["batch_id"] == batch_id and j["source"] == "batch" for j in jobs.values())
+    assert jobs["img-00.png"]["envelope"]["result"]["frame_count"] == 1
+    assert len({j["job_id"] for j in jobs.values()}) == 5  # one job per file
+
+    summary = list(csv.DictReader(io.StringIO(client.get(f"/v1/batches/{batch_id}/summary.csv").text)))
+    assert [row["name"] for row in summary] == names
+    assert {row["name"]: row["status"] for row in summary}["bad-0.png"] == "failed"
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(io.BytesIO(client.get(f"/v1/batches/{batch_id}/summary.parquet").content))
+    assert table.column("name").to_pylist() == names
+    assert table.column("job_id").to_pylist() == [files[n]["job_id"] for n in names]
+
+    # The same batch again: every file that succeeded takes its earlier result, nothing is computed.
+    again = client.post("/v1/batches", json=body).json()
+    rerun = wait_batch(client, again["batch_id"])
+    assert calls(log) == 4
+    reused = {f["name"]: f for f in rerun["files"]}
+    assert rerun["counts"]["reused"] == 4
+    for name in names:
+        if name != "bad-0.png":
+            assert reused[name]["reused_from"] == files[name]["job_id"]
+            outputs = client.get(f"/v1/jobs/{reused[name]['job_id']}").json()
+            assert outputs["envelope"]["result"] == jobs[name]["envelope"]["result"]
+    assert reused["bad-0.png"]["status"] == "failed"  # a failure is never reused: it ran again
+    # With force, everything is computed again.
+    forced = wait_batch(client, client.post("/v1/batches", json={**body, "force": True}).json()["batch_id"])
+    assert forced["counts"]["reused"] == 0 and calls(log) == 8
+
+
+def test_a_retry_runs_only_the_failed_and_new_files(media_api: tuple[ApiServer, Path], tmp_path: Path) -> None:
+    api, incoming = media_api
+    make_images(incoming, 2, corrupt=1)
+    log = tmp_path / "calls.log"
+    client = api.client()
+    body = {"pipeline": file_work(log), "folder": str(incoming), "max_concurrency": 1}
+    first = wait_batch(client, client.post("/v1/batches", json=body).json()["batch_id"])
+    assert first["max_concurrency"] == 1 and first["counts"]["failed"] == 1 and calls(log) == 2
+    # The bad file is replaced by a good one, and a new file arrives: a new run computes only those two.
+    (incoming / "bad-0.png").unlink()
+    import cv2
+    import numpy as np
+
+    cv2.imwrite(str(incoming / "bad-0.png"), np.full((8, 8, 3), 200, dtype=np.uint8))
+    cv2.imwrite(str(incoming / "new.png"), np.full((8, 8, 3), 99, dtype=np.uint8))
+    second = wait_batch(client, client.post("/v1/batches", json=body).json()["batch_id"])
+    assert second["status"] == "succeeded" and second["counts"]["reused"] == 2 and calls(log) == 4
+    # POST /retry on the first batch: only its failed file gets a new job (it resumes the failed one).
+    assert client.post(f"/v1/batches/{second['batch_id']}/retry").status_code == 409  # nothing failed
+    retried = client.post(f"/v1/batches/{first['batch_id']}/retry")
+    assert retried.status_code == 202, retried.text
+    assert retried.json()["retried"] == ["bad-0.png"]
+    batch = wait_batch(client, first["batch_id"])
+    bad = next(f for f in batch["files"] if f["name"] == "bad-0.png")
+    assert bad["attempts"] == 2 and bad["status"] == "failed"  # the first batch stored the corrupt bytes
+    job = client.get(f"/v1/jobs/{bad['job_id']}").json()
+    assert job["retry_of"] == next(f for f in first["files"] if f["name"] == "bad-0.png")["job_id"]
+
+
+def test_an_api_job_reuses_only_on_request(media_api: tuple[ApiServer, Path], tmp_path: Path) -> None:
+    api, incoming = media_api
+    make_images(incoming, 1)
+    log = tmp_path / "calls.log"
+    client = api.client()
+    ref = client.post("/v1/media", files={"file": ("a.png", (incoming / "img-00.png").read_bytes())}).json()["ref"]
+    job = {"pipeline": file_work(log), "input": {"media": ref}}
+    first = client.post("/v1/jobs", json=job).json()
+    from tests.test_api.conftest import wait_job
+
+    assert wait_job(client, first["job_id"])["status"] == "succeeded"
+    plain = wait_job(client, client.post("/v1/jobs", json=job).json()["job_id"])
+    assert plain["reused_from"] is None and calls(log) == 2
+    reused = client.post("/v1/jobs", json={**job, "reuse": True}).json()
+    assert reused["reused_from"] == first["job_id"] and reused["status"] == "succeeded"
+    assert calls(log) == 2
+
+
+def test_batch_progress_is_on_the_all_jobs_stream_and_cancel_stops_the_batch(
+    media_api: tuple[ApiServer, Path], tmp_path: Path
+) -> None:
+    from websockets.sync.client import connect
+
+    api, incoming = media_api
+    make_images(incoming, 6)
+    client = api.client()
+    body = {"pipeline": file_work(tmp_path / "calls.log", seconds=30), "folder": str(incoming), "max_concurrency": 2}
+    with connect(f"{api.ws_url}/v1/ws/jobs", additional_headers=api.headers) as ws:
+        batch_id = client.post("/v1/batches", json=body).json()["batch_id"]
+        progress: list[dict[str, Any]] = []
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            message = json.loads(ws.recv(timeout=deadline - time.monotonic()))
+            if message["type"] == "batch_progress" and message["batch_id"] == batch_id:
+                progress.append(message)
+                if message["counts"]["running"] == 2:
+                    break
+        assert progress and progress[-1]["counts"]["running"] == 2 and progress[-1]["counts"]["queued"] == 4
+        assert progress[-1]["status"] == "running" and progress[-1]["counts"]["total"] == 6
+        cancelled = client.post(f"/v1/batches/{batch_id}/cancel")
+        assert cancelled.status_code == 202, cancelled.text
+        batch = wait_batch(client, batch_id, timeout=30)
+        while True:  # the stream says so too
+            message = json.loads(ws.recv(timeout=30))
+            if (
+                message["type"] == "batch_progress"
+                and message["batch_id"] == batch_id
+                and message["status"] != "running"
+            ):
+                break
+    assert message["status"] == "cancelled" == batch["status"]
+    assert batch["counts"]["cancelled"] == 6 and batch["counts"]["succeeded"] == 0
+    started = [f for f in batch["files"] if client.get(f"/v1/jobs/{f['job_id']}").json()["started_at"]]
+    assert len(started) == 2  # nothing new started after the cancel
