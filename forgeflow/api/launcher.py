@@ -379,12 +379,15 @@ class Launcher:
 
     def _launch_flow_run(self, job: JobRow) -> None:
         settings = self.state.settings
+        batch_id = job.get("batch_id")
+        batch = self.state.store.batches.get(batch_id) if batch_id else None
         run = DeploymentRun.start(
             settings.deployment,
             job_id=job["id"],
             pipeline=job["pipeline"],
             input_data=job["input"] or {},
             poll_interval_s=settings.flow_run_poll_s,
+            parent_flow_run_id=batch["flow_run_id"] if batch else None,  # a child run of its batch's
         )
         self.state.store.set_launched(job["id"], None, None, flow_run_id=run.flow_run_id)
         self.procs[job["id"]] = run

@@ -159,3 +159,40 @@ def test_batch_progress_is_on_the_all_jobs_stream_and_cancel_stops_the_batch(
     assert batch["counts"]["cancelled"] == 6 and batch["counts"]["succeeded"] == 0
     started = [f for f in batch["files"] if client.get(f"/v1/jobs/{f['job_id']}").json()["started_at"]]
     assert len(started) == 2  # nothing new started after the cancel
+
+
+def test_the_batch_flow_registers_its_batch_and_writes_the_results(
+    media_api: tuple[ApiServer, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Called directly (as a schedule's run would run it), the batch flow uploads the folder's files,
+    registers the batch under its flow run, follows it and writes each file's envelope and the summary."""
+    from forgeflow.jobs.batch import batch_flow
+    from forgeflow.settings import get_settings
+
+    api, _ = media_api
+    elsewhere = tmp_path / "on-this-host"  # not an API media root: the flow uploads the files
+    names = make_images(elsewhere, 2, corrupt=1)
+    (elsewhere / "notes.txt").write_text("not media")
+    monkeypatch.setenv("FORGEFLOW_API_URL", api.url)
+    monkeypatch.setenv("FORGEFLOW_INGEST_TOKEN", api.ingest_token)
+    get_settings.cache_clear()
+    try:
+        out = tmp_path / "out"
+        result = batch_flow(
+            pipeline={"pipeline": file_work(tmp_path / "calls.log")},
+            folder=str(elsewhere),
+            pattern="*.png",
+            out_dir=str(out),
+        )
+    finally:
+        get_settings.cache_clear()
+    assert result["files"] == 3 and result["succeeded"] == 2 and result["failed"] == ["bad-0.png"]
+    batch = api.client().get(f"/v1/batches/{result['batch_id']}").json()
+    assert batch["flow_run_id"] and batch["created_by"] in (None, "ingest")
+    assert [f["name"] for f in batch["files"]] == names
+    good = json.loads((out / "img-00.png.json").read_text())
+    assert good["ok"] and good["result"]["frame_count"] == 1
+    bad = json.loads((out / "bad-0.png.json").read_text())
+    assert bad["ok"] is False and bad["error_type"] == "MediaError"
+    assert [row["name"] for row in csv.DictReader(io.StringIO((out / "summary.csv").read_text()))] == names
+    assert (out / "summary.parquet").stat().st_size > 0
