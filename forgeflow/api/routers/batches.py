@@ -221,7 +221,11 @@ async def get_batch(batch_id: str = BatchIdPath, state: ApiState = Depends(get_s
     status_code=202,
     response_model=BatchView,
     summary="Cancel a batch",
-    responses={**ERRORS, 409: {"model": ErrorBody, "description": "The batch already ended."}},
+    responses={
+        **ERRORS,
+        409: {"model": ErrorBody, "description": "The batch already ended."},
+        503: {"model": ErrorBody, "description": "This service runs no launcher."},
+    },
 )
 async def cancel_batch(
     batch_id: str = BatchIdPath,
