@@ -285,7 +285,8 @@ class Store:
     # --- launcher bookkeeping --------------------------------------------------------------------
     def jobs_to_launch(self, limit: int) -> list[JobRow]:
         """Up to ``limit`` queued jobs to start, oldest first; a job of a batch only while fewer than
-        the batch's ``max_concurrency`` of its jobs run (the others wait their turn, not the batch's)."""
+        the batch's ``max_concurrency`` of its jobs run (the others wait their turn, not the batch's),
+        and never one of a batch being cancelled."""
         query = (
             select(jobs)
             .where(
@@ -304,7 +305,9 @@ class Store:
             room: dict[str, int] = {}
             if batch_ids:
                 caps = conn.execute(
-                    select(batches.c.id, batches.c.max_concurrency).where(batches.c.id.in_(batch_ids))
+                    select(batches.c.id, batches.c.max_concurrency, batches.c.cancel_requested).where(
+                        batches.c.id.in_(batch_ids)
+                    )
                 ).all()
                 running: dict[str, int] = dict(
                     conn.execute(
@@ -317,7 +320,10 @@ class Store:
                         .group_by(jobs.c.batch_id)
                     ).all()
                 )
-                room = {batch_id: cap - running.get(batch_id, 0) for batch_id, cap in caps}
+                # A cancelled batch starts nothing more (its queued jobs are being cancelled).
+                room = {
+                    batch_id: 0 if cancelled else cap - running.get(batch_id, 0) for batch_id, cap, cancelled in caps
+                }
         for job in candidates:
             if len(picked) == limit:
                 break
