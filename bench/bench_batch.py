@@ -37,7 +37,7 @@ sys.path.insert(0, str(ROOT / "tests" / "plugin_packages" / "forgeflow-testplugi
 
 from tests.batch_helpers import make_images  # noqa: E402
 from tests.conftest import free_port  # noqa: E402
-from tests.test_deployments.test_scale_out import _host_of, _kill_host  # noqa: E402
+from tests.test_deployments.test_scale_out import _kill_host, host_of_flow_run  # noqa: E402
 
 
 def start_postgres(root: Path) -> tuple[str, list[str]]:
@@ -176,8 +176,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     root = Path(tempfile.mkdtemp(prefix="bench-batch-"))
-    pg_root = root / "pg"
-    pg_root.mkdir()
+    pg_root = Path(tempfile.mkdtemp(prefix="bench-batch-pg-"))  # its own folder: PostgreSQL's user owns it
     admin_url, stop_pg = start_postgres(pg_root)
     folder = root / "files"
     make_images(folder, args.files)
@@ -248,9 +247,7 @@ def main() -> None:
                         if f["status"] != "running":
                             continue
                         flow_run_id = two.api.get(f"/v1/jobs/{f['job_id']}").json()["flow_run_id"]
-                        pid = str(two.prefect.get(f"/flow_runs/{flow_run_id}").json().get("infrastructure_pid") or "")
-                        pid = pid.rsplit(":", 1)[-1]
-                        on_b = on_b or (pid.isdigit() and _host_of(int(pid)) == str(two.homes[1]))
+                        on_b = on_b or host_of_flow_run(two.prefect, flow_run_id) == str(two.homes[1])
                 time.sleep(0.1)
             _kill_host(two.homes[1])
             batch = two.wait(batch_id)
@@ -275,6 +272,7 @@ def main() -> None:
     finally:
         subprocess.run(stop_pg, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         shutil.rmtree(root, ignore_errors=True)
+        shutil.rmtree(pg_root, ignore_errors=True)
     load = os.getloadavg()
     lines = [
         f"Batch of {args.files} files, testkit.file_work sleeping {args.sleep:g} s a file; "

@@ -14,7 +14,7 @@ import pytest
 from tests.batch_helpers import file_work, make_images, wait_batch
 from tests.test_api.conftest import postgres_cluster  # noqa: F401  (the fixture)
 from tests.test_deployments import KEEP_ALIVE, PrefectRest
-from tests.test_deployments.test_scale_out import _host_of, _kill_host, two_hosts  # noqa: F401
+from tests.test_deployments.test_scale_out import _kill_host, host_of_flow_run, two_hosts  # noqa: F401
 
 pytestmark = pytest.mark.xdist_group("stack")
 
@@ -47,9 +47,7 @@ def test_a_killed_hosts_files_are_retried_elsewhere_and_each_file_succeeds_once(
             if f["status"] != "running":
                 continue
             flow_run_id = api.get(f"/v1/jobs/{f['job_id']}").json()["flow_run_id"]
-            pid = str(prefect.get(f"/flow_runs/{flow_run_id}").json().get("infrastructure_pid") or "")
-            pid = pid.rsplit(":", 1)[-1]
-            if pid.isdigit() and _host_of(int(pid)) == str(home_b):
+            if host_of_flow_run(prefect, flow_run_id) == str(home_b):
                 on_b.add(f["name"])
         time.sleep(0.2)
     assert on_b, "host B ran no file"
