@@ -275,7 +275,7 @@ async def retry_batch(
 
 async def _summary_rows(state: ApiState, batch_id: str) -> list[dict[str, Any]]:
     await _batch(state, batch_id)
-    files = await run_in_threadpool(batch_service(state).repo.files, batch_id)
+    files = await run_in_threadpool(lambda: batch_service(state).repo.files(batch_id, envelopes=True))
     return summary_rows([(f, file_status(f)) for f in files])
 
 
