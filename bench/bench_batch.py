@@ -74,6 +74,14 @@ def new_database(admin_url: str) -> str:
     return f"{admin_url.rpartition('/')[0]}/{name}"
 
 
+class Rows(list[tuple[str, str]]):
+    """The table's rows, each also printed as it is measured (a long run shows its progress)."""
+
+    def append(self, row: tuple[str, str]) -> None:
+        print(f"{row[0]}: {row[1]}", flush=True)
+        super().append(row)
+
+
 class Fleet:
     """``hosts`` hosts of ``workers`` workers each (one flow run per worker) on one PostgreSQL."""
 
@@ -180,7 +188,7 @@ def main() -> None:
     admin_url, stop_pg = start_postgres(pg_root)
     folder = root / "files"
     make_images(folder, args.files)
-    rows: list[tuple[str, str]] = []
+    rows = Rows()
     ideal_one, ideal_two = args.files * args.sleep / 2, args.files * args.sleep / 4
     try:
         one = Fleet(admin_url, root / "one", hosts=1, workers=2)
@@ -217,10 +225,10 @@ def main() -> None:
                     f"{calls(log) - before} model calls, {batch['counts']['reused']} of {args.files} files reused",
                 )
             )
-            # Cancel once the batch's slots all run.
+            # Cancel once the batch is under way.
             cancel_log = root / "cancel.log"
             batch_id = two.create(media, pipeline(cancel_log, args.sleep * 5), 4)
-            while two.batch(batch_id)["counts"]["running"] < 4:
+            while two.batch(batch_id)["counts"]["running"] < 2:  # the batch is under way
                 time.sleep(0.1)
             cancelled_at = time.perf_counter()
             two.api.post(f"/v1/batches/{batch_id}/cancel").raise_for_status()
