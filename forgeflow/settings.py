@@ -208,6 +208,16 @@ class Settings(BaseSettings):
     max_concurrent_jobs: int = Field(
         8, ge=1, description="Jobs the engine runs at once (stages still wait for device slots)."
     )
+    batch_max_concurrency: int = Field(
+        8, ge=1, description="Jobs of one batch that run at once, unless the batch says its own max_concurrency."
+    )
+    batch_max_attempts: int = Field(
+        3,
+        ge=1,
+        description="Attempts a batch file gets when its job crashes (its host or engine lost); a file that fails "
+        "for a reason of its own (corrupt media, a plugin error) is not retried.",
+    )
+    batch_max_files: int = Field(10_000, ge=1, description="Most files one batch takes.")
     ws_queue_size: int = Field(1000, ge=10, description="Messages buffered per WebSocket client before it is dropped.")
     ws_ping_interval_s: float = Field(20.0, gt=0, description="Seconds between WebSocket pings to each client.")
 

@@ -27,7 +27,7 @@ from forgeflow.api.errors import install_error_handlers
 from forgeflow.api.hub import EventHub
 from forgeflow.api.models import ErrorBody
 from forgeflow.api.quota import SubmissionQuota
-from forgeflow.api.routers import access, engine, events, health, jobs, media, outputs, pipelines, plugins
+from forgeflow.api.routers import access, batches, engine, events, health, jobs, media, outputs, pipelines, plugins
 from forgeflow.api.routers.ui import install_ui
 from forgeflow.api.store import Store
 from forgeflow.settings import Settings, get_settings
@@ -244,6 +244,7 @@ def create_app(
     # Each of these routers' routes is guarded by the scope it declares or its method implies (ScopedRoute).
     for router in (
         jobs.router,
+        batches.router,
         outputs.router,
         pipelines.router,
         pipelines.checks_router,

@@ -19,10 +19,19 @@ from dataclasses import dataclass, field
 from forgeflow.api.store import StoredEvent
 
 
+@dataclass(frozen=True)
+class Notice:
+    """A message of the all-jobs stream that is no job's event (``batch_progress``): sent live to the
+    streams open at the time, not stored, without a cursor (a client that missed one reads the state
+    it reports from the API)."""
+
+    text: str
+
+
 @dataclass(eq=False)
 class Subscription:
     job_id: str | None  # None: every job
-    queue: asyncio.Queue[StoredEvent]
+    queue: asyncio.Queue[StoredEvent | Notice]
     overflowed: asyncio.Event = field(default_factory=asyncio.Event)
     active: bool = True
 
@@ -80,6 +89,28 @@ class EventHub:
                     self.overflows += 1
                     self.unsubscribe(sub)
                     sub.overflowed.set()
+
+    def notify(self, notice: Notice) -> None:
+        """Deliver a notice to every all-jobs subscriber (on the loop thread); overflowing ones are dropped."""
+        for sub in list(self._all):
+            if not sub.active:
+                continue
+            try:
+                sub.queue.put_nowait(notice)
+            except asyncio.QueueFull:
+                self.overflows += 1
+                self.unsubscribe(sub)
+                sub.overflowed.set()
+
+    def notify_threadsafe(self, notice: Notice) -> None:
+        """Schedule :meth:`notify` on the hub's loop (after the events published before it)."""
+        loop = self._loop
+        if loop is None or loop.is_closed():
+            return
+        try:
+            loop.call_soon_threadsafe(self.notify, notice)
+        except RuntimeError:
+            pass
 
     def publish_threadsafe(self, stored: Sequence[StoredEvent]) -> None:
         """Schedule :meth:`publish` on the hub's loop; FIFO, so commit order is kept."""

@@ -28,6 +28,7 @@ from typing import Any
 
 from anyio import to_thread
 
+from forgeflow.api.batches import batch_service
 from forgeflow.api.deps import ApiState
 from forgeflow.api.store.rows import JobRow
 from forgeflow.events import spool
@@ -42,6 +43,8 @@ from forgeflow.processes import process_create_time
 log = logging.getLogger(__name__)
 
 CANCELLED_BY_USER = "cancelled by the user"
+#: How often the launcher's loop looks after the running batches (crash retries, end, progress).
+BATCH_CHECK_S = 0.5
 
 
 def import_spool(state: ApiState, *, skip_live_writers: bool = True) -> int:
@@ -124,6 +127,7 @@ class Launcher:
         self._engine_pid = 0
         self._started = time.monotonic()
         self._next_heartbeat_check = 0.0
+        self._next_batch_check = 0.0
 
     # --- life ------------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -297,6 +301,9 @@ class Launcher:
                 await to_thread.run_sync(self._reconcile, job_id, code)
             if not self.enabled:
                 return
+            if time.monotonic() >= self._next_batch_check:
+                self._next_batch_check = time.monotonic() + BATCH_CHECK_S
+                await to_thread.run_sync(batch_service(self.state).supervise)
             free = self.state.settings.max_concurrent_jobs - len(self.procs)
             if free > 0:
                 for job in await to_thread.run_sync(self.state.store.jobs_to_launch, free):
@@ -372,12 +379,15 @@ class Launcher:
 
     def _launch_flow_run(self, job: JobRow) -> None:
         settings = self.state.settings
+        batch_id = job.get("batch_id")
+        batch = self.state.store.batches.get(batch_id) if batch_id else None
         run = DeploymentRun.start(
             settings.deployment,
             job_id=job["id"],
             pipeline=job["pipeline"],
             input_data=job["input"] or {},
             poll_interval_s=settings.flow_run_poll_s,
+            parent_flow_run_id=batch["flow_run_id"] if batch else None,  # a child run of its batch's
         )
         self.state.store.set_launched(job["id"], None, None, flow_run_id=run.flow_run_id)
         self.procs[job["id"]] = run

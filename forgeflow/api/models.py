@@ -178,6 +178,12 @@ class JobCreate(_RequestBody):
     input: dict[str, Any] = Field(default_factory=dict, description="Job input; its fields start the context.")
     timeout_seconds: float | None = Field(None, gt=0, description="Per-stage timeout (with the list form).")
     description: str | None = Field(None, max_length=10_000)
+    reuse: bool = Field(
+        False,
+        description="Take the result of an earlier job that did the same work (same media content, stages, "
+        "configs and plugin versions) and succeeded, instead of computing it: the job ends `succeeded` at once "
+        "with `reused_from` naming that job. Off by default: a job computes.",
+    )
 
 
 class JobAccepted(BaseModel):
@@ -187,6 +193,7 @@ class JobAccepted(BaseModel):
     pipeline_id: str | None = None
     created_by: str | None = Field(None, description="The name of the token that submitted it (null: no token).")
     retry_of: str | None = Field(None, description="The job this one retries (POST /v1/jobs/{id}/retry), if any.")
+    reused_from: str | None = Field(None, description="With `reuse`: the earlier job whose result this job took.")
     links: dict[str, str]
 
 
@@ -202,7 +209,7 @@ class StageState(StageReport):
 class JobView(BaseModel):
     job_id: str
     status: JobStatus
-    source: Literal["inline", "template", "legacy", "external", "retry"]
+    source: Literal["inline", "template", "legacy", "external", "retry", "batch"]
     pipeline_id: str | None
     created_at: str
     started_at: str | None
@@ -213,6 +220,10 @@ class JobView(BaseModel):
     cancelled_by: str | None = Field(None, description="The name of the token that asked to cancel it.")
     created_by: str | None = Field(None, description="The name of the token that submitted it (null: no token).")
     retry_of: str | None = Field(None, description="The job this one retries (POST /v1/jobs/{id}/retry), if any.")
+    batch_id: str | None = Field(None, description="The batch this job is a file of (GET /v1/batches/{id}), if any.")
+    reused_from: str | None = Field(
+        None, description="The earlier job whose result this job took instead of computing it (same work), if any."
+    )
     stages_total: int
     stages_completed: int
     current_stage: int | None
@@ -244,6 +255,10 @@ class JobSummary(BaseModel):
     )
     created_by: str | None = Field(None, description="The name of the token that submitted it (null: no token).")
     retry_of: str | None = Field(None, description="The job this one retries (POST /v1/jobs/{id}/retry), if any.")
+    batch_id: str | None = Field(None, description="The batch this job is a file of (GET /v1/batches/{id}), if any.")
+    reused_from: str | None = Field(
+        None, description="The earlier job whose result this job took instead of computing it (same work), if any."
+    )
 
 
 class JobList(BaseModel):

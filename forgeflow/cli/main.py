@@ -25,6 +25,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from forgeflow.cli.batch import batch
 from forgeflow.cli.tokens import tokens_app
 from forgeflow.cli.watch import watch
 from forgeflow.redact import install_log_redaction
@@ -86,6 +87,7 @@ engine_app = typer.Typer(
 app.add_typer(engine_app, name="engine")
 app.add_typer(tokens_app, name="tokens")
 app.command("watch")(watch)
+app.command("batch")(batch)
 console = Console(stderr=True, soft_wrap=True)
 out = Console()
 #: Largest JSON document coloured on a terminal: highlighting is slow on big ones (a 50 MB result).

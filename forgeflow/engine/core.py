@@ -56,6 +56,10 @@ EXIT_CODES = {"succeeded": 0, "failed": 1, "invalid": 2, "cancelled": 3}
 FINISHED_KEPT = 2000
 
 
+class NotAPipelineRun(Exception):
+    """A handed-over flow run is not a run of the pipeline flow: the engine runs only those."""
+
+
 class _TerminalWatch:
     """Passes events on and remembers whether the job's terminal status went out; once ``muted``
     (the job was lost to its caller), passes nothing on."""
@@ -146,6 +150,7 @@ class Engine:
         self._sinks: dict[tuple[str, str | None], HttpSink] = {}
         self._prefect_settings: tuple[Any, Any] | None = None
         self._closed = False
+        self._flow_names: dict[str, str] = {}  # flow id -> name, of the flow runs handed over
 
     # --- jobs ------------------------------------------------------------------------------------
 
@@ -154,9 +159,16 @@ class Engine:
         (``python -m forgeflow.jobs.handoff``, process ``handed_by``): it runs here, on the warm
         pools, as that flow run; it is cancelled when that process dies (the worker lost it)."""
         from forgeflow.jobs.deployment import prefect_client
+        from forgeflow.jobs.flow import FLOW_NAME
 
         with prefect_client() as client:
             flow_run = client.read_flow_run(flow_run_id)
+            flow_name = self._flow_names.get(str(flow_run.flow_id))
+            if flow_name is None:
+                flow_name = self._flow_names[str(flow_run.flow_id)] = client.read_flow(flow_run.flow_id).name
+        if flow_name != FLOW_NAME:
+            # Another flow's run (the batch flow): the handoff runs it as what it is.
+            raise NotAPipelineRun(f"flow run {flow_run_id} is a run of flow {flow_name!r}, not {FLOW_NAME!r}")
         parameters = flow_run.parameters or {}
         job_id = str(parameters.get("job_id") or flow_run_id)
         job = self.submit(job_id, parameters.get("pipeline"), parameters.get("input") or {}, sink, flow_run=flow_run)

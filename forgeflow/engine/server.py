@@ -183,7 +183,13 @@ class _Handler(BaseHTTPRequestHandler):
                 self._send(400, {"error": "a job needs a sink (api_url) or stream: true"})
                 return
             if body.get("flow_run_id"):
-                job = engine.submit_flow_run(str(body["flow_run_id"]), sink, handed_by=body.get("handed_by"))
+                from forgeflow.engine.core import NotAPipelineRun
+
+                try:
+                    job = engine.submit_flow_run(str(body["flow_run_id"]), sink, handed_by=body.get("handed_by"))
+                except NotAPipelineRun as exc:
+                    self._send(409, {"error": str(exc)})
+                    return
             else:
                 job = engine.submit(str(body["job_id"]), body["pipeline"], body.get("input") or {}, sink)
             if not stream:

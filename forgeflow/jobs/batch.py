@@ -1,36 +1,97 @@
-"""Scheduled batch work: run one pipeline over every media file of a folder.
+"""The batch flow (``forgeflow-batch``): one pipeline over every media file of a folder, on the fleet.
 
-Each file becomes its own job (and its own child flow run of ``forgeflow-pipeline``), so one bad
-video fails its job only; the batch run reports how many succeeded. Files are copied into the
-content-addressed media store, so a file already analysed is stored once.
+A run of this flow (from a schedule, the Prefect UI, or called directly) is the batch's driver in
+Prefect: it lists the folder on the host that runs it, uploads the files to the API's media store,
+registers the batch with the API (``POST /v1/batches``, its flow run id making that idempotent) and
+follows it to the end. The API makes each file its own job, reusing the work of earlier jobs (same
+media content, pipeline and plugin versions: a nightly run computes only new or failed files) and
+launching the others as child flow runs of the ``pipeline`` deployment, which every worker of every
+host takes (or on its engine, in local mode), at most ``max_concurrency`` at once; a file whose host
+was lost is retried elsewhere. At the end the run writes the batch's summary as a table artifact
+(and, with ``out_dir``, each file's result envelope as JSON plus the summary as CSV and Parquet).
+Cancelling the flow run cancels the batch.
+
+It needs the API: ``FORGEFLOW_API_URL`` and ``FORGEFLOW_INGEST_TOKEN`` (``forgeflow up`` and
+``forgeflow worker`` give both to the flow runs of their workers).
 """
 
 from __future__ import annotations
 
-import fnmatch
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
 from prefect import flow
 from prefect.context import get_run_context
 
-from forgeflow.jobs.flow import flow_parameters, pipeline_flow
-from forgeflow.jobs.stages import PipelineFailed, current_services
-from forgeflow.pipeline import outcome
-from forgeflow.pipeline.definition import raw_stages
-from forgeflow.plugins.errors import MediaError
-from forgeflow.plugins.media import MediaStore
+from forgeflow.jobs.batch_client import BatchClient, folder_files
 
 BATCH_FLOW_NAME = "forgeflow-batch"
+log = logging.getLogger("forgeflow.jobs.batch")
+
+
+class BatchNeedsApi(RuntimeError):
+    """The batch flow runs where no API is configured."""
 
 
 def load_pipeline(pipeline: dict[str, Any] | list[Any] | str) -> dict[str, Any] | list[Any]:
-    """A pipeline document, or the path of a JSON file holding one."""
+    """A pipeline document, or the path of a JSON file holding one (relative paths: to the working
+    directory, the deployment's code folder)."""
     if isinstance(pipeline, str):
         document: dict[str, Any] | list[Any] = json.loads(Path(pipeline).read_text(encoding="utf-8"))
         return document
     return pipeline
+
+
+def _client() -> BatchClient:
+    from forgeflow.settings import get_settings
+
+    settings = get_settings()
+    if not settings.api_url:
+        raise BatchNeedsApi(
+            "the batch flow needs the ForgeFlow API: set FORGEFLOW_API_URL and FORGEFLOW_INGEST_TOKEN "
+            "(forgeflow up / forgeflow worker set them for their flow runs)"
+        )
+    token = settings.ingest_token or settings.api_token
+    return BatchClient(settings.api_url, token.get_secret_value() if token else None)
+
+
+def _pipeline_fields(document: dict[str, Any] | list[Any]) -> dict[str, Any]:
+    if isinstance(document, dict) and "pipeline_id" in document:
+        return {"pipeline_id": document["pipeline_id"]}
+    return {"pipeline": document}
+
+
+def _report(batch: dict[str, Any]) -> None:
+    from prefect.artifacts import create_table_artifact
+
+    rows = [
+        {k: f.get(k) for k in ("name", "status", "job_id", "reused_from", "attempts", "error_type", "error")}
+        for f in batch["files"]
+    ]
+    counts = batch["counts"]
+    create_table_artifact(
+        rows,
+        key=f"batch-summary-{batch['batch_id']}"[:100].lower(),
+        description=(
+            f"Batch {batch['name']} ({batch['batch_id']}): {batch['status']}, {counts['succeeded']} of "
+            f"{counts['total']} files succeeded ({counts['reused']} reused), {counts['failed']} failed, "
+            f"{counts['crashed']} crashed, {counts['cancelled']} cancelled."
+        ),
+    )
+
+
+def _write_out_dir(client: BatchClient, batch: dict[str, Any], out_dir: Path) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for f in batch["files"]:
+        if f["job_id"]:
+            envelope = client.job(f["job_id"]).get("envelope")
+        else:
+            envelope = {"ok": False, "error": f["error"], "error_type": f["error_type"]}
+        (out_dir / f"{f['name']}.json").write_text(json.dumps(envelope, indent=2, sort_keys=True), encoding="utf-8")
+    (out_dir / "summary.csv").write_bytes(client.summary(batch["batch_id"], "csv"))
+    (out_dir / "summary.parquet").write_bytes(client.summary(batch["batch_id"], "parquet"))
 
 
 @flow(name=BATCH_FLOW_NAME, persist_result=False, validate_parameters=True)
@@ -39,50 +100,52 @@ def batch_flow(
     folder: str,
     pattern: str = "*",
     out_dir: str | None = None,
-    max_files: int = 1000,
+    max_files: int = 10_000,
+    max_concurrency: int | None = None,
+    force: bool = False,
+    name: str | None = None,
 ) -> dict[str, Any]:
-    """Run ``pipeline`` on each file in ``folder`` matching ``pattern`` (sorted by name).
-
-    Writes ``<out_dir>/<file name>.json`` (the result envelope) for each file when ``out_dir``
-    is given. Returns ``{"files": N, "succeeded": K, "failed": [names], "jobs": {name: job_id}}``.
-    """
-    services = current_services()
+    """Run ``pipeline`` on each file in ``folder`` matching ``pattern`` (sorted by name), each file its
+    own job on any worker. ``force``: compute every file again (by default a file whose work was done
+    before takes that result). Returns ``{"batch_id", "status", "files", "succeeded", "reused",
+    "failed": [names], "jobs": {name: job_id}}``."""
+    run = get_run_context().flow_run  # type: ignore[union-attr]
+    assert run is not None
     document = load_pipeline(pipeline)
-    store = MediaStore(services.settings.media_root)
-    run_id = str(get_run_context().flow_run.id)[:8]  # type: ignore[union-attr]
-    files = sorted(p for p in Path(folder).iterdir() if p.is_file() and fnmatch.fnmatch(p.name, pattern))[:max_files]
-    summary: dict[str, Any] = {"files": len(files), "succeeded": 0, "failed": [], "jobs": {}}
-    for path in files:
-        job_id = f"batch-{run_id}-{path.stem}"[:120]
-        summary["jobs"][path.name] = job_id
+    with _client() as client:
+        paths = folder_files(Path(folder), pattern, max_files)
+        media, refused = client.upload_folder(paths)
+        for file_name, reason in refused.items():
+            log.warning("%s was not stored: %s", file_name, reason)
+        body = {
+            **_pipeline_fields(document),
+            "name": name or run.name,
+            "media": media,
+            "max_concurrency": max_concurrency,
+            "force": force,
+            "flow_run_id": str(run.id),
+        }
+        batch = client.create(body)
+        batch_id = batch["batch_id"]
+        log.info("batch %s: %d files (%d reused so far)", batch_id, batch["files_total"], batch["counts"]["reused"])
         try:
-            ref = store.put_file(path, max_bytes=services.settings.max_media_bytes).ref
-        except MediaError as exc:
-            summary["failed"].append(path.name)
-            envelope: dict[str, Any] = outcome.not_started(
-                outcome.pending_reports(raw_stages(document)), error=exc.message, error_type=exc.error_type
-            ).to_dict()
-        else:
-            parameters = flow_parameters(document, {"media": ref}, job_id, services.settings.jobs_dir / job_id)
-            state = pipeline_flow(**parameters, return_state=True)
-            result = state.result(raise_on_failure=False)
-            if isinstance(result, PipelineFailed):
-                envelope = result.envelope.to_dict()
-            elif isinstance(result, BaseException):
-                envelope = outcome.failed(
-                    outcome.pending_reports(raw_stages(document)),
-                    error=str(result),
-                    error_type=type(result).__name__,
-                    stage_failed=None,
-                ).to_dict()
-            else:
-                envelope = result
-            if envelope.get("ok"):
-                summary["succeeded"] += 1
-            else:
-                summary["failed"].append(path.name)
+            batch = client.wait(batch_id)
+        except BaseException:  # the flow run is cancelled or its process stopped: so is the batch
+            try:
+                client.cancel(batch_id)
+            except Exception:
+                log.warning("could not cancel batch %s", batch_id)
+            raise
+        _report(batch)
         if out_dir:
-            target = Path(out_dir) / f"{path.name}.json"
-            target.parent.mkdir(parents=True, exist_ok=True)
-            target.write_text(json.dumps(envelope, indent=2, sort_keys=True), encoding="utf-8")
-    return summary
+            _write_out_dir(client, batch, Path(out_dir))
+    failed = [f["name"] for f in batch["files"] if f["status"] != "succeeded"] + sorted(refused)
+    return {
+        "batch_id": batch_id,
+        "status": batch["status"],
+        "files": batch["files_total"] + len(refused),
+        "succeeded": batch["counts"]["succeeded"],
+        "reused": batch["counts"]["reused"],
+        "failed": failed,
+        "jobs": {f["name"]: f["job_id"] for f in batch["files"]},
+    }

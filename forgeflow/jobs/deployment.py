@@ -56,14 +56,20 @@ class DeploymentRun:
         pipeline: dict[str, Any],
         input_data: dict[str, Any],
         poll_interval_s: float = 1.0,
+        parent_flow_run_id: str | None = None,
     ) -> DeploymentRun:
-        """Create the job's flow run (Scheduled now; a worker of the deployment's pool picks it up)."""
+        """Create the job's flow run (Scheduled now; a worker of the deployment's pool picks it up).
+        With ``parent_flow_run_id`` (a batch's flow run) it is a child run of that one: the Prefect
+        UI shows it under the batch, as ``run_deployment(as_subflow=True)`` inside it would."""
         from prefect.deployments import run_deployment
 
+        parameters = {"pipeline": pipeline, "input": input_data, "job_id": job_id}
+        if parent_flow_run_id is not None:
+            return cls(job_id, _child_flow_run(deployment, parameters, job_id, parent_flow_run_id), poll_interval_s)
         with prefect_client():  # run_deployment makes its own client, with these settings
             flow_run = run_deployment(
                 deployment,
-                parameters={"pipeline": pipeline, "input": input_data, "job_id": job_id},
+                parameters=parameters,
                 flow_run_name=f"job-{job_id}",
                 timeout=0,
                 as_subflow=False,
@@ -140,3 +146,29 @@ class DeploymentRun:
                 return self._code
             time.sleep(min(self.poll_interval_s, 0.5))
         return None
+
+
+def _child_flow_run(deployment: str, parameters: dict[str, Any], job_id: str, parent_flow_run_id: str) -> str:
+    """Create the job's flow run of ``deployment`` as a child of flow run ``parent_flow_run_id``: a
+    task run in the parent stands for it (what ``run_deployment(as_subflow=True)`` makes)."""
+    from uuid import UUID
+
+    from prefect import Task
+    from prefect.states import Pending, Scheduled
+
+    with prefect_client() as client:
+        found = client.read_deployment_by_name(deployment)
+        stand_in: Task[Any, None] = Task(name=f"job-{job_id}", fn=lambda: None)
+        task_run = client.create_task_run(
+            task=stand_in, flow_run_id=UUID(parent_flow_run_id), dynamic_key=job_id, state=Pending()
+        )
+        flow_run = client.create_flow_run_from_deployment(
+            found.id,
+            parameters=parameters,
+            state=Scheduled(),
+            name=f"job-{job_id}",
+            tags=["forgeflow", "forgeflow-batch"],
+            idempotency_key=f"forgeflow-job-{job_id}",
+            parent_task_run_id=task_run.id,
+        )
+    return str(flow_run.id)

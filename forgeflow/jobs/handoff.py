@@ -6,8 +6,10 @@ ForgeFlow and load models afresh every time (2–3 s before the first stage, mor
 small process instead hands the flow run (``PREFECT__FLOW_RUN_ID``) to the host's engine, where
 Prefect is imported, its client warm and the models loaded, and stays as the flow run's process for
 the worker: it exits with the run's exit code, and a SIGTERM (the worker cancelling the run) cancels
-the job in the engine. Without an engine on the host, or without ``FORGEFLOW_API_URL`` for its
-events, it becomes ``python -m prefect.engine`` (the run then runs in this process, cold).
+the job in the engine. The engine takes only runs of the pipeline flow: a run of another flow of the
+deployments (the batch flow, ``forgeflow-batch``) is refused (409) and runs here as what its
+deployment names. Without an engine on the host, or without ``FORGEFLOW_API_URL`` for its events,
+it becomes ``python -m prefect.engine`` too (the run then runs in this process, cold).
 """
 
 from __future__ import annotations
@@ -41,7 +43,7 @@ def main() -> int:
     token = settings.ingest_token.get_secret_value() if settings.ingest_token else None
     try:
         job = client.submit_flow_run(flow_run_id, api_url=settings.api_url, ingest_token=token)  # type: ignore[arg-type]
-    except EngineUnavailable:
+    except EngineUnavailable:  # no engine, or not a pipeline run (409): Prefect's engine runs the flow it names
         _cold_start()
     job_id = job["job_id"]
     cancel_by: list[float] = []

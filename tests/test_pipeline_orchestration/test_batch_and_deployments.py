@@ -1,8 +1,8 @@
-"""Scheduled batch pipelines over a folder, and the prefect.yaml deployments registered for real."""
+"""The prefect.yaml deployments registered for real (the batch flow itself: tests/test_api/test_batches.py
+and tests/test_deployments/test_batch_stack.py)."""
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import subprocess
@@ -16,36 +16,6 @@ import yaml
 from .conftest import prefect_flow_run
 
 ROOT = Path(__file__).resolve().parents[2]
-PROBE = {"pipeline": [{"plugin": "testkit", "tool": "probe_media"}]}
-
-
-def _images(folder: Path) -> None:
-    import cv2
-    import numpy as np
-
-    folder.mkdir()
-    for name, size in (("a.png", (40, 60)), ("b.png", (80, 30))):
-        cv2.imwrite(str(folder / name), np.full((*size, 3), 128, dtype=np.uint8))
-    (folder / "c.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"not really a png" * 10)
-    (folder / "notes.txt").write_text("not media")
-
-
-def test_batch_flow_runs_the_pipeline_per_file_and_isolates_bad_files(services, tmp_path):
-    from forgeflow.jobs.batch import batch_flow  # Prefect loads when a test needs it, not at collection
-    from forgeflow.jobs.stages import use_services
-
-    _images(tmp_path / "in")
-    with use_services(services):
-        summary = batch_flow(
-            pipeline=PROBE, folder=str(tmp_path / "in"), pattern="*.png", out_dir=str(tmp_path / "out")
-        )
-    assert summary["files"] == 3
-    assert summary["succeeded"] == 2
-    assert summary["failed"] == ["c.png"]
-    a = json.loads((tmp_path / "out" / "a.png.json").read_text())
-    assert a["ok"] and a["result"] == {"media_kind": "image", "frame_count": 1, "width": 60, "height": 40}
-    c = json.loads((tmp_path / "out" / "c.png.json").read_text())
-    assert c["ok"] is False and c["error_type"] == "MediaError"
 
 
 def test_prefect_yaml_entrypoints_and_schedules_are_valid():

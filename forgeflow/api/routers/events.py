@@ -9,7 +9,8 @@ any ``seq`` already sent and filling a gap from the database, so every message a
 and in order. The stream closes (1000, "job finished") after the terminal ``job_status``.
 
 ``WS /v1/ws/jobs?after_cursor=N`` streams every job. Each message also carries ``cursor``, the
-global position of the stream; without ``after_cursor`` it starts with live messages.
+global position of the stream; without ``after_cursor`` it starts with live messages. It also
+carries ``batch_progress`` messages (live only, no cursor) whenever a batch's counts change.
 
 A stream needs a ``read`` token, in ``Authorization: Bearer`` or the ``forgeflow.bearer.`` subprotocol
 (:mod:`forgeflow.api.auth`); a token in the URL is refused.
@@ -34,7 +35,7 @@ from starlette.websockets import WebSocketDisconnect, WebSocketState
 from forgeflow.api.auth import WS_PROTOCOL, Scope, forbidden, ws_subprotocols
 from forgeflow.api.deps import ApiState, get_state
 from forgeflow.api.errors import ApiError, ApiErrorType
-from forgeflow.api.hub import Subscription
+from forgeflow.api.hub import Notice, Subscription
 from forgeflow.api.models import MAX_POSITION, ErrorBody, IngestBatch, IngestResult
 from forgeflow.api.store import StoredEvent
 from forgeflow.pipeline.outcome import is_terminal
@@ -195,14 +196,16 @@ async def _send_job(websocket: WebSocket, state: ApiState, sub: Subscription, jo
     if job is not None and is_terminal(job["status"]) and pos.last >= job["last_seq"]:
         return "finished"
     while True:
-        event = await sub.queue.get()
-        if event.seq <= pos.last:
+        received = await sub.queue.get()
+        if isinstance(received, Notice):  # notices go to the all-jobs stream only
             continue
-        if event.seq > pos.last + 1 and await replay(until=event.seq):  # a gap: fill it from the store
+        if received.seq <= pos.last:
+            continue
+        if received.seq > pos.last + 1 and await replay(until=received.seq):  # a gap: fill it from the store
             return "finished"
-        if event.seq <= pos.last:
+        if received.seq <= pos.last:
             continue
-        if await send(event):
+        if await send(received):
             return "finished"
 
 
@@ -216,11 +219,14 @@ async def _send_all(websocket: WebSocket, state: ApiState, sub: Subscription, po
         if len(page) < REPLAY_PAGE:
             break
     while True:
-        event = await sub.queue.get()
-        if event.cursor <= pos.last:
+        received = await sub.queue.get()
+        if isinstance(received, Notice):
+            await websocket.send_text(received.text)
             continue
-        await websocket.send_text(event.with_cursor())
-        pos.last = event.cursor
+        if received.cursor <= pos.last:
+            continue
+        await websocket.send_text(received.with_cursor())
+        pos.last = received.cursor
 
 
 @router.websocket("/v1/ws/jobs/{job_id}")

@@ -27,6 +27,7 @@ from forgeflow.api.models import (
     JobPipelineView,
     JobView,
 )
+from forgeflow.api.reuse import work_key
 from forgeflow.api.routers.views import job_summary, job_view, pipeline_view
 from forgeflow.api.store import Conflict
 from forgeflow.api.store.rows import JobRow
@@ -233,11 +234,11 @@ async def submit_job(
         await run_in_threadpool(check_media, state, body.input.get("media"))
 
     pipeline = validated.canonical_definition().model_dump(mode="json")
-    request_hash = hashlib.sha256(
-        canonical_json(
-            {"source": source, "pipeline_id": template_id, "pipeline": pipeline, "input": body.input}
-        ).encode()
-    ).hexdigest()
+    request: dict[str, Any] = {"source": source, "pipeline_id": template_id, "pipeline": pipeline, "input": body.input}
+    if body.reuse:  # said only when set: a submission without it keeps its request hash
+        request["reuse"] = True
+    request_hash = hashlib.sha256(canonical_json(request).encode()).hexdigest()
+    key = await run_in_threadpool(job_work_key, state, pipeline, body.input)
     job_id = body.job_id or f"job-{uuid.uuid4().hex}"
     try:
         job, created = await run_in_threadpool(
@@ -249,12 +250,22 @@ async def submit_job(
                 source=source,
                 template_id=template_id,
                 created_by=principal.name,
+                work_key=key,
+                reuse=body.reuse,
                 publish=state.publish,
             )
         )
     except Conflict as exc:
         raise ApiError(409, str(exc), ApiErrorType.CONFLICT, field="job_id") from None
     return _accepted(state, response, job, created)
+
+
+def job_work_key(state: ApiState, pipeline: dict[str, Any], input_data: dict[str, Any]) -> str | None:
+    """The job's work key (:mod:`forgeflow.api.reuse`); None when its media cannot be read here."""
+    try:
+        return work_key(pipeline, input_data, state.registry, state.media, state.settings.media_input_roots)
+    except (MediaError, OSError):
+        return None
 
 
 def _accepted(state: ApiState, response: Response, job: JobRow, created: bool) -> dict[str, Any]:
@@ -272,6 +283,7 @@ def _accepted(state: ApiState, response: Response, job: JobRow, created: bool) -
         "pipeline_id": job["template_id"],
         "created_by": job["created_by"],
         "retry_of": job["retry_of"],
+        "reused_from": job.get("reused_from"),
         "links": {
             "self": f"/v1/jobs/{job_id}",
             "pipeline": f"/v1/jobs/{job_id}/pipeline",

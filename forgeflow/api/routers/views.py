@@ -69,6 +69,8 @@ def job_summary(job: JobRow) -> dict[str, Any]:
         "current_stage": job["stages_completed"] if running else None,
         "created_by": job["created_by"],
         "retry_of": job["retry_of"],
+        "batch_id": job.get("batch_id"),
+        "reused_from": job.get("reused_from"),
     }
 
 

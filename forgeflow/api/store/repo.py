@@ -34,7 +34,7 @@ from forgeflow.api.store.rows import (
     stage_row,
     template_row,
 )
-from forgeflow.api.store.tables import audit, events, jobs, meta, pipelines, plugin_observed, stage_runs
+from forgeflow.api.store.tables import audit, batches, events, jobs, meta, pipelines, plugin_observed, stage_runs
 from forgeflow.canonical import MAX_COUNT
 from forgeflow.events.models import (
     Event,
@@ -47,6 +47,10 @@ from forgeflow.events.models import (
     is_terminal_event,
 )
 from forgeflow.pipeline.outcome import NOT_THE_PLUGINS_DOING, TERMINAL_STATUSES, StageReport, is_terminal
+
+#: Queued jobs looked at beyond the free slots, so a batch at its concurrency bound does not hold
+#: back the jobs queued after it.
+LAUNCH_LOOKAHEAD = 1000
 
 
 def utcnow() -> datetime:
@@ -104,6 +108,9 @@ class Store:
         self.engine = make_engine(url)
         self.dialect = self.engine.dialect.name
         self._write_lock = threading.RLock()
+        from forgeflow.api.store.batches import BatchRepo
+
+        self.batches = BatchRepo(self)
 
     def migrate(self) -> None:
         migrate(self.engine)
@@ -137,9 +144,16 @@ class Store:
         template_id: str | None,
         created_by: str | None = None,
         retry_of: str | None = None,
+        batch_id: str | None = None,
+        work_key: str | None = None,
+        reuse: bool = False,
         publish: Callable[[list[StoredEvent]], None] | None = None,
     ) -> tuple[JobRow, bool]:
         """Insert a queued job and its first message; an existing id with the same body is returned as is.
+
+        With ``reuse`` and a ``work_key`` that an earlier job computed successfully, the job takes
+        that job's result instead: it is stored ``succeeded`` at once with ``reused_from`` naming the
+        job that did the work (its outputs and artifacts are that job's), and nothing is launched.
 
         Raises :class:`Conflict` when the id exists with a different body.
         """
@@ -150,6 +164,7 @@ class Store:
                     raise Conflict(f"job {job_id!r} already exists with a different request")
                 return existing, False
             now = utcnow()
+            done = self.done_work(work_key) if reuse and work_key else None
             try:
                 with self.engine.begin() as conn:
                     conn.execute(
@@ -169,9 +184,15 @@ class Store:
                             stages_completed=0,
                             created_by=created_by,
                             retry_of=retry_of,
+                            batch_id=batch_id,
+                            work_key=work_key,
+                            reused_from=(done["reused_from"] or done["id"]) if done else None,
                         )
                     )
-                    stored = self._ingest(conn, [JobStatusEvent(job_id=job_id, status="queued")])
+                    first: list[Event] = [JobStatusEvent(job_id=job_id, status="queued")]
+                    if done is not None:
+                        first.append(JobStatusEvent(job_id=job_id, status="succeeded", envelope=done["envelope"]))
+                    stored = self._ingest(conn, first)
             except IntegrityError:
                 # Another API process created it first.
                 existing = self.get_job(job_id)
@@ -185,6 +206,18 @@ class Store:
         job = self.get_job(job_id)
         assert job is not None
         return job, True
+
+    def done_work(self, work_key: str) -> JobRow | None:
+        """The first job that computed ``work_key`` and succeeded (None: this work was never done)."""
+        query = (
+            select(jobs)
+            .where(jobs.c.work_key == work_key, jobs.c.status == "succeeded")
+            .order_by(jobs.c.finished_at, jobs.c.id)
+            .limit(1)
+        )
+        with self.engine.connect() as conn:
+            row = conn.execute(query).mappings().first()
+        return job_row(row) if row else None
 
     def get_job(self, job_id: str) -> JobRow | None:
         with self.engine.connect() as conn:
@@ -251,8 +284,11 @@ class Store:
 
     # --- launcher bookkeeping --------------------------------------------------------------------
     def jobs_to_launch(self, limit: int) -> list[JobRow]:
+        """Up to ``limit`` queued jobs to start, oldest first; a job of a batch only while fewer than
+        the batch's ``max_concurrency`` of its jobs run (the others wait their turn, not the batch's),
+        and never one of a batch being cancelled. Only ids are read until the jobs are picked."""
         query = (
-            select(jobs)
+            select(jobs.c.id, jobs.c.batch_id)
             .where(
                 jobs.c.status == "queued",
                 jobs.c.pid.is_(None),
@@ -260,10 +296,46 @@ class Store:
                 jobs.c.source != "external",
             )
             .order_by(jobs.c.created_at, jobs.c.id)
-            .limit(limit)
+            .limit(limit + LAUNCH_LOOKAHEAD)
         )
+        picked: list[str] = []
         with self.engine.connect() as conn:
-            return [job_row(r) for r in conn.execute(query).mappings()]
+            candidates = conn.execute(query).all()
+            batch_ids = {batch_id for _, batch_id in candidates if batch_id}
+            room: dict[str, int] = {}
+            if batch_ids:
+                caps = conn.execute(
+                    select(batches.c.id, batches.c.max_concurrency, batches.c.cancel_requested).where(
+                        batches.c.id.in_(batch_ids)
+                    )
+                ).all()
+                running: dict[str, int] = dict(
+                    conn.execute(
+                        select(jobs.c.batch_id, func.count())
+                        .where(
+                            jobs.c.batch_id.in_(batch_ids),
+                            jobs.c.launched_at.is_not(None),
+                            jobs.c.status.not_in(list(TERMINAL_STATUSES)),
+                        )
+                        .group_by(jobs.c.batch_id)
+                    ).all()
+                )
+                # A cancelled batch starts nothing more (its queued jobs are being cancelled).
+                room = {
+                    batch_id: 0 if cancelled else cap - running.get(batch_id, 0) for batch_id, cap, cancelled in caps
+                }
+            for job_id, batch_id in candidates:
+                if len(picked) == limit:
+                    break
+                if batch_id is not None:
+                    if room.get(batch_id, 1) <= 0:
+                        continue
+                    room[batch_id] = room.get(batch_id, 1) - 1
+                picked.append(job_id)
+            if not picked:
+                return []
+            rows = {r["id"]: job_row(r) for r in conn.execute(select(jobs).where(jobs.c.id.in_(picked))).mappings()}
+        return [rows[job_id] for job_id in picked if job_id in rows]
 
     def launched_active_jobs(self) -> list[JobRow]:
         """Jobs a launcher started that have no terminal status yet."""

@@ -36,6 +36,39 @@ class JobRow(TypedDict):
     created_by: str | None
     cancelled_by: str | None
     retry_of: str | None
+    batch_id: str | None
+    work_key: str | None
+    reused_from: str | None
+
+
+class BatchRow(TypedDict):
+    id: str
+    name: str
+    status: str
+    pipeline: dict[str, Any]
+    template_id: str | None
+    source: dict[str, Any]
+    max_concurrency: int
+    force: bool
+    created_by: str | None
+    flow_run_id: str | None
+    cancel_requested: bool
+    created_at: datetime
+    updated_at: datetime
+    finished_at: datetime | None
+    files_total: int
+    counts: dict[str, int]
+
+
+class BatchFileRow(TypedDict):
+    batch_id: str
+    position: int
+    name: str
+    media: str | None
+    job_id: str | None
+    attempts: int
+    error: str | None
+    error_type: str | None
 
 
 class StageRow(TypedDict):
@@ -101,3 +134,11 @@ def plugin_observed_row(row: Any) -> PluginObservedRow:
 
 def audit_row(row: Any) -> AuditRow:
     return cast(AuditRow, dict(row))
+
+
+def batch_row(row: Any) -> BatchRow:
+    return cast(BatchRow, dict(row))
+
+
+def batch_file_row(row: Any) -> BatchFileRow:
+    return cast(BatchFileRow, dict(row))

@@ -9,6 +9,8 @@
 ``pipelines``   saved templates, id = slug of the name.
 ``plugin_observed``  plugin lifecycle as seen from ingested stage events (workers may run elsewhere).
 ``meta``        small key/value settings of this store (the generated ingest token).
+``batches``     a set of jobs made from a folder or a list of media with one pipeline (``batch_files``:
+                one row per file, naming the job that stands for it now).
 ``audit``       who did what that leaves no row of its own: cancels and deletes, by token name.
 """
 
@@ -76,9 +78,50 @@ jobs = Table(
     Column("created_by", String(64), nullable=True),  # the submitting token's name (None: open service)
     Column("cancelled_by", String(64), nullable=True),
     Column("retry_of", String(128), nullable=True),  # the job this one retries (it resumes that one's work)
+    Column("batch_id", String(64), nullable=True),  # the batch this job is a file of
+    Column("work_key", String(64), nullable=True),  # sha256 of what it computes (forgeflow.api.reuse)
+    Column("reused_from", String(128), nullable=True),  # the earlier job whose result it took
     Index("ix_jobs_status_created", "status", "created_at"),
     Index("ix_jobs_created", "created_at"),
     Index("ix_jobs_template", "template_id"),
+    Index("ix_jobs_batch", "batch_id"),
+    Index("ix_jobs_work_key", "work_key", "status"),
+)
+
+batches = Table(
+    "batches",
+    metadata,
+    Column("id", String(64), primary_key=True),
+    Column("name", String(200), nullable=False),
+    Column("status", String(16), nullable=False),  # running | succeeded | failed | cancelled
+    Column("pipeline", JSONType, nullable=False),
+    Column("template_id", String(200), nullable=True),
+    Column("source", JSONType, nullable=False),  # {"folder", "pattern"} or {"media": [refs]}
+    Column("max_concurrency", Integer, nullable=False),
+    Column("force", Boolean, nullable=False),
+    Column("created_by", String(64), nullable=True),
+    Column("flow_run_id", String(64), nullable=True),  # the batch flow run that registered it, if any
+    Column("cancel_requested", Boolean, nullable=False, default=False),
+    Column("created_at", TZDateTime, nullable=False),
+    Column("updated_at", TZDateTime, nullable=False),
+    Column("finished_at", TZDateTime, nullable=True),
+    Column("files_total", Integer, nullable=False),
+    Column("counts", JSONType, nullable=False),  # jobs per status, and reused
+    Index("ix_batches_created", "created_at"),
+)
+
+batch_files = Table(
+    "batch_files",
+    metadata,
+    Column("batch_id", String(64), ForeignKey("batches.id", ondelete="CASCADE"), nullable=False),
+    Column("position", Integer, nullable=False),
+    Column("name", String(500), nullable=False),
+    Column("media", String(200), nullable=True),  # None: the file never reached the media store
+    Column("job_id", String(128), nullable=True),  # the job that stands for the file now (its last attempt)
+    Column("attempts", Integer, nullable=False, default=0),
+    Column("error", Text, nullable=True),  # why the file has no job (it could not be stored)
+    Column("error_type", String(200), nullable=True),
+    PrimaryKeyConstraint("batch_id", "position", name="pk_batch_files"),
 )
 
 events = Table(

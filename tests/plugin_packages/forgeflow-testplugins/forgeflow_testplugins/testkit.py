@@ -118,6 +118,30 @@ def probe_media(inputs: MediaInput, config: EmptyModel, ctx: ToolContext) -> Med
     return MediaOutput(media_kind=reader.kind, frame_count=count, width=reader.width, height=reader.height)
 
 
+class FileWorkConfig(BaseModel):
+    seconds: float = Field(0.0, ge=0)
+    calls_log: str | None = None
+
+
+class FileWorkOutput(BaseModel):
+    media_kind: str
+    frame_count: int
+    slept_s: float
+
+
+@plugin.tool(input=MediaInput, output=FileWorkOutput, config=FileWorkConfig)
+def file_work(inputs: MediaInput, config: FileWorkConfig, ctx: ToolContext) -> FileWorkOutput:
+    """A batch's work on one file: count its frames (a corrupt file fails here), sleep ``seconds``
+    (so a batch's wall time is not CPU-bound), and append a line to ``calls_log`` (the calls made)."""
+    reader = ctx.media(inputs.media)
+    count = sum(1 for _ in reader.frames())
+    time.sleep(config.seconds)
+    if config.calls_log:
+        with open(config.calls_log, "a", encoding="utf-8") as fh:
+            fh.write(f"{inputs.media}\n")
+    return FileWorkOutput(media_kind=reader.kind, frame_count=count, slept_s=config.seconds)
+
+
 class ThumbnailOutput(BaseModel):
     thumbnail: str
     thumbnail_width: int
