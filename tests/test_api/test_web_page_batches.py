@@ -4,7 +4,8 @@ page) against a real API server whose launcher runs each file of a batch as its 
 A batch fills in live on the list and on its own page (the done count rises through intermediate
 values to the total), its corrupt file shows failed with its error, every file links to its job,
 the summary downloads with the page's token; *Retry failed files* re-runs only the failed file;
-*Cancel batch* (from the keyboard) stops a running batch.
+a second run of the same batch names the job each file reused; *Cancel batch* (from the keyboard)
+stops a running batch.
 """
 
 from __future__ import annotations
@@ -136,6 +137,17 @@ def test_a_batch_fills_in_live_and_its_failed_file_is_retried_from_the_page(
     expect(detail.locator("h1")).to_contain_text("web nightly")
     row.get_by_role("link", name="web nightly").click()
     expect(listing.locator("#batch-status")).to_have_text("failed")
+
+    # The same batch again: every good file takes its earlier job's result, and its row names that job.
+    again = client.post("/v1/batches", json=body).json()["batch_id"]
+    listing.goto(f"/ui#/batches/{again}")
+    expect(listing.locator("#batch-status")).to_have_text("failed", timeout=LONG)
+    expect(listing.locator("#batch-counts")).to_contain_text("6 succeeded (6 reused)")
+    reused = listing.locator('#batch-files tr[data-name="img-00.png"] .reused a')
+    expect(reused).to_have_text(before["img-00.png"])
+    expect(reused).to_have_attribute("href", f"#/jobs/{before['img-00.png']}")
+    expect(listing.locator('#batch-files tr[data-name="bad-0.png"] .reused')).to_have_count(0)
+    assert calls(log) == 6
 
 
 def test_a_running_batch_is_cancelled_from_its_page_with_the_keyboard(
