@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from tests.batch_helpers import calls, file_work, make_images
+from tests.batch_helpers import calls, file_work, make_images, wait_batch
 from tests.test_api import test_web_page
 from tests.test_api.test_web_page import LONG, WatchedPage, _screenshot
 
@@ -183,3 +183,41 @@ def test_a_running_batch_is_cancelled_from_its_page_with_the_keyboard(
     assert batch["status"] == "cancelled" and batch["counts"]["cancelled"] == 4 and batch["counts"]["succeeded"] == 0
     started = [f for f in batch["files"] if client.get(f"/v1/jobs/{f['job_id']}").json()["started_at"]]
     assert len(started) == 2  # the queued files never started
+
+
+def test_the_batches_list_reads_again_what_it_missed_while_disconnected(
+    api_factory: Any, open_page: Callable[[str], WatchedPage], tmp_path: Path
+) -> None:
+    """``batch_progress`` is live only (not replayed): a page that missed a whole batch on a dropped
+    connection shows it, ended, once it reconnects (it reads the list again on every connect)."""
+    from playwright.sync_api import expect
+
+    api, incoming = _media_api(api_factory, tmp_path)
+    make_images(incoming, 3)
+    sockets: list[Any] = []
+
+    def deaf_to_batches_at_first(route: Any) -> None:
+        """The page's first connection to the all-jobs stream hears no ``batch_progress``."""
+        server = route.connect_to_server()
+        deaf = not sockets
+        route.on_message(server.send)
+        server.on_message(lambda m: None if deaf and '"batch_progress"' in str(m) else route.send(m))
+        sockets.append(route)
+
+    page = open_page(api.url).page
+    page.route_web_socket(re.compile(r"/v1/ws/jobs(\?|$)"), deaf_to_batches_at_first)
+    page.goto("/ui#/batches")
+    expect(page.locator("#batches-count")).to_have_text("No batches yet.")
+    expect(page.locator("#connection")).to_have_text("Live")
+    client = api.client()
+    body = {"name": "missed", "pipeline": file_work(tmp_path / "calls.log"), "folder": str(incoming)}
+    batch = wait_batch(client, client.post("/v1/batches", json=body).json()["batch_id"])
+    assert batch["status"] == "succeeded"
+    expect(page.locator("#batches-table tbody tr")).to_have_count(0)  # it heard nothing of it
+
+    sockets[0].close()  # the connection drops; the page reconnects
+    row = page.locator(f'#batches-table tr[data-batch-id="{batch["batch_id"]}"]')
+    expect(row).to_have_attribute("data-status", "succeeded", timeout=LONG)
+    expect(row.locator(".done")).to_have_text(" 3/3")
+    expect(page.locator("#connection")).to_have_text("Live")
+    assert len(sockets) == 2
