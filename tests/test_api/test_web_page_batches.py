@@ -221,3 +221,43 @@ def test_the_batches_list_reads_again_what_it_missed_while_disconnected(
     expect(row.locator(".done")).to_have_text(" 3/3")
     expect(page.locator("#connection")).to_have_text("Live")
     assert len(sockets) == 2
+
+
+def test_a_read_token_sees_a_batch_and_its_summary_but_no_cancel(
+    api_factory: Any, open_page: Callable[[str], WatchedPage], tmp_path: Path
+) -> None:
+    """With tokens, the batch page reads and downloads with the tab's token; Cancel and Retry are
+    offered only to a token that may ``run``."""
+    import httpx
+    from playwright.sync_api import expect
+
+    from tests.test_api.test_api_access import bearer, write_tokens
+    from tests.test_api.test_web_page import _sign_in
+
+    incoming = tmp_path / "incoming"
+    names = make_images(incoming, 2)
+    tokens = {"reader": ("batch-reader", ["read"]), "runner": ("batch-runner", ["read", "run"])}
+    api = api_factory(
+        launch_jobs=False, media_input_roots=[incoming], api_tokens_file=write_tokens(tmp_path / "tokens.json", tokens)
+    )
+    http = httpx.Client(base_url=api.url, headers=bearer("batch-runner"), timeout=30)
+    body = {"name": "guarded", "pipeline": file_work(tmp_path / "calls.log"), "folder": str(incoming)}
+    batch_id = http.post("/v1/batches", json=body).json()["batch_id"]  # stays running: nothing launches
+
+    reader = open_page(api.url).page
+    reader.goto(f"/ui#/batches/{batch_id}")
+    _sign_in(reader, "batch-reader")
+    expect(reader.locator("#batch-status")).to_have_text("running")
+    expect(reader.locator("#batch-files tbody tr")).to_have_count(2)
+    expect(reader.get_by_role("button", name="Cancel batch")).to_be_hidden()
+    with reader.expect_download() as downloaded:
+        reader.get_by_role("link", name="CSV").click()
+    rows = list(csv.DictReader(io.StringIO(Path(downloaded.value.path()).read_text())))
+    assert [r["name"] for r in rows] == names
+    reader.get_by_role("link", name="Batches", exact=True).click()
+    expect(reader.locator(f'#batches-table tr[data-batch-id="{batch_id}"]')).to_contain_text("runner")
+
+    runner = open_page(api.url).page
+    runner.goto(f"/ui#/batches/{batch_id}")
+    _sign_in(runner, "batch-runner")
+    expect(runner.get_by_role("button", name="Cancel batch")).to_be_visible()
