@@ -15,7 +15,8 @@
   when its modification time or size changes, so tokens are added and revoked without a restart.
 * The internal ingest endpoint always needs a token: the ingest token (``ingest_token``, or one the
   service generates once and keeps in its store) or an ``admin`` token. The ingest token also opens the
-  media routes (worker hosts fetch and store media through them) and nothing else.
+  media routes (worker hosts fetch and store media through them) and the batch routes (a worker host's
+  batch flow run registers and follows its batch), and nothing else.
 """
 
 from __future__ import annotations

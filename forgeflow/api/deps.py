@@ -120,7 +120,7 @@ class ScopedRoute(APIRoute):
 
 
 class WorkerScopedRoute(ScopedRoute):
-    """A route that the ingest token of worker hosts opens too (the media routes)."""
+    """A route that the ingest token of worker hosts opens too (the media and batch routes)."""
 
     guard = authorize_worker
 

@@ -17,7 +17,6 @@ from typing import Any
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-from rich.table import Table
 
 from forgeflow.cli.watch import _token
 from forgeflow.jobs.batch_client import BatchApiError, BatchClient, folder_files
@@ -50,15 +49,16 @@ def _counts_line(batch: dict[str, Any]) -> str:
 
 
 def _show_batch(batch: dict[str, Any]) -> None:
-    out = Console(soft_wrap=True)
+    """The batch on stdout: its status and counts, then one line per file (name, status, job, …)."""
+    out = Console(soft_wrap=True, highlight=False)
     out.print(f"batch {batch['batch_id']} ({batch['name']}): [bold]{batch['status']}[/bold]")
     out.print(_counts_line(batch))
-    table = Table("file", "status", "job", "reused from", "attempts", "error")
     for f in batch.get("files", []):
-        table.add_row(
-            f["name"], f["status"], f["job_id"] or "", f["reused_from"] or "", str(f["attempts"]), f["error"] or ""
+        reused = f" reused from {f['reused_from']}" if f["reused_from"] else ""
+        error = f" {f['error_type']}: {f['error']}" if f["error"] else ""
+        out.print(
+            f"  {f['name']}  {f['status']}  {f['job_id'] or '-'}  attempts {f['attempts']}{reused}{error}", markup=False
         )
-    out.print(table)
 
 
 def _follow(client: BatchClient, batch: dict[str, Any]) -> dict[str, Any]:

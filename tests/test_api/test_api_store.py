@@ -21,7 +21,7 @@ def test_migrations_create_exactly_the_declared_schema(store_url: str) -> None:
         store.migrate()  # idempotent
         with store.engine.connect() as conn:
             context = MigrationContext.configure(conn)
-            assert context.get_current_revision() == "0005_job_retry_of"
+            assert context.get_current_revision() == "0006_batches"
             diff = [
                 d
                 for d in compare_metadata(context, metadata)

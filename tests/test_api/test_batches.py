@@ -196,3 +196,32 @@ def test_the_batch_flow_registers_its_batch_and_writes_the_results(
     assert bad["ok"] is False and bad["error_type"] == "MediaError"
     assert [row["name"] for row in csv.DictReader(io.StringIO((out / "summary.csv").read_text()))] == names
     assert (out / "summary.parquet").stat().st_size > 0
+
+
+def test_the_batch_command_runs_a_folder_with_a_progress_bar_and_acts_on_a_batch(
+    media_api: tuple[ApiServer, Path], tmp_path: Path
+) -> None:
+    from typer.testing import CliRunner
+
+    from forgeflow.cli.main import app
+
+    api, _ = media_api
+    folder = tmp_path / "clips"
+    names = make_images(folder, 2, corrupt=1)
+    pipeline_file = tmp_path / "pipeline.json"
+    pipeline_file.write_text(json.dumps({"pipeline": file_work(tmp_path / "calls.log")}))
+    out = tmp_path / "out"
+    runner = CliRunner()
+    done = runner.invoke(app, ["batch", str(pipeline_file), str(folder), "--out", str(out), "--api", api.url])
+    assert done.exit_code == 1, done.output  # one file failed
+    assert "batch-" in done.output and "2 ok" in done.output
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        [*(f"{n}.json" for n in names), "summary.csv", "summary.parquet"]
+    )
+    batch_id = api.client().get("/v1/batches").json()["items"][0]["batch_id"]
+    shown = runner.invoke(app, ["batch", "status", batch_id, "--api", api.url])
+    assert shown.exit_code == 1 and "bad-0.png" in shown.output and "MediaError" in shown.output
+    retried = runner.invoke(app, ["batch", "retry", batch_id, "--api", api.url])
+    assert "retrying 1 files: bad-0.png" in retried.output, retried.output
+    refused = runner.invoke(app, ["batch", "cancel", "batch-unknown", "--api", api.url])
+    assert refused.exit_code == 2 and "unknown batch" in refused.output.lower()

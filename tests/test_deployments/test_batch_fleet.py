@@ -14,12 +14,12 @@ import pytest
 from tests.batch_helpers import file_work, make_images, wait_batch
 from tests.test_api.conftest import postgres_cluster  # noqa: F401  (the fixture)
 from tests.test_deployments import KEEP_ALIVE, PrefectRest
-from tests.test_deployments.test_scale_out import _host_of, _kill_host, two_hosts  # noqa: F401
+from tests.test_deployments.test_scale_out import _kill_host, host_of_flow_run, two_hosts  # noqa: F401
 
 pytestmark = pytest.mark.xdist_group("stack")
 
 FILES = 6
-SLEEP_S = 4.0
+SLEEP_S = 3.0
 
 
 def test_a_killed_hosts_files_are_retried_elsewhere_and_each_file_succeeds_once(
@@ -47,9 +47,7 @@ def test_a_killed_hosts_files_are_retried_elsewhere_and_each_file_succeeds_once(
             if f["status"] != "running":
                 continue
             flow_run_id = api.get(f"/v1/jobs/{f['job_id']}").json()["flow_run_id"]
-            pid = str(prefect.get(f"/flow_runs/{flow_run_id}").json().get("infrastructure_pid") or "")
-            pid = pid.rsplit(":", 1)[-1]
-            if pid.isdigit() and _host_of(int(pid)) == str(home_b):
+            if host_of_flow_run(prefect, flow_run_id) == str(home_b):
                 on_b.add(f["name"])
         time.sleep(0.2)
     assert on_b, "host B ran no file"
@@ -58,8 +56,9 @@ def test_a_killed_hosts_files_are_retried_elsewhere_and_each_file_succeeds_once(
     batch = wait_batch(api, batch_id, timeout=180)
     assert batch["status"] == "succeeded", batch["counts"]
     files = {f["name"]: f for f in batch["files"]}
-    for name in on_b:  # B's files crashed and were retried (on A: B is gone)
-        assert files[name]["attempts"] == 2, files[name]
+    retried = {name for name, f in files.items() if f["attempts"] == 2}
+    assert on_b <= retried and all(f["attempts"] <= 2 for f in files.values())
+    for name in retried:  # B's files crashed and were retried (on A: B is gone), resuming the crashed job
         retry = api.get(f"/v1/jobs/{files[name]['job_id']}").json()
         assert retry["status"] == "succeeded" and retry["retry_of"] and retry["pipeline"].get("resume") is True
         assert api.get(f"/v1/jobs/{retry['retry_of']}").json()["status"] == "crashed"
@@ -70,4 +69,6 @@ def test_a_killed_hosts_files_are_retried_elsewhere_and_each_file_succeeds_once(
             position = job["job_id"][len(batch_id) + 1 :][:5]
             succeeded[position] = succeeded.get(position, 0) + 1
     assert succeeded == {f"{i:05d}": 1 for i in range(FILES)}  # exactly one succeeded job per file
-    assert len(jobs) == FILES + len(on_b)  # none analysed twice but those B held
+    # None analysed twice but those B held: one job per file, one more per file that crashed with B.
+    assert len(jobs) == FILES + len(retried)
+    assert sorted(j["status"] for j in jobs).count("crashed") == len(retried)

@@ -32,6 +32,13 @@ def _host_of(pid: int) -> str | None:
         return None
 
 
+def host_of_flow_run(prefect: Any, flow_run_id: str) -> str | None:
+    """The FORGEFLOW_HOME of the host whose worker runs the flow run (None: no process, or gone)."""
+    pid = str(prefect.get(f"/flow_runs/{flow_run_id}").json().get("infrastructure_pid") or "")
+    pid = pid.rsplit(":", 1)[-1]
+    return _host_of(int(pid)) if pid.isdigit() else None
+
+
 def _kill_host(home: Path) -> int:
     """SIGKILL every process of the host whose FORGEFLOW_HOME is ``home`` (its power goes off)."""
     killed = 0
@@ -102,9 +109,7 @@ def test_jobs_spread_over_two_hosts_and_a_dead_host_crashes_only_its_jobs(two_ho
     while not on_b and time.monotonic() < deadline:
         for summary in api.get("/v1/jobs", params={"status": "running", "limit": 100}).json()["items"]:
             flow_run_id = api.get(f"/v1/jobs/{summary['job_id']}").json()["flow_run_id"]
-            pid = str(prefect.get(f"/flow_runs/{flow_run_id}").json().get("infrastructure_pid") or "")
-            pid = pid.rsplit(":", 1)[-1]
-            if pid.isdigit() and _host_of(int(pid)) == str(home_b):
+            if host_of_flow_run(prefect, flow_run_id) == str(home_b):
                 on_b.add(summary["job_id"])
         time.sleep(0.2)
     assert on_b, "host B ran no job"

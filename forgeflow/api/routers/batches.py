@@ -221,7 +221,11 @@ async def get_batch(batch_id: str = BatchIdPath, state: ApiState = Depends(get_s
     status_code=202,
     response_model=BatchView,
     summary="Cancel a batch",
-    responses={**ERRORS, 409: {"model": ErrorBody, "description": "The batch already ended."}},
+    responses={
+        **ERRORS,
+        409: {"model": ErrorBody, "description": "The batch already ended."},
+        503: {"model": ErrorBody, "description": "This service runs no launcher."},
+    },
 )
 async def cancel_batch(
     batch_id: str = BatchIdPath,
@@ -271,7 +275,7 @@ async def retry_batch(
 
 async def _summary_rows(state: ApiState, batch_id: str) -> list[dict[str, Any]]:
     await _batch(state, batch_id)
-    files = await run_in_threadpool(batch_service(state).repo.files, batch_id)
+    files = await run_in_threadpool(lambda: batch_service(state).repo.files(batch_id, envelopes=True))
     return summary_rows([(f, file_status(f)) for f in files])
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import func, insert, select, update
+from sqlalchemy import func, insert, null, select, update
 
 from forgeflow.api.store.rows import BatchFileRow, BatchRow, batch_file_row, batch_row
 from forgeflow.api.store.tables import batch_files, batches, jobs
@@ -130,8 +130,9 @@ class BatchRepo:
         with self.store.engine.connect() as conn:
             return list(conn.execute(select(batches.c.id).where(batches.c.status == "running")).scalars())
 
-    def files(self, batch_id: str) -> list[FileState]:
-        """Every file of the batch, in order, with its current job's status."""
+    def files(self, batch_id: str, *, envelopes: bool = False) -> list[FileState]:
+        """Every file of the batch, in order, with its current job's status (and its result envelope
+        with ``envelopes``: the summary needs it, the batch's progress does not)."""
         query = (
             select(
                 batch_files,
@@ -139,7 +140,7 @@ class BatchRepo:
                 jobs.c.reused_from,
                 jobs.c.error.label("job_error"),
                 jobs.c.error_type.label("job_error_type"),
-                jobs.c.envelope,
+                (jobs.c.envelope if envelopes else null()).label("envelope"),
                 jobs.c.started_at,
                 jobs.c.finished_at,
             )

@@ -285,9 +285,10 @@ class Store:
     # --- launcher bookkeeping --------------------------------------------------------------------
     def jobs_to_launch(self, limit: int) -> list[JobRow]:
         """Up to ``limit`` queued jobs to start, oldest first; a job of a batch only while fewer than
-        the batch's ``max_concurrency`` of its jobs run (the others wait their turn, not the batch's)."""
+        the batch's ``max_concurrency`` of its jobs run (the others wait their turn, not the batch's),
+        and never one of a batch being cancelled. Only ids are read until the jobs are picked."""
         query = (
-            select(jobs)
+            select(jobs.c.id, jobs.c.batch_id)
             .where(
                 jobs.c.status == "queued",
                 jobs.c.pid.is_(None),
@@ -297,14 +298,16 @@ class Store:
             .order_by(jobs.c.created_at, jobs.c.id)
             .limit(limit + LAUNCH_LOOKAHEAD)
         )
-        picked: list[JobRow] = []
+        picked: list[str] = []
         with self.engine.connect() as conn:
-            candidates = [job_row(r) for r in conn.execute(query).mappings()]
-            batch_ids = {j["batch_id"] for j in candidates if j["batch_id"]}
+            candidates = conn.execute(query).all()
+            batch_ids = {batch_id for _, batch_id in candidates if batch_id}
             room: dict[str, int] = {}
             if batch_ids:
                 caps = conn.execute(
-                    select(batches.c.id, batches.c.max_concurrency).where(batches.c.id.in_(batch_ids))
+                    select(batches.c.id, batches.c.max_concurrency, batches.c.cancel_requested).where(
+                        batches.c.id.in_(batch_ids)
+                    )
                 ).all()
                 running: dict[str, int] = dict(
                     conn.execute(
@@ -317,17 +320,22 @@ class Store:
                         .group_by(jobs.c.batch_id)
                     ).all()
                 )
-                room = {batch_id: cap - running.get(batch_id, 0) for batch_id, cap in caps}
-        for job in candidates:
-            if len(picked) == limit:
-                break
-            batch_id = job["batch_id"]
-            if batch_id is not None:
-                if room.get(batch_id, 1) <= 0:
-                    continue
-                room[batch_id] = room.get(batch_id, 1) - 1
-            picked.append(job)
-        return picked
+                # A cancelled batch starts nothing more (its queued jobs are being cancelled).
+                room = {
+                    batch_id: 0 if cancelled else cap - running.get(batch_id, 0) for batch_id, cap, cancelled in caps
+                }
+            for job_id, batch_id in candidates:
+                if len(picked) == limit:
+                    break
+                if batch_id is not None:
+                    if room.get(batch_id, 1) <= 0:
+                        continue
+                    room[batch_id] = room.get(batch_id, 1) - 1
+                picked.append(job_id)
+            if not picked:
+                return []
+            rows = {r["id"]: job_row(r) for r in conn.execute(select(jobs).where(jobs.c.id.in_(picked))).mappings()}
+        return [rows[job_id] for job_id in picked if job_id in rows]
 
     def launched_active_jobs(self) -> list[JobRow]:
         """Jobs a launcher started that have no terminal status yet."""
