@@ -39,7 +39,12 @@ def test_the_page_is_served_without_a_token_with_a_strict_policy(in_process_fact
 
 @pytest.mark.parametrize(
     ("name", "media_type"),
-    [("app.js", "text/javascript"), ("job.js", "text/javascript"), ("style.css", "text/css")],
+    [
+        ("app.js", "text/javascript"),
+        ("job.js", "text/javascript"),
+        ("batches.js", "text/javascript"),
+        ("style.css", "text/css"),
+    ],
 )
 def test_static_files_are_served(shared_in_process_api: InProcessApi, name: str, media_type: str) -> None:
     response = shared_in_process_api.client.get(f"/ui/static/{name}")

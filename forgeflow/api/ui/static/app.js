@@ -1,4 +1,4 @@
-// The page's router: #/jobs, #/jobs/<id>, #/run, #/templates, #/plugins. Each view renders into
+// The page's router: #/jobs, #/jobs/<id>, #/batches, #/batches/<id>, #/run, #/templates, #/plugins. Each view renders into
 // <main> and returns a cleanup function (it closes its WebSocket streams when the view is left).
 // The page offers only what the token may do (GET /v1/auth/me): no Run page without "run", no
 // cancel of another's job without "admin", no template deletes without "admin".
@@ -7,6 +7,7 @@ import { may, whoami } from "./api.js";
 import { h, setConnection } from "./dom.js";
 import { jobsView } from "./jobs.js";
 import { jobView } from "./job.js";
+import { batchesView, batchView } from "./batches.js";
 import { runView } from "./run.js";
 import { pluginsView, templatesView } from "./catalog.js";
 
@@ -42,6 +43,8 @@ async function render(navigated) {
   let view;
   if (section === "jobs" && parts[1]) view = jobView(main, parts[1], me);
   else if (section === "jobs") view = jobsView(main, params, me);
+  else if (section === "batches" && parts[1]) view = batchView(main, parts[1], me);
+  else if (section === "batches") view = batchesView(main);
   else if (section === "run") view = runView(main, params, boot, me);
   else if (section === "templates") view = templatesView(main, me);
   else if (section === "plugins") view = pluginsView(main);

@@ -77,6 +77,8 @@ export async function jobView(main, jobId, me = null) {
         h("dt", {}, "Submitted by"), h("dd", { id: "job-created-by" }, job.created_by || "–"),
         h("dt", {}, "Cancelled by"), cancelledByCell,
         ...(job.retry_of ? [h("dt", {}, "Retry of"), h("dd", {}, h("a", { href: `#/jobs/${encodeURIComponent(job.retry_of)}` }, job.retry_of))] : []),
+        ...(job.batch_id ? [h("dt", {}, "Batch"), h("dd", {}, h("a", { href: `#/batches/${encodeURIComponent(job.batch_id)}` }, job.batch_id))] : []),
+        ...(job.reused_from ? [h("dt", {}, "Reused the result of"), h("dd", {}, h("a", { href: `#/jobs/${encodeURIComponent(job.reused_from)}` }, job.reused_from))] : []),
         h("dt", {}, "Duration"), durationCell,
         h("dt", {}, "Stages"), stagesCell,
         h("dt", {}, "Flow run"), flowRunCell),
