@@ -267,6 +267,7 @@ class ProcessRunner:
         self._all: set[Worker] = set()
         self._starting: dict[str, int] = {}
         self._waiting: dict[str, int] = {}
+        self._warming: dict[str, int] = {}  # workers started ahead of their first call (warm), still starting
         self._stopping: set[Worker] = set()
         self._cancelled: dict[str, float] = {}  # job id -> when it was cancelled
         self._evicted = 0
@@ -334,17 +335,30 @@ class ProcessRunner:
     def is_cancelled(self, job_id: str | None) -> bool:
         return job_id is not None and job_id in self._cancelled
 
-    def warm(self, plugin: str) -> bool:
-        """Start an idle worker for ``plugin`` ahead of its first call (when its pool has room)."""
+    def warm(self, plugin: str, *, if_none: bool = False) -> bool:
+        """Start an idle worker for ``plugin`` ahead of its first call (when its pool has room; with
+        ``if_none``, only when the plugin has no worker at all). A call that comes while it starts
+        waits for it rather than starting a second one."""
         with self._lock:
-            if self._closed or self._idle.get(plugin) or self._count(plugin) >= self.settings.pool_size_of(plugin):
+            count = self._count(plugin)
+            if self._closed or self._idle.get(plugin) or count >= self.settings.pool_size_of(plugin):
+                return False
+            if if_none and count:
                 return False
             self._starting[plugin] = self._starting.get(plugin, 0) + 1
-        worker, _failure = self._start(plugin, self._default_key(plugin))
-        if worker is None:
-            return False
-        self._release(worker)
-        return True
+            self._warming[plugin] = self._warming.get(plugin, 0) + 1
+        try:
+            worker, _failure = self._start(plugin, self._default_key(plugin))
+            if worker is None:
+                return False
+            self._release(worker)
+            return True
+        finally:
+            with self._cond:
+                self._warming[plugin] -= 1
+                if not self._warming[plugin]:
+                    del self._warming[plugin]
+                self._cond.notify_all()
 
     def status(self) -> dict[str, Any]:
         """Pools as plain data: every worker (pid, plugin, busy job, calls, model loads, memory)."""
@@ -577,10 +591,12 @@ class ProcessRunner:
                             return worker, None
                         self._all.discard(worker)
                         worker.kill()
-                    if self._count(plugin) < size:
+                    # a worker started ahead of its first call (warm) is this call's: no second one
+                    warming_for_me = self._warming.get(plugin, 0) >= self._waiting[plugin]
+                    if self._count(plugin) < size and not warming_for_me:
                         self._starting[plugin] = self._starting.get(plugin, 0) + 1
                         break
-                    if idle:  # full, and idle workers of another key: retire the least recently used
+                    if idle and not warming_for_me:  # full, idle workers of another key: retire the LRU one
                         self._discard(idle.pop(0))
                         continue
                     self._cond.wait(0.5)
