@@ -20,7 +20,6 @@ import psutil
 import pytest
 
 from forgeflow.engine.client import EngineClient
-from forgeflow.processes import pid_alive
 
 NUMBERS = {
     "pipeline": [
@@ -199,11 +198,11 @@ def test_the_readme_command_writes_the_same_files_through_the_background_engine(
     readme_job = Path(__file__).resolve().parents[2] / "examples" / "soccer-analysis.json"
     env = cli_env(home, PREFECT_API_URL=prefect_api_url)
     outputs = {}
+    command = [sys.executable, "-m", "forgeflow.cli", "run", str(readme_job), "--input", f"{ASSETS}/bus.jpg"]
     for way, args in (("engine", []), ("here", ["--no-engine"])):
         out = tmp_path / way
         done = subprocess.run(
-            [sys.executable, "-m", "forgeflow.cli", "run", str(readme_job), "--input", f"{ASSETS}/bus.jpg"]
-            + ["--out", str(out), *args],
+            [*command, "--out", str(out), *args],
             env=env,
             capture_output=True,
             text=True,
