@@ -806,14 +806,14 @@ def engine_start(
     workers on this host then share its warm workers). Uses PREFECT_API_URL, else a local Prefect
     server on :4200, else starts one under FORGEFLOW_HOME/prefect. An engine that `forgeflow run`
     started is kept: it stops only when asked (or after --idle-stop) from now on."""
-    from forgeflow.engine.client import EngineUnavailable, ensure_engine
+    from forgeflow.engine.client import STARTED_BY_COMMAND, EngineUnavailable, ensure_engine
     from forgeflow.engine.locks import LockTimeout
     from forgeflow.settings import get_settings
 
     settings = get_settings()
     _use_local_prefect()
     try:
-        client, status = ensure_engine(settings, timeout=180.0, idle_stop_s=idle_stop)
+        client, status = ensure_engine(settings, timeout=180.0, idle_stop_s=idle_stop, started_by=STARTED_BY_COMMAND)
         if status.get("idle_stop_s") != idle_stop and status.get("owner_pid") is None:
             client.set_idle_stop(idle_stop)
     except (EngineUnavailable, LockTimeout) as exc:
@@ -898,7 +898,8 @@ def engine_status(as_json: bool = typer.Option(False, "--json", help="Print JSON
 
 def _engine_life(status: dict[str, Any]) -> str:
     """Who started the engine and when it stops by itself, in a line."""
-    started = f"started by {status.get('started_by') or 'hand'}"
+    owner = status.get("owner_pid")
+    started = f"started by {status.get('started_by') or (f'its owner, pid {owner}' if owner else 'hand')}"
     if status.get("stopping"):
         return f"{started} · stopping"
     if status.get("owner_pid"):

@@ -194,14 +194,16 @@ def start_engine_process(
     env: dict[str, str] | None = None,
     owner_pid: int | None = None,
     idle_stop_s: float = 0.0,
-    started_by: str = STARTED_BY_COMMAND,
+    started_by: str | None = None,
     warm: Sequence[str] = (),
 ) -> subprocess.Popen[bytes]:
     """Start ``python -m forgeflow.engine`` in its own session (it outlives the caller), its output
     appended to ``<home>/logs/engine.log``; ``warm`` names plugins whose workers it starts at once."""
     log_path = settings.logs_dir / "engine.log"
     log_path.parent.mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, "-m", "forgeflow.engine", "--idle-stop-s", f"{idle_stop_s:g}", "--started-by", started_by]
+    cmd = [sys.executable, "-m", "forgeflow.engine", "--idle-stop-s", f"{idle_stop_s:g}"]
+    if started_by:
+        cmd += ["--started-by", started_by]
     if owner_pid is not None:
         cmd += ["--owner-pid", str(owner_pid)]
     if warm:
@@ -241,7 +243,7 @@ def ensure_engine(
     owner_pid: int | None = None,
     timeout: float = 120.0,
     idle_stop_s: float = 0.0,
-    started_by: str = STARTED_BY_COMMAND,
+    started_by: str | None = None,
     warm: Sequence[str] = (),
 ) -> tuple[EngineClient, dict[str, Any]]:
     """The engine of ``settings.home``: the running one, or a new one started and waited for (it
