@@ -35,7 +35,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import psutil
@@ -43,20 +42,11 @@ import psutil
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 
-from bench_engine import ONE_PASS  # noqa: E402 - the script every cold/warm comparison uses
+from bench_engine import ONE_PASS, timed  # noqa: E402 - the script every cold/warm comparison uses
 
 PIPELINE = ROOT / "examples" / "soccer-analysis.json"
 CLIP = ROOT / "examples" / "sample.mp4"
 CLI = [sys.executable, "-m", "forgeflow.cli"]
-
-
-def timed(cmd: list[str], env: dict[str, str]) -> float:
-    start = time.perf_counter()
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
-    wall = time.perf_counter() - start
-    if done.returncode:
-        raise SystemExit(f"{' '.join(cmd[:5])} exited {done.returncode}:\n{done.stderr[-3000:]}")
-    return wall
 
 
 def stop_engine(env: dict[str, str]) -> str:

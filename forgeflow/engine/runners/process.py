@@ -355,9 +355,7 @@ class ProcessRunner:
             return True
         finally:
             with self._cond:
-                self._warming[plugin] -= 1
-                if not self._warming[plugin]:
-                    del self._warming[plugin]
+                _count_down(self._warming, plugin)
                 self._cond.notify_all()
 
     def status(self) -> dict[str, Any]:
@@ -681,9 +679,7 @@ class ProcessRunner:
             return self._spawn_worker(plugin, key)
         finally:
             with self._cond:
-                self._starting[plugin] -= 1
-                if not self._starting[plugin]:
-                    del self._starting[plugin]
+                _count_down(self._starting, plugin)
                 self._cond.notify_all()
 
     def _log_path(self, plugin: str) -> Path:
@@ -767,6 +763,13 @@ class ProcessRunner:
     def _forget(self, worker: Worker) -> None:
         with self._lock:
             self._all.discard(worker)
+
+
+def _count_down(counts: dict[str, int], plugin: str) -> None:
+    """One fewer of ``plugin`` in ``counts`` (a plugin at none is dropped)."""
+    counts[plugin] -= 1
+    if not counts[plugin]:
+        del counts[plugin]
 
 
 def _file_size(path: Path) -> int:
