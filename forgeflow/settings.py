@@ -108,6 +108,24 @@ class Settings(BaseSettings):
     use_engine: bool = Field(
         True, description="Run jobs and stage calls on this host's long-lived engine (warm models) when it is running."
     )
+    auto_engine: bool = Field(
+        True,
+        description="`forgeflow run` with no engine running starts this host's engine in the background (logs under "
+        "<home>/logs) and runs the job on it, so the next run finds the models warm; false: the job runs in the "
+        "command's own process (as `forgeflow run --no-engine`).",
+    )
+    engine_idle_stop_s: float = Field(
+        300.0,
+        ge=0,
+        description="An engine that `forgeflow run` started stops itself (workers, its Prefect server, socket) "
+        "after this many seconds without a job or stage call; 0: never. One started with `forgeflow engine start` "
+        "runs until stopped unless given --idle-stop.",
+    )
+    prefect_db_cache: Path = Field(
+        default_factory=lambda: Path.home() / ".cache" / "forgeflow",
+        description="Where an empty, migrated Prefect database is kept per Prefect version: the local Prefect "
+        "server of a new home (the engine's, `forgeflow serve`'s) starts from it instead of migrating one (seconds).",
+    )
     docker_image: str = Field("forgeflow-worker:cpu", description="Image the docker runner starts per stage.")
     docker_gpus: bool = Field(False, description="Request all GPUs for docker stages (needs the nvidia runtime).")
 

@@ -41,6 +41,10 @@ _default_env("FORGEFLOW_HOME", str(_SESSION_DIR / "home"))
 # The docker runner's tests call the test plugins in containers: the test image (scripts/test.sh builds it
 # with deployments/build_image.sh cpu --test-plugins); the production image holds none.
 _default_env("FORGEFLOW_DOCKER_IMAGE", "forgeflow-worker:cpu-test")
+# `forgeflow run` in a test runs the job in its own process unless the test asks for the background
+# engine (tests/test_engine/test_background.py): no engine outlives a test.
+_default_env("FORGEFLOW_AUTO_ENGINE", "false")
+_default_env("FORGEFLOW_PREFECT_DB_CACHE", str(_SESSION_DIR / "prefect-db-cache"))
 
 
 def free_port() -> int:

@@ -200,7 +200,7 @@ def test_help_names_values_not_python_types(tmp_path):
     assert "run [OPTIONS] FILE" in run and "--input" in run and "MEDIA" in run
     listing = " ".join(forgeflow("--help", cwd=tmp_path).stdout.split())
     # a command's summary is its first paragraph as one sentence, not cut at the docstring's line ends
-    assert "else in this process (a running local Prefect server or Prefect's ephemeral one, process runner)" in listing
+    assert "With none running, one starts in the background and stays warm for the next run" in listing
 
 
 def test_the_run_summary_fits_80_columns_without_breaking_plugin_tool(capsys):

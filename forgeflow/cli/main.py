@@ -243,15 +243,28 @@ def run(
         "continues after its last chunk (the pipeline's 'resume').",
     ),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Also show Prefect's own logs."),
+    no_engine: bool = typer.Option(
+        False,
+        "--no-engine",
+        help="Run the job in this process (a local Prefect server or Prefect's ephemeral one, process runner) "
+        "instead of on this host's engine.",
+    ),
 ) -> None:
-    """Run a pipeline: on this host's engine when one runs (warm models), else in this process
-    (a running local Prefect server or Prefect's ephemeral one, process runner)."""
+    """Run a pipeline on this host's engine (warm models). With none running, one starts in the
+    background and stays warm for the next run until it has been idle for FORGEFLOW_ENGINE_IDLE_STOP_S
+    (FORGEFLOW_AUTO_ENGINE=false or --no-engine: the job runs in this process instead)."""
     from forgeflow.canonical import canonical_json
     from forgeflow.events.sinks import MemorySink
+    from forgeflow.pipeline.definition import raw_stages
     from forgeflow.pipeline.validation import PipelineValidationError, parse_definition, validate_pipeline
+    from forgeflow.settings import get_settings
 
     document = _load_document(file)
     job_input = _job_input(document, media, input_json)
+    settings = get_settings()
+    # The engine starts (or is found) while this process validates the pipeline.
+    plugins = [str(s.get("plugin")) for s in raw_stages(document) if isinstance(s, dict) and s.get("plugin")]
+    engine_ready = None if no_engine else _engine_for_run(settings, plugins)
     job_id = (
         job_id or (document.get("job_id") if isinstance(document, dict) else None) or f"job-{uuid.uuid4().hex[:12]}"
     )
@@ -267,11 +280,8 @@ def run(
     _print_warnings(validated)
     definition = validated.canonical_definition()
 
-    from forgeflow.settings import get_settings
-
-    settings = get_settings()
     sink = MemorySink()
-    engine = _running_engine(settings)
+    engine = _engine_or_none(engine_ready)
     with Progress(
         SpinnerColumn(),
         TextColumn("{task.description}"),
@@ -288,7 +298,7 @@ def run(
         sink.subscribe(lambda event: _show(progress, bars, event))
         started = time.perf_counter()
         if engine is not None:
-            envelope = _run_on_engine(engine, definition, job_input, job_id, sink)
+            envelope = _run_on_engine(engine, definition, job_input, job_id, sink, settings)
         else:
             envelope = _run_here(settings, definition, job_input, job_id, sink, verbose=verbose)
         elapsed = time.perf_counter() - started
@@ -302,35 +312,90 @@ def run(
     raise typer.Exit(EXIT_OK if envelope["ok"] else EXIT_FAILED)
 
 
-def _running_engine(settings: Any) -> Any:
-    """This host's engine when one runs (and may be used), else None."""
+def _engine_for_run(settings: Any, plugins: list[str]) -> Any:
+    """This host's engine for a run, as a future: the running one, or (``auto_engine``) one started
+    now in the background, warming ``plugins``' workers; None: the job runs in this process."""
+    from concurrent.futures import Future, ThreadPoolExecutor
+
+    from forgeflow.engine.client import STARTED_BY_RUN, EngineClient, ensure_engine
+
     if not settings.use_engine:
         return None
-    from forgeflow.engine.client import EngineClient
-
     client = EngineClient(settings.engine_socket_path)
-    return client if client.alive() else None
+    if client.alive():
+        found: Future[Any] = Future()
+        found.set_result(client)
+        return found
+    if not settings.auto_engine or settings.runner == "inline":
+        return None
+    _use_local_prefect()  # the engine uses a running local Prefect server, else starts its own
+    idle = settings.engine_idle_stop_s
+    console.print(
+        "[dim]starting this host's engine in the background"
+        + (f" (it stops after {idle:g} s without work" if idle else " (it runs until `forgeflow engine stop`")
+        + f"; log {settings.logs_dir / 'engine.log'}); --no-engine runs the job in this process[/dim]"
+    )
+
+    def start() -> Any:
+        started, _ = ensure_engine(settings, timeout=180.0, idle_stop_s=idle, started_by=STARTED_BY_RUN, warm=plugins)
+        return started
+
+    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="forgeflow-engine-start")
+    try:
+        return pool.submit(start)
+    finally:
+        pool.shutdown(wait=False)
 
 
-def _run_on_engine(client: Any, definition: Any, job_input: dict[str, Any], job_id: str, sink: Any) -> dict[str, Any]:
-    """Hand the job to the engine (warm models, its Prefect) and follow its events."""
+def _engine_or_none(engine_ready: Any) -> Any:
+    """The engine client of :func:`_engine_for_run`'s future, or None (the job runs here; a start
+    that failed says why)."""
     from forgeflow.engine.client import EngineUnavailable
+    from forgeflow.engine.locks import LockTimeout
+
+    if engine_ready is None:
+        return None
+    try:
+        return engine_ready.result()
+    except (EngineUnavailable, LockTimeout) as exc:
+        console.print(f"[yellow]the engine could not start, running the job in this process: {exc}[/yellow]")
+        return None
+
+
+def _run_on_engine(
+    client: Any, definition: Any, job_input: dict[str, Any], job_id: str, sink: Any, settings: Any
+) -> dict[str, Any]:
+    """Hand the job to the engine (warm models, its Prefect) and follow its events. An engine that
+    went away before the job began (it stopped after its idle time just then) is started again."""
+    from forgeflow.engine.client import STARTED_BY_RUN, EngineUnavailable, ensure_engine
     from forgeflow.events.models import parse_event
 
     envelope: dict[str, Any] | None = None
-    try:
-        for line in client.stream(job_id, definition.model_dump(mode="json"), job_input):
-            if "event" in line:
-                sink.emit(parse_event(line["event"]))
-            else:
-                envelope = line.get("envelope")
-    except KeyboardInterrupt:
-        client.cancel(job_id)
-        console.print(f"[yellow]cancelled job {job_id}[/yellow]")
-        raise typer.Exit(130) from None
-    except EngineUnavailable as exc:
-        console.print(f"[red]{exc}[/red]")
-        raise typer.Exit(EXIT_FAILED) from None
+    for attempt in (1, 2):
+        began = False
+        try:
+            for line in client.stream(job_id, definition.model_dump(mode="json"), job_input):
+                began = True
+                if "event" in line:
+                    sink.emit(parse_event(line["event"]))
+                else:
+                    envelope = line.get("envelope")
+            break
+        except KeyboardInterrupt:
+            client.cancel(job_id)
+            console.print(f"[yellow]cancelled job {job_id}[/yellow]")
+            raise typer.Exit(130) from None
+        except EngineUnavailable as exc:
+            if began or attempt == 2 or not settings.auto_engine:
+                console.print(f"[red]{exc}[/red]")
+                raise typer.Exit(EXIT_FAILED) from None
+            try:
+                client, _ = ensure_engine(
+                    settings, timeout=180.0, idle_stop_s=settings.engine_idle_stop_s, started_by=STARTED_BY_RUN
+                )
+            except EngineUnavailable as again:
+                console.print(f"[red]{again}[/red]")
+                raise typer.Exit(EXIT_FAILED) from None
     if envelope is None:
         console.print("[red]the engine ended the job without a result (see its log)[/red]")
         raise typer.Exit(EXIT_FAILED)
@@ -730,18 +795,30 @@ def down() -> None:
 
 
 @engine_app.command("start")
-def engine_start() -> None:
+def engine_start(
+    idle_stop: float = typer.Option(
+        0.0,
+        "--idle-stop",
+        min=0,
+        help="Stop after this many seconds without a job or call (default 0: never).",
+        metavar="SECONDS",
+    ),
+) -> None:
     """Start this host's engine in the background (jobs of `forgeflow run`, the API and Prefect
     workers on this host then share its warm workers). Uses PREFECT_API_URL, else a local Prefect
-    server on :4200, else starts one under FORGEFLOW_HOME/prefect."""
-    from forgeflow.engine.client import EngineUnavailable, ensure_engine
+    server on :4200, else starts one under FORGEFLOW_HOME/prefect. An engine that `forgeflow run`
+    started is kept: it stops only when asked (or after --idle-stop) from now on."""
+    from forgeflow.engine.client import STARTED_BY_COMMAND, EngineUnavailable, ensure_engine
+    from forgeflow.engine.locks import LockTimeout
     from forgeflow.settings import get_settings
 
     settings = get_settings()
     _use_local_prefect()
     try:
-        _, status = ensure_engine(settings, timeout=180.0)
-    except EngineUnavailable as exc:
+        client, status = ensure_engine(settings, timeout=180.0, idle_stop_s=idle_stop, started_by=STARTED_BY_COMMAND)
+        if status.get("idle_stop_s") != idle_stop and status.get("owner_pid") is None:
+            client.set_idle_stop(idle_stop)
+    except (EngineUnavailable, LockTimeout) as exc:
         console.print(f"[red]{exc}[/red]")
         raise typer.Exit(EXIT_FAILED) from None
     console.print(
@@ -794,6 +871,7 @@ def engine_status(as_json: bool = typer.Option(False, "--json", help="Print JSON
         f"jobs running {len(jobs['running'])}, queued {len(jobs['queued'])}, finished {jobs['finished']} "
         f"(at most {status['max_concurrent_jobs']} at once)"
     )
+    out.print(_engine_life(status), highlight=False)
     devices = Table(title="devices", title_justify="left")
     for column in ("device", "slots", "running", "waiting"):
         devices.add_column(column)
@@ -818,6 +896,22 @@ def engine_status(as_json: bool = typer.Option(False, "--json", help="Print JSON
             f"{w['rss_mb']:.0f} MB",
         )
     out.print(workers)
+
+
+def _engine_life(status: dict[str, Any]) -> str:
+    """Who started the engine and when it stops by itself, in a line."""
+    owner = status.get("owner_pid")
+    started = f"started by {status.get('started_by') or (f'its owner, pid {owner}' if owner else 'hand')}"
+    if status.get("stopping"):
+        return f"{started} · stopping"
+    if status.get("owner_pid"):
+        return f"{started} · stops with its owner, pid {status['owner_pid']}"
+    if status.get("idle_stop_s"):
+        return (
+            f"{started} · idle {status.get('idle_s', 0):.0f} s · stops after {status['idle_stop_s']:g} s idle "
+            f"(in {status.get('idle_stop_in_s') or 0:.0f} s)"
+        )
+    return f"{started} · runs until `forgeflow engine stop`"
 
 
 def main() -> None:  # pragma: no cover - console entry

@@ -7,17 +7,26 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import httpx
 
+from forgeflow.engine.locks import start_lock
 from forgeflow.engine.runners import progress_relay
 from forgeflow.engine.runners.base import CallResult, ProgressCallback, ToolCall
 from forgeflow.settings import Settings
 
-__all__ = ["EngineClient", "EngineRunner", "EngineUnavailable", "ensure_engine", "start_engine_process"]
+__all__ = [
+    "STARTED_BY_COMMAND",
+    "STARTED_BY_RUN",
+    "EngineClient",
+    "EngineRunner",
+    "EngineUnavailable",
+    "ensure_engine",
+    "start_engine_process",
+]
 
 
 class EngineUnavailable(RuntimeError):
@@ -144,6 +153,10 @@ class EngineClient:
     def set_owner(self, pid: int | None) -> None:
         self._request("POST", "/owner", json={"pid": pid})
 
+    def set_idle_stop(self, seconds: float) -> None:
+        """Have the engine stop itself after ``seconds`` without work (0: never)."""
+        self._request("POST", "/idle-stop", json={"seconds": seconds})
+
     def shutdown(self, *, drain: bool) -> None:
         self._request("POST", "/shutdown", json={"drain": drain})
 
@@ -170,15 +183,31 @@ class EngineRunner:
         self.client.close()
 
 
+#: Who started an engine, as ``forgeflow engine status`` shows it.
+STARTED_BY_RUN = "forgeflow run"
+STARTED_BY_COMMAND = "forgeflow engine start"
+
+
 def start_engine_process(
-    settings: Settings, *, env: dict[str, str] | None = None, owner_pid: int | None = None
+    settings: Settings,
+    *,
+    env: dict[str, str] | None = None,
+    owner_pid: int | None = None,
+    idle_stop_s: float = 0.0,
+    started_by: str | None = None,
+    warm: Sequence[str] = (),
 ) -> subprocess.Popen[bytes]:
-    """Start ``python -m forgeflow.engine`` in its own session (it outlives the caller's restarts)."""
+    """Start ``python -m forgeflow.engine`` in its own session (it outlives the caller), its output
+    appended to ``<home>/logs/engine.log``; ``warm`` names plugins whose workers it starts at once."""
     log_path = settings.logs_dir / "engine.log"
     log_path.parent.mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, "-m", "forgeflow.engine"]
+    cmd = [sys.executable, "-m", "forgeflow.engine", "--idle-stop-s", f"{idle_stop_s:g}"]
+    if started_by:
+        cmd += ["--started-by", started_by]
     if owner_pid is not None:
         cmd += ["--owner-pid", str(owner_pid)]
+    if warm:
+        cmd += ["--warm", ",".join(warm)]
     child_env = {**os.environ, **settings.to_env(), **(env or {})}
     with log_path.open("ab") as log_file:
         return subprocess.Popen(
@@ -191,29 +220,55 @@ def start_engine_process(
         )
 
 
-def ensure_engine(
-    settings: Settings, *, env: dict[str, str] | None = None, owner_pid: int | None = None, timeout: float = 120.0
-) -> tuple[EngineClient, dict[str, Any]]:
-    """The engine of ``settings.home``: the running one, or a new one started and waited for."""
-    client = EngineClient(settings.engine_socket_path)
-    try:
-        return client, client.status()
-    except EngineUnavailable:
-        pass
-    proc = start_engine_process(settings, env=env, owner_pid=owner_pid)
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+def _serving_status(client: EngineClient, wait_s: float) -> dict[str, Any] | None:
+    """The engine's status when one answers and takes jobs; None when none does. One that is
+    stopping (its idle time ran out, say) is waited for, up to ``wait_s``, and then counts as none."""
+    deadline = time.monotonic() + wait_s
+    while True:
         try:
-            return client, client.status()
+            status = client.status()
         except EngineUnavailable:
-            code = proc.poll()
-            if code is not None:
-                try:  # lost a race with another starter: use theirs
-                    return client, client.status()
-                except EngineUnavailable:
-                    pass
-                tail = (settings.logs_dir / "engine.log").read_text(errors="replace")[-2000:]
-                raise EngineUnavailable(f"the engine exited with code {code} while starting:\n{tail}") from None
-            time.sleep(0.05)
-    proc.kill()
+            return None
+        if not status.get("stopping"):
+            return status
+        if time.monotonic() >= deadline:
+            return None
+        time.sleep(0.1)
+
+
+def ensure_engine(
+    settings: Settings,
+    *,
+    env: dict[str, str] | None = None,
+    owner_pid: int | None = None,
+    timeout: float = 120.0,
+    idle_stop_s: float = 0.0,
+    started_by: str | None = None,
+    warm: Sequence[str] = (),
+) -> tuple[EngineClient, dict[str, Any]]:
+    """The engine of ``settings.home``: the running one, or a new one started and waited for (it
+    answers before its Prefect server is up: a job sent meanwhile waits inside it). Starters take
+    turns (:func:`~forgeflow.engine.locks.start_lock`): concurrent callers get one engine."""
+    client = EngineClient(settings.engine_socket_path)
+    status = _serving_status(client, wait_s=0.0)
+    if status is not None:
+        return client, status
+    with start_lock(settings.home, timeout):
+        status = _serving_status(client, wait_s=30.0)  # another starter's, or one that was leaving
+        if status is not None:
+            return client, status
+        proc = start_engine_process(
+            settings, env=env, owner_pid=owner_pid, idle_stop_s=idle_stop_s, started_by=started_by, warm=warm
+        )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                return client, client.status()
+            except EngineUnavailable:
+                code = proc.poll()
+                if code is not None:
+                    tail = (settings.logs_dir / "engine.log").read_text(errors="replace")[-2000:]
+                    raise EngineUnavailable(f"the engine exited with code {code} while starting:\n{tail}") from None
+                time.sleep(0.02)
+        proc.kill()
     raise EngineUnavailable(f"the engine did not answer within {timeout:g} s")

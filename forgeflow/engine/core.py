@@ -28,7 +28,7 @@ import queue
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -133,7 +133,16 @@ class EngineJob:
 class Engine:
     """Warm pools, admission and job threads of one host (see the module docstring)."""
 
-    def __init__(self, settings: Settings, *, registry: PluginRegistry | None = None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        registry: PluginRegistry | None = None,
+        prefect_ready: Callable[[], object] | None = None,
+    ) -> None:
+        """``prefect_ready`` blocks until the Prefect server the jobs use answers (raising when it
+        cannot start): the engine takes jobs while its own server is still starting, warms their
+        workers meanwhile, and a job's flow run begins once the server is up."""
         self.settings = settings
         self.registry = registry or PluginRegistry.discover(LifecycleStore(settings.lifecycle_db))
         self.pool = get_runner(settings, self.registry)
@@ -149,8 +158,12 @@ class Engine:
         self._running = 0
         self._sinks: dict[tuple[str, str | None], HttpSink] = {}
         self._prefect_settings: tuple[Any, Any] | None = None
+        self._prefect_ready = prefect_ready
         self._closed = False
         self._flow_names: dict[str, str] = {}  # flow id -> name, of the flow runs handed over
+        #: Stage calls of other processes in flight, and when the engine last had work (monotonic).
+        self._calls = 0
+        self._last_active = time.monotonic()
 
     # --- jobs ------------------------------------------------------------------------------------
 
@@ -213,6 +226,7 @@ class Engine:
             if existing is not None and existing.status in ("queued", "running"):
                 return existing
             job = EngineJob(job_id, pipeline, dict(input_data or {}), sink, flow_run=flow_run)
+            self._last_active = time.monotonic()
             self._jobs[job_id] = job
             self._jobs.move_to_end(job_id)
             while len(self._jobs) > FINISHED_KEPT:
@@ -221,8 +235,17 @@ class Engine:
                     break
                 self._jobs.popitem(last=False)
             self._queue.append(job)
+        self._warm_for(job)
         self._start_queued()
         return job
+
+    def _warm_for(self, job: EngineJob) -> None:
+        """Start, in stage order and in the background, a worker for each plugin of the job that has
+        none yet: a cold engine loads the models while its Prefect server starts and the flow run
+        is created, so the first stage begins as soon as its worker is ready."""
+        plugins = [str(stage.get("plugin")) for stage in raw_stages(job.pipeline) if isinstance(stage, dict)]
+        if plugins:
+            threading.Thread(target=self.warm, args=(plugins,), name=f"warm-{job.job_id}"[:60], daemon=True).start()
 
     def http_sink(self, api_url: str, token: str | None) -> HttpSink:
         """One delivering sink per API (events of all its jobs, in order)."""
@@ -281,6 +304,8 @@ class Engine:
             )
         status = "failed"
         try:
+            if self._prefect_ready is not None:
+                self._prefect_ready()  # the engine's own server may still be starting
             with self._prefect_context():
                 executor = PipelineExecutor(services)
                 if job.flow_run is not None:
@@ -331,6 +356,7 @@ class Engine:
             with self._lock:
                 job.status, job.finished_at, job.waiting_for = status, time.time(), None
                 self._running -= 1
+                self._last_active = time.monotonic()
             if isinstance(job.sink, StreamSink):
                 job.sink.close()
             job.done.set()
@@ -397,21 +423,51 @@ class Engine:
     # --- single calls (flow runs in other processes of this host) ---------------------------------
 
     def call(self, call: ToolCall, on_progress: ProgressCallback | None = None) -> CallResult:
-        return self.runner.run(call, on_progress)
+        with self._lock:
+            self._calls += 1
+        try:
+            return self.runner.run(call, on_progress)
+        finally:
+            with self._lock:
+                self._calls -= 1
+                self._last_active = time.monotonic()
 
     def warm(self, plugins: list[str]) -> list[str]:
-        """Start a worker for each plugin ahead of its first call; the ones started."""
+        """Start a worker for each plugin (in order) that has none yet, ahead of its first call; the
+        ones started. Unknown plugins are skipped (a job's validation names them)."""
         started = []
-        for name in plugins:
+        warm = getattr(self.pool, "warm", None)
+        for name in dict.fromkeys(plugins):
             try:
                 canonical = self.registry.resolve(name).name
             except Exception:
                 continue
-            if getattr(self.pool, "warm", None) and self.pool.warm(canonical):  # type: ignore[attr-defined]
+            if warm is not None and warm(canonical, if_none=True):
                 started.append(canonical)
         return started
 
     # --- status and life --------------------------------------------------------------------------
+
+    def idle_s(self) -> float:
+        """Seconds since the engine last had a job or a stage call (0 while it has one)."""
+        with self._lock:
+            if self._running or self._queue or self._calls:
+                return 0.0
+            return time.monotonic() - self._last_active
+
+    def close_if_idle(self, idle_s: float) -> bool:
+        """Refuse new jobs from now on if the engine has been idle for ``idle_s``; whether it was.
+        Checked and decided under one lock, so a job is either refused or counted, never lost."""
+        with self._lock:
+            busy = self._running or self._queue or self._calls
+            if busy or time.monotonic() - self._last_active < idle_s:
+                return False
+            self._closed = True
+            return True
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
 
     def status(self) -> dict[str, Any]:
         pools = self.pool.status() if hasattr(self.pool, "status") else {}
@@ -423,6 +479,7 @@ class Engine:
             "pid": os.getpid(),
             "started_at": self.started_at,
             "uptime_s": round(time.time() - self.started_at, 1),
+            "idle_s": round(self.idle_s(), 1),
             "runner": self.settings.runner,
             "prefect_api_url": self.prefect_api_url,
             "max_concurrent_jobs": self.settings.max_concurrent_jobs,

@@ -16,10 +16,20 @@ start) talk to it with :class:`forgeflow.engine.client.EngineClient`.
                            message}}`` lines while the tool runs, then ``{"result": CallResult}``
 ``POST /warm``             ``{"plugins": [...]}``: start workers ahead of their first call
 ``POST /owner``            ``{"pid": N}``: the engine leaves once N is gone and no job runs
+                           (its owner decides its life: no idle stop from then on)
+``POST /idle-stop``        ``{"seconds": S}``: leave after S s without a job or call (0: never)
 ``POST /shutdown``         ``{"drain": true}``: leave once the running jobs end; else now
 =========================  ===============================================================
 
-Run it with ``forgeflow engine start`` (background) or ``forgeflow engine run`` (foreground).
+Run it with ``forgeflow engine start`` (background) or ``forgeflow engine run`` (foreground);
+``forgeflow run`` starts one in the background when none runs (``--started-by "forgeflow run"``,
+``--idle-stop-s`` from ``FORGEFLOW_ENGINE_IDLE_STOP_S``).
+
+Start-up overlaps what the first job waits for: the socket answers at once; the engine's own
+Prefect server (when ``PREFECT_API_URL`` names none) starts in its own process while the plugins
+named by ``--warm`` (and those of each submitted job) start their workers and load their models;
+a job's flow run begins once Prefect answers. A stop, however it comes (idle time, owner gone,
+``/shutdown``, SIGTERM), ends the workers, the Prefect server it started and the socket file.
 """
 
 from __future__ import annotations
@@ -55,10 +65,22 @@ class _Server(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
 class EngineService:
     """The engine behind its socket, plus its life rules (owner pid, drain)."""
 
-    def __init__(self, engine: Any, socket_path: Path, owner_pid: int | None = None) -> None:
+    def __init__(
+        self,
+        engine: Any,
+        socket_path: Path,
+        owner_pid: int | None = None,
+        *,
+        idle_stop_s: float = 0.0,
+        started_by: str | None = None,
+    ) -> None:
         self.engine = engine
         self.socket_path = socket_path
         self.owner_pid = owner_pid
+        #: Stop after this long without a job or call (0: never).
+        self.idle_stop_s = idle_stop_s
+        self.started_by = started_by
+        self.stopping = False
         self.draining = False
         self.stopped = threading.Event()
         self._server: _Server | None = None
@@ -90,8 +112,21 @@ class EngineService:
             self.stopped.set()
 
     def stop(self) -> None:
+        self.stopping = True
         if self._server is not None:
             threading.Thread(target=self._server.shutdown, daemon=True).start()
+
+    def life(self) -> dict[str, Any]:
+        """Who started the engine and when it stops by itself (``forgeflow engine status``)."""
+        idle = self.engine.idle_s()
+        return {
+            "started_by": self.started_by,
+            "owner_pid": self.owner_pid,
+            "idle_stop_s": self.idle_stop_s,
+            "idle_stop_in_s": round(max(0.0, self.idle_stop_s - idle), 1) if self.idle_stop_s else None,
+            "draining": self.draining,
+            "stopping": self.stopping,
+        }
 
     def _watch(self) -> None:
         while not self.stopped.is_set():
@@ -99,6 +134,10 @@ class EngineService:
             owner_gone = self.owner_pid is not None and not pid_alive(self.owner_pid)
             if (self.draining or owner_gone) and self.engine.active_jobs == 0:
                 log.info("engine leaving: %s", "drained" if self.draining else f"owner {self.owner_pid} is gone")
+                self.stop()
+                return
+            if self.idle_stop_s and self.engine.close_if_idle(self.idle_stop_s):
+                log.info("engine leaving: no job or call for %g s (idle stop)", self.idle_stop_s)
                 self.stop()
                 return
 
@@ -141,7 +180,7 @@ class _Handler(BaseHTTPRequestHandler):
     def do_GET(self) -> None:
         engine = self.service.engine
         if self.path == "/status":
-            self._send(200, {**engine.status(), "draining": self.service.draining, "owner_pid": self.service.owner_pid})
+            self._send(200, {**engine.status(), **self.service.life()})
         elif self.path == "/jobs":
             self._send(200, engine.jobs())
         elif self.path.startswith("/jobs/"):
@@ -171,6 +210,9 @@ class _Handler(BaseHTTPRequestHandler):
 
         service, engine = self.service, self.service.engine
         if self.path == "/jobs":
+            if engine.closed:
+                self._send(503, {"error": "the engine is stopping: start a new one"})
+                return
             if service.draining:
                 service.draining = False  # a new job: whoever sends it wants the engine
             stream = bool(body.get("stream"))
@@ -228,7 +270,19 @@ class _Handler(BaseHTTPRequestHandler):
         elif self.path == "/owner":
             service.owner_pid = body.get("pid")
             service.draining = False
+            if service.owner_pid is not None:
+                service.idle_stop_s = 0.0  # its owner decides when it goes
             self._send(200, {"owner_pid": service.owner_pid})
+        elif self.path == "/idle-stop":
+            try:
+                seconds = float(body.get("seconds", -1.0))
+            except (TypeError, ValueError):
+                seconds = -1.0
+            if not seconds >= 0:
+                self._send(400, {"error": "seconds must be a number >= 0"})
+                return
+            service.idle_stop_s = seconds
+            self._send(200, service.life())
         elif self.path == "/shutdown":
             if body.get("drain"):
                 service.draining = True
@@ -252,16 +306,54 @@ def _answers(path: Path) -> bool:
         sock.close()
 
 
+class PrefectReadiness:
+    """Prefect for the engine's jobs, made ready in the background while the engine already takes
+    jobs and starts workers: ``import prefect`` and, for a server of the engine's own, its first
+    answer. :meth:`wait` is what a job waits for before its flow run."""
+
+    def __init__(self, server: Any, api_url: str, timeout_s: float = 300.0) -> None:
+        self.server = server
+        self.api_url = api_url
+        self.timeout_s = timeout_s
+        self.error: BaseException | None = None
+        self._done = threading.Event()
+        threading.Thread(target=self._prepare, name="engine-prefect-ready", daemon=True).start()
+
+    def _prepare(self) -> None:
+        started = time.monotonic()
+        try:
+            import prefect  # noqa: F401 - imported before the first job, not during it
+
+            if self.server is not None:
+                self.server.wait_ready(self.timeout_s)
+            log.info("Prefect at %s ready after %.2f s", self.api_url, time.monotonic() - started)
+        except BaseException as exc:
+            log.error("Prefect at %s did not start: %s", self.api_url, exc)
+            self.error = exc
+        finally:
+            self._done.set()
+
+    def wait(self) -> None:
+        self._done.wait()
+        if self.error is not None:
+            raise RuntimeError(f"Prefect at {self.api_url} did not start: {self.error}")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m forgeflow.engine", description="ForgeFlow's engine for this host.")
     parser.add_argument("--owner-pid", type=int, default=None, help="leave once this process is gone and no job runs")
+    parser.add_argument(
+        "--idle-stop-s", type=float, default=0.0, help="leave after this many seconds without a job or call (0: never)"
+    )
+    parser.add_argument("--started-by", default=None, help="who started it (forgeflow engine status shows it)")
+    parser.add_argument("--warm", default="", help="plugins (comma-separated) whose workers start at once, in order")
     args = parser.parse_args(argv)
     os.environ["FORGEFLOW_ENGINE_PROCESS"] = "1"  # its flow runs use its own pools (jobs.stages.ENGINE_PROCESS_ENV)
     os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")  # before Prefect is imported
     # Many flow runs at once meet SQLite's write lock on a local Prefect server (503, retried after
     # a short Retry-After): allow more retries than Prefect's 5 before a run fails to start.
     os.environ.setdefault("PREFECT_CLIENT_MAX_RETRIES", "30")
-    from forgeflow.engine.core import Engine
+    from forgeflow.engine.locks import hold_lifetime_lock
     from forgeflow.redact import install_log_redaction
     from forgeflow.settings import get_settings
 
@@ -274,19 +366,33 @@ def main(argv: list[str] | None = None) -> int:
     forgeflow_log.propagate = False  # Prefect's own handlers would print each line twice
     settings = get_settings()
     settings.home.mkdir(parents=True, exist_ok=True)
+    if hold_lifetime_lock(settings.home) is None:
+        print(f"forgeflow engine: an engine of {settings.home} already runs", file=sys.stderr)
+        return 1
+    log.info("engine pid %s starting (started by %s)", os.getpid(), args.started_by or "hand")
     prefect_server = None
     if not os.environ.get("PREFECT_API_URL"):  # no server named: one of the engine's own, stopped with it
         from forgeflow.jobs.prefect_server import LocalPrefectServer
 
-        prefect_server = LocalPrefectServer(settings.home / "prefect")
-        os.environ["PREFECT_API_URL"] = prefect_server.start()
+        prefect_server = LocalPrefectServer(settings.home / "prefect", db_cache=settings.prefect_db_cache, lean=True)
+        os.environ["PREFECT_API_URL"] = prefect_server.launch()  # it migrates its database meanwhile
     try:
-        import prefect  # noqa: F401 - imported before the first job, not during it
+        readiness = PrefectReadiness(prefect_server, os.environ["PREFECT_API_URL"])
+        from forgeflow.engine.core import Engine
 
-        engine = Engine(settings)
-        service = EngineService(engine, settings.engine_socket_path, args.owner_pid)
+        engine = Engine(settings, prefect_ready=readiness.wait)
+        service = EngineService(
+            engine,
+            settings.engine_socket_path,
+            args.owner_pid,
+            idle_stop_s=max(0.0, args.idle_stop_s),
+            started_by=args.started_by,
+        )
         signal.signal(signal.SIGTERM, lambda *_: service.stop())
         signal.signal(signal.SIGINT, lambda *_: service.stop())
+        warm = [name for name in args.warm.split(",") if name.strip()]
+        if warm:
+            threading.Thread(target=engine.warm, args=(warm,), name="engine-warm", daemon=True).start()
         try:
             service.serve()
         except RuntimeError as exc:
@@ -296,3 +402,4 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if prefect_server is not None:
             prefect_server.stop()
+        log.info("engine pid %s stopped", os.getpid())

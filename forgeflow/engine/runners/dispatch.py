@@ -174,10 +174,10 @@ class RunnerSet:
             runners = list(self._runners.values())
         return any(getattr(r, "is_cancelled", lambda _: False)(job_id) for r in runners)
 
-    def warm(self, plugin: str, kind: str | None = None) -> bool:
+    def warm(self, plugin: str, kind: str | None = None, *, if_none: bool = False) -> bool:
         """Start an idle worker of ``plugin`` in the runner of ``kind`` (default: the host's)."""
         warm = getattr(self.runner(kind), "warm", None)
-        return bool(warm is not None and warm(plugin))
+        return bool(warm is not None and warm(plugin, if_none=if_none))
 
     def worker_pids(self, plugin: str | None = None) -> list[int]:
         """Pids of the live workers of every runner (a docker worker's: its attach process)."""

@@ -270,6 +270,7 @@ class ProcessRunner:
         self._all: set[Worker] = set()
         self._starting: dict[str, int] = {}
         self._waiting: dict[str, int] = {}
+        self._warming: dict[str, int] = {}  # workers started ahead of their first call (warm), still starting
         self._stopping: set[Worker] = set()
         self._cancelled: dict[str, float] = {}  # job id -> when it was cancelled
         self._evicted = 0
@@ -344,17 +345,28 @@ class ProcessRunner:
     def is_cancelled(self, job_id: str | None) -> bool:
         return job_id is not None and job_id in self._cancelled
 
-    def warm(self, plugin: str) -> bool:
-        """Start an idle worker for ``plugin`` ahead of its first call (when its pool has room)."""
+    def warm(self, plugin: str, *, if_none: bool = False) -> bool:
+        """Start an idle worker for ``plugin`` ahead of its first call (when its pool has room; with
+        ``if_none``, only when the plugin has no worker at all). A call that comes while it starts
+        waits for it rather than starting a second one."""
         with self._lock:
-            if self._closed or self._idle.get(plugin) or self._count(plugin) >= self.settings.pool_size_of(plugin):
+            count = self._count(plugin)
+            if self._closed or self._idle.get(plugin) or count >= self.settings.pool_size_of(plugin):
+                return False
+            if if_none and count:
                 return False
             self._starting[plugin] = self._starting.get(plugin, 0) + 1
-        worker, _failure = self._start(plugin, self._default_key(plugin))
-        if worker is None:
-            return False
-        self._release(worker)
-        return True
+            self._warming[plugin] = self._warming.get(plugin, 0) + 1
+        try:
+            worker, _failure = self._start(plugin, self._default_key(plugin))
+            if worker is None:
+                return False
+            self._release(worker)
+            return True
+        finally:
+            with self._cond:
+                _count_down(self._warming, plugin)
+                self._cond.notify_all()
 
     def status(self) -> dict[str, Any]:
         """Pools as plain data: every worker (pid, plugin, busy job, calls, model loads, memory)."""
@@ -587,10 +599,12 @@ class ProcessRunner:
                             return worker, None
                         self._all.discard(worker)
                         worker.kill()
-                    if self._count(plugin) < size:
+                    # a worker started ahead of its first call (warm) is this call's: no second one
+                    warming_for_me = self._warming.get(plugin, 0) >= self._waiting[plugin]
+                    if self._count(plugin) < size and not warming_for_me:
                         self._starting[plugin] = self._starting.get(plugin, 0) + 1
                         break
-                    if idle:  # full, and idle workers of another key: retire the least recently used
+                    if idle and not warming_for_me:  # full, idle workers of another key: retire the LRU one
                         self._discard(idle.pop(0))
                         continue
                     self._cond.wait(0.5)
@@ -675,9 +689,7 @@ class ProcessRunner:
             return self._spawn_worker(plugin, key)
         finally:
             with self._cond:
-                self._starting[plugin] -= 1
-                if not self._starting[plugin]:
-                    del self._starting[plugin]
+                _count_down(self._starting, plugin)
                 self._cond.notify_all()
 
     def _log_path(self, plugin: str) -> Path:
@@ -761,6 +773,13 @@ class ProcessRunner:
     def _forget(self, worker: Worker) -> None:
         with self._lock:
             self._all.discard(worker)
+
+
+def _count_down(counts: dict[str, int], plugin: str) -> None:
+    """One fewer of ``plugin`` in ``counts`` (a plugin at none is dropped)."""
+    counts[plugin] -= 1
+    if not counts[plugin]:
+        del counts[plugin]
 
 
 def _file_size(path: Path) -> int:
