@@ -105,9 +105,11 @@ async def latency(url: str, token: str, clients: int, events: int) -> dict[str, 
         samples: list[float] = []
 
         async def receive(ws, event_id: str, t0: float) -> float:  # type: ignore[no-untyped-def]
+            # The clients share this process (and the machine) with the server: each looks for the
+            # event's id in the text rather than parsing every message, so that the 100th client's
+            # clock measures the service more than the 99 parses before it.
             while True:
-                msg = json.loads(await ws.recv())
-                if msg["event_id"] == event_id:
+                if event_id in await ws.recv():
                     return (time.perf_counter() - t0) * 1000
 
         for i in range(events):

@@ -123,6 +123,39 @@ class EngineJob:
         }
 
 
+#: How long the engine trusts the Prefect server's default result storage (see _remember_result_storage).
+RESULT_STORAGE_TTL_S = 60.0
+
+
+def _remember_result_storage() -> None:
+    """Ask the Prefect server for its default result storage once a minute, not twice per flow run.
+
+    Prefect reads it (``GET /admin/storage``) when a flow is called and again for its result store:
+    two of the nine requests of an engine's flow run, for a setting an operator changes rarely. ForgeFlow's
+    flows persist no result, so a change reaches the engine's runs within the minute. Left as it is
+    when this Prefect has no such function."""
+    from prefect import results
+
+    read = getattr(results, "_read_server_default_result_storage_block_id", None)
+    if read is None or getattr(read, "forgeflow_cached", False):
+        return
+    lock = threading.Lock()
+    last: list[tuple[float, Any]] = []
+
+    def cached() -> Any:
+        now = time.monotonic()
+        with lock:
+            if last and now - last[0][0] < RESULT_STORAGE_TTL_S:
+                return last[0][1]
+        value = read()
+        with lock:
+            last[:] = [(now, value)]
+        return value
+
+    cached.forgeflow_cached = True  # type: ignore[attr-defined]
+    results._read_server_default_result_storage_block_id = cached
+
+
 class Engine:
     """Warm pools, admission and job threads of one host (see the module docstring)."""
 
@@ -141,6 +174,11 @@ class Engine:
         self._sinks: dict[tuple[str, str | None], HttpSink] = {}
         self._prefect_settings: tuple[Any, Any] | None = None
         self._closed = False
+        # Job threads live on between jobs, each with its Prefect client open (see _warm_client);
+        # daemon threads, as before: a job still running never holds the process's exit.
+        self._ready: queue.SimpleQueue[EngineJob] = queue.SimpleQueue()
+        self._job_threads = 0
+        self._thread_state = threading.local()
 
     # --- jobs ------------------------------------------------------------------------------------
 
@@ -225,8 +263,22 @@ class Engine:
                 self._running += 1
                 job.status, job.started_at = "running", time.time()
                 starting.append(job)
+            # One thread per running job at most: a thread that just ended a job takes the next.
+            spawn = max(0, self._running - self._job_threads)
+            self._job_threads += spawn
         for job in starting:
-            threading.Thread(target=self._run_job, args=(job,), name=f"job-{job.job_id}"[:60], daemon=True).start()
+            self._ready.put(job)
+        for _ in range(spawn):
+            threading.Thread(target=self._job_thread, name="forgeflow-job", daemon=True).start()
+
+    def _job_thread(self) -> None:
+        """Run ready jobs one after the other; wait for the next while the engine runs."""
+        while True:
+            job = self._ready.get()
+            try:
+                self._run_job(job)
+            except BaseException:  # _run_job ends every job itself: this is a bug of ours
+                log.exception("job thread failed on %s", job.job_id)
 
     def _prefect_context(self) -> Any:
         """Prefect's settings for the engine's flow runs: without the heartbeat thread, whose join
@@ -237,6 +289,7 @@ class Engine:
 
         with self._lock:
             if self._prefect_settings is None:
+                _remember_result_storage()
                 current = prefect.context.get_settings_context()
                 self._prefect_settings = (
                     current.profile,
@@ -245,11 +298,32 @@ class Engine:
         profile, settings = self._prefect_settings
         return prefect.context.SettingsContext(profile=profile, settings=settings)
 
+    def _warm_client(self) -> None:
+        """Open this job thread's Prefect client once and keep it for every job the thread runs.
+
+        Without it each flow run makes its own client: a TLS context loaded from the CA bundle, a new
+        connection and the API version check, about a tenth of the engine's CPU per small job. The
+        client stays open in the thread's context (``SyncClientContext``, which Prefect's flow and
+        task engines reuse when one is open). When the Prefect server cannot be reached now, the run
+        makes its own as before and the next job tries again."""
+        if getattr(self._thread_state, "client", None) is not None:
+            return
+        from prefect.context import SyncClientContext
+
+        try:
+            client = SyncClientContext()
+            client.__enter__()
+        except Exception as exc:
+            log.debug("no warm Prefect client for this job thread: %s", exc)
+            return
+        self._thread_state.client = client
+
     def _run_job(self, job: EngineJob) -> None:
         from forgeflow.jobs.executor import PipelineExecutor
         from forgeflow.jobs.flow import last_flow_run_id
         from forgeflow.jobs.supervise import mark_flow_run
 
+        threading.current_thread().name = f"job-{job.job_id}"[:60]
         sink = job.watch = _TerminalWatch(job.sink)
         if job.lost:
             sink.muted = True
@@ -265,6 +339,7 @@ class Engine:
         status = "failed"
         try:
             with self._prefect_context():
+                self._warm_client()
                 executor = PipelineExecutor(services)
                 if job.flow_run is not None:
                     envelope = executor.execute_flow_run(job.flow_run)
@@ -360,9 +435,14 @@ class Engine:
         with self._lock:
             return self._jobs.get(job_id)
 
-    def jobs(self) -> dict[str, dict[str, Any]]:
+    def jobs(self, *, active_only: bool = False) -> dict[str, dict[str, Any]]:
+        """Every job the engine remembers, or (``active_only``) those queued or running."""
         with self._lock:
-            return {job_id: job.view() for job_id, job in self._jobs.items()}
+            return {
+                job_id: job.view()
+                for job_id, job in self._jobs.items()
+                if not active_only or job.status in ("queued", "running")
+            }
 
     @property
     def active_jobs(self) -> int:
