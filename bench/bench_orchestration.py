@@ -315,10 +315,12 @@ def run_store(store: str, args: argparse.Namespace, direct: dict[str, float] | N
     server, api_url, api_home = bench_api.start_server(pg.database("psycopg") if pg else None)
     try:
         token = bench_api.ingest_token(api_home, None if pg is None else _api_db_of(server))
-        fanout = asyncio.run(bench_api.latency(api_url, token, 100, args.events))
+        fanout = asyncio.run(bench_api.latency(api_url, token, 100, args.events, server.pid))
         result["ws_p99_100_clients_ms"] = fanout["p99"]
         result["ws_p50_100_clients_ms"] = fanout["p50"]
-        result["submissions_per_s"] = asyncio.run(bench_api.submissions(api_url, args.submissions, 16))
+        result["ws_server_cpu_ms_per_event"] = fanout["server_cpu_ms_per_event"]
+        rate, submit_cpu = asyncio.run(bench_api.submissions(api_url, args.submissions, 16, server.pid))
+        result["submissions_per_s"], result["submission_server_cpu_ms"] = rate, submit_cpu
     finally:
         server.terminate()
         server.wait(10)
@@ -394,8 +396,16 @@ def main() -> int:
             "≤ 0.25",
         ),
         ("one job, POST → terminal, p50", lambda r: f"{r['post_to_terminal_p50_s']:.3f} s", "≤ 0.3 s"),
-        ("job submissions accepted and stored", lambda r: f"{r['submissions_per_s']:.0f}/s", "≥ 200/s"),
-        ("WebSocket fan-out p99, 100 clients", lambda r: f"{r['ws_p99_100_clients_ms']:.1f} ms", "≤ 20 ms"),
+        (
+            "job submissions accepted and stored (API CPU each)",
+            lambda r: f"{r['submissions_per_s']:.0f}/s ({r['submission_server_cpu_ms']:.1f} ms)",
+            "≥ 200/s",
+        ),
+        (
+            "WebSocket fan-out p99, 100 clients (API CPU per message to all 100)",
+            lambda r: f"{r['ws_p99_100_clients_ms']:.1f} ms ({r['ws_server_cpu_ms_per_event']:.1f} ms)",
+            "≤ 20 ms",
+        ),
     ]
     for name, cell, target in rows:
         print(f"| {name} | " + " | ".join(cell(r) for r in results) + f" | {target} |")

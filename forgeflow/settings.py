@@ -181,6 +181,12 @@ class Settings(BaseSettings):
     )
     ws_queue_size: int = Field(1000, ge=10, description="Messages buffered per WebSocket client before it is dropped.")
     ws_ping_interval_s: float = Field(20.0, gt=0, description="Seconds between WebSocket pings to each client.")
+    ws_compression: bool = Field(
+        False,
+        description="Compress WebSocket messages (permessage-deflate) for clients that offer it. Off: a "
+        "message is compressed once per client, which was the largest part of fanning one out to 100 "
+        "clients, and the messages are small JSON.",
+    )
 
     # --- how the API runs jobs -------------------------------------------------------------------
     launch: Literal["local", "deployment"] = Field(
