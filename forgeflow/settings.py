@@ -200,6 +200,13 @@ class Settings(BaseSettings):
     flow_run_poll_s: float = Field(
         1.0, gt=0, le=60, description="How often the API reads the state of a job's flow run in deployment mode."
     )
+    event_linger_ms: float = Field(
+        10.0,
+        ge=0,
+        le=1000,
+        description="How long a host's event sender waits for more messages before it posts a batch to the "
+        "API (a job's last message goes at once): fewer, larger requests for a few ms of latency.",
+    )
     heartbeat_interval_s: float = Field(
         5.0, gt=0, le=300, description="How often a flow run tells the API that its running jobs are alive."
     )

@@ -251,7 +251,11 @@ class Engine:
         with self._lock:
             if key not in self._sinks:
                 self._sinks[key] = HttpSink(
-                    key[0], token, self.settings.spool_dir, heartbeat_s=self.settings.heartbeat_interval_s
+                    key[0],
+                    token,
+                    self.settings.spool_dir,
+                    heartbeat_s=self.settings.heartbeat_interval_s,
+                    linger_s=self.settings.event_linger_ms / 1000,
                 )
             return self._sinks[key]
 
