@@ -30,7 +30,6 @@ import asyncio
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -47,7 +46,8 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(HERE))
 
 import bench_api  # noqa: E402
-from bench_engine import SOCCER, Watcher, cpu_seconds, free_port, p50  # noqa: E402
+from bench_deployment import wait_healthy  # noqa: E402
+from bench_engine import SOCCER, Watcher, cpu_seconds, free_port, p50, start_api, stop_stack  # noqa: E402
 
 NOOP = [
     {"plugin": "testkit", "tool": "noop", "config": {}},
@@ -233,17 +233,11 @@ def run_store(store: str, args: argparse.Namespace, direct: dict[str, float] | N
             **({"FORGEFLOW_DATABASE_URL": api_db} if api_db else {}),
         }
     )
-    api = subprocess.Popen(
-        [sys.executable, "-m", "forgeflow.api.server"],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
+    api = start_api(env)
     url = f"http://127.0.0.1:{port}"
     result: dict[str, Any] = {"store": store}
     try:
-        bench_api_wait(url)
+        wait_healthy(url)
         pipeline = SOCCER if args.pipeline == "soccer" else NOOP
         media = None
         if args.pipeline == "soccer":
@@ -299,18 +293,7 @@ def run_store(store: str, args: argparse.Namespace, direct: dict[str, float] | N
                     lines = [f"{share:6.1%}  {frame}" for frame, share in top_functions(path, 40)]
                     (path.with_suffix(".top")).write_text("\n".join(lines) + "\n")
     finally:
-        api.send_signal(signal.SIGTERM)
-        try:
-            api.wait(30)
-        except subprocess.TimeoutExpired:
-            api.kill()
-        try:
-            from forgeflow.engine.client import EngineClient
-
-            EngineClient(home / "ff" / "engine.sock").shutdown(drain=False)
-        except Exception:
-            pass
-        prefect.stop()
+        stop_stack(api, home / "ff", prefect)
     # submissions/s and WebSocket fan-out: the API alone on the same kind of database
     server, api_url, api_home = bench_api.start_server(pg.database("psycopg") if pg else None)
     try:
@@ -332,18 +315,6 @@ def run_store(store: str, args: argparse.Namespace, direct: dict[str, float] | N
 def _api_db_of(server: subprocess.Popen[bytes]) -> str:
     args = list(server.args)  # type: ignore[arg-type]
     return str(args[args.index("--database-url") + 1])
-
-
-def bench_api_wait(url: str) -> None:
-    deadline = time.monotonic() + 180
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"{url}/healthz", timeout=1).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    raise RuntimeError("the API did not start")
 
 
 def main() -> int:
