@@ -174,11 +174,11 @@ class Engine:
         self._sinks: dict[tuple[str, str | None], HttpSink] = {}
         self._prefect_settings: tuple[Any, Any] | None = None
         self._closed = False
-        # Job threads live on between jobs, each with its Prefect client open (see _warm_client);
-        # daemon threads, as before: a job still running never holds the process's exit.
+        # Job threads live on between jobs (daemon threads, as before: a job still running never
+        # holds the process's exit).
         self._ready: queue.SimpleQueue[EngineJob] = queue.SimpleQueue()
         self._job_threads = 0
-        self._thread_state = threading.local()
+        self._tls_context: Any = None  # the TLS context of every job's Prefect client (_prefect_client)
 
     # --- jobs ------------------------------------------------------------------------------------
 
@@ -302,25 +302,31 @@ class Engine:
         profile, settings = self._prefect_settings
         return prefect.context.SettingsContext(profile=profile, settings=settings)
 
-    def _warm_client(self) -> None:
-        """Open this job thread's Prefect client once and keep it for every job the thread runs.
+    def _prefect_client(self) -> Any:
+        """A Prefect client for one job's flow run, made with the engine's one TLS context.
 
-        Without it each flow run makes its own client: a TLS context loaded from the CA bundle, a new
-        connection and the API version check, about a tenth of the engine's CPU per small job. The
-        client stays open in the thread's context (``SyncClientContext``, which Prefect's flow and
-        task engines reuse when one is open). When the Prefect server cannot be reached now, the run
-        makes its own as before and the next job tries again."""
-        if getattr(self._thread_state, "client", None) is not None:
-            return
+        Prefect's flow engine makes a client per flow run, and each loads a TLS context from the CA
+        bundle: about a tenth of the engine's CPU per small job. This client (open in the thread's
+        ``SyncClientContext``, which Prefect's flow and task engines use when one is open) shares a
+        context made once. It is still one client per job, with fresh connections: a client kept
+        between jobs met connections the server had closed while idle (its keep-alive is shorter
+        than the client's) and backed off for minutes."""
+        import ssl
+
+        import certifi
         from prefect.context import SyncClientContext
+        from prefect.settings import PREFECT_API_SSL_CERT_FILE, PREFECT_API_TLS_INSECURE_SKIP_VERIFY
 
-        try:
-            client = SyncClientContext()
-            client.__enter__()
-        except Exception as exc:
-            log.debug("no warm Prefect client for this job thread: %s", exc)
-            return
-        self._thread_state.client = client
+        with self._lock:
+            if self._tls_context is None:
+                if PREFECT_API_TLS_INSECURE_SKIP_VERIFY.value():
+                    context = ssl.create_default_context()
+                    context.check_hostname = False
+                    context.verify_mode = ssl.CERT_NONE
+                else:
+                    context = ssl.create_default_context(cafile=PREFECT_API_SSL_CERT_FILE.value() or certifi.where())
+                self._tls_context = context
+        return SyncClientContext(httpx_settings={"verify": self._tls_context})
 
     def _run_job(self, job: EngineJob) -> None:
         from forgeflow.jobs.executor import PipelineExecutor
@@ -342,8 +348,7 @@ class Engine:
             )
         status = "failed"
         try:
-            with self._prefect_context():
-                self._warm_client()
+            with self._prefect_context(), self._prefect_client():
                 executor = PipelineExecutor(services)
                 if job.flow_run is not None:
                     envelope = executor.execute_flow_run(job.flow_run)
