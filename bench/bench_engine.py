@@ -327,13 +327,7 @@ def main() -> int:
     }
     if args.torch_threads:
         env["FORGEFLOW_TORCH_THREADS"] = str(args.torch_threads)
-    api = subprocess.Popen(
-        [sys.executable, "-m", "forgeflow.api.server"],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
+    api = start_api(env)
     url = f"http://127.0.0.1:{port}"
     rows: list[tuple[str, str, str, str]] = []
     try:
@@ -444,19 +438,35 @@ def main() -> int:
             ),
         )
     finally:
-        api.terminate()
-        try:
-            api.wait(30)
-        except subprocess.TimeoutExpired:
-            api.kill()
-        try:
-            from forgeflow.engine.client import EngineClient
-
-            EngineClient(home / "ff" / "engine.sock").shutdown(drain=False)
-        except Exception:
-            pass
-        prefect.stop()
+        stop_stack(api, home / "ff", prefect)
     return 0
+
+
+def start_api(env: dict[str, str]) -> subprocess.Popen[bytes]:
+    """``forgeflow.api.server`` (which starts the engine) in its own session, with ``env``."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "forgeflow.api.server"],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+
+
+def stop_stack(api: subprocess.Popen[bytes], ff_home: Path, prefect: Any) -> None:
+    """Stop ``forgeflow.api.server``, the engine of ``ff_home`` it started, and the Prefect server."""
+    api.terminate()
+    try:
+        api.wait(30)
+    except subprocess.TimeoutExpired:
+        api.kill()
+    try:
+        from forgeflow.engine.client import EngineClient
+
+        EngineClient(ff_home / "engine.sock").shutdown(drain=False)
+    except Exception:
+        pass
+    prefect.stop()
 
 
 if __name__ == "__main__":

@@ -238,6 +238,12 @@ class Settings(BaseSettings):
     batch_max_files: int = Field(10_000, ge=1, description="Most files one batch takes.")
     ws_queue_size: int = Field(1000, ge=10, description="Messages buffered per WebSocket client before it is dropped.")
     ws_ping_interval_s: float = Field(20.0, gt=0, description="Seconds between WebSocket pings to each client.")
+    ws_compression: bool = Field(
+        False,
+        description="Compress WebSocket messages (permessage-deflate) for clients that offer it. Off: a "
+        "message is compressed once per client, which was the largest part of fanning one out to 100 "
+        "clients, and the messages are small JSON.",
+    )
 
     # --- how the API runs jobs -------------------------------------------------------------------
     launch: Literal["local", "deployment"] = Field(
@@ -250,6 +256,13 @@ class Settings(BaseSettings):
     )
     flow_run_poll_s: float = Field(
         1.0, gt=0, le=60, description="How often the API reads the state of a job's flow run in deployment mode."
+    )
+    event_linger_ms: float = Field(
+        10.0,
+        ge=0,
+        le=1000,
+        description="How long a host's event sender waits for more messages before it posts a batch to the "
+        "API (a job's last message goes at once): fewer, larger requests for a few ms of latency.",
     )
     heartbeat_interval_s: float = Field(
         5.0, gt=0, le=300, description="How often a flow run tells the API that its running jobs are alive."

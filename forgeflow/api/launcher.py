@@ -38,7 +38,7 @@ from forgeflow.jobs.supervise import JobProcess
 from forgeflow.pipeline import outcome
 from forgeflow.pipeline.definition import raw_stages
 from forgeflow.pipeline.outcome import EndReason
-from forgeflow.processes import process_create_time
+from forgeflow.processes import pid_alive, process_create_time
 
 log = logging.getLogger(__name__)
 
@@ -84,11 +84,16 @@ class EngineJobHandle(JobProcess):
         super().__init__(job_id, pid, None, create_time)
         self.client = client
 
-    def poll(self) -> int | None:
+    def poll(self, active: dict[str, dict[str, Any]] | None = None) -> int | None:
+        """The job's exit code, or None while it runs. ``active``: the engine's queued and running
+        jobs, asked once for all of a tick's handles (a job among them is still running; only one
+        that is not costs a request of its own)."""
         from forgeflow.engine.client import EngineUnavailable
 
         if not self._alive():
             return -1
+        if active is not None and self.job_id in active:
+            return None
         try:
             view = self.client.job(self.job_id)
         except EngineUnavailable as exc:
@@ -125,6 +130,7 @@ class Launcher:
         self.enabled = True
         self._engine: Any = None  # EngineClient, once an engine was found or started
         self._engine_pid = 0
+        self._engine_created: float | None = None
         self._started = time.monotonic()
         self._next_heartbeat_check = 0.0
         self._next_batch_check = 0.0
@@ -250,6 +256,7 @@ class Launcher:
             client.set_owner(os.getpid())
         self._engine = client
         self._engine_pid = int(status["pid"])
+        self._engine_created = process_create_time(self._engine_pid)
         return client
 
     def _reset_launch(self, job_id: str) -> None:
@@ -279,8 +286,9 @@ class Launcher:
         async with self._lock:
             if self.deployment_mode and self.procs:
                 await to_thread.run_sync(self._find_lost_hosts)
+            codes = await to_thread.run_sync(self._poll_all)  # may ask the engine or Prefect: off the event loop
             for job_id, proc in list(self.procs.items()):
-                code = await to_thread.run_sync(proc.poll)  # may ask the engine or Prefect: off the event loop
+                code = codes.get(job_id)
                 if code is None:
                     continue
                 del self.procs[job_id]
@@ -309,6 +317,22 @@ class Launcher:
                 for job in await to_thread.run_sync(self.state.store.jobs_to_launch, free):
                     await to_thread.run_sync(self._launch, job)
 
+    def _poll_all(self) -> dict[str, int | None]:
+        """Every watched job's exit code (None: still running), in one thread hop and, for the jobs on
+        this host's engine, one request for all of them (not one per job every tick)."""
+        from forgeflow.engine.client import EngineUnavailable
+
+        active: dict[str, dict[str, Any]] | None = None
+        if self._engine is not None and any(isinstance(p, EngineJobHandle) for p in self.procs.values()):
+            try:
+                active = self._engine.jobs(active_only=True)
+            except EngineUnavailable:
+                active = None  # each handle finds out for itself
+        codes: dict[str, int | None] = {}
+        for job_id, proc in list(self.procs.items()):
+            codes[job_id] = proc.poll(active) if isinstance(proc, EngineJobHandle) else proc.poll()
+        return codes
+
     def _find_lost_hosts(self) -> None:
         """Deployment mode: a job whose flow run a worker took and whose host has sent no heartbeat
         for ``heartbeat_timeout_s`` lost its host (killed, powered off, cut off); its flow run is
@@ -331,6 +355,8 @@ class Launcher:
             proc.lost(f"its host sent no heartbeat for {timeout:g} s")
 
     def _launch(self, job: JobRow) -> None:
+        from forgeflow.engine.client import EngineUnavailable
+
         job_id = job["id"]
         store = self.state.store
         if not store.claim_launch(job_id):  # "launching": never started twice
@@ -339,14 +365,12 @@ class Launcher:
             if self.deployment_mode:
                 self._launch_flow_run(job)
                 return
-            client = self.engine()
-            client.submit(
-                job_id,
-                job["pipeline"],
-                job["input"] or {},
-                api_url=self.state.api_url,
-                ingest_token=self.state.auth.ingest_token,
-            )
+            client = self._running_engine()
+            try:
+                self._submit(client, job)
+            except EngineUnavailable:  # the engine we knew is gone or going: adopt or start one
+                client = self.engine()
+                self._submit(client, job)
         except Exception as exc:
             log.exception("could not start job %s", job_id)
             if self.deployment_mode:
@@ -372,10 +396,26 @@ class Launcher:
             )
             return
         pid = self._engine_pid
-        proc = EngineJobHandle(job_id, client, pid, process_create_time(pid))
+        proc = EngineJobHandle(job_id, client, pid, self._engine_created)
         store.set_launched(job_id, pid, proc.create_time)
         self.procs[job_id] = proc
         log.info("job %s runs on the engine (pid %s)", job_id, pid)
+
+    def _running_engine(self) -> Any:
+        """The engine client of the last launch while its process lives (no status round trip per
+        job), else :meth:`engine`."""
+        if self._engine is not None and pid_alive(self._engine_pid, self._engine_created):
+            return self._engine
+        return self.engine()
+
+    def _submit(self, client: Any, job: JobRow) -> None:
+        client.submit(
+            job["id"],
+            job["pipeline"],
+            job["input"] or {},
+            api_url=self.state.api_url,
+            ingest_token=self.state.auth.ingest_token,
+        )
 
     def _launch_flow_run(self, job: JobRow) -> None:
         settings = self.state.settings

@@ -51,6 +51,7 @@ def serve(settings: Settings | None = None, *, log_level: str = "info") -> None:
             ws="websockets-sansio",
             ws_ping_interval=settings.ws_ping_interval_s,
             ws_ping_timeout=settings.ws_ping_interval_s,
+            ws_per_message_deflate=settings.ws_compression,
             log_level=log_level,
             timeout_graceful_shutdown=5,
             proxy_headers=False,

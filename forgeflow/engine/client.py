@@ -73,8 +73,9 @@ class EngineClient:
     def status(self) -> dict[str, Any]:
         return self._request("GET", "/status")  # type: ignore[no-any-return]
 
-    def jobs(self) -> dict[str, dict[str, Any]]:
-        return self._request("GET", "/jobs")  # type: ignore[no-any-return]
+    def jobs(self, *, active_only: bool = False) -> dict[str, dict[str, Any]]:
+        """The engine's jobs by id (``active_only``: the queued and running ones)."""
+        return self._request("GET", "/jobs?active=1" if active_only else "/jobs")  # type: ignore[no-any-return]
 
     def submit(
         self, job_id: str, pipeline: Any, input_data: dict[str, Any], *, api_url: str, ingest_token: str | None

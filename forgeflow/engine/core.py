@@ -130,6 +130,39 @@ class EngineJob:
         }
 
 
+#: How long the engine trusts the Prefect server's default result storage (see _remember_result_storage).
+RESULT_STORAGE_TTL_S = 60.0
+
+
+def _remember_result_storage() -> None:
+    """Ask the Prefect server for its default result storage once a minute, not twice per flow run.
+
+    Prefect reads it (``GET /admin/storage``) when a flow is called and again for its result store:
+    two of the nine requests of an engine's flow run, for a setting an operator changes rarely. ForgeFlow's
+    flows persist no result, so a change reaches the engine's runs within the minute. Left as it is
+    when this Prefect has no such function."""
+    from prefect import results
+
+    read = getattr(results, "_read_server_default_result_storage_block_id", None)
+    if read is None or getattr(read, "forgeflow_cached", False):
+        return
+    lock = threading.Lock()
+    last: list[tuple[float, Any]] = []
+
+    def cached() -> Any:
+        now = time.monotonic()
+        with lock:
+            if last and now - last[0][0] < RESULT_STORAGE_TTL_S:
+                return last[0][1]
+        value = read()
+        with lock:
+            last[:] = [(now, value)]
+        return value
+
+    cached.forgeflow_cached = True  # type: ignore[attr-defined]
+    results._read_server_default_result_storage_block_id = cached
+
+
 class Engine:
     """Warm pools, admission and job threads of one host (see the module docstring)."""
 
@@ -164,6 +197,11 @@ class Engine:
         #: Stage calls of other processes in flight, and when the engine last had work (monotonic).
         self._calls = 0
         self._last_active = time.monotonic()
+        # Job threads live on between jobs (daemon threads, as before: a job still running never
+        # holds the process's exit).
+        self._ready: queue.SimpleQueue[EngineJob] = queue.SimpleQueue()
+        self._job_threads = 0
+        self._tls_context: Any = None  # the TLS context of every job's Prefect client (_prefect_client)
 
     # --- jobs ------------------------------------------------------------------------------------
 
@@ -253,7 +291,11 @@ class Engine:
         with self._lock:
             if key not in self._sinks:
                 self._sinks[key] = HttpSink(
-                    key[0], token, self.settings.spool_dir, heartbeat_s=self.settings.heartbeat_interval_s
+                    key[0],
+                    token,
+                    self.settings.spool_dir,
+                    heartbeat_s=self.settings.heartbeat_interval_s,
+                    linger_s=self.settings.event_linger_ms / 1000,
                 )
             return self._sinks[key]
 
@@ -265,8 +307,22 @@ class Engine:
                 self._running += 1
                 job.status, job.started_at = "running", time.time()
                 starting.append(job)
+            # One thread per running job at most: a thread that just ended a job takes the next.
+            spawn = max(0, self._running - self._job_threads)
+            self._job_threads += spawn
         for job in starting:
-            threading.Thread(target=self._run_job, args=(job,), name=f"job-{job.job_id}"[:60], daemon=True).start()
+            self._ready.put(job)
+        for _ in range(spawn):
+            threading.Thread(target=self._job_thread, name="forgeflow-job", daemon=True).start()
+
+    def _job_thread(self) -> None:
+        """Run ready jobs one after the other; wait for the next while the engine runs."""
+        while True:
+            job = self._ready.get()
+            try:
+                self._run_job(job)
+            except BaseException:  # _run_job ends every job itself: this is a bug of ours
+                log.exception("job thread failed on %s", job.job_id)
 
     def _prefect_context(self) -> Any:
         """Prefect's settings for the engine's flow runs: without the heartbeat thread, whose join
@@ -277,6 +333,7 @@ class Engine:
 
         with self._lock:
             if self._prefect_settings is None:
+                _remember_result_storage()
                 current = prefect.context.get_settings_context()
                 self._prefect_settings = (
                     current.profile,
@@ -285,11 +342,38 @@ class Engine:
         profile, settings = self._prefect_settings
         return prefect.context.SettingsContext(profile=profile, settings=settings)
 
+    def _prefect_client(self) -> Any:
+        """A Prefect client for one job's flow run, made with the engine's one TLS context.
+
+        Prefect's flow engine makes a client per flow run, and each loads a TLS context from the CA
+        bundle: about a tenth of the engine's CPU per small job. This client (open in the thread's
+        ``SyncClientContext``, which Prefect's flow and task engines use when one is open) shares a
+        context made once. It is still one client per job, with fresh connections: a client kept
+        between jobs met connections the server had closed while idle (its keep-alive is shorter
+        than the client's) and backed off for minutes."""
+        import ssl
+
+        import certifi
+        from prefect.context import SyncClientContext
+        from prefect.settings import PREFECT_API_SSL_CERT_FILE, PREFECT_API_TLS_INSECURE_SKIP_VERIFY
+
+        with self._lock:
+            if self._tls_context is None:
+                if PREFECT_API_TLS_INSECURE_SKIP_VERIFY.value():
+                    context = ssl.create_default_context()
+                    context.check_hostname = False
+                    context.verify_mode = ssl.CERT_NONE
+                else:
+                    context = ssl.create_default_context(cafile=PREFECT_API_SSL_CERT_FILE.value() or certifi.where())
+                self._tls_context = context
+        return SyncClientContext(httpx_settings={"verify": self._tls_context})
+
     def _run_job(self, job: EngineJob) -> None:
         from forgeflow.jobs.executor import PipelineExecutor
         from forgeflow.jobs.flow import last_flow_run_id
         from forgeflow.jobs.supervise import mark_flow_run
 
+        threading.current_thread().name = f"job-{job.job_id}"[:60]
         sink = job.watch = _TerminalWatch(job.sink)
         if job.lost:
             sink.muted = True
@@ -306,7 +390,7 @@ class Engine:
         try:
             if self._prefect_ready is not None:
                 self._prefect_ready()  # the engine's own server may still be starting
-            with self._prefect_context():
+            with self._prefect_context(), self._prefect_client():
                 executor = PipelineExecutor(services)
                 if job.flow_run is not None:
                     envelope = executor.execute_flow_run(job.flow_run)
@@ -403,9 +487,14 @@ class Engine:
         with self._lock:
             return self._jobs.get(job_id)
 
-    def jobs(self) -> dict[str, dict[str, Any]]:
+    def jobs(self, *, active_only: bool = False) -> dict[str, dict[str, Any]]:
+        """Every job the engine remembers, or (``active_only``) those queued or running."""
         with self._lock:
-            return {job_id: job.view() for job_id, job in self._jobs.items()}
+            return {
+                job_id: job.view()
+                for job_id, job in self._jobs.items()
+                if not active_only or job.status in ("queued", "running")
+            }
 
     @property
     def active_jobs(self) -> int:

@@ -7,6 +7,7 @@ start) talk to it with :class:`forgeflow.engine.client.EngineClient`.
 =========================  ===============================================================
 ``GET /status``            pools, workers, warm models, job queue, device slots
 ``GET /jobs``              every job the engine knows: status, exit code, waiting_for
+                          (``?active=1``: only the queued and running ones)
 ``POST /jobs``             ``{job_id, pipeline, input, sink: {api_url, ingest_token}}`` → 202;
                            with ``"stream": true`` the answer streams the job's events as
                            NDJSON lines (``{"event": ...}``), then ``{"envelope": ...}``
@@ -183,6 +184,8 @@ class _Handler(BaseHTTPRequestHandler):
             self._send(200, {**engine.status(), **self.service.life()})
         elif self.path == "/jobs":
             self._send(200, engine.jobs())
+        elif self.path == "/jobs?active=1":
+            self._send(200, engine.jobs(active_only=True))
         elif self.path.startswith("/jobs/"):
             job = engine.job(self.path.split("/", 2)[2])
             self._send(200, job.view()) if job else self._send(404, {"error": "unknown job"})

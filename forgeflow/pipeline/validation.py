@@ -10,6 +10,7 @@ tool and field, so a user fixes a pipeline in one round.
 from __future__ import annotations
 
 import difflib
+import functools
 from dataclasses import dataclass, field
 from typing import Annotated, Any
 
@@ -227,14 +228,14 @@ def validate_pipeline(
                 issue(f"invalid config: {err['msg']}{hint}", f"config.{loc}" if loc else "config", "ConfigError")
             config = dict(stage.config)
 
-        input_schema = tool.input_model.model_json_schema()
+        input_schema = model_schema(tool.input_model)
         input_fields = tuple(tool.input_model.model_fields)
         for name, info in tool.input_model.model_fields.items():
             dst, dst_defs = field_schema(input_schema, name)
             if name in context:
                 src, src_defs, provider = context[name]
                 if provider == "input" and input_data is not None:
-                    _check_input_value(input_data[name], info, name, issue)
+                    _check_input_value(input_data[name], tool.input_model, name, issue)
                 elif provider != "input":
                     reason = incompatibility(src, dst, src_defs, dst_defs)
                     if reason:
@@ -244,7 +245,7 @@ def validate_pipeline(
                             "IncompatibleStages",
                         )
             elif input_data is not None and name in input_data:
-                _check_input_value(input_data[name], info, name, issue)
+                _check_input_value(input_data[name], tool.input_model, name, issue)
                 context[name] = ({}, {}, "input")
                 job_input_fields.append(name)
             elif info.is_required():
@@ -272,7 +273,7 @@ def validate_pipeline(
                         "MissingInput",
                     )
 
-        output_schema = tool.output_model.model_json_schema()
+        output_schema = model_schema(tool.output_model)
         output_fields = tuple(tool.output_model.model_fields)
         for name in output_fields:
             schema, defs = field_schema(output_schema, name)
@@ -310,11 +311,23 @@ def _order_hint(name: str, later: tuple[int, str]) -> str:
     return f"stage {index} {label} produces it: move that stage earlier, or pass {name!r} in the job input"
 
 
-def _check_input_value(value: Any, info: Any, name: str, issue: Any) -> None:
+@functools.lru_cache(maxsize=4096)
+def model_schema(model: type[BaseModel]) -> dict[str, Any]:
+    """A tool model's JSON Schema, made once per model (pydantic builds it anew on every call, which
+    was most of a submission's validation). Shared: read it, never change it."""
+    return model.model_json_schema()
+
+
+@functools.lru_cache(maxsize=4096)
+def _field_adapter(model: type[BaseModel], name: str) -> TypeAdapter[Any]:
+    info = model.model_fields[name]
     annotation: Any = Annotated[info.annotation, *info.metadata] if info.metadata else info.annotation
-    adapter: TypeAdapter[Any] = TypeAdapter(annotation)
+    return TypeAdapter(annotation)
+
+
+def _check_input_value(value: Any, model: type[BaseModel], name: str, issue: Any) -> None:
     try:
-        adapter.validate_python(value)
+        _field_adapter(model, name).validate_python(value)
     except ValidationError as exc:
         msg = exc.errors()[0]["msg"]
         issue(f"job input {name!r} has the wrong type: {msg}", name, "InputError")

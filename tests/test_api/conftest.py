@@ -244,6 +244,7 @@ def start_thread_server(
         ws="websockets-sansio",
         ws_ping_interval=5,
         ws_ping_timeout=20,
+        ws_per_message_deflate=settings.ws_compression,
     )
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, name="api-server", daemon=True)

@@ -158,15 +158,11 @@ class Store:
         Raises :class:`Conflict` when the id exists with a different body.
         """
         with self._write_lock:
-            existing = self.get_job(job_id)
-            if existing is not None:
-                if existing["request_hash"] != request_hash:
-                    raise Conflict(f"job {job_id!r} already exists with a different request")
-                return existing, False
             now = utcnow()
             done = self.done_work(work_key) if reuse and work_key else None
             try:
                 with self.engine.begin() as conn:
+                    # No read first: the insert itself finds an id in use (IntegrityError, below).
                     conn.execute(
                         insert(jobs).values(
                             id=job_id,
@@ -179,7 +175,7 @@ class Store:
                             created_at=now,
                             updated_at=now,
                             cancel_requested=False,
-                            last_seq=0,
+                            last_seq=1,
                             stages_total=len(pipeline.get("stages", [])),
                             stages_completed=0,
                             created_by=created_by,
@@ -189,23 +185,39 @@ class Store:
                             reused_from=(done["reused_from"] or done["id"]) if done else None,
                         )
                     )
-                    first: list[Event] = [JobStatusEvent(job_id=job_id, status="queued")]
-                    if done is not None:
-                        first.append(JobStatusEvent(job_id=job_id, status="succeeded", envelope=done["envelope"]))
-                    stored = self._ingest(conn, first)
+                    if done is None:
+                        stored = [self._insert_first_event(conn, job_id, now)]
+                    else:  # reused work: queued, then succeeded with the earlier job's envelope
+                        reused = JobStatusEvent(job_id=job_id, status="succeeded", envelope=done["envelope"])
+                        stored = self._ingest(conn, [JobStatusEvent(job_id=job_id, status="queued"), reused])
+                    row = conn.execute(select(jobs).where(jobs.c.id == job_id)).mappings().first()
             except IntegrityError:
-                # Another API process created it first.
+                # The id is taken (a repeated submission, or another API process created it first).
                 existing = self.get_job(job_id)
                 if existing is None:
                     raise
                 if existing["request_hash"] != request_hash:
                     raise Conflict(f"job {job_id!r} already exists with a different request") from None
                 return existing, False
-            if publish and stored:
+            if publish:
                 publish(stored)
-        job = self.get_job(job_id)
-        assert job is not None
-        return job, True
+        assert row is not None
+        return job_row(row), True
+
+    @staticmethod
+    def _insert_first_event(conn: Connection, job_id: str, now: datetime) -> StoredEvent:
+        """A new job's first message (``job_status`` queued, seq 1), written as :meth:`_ingest` would
+        write it, without the reads that an event of an existing job needs."""
+        event = JobStatusEvent(job_id=job_id, status="queued")
+        data = event.summarized().model_dump(mode="json")
+        data["seq"] = 1
+        text = event_text(data)
+        cursor = conn.execute(
+            insert(events)
+            .values(job_id=job_id, seq=1, event_id=event.event_id, type=event.type, payload=text, received_at=now)
+            .returning(events.c.id)
+        ).scalar_one()
+        return StoredEvent(cursor, job_id, 1, event.type, text, False)
 
     def done_work(self, work_key: str) -> JobRow | None:
         """The first job that computed ``work_key`` and succeeded (None: this work was never done)."""
