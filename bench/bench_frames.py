@@ -112,9 +112,8 @@ def video(frames: int, warm: bool) -> None:
         cmd = [*cli, "run", pipeline, "--input", str(clip), "--out", str(base / "out")]
         try:
             ff_wall, ff_rss, ff_out = timed(cmd, env)
-        finally:
-            if warm:
-                subprocess.run([*cli, "engine", "stop"], env=env, capture_output=True, timeout=120)
+        finally:  # cold, `forgeflow run` started the engine in the background: stop it too
+            subprocess.run([*cli, "engine", "stop"], env=env, capture_output=True, timeout=120)
         envelope = json.loads((base / "out" / "result.json").read_text())
         assert envelope["ok"], ff_out[-3000:]
         d_wall, d_rss, d_out = timed([PYTHON, "-c", SCRIPT, str(clip)], env)

@@ -38,7 +38,7 @@ def serve(settings: Settings | None = None, *, log_level: str = "info") -> None:
     prefect: LocalPrefectServer | None = None
     prefect_url = os.environ.get("PREFECT_API_URL")
     if not prefect_url:
-        prefect = LocalPrefectServer(settings.home / "prefect")
+        prefect = LocalPrefectServer(settings.home / "prefect", db_cache=settings.prefect_db_cache)
         log.info("starting a local Prefect server on %s", prefect.api_url)
         prefect_url = prefect.start()
         os.environ["PREFECT_API_URL"] = prefect_url
