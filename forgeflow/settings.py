@@ -74,7 +74,8 @@ class Settings(BaseSettings):
     batching: bool = Field(
         True,
         description="Let the engine group concurrent calls of a batchable tool (same plugin, version, tool and "
-        "config) from different jobs into one call of one warm worker (one model pass for all of them).",
+        "config) from different jobs into one call of one warm worker; whether their model passes are joined "
+        "is the tool's choice (the built-in vision tools join them only with vision_joined_passes).",
     )
     batch_max_size: int = Field(
         8, ge=1, le=256, description="Most calls in one batch, unless the tool or batch_sizes says otherwise."
