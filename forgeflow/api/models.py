@@ -297,7 +297,11 @@ class EventList(BaseModel):
 
 
 class IngestBatch(BaseModel):
-    events: list[Event] = Field(max_length=10_000)
+    events: list[Event] = Field(
+        max_length=1_000,
+        description="At most 1,000 (a host's sender posts up to 200): one batch is stored in one transaction, "
+        "which holds the store's write lock while it runs.",
+    )
     alive: list[Id] = Field(
         default_factory=list,
         max_length=10_000,

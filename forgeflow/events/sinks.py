@@ -29,6 +29,7 @@ import httpx
 
 from forgeflow.events import spool
 from forgeflow.events.models import Event, is_terminal_event
+from forgeflow.tls import tls_context
 
 log = logging.getLogger(__name__)
 
@@ -122,7 +123,7 @@ class HttpSink:
         self.max_backoff_s = max_backoff_s
         self.linger_s = linger_s
         headers = {"Authorization": f"Bearer {token}"} if token else {}
-        self._client = httpx.Client(headers=headers, timeout=request_timeout_s)
+        self._client = httpx.Client(headers=headers, timeout=request_timeout_s, verify=tls_context())
         self._queue: queue.Queue[dict[str, Any]] = queue.Queue()
         self._pending = 0
         self._pending_lock = threading.Lock()

@@ -14,6 +14,8 @@ from urllib.parse import quote
 
 import httpx
 
+from forgeflow.tls import tls_context
+
 TERMINAL_BATCH = frozenset({"succeeded", "failed", "cancelled"})
 
 
@@ -38,7 +40,7 @@ class BatchClient:
 
     def __init__(self, api_url: str, token: str | None, timeout: float = 60.0) -> None:
         headers = {"Authorization": f"Bearer {token}"} if token else {}
-        self.http = httpx.Client(base_url=api_url.rstrip("/"), headers=headers, timeout=timeout)
+        self.http = httpx.Client(base_url=api_url.rstrip("/"), headers=headers, timeout=timeout, verify=tls_context())
 
     def close(self) -> None:
         self.http.close()

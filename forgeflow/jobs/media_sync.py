@@ -41,6 +41,7 @@ from forgeflow.plugins.errors import MediaError, MediaNotFound, MediaTooLarge
 from forgeflow.plugins.frames import FRAMES_KEY, chunk_refs, is_frames
 from forgeflow.plugins.media import REF_PREFIX, MediaDigestMismatch, MediaStore, MediaWriter
 from forgeflow.settings import MATCH_MEDIA_BYTES, Settings
+from forgeflow.tls import tls_context
 
 MEDIA_PATH = "/v1/media"
 _REF_RE = re.compile(rf"^{REF_PREFIX}[0-9a-f]{{64}}$")
@@ -122,7 +123,7 @@ class MediaSync:
         self.stats = MediaSyncStats()
         headers = {"Authorization": f"Bearer {token}"} if token else {}
         timeout = httpx.Timeout(io_timeout_s, connect=connect_timeout_s)
-        self._client = httpx.Client(base_url=self.api_url, headers=headers, timeout=timeout)
+        self._client = httpx.Client(base_url=self.api_url, headers=headers, timeout=timeout, verify=tls_context())
         self._lock = threading.Lock()
         self._ref_locks: dict[str, threading.Lock] = {}
         self._on_api: set[str] = set()  # refs the API is known to hold

@@ -307,3 +307,12 @@ def test_ingested_events_keep_to_the_store_s_limits(in_process_api: InProcessApi
     # A position past any stored seq (a 32-bit integer on PostgreSQL) has nothing after it.
     after = api.client.get("/v1/jobs/limits/events", params={"after_seq": 2**40}).json()
     assert after["events"] == [] and after["last_seq"] == 2
+    # One batch is one transaction under the store's write lock: over 1,000 events is refused whole.
+    many = [
+        event("limits", "pipeline_stage_progress", stage_index=0, plugin="p", tool="t", done=n, total=1001)
+        for n in range(1001)
+    ]
+    response = api.ingest(many)
+    assert response.status_code == 422 and response.json()["field"] == "events", response.text
+    assert api.client.get("/v1/jobs/limits/events").json()["last_seq"] == 2
+    assert api.ingest(many[:1000]).json()["stored"] == 1000
