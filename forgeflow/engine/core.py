@@ -52,6 +52,20 @@ log = logging.getLogger("forgeflow.engine")
 
 #: Exit codes of a finished job, as the job processes of earlier versions used them.
 EXIT_CODES = {"succeeded": 0, "failed": 1, "invalid": 2, "cancelled": 3}
+#: How long a job waits for a Prefect server too busy to create its flow run before it fails.
+PREFECT_BUSY_WAIT_S = 300.0
+
+
+def _prefect_busy(exc: BaseException) -> bool:
+    """Whether Prefect refused or never received a request, so repeating it cannot do anything twice:
+    a 503/429 (its write lock, its rate limit) or a connection that was not made."""
+    import httpx
+
+    if isinstance(exc, httpx.HTTPStatusError):
+        return exc.response.status_code in (429, 503)
+    return isinstance(exc, httpx.ConnectError | httpx.ConnectTimeout)
+
+
 #: Finished jobs the engine remembers (for status and for an API that re-attaches).
 FINISHED_KEPT = 2000
 
@@ -68,10 +82,12 @@ class _TerminalWatch:
         self.inner = inner
         self.terminal_sent = False
         self.muted = False
+        self.emitted = 0
 
     def emit(self, event: Event) -> None:
         if self.muted:
             return
+        self.emitted += 1
         if is_terminal_event(event):
             self.terminal_sent = True
         self.inner.emit(event)
@@ -368,8 +384,40 @@ class Engine:
                 self._tls_context = context
         return SyncClientContext(httpx_settings={"verify": self._tls_context})
 
-    def _run_job(self, job: EngineJob) -> None:
+    def _execute(self, job: EngineJob, services: Services, sink: _TerminalWatch) -> dict[str, Any]:
+        """The job's flow run, to its envelope. A Prefect server too busy to create the run (503
+        from SQLite's write lock when many runs start at once, or not reachable) is asked again,
+        with backoff, for up to :data:`PREFECT_BUSY_WAIT_S`: nothing of the job ran yet (it said
+        nothing), and it stays queued meanwhile instead of failing for a moment's congestion."""
         from forgeflow.jobs.executor import PipelineExecutor
+
+        deadline = time.monotonic() + PREFECT_BUSY_WAIT_S
+        delay = 1.0
+        while True:
+            try:
+                with self._prefect_context(), self._prefect_client():
+                    executor = PipelineExecutor(services)
+                    if job.flow_run is not None:
+                        return executor.execute_flow_run(job.flow_run)
+                    return executor.execute(job.pipeline, job.input, job.job_id)
+            except Exception as exc:
+                retry = (
+                    job.flow_run is None
+                    and sink.emitted == 0
+                    and _prefect_busy(exc)
+                    and time.monotonic() + delay < deadline
+                    and not services.is_cancelled(job.job_id)
+                    and not job.lost
+                )
+                if not retry:
+                    raise
+                log.warning(
+                    "job %s: Prefect could not create its flow run (%s); asking again in %.0f s", job.job_id, exc, delay
+                )
+                time.sleep(delay)
+                delay = min(delay * 2, 10.0)
+
+    def _run_job(self, job: EngineJob) -> None:
         from forgeflow.jobs.flow import last_flow_run_id
         from forgeflow.jobs.supervise import mark_flow_run
 
@@ -390,12 +438,7 @@ class Engine:
         try:
             if self._prefect_ready is not None:
                 self._prefect_ready()  # the engine's own server may still be starting
-            with self._prefect_context(), self._prefect_client():
-                executor = PipelineExecutor(services)
-                if job.flow_run is not None:
-                    envelope = executor.execute_flow_run(job.flow_run)
-                else:
-                    envelope = executor.execute(job.pipeline, job.input, job.job_id)
+            envelope = self._execute(job, services, sink)
             job.envelope = envelope
             if envelope.get("error_type") == EndReason.VALIDATION:
                 status = "invalid"

@@ -378,3 +378,74 @@ def test_concurrent_jobs_share_batches_and_keep_their_own_events(start_engine: A
     assert sum(int(groups) for groups in passes) == 4
     assert len(passes) < 4, passes
     assert client.status()["batching"]["batches"] < 4
+
+
+class _BusyPrefect:
+    """A real HTTP proxy in front of the session's Prefect server that answers 503 (what Prefect's
+    SQLite write lock gives under load) to the first ``refusals`` flow-run creations."""
+
+    def __init__(self, upstream: str, refusals: int) -> None:
+        import http.server
+
+        import httpx
+
+        self.refused = 0
+        proxy = self
+        client = httpx.Client(base_url=upstream.removesuffix("/api"), timeout=60)
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+            def _forward(self) -> None:
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                if self.command == "POST" and self.path.rstrip("/") == "/api/flow_runs" and proxy.refused < refusals:
+                    proxy.refused += 1
+                    self._reply(
+                        503, b'{"exception_message":"Service Unavailable"}', {"content-type": "application/json"}
+                    )
+                    return
+                skip = {"host", "content-length", "connection", "accept-encoding"}
+                headers = {k: v for k, v in self.headers.items() if k.lower() not in skip}
+                answer = client.request(self.command, self.path, content=body, headers=headers)
+                keep = {"content-type", "location"}
+                self._reply(answer.status_code, answer.content, {k: v for k, v in answer.headers.items() if k in keep})
+
+            def _reply(self, code: int, body: bytes, headers: dict[str, str]) -> None:
+                self.send_response(code)
+                for key, value in headers.items():
+                    self.send_header(key, value)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            do_GET = do_POST = do_PATCH = do_PUT = do_DELETE = _forward
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/api"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+
+
+def test_a_prefect_server_too_busy_to_create_the_flow_run_delays_the_job_and_fails_nothing(
+    tmp_path: Path, prefect_api_url: str
+) -> None:
+    """Prefect answers 503 to the job's flow-run creation three times (its client's own retries off):
+    the engine asks again with backoff, the job says nothing meanwhile, then runs and succeeds."""
+    busy = _BusyPrefect(prefect_api_url, refusals=3)
+    settings = Settings(home=tmp_path / "home")
+    env = {"PREFECT_API_URL": busy.url, "PREFECT_CLIENT_MAX_RETRIES": "0"}
+    client, _ = ensure_engine(settings, env=env, timeout=180)
+    try:
+        events, last = run(client, "busy-prefect", [{"plugin": "testkit", "tool": "noop", "config": {}}])
+        assert busy.refused == 3
+        assert last["status"] == "succeeded", last
+        assert [e["type"] for e in events if e["type"] == "pipeline_error"] == []
+        assert events[0]["type"] == "job_status" and events[0]["status"] == "running"
+    finally:
+        client.shutdown(drain=False)
+        busy.close()
