@@ -58,7 +58,9 @@ from typing import Any
 
 from forgeflow.engine.runners import Prepared
 from forgeflow.engine.runners.base import CallResult, ProgressCallback, ToolCall
-from forgeflow.engine.runners.process import ProcessRunner, Worker, worker_log_path
+from forgeflow.engine.runners.process import ProcessRunner
+from forgeflow.engine.runners.worker_log import worker_log_path
+from forgeflow.engine.runners.worker_process import Worker
 from forgeflow.plugins.errors import DeviceUnavailable
 
 log = logging.getLogger("forgeflow.runners.docker")
@@ -333,7 +335,7 @@ class DockerRunner(ProcessRunner):
             env["FORGEFLOW_WORKER_RLIMIT_AS"] = os.environ["FORGEFLOW_WORKER_RLIMIT_AS"]
         return env
 
-    def _launch(self, plugin: str, key: Any, log_path: Path) -> Worker:
+    def _launch(self, plugin: str, key: object, log_path: Path) -> Worker:
         import docker
         from docker.errors import DockerException, ImageNotFound
 
