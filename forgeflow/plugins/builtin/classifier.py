@@ -674,7 +674,7 @@ def action_stream(
     return classify_stream(paired, config)
 
 
-@plugin.tool(input=ClassifierInput, output=ClassifierOutput, config=ClassifierConfig)
+@plugin.tool(input=ClassifierInput, output=ClassifierOutput, config=ClassifierConfig, draws={"actions": "labels"})
 def classify_actions(inputs: ClassifierInput, config: ClassifierConfig, ctx: ToolContext) -> ClassifierOutput:
     """An action per player per frame (standing, walking, running, jumping, crouching, lying, arms_raised)."""
     return ClassifierOutput(actions=action_stream(inputs.poses, config, ctx, inputs.media))

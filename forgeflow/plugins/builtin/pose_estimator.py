@@ -108,7 +108,9 @@ def match_poses(
     return sorted(matches)
 
 
-@plugin.tool(input=PoseInput, output=PoseOutput, config=PoseConfig, resumable=True, batch=BatchSpec())
+@plugin.tool(
+    input=PoseInput, output=PoseOutput, config=PoseConfig, resumable=True, batch=BatchSpec(), draws={"poses": "poses"}
+)
 def estimate_poses(inputs: PoseInput, config: PoseConfig, ctx: ToolContext) -> PoseOutput:
     """17 COCO keypoints (x, y, confidence) per detected player, matched to the player and its track id."""
     device = resolve_device(config.device)
