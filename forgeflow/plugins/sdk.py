@@ -31,7 +31,8 @@ from forgeflow.plugins.errors import ConfigError, InputError, OutputError, Plugi
 from forgeflow.settings import MATCH_MEDIA_BYTES
 
 if TYPE_CHECKING:
-    from forgeflow.plugins.media import MediaReader, MediaStore
+    from forgeflow.plugins.media import MediaStore
+    from forgeflow.plugins.media_reader import MediaReader
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -163,7 +164,7 @@ class ToolContext:
             self.progress_sink = None
 
     def media(self, source: str) -> MediaReader:
-        from forgeflow.plugins.media import MediaReader
+        from forgeflow.plugins.media_reader import MediaReader
 
         path = self.media_store.resolve(source, input_roots=self.input_roots)
         reader = MediaReader(path, max_bytes=self.max_bytes, max_frames=self.max_frames, max_pixels=self.max_pixels)

@@ -78,7 +78,7 @@ from forgeflow.plugins.builtin._vision import r4
 from forgeflow.plugins.builtin.schemas import Action, FrameActions, FramePoses, Pose
 from forgeflow.plugins.errors import InputError
 from forgeflow.plugins.frames import FrameStream
-from forgeflow.plugins.media import MediaReader
+from forgeflow.plugins.media_reader import MediaReader
 from forgeflow.plugins.sdk import Plugin, ToolContext
 
 plugin = Plugin(

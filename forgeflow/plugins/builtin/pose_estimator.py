@@ -45,7 +45,7 @@ from forgeflow.plugins.builtin._vision import (
 from forgeflow.plugins.builtin.schemas import FramePlayers, FramePoses, Pose
 from forgeflow.plugins.errors import ConfigError, InputError, MediaError
 from forgeflow.plugins.frames import FrameStream
-from forgeflow.plugins.media import FrameSeeker, MediaReader
+from forgeflow.plugins.media_reader import FrameSeeker, MediaReader
 from forgeflow.plugins.sdk import BatchSpec, Plugin, ToolContext
 
 plugin = Plugin(
