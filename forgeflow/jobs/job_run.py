@@ -16,6 +16,7 @@ from typing import Any
 
 from forgeflow.engine.runners.base import CallResult, FramesRead, Progress, ToolCall
 from forgeflow.events.models import (
+    Event,
     JobStatusEvent,
     PipelineError,
     StageEnd,
@@ -89,7 +90,7 @@ class JobRun:
     def checkpoints(self) -> Checkpoints:
         return Checkpoints(self.services.settings.checkpoints_dir)
 
-    def emit(self, event: Any) -> None:
+    def emit(self, event: Event) -> None:
         self.services.sink.emit(event)
 
     def stage_started(self, stage: ResolvedStage, attempt: int = 1) -> None:

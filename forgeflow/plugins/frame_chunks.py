@@ -11,13 +11,17 @@ from __future__ import annotations
 
 import io
 import json
-from typing import TYPE_CHECKING, Any
+from typing import IO, TYPE_CHECKING, Any
 
 from pydantic import BaseModel
 
 from forgeflow.plugins.errors import InputError
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
+    import pyarrow as pa
+
     from forgeflow.plugins.media import MediaStore
 
 __all__ = [
@@ -46,7 +50,7 @@ def is_frames(value: Any) -> bool:
     return isinstance(value, dict) and isinstance(value.get(FRAMES_KEY), str)
 
 
-def _arrow_type(schema: dict[str, Any], defs: dict[str, Any]) -> Any:
+def _arrow_type(schema: dict[str, Any], defs: dict[str, Any]) -> pa.DataType | None:
     """The Arrow type of a JSON Schema node (None where a node has no columnar form)."""
     import pyarrow as pa
 
@@ -78,10 +82,10 @@ def _arrow_type(schema: dict[str, Any], defs: dict[str, Any]) -> Any:
     return None
 
 
-_schemas: dict[type[BaseModel], Any] = {}
+_schemas: dict[type[BaseModel], pa.Schema] = {}
 
 
-def record_schema(record_type: type[BaseModel]) -> Any:
+def record_schema(record_type: type[BaseModel]) -> pa.Schema:
     """The Arrow schema of a record model: one column per field, nested as the model nests; a model
     with no columnar form (free-form dicts, unions) is one JSON text column ``record``."""
     import pyarrow as pa
@@ -96,11 +100,11 @@ def record_schema(record_type: type[BaseModel]) -> Any:
     return _schemas[record_type]
 
 
-def _is_json_column(schema: Any) -> bool:
+def _is_json_column(schema: pa.Schema) -> bool:
     return list(schema.names) == ["frame_index", "record"]
 
 
-def arrow_table(records: list[dict[str, Any]], schema: Any) -> Any:
+def arrow_table(records: list[dict[str, Any]], schema: pa.Schema) -> pa.Table:
     import pyarrow as pa
 
     if _is_json_column(schema):
@@ -109,14 +113,14 @@ def arrow_table(records: list[dict[str, Any]], schema: Any) -> Any:
     return pa.Table.from_pylist(records, schema=schema)
 
 
-def table_rows(table: Any) -> list[dict[str, Any]]:
+def table_rows(table: pa.Table) -> list[dict[str, Any]]:
     if _is_json_column(table.schema):
         return [json.loads(text) for text in table.column("record").to_pylist()]
     rows: list[dict[str, Any]] = table.to_pylist()
     return rows
 
 
-def parquet_bytes(table: Any) -> bytes:
+def parquet_bytes(table: pa.Table) -> bytes:
     import pyarrow.parquet as pq
 
     buf = io.BytesIO()
@@ -124,7 +128,7 @@ def parquet_bytes(table: Any) -> bytes:
     return buf.getvalue()
 
 
-def read_parquet(data: Any) -> Any:
+def read_parquet(data: Path | str | IO[bytes] | pa.NativeFile) -> pa.Table:
     import pyarrow.parquet as pq
 
     return pq.read_table(data)
