@@ -100,6 +100,12 @@ def main() -> int:
 
     from forgeflow.cli.sample_clip import assets_dir, make_sample_clip
     from forgeflow.jobs.annotate import _Frames, annotate_media
+    from forgeflow.jobs.annotated_media import layers_of
+    from forgeflow.plugins.builtin import classifier, pose_estimator, yolo_tracker
+
+    # what the soccer pipeline's tools declare to draw (players as boxes, poses, actions as labels)
+    tools = [yolo_tracker.plugin.tools["track_players"], pose_estimator.plugin.tools["estimate_poses"]]
+    layers = layers_of([*tools, classifier.plugin.tools["classify_actions"]])
 
     work = Path(tempfile.mkdtemp(prefix="bench-annotate-"))
     clip = make_sample_clip(work / "clip.mp4")
@@ -115,15 +121,15 @@ def main() -> int:
 
     def old_mp4v() -> None:
         writer = cv2.VideoWriter(str(work / "old.mp4"), cv2.VideoWriter_fourcc(*"mp4v"), 25.0, (640, 360))  # type: ignore[attr-defined]
-        decode(clip, _Frames(result).draw, writer)
+        decode(clip, _Frames(result, layers).draw, writer)
         writer.release()
 
     cases: dict[str, Callable[[], object]] = {
         "decode": lambda: decode(clip),
-        "decode + draw": lambda: decode(clip, _Frames(result).draw),
+        "decode + draw": lambda: decode(clip, _Frames(result, layers).draw),
         "mp4v (before: OpenCV writer)": old_mp4v,
-        "H.264 (the job's: annotate_media)": lambda: annotate_media(clip, result, work / "job.mp4"),
-        "image, bus.jpg → JPEG": lambda: annotate_media(bus, first_frame, work / "bus.jpg"),
+        "H.264 (the job's: annotate_media)": lambda: annotate_media(clip, result, work / "job.mp4", layers=layers),
+        "image, bus.jpg → JPEG": lambda: annotate_media(bus, first_frame, work / "bus.jpg", layers=layers),
     }
     samples: dict[str, list[float]] = {name: [] for name in cases}
     for fn in cases.values():

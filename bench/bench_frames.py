@@ -337,7 +337,8 @@ def _codecs(schema: Any, ipc_bytes: Any, ipc_read: Any) -> dict[str, tuple[Any, 
     import pyarrow as pa
 
     from forgeflow.canonical import canonical_bytes
-    from forgeflow.plugins.frames import _parquet_bytes, _read_parquet
+    from forgeflow.plugins.frame_chunks import parquet_bytes as _parquet_bytes
+    from forgeflow.plugins.frame_chunks import read_parquet as _read_parquet
 
     def table(chunk: list[dict[str, Any]]) -> Any:
         return pa.Table.from_pylist(chunk, schema=schema)

@@ -1,57 +1,47 @@
-"""A job's annotated media: its result drawn onto its image or video, stored in the media store.
+"""A result drawn onto its image or video: the drawing and the encoding of a job's annotated media.
 
-``annotate_media(source, result, out)`` draws, per frame, each player's box with its track id and
-confidence, the pose skeleton (COCO-17 limbs between keypoints with confidence >= 0.3) and the
-action label. ``result`` holds any of ``players``, ``poses``, ``actions`` (the pipeline's final or
-partial result). An image is written as JPEG or PNG (OpenCV); a video as H.264 MP4 (``libx264``,
+``annotate_media(source, result, out, layers=...)`` draws, per frame, the result fields ``layers``
+names for each :data:`~forgeflow.plugins.sdk.DrawKind` (what the pipeline's tools declare in
+``draws``): ``boxes`` with their track id and confidence, ``poses`` as COCO-17 skeletons (limbs
+between keypoints with confidence >= 0.3) and ``labels`` under the box they name. ``result`` is the
+pipeline's final or partial result. An image is written as JPEG or PNG (OpenCV); a video as H.264 MP4 (``libx264``,
 ``yuv420p``, ``+faststart``: what browsers play) by piping raw frames into the ffmpeg binary of the
 ``imageio-ffmpeg`` package, keeping the source's fps and size (an odd width or height is padded by
 one pixel: H.264 in ``yuv420p`` needs even ones). Frames the pipeline skipped (``frame_stride`` > 1)
 show the annotations of the last processed frame. Colours are fixed per track id, so the drawing is
 reproducible.
 
-:func:`annotate_job` is what the stage loop (:func:`forgeflow.jobs.stages.execute`) calls once a job
-ended with something drawable: it renders the job's ``input.media`` with its result, puts the file
-in the media store (uploading it to the API on a worker host) and returns the envelope's
-``annotated_media`` (:class:`~forgeflow.pipeline.outcome.AnnotatedMedia`) or, when drawing, encoding
-or storing failed, ``annotated_media_error``: annotation never fails a job.
+Which fields are drawn, and storing the file as the job's, is :mod:`forgeflow.jobs.annotated_media`'s.
 """
 
 from __future__ import annotations
 
-import logging
-import re
 import subprocess
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Any
+from typing import IO, Any
 
-from forgeflow.pipeline.outcome import AnnotatedMedia
 from forgeflow.plugins.errors import MediaError, MediaNotFound
 from forgeflow.plugins.frames import is_frames, is_live, iter_frame_records
-from forgeflow.plugins.media import REF_PREFIX, MediaKind, MediaStore, sniff
-
-if TYPE_CHECKING:
-    from forgeflow.jobs.media_sync import MediaSync
-    from forgeflow.settings import Settings
+from forgeflow.plugins.media import MediaKind, MediaStore, sniff
+from forgeflow.plugins.sdk import DRAW_KINDS, DrawKind
 
 __all__ = [
-    "DRAWABLE_KEYS",
     "SKELETON",
     "AnnotatedFile",
+    "Layers",
     "annotate_frame",
-    "annotate_job",
     "annotate_media",
+    "ffmpeg_exe",
     "has_drawable",
 ]
 
-log = logging.getLogger(__name__)
-
-#: The result fields :func:`annotate_media` draws (the soccer pipeline's outputs).
-DRAWABLE_KEYS = ("players", "poses", "actions")
+#: Which result field holds each kind of drawing (``{"boxes": "players", ...}``): what the tools of a
+#: pipeline declare in ``draws``. A kind no field holds is not drawn.
+Layers = Mapping[DrawKind, str]
 #: How much of ffmpeg's stderr an error message quotes (its tail).
 FFMPEG_STDERR_TAIL = 2000
 #: Longest an ffmpeg may take to finish its file once every frame was sent to it.
@@ -176,7 +166,8 @@ def annotate_frame(
     *,
     min_keypoint_confidence: float = 0.3,
 ) -> Any:
-    """Draw one frame's players, poses and actions onto ``image`` (BGR, modified in place)."""
+    """Draw one frame's ``boxes`` (``players``), ``poses`` and ``labels`` (``actions``) items onto
+    ``image`` (BGR, modified in place); the items' shapes are :data:`~forgeflow.plugins.sdk.DrawKind`'s."""
     import cv2
 
     height, width = image.shape[:2]
@@ -220,12 +211,12 @@ def annotate_frame(
     return image
 
 
-def has_drawable(result: dict[str, Any] | None) -> bool:
-    """Whether ``result`` holds something :func:`annotate_media` draws (a non-empty ``players``,
-    ``poses`` or ``actions`` list, or a frames artifact of them)."""
+def has_drawable(result: dict[str, Any] | None, layers: Layers) -> bool:
+    """Whether ``result`` holds something :func:`annotate_media` draws: a non-empty list, or a frames
+    artifact, in a field of ``layers``."""
     if not result:
         return False
-    values = [result.get(key) for key in DRAWABLE_KEYS]
+    values = [result.get(key) for key in layers.values()]
     return any(
         (isinstance(value, list) and len(value) > 0)
         or (isinstance(value, dict) and is_frames(value) and value["frames"])
@@ -245,10 +236,16 @@ class AnnotatedFile:
 
 
 def annotate_media(
-    source_path: Path | str, result: dict[str, Any], out_path: Path | str, store: MediaStore | None = None
+    source_path: Path | str,
+    result: dict[str, Any],
+    out_path: Path | str,
+    store: MediaStore | None = None,
+    *,
+    layers: Layers,
 ) -> AnnotatedFile:
-    """Write ``source_path`` with ``result`` drawn on it (its per-frame outputs inline, or frames
-    artifacts read from ``store`` a chunk at a time alongside the video: memory stays flat).
+    """Write ``source_path`` with the fields of ``result`` that ``layers`` names drawn on it (per-frame
+    outputs inline, or frames artifacts read from ``store`` a chunk at a time alongside the video:
+    memory stays flat).
 
     An image is written in the format of ``out_path``'s suffix (``.jpg`` when it has none of an
     image's); a video as H.264 MP4 (``.mp4``) with the source's fps and size (made even). The file
@@ -264,7 +261,7 @@ def annotate_media(
         kind = sniff(fh.read(64))
     if kind is None:
         raise MediaError(f"unsupported or corrupt media: {source.name}")
-    frames = _Frames(result, store)
+    frames = _Frames(result, layers, store)
     out.parent.mkdir(parents=True, exist_ok=True)
     if kind[0] == "image":
         if out.suffix.lower() not in _IMAGE_SUFFIXES:
@@ -277,11 +274,16 @@ def annotate_media(
 
 
 class _Frames:
-    """A result's players, poses and actions, read forward frame by frame as the video is drawn (frames
-    in increasing order): which of them a frame shows."""
+    """A result's drawn fields (boxes, poses, labels), read forward frame by frame as the video is drawn
+    (frames in increasing order): which of them a frame shows."""
 
-    def __init__(self, result: dict[str, Any], store: MediaStore | None = None) -> None:
-        self.cursors = [_Cursor(result.get(key), key, store) for key in DRAWABLE_KEYS]
+    def __init__(self, result: dict[str, Any], layers: Layers, store: MediaStore | None = None) -> None:
+        # one cursor per kind, in DRAW_KINDS order: a kind no field holds reads as an empty output
+        fields = [layers.get(kind) for kind in DRAW_KINDS]
+        self.cursors = [
+            _Cursor(result.get(key) if key else None, key or kind, store)
+            for key, kind in zip(fields, DRAW_KINDS, strict=True)
+        ]
         lasts = [c.last for c in self.cursors if c.last is not None]
         self.last_annotated = max(lasts) if lasts else -1
         firsts = sorted({i for c in self.cursors if (i := c.peek()) is not None})
@@ -438,61 +440,3 @@ def _tail(stream: IO[bytes] | None) -> str:
     text = stream.read().decode("utf-8", "replace").strip()
     text = text[-FFMPEG_STDERR_TAIL:]
     return text or "(ffmpeg printed nothing)"
-
-
-# --- a job's annotated media ----------------------------------------------------------------------
-
-_UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
-
-
-def _safe_name(job_id: str) -> str:
-    return _UNSAFE.sub("_", job_id).strip("._")[:100] or "job"
-
-
-def annotated_filename(job_id: str, kind: MediaKind) -> str:
-    """The stored file's name: ``annotated-<job id>.mp4`` (a video) or ``.jpg`` (an image)."""
-    return f"annotated-{_safe_name(job_id)}{'.mp4' if kind == 'video' else '.jpg'}"
-
-
-def annotate_job(
-    settings: Settings,
-    job_id: str,
-    job_input: dict[str, Any],
-    result: dict[str, Any] | None,
-    media_sync: MediaSync | None = None,
-) -> tuple[AnnotatedMedia | None, str | None]:
-    """The job's result drawn on its ``input.media``, stored: ``(annotated_media, None)``;
-    ``(None, error)`` when that failed; ``(None, None)`` when there is nothing to draw on or with
-    (no ``media``, nothing drawable, or ``FORGEFLOW_ANNOTATE_MEDIA=false``). Never raises."""
-    media = job_input.get("media") if isinstance(job_input, dict) else None
-    if not settings.annotate_media or not isinstance(media, str) or not media or not has_drawable(result):
-        return None, None
-    assert result is not None
-    try:
-        store = MediaStore(settings.media_root)
-        if media_sync is not None and media.startswith(REF_PREFIX) and not store.has(media):
-            media_sync.fetch({"media": media})
-        source = store.resolve(media, input_roots=settings.media_input_roots)
-        folder = settings.jobs_dir / _safe_name(job_id)
-        folder.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(prefix=".annotate-", dir=folder) as tmp:
-            drawn = annotate_media(source, result, Path(tmp) / "annotated.mp4", store)
-            info = store.put_file(
-                drawn.path, filename=annotated_filename(job_id, drawn.kind), max_bytes=settings.max_media_bytes
-            )
-        if media_sync is not None:
-            media_sync.upload({"annotated_media": info.ref})
-    except MediaError as exc:
-        return None, _failed(job_id, exc.message)
-    except Exception as exc:  # a result of an unexpected shape, OpenCV, the disk: the job keeps its status
-        return None, _failed(job_id, f"{type(exc).__name__}: {exc}")
-    annotated = AnnotatedMedia(
-        ref=info.ref, media_type=info.media_type, kind=info.kind, size_bytes=info.size_bytes, frames=drawn.frames
-    )
-    return annotated, None
-
-
-def _failed(job_id: str, message: str) -> str:
-    error = f"annotated media not made: {message}"[:4000]
-    log.warning("job %s: %s", job_id, error)
-    return error

@@ -19,7 +19,8 @@ from forgeflow.plugins.errors import (
     UnknownTool,
 )
 from forgeflow.plugins.frames import ArtifactBudgetExceeded, FrameStream
-from forgeflow.plugins.media import Frame, MediaInfo, MediaReader, MediaStore
+from forgeflow.plugins.media import MediaInfo, MediaStore
+from forgeflow.plugins.media_reader import Frame, MediaReader
 from forgeflow.plugins.sdk import BatchSpec, EmptyModel, Plugin, Tool, ToolContext, resource
 
 __all__ = [

@@ -31,10 +31,8 @@ third-party tools keep working unchanged; only streaming ones have flat memory.
 
 from __future__ import annotations
 
-import io
 import itertools
 import json
-import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,30 +42,63 @@ from pydantic import BaseModel, GetCoreSchemaHandler, GetJsonSchemaHandler
 from pydantic_core import core_schema
 
 from forgeflow.plugins.errors import InputError, OutputError
+from forgeflow.plugins.frame_chunks import (
+    COMPRESSION,
+    FORMAT,
+    FRAMES_KEY,
+    arrow_table,
+    chunk_refs,
+    chunk_rows,
+    is_frames,
+    manifest,
+    parquet_bytes,
+    read_parquet,
+    record_schema,
+)
+from forgeflow.plugins.frame_feeds import (
+    LIVE_KEY,
+    UpstreamFailed,
+    end_feed,
+    has_chunks,
+    is_live,
+    live_feed,
+    live_records,
+    open_feed,
+)
 
 if TYPE_CHECKING:
     from pydantic.json_schema import JsonSchemaValue
 
     from forgeflow.plugins.media import MediaStore
 
+# The artifact's bytes are :mod:`.frame_chunks`', live feeds :mod:`.frame_feeds`'; their names that the
+# rest of ForgeFlow uses are importable from here, the one module a per-frame output is known by.
 __all__ = [
+    "FORMAT",
     "FRAMES_KEY",
+    "LIVE_KEY",
     "ArtifactBudgetExceeded",
     "FrameStream",
     "FrameWriter",
+    "UpstreamFailed",
+    "chunk_refs",
+    "end_feed",
     "frame_fields",
+    "has_chunks",
     "is_frames",
+    "is_live",
     "iter_frame_records",
+    "keep_journalled",
+    "live_feed",
+    "open_feed",
+    "open_stream",
     "page_frames",
+    "record_schema",
     "write_frames_file",
 ]
 
-#: The key that marks a value as a frames descriptor; its value is the manifest's media ref.
-FRAMES_KEY = "$frames"
 #: JSON Schema keyword on a streamed field: its records may arrive as an artifact, not inline.
 SCHEMA_MARK = "x-forgeflow-frames"
-FORMAT = "parquet"
-_COMPRESSION = "zstd"
 
 R = TypeVar("R", bound=BaseModel)
 
@@ -76,99 +107,6 @@ class ArtifactBudgetExceeded(OutputError):
     """A job's per-frame artifacts would take more disk than FORGEFLOW_MAX_ARTIFACT_BYTES_PER_JOB."""
 
     error_type = "ArtifactBudgetExceeded"
-
-
-def is_frames(value: Any) -> bool:
-    """Whether ``value`` is a frames descriptor (an artifact by ref), not inline data."""
-    return isinstance(value, dict) and isinstance(value.get(FRAMES_KEY), str)
-
-
-class UpstreamFailed(InputError):
-    """The stage whose per-frame output this stage was reading as it grew failed before finishing it."""
-
-    error_type = "UpstreamFailed"
-
-
-# --- a per-frame output while it is being written (stages that overlap) ------------------------------
-
-#: The key of a live feed: a per-frame output its stage is still writing, named by its chunk journal.
-LIVE_KEY = "$frames_live"
-#: How often a reader of a live feed looks for the next chunk.
-LIVE_POLL_S = 0.05
-
-
-def is_live(value: Any) -> bool:
-    """Whether ``value`` is a live feed (an output still being written), not a finished one."""
-    return isinstance(value, dict) and isinstance(value.get(LIVE_KEY), str)
-
-
-def live_feed(journal: Path) -> dict[str, Any]:
-    """The value a consumer stage gets for an output whose chunks are journalled to ``journal`` as they come."""
-    return {LIVE_KEY: str(journal)}
-
-
-def _end_path(journal: Path) -> Path:
-    return journal.with_name(journal.name + ".end")
-
-
-def has_chunks(journal: Path) -> bool:
-    """Whether a chunk was journalled (a reader can start on it)."""
-    try:
-        return journal.stat().st_size > 0
-    except OSError:
-        return False
-
-
-def open_feed(journal: Path) -> None:
-    """A producer starts (again): no end is known yet."""
-    _end_path(journal).unlink(missing_ok=True)
-
-
-def end_feed(journal: Path, *, failed: str | None = None, value: Any = None) -> None:
-    """The producer's call ended with ``value`` (the output: inline records or an artifact): its
-    readers finish with what they did not read yet, or, when it ``failed``, raise :class:`UpstreamFailed`."""
-    end = _end_path(journal)
-    try:
-        end.parent.mkdir(parents=True, exist_ok=True)
-        tmp = end.with_name(end.name + ".tmp")
-        tmp.write_text(json.dumps({"failed": failed, "value": value}), encoding="utf-8")
-        tmp.replace(end)
-    except OSError:
-        pass
-
-
-def _live_records(store: MediaStore, value: dict[str, Any]) -> Iterator[dict[str, Any]]:
-    """The records of a live feed as its chunks are journalled, until its producer's call ends."""
-    journal = Path(value[LIVE_KEY])
-    end = _end_path(journal)
-    offset = 0
-    chunks_read = 0
-    while True:
-        ended = end.exists()  # looked at before the journal: every line written before the end is read
-        try:
-            with journal.open("rb") as fh:
-                fh.seek(offset)
-                data = fh.read()
-        except FileNotFoundError:
-            data = b""
-        complete = data[: data.rfind(b"\n") + 1]
-        offset += len(complete)
-        for line in complete.splitlines():
-            chunks_read += 1
-            yield from _chunk_rows(store, json.loads(line))
-        if ended and not complete:
-            marker = json.loads(end.read_text(encoding="utf-8"))
-            if marker.get("failed"):
-                raise UpstreamFailed(f"the stage writing this input failed: {marker['failed']}")
-            final = marker.get("value")
-            if is_frames(final):  # chunks not journalled here (a call reused from an earlier attempt)
-                for chunk in _manifest(store, final)[chunks_read:]:
-                    yield from _chunk_rows(store, chunk)
-            elif isinstance(final, list) and chunks_read == 0:  # an output of one chunk or less: inline
-                yield from final
-            return
-        if not complete:
-            time.sleep(LIVE_POLL_S)
 
 
 # --- the type tools declare ---------------------------------------------------------------------
@@ -261,93 +199,6 @@ def frame_fields(model: type[BaseModel]) -> dict[str, type[BaseModel]]:
     return found
 
 
-# --- Arrow schema from the record model ----------------------------------------------------------
-
-
-def _arrow_type(schema: dict[str, Any], defs: dict[str, Any]) -> Any:
-    """The Arrow type of a JSON Schema node (None where a node has no columnar form)."""
-    import pyarrow as pa
-
-    if "$ref" in schema:
-        return _arrow_type(defs[schema["$ref"].rsplit("/", 1)[-1]], defs)
-    if "anyOf" in schema:
-        options = [s for s in schema["anyOf"] if s.get("type") != "null"]
-        return _arrow_type(options[0], defs) if len(options) == 1 else None
-    kind = schema.get("type")
-    if kind == "integer":
-        return pa.int64()
-    if kind == "number":
-        return pa.float64()
-    if kind == "string":
-        return pa.string()
-    if kind == "boolean":
-        return pa.bool_()
-    if kind == "array" and isinstance(schema.get("items"), dict):
-        item = _arrow_type(schema["items"], defs)
-        return None if item is None else pa.list_(item)
-    if kind == "object" and schema.get("properties") and not schema.get("additionalProperties"):
-        fields = []
-        for name, sub in schema["properties"].items():
-            sub_type = _arrow_type(sub, defs)
-            if sub_type is None:
-                return None
-            fields.append(pa.field(name, sub_type))
-        return pa.struct(fields)
-    return None
-
-
-_schemas: dict[type[BaseModel], Any] = {}
-
-
-def record_schema(record_type: type[BaseModel]) -> Any:
-    """The Arrow schema of a record model: one column per field, nested as the model nests; a model
-    with no columnar form (free-form dicts, unions) is one JSON text column ``record``."""
-    import pyarrow as pa
-
-    if record_type not in _schemas:
-        json_schema = record_type.model_json_schema()
-        struct = _arrow_type(json_schema, json_schema.get("$defs", {}))
-        if struct is None:
-            _schemas[record_type] = pa.schema([pa.field("frame_index", pa.int64()), pa.field("record", pa.string())])
-        else:
-            _schemas[record_type] = pa.schema(list(struct))
-    return _schemas[record_type]
-
-
-def _is_json_column(schema: Any) -> bool:
-    return list(schema.names) == ["frame_index", "record"]
-
-
-def _table(records: list[dict[str, Any]], schema: Any) -> Any:
-    import pyarrow as pa
-
-    if _is_json_column(schema):
-        rows = [{"frame_index": r["frame_index"], "record": json.dumps(r, sort_keys=True)} for r in records]
-        return pa.Table.from_pylist(rows, schema=schema)
-    return pa.Table.from_pylist(records, schema=schema)
-
-
-def _rows(table: Any) -> list[dict[str, Any]]:
-    if _is_json_column(table.schema):
-        return [json.loads(text) for text in table.column("record").to_pylist()]
-    rows: list[dict[str, Any]] = table.to_pylist()
-    return rows
-
-
-def _parquet_bytes(table: Any) -> bytes:
-    import pyarrow.parquet as pq
-
-    buf = io.BytesIO()
-    pq.write_table(table, buf, compression=_COMPRESSION, row_group_size=max(1, table.num_rows), write_statistics=False)
-    return buf.getvalue()
-
-
-def _read_parquet(data: Any) -> Any:
-    import pyarrow.parquet as pq
-
-    return pq.read_table(data)
-
-
 # --- writing ----------------------------------------------------------------------------------------
 
 
@@ -436,7 +287,7 @@ class FrameWriter:
             del self._pending[: self.chunk_frames]
 
     def _flush(self, records: list[dict[str, Any]]) -> None:
-        data = _parquet_bytes(_table(records, record_schema(self.record_type)))
+        data = parquet_bytes(arrow_table(records, record_schema(self.record_type)))
         self._size += len(data)
         if self.budget_bytes is not None and self._size > self.budget_bytes:
             raise ArtifactBudgetExceeded(
@@ -488,7 +339,7 @@ class FrameWriter:
                 ]
             ),
         )
-        info = self.store.put_bytes(_parquet_bytes(manifest), filename=f"{self.field_name}.manifest.parquet")
+        info = self.store.put_bytes(parquet_bytes(manifest), filename=f"{self.field_name}.manifest.parquet")
         schema = record_schema(self.record_type)
         return {
             FRAMES_KEY: info.ref,
@@ -550,29 +401,9 @@ def _list_counts(records: list[dict[str, Any]]) -> dict[str, int]:
 # --- reading ----------------------------------------------------------------------------------------
 
 
-def _manifest(store: MediaStore, descriptor: dict[str, Any]) -> list[dict[str, Any]]:
-    try:
-        rows: list[dict[str, Any]] = _read_parquet(store.path(descriptor[FRAMES_KEY])).to_pylist()
-    except Exception as exc:
-        raise InputError(f"cannot read frames artifact {descriptor[FRAMES_KEY]}: {type(exc).__name__}: {exc}") from None
-    return rows
-
-
-def _chunk_rows(store: MediaStore, chunk: dict[str, Any]) -> list[dict[str, Any]]:
-    try:
-        return _rows(_read_parquet(store.path(chunk["ref"])))
-    except Exception as exc:
-        raise InputError(f"cannot read frames chunk {chunk['ref']}: {type(exc).__name__}: {exc}") from None
-
-
-def chunk_refs(store: MediaStore, descriptor: dict[str, Any]) -> list[str]:
-    """The media refs of an artifact's chunks (its manifest must be in ``store``)."""
-    return [chunk["ref"] for chunk in _manifest(store, descriptor)]
-
-
 def _artifact_records(store: MediaStore, descriptor: dict[str, Any]) -> Iterator[dict[str, Any]]:
-    for chunk in _manifest(store, descriptor):
-        yield from _chunk_rows(store, chunk)
+    for chunk in manifest(store, descriptor):
+        yield from chunk_rows(store, chunk)
 
 
 def iter_frame_records(value: Any, store: MediaStore) -> Iterator[dict[str, Any]]:
@@ -580,7 +411,7 @@ def iter_frame_records(value: Any, store: MediaStore) -> Iterator[dict[str, Any]
     if is_frames(value):
         yield from _artifact_records(store, value)
     elif is_live(value):
-        yield from _live_records(store, value)
+        yield from live_records(store, value)
     elif isinstance(value, list):
         yield from value
 
@@ -593,9 +424,9 @@ def page_frames(value: Any, store: MediaStore, start: int, limit: int) -> tuple[
         if not is_frames(value):
             yield from value or []
             return
-        for chunk in _manifest(store, value):
+        for chunk in manifest(store, value):
             if chunk["last_frame"] >= start:
-                yield from _chunk_rows(store, chunk)
+                yield from chunk_rows(store, chunk)
 
     page = list(itertools.islice((r for r in records() if r.get("frame_index", -1) >= start), limit + 1))
     return page[:limit], (page[limit]["frame_index"] if len(page) > limit else None)
@@ -611,16 +442,16 @@ def write_frames_file(value: Any, store: MediaStore, out: Any, record_type: type
     count = 0
     try:
         if is_frames(value):
-            for chunk in _manifest(store, value):
-                table = _read_parquet(store.path(chunk["ref"]))
-                writer = writer or pq.ParquetWriter(out, table.schema, compression=_COMPRESSION)
+            for chunk in manifest(store, value):
+                table = read_parquet(store.path(chunk["ref"]))
+                writer = writer or pq.ParquetWriter(out, table.schema, compression=COMPRESSION)
                 writer.write_table(table)
                 count += table.num_rows
         else:
             rows = list(value or [])
             schema = record_schema(record_type) if record_type is not None else None
             table = pa.Table.from_pylist(rows, schema=schema) if schema is not None else pa.Table.from_pylist(rows)
-            writer = pq.ParquetWriter(out, table.schema, compression=_COMPRESSION)
+            writer = pq.ParquetWriter(out, table.schema, compression=COMPRESSION)
             writer.write_table(table)
             count = table.num_rows
     finally:

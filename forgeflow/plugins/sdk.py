@@ -16,10 +16,10 @@ import inspect
 import math
 import threading
 import time
-from collections.abc import Callable, Hashable, Sequence
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, Literal, TypeVar, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -31,13 +31,16 @@ from forgeflow.plugins.errors import ConfigError, InputError, OutputError, Plugi
 from forgeflow.settings import MATCH_MEDIA_BYTES
 
 if TYPE_CHECKING:
-    from forgeflow.plugins.media import MediaReader, MediaStore
+    from forgeflow.plugins.media import MediaStore
+    from forgeflow.plugins.media_reader import MediaReader
 
 T = TypeVar("T")
 R = TypeVar("R")
 
 __all__ = [
+    "DRAW_KINDS",
     "BatchSpec",
+    "DrawKind",
     "EmptyModel",
     "Plugin",
     "Tool",
@@ -161,7 +164,7 @@ class ToolContext:
             self.progress_sink = None
 
     def media(self, source: str) -> MediaReader:
-        from forgeflow.plugins.media import MediaReader
+        from forgeflow.plugins.media_reader import MediaReader
 
         path = self.media_store.resolve(source, input_roots=self.input_roots)
         reader = MediaReader(path, max_bytes=self.max_bytes, max_frames=self.max_frames, max_pixels=self.max_pixels)
@@ -206,6 +209,18 @@ def format_validation_error(exc: ValidationError) -> str:
     return "; ".join(parts)
 
 
+#: How a job's annotated media (:mod:`forgeflow.jobs.annotate`) draws the items of an output field a
+#: tool declares in ``draws`` (per-frame records ``{frame_index, <field>: [item, ...]}``, or a list of
+#: items for an image):
+#:
+#: * ``boxes``: ``{box: [x1, y1, x2, y2], track_id?, confidence?, class_name?}``, a box and its label;
+#: * ``poses``: ``{keypoints: [[x, y, confidence], ...] (COCO-17), track_id?, box, player_index?}``;
+#: * ``labels``: ``{player_index, action, confidence?}``, a text under the ``boxes`` item it names.
+DrawKind = Literal["boxes", "poses", "labels"]
+#: Every :data:`DrawKind`, in the order they are drawn.
+DRAW_KINDS: tuple[DrawKind, ...] = get_args(DrawKind)
+
+
 @dataclass(frozen=True)
 class Tool:
     """One callable capability of a plugin, with typed config, inputs and outputs."""
@@ -223,6 +238,9 @@ class Tool:
     #: The tool takes batches: the engine may join concurrent calls of it from different jobs (its
     #: model passes meet in :meth:`ToolContext.batched`); None: every call runs alone.
     batch: BatchSpec | None = None
+    #: The output fields a job's annotated media draws, and as what (``(field, kind)`` pairs): what
+    #: the job's stage loop draws is what its tools declare here, never a field it knows by name.
+    draws: tuple[tuple[str, DrawKind], ...] = ()
 
     def schemas(self) -> dict[str, dict[str, Any]]:
         """JSON Schemas of config, input and output (the tool's manifest)."""
@@ -366,6 +384,7 @@ class Plugin:
         description: str | None = None,
         resumable: bool = False,
         batch: BatchSpec | bool | None = None,
+        draws: Mapping[str, DrawKind] | None = None,
     ) -> Callable[[RunFn], RunFn]:
         """Register ``fn(inputs, config, ctx)`` as a tool (its name defaults to the function's).
 
@@ -376,8 +395,18 @@ class Plugin:
         ``batch=BatchSpec(max_batch=..., max_wait_ms=...)`` (or ``True`` for the host's defaults):
         the tool takes batches. The engine may give one warm worker the concurrent calls of several
         jobs with the same config; each still runs ``fn`` with its own inputs and ``ctx``, and the
-        model passes it routes through :meth:`ToolContext.batched` run once for all of them."""
+        model passes it routes through :meth:`ToolContext.batched` run once for all of them.
+
+        ``draws={"players": "boxes"}``: output fields a job draws on its input media (its annotated
+        media), each as a :data:`DrawKind`; a field the output model lacks or an unknown kind is a
+        ``ValueError`` here."""
         spec = BatchSpec() if batch is True else (batch or None)
+        drawn = tuple((draws or {}).items())
+        for field_name, kind in drawn:
+            if field_name not in output.model_fields:
+                raise ValueError(f"draws names {field_name!r}, which the output model {output.__name__} lacks")
+            if kind not in DRAW_KINDS:
+                raise ValueError(f"draws gives {field_name!r} the kind {kind!r}; known kinds: {', '.join(DRAW_KINDS)}")
 
         def register(fn: RunFn) -> RunFn:
             tool_name = name or fn.__name__
@@ -395,6 +424,7 @@ class Plugin:
                 plugin_name=self.name,
                 resumable=resumable,
                 batch=spec,
+                draws=drawn,
             )
             return fn
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from forgeflow.engine.runners.process import read_log_tail, trim_log
+from forgeflow.engine.runners.worker_log import read_log_tail, trim_log
 
 pytestmark = pytest.mark.fast
 

@@ -8,12 +8,27 @@ import pytest
 
 from forgeflow.cli.sample_clip import make_sample_clip
 from forgeflow.jobs.annotate import annotate_media, ffmpeg_exe
+from forgeflow.jobs.annotated_media import layers_of
+from forgeflow.plugins.builtin import classifier, pose_estimator, yolo_tracker
 from forgeflow.plugins.errors import MediaError, MediaNotFound
 from tests.conftest import video_frames_and_size
 
 # With pytest-xdist (--dist loadgroup) one worker runs the whole group: the session's vision fixtures
 # (sample clip, models, inference results) are made once.
 pytestmark = pytest.mark.xdist_group("vision")
+
+#: What the soccer pipeline's tools declare to draw: players as boxes, poses, actions as labels.
+SOCCER_LAYERS = layers_of(
+    [
+        yolo_tracker.plugin.tools["track_players"],
+        pose_estimator.plugin.tools["estimate_poses"],
+        classifier.plugin.tools["classify_actions"],
+    ]
+)
+
+
+def test_the_soccer_tools_declare_what_their_annotated_media_draws():
+    assert SOCCER_LAYERS == {"boxes": "players", "poses": "poses", "labels": "actions"}
 
 
 def test_sample_clip_is_readable_and_reproducible(sample_clip, tmp_path):
@@ -49,13 +64,16 @@ def test_annotate_image(bus_result, assets, tmp_path):
     import cv2
     import numpy as np
 
-    out = annotate_media(assets / "bus.jpg", bus_result, tmp_path / "bus.png")
+    out = annotate_media(assets / "bus.jpg", bus_result, tmp_path / "bus.png", layers=SOCCER_LAYERS)
     assert (out.path, out.kind, out.frames) == (tmp_path / "bus.png", "image", None)
     drawn, source = cv2.imread(str(out.path)), cv2.imread(str(assets / "bus.jpg"))
     assert drawn.shape == source.shape
     assert np.abs(drawn.astype(int) - source.astype(int)).sum() > 0  # something was drawn
     # no image suffix: written as JPEG
-    assert annotate_media(assets / "bus.jpg", bus_result, tmp_path / "bus-annotated").path.suffix == ".jpg"
+    assert (
+        annotate_media(assets / "bus.jpg", bus_result, tmp_path / "bus-annotated", layers=SOCCER_LAYERS).path.suffix
+        == ".jpg"
+    )
 
 
 def _video_codec(path):
@@ -68,7 +86,7 @@ def _video_codec(path):
 
 @pytest.mark.vision
 def test_annotate_video(clip_result, sample_clip, tmp_path):
-    out = annotate_media(sample_clip, clip_result, tmp_path / "clip.avi")
+    out = annotate_media(sample_clip, clip_result, tmp_path / "clip.avi", layers=SOCCER_LAYERS)
     assert (out.path.suffix, out.kind, out.frames) == (".mp4", "video", 64)
     assert video_frames_and_size(out.path) == (64, (640, 360))
     codec = _video_codec(out.path)
@@ -92,7 +110,7 @@ def test_annotate_video_of_odd_size_is_padded_to_even(tmp_path):
     result = {
         "players": [{"frame_index": i, "players": [{"box": [5, 5, 60, 80], "confidence": 0.8}]} for i in range(5)]
     }
-    out = annotate_media(source, result, tmp_path / "odd.mp4")
+    out = annotate_media(source, result, tmp_path / "odd.mp4", layers=SOCCER_LAYERS)
     assert out.frames == 5
     assert video_frames_and_size(out.path) == (5, (162, 92))
     assert "h264" in _video_codec(out.path)
@@ -109,17 +127,17 @@ def test_annotate_partial_result_and_errors(sample_clip, tmp_path):
             }
         ]
     }
-    assert annotate_media(sample_clip, partial, tmp_path / "partial.mp4").path.is_file()
+    assert annotate_media(sample_clip, partial, tmp_path / "partial.mp4", layers=SOCCER_LAYERS).path.is_file()
     with pytest.raises(MediaNotFound):
-        annotate_media(tmp_path / "missing.mp4", partial, tmp_path / "x.mp4")
+        annotate_media(tmp_path / "missing.mp4", partial, tmp_path / "x.mp4", layers=SOCCER_LAYERS)
     junk = tmp_path / "junk.bin"
     junk.write_bytes(b"not media at all")
     with pytest.raises(MediaError):
-        annotate_media(junk, partial, tmp_path / "x.mp4")
+        annotate_media(junk, partial, tmp_path / "x.mp4", layers=SOCCER_LAYERS)
     truncated = tmp_path / "truncated.mp4"
     truncated.write_bytes(sample_clip.read_bytes()[:64])  # an MP4 header and no frames
     with pytest.raises(MediaError):
-        annotate_media(truncated, partial, tmp_path / "x.mp4")
+        annotate_media(truncated, partial, tmp_path / "x.mp4", layers=SOCCER_LAYERS)
     assert not (tmp_path / "x.mp4").exists()
 
 
@@ -129,6 +147,6 @@ def test_an_encoder_failure_is_a_media_error_with_ffmpegs_words(sample_clip, tmp
     monkeypatch.setattr(annotate, "H264_OPTIONS", ("-c:v", "no-such-encoder", "-f", "mp4"))
     partial = {"players": [{"frame_index": 0, "players": [{"box": [10, 10, 100, 200], "confidence": 0.9}]}]}
     with pytest.raises(MediaError) as failed:
-        annotate_media(sample_clip, partial, tmp_path / "x.mp4")
+        annotate_media(sample_clip, partial, tmp_path / "x.mp4", layers=SOCCER_LAYERS)
     assert "ffmpeg failed" in failed.value.message and "no-such-encoder" in failed.value.message
     assert not list(tmp_path.glob("*.mp4")) and not list(tmp_path.glob(".*"))

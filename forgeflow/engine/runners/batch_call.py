@@ -26,11 +26,13 @@ import logging
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
-from forgeflow.engine.runners import prepare, progress_relay, result_from_message
+from forgeflow.engine.runners import Prepared, prepare, progress_relay, result_from_message
 from forgeflow.engine.runners.base import CallResult, ProgressCallback, ToolCall
+from forgeflow.engine.runners.call_exchange import MemoryExceeded, RssWatchdog
 from forgeflow.engine.runners.protocol import DeadlineExceeded, PeerClosed, ProtocolError
+from forgeflow.engine.runners.worker_process import Worker
 from forgeflow.pipeline.outcome import EndReason
 from forgeflow.plugins.errors import StageTimeout
 
@@ -75,9 +77,7 @@ def run_batch(runner: ProcessRunner, parts: list[BatchPart], max_wait_ms: float)
 
 
 def _run_batch(runner: ProcessRunner, parts: list[BatchPart], max_wait_ms: float) -> None:
-    from forgeflow.engine.runners.process import Worker
-
-    live: list[tuple[BatchPart, Any]] = []
+    live: list[tuple[BatchPart, Prepared]] = []
     for part in parts:
         prepared = prepare(runner.registry, part.call)
         if isinstance(prepared, CallResult):
@@ -107,11 +107,9 @@ def _run_batch(runner: ProcessRunner, parts: list[BatchPart], max_wait_ms: float
 
 
 def _drive(
-    runner: ProcessRunner, worker: Any, parts: list[BatchPart], prepared: Any, max_wait_ms: float
+    runner: ProcessRunner, worker: Worker, parts: list[BatchPart], prepared: Prepared, max_wait_ms: float
 ) -> tuple[list[BatchPart], bool]:
     """Send the batch and answer its parts; the parts to retry alone and whether the worker may serve again."""
-    from forgeflow.engine.runners.process import _MemoryExceeded
-
     label = f"{prepared.plugin}.{prepared.tool.name}"
     settings = runner.settings
     limits = [int(p.call.memory_limit_mb or settings.stage_memory_limit_mb) for p in parts]
@@ -134,9 +132,7 @@ def _drive(
             for p, limit in zip(parts, limits, strict=True)
         ],
     }
-    baseline = worker.group_rss() if worker.watch_memory else 0
-    limit_bytes = baseline + sum(limits) * 2**20
-    peak_rss = baseline
+    watchdog = RssWatchdog(worker, sum(limits))
     start = time.monotonic()
     caps = [start + max(p.call.timeout_s, settings.max_stage_timeout_s) for p in parts]
     deadlines = [start + p.call.timeout_s for p in parts]
@@ -168,17 +164,15 @@ def _drive(
                 worker.kill()
                 return [], False
             if worker.watch_memory:
-                rss = worker.group_rss()
-                peak_rss = max(peak_rss, rss)
-                if rss > limit_bytes:
-                    raise _MemoryExceeded(rss)
+                watchdog.check()
             try:
                 message = worker.reader.read(time.monotonic() + CHECK_PERIOD_S)
             except DeadlineExceeded:
                 continue
-            index = message.get("item")
-            if not isinstance(index, int) or not 0 <= index < len(parts):
+            item = message.get("item")
+            if not isinstance(item, int) or not 0 <= item < len(parts):
                 raise ProtocolError(f"a batch answer names no item of the batch: {message.get('type')!r}")
+            index = item
             part = parts[index]
             if message.get("type") == "progress":
                 done = message.get("done")
@@ -195,11 +189,11 @@ def _drive(
             worker.loads = int(message.get("resource_loads") or worker.loads)
             recycle = recycle or bool(message.get("recycle"))
             result = result_from_message(message)
-            if result.peak_memory_mb is None and peak_rss:
-                result.peak_memory_mb = round(peak_rss / 2**20, 1)
+            if result.peak_memory_mb is None and watchdog.peak_rss:
+                result.peak_memory_mb = round(watchdog.peak_rss / 2**20, 1)
             if part.resolve(result):
                 runner.lifecycle.finished(prepared.plugin, result)
-    except (_MemoryExceeded, PeerClosed, BrokenPipeError, ConnectionError, ProtocolError, OSError) as exc:
+    except (MemoryExceeded, PeerClosed, BrokenPipeError, ConnectionError, ProtocolError, OSError) as exc:
         worker.kill()
         left = [part for part in parts if not part.done.is_set()]
         if left:

@@ -54,12 +54,18 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from forgeflow.engine.runners import Prepared
 from forgeflow.engine.runners.base import CallResult, ProgressCallback, ToolCall
-from forgeflow.engine.runners.process import ProcessRunner, Worker, worker_log_path
+from forgeflow.engine.runners.process import ProcessRunner
+from forgeflow.engine.runners.worker_log import worker_log_path
+from forgeflow.engine.runners.worker_process import Worker
 from forgeflow.plugins.errors import DeviceUnavailable
+
+if TYPE_CHECKING:
+    from forgeflow.engine.registry import PluginRegistry
+    from forgeflow.settings import Settings
 
 log = logging.getLogger("forgeflow.runners.docker")
 
@@ -193,7 +199,7 @@ class DockerRunner(ProcessRunner):
 
     name = "docker"
 
-    def __init__(self, settings: Any, registry: Any, client: Any = None) -> None:
+    def __init__(self, settings: Settings, registry: PluginRegistry, client: Any = None) -> None:
         super().__init__(settings, registry)
         self._client = client
         self._client_lock = threading.Lock()
@@ -333,7 +339,7 @@ class DockerRunner(ProcessRunner):
             env["FORGEFLOW_WORKER_RLIMIT_AS"] = os.environ["FORGEFLOW_WORKER_RLIMIT_AS"]
         return env
 
-    def _launch(self, plugin: str, key: Any, log_path: Path) -> Worker:
+    def _launch(self, plugin: str, key: object, log_path: Path) -> Worker:
         import docker
         from docker.errors import DockerException, ImageNotFound
 

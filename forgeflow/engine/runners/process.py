@@ -24,6 +24,9 @@ resident memory adds up to more than ``idle_worker_memory_mb`` are stopped, leas
 first. ``cancel_job(job_id)`` kills the worker serving that job (its call answers ``Cancelled``)
 and stops the job's calls that still wait for a worker. Thread-safe.
 
+This module is the pool; a worker process is :mod:`.worker_process`, one call's exchange with it
+(timeout, memory watchdog, crash diagnosis) :mod:`.call_exchange`, its log :mod:`.worker_log`.
+
 The docker runner (:mod:`.docker`) is this runner with containers as its workers: it overrides how a
 worker starts (:meth:`ProcessRunner._launch`), what a worker must match to serve a call
 (:meth:`ProcessRunner._worker_key`: its memory limit and GPU request) and how a worker dies
@@ -34,224 +37,31 @@ from __future__ import annotations
 
 import logging
 import os
-import signal
 import subprocess
 import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any
 
-from forgeflow.engine.runners import LifecycleRecorder, Prepared, prepare, progress_relay, result_from_message
+from forgeflow.engine.runners import LifecycleRecorder, Prepared, prepare
 from forgeflow.engine.runners.base import CallResult, ProgressCallback, ToolCall
-from forgeflow.engine.runners.protocol import (
-    DeadlineExceeded,
-    MessageReader,
-    PeerClosed,
-    ProtocolError,
-    write_message,
-)
+from forgeflow.engine.runners.batch_call import BatchPart, run_batch
+from forgeflow.engine.runners.call_exchange import CallLimits, exchange
+from forgeflow.engine.runners.protocol import DeadlineExceeded, PeerClosed, ProtocolError
+from forgeflow.engine.runners.worker_log import LOG_TAIL_BYTES, file_size, read_log_tail, trim_log, worker_log_path
+from forgeflow.engine.runners.worker_process import Worker
 from forgeflow.pipeline.outcome import EndReason
-from forgeflow.plugins.errors import PluginUnavailable, StageMemoryExceeded, StageTimeout, WorkerCrashed
+from forgeflow.plugins.errors import PluginUnavailable, StageTimeout, WorkerCrashed
 
 if TYPE_CHECKING:
-    from forgeflow.engine.runners.batch_call import BatchPart
+    from forgeflow.engine.registry import PluginRegistry
+    from forgeflow.settings import Settings
+
+__all__ = ["ProcessRunner"]
 
 log = logging.getLogger("forgeflow.runners.process")
-
-#: Worker logs are trimmed when they pass this size: their head (how the workers started) and their
-#: tail (what happened last) are kept, the middle goes.
-LOG_MAX_BYTES = 10 * 1024 * 1024
-LOG_KEEP_HEAD_BYTES = 64 * 1024
-LOG_KEEP_TAIL_BYTES = 1024 * 1024
-#: How much of a worker's log a crash error quotes.
-LOG_TAIL_BYTES = 2048
-#: Resident-memory watchdog period.
-WATCHDOG_PERIOD_S = 0.05
-#: How often the watchdog refreshes the list of the worker's child processes.
-CHILDREN_REFRESH_S = 1.0
-
-
-class _MemoryExceeded(Exception):
-    def __init__(self, rss_bytes: int) -> None:
-        super().__init__(rss_bytes)
-        self.rss_bytes = rss_bytes
-
-
-def describe_exit(returncode: int | None) -> str:
-    """``died with SIGSEGV (signal 11)`` / ``exited with code 3``."""
-    if returncode is None:
-        return "stopped answering"
-    if returncode < 0:
-        try:
-            name = signal.Signals(-returncode).name
-        except ValueError:
-            name = f"signal {-returncode}"
-            return f"died with {name}"
-        extra = " (killed from outside; the kernel's OOM killer?)" if -returncode == signal.SIGKILL else ""
-        return f"died with {name} (signal {-returncode}){extra}"
-    return f"exited with code {returncode}"
-
-
-def worker_log_path(logs_dir: Path, plugin: str) -> Path:
-    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in plugin)
-    return logs_dir / "workers" / f"{safe}.log"
-
-
-def trim_log(
-    path: Path, max_bytes: int = LOG_MAX_BYTES, head: int = LOG_KEEP_HEAD_BYTES, tail: int = LOG_KEEP_TAIL_BYTES
-) -> bool:
-    """Cut the middle of a log past ``max_bytes``, keeping its first ``head`` and last ``tail`` bytes
-    with a line saying how much went. True when it trimmed. Writers use O_APPEND, so they go on at
-    the new end."""
-    try:
-        size = path.stat().st_size
-        if size <= max_bytes:
-            return False
-        with path.open("r+b") as fh:
-            first = fh.read(head)
-            first = first[: first.rfind(b"\n") + 1] or first  # whole lines
-            fh.seek(max(size - tail, 0))
-            last = fh.read()
-            last = last[last.find(b"\n") + 1 :] or last
-            cut = size - len(first) - len(last)
-            fh.seek(0)
-            fh.write(first + f"[... {cut} bytes of this log cut (over {max_bytes} bytes) ...]\n".encode() + last)
-            fh.truncate()
-    except OSError:
-        return False
-    return True
-
-
-def read_log_tail(path: Path, since: int = 0, limit: int = LOG_TAIL_BYTES) -> str:
-    """The last ``limit`` bytes of ``path`` written after offset ``since`` (as text)."""
-    try:
-        size = path.stat().st_size
-        if since > size:  # truncated meanwhile
-            since = 0
-        start = max(since, size - limit)
-        with path.open("rb") as fh:
-            fh.seek(start)
-            data = fh.read(limit)
-    except OSError:
-        return ""
-    return data.decode("utf-8", errors="replace").strip()
-
-
-class Worker:
-    """One live worker process of one plugin (used by one call at a time).
-
-    What another kind of worker (the docker runner's containers) overrides: ``noun`` and
-    ``killed_what`` (how messages name it), ``watch_memory`` (whether the runner's resident-memory
-    watchdog applies), :meth:`kill`, :meth:`exit_description` and :meth:`out_of_memory`.
-    """
-
-    noun = "plugin process"
-    killed_what = "its process group was killed"
-    #: The parent's resident-memory watchdog enforces the call's limit on this worker.
-    watch_memory = True
-    #: How long a worker whose pipe closed gets to report how it ended.
-    exit_wait_s = 1.0
-
-    def __init__(self, plugin: str, proc: subprocess.Popen[bytes], log_path: Path, key: Any = None) -> None:
-        self.plugin = plugin
-        self.key = key  # what calls it may serve besides its plugin (None: any call of the plugin)
-        self.proc = proc
-        self.pid = proc.pid
-        self.pgid = proc.pid  # start_new_session=True: the worker leads its own group
-        self.log_path = log_path
-        assert proc.stdin is not None and proc.stdout is not None
-        self._stdin: IO[bytes] = proc.stdin
-        self.reader = MessageReader(proc.stdout.fileno())
-        self.version: str | None = None
-        self.calls = 0
-        self.loads = 0  # resource() loads the worker has done (models): stays put while it is warm
-        self.job_id: str | None = None  # the job whose call it is serving, None when idle
-        self.started_at = time.time()
-        self.last_used = time.monotonic()
-        self._ps: Any = None
-        self._children: list[Any] = []
-        self._children_at = 0.0
-
-    # -- life ---------------------------------------------------------------------------------
-
-    def alive(self) -> bool:
-        return self.proc.poll() is None
-
-    def send(self, message: dict[str, Any]) -> None:
-        write_message(self._stdin.fileno(), message)
-
-    def kill(self) -> int | None:
-        """SIGKILL the whole process group and reap the worker; its return code."""
-        try:
-            os.killpg(self.pgid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
-        try:
-            rc = self.proc.wait(timeout=5)
-        except subprocess.TimeoutExpired:  # pragma: no cover - SIGKILL is not ignorable
-            rc = None
-        self._close_pipes()
-        return rc
-
-    def stop(self, grace_s: float = 2.0) -> None:
-        """Ask the worker to leave (close its stdin), then kill what is left of its group."""
-        try:
-            self._stdin.close()
-        except OSError:
-            pass
-        try:
-            self.proc.wait(timeout=grace_s)
-        except subprocess.TimeoutExpired:
-            pass
-        self.kill()
-
-    def wait_exit(self, timeout: float) -> int | None:
-        try:
-            return self.proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            return None
-
-    def exit_description(self, returncode: int | None) -> str:
-        """How the worker ended (after :meth:`kill`): ``died with SIGSEGV (signal 11)`` ..."""
-        return describe_exit(returncode)
-
-    def out_of_memory(self) -> bool:
-        """Whether the worker was killed for memory from outside (after :meth:`kill`)."""
-        return False
-
-    def _close_pipes(self) -> None:
-        self.reader.close()
-        for stream in (self.proc.stdin, self.proc.stdout):
-            try:
-                if stream is not None:
-                    stream.close()
-            except OSError:
-                pass
-
-    # -- memory -------------------------------------------------------------------------------
-
-    def group_rss(self) -> int:
-        """Resident bytes of the worker and its (recursive) children."""
-        import psutil
-
-        now = time.monotonic()
-        try:
-            if self._ps is None:
-                self._ps = psutil.Process(self.pid)
-            if now - self._children_at > CHILDREN_REFRESH_S:
-                self._children = self._ps.children(recursive=True)
-                self._children_at = now
-            total = int(self._ps.memory_info().rss)
-        except psutil.Error:
-            return 0
-        for child in self._children:
-            try:
-                total += child.memory_info().rss
-            except psutil.Error:
-                pass
-        return total
 
 
 class ProcessRunner:
@@ -259,7 +69,7 @@ class ProcessRunner:
 
     name = "process"
 
-    def __init__(self, settings: Any, registry: Any) -> None:
+    def __init__(self, settings: Settings, registry: PluginRegistry) -> None:
         self.settings = settings
         self.registry = registry
         self.reuse_workers: bool = bool(settings.reuse_workers)
@@ -295,8 +105,6 @@ class ProcessRunner:
     def run_batch(self, parts: list[BatchPart], max_wait_ms: float) -> None:
         """Run the calls of ``parts`` (one plugin, tool and config) as one batch in one worker, each
         part answered as its own call ends (see :mod:`.batch_call`)."""
-        from forgeflow.engine.runners.batch_call import run_batch
-
         run_batch(self, parts, max_wait_ms)
 
     def close(self) -> None:
@@ -443,129 +251,22 @@ class ProcessRunner:
     def _call(
         self, worker: Worker, prepared: Prepared, call: ToolCall, on_progress: ProgressCallback | None
     ) -> tuple[CallResult, bool]:
-        label = f"{prepared.plugin}.{prepared.tool.name}"
-        limit_mb = int(call.memory_limit_mb or self.settings.stage_memory_limit_mb)
-        request = {
-            "type": "call",
-            "tool": prepared.tool.name,
-            "config": call.config,
-            "inputs": call.inputs,
-            "memory_limit_mb": limit_mb,
-            "job_id": call.job_id,
-            "stage_index": call.stage_index,
-            "artifact_budget_bytes": call.artifact_budget_bytes,
-            "checkpoint_key": call.checkpoint_key,
-            "resume": call.resume,
-        }
-        log_offset = _file_size(worker.log_path)
-        baseline = worker.group_rss() if worker.watch_memory else 0
-        limit_bytes = baseline + limit_mb * 1024 * 1024
-        peak_rss = baseline
+        """Run ``call`` in ``worker`` (:func:`.call_exchange.exchange`): its result and whether the
+        worker may serve again."""
+        limits = CallLimits(
+            memory_limit_mb=int(call.memory_limit_mb or self.settings.stage_memory_limit_mb),
+            timeout_s=call.timeout_s,
+            max_stage_timeout_s=self.settings.max_stage_timeout_s,
+        )
+        return exchange(worker, prepared, call, limits, on_progress, self.is_cancelled)
 
-        def watchdog() -> None:
-            nonlocal peak_rss
-            rss = worker.group_rss()
-            peak_rss = max(peak_rss, rss)
-            if rss > limit_bytes:
-                raise _MemoryExceeded(rss)
-
-        start = time.monotonic()
-        # The timeout is the longest a call may go without progress: a tool that reports more frames
-        # done (a long video) runs on, up to the host's cap in all; one that stalls dies on time.
-        deadline = start + call.timeout_s
-        cap = start + max(call.timeout_s, self.settings.max_stage_timeout_s)
-        furthest = -1.0
-        worker.calls += 1
-        tick = WATCHDOG_PERIOD_S if worker.watch_memory else None
-        try:
-            worker.send(request)
-            relay = progress_relay(on_progress)
-            while True:
-                message = worker.reader.read(deadline, tick=tick, on_tick=watchdog)
-                if message.get("type") != "progress":
-                    break
-                done = message.get("done")
-                if isinstance(done, (int, float)) and done > furthest:
-                    furthest = float(done)
-                    deadline = min(time.monotonic() + call.timeout_s, cap)
-                if relay is not None:
-                    relay(message)
-        except DeadlineExceeded:
-            now = time.monotonic()
-            elapsed = (now - start) * 1000.0
-            worker.kill()
-            why = (
-                f"timed out after {call.timeout_s:g} s"
-                if furthest < 0
-                else f"made no progress for {call.timeout_s:g} s (after {now - start:.0f} s in all)"
-                if now < cap
-                else f"ran into the host's cap of {self.settings.max_stage_timeout_s:g} s (FORGEFLOW_MAX_STAGE_TIMEOUT_S)"
-            )
-            return CallResult.failure(StageTimeout, f"{label} {why}; {worker.killed_what}", duration_ms=elapsed), False
-        except _MemoryExceeded as exc:
-            elapsed = (time.monotonic() - start) * 1000.0
-            worker.kill()
-            return CallResult.failure(
-                StageMemoryExceeded,
-                f"{label} exceeded its memory limit of {limit_mb} MB (resident memory reached "
-                f"{exc.rss_bytes / 2**20:.0f} MB); {worker.killed_what}",
-                duration_ms=elapsed,
-                peak_memory_mb=round(exc.rss_bytes / 2**20, 1),
-            ), False
-        except (PeerClosed, BrokenPipeError, ConnectionError, ProtocolError, OSError) as exc:
-            elapsed = (time.monotonic() - start) * 1000.0
-            if self.is_cancelled(call.job_id):
-                worker.kill()
-                return CallResult.failure(EndReason.CANCELLED, "cancelled by request", duration_ms=elapsed), False
-            broke = isinstance(exc, ProtocolError)
-            rc = worker.wait_exit(worker.exit_wait_s) if not broke else None
-            killed_rc = worker.kill()
-            rc = rc if rc is not None else (None if broke else killed_rc)
-            what = f"broke the protocol ({exc})" if broke else worker.exit_description(rc)
-            tail = read_log_tail(worker.log_path, since=log_offset)
-            if worker.out_of_memory():
-                return CallResult.failure(
-                    StageMemoryExceeded,
-                    f"{label} exceeded its memory limit of {limit_mb} MB ({worker.noun} {what})",
-                    duration_ms=elapsed,
-                ), False
-            if rc == -signal.SIGABRT and "std::bad_alloc" in tail:
-                # Native code (C++) that cannot allocate aborts instead of raising.
-                return CallResult.failure(
-                    StageMemoryExceeded,
-                    f"{label} exceeded its memory limit of {limit_mb} MB (std::bad_alloc in native code; "
-                    f"the plugin process aborted)\n--- worker log (last {LOG_TAIL_BYTES} bytes) ---\n{tail}",
-                    duration_ms=elapsed,
-                ), False
-            message_text = f"{label}: {worker.noun} {what}"
-            if tail:
-                message_text += f"\n--- worker log (last {LOG_TAIL_BYTES} bytes) ---\n{tail}"
-            return CallResult.failure(WorkerCrashed, message_text, duration_ms=elapsed), False
-        if message.get("type") != "result":
-            worker.kill()
-            return CallResult.failure(
-                WorkerCrashed, f"{label}: {worker.noun} sent an unexpected {message.get('type')!r} message"
-            ), False
-        result = result_from_message(message)
-        worker.loads = int(message.get("resource_loads") or worker.loads)
-        if result.peak_memory_mb is None and peak_rss:
-            result.peak_memory_mb = round(peak_rss / 2**20, 1)
-        recycle = bool(message.get("recycle"))
-        if recycle:
-            # The worker leaves by itself after a MemoryError; make sure of it.
-            worker.wait_exit(2.0)
-            worker.kill()
-        return result, not recycle
-
-    # -- what a worker is -----------------------------------------------------------------------
-
-    def _worker_key(self, prepared: Prepared, call: ToolCall) -> Any:
+    def _worker_key(self, prepared: Prepared, call: ToolCall) -> object:
         """What a worker must have been started with to serve ``call`` besides its plugin (a worker
         serves only calls of its own key), or a failed result when the call cannot run at all.
         Process workers serve every call of their plugin: None."""
         return None
 
-    def _default_key(self, plugin: str) -> Any:
+    def _default_key(self, plugin: str) -> object:
         """The key of a worker started ahead of its first call (:meth:`warm`)."""
         return None
 
@@ -575,7 +276,7 @@ class ProcessRunner:
         """Workers of ``plugin`` alive or starting (call with the lock held)."""
         return sum(1 for w in self._all if w.plugin == plugin) + self._starting.get(plugin, 0)
 
-    def _acquire(self, plugin: str, job_id: str | None, key: Any = None) -> tuple[Worker | None, CallResult | None]:
+    def _acquire(self, plugin: str, job_id: str | None, key: object = None) -> tuple[Worker | None, CallResult | None]:
         """An idle worker (of ``key``), a new one while the pool has room, or the next one released.
         When the pool is full and an idle worker of another key waits, that one is stopped to make
         room."""
@@ -683,7 +384,7 @@ class ProcessRunner:
     def _trim_log(self, path: Path) -> None:
         trim_log(path)
 
-    def _start(self, plugin: str, key: Any = None) -> tuple[Worker | None, CallResult | None]:
+    def _start(self, plugin: str, key: object = None) -> tuple[Worker | None, CallResult | None]:
         """Start a worker whose place in the pool the caller reserved (``_starting``)."""
         try:
             return self._spawn_worker(plugin, key)
@@ -695,7 +396,7 @@ class ProcessRunner:
     def _log_path(self, plugin: str) -> Path:
         return worker_log_path(self.settings.logs_dir, plugin)
 
-    def _launch(self, plugin: str, key: Any, log_path: Path) -> Worker:
+    def _launch(self, plugin: str, key: object, log_path: Path) -> Worker:
         """Start the worker process of ``plugin`` (stderr appended to ``log_path``); raises when it
         cannot be started. The ``ready`` handshake is :meth:`_spawn_worker`'s."""
         cmd = [
@@ -722,11 +423,11 @@ class ProcessRunner:
 
         return Worker(plugin, self._spawner.submit(spawn).result(), log_path, key)
 
-    def _spawn_worker(self, plugin: str, key: Any = None) -> tuple[Worker | None, CallResult | None]:
+    def _spawn_worker(self, plugin: str, key: object = None) -> tuple[Worker | None, CallResult | None]:
         log_path = self._log_path(plugin)
         log_path.parent.mkdir(parents=True, exist_ok=True)
         self._trim_log(log_path)
-        log_offset = _file_size(log_path)
+        log_offset = file_size(log_path)
         start = time.monotonic()
         try:
             worker = self._launch(plugin, key, log_path)
@@ -780,10 +481,3 @@ def _count_down(counts: dict[str, int], plugin: str) -> None:
     counts[plugin] -= 1
     if not counts[plugin]:
         del counts[plugin]
-
-
-def _file_size(path: Path) -> int:
-    try:
-        return path.stat().st_size
-    except OSError:
-        return 0

@@ -30,6 +30,7 @@ import os
 import selectors
 import struct
 import time
+from collections.abc import Callable
 from typing import Any
 
 HEADER = struct.Struct(">I")
@@ -135,18 +136,22 @@ class MessageReader:
         del self._buffer[:end]
         return _decode(body)
 
-    def read(self, deadline: float, tick: float | None = None, on_tick: Any = None) -> dict[str, Any]:
+    def read(
+        self, deadline: float, tick: float | None = None, on_tick: Callable[[], None] | None = None
+    ) -> dict[str, Any]:
         """The next message. ``on_tick()`` (if given) runs about every ``tick`` seconds while waiting;
         an exception it raises ends the wait."""
-        next_tick = time.monotonic() + tick if tick is not None else None
+        period = tick if on_tick is not None else None
+        next_tick = time.monotonic() + period if period is not None else None
         while True:
             message = self._take()
             if message is not None:
                 return message
             now = time.monotonic()
-            if next_tick is not None and now >= next_tick:
-                on_tick()
-                next_tick = now + tick  # type: ignore[operator]
+            if period is not None and next_tick is not None and now >= next_tick:
+                if on_tick is not None:
+                    on_tick()
+                next_tick = now + period
             if now >= deadline:
                 raise DeadlineExceeded("no message before the deadline")
             wait = deadline - now

@@ -108,7 +108,7 @@ class AddressSpaceLimit:
         self._previous: tuple[int, int] | None = None
 
     def __enter__(self) -> AddressSpaceLimit:
-        if not self.enabled:
+        if not self.enabled or self.limit_mb is None:
             return self
         import resource
 
@@ -117,7 +117,7 @@ class AddressSpaceLimit:
             self.enabled = False
             return self
         soft, hard = resource.getrlimit(resource.RLIMIT_AS)
-        new = vmsize_kb * 1024 + int(self.limit_mb) * 1024 * 1024  # type: ignore[arg-type]
+        new = vmsize_kb * 1024 + int(self.limit_mb) * 1024 * 1024
         if hard != resource.RLIM_INFINITY:
             new = min(new, hard)
         try:

@@ -78,7 +78,7 @@ from forgeflow.plugins.builtin._vision import r4
 from forgeflow.plugins.builtin.schemas import Action, FrameActions, FramePoses, Pose
 from forgeflow.plugins.errors import InputError
 from forgeflow.plugins.frames import FrameStream
-from forgeflow.plugins.media import MediaReader
+from forgeflow.plugins.media_reader import MediaReader
 from forgeflow.plugins.sdk import Plugin, ToolContext
 
 plugin = Plugin(
@@ -674,7 +674,7 @@ def action_stream(
     return classify_stream(paired, config)
 
 
-@plugin.tool(input=ClassifierInput, output=ClassifierOutput, config=ClassifierConfig)
+@plugin.tool(input=ClassifierInput, output=ClassifierOutput, config=ClassifierConfig, draws={"actions": "labels"})
 def classify_actions(inputs: ClassifierInput, config: ClassifierConfig, ctx: ToolContext) -> ClassifierOutput:
     """An action per player per frame (standing, walking, running, jumping, crouching, lying, arms_raised)."""
     return ClassifierOutput(actions=action_stream(inputs.poses, config, ctx, inputs.media))

@@ -45,7 +45,7 @@ from forgeflow.plugins.builtin._vision import (
 from forgeflow.plugins.builtin.schemas import FramePlayers, FramePoses, Pose
 from forgeflow.plugins.errors import ConfigError, InputError, MediaError
 from forgeflow.plugins.frames import FrameStream
-from forgeflow.plugins.media import FrameSeeker, MediaReader
+from forgeflow.plugins.media_reader import FrameSeeker, MediaReader
 from forgeflow.plugins.sdk import BatchSpec, Plugin, ToolContext
 
 plugin = Plugin(
@@ -108,7 +108,9 @@ def match_poses(
     return sorted(matches)
 
 
-@plugin.tool(input=PoseInput, output=PoseOutput, config=PoseConfig, resumable=True, batch=BatchSpec())
+@plugin.tool(
+    input=PoseInput, output=PoseOutput, config=PoseConfig, resumable=True, batch=BatchSpec(), draws={"poses": "poses"}
+)
 def estimate_poses(inputs: PoseInput, config: PoseConfig, ctx: ToolContext) -> PoseOutput:
     """17 COCO keypoints (x, y, confidence) per detected player, matched to the player and its track id."""
     device = resolve_device(config.device)

@@ -214,7 +214,7 @@ def detect(
     report_frames(ctx, done, expected, final=True)
 
 
-@plugin.tool(input=MediaInput, output=PlayersOutput, config=DetectConfig, batch=BatchSpec())
+@plugin.tool(input=MediaInput, output=PlayersOutput, config=DetectConfig, batch=BatchSpec(), draws={"players": "boxes"})
 def detect_players(inputs: MediaInput, config: DetectConfig, ctx: ToolContext) -> PlayersOutput:
     """Detect players (people) per frame: box xyxy, confidence, class and a ByteTrack track id."""
     return PlayersOutput(
@@ -224,7 +224,7 @@ def detect_players(inputs: MediaInput, config: DetectConfig, ctx: ToolContext) -
     )
 
 
-@plugin.tool(input=MediaInput, output=TracksOutput, config=TrackConfig, batch=BatchSpec())
+@plugin.tool(input=MediaInput, output=TracksOutput, config=TrackConfig, batch=BatchSpec(), draws={"players": "boxes"})
 def track_players(inputs: MediaInput, config: TrackConfig, ctx: ToolContext) -> TracksOutput:
     """Track players across video frames with ByteTrack: per-frame players plus a summary per track id."""
     # the per-track summary needs every frame first: this tool holds its players (detect_players streams)

@@ -175,7 +175,9 @@ class FakePlayersOutput(BaseModel):
     poses: list[dict[str, Any]]
 
 
-@plugin.tool(input=MediaInput, output=FakePlayersOutput, config=FakePlayersConfig)
+@plugin.tool(
+    input=MediaInput, output=FakePlayersOutput, config=FakePlayersConfig, draws={"players": "boxes", "poses": "poses"}
+)
 def fake_players(inputs: MediaInput, config: FakePlayersConfig, ctx: ToolContext) -> FakePlayersOutput:
     """One player (box, track id 1) and its pose per frame, in the shapes of the vision plugins'
     ``players`` and ``poses``: something for the job's annotated media to draw, without a model."""
@@ -224,7 +226,7 @@ def crowd_frame(index: int, timestamp_s: float, people: int, width: int = 1280, 
     return FramePlayers(frame_index=index, timestamp_s=round(timestamp_s, 4), players=players)
 
 
-@plugin.tool(input=MediaInput, output=CrowdOutput, config=CrowdConfig, resumable=True)
+@plugin.tool(input=MediaInput, output=CrowdOutput, config=CrowdConfig, resumable=True, draws={"players": "boxes"})
 def crowd_players(inputs: MediaInput, config: CrowdConfig, ctx: ToolContext) -> CrowdOutput:
     """A model-free stand-in detector: ``people`` players on every frame of the media (decoded, so the
     media is really read to its end), streamed frame by frame like the real detector's. Each frame's
@@ -284,7 +286,7 @@ def crowd_pose(frame: FramePlayers) -> FramePoses:
     return FramePoses(frame_index=frame.frame_index, timestamp_s=frame.timestamp_s, poses=poses)
 
 
-@plugin.tool(input=CrowdPosesInput, output=CrowdPosesOutput, resumable=True)
+@plugin.tool(input=CrowdPosesInput, output=CrowdPosesOutput, resumable=True, draws={"poses": "poses"})
 def crowd_poses(inputs: CrowdPosesInput, config: EmptyModel, ctx: ToolContext) -> CrowdPosesOutput:
     """A model-free stand-in pose estimator: a skeleton per player, frame by frame as players stream in."""
     return CrowdPosesOutput(poses=(crowd_pose(frame) for frame in inputs.players))
