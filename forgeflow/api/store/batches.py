@@ -8,6 +8,7 @@ a crash retry or a retry of the batch makes a new job and points the file at it)
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 from sqlalchemy import func, insert, null, select, update
@@ -38,8 +39,8 @@ class FileState:
     error: str | None
     error_type: str | None
     envelope: dict[str, Any] | None
-    started_at: Any
-    finished_at: Any
+    started_at: datetime | None
+    finished_at: datetime | None
 
 
 class BatchRepo:
@@ -171,6 +172,6 @@ class BatchRepo:
                 .values(job_id=job_id, attempts=attempts)
             )
 
-    def update(self, batch_id: str, **values: Any) -> None:
+    def update(self, batch_id: str, **values: object) -> None:
         with self.db.writing() as conn:
             conn.execute(update(batches).where(batches.c.id == batch_id).values(updated_at=utcnow(), **values))

@@ -19,7 +19,7 @@ from forgeflow.canonical import MAX_COUNT
 from forgeflow.pipeline.outcome import TERMINAL_STATUSES
 
 
-def event_text(data: Mapping[str, Any], cursor: int | None = None) -> str:
+def event_text(data: Mapping[str, object], cursor: int | None = None) -> str:
     """The one JSON text of a stored event: ``type``, ``job_id``, ``seq`` (and on the all-jobs
     stream ``cursor``) first, no spaces."""
     head = {"type": data["type"], "job_id": data["job_id"], "seq": data["seq"]}

@@ -45,15 +45,7 @@ class ObservedPlugins:
             found = self.conn.execute(_OBSERVED_ROW, {"w_plugin": name}).mappings().first()
             row: ObservedRow | None = None
             if found is not None:
-                row = {
-                    "state": found["state"],
-                    "last_error": found["last_error"],
-                    "last_error_type": found["last_error_type"],
-                    "calls": found["calls"],
-                    "failures": found["failures"],
-                    "last_duration_ms": found["last_duration_ms"],
-                    "updated_at": found["updated_at"],
-                }
+                row = plugin_observed_row(found)  # an ObservedRow, with its name
                 self.stored[name] = row
             self.rows[name] = row
         self.rows[name] = observe(self.rows[name], seen)

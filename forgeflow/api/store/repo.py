@@ -40,6 +40,8 @@ class Store:
         self.dialect = self.db.dialect
         self.ingestor = Ingestor(self.db)
         self.jobs = JobRepo(self.db, self.ingestor)
+        #: Submit a job (see :meth:`JobRepo.create <forgeflow.api.store.jobs.JobRepo.create>`).
+        self.create_job = self.jobs.create
         self.launches = LaunchBook(self.db)
         self.event_log = EventLog(self.db)
         self.templates = TemplateRepo(self.db)
@@ -76,38 +78,6 @@ class Store:
         return self.event_log.dicts(job_id)
 
     # --- jobs ----------------------------------------------------------------------------------
-    def create_job(
-        self,
-        *,
-        job_id: str,
-        pipeline: dict[str, Any],
-        input_data: dict[str, Any],
-        request_hash: str,
-        source: str,
-        template_id: str | None,
-        created_by: str | None = None,
-        retry_of: str | None = None,
-        batch_id: str | None = None,
-        work_key: str | None = None,
-        reuse: bool = False,
-        publish: Publish | None = None,
-    ) -> tuple[JobRow, bool]:
-        """See :meth:`JobRepo.create <forgeflow.api.store.jobs.JobRepo.create>`."""
-        return self.jobs.create(
-            job_id=job_id,
-            pipeline=pipeline,
-            input_data=input_data,
-            request_hash=request_hash,
-            source=source,
-            template_id=template_id,
-            created_by=created_by,
-            retry_of=retry_of,
-            batch_id=batch_id,
-            work_key=work_key,
-            reuse=reuse,
-            publish=publish,
-        )
-
     def done_work(self, work_key: str) -> JobRow | None:
         return self.jobs.done_work(work_key)
 
