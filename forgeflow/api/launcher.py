@@ -208,7 +208,7 @@ class Launcher:
                 # or may not exist; if it sent nothing, launch it again, else reconcile.
                 if job["last_seq"] <= 1:
                     self.state.store.set_launched(job_id, None, None)
-                    self._reset_launch(job_id)
+                    self.state.store.reset_launch(job_id)
                 else:
                     self.ended[job_id] = (None, time.monotonic() - self.exit_grace_s)
                 continue
@@ -230,7 +230,7 @@ class Launcher:
                 log.info("watching flow run %s of job %s again", job["flow_run_id"], job["id"])
             elif job["last_seq"] <= 1:
                 self.state.store.set_launched(job["id"], None, None)
-                self._reset_launch(job["id"])
+                self.state.store.reset_launch(job["id"])
             else:
                 self.ended[job["id"]] = (None, time.monotonic() - self.exit_grace_s)
 
@@ -258,14 +258,6 @@ class Launcher:
         self._engine_pid = int(status["pid"])
         self._engine_created = process_create_time(self._engine_pid)
         return client
-
-    def _reset_launch(self, job_id: str) -> None:
-        from sqlalchemy import update
-
-        from forgeflow.api.store.tables import jobs
-
-        with self.state.store.engine.begin() as conn:
-            conn.execute(update(jobs).where(jobs.c.id == job_id).values(launched_at=None, pid=None))
 
     # --- loop ------------------------------------------------------------------------------------
     async def _run(self) -> None:

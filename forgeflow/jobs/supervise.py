@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from forgeflow.events.models import Event, abnormal_end
+from forgeflow.events.reduce import replay
 from forgeflow.pipeline import outcome
 from forgeflow.processes import pid_alive, process_create_time
 from forgeflow.settings import Settings, get_settings
@@ -174,7 +175,7 @@ def reconcile_crash(
         stages = parse_definition(pipeline).stages
     except Exception:
         stages = []
-    reports = outcome.replay(outcome.pending_reports(stages), events)
+    reports = replay(outcome.pending_reports(stages), events)
     envelope = outcome.ended_abnormally(
         reports,
         status="crashed",

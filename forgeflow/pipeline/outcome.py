@@ -185,23 +185,6 @@ def pending_reports(stages: Iterable[object]) -> list[StageReport]:
     return reports
 
 
-def replay(reports: Sequence[StageReport], events: Iterable[Mapping[str, Any]]) -> list[StageReport]:
-    """The reports as a job's stored stage events left them (``pipeline_stage_start`` / ``_end``)."""
-    out = [r.model_copy() for r in reports]
-    for event in events:
-        index = event.get("stage_index")
-        if not isinstance(index, int) or not 0 <= index < len(out):
-            continue
-        if event.get("type") == "pipeline_stage_start":
-            out[index].status = "running"
-        elif event.get("type") == "pipeline_stage_end":
-            out[index].status = "completed" if event.get("ok") else "failed"
-            out[index].duration_ms = event.get("duration_ms")
-            out[index].result_size_bytes = event.get("result_size_bytes")
-            out[index].peak_memory_mb = event.get("peak_memory_mb")
-    return out
-
-
 def running_stage(reports: Sequence[StageReport]) -> StageReport | None:
     """The stage that was running (the first one, should several say so)."""
     return next((r for r in reports if r.status == "running"), None)

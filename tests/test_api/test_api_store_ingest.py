@@ -20,6 +20,7 @@ from forgeflow.events.models import (
     StageStart,
     abnormal_end,
 )
+from forgeflow.events.reduce import replay
 from forgeflow.pipeline import outcome
 
 
@@ -172,7 +173,7 @@ def test_a_retried_delivery_is_stored_once(store: Store):
 def test_a_failed_stage_and_the_terminal_envelope(store: Store):
     new_job(store, "j3", stages=3)
     store.ingest([JobStatusEvent(job_id="j3", status="running"), *run_stage("j3", 0), *run_stage("j3", 1, ok=False)])
-    reports = outcome.replay(
+    reports = replay(
         outcome.pending_reports([{"plugin": "testkit", "tool": f"t{i}"} for i in range(3)]),
         store.event_dicts("j3"),
     )
@@ -329,7 +330,7 @@ def test_an_infrastructure_failure_is_not_blamed_on_the_plugin(store: Store):
     store.ingest([StageStart(job_id="killed", stage_index=1, plugin="innocent", tool="t1")])
     assert store.observed_plugins()["innocent"]["state"] == "RUNNING"
     crash = outcome.ended_abnormally(
-        outcome.replay(
+        replay(
             outcome.pending_reports([{"plugin": "healthy-plugin", "tool": "t0"}, {"plugin": "innocent", "tool": "t1"}]),
             [json.loads(e.payload) for e in store.events_after("killed", 0)],
         ),

@@ -20,6 +20,7 @@ from forgeflow.events.models import (
     progress,
     utc_timestamp,
 )
+from forgeflow.events.reduce import replay
 from forgeflow.events.sinks import MemorySink
 from forgeflow.pipeline import outcome
 
@@ -101,7 +102,7 @@ def test_terminal_events():
 
 
 def test_abnormal_end_names_the_running_stage_then_ends_the_job():
-    reports = outcome.replay(
+    reports = replay(
         outcome.pending_reports([{"plugin": "testkit", "tool": "numbers"}, {"plugin": "testkit", "tool": "hang"}]),
         [
             {"type": "pipeline_stage_start", "stage_index": 0},

@@ -6,6 +6,7 @@ from typing import Any
 
 import pytest
 
+from forgeflow.events.reduce import replay
 from forgeflow.pipeline import outcome
 from forgeflow.pipeline.definition import PipelineStage
 from forgeflow.pipeline.outcome import EndReason, StageReport
@@ -58,7 +59,7 @@ def test_pending_reports_from_models_mappings_and_anything_else():
 
 def test_replay_follows_stage_starts_and_ends():
     before = outcome.pending_reports(STAGES)
-    after = outcome.replay(
+    after = replay(
         before,
         [
             {"type": "job_status", "status": "running"},
@@ -78,7 +79,7 @@ def test_replay_follows_stage_starts_and_ends():
 
 def test_replay_ignores_events_that_name_no_known_stage():
     before = outcome.pending_reports(STAGES)
-    after = outcome.replay(
+    after = replay(
         before,
         [
             stage_event("pipeline_stage_start", 3),

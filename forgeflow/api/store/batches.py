@@ -8,15 +8,15 @@ a crash retry or a retry of the batch makes a new job and points the file at it)
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from datetime import datetime
+from typing import Any
 
 from sqlalchemy import func, insert, null, select, update
 
+from forgeflow.api.store.db import Database
 from forgeflow.api.store.rows import BatchFileRow, BatchRow, batch_file_row, batch_row
 from forgeflow.api.store.tables import batch_files, batches, jobs
-
-if TYPE_CHECKING:
-    from forgeflow.api.store.repo import Store
+from forgeflow.api.store.times import utcnow
 
 
 @dataclass(frozen=True)
@@ -39,15 +39,15 @@ class FileState:
     error: str | None
     error_type: str | None
     envelope: dict[str, Any] | None
-    started_at: Any
-    finished_at: Any
+    started_at: datetime | None
+    finished_at: datetime | None
 
 
 class BatchRepo:
     """Batches in the API store (one per :class:`~forgeflow.api.store.repo.Store`, as ``store.batches``)."""
 
-    def __init__(self, store: Store) -> None:
-        self.store = store
+    def __init__(self, db: Database) -> None:
+        self.db = db
 
     def create(
         self,
@@ -63,10 +63,8 @@ class BatchRepo:
         flow_run_id: str | None,
         files: list[NewFile],
     ) -> BatchRow:
-        from forgeflow.api.store.repo import utcnow
-
         now = utcnow()
-        with self.store._write_lock, self.store.engine.begin() as conn:
+        with self.db.writing() as conn:
             conn.execute(
                 insert(batches).values(
                     id=batch_id,
@@ -108,26 +106,26 @@ class BatchRepo:
         return batch
 
     def get(self, batch_id: str) -> BatchRow | None:
-        with self.store.engine.connect() as conn:
+        with self.db.reading() as conn:
             row = conn.execute(select(batches).where(batches.c.id == batch_id)).mappings().first()
         return batch_row(row) if row else None
 
     def by_flow_run(self, flow_run_id: str) -> BatchRow | None:
         """The batch a flow run registered (a retried flow run registers it once)."""
-        with self.store.engine.connect() as conn:
+        with self.db.reading() as conn:
             row = conn.execute(select(batches).where(batches.c.flow_run_id == flow_run_id)).mappings().first()
         return batch_row(row) if row else None
 
     def page(self, limit: int, offset: int) -> tuple[list[BatchRow], int]:
         """Newest first, with the total count."""
         query = select(batches).order_by(batches.c.created_at.desc(), batches.c.id.desc()).limit(limit).offset(offset)
-        with self.store.engine.connect() as conn:
+        with self.db.reading() as conn:
             rows = [batch_row(r) for r in conn.execute(query).mappings()]
             total = conn.execute(select(func.count()).select_from(batches)).scalar() or 0
         return rows, int(total)
 
     def active_ids(self) -> list[str]:
-        with self.store.engine.connect() as conn:
+        with self.db.reading() as conn:
             return list(conn.execute(select(batches.c.id).where(batches.c.status == "running")).scalars())
 
     def files(self, batch_id: str, *, envelopes: bool = False) -> list[FileState]:
@@ -148,7 +146,7 @@ class BatchRepo:
             .where(batch_files.c.batch_id == batch_id)
             .order_by(batch_files.c.position)
         )
-        with self.store.engine.connect() as conn:
+        with self.db.reading() as conn:
             rows = conn.execute(query).mappings().all()
         file_keys = set(batch_files.c.keys())
         return [
@@ -167,15 +165,13 @@ class BatchRepo:
 
     def point_file(self, batch_id: str, position: int, job_id: str, attempts: int) -> None:
         """The file's work is now job ``job_id`` (its ``attempts``-th)."""
-        with self.store._write_lock, self.store.engine.begin() as conn:
+        with self.db.writing() as conn:
             conn.execute(
                 update(batch_files)
                 .where(batch_files.c.batch_id == batch_id, batch_files.c.position == position)
                 .values(job_id=job_id, attempts=attempts)
             )
 
-    def update(self, batch_id: str, **values: Any) -> None:
-        from forgeflow.api.store.repo import utcnow
-
-        with self.store._write_lock, self.store.engine.begin() as conn:
+    def update(self, batch_id: str, **values: object) -> None:
+        with self.db.writing() as conn:
             conn.execute(update(batches).where(batches.c.id == batch_id).values(updated_at=utcnow(), **values))

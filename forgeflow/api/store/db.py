@@ -1,10 +1,14 @@
-"""Engine creation (SQLite in WAL mode, or PostgreSQL by URL) and migrations at start-up."""
+"""The store's database: engine creation (SQLite in WAL mode, or PostgreSQL by URL), migrations at
+start-up, and :class:`Database`, the engine with the one write lock every repository shares."""
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import Connection, Engine, create_engine, event, select
 from sqlalchemy.engine import make_url
 
 MIGRATIONS_DIR = Path(__file__).resolve().parent.parent / "migrations"
@@ -51,3 +55,41 @@ def migrate(engine: Engine) -> None:
     with engine.begin() as conn:
         cfg.attributes["connection"] = conn
         command.upgrade(cfg, "head")
+
+
+class Conflict(Exception):
+    """A write that contradicts what is stored (duplicate template, job id reused with another body)."""
+
+
+class Database:
+    """The store's engine and its one process-wide write lock.
+
+    Every write goes through the lock and one transaction (:meth:`writing`), so a request either
+    stores everything it means to or nothing, and writers of this process never wait on each other
+    inside the database (SQLite allows one writer; PostgreSQL rows a job's writers lock stay short).
+    """
+
+    def __init__(self, url: str) -> None:
+        self.engine = make_engine(url)
+        self.dialect = self.engine.dialect.name
+        self.write_lock = threading.RLock()
+
+    @contextmanager
+    def writing(self) -> Iterator[Connection]:
+        """A transaction under the write lock: committed when the block ends, rolled back on an error."""
+        with self.write_lock, self.engine.begin() as conn:
+            yield conn
+
+    def reading(self) -> Connection:
+        """A connection to read with (use as a context manager)."""
+        return self.engine.connect()
+
+    def migrate(self) -> None:
+        migrate(self.engine)
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    def ping(self) -> None:
+        with self.engine.connect() as conn:
+            conn.execute(select(1))

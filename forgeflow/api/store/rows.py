@@ -2,10 +2,17 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from datetime import datetime
 from typing import Any, TypedDict, cast
 
+from sqlalchemy import RowMapping
+
+from forgeflow.events.reduce import ObservedRow
 from forgeflow.pipeline.outcome import JobStatus, StageStatus
+
+#: A row as the database hands it back, or as a mapping of its columns.
+StoredRow = RowMapping | Mapping[str, object]
 
 
 class JobRow(TypedDict):
@@ -105,40 +112,35 @@ class AuditRow(TypedDict):
     target: str
 
 
-class PluginObservedRow(TypedDict):
+class PluginObservedRow(ObservedRow):
+    """A plugin's observed health (:class:`~forgeflow.events.reduce.ObservedRow`) with its name."""
+
     plugin: str
-    state: str
-    last_error: str | None
-    last_error_type: str | None
-    calls: int
-    failures: int
-    last_duration_ms: float | None
-    updated_at: float
 
 
-def job_row(row: Any) -> JobRow:
+def job_row(row: StoredRow) -> JobRow:
     return cast(JobRow, dict(row))
 
 
-def stage_row(row: Any) -> StageRow:
+def stage_row(row: StoredRow) -> StageRow:
     return cast(StageRow, dict(row))
 
 
-def template_row(row: Any) -> TemplateRow:
+def template_row(row: StoredRow) -> TemplateRow:
     return cast(TemplateRow, dict(row))
 
 
-def plugin_observed_row(row: Any) -> PluginObservedRow:
+def plugin_observed_row(row: StoredRow) -> PluginObservedRow:
     return cast(PluginObservedRow, dict(row))
 
 
-def audit_row(row: Any) -> AuditRow:
+def audit_row(row: StoredRow) -> AuditRow:
     return cast(AuditRow, dict(row))
 
 
-def batch_row(row: Any) -> BatchRow:
+def batch_row(row: StoredRow) -> BatchRow:
     return cast(BatchRow, dict(row))
 
 
-def batch_file_row(row: Any) -> BatchFileRow:
+def batch_file_row(row: StoredRow) -> BatchFileRow:
     return cast(BatchFileRow, dict(row))
