@@ -11,6 +11,9 @@ import typer
 from forgeflow.cli.output import console
 from forgeflow.exit_codes import ExitCode
 
+#: ``--input-json``, the same option of ``run`` and ``validate``: read by :func:`read_job_input`.
+INPUT_JSON_OPTION = typer.Option(None, "--input-json", help="Job input as JSON (or a JSON file).", metavar="JSON")
+
 
 def load_document(path: Path) -> dict[str, Any] | list[Any]:
     """Read a pipeline file, turning unreadable or malformed JSON into a clear message and exit 2."""

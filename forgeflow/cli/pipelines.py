@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 
 import typer
 
-from forgeflow.cli.documents import load_document, read_job_input
+from forgeflow.cli.documents import INPUT_JSON_OPTION, load_document, read_job_input
 from forgeflow.cli.output import console, out, print_json
 from forgeflow.cli.plugins import plugin_registry
 from forgeflow.exit_codes import ExitCode
@@ -50,9 +50,7 @@ def validate(
     media: Path | None = typer.Option(
         None, "--input", help="Media file the job would read (checks input types).", metavar="MEDIA"
     ),
-    input_json: str | None = typer.Option(
-        None, "--input-json", help="Job input as JSON (or a JSON file).", metavar="JSON"
-    ),
+    input_json: str | None = INPUT_JSON_OPTION,
 ) -> None:
     """Check a pipeline without running it: plugins, tools, configs, stage compatibility."""
     from forgeflow.pipeline.validation import PipelineValidationError, parse_definition, validate_pipeline

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 import typer
 from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
-from forgeflow.cli.documents import load_document, read_job_input
+from forgeflow.cli.documents import INPUT_JSON_OPTION, load_document, read_job_input
 from forgeflow.cli.local_prefect import use_local_prefect
 from forgeflow.cli.output import console, out, print_json
 from forgeflow.cli.pipelines import print_issues, print_warnings
@@ -34,9 +34,7 @@ def run(
     media: Path | None = typer.Option(
         None, "--input", help="Image or video to analyse (becomes input.media).", metavar="MEDIA"
     ),
-    input_json: str | None = typer.Option(
-        None, "--input-json", help="Job input as JSON (or a JSON file).", metavar="JSON"
-    ),
+    input_json: str | None = INPUT_JSON_OPTION,
     out_dir: Path | None = typer.Option(
         None,
         "--out",

@@ -58,6 +58,7 @@ def watch(
 
     from websockets.exceptions import ConnectionClosed, InvalidStatus
     from websockets.sync.client import connect
+    from websockets.typing import Subprotocol
 
     from forgeflow.api.auth import WS_PROTOCOL
     from forgeflow.settings import get_settings
@@ -76,7 +77,9 @@ def watch(
     while True:
         url = f"{base}/v1/ws/jobs/{quote(job_id, safe='')}?after_seq={position}"
         try:
-            with connect(url, additional_headers=headers, subprotocols=[WS_PROTOCOL], open_timeout=30) as ws:  # type: ignore[list-item]
+            with connect(
+                url, additional_headers=headers, subprotocols=[Subprotocol(WS_PROTOCOL)], open_timeout=30
+            ) as ws:
                 attempts = 0
                 for text in ws:
                     message: dict[str, Any] = json.loads(text)
