@@ -18,7 +18,6 @@ from forgeflow.cli.pipelines import print_issues, print_warnings
 from forgeflow.cli.plugins import plugin_registry
 from forgeflow.cli.results import print_summary, show_progress, write_outputs
 from forgeflow.exit_codes import ExitCode, exit_code_for
-from forgeflow.pipeline.outcome import job_status_of
 
 if TYPE_CHECKING:
     from concurrent.futures import Future
@@ -66,6 +65,7 @@ def run(
     from forgeflow.canonical import canonical_json
     from forgeflow.events.sinks import MemorySink
     from forgeflow.pipeline.definition import raw_stages
+    from forgeflow.pipeline.outcome import job_status_of
     from forgeflow.pipeline.validation import PipelineValidationError, parse_definition, validate_pipeline
     from forgeflow.settings import get_settings
 
