@@ -26,6 +26,9 @@ def canonical_bytes(value: Any) -> bytes:
 MAX_COUNT = 2**31 - 1
 #: Largest size or duration a store keeps (2^53 - 1: exact in every JSON client, and in a 64-bit column).
 MAX_AMOUNT = 2**53 - 1
+#: The most stages any pipeline may have, whatever a host allows (``FORGEFLOW_MAX_STAGES``, 32 by
+#: default, is at most this): stage indexes are below it in every message and store.
+MAX_STAGES = 10_000
 #: How deeply a stored JSON value may nest (``[]`` and ``{}`` count one level): deeper ones could not
 #: be sent back (JSON encoders stop near 255 levels).
 MAX_JSON_DEPTH = 100

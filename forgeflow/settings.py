@@ -16,7 +16,7 @@ from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from pydantic_settings.exceptions import SettingsError
 
-from forgeflow.pipeline.definition import MAX_STAGES
+from forgeflow.canonical import MAX_STAGES
 
 #: Default of ``max_upload_bytes`` and ``max_media_bytes``: a whole match. A 90-minute broadcast is
 #: 1-3 GB at 720p and 5-10 GB at 1080p (8-15 Mbit/s); 16 GiB takes 90 minutes at up to ~25 Mbit/s.

@@ -206,7 +206,7 @@ def test_help_names_values_not_python_types(tmp_path):
 def test_the_run_summary_fits_80_columns_without_breaking_plugin_tool(capsys):
     from rich.console import Console
 
-    from forgeflow.cli.main import _summary
+    from forgeflow.cli.results import print_summary
 
     names = [
         ("forgesyte-yolo-tracker", "detect_players"),
@@ -230,7 +230,7 @@ def test_the_run_summary_fits_80_columns_without_breaking_plugin_tool(capsys):
         ],
     }
     console = Console(width=80, record=True, force_terminal=False)
-    _summary(console, envelope, 12.3, "job-1234567890ab")
+    print_summary(console, envelope, 12.3, "job-1234567890ab")
     text = console.export_text()
     assert max(len(line) for line in text.splitlines()) <= 80
     for index, (plugin, tool) in enumerate(names):

@@ -18,10 +18,11 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from forgeflow.cli.output import console
 from forgeflow.cli.watch import _token
+from forgeflow.exit_codes import ExitCode
 from forgeflow.jobs.batch_client import BatchApiError, BatchClient, folder_files
 
-console = Console(stderr=True, soft_wrap=True)
 ACTIONS = ("status", "cancel", "retry")
 
 
@@ -106,18 +107,18 @@ def batch(
                     console.print(f"retrying {len(result['retried'])} files: {', '.join(result['retried'])}")
                     result = client.get(source)
                 _show_batch(result)
-                raise typer.Exit(0 if result["status"] in ("succeeded", "running") else 1)
+                raise typer.Exit(ExitCode.OK if result["status"] in ("succeeded", "running") else ExitCode.FAILED)
             batch = _run(client, Path(target), Path(source), pattern, max_concurrency, force, name)
         except BatchApiError as exc:
             console.print(f"[red]{exc}[/red]")
-            raise typer.Exit(2) from None
+            raise typer.Exit(ExitCode.INVALID) from None
         _show_batch(batch)
         if out is not None:
             from forgeflow.jobs.batch import _write_out_dir
 
             _write_out_dir(client, batch, out)
             console.print(f"results in {out}")
-    raise typer.Exit(0 if batch["status"] == "succeeded" else 1)
+    raise typer.Exit(ExitCode.OK if batch["status"] == "succeeded" else ExitCode.FAILED)
 
 
 def _run(
@@ -134,10 +135,10 @@ def _run(
         paths = folder_files(folder, pattern, 100_000)
     except (OSError, ValueError) as exc:
         console.print(f"[red]{exc}[/red]")
-        raise typer.Exit(2) from None
+        raise typer.Exit(ExitCode.INVALID) from None
     if not paths:
         console.print(f"[red]no file of {folder} matches {pattern!r}[/red]")
-        raise typer.Exit(2)
+        raise typer.Exit(ExitCode.INVALID)
     console.print(f"uploading {len(paths)} files …")
     media, refused = client.upload_folder(paths)
     for file_name, reason in refused.items():

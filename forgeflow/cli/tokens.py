@@ -18,10 +18,11 @@ from pathlib import Path
 from typing import Any
 
 import typer
-from rich.console import Console
+
+from forgeflow.cli.output import console
+from forgeflow.exit_codes import ExitCode
 
 tokens_app = typer.Typer(help="Named API tokens with scopes (read, run, admin), hashed at rest.", no_args_is_help=True)
-console = Console(stderr=True, soft_wrap=True)
 
 FILE_OPTION = typer.Option(None, "--file", help="The tokens file (default: FORGEFLOW_API_TOKENS_FILE).")
 
@@ -34,7 +35,7 @@ def _tokens_file(path: Path | None) -> Path:
     configured = get_settings().api_tokens_file
     if configured is None:
         console.print("[red]give --file or set FORGEFLOW_API_TOKENS_FILE[/red]")
-        raise typer.Exit(2)
+        raise typer.Exit(ExitCode.INVALID)
     return configured
 
 
@@ -46,12 +47,12 @@ def _read_entries(path: Path) -> list[dict[str, Any]]:
         return []
     if path.suffix.lower() == ".toml":
         console.print(f"[red]{path}: `forgeflow tokens` writes JSON files; add the entry to the TOML by hand[/red]")
-        raise typer.Exit(2)
+        raise typer.Exit(ExitCode.INVALID)
     try:
         entries = parse_token_file(path)
     except (OSError, ValueError) as exc:
         console.print(f"[red]{exc}[/red]")
-        raise typer.Exit(2) from None
+        raise typer.Exit(ExitCode.INVALID) from None
     return [{"name": e.name, "scopes": sorted(e.scopes), "sha256": e.sha256} for e in entries]
 
 
@@ -86,14 +87,14 @@ def add(
         wanted = parse_scopes([s for s in scopes.split(",") if s.strip()], "--scopes")
     except ValueError as exc:
         console.print(f"[red]{exc}[/red]")
-        raise typer.Exit(2) from None
+        raise typer.Exit(ExitCode.INVALID) from None
     if not wanted:
         console.print("[red]--scopes needs at least one of read, run, admin[/red]")
-        raise typer.Exit(2)
+        raise typer.Exit(ExitCode.INVALID)
     entries = _read_entries(path)
     if any(e["name"] == name for e in entries):
         console.print(f"[red]{path} already has a token named {name!r}: `forgeflow tokens revoke {name}` first[/red]")
-        raise typer.Exit(2)
+        raise typer.Exit(ExitCode.INVALID)
     token = "ff_" + secrets.token_urlsafe(32)
     entries.append({"name": name, "scopes": sorted(wanted), "sha256": hash_token(token)})
     _write_entries(path, entries)
@@ -110,7 +111,7 @@ def revoke(name: str = typer.Argument(..., help="The token's name."), file: Path
     kept = [e for e in entries if e["name"] != name]
     if len(kept) == len(entries):
         console.print(f"[red]{path} has no token named {name!r}[/red]")
-        raise typer.Exit(2)
+        raise typer.Exit(ExitCode.INVALID)
     _write_entries(path, kept)
     console.print(f"revoked {name!r}")
 
@@ -130,5 +131,5 @@ def hash_command() -> None:
     token = sys.stdin.readline().strip() if not sys.stdin.isatty() else typer.prompt("token", hide_input=True)
     if not token:
         console.print("[red]no token on standard input[/red]")
-        raise typer.Exit(2)
+        raise typer.Exit(ExitCode.INVALID)
     sys.stdout.write(hash_token(token) + "\n")

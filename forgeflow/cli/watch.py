@@ -3,7 +3,7 @@
 The token (``FORGEFLOW_API_TOKEN``, or the first line of ``--token-file``) travels in the
 ``Authorization`` header of the WebSocket handshake, never in the URL. A dropped connection resumes
 after the last ``seq`` received; the command ends when the job does (exit 0 when it succeeded, 1 when
-it did not) or when the API refuses the call (exit 2, with its reason).
+it failed or crashed, 3 when it was cancelled: :func:`forgeflow.exit_codes.exit_code_for`) or when the API refuses the call (exit 2, with its reason).
 """
 
 from __future__ import annotations
@@ -15,9 +15,9 @@ from pathlib import Path
 from typing import Any
 
 import typer
-from rich.console import Console
 
-console = Console(stderr=True, soft_wrap=True)
+from forgeflow.cli.output import console
+from forgeflow.exit_codes import ExitCode, exit_code_for, is_job_ending
 
 
 def _token(token_file: Path | None) -> str | None:
@@ -26,7 +26,7 @@ def _token(token_file: Path | None) -> str | None:
             return token_file.read_text(encoding="utf-8").splitlines()[0].strip() or None
         except (OSError, IndexError) as exc:
             console.print(f"[red]--token-file {token_file}: {getattr(exc, 'strerror', None) or 'empty'}[/red]")
-            raise typer.Exit(2) from None
+            raise typer.Exit(ExitCode.INVALID) from None
     from forgeflow.settings import get_settings
 
     secret = get_settings().api_token
@@ -58,6 +58,7 @@ def watch(
 
     from websockets.exceptions import ConnectionClosed, InvalidStatus
     from websockets.sync.client import connect
+    from websockets.typing import Subprotocol
 
     from forgeflow.api.auth import WS_PROTOCOL
     from forgeflow.settings import get_settings
@@ -76,7 +77,9 @@ def watch(
     while True:
         url = f"{base}/v1/ws/jobs/{quote(job_id, safe='')}?after_seq={position}"
         try:
-            with connect(url, additional_headers=headers, subprotocols=[WS_PROTOCOL], open_timeout=30) as ws:  # type: ignore[list-item]
+            with connect(
+                url, additional_headers=headers, subprotocols=[Subprotocol(WS_PROTOCOL)], open_timeout=30
+            ) as ws:
                 attempts = 0
                 for text in ws:
                     message: dict[str, Any] = json.loads(text)
@@ -88,7 +91,7 @@ def watch(
                 if ws.close_code == 1000 and ws.close_reason == "job finished":
                     if status is None:  # it ended before --after-seq: ask for its status
                         status = _status(api, job_id, headers)
-                    raise typer.Exit(0 if status == "succeeded" else 1)
+                    raise typer.Exit(exit_code_for(status) if is_job_ending(status) else ExitCode.FAILED)
         except InvalidStatus as exc:
             response = exc.response
             try:
@@ -96,10 +99,10 @@ def watch(
             except ValueError:
                 reason = ""
             console.print(f"[red]the API refused the stream ({response.status_code}): {reason}[/red]")
-            raise typer.Exit(2) from None
+            raise typer.Exit(ExitCode.INVALID) from None
         except (ConnectionClosed, OSError, TimeoutError) as exc:
             attempts += 1
             if attempts > 10:
                 console.print(f"[red]lost the API at {api}: {exc}[/red]")
-                raise typer.Exit(1) from None
+                raise typer.Exit(ExitCode.FAILED) from None
         time.sleep(min(5.0, 0.2 * 2**attempts))

@@ -26,8 +26,7 @@ from pydantic import (
     WithJsonSchema,
 )
 
-from forgeflow.canonical import MAX_AMOUNT, MAX_COUNT, storable, whole_if_integral, without_nul
-from forgeflow.pipeline.definition import MAX_STAGES
+from forgeflow.canonical import MAX_AMOUNT, MAX_COUNT, MAX_STAGES, storable, whole_if_integral, without_nul
 from forgeflow.pipeline.outcome import (
     NAME_MAX,
     RESULT_KEYS,

@@ -5,7 +5,8 @@ process per flow run; ``python -m prefect.engine`` would import Prefect and
 ForgeFlow and load models afresh every time (2–3 s before the first stage, more with models). This
 small process instead hands the flow run (``PREFECT__FLOW_RUN_ID``) to the host's engine, where
 Prefect is imported, its client warm and the models loaded, and stays as the flow run's process for
-the worker: it exits with the run's exit code, and a SIGTERM (the worker cancelling the run) cancels
+the worker: it exits with the run's exit code (:func:`forgeflow.exit_codes.exit_code_for` of the job's
+ending), and a SIGTERM (the worker cancelling the run) cancels
 the job in the engine. The engine takes only runs of the pipeline flow: a run of another flow of the
 deployments (the batch flow, ``forgeflow-batch``) is refused (409) and runs here as what its
 deployment names. Without an engine on the host, or without ``FORGEFLOW_API_URL`` for its events,
@@ -18,18 +19,22 @@ import os
 import signal
 import sys
 import time
-from typing import Any
+from types import FrameType
+from typing import NoReturn
+
+from forgeflow.exit_codes import ExitCode, exit_code_for, is_job_ending
 
 #: How long a cancelled job may take to end in the engine before this process gives up on it.
 CANCEL_GRACE_S = 30.0
 POLL_S = 0.1
 
 
-def _cold_start() -> None:
+def _cold_start() -> NoReturn:
+    """Become ``python -m prefect.engine``: the flow run runs in this process, as Prefect would run it."""
     os.execv(sys.executable, [sys.executable, "-m", "prefect.engine"])
 
 
-def main() -> int:
+def main() -> ExitCode:
     from forgeflow.engine.client import EngineClient, EngineUnavailable
     from forgeflow.redact import install_log_redaction
     from forgeflow.settings import get_settings
@@ -42,13 +47,13 @@ def main() -> int:
     client = EngineClient(settings.engine_socket_path)
     token = settings.ingest_token.get_secret_value() if settings.ingest_token else None
     try:
-        job = client.submit_flow_run(flow_run_id, api_url=settings.api_url, ingest_token=token)  # type: ignore[arg-type]
+        job = client.submit_flow_run(flow_run_id, api_url=settings.api_url, ingest_token=token)
     except EngineUnavailable:  # no engine, or not a pipeline run (409): Prefect's engine runs the flow it names
         _cold_start()
     job_id = job["job_id"]
     cancel_by: list[float] = []
 
-    def on_signal(signum: int, frame: Any) -> None:
+    def on_signal(signum: int, frame: FrameType | None) -> None:
         if not cancel_by:
             cancel_by.append(time.monotonic() + CANCEL_GRACE_S)
             try:
@@ -63,11 +68,12 @@ def main() -> int:
             view = client.job(job_id)
         except EngineUnavailable:
             print(f"lost this host's engine while it ran job {job_id}", file=sys.stderr)
-            return 1
-        if view.get("exit_code") is not None and view["status"] not in ("queued", "running"):
-            return int(view["exit_code"])
-        if cancel_by and time.monotonic() > cancel_by[0]:
-            return 3
+            return ExitCode.FAILED
+        status = view.get("status")
+        if is_job_ending(status):
+            return exit_code_for(status)
+        if cancel_by and time.monotonic() > cancel_by[0]:  # the engine did not end it in time: cancelled here
+            return ExitCode.CANCELLED
         time.sleep(POLL_S)
 
 

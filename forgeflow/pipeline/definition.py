@@ -21,10 +21,6 @@ from pydantic import (
     model_validator,
 )
 
-#: The most stages any pipeline may have, whatever a host allows (``FORGEFLOW_MAX_STAGES``, 32 by
-#: default, is at most this): stage indexes are below it in every message and store.
-MAX_STAGES = 10_000
-
 #: Where a stage's tool call runs: warm sandboxed worker processes, warm locked-down Docker
 #: containers, or the caller's own process (plugin unit tests only).
 RunnerKind = Literal["process", "docker", "inline"]

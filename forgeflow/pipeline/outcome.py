@@ -22,8 +22,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field, model_validator
 
-from forgeflow.canonical import MAX_AMOUNT, MAX_COUNT, canonical_bytes
-from forgeflow.pipeline.definition import MAX_STAGES
+from forgeflow.canonical import MAX_AMOUNT, MAX_COUNT, MAX_STAGES, canonical_bytes
 
 #: Longest plugin, tool or error type name a report holds (what the stores' columns hold).
 NAME_MAX = 200

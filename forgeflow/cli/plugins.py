@@ -1,0 +1,115 @@
+"""``forgeflow plugins list|show``: the installed plugins, their tools and lifecycle states."""
+
+from __future__ import annotations
+
+import json
+from typing import TYPE_CHECKING, Any
+
+import typer
+from rich import box
+from rich.table import Table
+
+from forgeflow.cli.help import ProseHelp
+from forgeflow.cli.output import console, out, print_json
+from forgeflow.exit_codes import ExitCode
+
+if TYPE_CHECKING:
+    from forgeflow.engine.registry import PluginRegistry
+
+plugins_app = typer.Typer(cls=ProseHelp, help="Installed plugins and their lifecycle.", no_args_is_help=True)
+
+
+def plugin_registry() -> PluginRegistry:
+    """The plugins installed in this Python environment, with their lifecycle states on this host."""
+    from forgeflow.engine.lifecycle import LifecycleStore
+    from forgeflow.engine.registry import PluginRegistry
+    from forgeflow.settings import get_settings
+
+    return PluginRegistry.discover(LifecycleStore(get_settings().lifecycle_db))
+
+
+@plugins_app.command("list")
+def plugins_list(as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table.")) -> None:
+    """Installed plugins: versions, aliases, tools and lifecycle states."""
+    registry = plugin_registry()
+    items = [registry.describe(name) for name in registry.names()]
+    if as_json:
+        print_json(json.dumps(items))
+        return
+    table = Table(title="ForgeFlow plugins", title_justify="left")
+    for column in ("plugin", "version", "aliases", "tools", "state", "last error"):
+        table.add_column(column, overflow="fold")
+    colors = {"FAILED": "red", "UNAVAILABLE": "red", "RUNNING": "yellow", "INITIALIZED": "green", "LOADED": "cyan"}
+    for item in items:
+        state = item["lifecycle"]["state"]
+        table.add_row(
+            item["name"],
+            item["version"] or "",
+            ", ".join(item["aliases"]),
+            ", ".join(t["name"] for t in item["tools"]),
+            f"[{colors.get(state, 'white')}]{state}[/]",
+            item["lifecycle"].get("last_error") or "",
+        )
+    out.print(table)
+
+
+@plugins_app.command("show")
+def plugins_show(
+    name: str = typer.Argument(..., help="Plugin name or alias.", metavar="NAME"),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON (with the tools' JSON Schemas) instead."),
+) -> None:
+    """One plugin: its tools with their inputs, outputs and config fields (types, defaults)."""
+    from forgeflow.plugins import UnknownPlugin
+
+    try:
+        item = plugin_registry().describe(name, schemas=True)
+    except UnknownPlugin as exc:
+        console.print(f"[red]{exc.message}[/red]")
+        raise typer.Exit(ExitCode.INVALID) from None
+    if as_json:
+        print_json(json.dumps(item))
+        return
+    aliases = f" (aliases: {', '.join(item['aliases'])})" if item["aliases"] else ""
+    out.print(f"[bold]{item['name']}[/bold] {item['version'] or ''}{aliases} · {item['lifecycle']['state']}")
+    for line in (item["description"], item["unavailable_reason"], f"entry point: {item['entry_point']}"):
+        if line:
+            out.print(f"  {line}", highlight=False)
+    for tool in item["tools"]:
+        table = Table(title=f"{tool['name']}: {tool['description']}", title_justify="left", box=box.SIMPLE_HEAD)
+        for column in ("", "field", "type", "default", "description"):
+            table.add_column(column, overflow="fold")
+        for part in ("input", "output", "config"):
+            rows = _schema_fields(tool["schemas"][part], with_defaults=part != "output")
+            for index, (field, kind, default, description) in enumerate(rows):
+                table.add_row(part if index == 0 else "", field, kind, default, description)
+            if not rows:
+                table.add_row(part, "[dim]none[/dim]", "", "", "")
+        out.print(table)
+
+
+def _schema_fields(schema: dict[str, Any], *, with_defaults: bool) -> list[tuple[str, str, str, str]]:
+    """``(field, type, default, description)`` for each property of a model's JSON Schema; with
+    ``with_defaults``, the default is "required" for a field without one."""
+    rows = []
+    required = set(schema.get("required", []))
+    for field, spec in schema.get("properties", {}).items():
+        default = ""
+        if with_defaults:
+            default = "required" if field in required else json.dumps(spec.get("default"))
+        rows.append((field, _schema_type(spec), default, spec.get("description", "")))
+    return rows
+
+
+def _schema_type(spec: dict[str, Any]) -> str:
+    """A short name of a JSON Schema type: ``integer``, ``array of FramePlayers``, ``"cpu" | "cuda"``."""
+    if "$ref" in spec:
+        return str(spec["$ref"]).rsplit("/", 1)[-1]
+    if "enum" in spec:
+        return " | ".join(json.dumps(value) for value in spec["enum"])
+    if "const" in spec:
+        return json.dumps(spec["const"])
+    if "anyOf" in spec:
+        return " | ".join(_schema_type(option) for option in spec["anyOf"])
+    if spec.get("type") == "array":
+        return f"array of {_schema_type(spec.get('items', {}))}"
+    return str(spec.get("type", "any"))
