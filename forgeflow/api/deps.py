@@ -17,8 +17,8 @@ from forgeflow.api.errors import ApiError, ApiErrorType
 from forgeflow.api.hub import EventHub
 from forgeflow.api.quota import SubmissionQuota
 from forgeflow.api.store import Store, StoredEvent
-from forgeflow.engine.registry import PluginRegistry
 from forgeflow.plugins import MediaStore
+from forgeflow.plugins.registry import PluginRegistry
 from forgeflow.settings import Settings
 
 if TYPE_CHECKING:

@@ -107,8 +107,8 @@ EXIT_OK, EXIT_FAILED, EXIT_INVALID = 0, 1, 2
 
 
 def _registry() -> Any:
-    from forgeflow.engine.lifecycle import LifecycleStore
-    from forgeflow.engine.registry import PluginRegistry
+    from forgeflow.plugins.lifecycle import LifecycleStore
+    from forgeflow.plugins.registry import PluginRegistry
     from forgeflow.settings import get_settings
 
     return PluginRegistry.discover(LifecycleStore(get_settings().lifecycle_db))
@@ -830,7 +830,7 @@ def engine_start(
 @engine_app.command("run")
 def engine_run() -> None:
     """Run this host's engine in the foreground (until SIGTERM or Ctrl-C)."""
-    from forgeflow.engine.server import main as engine_main
+    from forgeflow.host.server import main as engine_main
 
     _use_local_prefect()
     raise typer.Exit(engine_main([]))

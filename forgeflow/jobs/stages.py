@@ -24,8 +24,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from forgeflow.canonical import canonical_json
-from forgeflow.engine.lifecycle import LifecycleStore
-from forgeflow.engine.registry import PluginRegistry
 from forgeflow.engine.runners.base import CallResult, FramesRead, Progress, Runner, ToolCall
 from forgeflow.events.models import (
     JobStatusEvent,
@@ -48,7 +46,9 @@ from forgeflow.plugins.cache import job_cache_dir
 from forgeflow.plugins.checkpoints import Checkpoints, call_key
 from forgeflow.plugins.errors import ForgeFlowError, MediaError
 from forgeflow.plugins.frames import chunk_refs, frame_fields, is_frames, is_live, live_feed
+from forgeflow.plugins.lifecycle import LifecycleStore
 from forgeflow.plugins.media import MediaStore
+from forgeflow.plugins.registry import PluginRegistry
 from forgeflow.settings import Settings, get_settings
 
 #: error_type of a stage (and a job) stopped by a cancel request.
