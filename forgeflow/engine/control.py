@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
+from pydantic import BaseModel, ConfigDict, Field, JsonValue, TypeAdapter
 
 from forgeflow.engine.runners.base import CallResult, Progress
 
@@ -56,7 +56,7 @@ class SubmitJob(_Body):
     on the answer as :class:`JobStreamLine` s."""
 
     job_id: str
-    pipeline: Any  # a pipeline as its JSON (the job's flow validates it)
+    pipeline: JsonValue  # a pipeline as its JSON (the job's flow validates it)
     input: dict[str, Any] = Field(default_factory=dict)
     sink: SinkTarget | None = None
     stream: bool = False

@@ -29,7 +29,7 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from forgeflow.engine.admission import AdmittedRunner, DeviceSlots
 from forgeflow.engine.batching import BatchingRunner
@@ -49,6 +49,9 @@ from forgeflow.plugins.lifecycle import LifecycleStore
 from forgeflow.plugins.media import MediaStore
 from forgeflow.plugins.registry import PluginRegistry
 from forgeflow.settings import Settings
+
+if TYPE_CHECKING:
+    from prefect.client.schemas.objects import FlowRun
 
 log = logging.getLogger("forgeflow.engine")  # the engine's log lines keep their name
 
@@ -147,7 +150,13 @@ class Engine:
                 return
 
     def submit(
-        self, job_id: str, pipeline: Any, input_data: dict[str, Any], sink: EventSink, *, flow_run: Any = None
+        self,
+        job_id: str,
+        pipeline: Any,
+        input_data: dict[str, Any],
+        sink: EventSink,
+        *,
+        flow_run: FlowRun | None = None,
     ) -> EngineJob:
         """Queue a job; it starts when one of ``max_concurrent_jobs`` is free. A job id the engine
         already runs is not started twice (the running one is returned)."""

@@ -6,11 +6,14 @@ import queue
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from forgeflow.engine.control import JobState, JobView
 from forgeflow.events.models import Event, is_terminal_event
 from forgeflow.events.sinks import EventSink
+
+if TYPE_CHECKING:
+    from prefect.client.schemas.objects import FlowRun
 
 #: Exit codes of a finished job, as the job processes of earlier versions used them.
 EXIT_CODES = {"succeeded": 0, "failed": 1, "invalid": 2, "cancelled": 3}
@@ -62,7 +65,7 @@ class StreamSink:
 @dataclass(eq=False)  # a job is itself, not its field values
 class EngineJob:
     job_id: str
-    pipeline: Any
+    pipeline: Any  # the pipeline as its JSON (the job's flow validates it)
     input: dict[str, Any]
     sink: EventSink
     submitted_at: float = field(default_factory=time.time)
@@ -73,7 +76,7 @@ class EngineJob:
     waiting_for: str | None = None
     done: threading.Event = field(default_factory=threading.Event)
     #: A deployment's flow run that a Prefect worker handed over (run as it is, not created anew).
-    flow_run: Any = None
+    flow_run: FlowRun | None = None
     #: Why the job was stopped without a word of its own (the process that handed it over died).
     lost: str | None = None
     watch: TerminalWatch | None = None

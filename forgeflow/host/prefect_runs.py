@@ -3,9 +3,15 @@ the server's default result storage asked once a minute (each saves time on ever
 
 from __future__ import annotations
 
+import ssl
 import threading
 import time
-from typing import Any
+from typing import TYPE_CHECKING
+from uuid import UUID
+
+if TYPE_CHECKING:
+    from prefect.context import SettingsContext, SyncClientContext
+    from prefect.settings import Profile, Settings
 
 #: How long the engine trusts the Prefect server's default result storage (see _remember_result_storage).
 RESULT_STORAGE_TTL_S = 60.0
@@ -24,14 +30,14 @@ def _remember_result_storage() -> None:
     if read is None or getattr(read, "forgeflow_cached", False):
         return
     lock = threading.Lock()
-    last: list[tuple[float, Any]] = []
+    last: list[tuple[float, UUID | None]] = []
 
-    def cached() -> Any:
+    def cached() -> UUID | None:
         now = time.monotonic()
         with lock:
             if last and now - last[0][0] < RESULT_STORAGE_TTL_S:
                 return last[0][1]
-        value = read()
+        value: UUID | None = read()
         with lock:
             last[:] = [(now, value)]
         return value
@@ -45,10 +51,10 @@ class PrefectRuns:
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._prefect_settings: tuple[Any, Any] | None = None
-        self._tls_context: Any = None
+        self._prefect_settings: tuple[Profile, Settings] | None = None
+        self._tls_context: ssl.SSLContext | None = None
 
-    def settings(self) -> Any:
+    def settings(self) -> SettingsContext:
         """Prefect's settings for the engine's flow runs: without the heartbeat thread, whose join
         costs a sync flow run ~1 s at exit (the engine and the API's reconciliation notice a lost
         job). Built once: ``temporary_settings`` would rebuild the settings for every run (~0.27 s)."""
@@ -66,7 +72,7 @@ class PrefectRuns:
         profile, settings = self._prefect_settings
         return prefect.context.SettingsContext(profile=profile, settings=settings)
 
-    def client(self) -> Any:
+    def client(self) -> SyncClientContext:
         """A Prefect client for one job's flow run, made with the engine's one TLS context.
 
         Prefect's flow engine makes a client per flow run, and each loads a TLS context from the CA
@@ -75,8 +81,6 @@ class PrefectRuns:
         context made once. It is still one client per job, with fresh connections: a client kept
         between jobs met connections the server had closed while idle (its keep-alive is shorter
         than the client's) and backed off for minutes."""
-        import ssl
-
         import certifi
         from prefect.context import SyncClientContext
         from prefect.settings import PREFECT_API_SSL_CERT_FILE, PREFECT_API_TLS_INSECURE_SKIP_VERIFY

@@ -49,7 +49,7 @@ import time
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from pydantic import BaseModel, ValidationError
 
@@ -61,6 +61,7 @@ from forgeflow.processes import pid_alive
 
 if TYPE_CHECKING:  # the core imports the job flow and Prefect: main() loads it once the socket answers
     from forgeflow.host.core import Engine
+    from forgeflow.jobs.prefect_server import LocalPrefectServer
 
 log = logging.getLogger("forgeflow.engine")
 
@@ -160,7 +161,7 @@ class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     service: EngineService
 
-    def log_message(self, format: str, *args: Any) -> None:
+    def log_message(self, format: str, *args: object) -> None:
         log.debug("engine request: " + format, *args)
 
     def address_string(self) -> str:
@@ -353,7 +354,7 @@ class PrefectReadiness:
     jobs and starts workers: ``import prefect`` and, for a server of the engine's own, its first
     answer. :meth:`wait` is what a job waits for before its flow run."""
 
-    def __init__(self, server: Any, api_url: str, timeout_s: float = 300.0) -> None:
+    def __init__(self, server: LocalPrefectServer | None, api_url: str, timeout_s: float = 300.0) -> None:
         self.server = server
         self.api_url = api_url
         self.timeout_s = timeout_s
