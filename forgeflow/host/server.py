@@ -59,7 +59,7 @@ from forgeflow.events.sinks import EventSink
 from forgeflow.host.job import EngineJob, NotAPipelineRun, StreamSink
 from forgeflow.processes import pid_alive
 
-if TYPE_CHECKING:  # the core imports the job flow and Prefect: main() loads it once the socket answers
+if TYPE_CHECKING:  # the core imports jobs (and Prefect with them): only main() imports it, when a daemon starts
     from forgeflow.host.core import Engine
     from forgeflow.jobs.prefect_server import LocalPrefectServer
 
