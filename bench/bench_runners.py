@@ -67,10 +67,10 @@ def main() -> int:
     args = parser.parse_args()
 
     os.environ.setdefault("FORGEFLOW_HOME", tempfile.mkdtemp(prefix="forgeflow-bench-"))
-    from forgeflow.engine.lifecycle import LifecycleStore
-    from forgeflow.engine.registry import PluginRegistry
     from forgeflow.engine.runners import ToolCall, get_runner
     from forgeflow.plugins import EmptyModel, MediaStore, ToolContext
+    from forgeflow.plugins.lifecycle import LifecycleStore
+    from forgeflow.plugins.registry import PluginRegistry
     from forgeflow.settings import get_settings
 
     settings = get_settings()

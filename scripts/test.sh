@@ -11,7 +11,7 @@ bash scripts/setup.sh --services
 PIP=(.venv/bin/python -m pip install -q --disable-pip-version-check)
 CONSTRAINTS=${FORGEFLOW_CONSTRAINTS-constraints/this-machine.txt}
 if [ -n "$CONSTRAINTS" ]; then PIP+=(-c "$CONSTRAINTS"); fi
-if ! .venv/bin/python -c "import forgeflow_testplugins, pytest, pytest_timeout, xdist, ruff, mypy, schemathesis, playwright, polars, duckdb, pyarrow" 2>/dev/null; then
+if ! .venv/bin/python -c "import forgeflow_testplugins, pytest, pytest_timeout, xdist, ruff, mypy, importlinter, schemathesis, playwright, polars, duckdb, pyarrow" 2>/dev/null; then
   printf '\033[1m[test]\033[0m %s\n' "installing the dev tools and the test plugins"
   "${PIP[@]}" -e '.[api,postgres,docker,vision,dev]' -e tests/plugin_packages/forgeflow-testplugins
 fi
@@ -24,11 +24,12 @@ if ! command -v chromium >/dev/null 2>&1; then
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium >/dev/null
 fi
 
-# The gates: lint, format and types (configured in pyproject.toml), before any test runs.
-printf '\033[1m[test]\033[0m %s\n' "ruff check, ruff format --check, mypy"
+# The gates: lint, format, types and layers (configured in pyproject.toml), before any test runs.
+printf '\033[1m[test]\033[0m %s\n' "ruff check, ruff format --check, mypy, lint-imports"
 .venv/bin/ruff check forgeflow tests bench
 .venv/bin/ruff format --check forgeflow tests bench
 .venv/bin/mypy
+.venv/bin/lint-imports
 
 # The docker runner's tests call the test plugins inside containers: a test image, not the real one.
 export FORGEFLOW_DOCKER_IMAGE=forgeflow-worker:cpu-test

@@ -90,8 +90,8 @@ def ff_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
 @pytest.fixture
 def registry(ff_home: Path):
     """The registry of installed plugins (built-ins and the test plugins), with its own lifecycle file."""
-    from forgeflow.engine.lifecycle import LifecycleStore
-    from forgeflow.engine.registry import PluginRegistry
+    from forgeflow.plugins.lifecycle import LifecycleStore
+    from forgeflow.plugins.registry import PluginRegistry
 
     return PluginRegistry.discover(LifecycleStore(ff_home / "plugins.sqlite"))
 

@@ -165,9 +165,9 @@ def local_api_url(settings: Settings, port: int | None = None) -> str:
 
 
 def build_state(settings: Settings, *, api_url: str, prefect_api_url: str | None) -> ApiState:
-    from forgeflow.engine.lifecycle import LifecycleStore
-    from forgeflow.engine.registry import PluginRegistry
     from forgeflow.plugins import MediaStore
+    from forgeflow.plugins.lifecycle import LifecycleStore
+    from forgeflow.plugins.registry import PluginRegistry
 
     settings.home.mkdir(parents=True, exist_ok=True)
     store = Store(settings.resolved_database_url)

@@ -18,8 +18,8 @@ from forgeflow.api.hub import EventHub
 from forgeflow.api.quota import SubmissionQuota
 from forgeflow.api.store import Store, StoredEvent
 from forgeflow.api.store.rows import JobRow
-from forgeflow.engine.registry import PluginRegistry
 from forgeflow.plugins import MediaStore
+from forgeflow.plugins.registry import PluginRegistry
 from forgeflow.settings import Settings
 
 

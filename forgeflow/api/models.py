@@ -8,11 +8,11 @@ from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema, field_validat
 from pydantic_core import PydanticCustomError
 
 from forgeflow.canonical import MAX_AMOUNT, storable_issue
-from forgeflow.engine.lifecycle import PluginStatus
 from forgeflow.engine.runners.base import Progress
 from forgeflow.events.models import Event, Id
 from forgeflow.pipeline.definition import RUNNER_DESCRIPTION, PipelineStage, RunnerKind
 from forgeflow.pipeline.outcome import JobStatus, StageReport
+from forgeflow.plugins.lifecycle import PluginStatus
 
 JOB_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$"
 #: The largest offset, seq or cursor a request may give (2^53 - 1: exact in every JSON client, and in

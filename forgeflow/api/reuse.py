@@ -16,8 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from forgeflow.canonical import canonical_json
-from forgeflow.engine.registry import PluginRegistry
 from forgeflow.plugins import MediaStore
+from forgeflow.plugins.registry import PluginRegistry
 
 _READ_CHUNK = 1 << 20
 

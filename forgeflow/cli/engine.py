@@ -54,7 +54,7 @@ def engine_start(
 @engine_app.command("run")
 def engine_run() -> None:
     """Run this host's engine in the foreground (until SIGTERM or Ctrl-C)."""
-    from forgeflow.engine.server import main as engine_main
+    from forgeflow.host.server import main as engine_main
 
     use_local_prefect()
     raise typer.Exit(engine_main([]))

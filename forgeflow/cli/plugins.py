@@ -14,15 +14,15 @@ from forgeflow.cli.output import console, out, print_json
 from forgeflow.exit_codes import ExitCode
 
 if TYPE_CHECKING:
-    from forgeflow.engine.registry import PluginRegistry
+    from forgeflow.plugins.registry import PluginRegistry
 
 plugins_app = typer.Typer(cls=ProseHelp, help="Installed plugins and their lifecycle.", no_args_is_help=True)
 
 
 def plugin_registry() -> PluginRegistry:
     """The plugins installed in this Python environment, with their lifecycle states on this host."""
-    from forgeflow.engine.lifecycle import LifecycleStore
-    from forgeflow.engine.registry import PluginRegistry
+    from forgeflow.plugins.lifecycle import LifecycleStore
+    from forgeflow.plugins.registry import PluginRegistry
     from forgeflow.settings import get_settings
 
     return PluginRegistry.discover(LifecycleStore(get_settings().lifecycle_db))

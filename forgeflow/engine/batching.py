@@ -28,10 +28,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from forgeflow.engine.admission import AdmittedRunner, device_of
-from forgeflow.engine.registry import PluginRegistry
 from forgeflow.engine.runners.base import CallResult, ProgressCallback, ToolCall
 from forgeflow.engine.runners.batch_call import BatchPart
 from forgeflow.pipeline.outcome import EndReason
+from forgeflow.plugins.registry import PluginRegistry
 from forgeflow.settings import Settings
 
 __all__ = ["BatchLimits", "BatchingRunner", "batch_limits"]

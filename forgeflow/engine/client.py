@@ -1,8 +1,9 @@
-"""Talking to this host's engine: :class:`EngineClient`, :class:`EngineRunner`, :func:`ensure_engine`."""
+"""Talking to this host's engine daemon (:mod:`forgeflow.host`): :class:`EngineClient`,
+:class:`EngineRunner`, :func:`ensure_engine`. Requests and answers are the models of
+:mod:`forgeflow.engine.control`; the client hands its callers their JSON form."""
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -12,7 +13,9 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+from pydantic import BaseModel
 
+from forgeflow.engine import control
 from forgeflow.engine.locks import start_lock
 from forgeflow.engine.runners import progress_relay
 from forgeflow.engine.runners.base import CallResult, ProgressCallback, ToolCall
@@ -53,77 +56,105 @@ class EngineClient:
     def close(self) -> None:
         self._client.close()
 
-    def _request(self, method: str, path: str, **kwargs: Any) -> Any:
+    def _request(self, method: str, path: str, body: BaseModel | None = None, timeout: float | None = None) -> bytes:
+        """The answer's body of one request; a refusal or no answer raises :class:`EngineUnavailable`."""
         if not self.socket_path.exists():
             raise EngineUnavailable(f"no engine socket at {self.socket_path}")
+        content = body.model_dump_json().encode() if body is not None else None
+        headers = {"Content-Type": "application/json"} if content is not None else None
         try:
-            response = self._client.request(method, path, **kwargs)
+            response = self._client.request(
+                method,
+                path,
+                content=content,
+                headers=headers,
+                timeout=timeout if timeout is not None else self._client.timeout,
+            )
         except httpx.HTTPError as exc:
             raise EngineUnavailable(f"the engine on {self.socket_path} does not answer: {exc}") from None
         if response.status_code >= 400:
             raise EngineUnavailable(
                 f"engine {method} {path}: {response.status_code} {response.text[:500]}", response.status_code
             )
-        return response.json()
+        return response.content
+
+    def _job(
+        self, method: str, path: str, body: BaseModel | None = None, timeout: float | None = None
+    ) -> dict[str, Any]:
+        return control.JobView.model_validate_json(self._request(method, path, body, timeout)).model_dump(mode="json")
 
     def alive(self) -> bool:
         try:
-            self._request("GET", "/status", timeout=5.0)
+            self._request("GET", control.STATUS, timeout=5.0)
             return True
         except EngineUnavailable:
             return False
 
+    def engine_status(self) -> control.EngineStatus:
+        """The engine's status, typed."""
+        return control.EngineStatus.model_validate_json(self._request("GET", control.STATUS))
+
     def status(self) -> dict[str, Any]:
-        return self._request("GET", "/status")  # type: ignore[no-any-return]
+        """The engine's status as JSON (what ``forgeflow engine status --json`` and ``GET /v1/engine`` show)."""
+        return self.engine_status().model_dump(mode="json")
 
     def jobs(self, *, active_only: bool = False) -> dict[str, dict[str, Any]]:
         """The engine's jobs by id (``active_only``: the queued and running ones)."""
-        return self._request("GET", "/jobs?active=1" if active_only else "/jobs")  # type: ignore[no-any-return]
+        answer = self._request("GET", control.ACTIVE_JOBS if active_only else control.JOBS)
+        return {
+            job_id: view.model_dump(mode="json") for job_id, view in control.JOBS_ANSWER.validate_json(answer).items()
+        }
 
     def submit(
         self, job_id: str, pipeline: Any, input_data: dict[str, Any], *, api_url: str, ingest_token: str | None
     ) -> dict[str, Any]:
-        body = {
-            "job_id": job_id,
-            "pipeline": pipeline,
-            "input": input_data,
-            "sink": {"api_url": api_url, "ingest_token": ingest_token},
-        }
-        return self._request("POST", "/jobs", json=body)  # type: ignore[no-any-return]
+        sink = control.SinkTarget(api_url=api_url, ingest_token=ingest_token)
+        return self._job(
+            "POST", control.JOBS, control.SubmitJob(job_id=job_id, pipeline=pipeline, input=input_data, sink=sink)
+        )
 
     def submit_flow_run(self, flow_run_id: str, *, api_url: str, ingest_token: str | None) -> dict[str, Any]:
         """Hand over a deployment's flow run (a Prefect worker's): the engine runs it as it is."""
-        body = {
-            "flow_run_id": flow_run_id,
-            "handed_by": os.getpid(),  # the engine cancels the run when this process dies
-            "sink": {"api_url": api_url, "ingest_token": ingest_token},
-        }
-        return self._request("POST", "/jobs", json=body)  # type: ignore[no-any-return]
+        body = control.HandOverFlowRun(
+            flow_run_id=flow_run_id,
+            handed_by=os.getpid(),  # the engine cancels the run when this process dies
+            sink=control.SinkTarget(api_url=api_url, ingest_token=ingest_token),
+        )
+        return self._job("POST", control.JOBS, body)
 
     def stream(self, job_id: str, pipeline: Any, input_data: dict[str, Any]) -> Iterator[dict[str, Any]]:
         """Run a job and yield its events (``{"event": ...}``) then ``{"envelope": ..., "status": ...}``."""
-        body = {"job_id": job_id, "pipeline": pipeline, "input": input_data, "stream": True}
+        body = control.SubmitJob(job_id=job_id, pipeline=pipeline, input=input_data, stream=True)
         try:
-            with self._client.stream("POST", "/jobs", json=body, timeout=httpx.Timeout(30.0, read=None)) as response:
+            with self._client.stream(
+                "POST",
+                control.JOBS,
+                content=body.model_dump_json().encode(),
+                headers={"Content-Type": "application/json"},
+                timeout=httpx.Timeout(30.0, read=None),
+            ) as response:
                 if response.status_code >= 400:
                     raise EngineUnavailable(f"engine refused the job: {response.status_code} {response.read()[:500]!r}")
                 for line in response.iter_lines():
                     if line.strip():
-                        yield json.loads(line)
+                        yield control.JobStreamLine.model_validate_json(line).model_dump(
+                            mode="json", exclude_unset=True
+                        )
         except httpx.HTTPError as exc:
             raise EngineUnavailable(f"lost the engine mid-job: {exc}") from None
 
     def job(self, job_id: str) -> dict[str, Any]:
-        return self._request("GET", f"/jobs/{job_id}", timeout=5.0)  # type: ignore[no-any-return]
+        return self._job("GET", control.job_path(job_id), timeout=5.0)
 
     def cancel(self, job_id: str) -> dict[str, Any]:
-        return self._request("POST", f"/jobs/{job_id}/cancel")  # type: ignore[no-any-return]
+        return self._job("POST", control.cancel_path(job_id))
 
     def call(self, call: ToolCall, on_progress: ProgressCallback | None = None) -> CallResult:
         """Run ``call`` on the engine; with ``on_progress``, its progress streams back while it runs."""
         if on_progress is None:
-            data = self._request("POST", "/calls", json=call.model_dump(mode="json"), timeout=call.timeout_s + 120.0)
-            return CallResult.model_validate(data)
+            return CallResult.model_validate_json(
+                self._request("POST", control.CALLS, call, timeout=call.timeout_s + 120.0)
+            )
         if not self.socket_path.exists():
             raise EngineUnavailable(f"no engine socket at {self.socket_path}")
         relay = progress_relay(on_progress)
@@ -131,8 +162,9 @@ class EngineClient:
         try:
             with self._client.stream(
                 "POST",
-                "/calls?progress=1",
-                json=call.model_dump(mode="json"),
+                control.CALLS_WITH_PROGRESS,
+                content=call.model_dump_json().encode(),
+                headers={"Content-Type": "application/json"},
                 timeout=httpx.Timeout(30.0, read=call.timeout_s + 120.0),
             ) as response:
                 if response.status_code >= 400:
@@ -142,27 +174,28 @@ class EngineClient:
                 for line in response.iter_lines():
                     if not line.strip():
                         continue
-                    message = json.loads(line)
-                    if "progress" in message:
-                        relay(message["progress"])
-                    elif "result" in message:
-                        return CallResult.model_validate(message["result"])
+                    message = control.CallStreamLine.model_validate_json(line)
+                    if message.progress is not None:
+                        relay(message.progress.model_dump(mode="json"))
+                    elif message.result is not None:
+                        return message.result
         except httpx.HTTPError as exc:
             raise EngineUnavailable(f"lost the engine mid-call: {exc}") from None
         raise EngineUnavailable("the engine ended the call's answer without a result")
 
     def warm(self, plugins: list[str]) -> list[str]:
-        return self._request("POST", "/warm", json={"plugins": plugins}, timeout=300.0)["started"]  # type: ignore[no-any-return]
+        answer = self._request("POST", control.WARM, control.WarmRequest(plugins=plugins), timeout=300.0)
+        return control.WarmAnswer.model_validate_json(answer).started
 
     def set_owner(self, pid: int | None) -> None:
-        self._request("POST", "/owner", json={"pid": pid})
+        self._request("POST", control.OWNER, control.OwnerRequest(pid=pid))
 
     def set_idle_stop(self, seconds: float) -> None:
         """Have the engine stop itself after ``seconds`` without work (0: never)."""
-        self._request("POST", "/idle-stop", json={"seconds": seconds})
+        self._request("POST", control.IDLE_STOP, control.IdleStopRequest(seconds=seconds))
 
     def shutdown(self, *, drain: bool) -> None:
-        self._request("POST", "/shutdown", json={"drain": drain})
+        self._request("POST", control.SHUTDOWN, control.ShutdownRequest(drain=drain))
 
 
 class EngineRunner:
@@ -201,11 +234,11 @@ def start_engine_process(
     started_by: str | None = None,
     warm: Sequence[str] = (),
 ) -> subprocess.Popen[bytes]:
-    """Start ``python -m forgeflow.engine`` in its own session (it outlives the caller), its output
+    """Start the engine daemon (``python -m forgeflow.host``) in its own session (it outlives the caller), its output
     appended to ``<home>/logs/engine.log``; ``warm`` names plugins whose workers it starts at once."""
     log_path = settings.logs_dir / "engine.log"
     log_path.parent.mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, "-m", "forgeflow.engine", "--idle-stop-s", f"{idle_stop_s:g}"]
+    cmd = [sys.executable, "-m", "forgeflow.host", "--idle-stop-s", f"{idle_stop_s:g}"]
     if started_by:
         cmd += ["--started-by", started_by]
     if owner_pid is not None:
@@ -233,7 +266,7 @@ def _serving_status(client: EngineClient, wait_s: float) -> dict[str, Any] | Non
             status = client.status()
         except EngineUnavailable:
             return None
-        if not status.get("stopping"):
+        if not status["stopping"]:
             return status
         if time.monotonic() >= deadline:
             return None

@@ -14,8 +14,8 @@ import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from forgeflow.engine.lifecycle import LifecycleStore
-from forgeflow.engine.registry import PluginRegistry
+from forgeflow.plugins.lifecycle import LifecycleStore
+from forgeflow.plugins.registry import PluginRegistry
 from forgeflow.engine.runners.base import Runner
 from forgeflow.events.sinks import EventSink, sink_from_settings
 from forgeflow.jobs.media_sync import MediaSync

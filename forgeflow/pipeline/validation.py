@@ -16,10 +16,10 @@ from typing import Annotated, Any
 
 from pydantic import BaseModel, TypeAdapter, ValidationError
 
-from forgeflow.engine.registry import PluginRegistry
 from forgeflow.pipeline.compat import field_schema, incompatibility
 from forgeflow.pipeline.definition import PipelineDefinition, PipelineStage
 from forgeflow.plugins.errors import ForgeFlowError
+from forgeflow.plugins.registry import PluginRegistry
 from forgeflow.plugins.sdk import Tool
 from forgeflow.settings import Settings, get_settings
 

@@ -1,8 +1,9 @@
 """The plugin SDK: everything a plugin author imports, and nothing else.
 
 A plugin is a :class:`Plugin` of :class:`Tool` s with typed config/input/output models; a tool gets a
-:class:`ToolContext` (media store, device, cache, logging) and raises the errors below. Discovery,
-lifecycle and the sandboxed runners that call plugins live in :mod:`forgeflow.engine`.
+:class:`ToolContext` (media store, device, cache, logging) and raises the errors below. Discovery
+and lifecycle are :mod:`forgeflow.plugins.registry` and :mod:`forgeflow.plugins.lifecycle` (not
+imported here); the sandboxed runners that call plugins live in :mod:`forgeflow.engine`.
 """
 
 from forgeflow.plugins.errors import (

@@ -149,10 +149,10 @@ def test_opting_out_runs_the_job_in_the_command_itself(
 def test_a_call_that_comes_while_its_worker_warms_up_takes_that_worker(ff_home: Path) -> None:
     """The engine starts a job's workers ahead of its flow run: the stage's call must wait for the
     worker being started, not start a second one (two model loads on a cold machine)."""
-    from forgeflow.engine.lifecycle import LifecycleStore
-    from forgeflow.engine.registry import PluginRegistry
     from forgeflow.engine.runners.base import ToolCall
     from forgeflow.engine.runners.process import ProcessRunner
+    from forgeflow.plugins.lifecycle import LifecycleStore
+    from forgeflow.plugins.registry import PluginRegistry
     from forgeflow.settings import get_settings
 
     settings = get_settings()

@@ -16,8 +16,8 @@ from typing import Any
 import pytest
 
 from forgeflow.canonical import canonical_bytes
-from forgeflow.engine.core import Engine
 from forgeflow.engine.runners.base import CallResult, ToolCall
+from forgeflow.host.core import Engine
 from forgeflow.settings import Settings
 
 PROBE = {"plugin": "testkit", "tool": "batch_probe"}
@@ -250,7 +250,7 @@ def test_batch_limits_come_from_the_tool_then_the_host_per_tool(monkeypatch: pyt
 
 
 def test_plugins_say_which_tools_take_batches() -> None:
-    from forgeflow.engine.registry import PluginRegistry
+    from forgeflow.plugins.registry import PluginRegistry
 
     registry = PluginRegistry.discover()
     tools = {t["name"]: t for t in registry.describe("testkit")["tools"]}

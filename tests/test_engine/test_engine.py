@@ -1,4 +1,4 @@
-"""The engine: a real ``python -m forgeflow.engine`` process per test (its own FORGEFLOW_HOME), the
+"""The engine: a real ``python -m forgeflow.host`` process per test (its own FORGEFLOW_HOME), the
 session's real Prefect server, real sandboxed workers and, for the vision tests, real Ultralytics."""
 
 from __future__ import annotations
@@ -178,10 +178,10 @@ def test_cancel_stops_the_running_stage_with_one_start_and_one_end(start_engine:
 
 
 def test_idle_memory_budget_stops_the_least_recently_used_worker(ff_home: Path) -> None:
-    from forgeflow.engine.lifecycle import LifecycleStore
-    from forgeflow.engine.registry import PluginRegistry
     from forgeflow.engine.runners import ToolCall
     from forgeflow.engine.runners.process import ProcessRunner
+    from forgeflow.plugins.lifecycle import LifecycleStore
+    from forgeflow.plugins.registry import PluginRegistry
 
     # Room for one idle testkit worker (~40 MB resident), not two.
     settings = Settings(home=ff_home, pool_size=2, idle_worker_memory_mb=60)
@@ -208,10 +208,10 @@ def test_idle_memory_budget_stops_the_least_recently_used_worker(ff_home: Path) 
 @pytest.mark.vision
 def test_job_cache_gives_identical_bytes_and_one_model_pass_per_frame(ff_home: Path, sample_clip: Path) -> None:
     """detect → pose → classify on the sample clip with the job cache on and off, through real workers."""
-    from forgeflow.engine.lifecycle import LifecycleStore
-    from forgeflow.engine.registry import PluginRegistry
     from forgeflow.engine.runners import ToolCall
     from forgeflow.engine.runners.process import ProcessRunner
+    from forgeflow.plugins.lifecycle import LifecycleStore
+    from forgeflow.plugins.registry import PluginRegistry
 
     stages = [
         ("forgesyte-yolo-tracker", "detect_players", {"device": "cpu", "imgsz": 320, "max_frames": 12}),

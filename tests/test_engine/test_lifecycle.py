@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from forgeflow.engine.lifecycle import LifecycleState, LifecycleStore, PluginStatus
+from forgeflow.plugins.lifecycle import LifecycleState, LifecycleStore, PluginStatus
 
 pytestmark = pytest.mark.fast
 

@@ -7,9 +7,9 @@ import os
 import pytest
 from pydantic import BaseModel
 
-from forgeflow.engine.lifecycle import LifecycleState, LifecycleStore
-from forgeflow.engine.registry import PluginRegistry
 from forgeflow.plugins import InputError, Plugin
+from forgeflow.plugins.lifecycle import LifecycleState, LifecycleStore
+from forgeflow.plugins.registry import PluginRegistry
 
 from ._helpers import call
 

@@ -13,9 +13,9 @@ from importlib.metadata import distribution
 
 import pytest
 
-from forgeflow.engine.lifecycle import LifecycleState, LifecycleStore
-from forgeflow.engine.registry import PluginRegistry
 from forgeflow.engine.runners import get_runner
+from forgeflow.plugins.lifecycle import LifecycleState, LifecycleStore
+from forgeflow.plugins.registry import PluginRegistry
 
 from ._helpers import call, group_gone
 
@@ -207,7 +207,7 @@ def test_worker_dies_with_its_parent(ff_home, tmp_path):
         """
         import os, signal
         from forgeflow.settings import get_settings
-        from forgeflow.engine.registry import PluginRegistry
+        from forgeflow.plugins.registry import PluginRegistry
         from forgeflow.engine.runners import get_runner, ToolCall
         runner = get_runner(get_settings(), PluginRegistry.discover())
         print(runner.run(ToolCall(plugin="testkit", tool="pid")).outputs["pid"], flush=True)
@@ -248,8 +248,8 @@ def test_worker_loads_only_installed_entry_points():
 def test_unavailable_inside_worker_is_plugin_unavailable(settings, ff_home, monkeypatch):
     """A plugin available to the parent's registry but not to the worker (a race or a different
     environment) comes back as PluginUnavailable, not as a crash."""
-    from forgeflow.engine.registry import PluginEntry
     from forgeflow.engine.runners.process import ProcessRunner
+    from forgeflow.plugins.registry import PluginEntry
 
     real = PluginRegistry.discover()
     entry = real.resolve("needs-weights")

@@ -30,7 +30,7 @@ from forgeflow.pipeline.outcome import NOT_THE_PLUGINS_DOING
 from forgeflow.plugins.errors import ForgeFlowError, InputError
 
 if TYPE_CHECKING:
-    from forgeflow.engine.registry import PluginEntry, PluginRegistry
+    from forgeflow.plugins.registry import PluginEntry, PluginRegistry
     from forgeflow.plugins.sdk import Tool
     from forgeflow.settings import Settings
 

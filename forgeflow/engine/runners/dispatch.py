@@ -23,8 +23,8 @@ from forgeflow.engine.runners.base import CallResult, ProgressCallback, Runner, 
 from forgeflow.pipeline.outcome import EndReason
 
 if TYPE_CHECKING:
-    from forgeflow.engine.registry import PluginRegistry
     from forgeflow.engine.runners.batch_call import BatchPart
+    from forgeflow.plugins.registry import PluginRegistry
     from forgeflow.settings import Settings
 
 #: How long a cancel mark is kept for a job that never says it ended.

@@ -64,7 +64,7 @@ from forgeflow.engine.runners.worker_process import Worker
 from forgeflow.plugins.errors import DeviceUnavailable
 
 if TYPE_CHECKING:
-    from forgeflow.engine.registry import PluginRegistry
+    from forgeflow.plugins.registry import PluginRegistry
     from forgeflow.settings import Settings
 
 log = logging.getLogger("forgeflow.runners.docker")

@@ -56,7 +56,7 @@ from forgeflow.pipeline.outcome import EndReason
 from forgeflow.plugins.errors import PluginUnavailable, StageTimeout, WorkerCrashed
 
 if TYPE_CHECKING:
-    from forgeflow.engine.registry import PluginRegistry
+    from forgeflow.plugins.registry import PluginRegistry
     from forgeflow.settings import Settings
 
 __all__ = ["ProcessRunner"]

@@ -317,7 +317,7 @@ def load_plugin(name: str) -> tuple[Any, str | None]:
     """The installed plugin named ``name`` (entry point group ``forgeflow.plugins``), or why not."""
     from importlib.metadata import entry_points
 
-    from forgeflow.engine.registry import ENTRY_POINT_GROUP, load_entry_point
+    from forgeflow.plugins.registry import ENTRY_POINT_GROUP, load_entry_point
 
     matches = list(entry_points(group=ENTRY_POINT_GROUP, name=name))
     if not matches:

@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 from importlib.metadata import EntryPoint, entry_points
 from typing import Any
 
-from forgeflow.engine.lifecycle import LifecycleState, LifecycleStore, PluginStatus
 from forgeflow.plugins.errors import PluginUnavailable, UnknownPlugin, UnknownTool
+from forgeflow.plugins.lifecycle import LifecycleState, LifecycleStore, PluginStatus
 from forgeflow.plugins.sdk import Plugin, Tool
 
 ENTRY_POINT_GROUP = "forgeflow.plugins"

@@ -1,4 +1,4 @@
-"""The engine: one long-lived process per host that runs jobs on warm, shared worker pools.
+"""The engine daemon's core: one long-lived process per host that runs jobs on warm, shared worker pools.
 
 Every job is still one Prefect flow run with one task run per stage (``pipeline_flow``), and every
 stage still runs in a sandboxed worker with its hard timeout and memory limit. What the engine adds
@@ -29,154 +29,36 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from forgeflow.engine.admission import AdmittedRunner, DeviceSlots
 from forgeflow.engine.batching import BatchingRunner
-from forgeflow.engine.lifecycle import LifecycleStore
-from forgeflow.engine.registry import PluginRegistry
+from forgeflow.engine.control import EngineStatus, JobState, JobView
 from forgeflow.engine.runners import get_runner
 from forgeflow.engine.runners.base import CallResult, ProgressCallback, ToolCall
-from forgeflow.events.models import Event, JobStatusEvent, PipelineError, is_terminal_event
+from forgeflow.events.models import Event, JobStatusEvent, PipelineError
 from forgeflow.events.sinks import EventSink, HttpSink
+from forgeflow.host.job import EngineJob, NotAPipelineRun, StreamSink, TerminalWatch
+from forgeflow.host.prefect_runs import PREFECT_BUSY_WAIT_S, PrefectRuns, prefect_busy
 from forgeflow.jobs.media_sync import MediaSync
 from forgeflow.jobs.stages import Services
 from forgeflow.pipeline import outcome
 from forgeflow.pipeline.definition import raw_stages
 from forgeflow.pipeline.outcome import EndReason
+from forgeflow.plugins.lifecycle import LifecycleStore
 from forgeflow.plugins.media import MediaStore
+from forgeflow.plugins.registry import PluginRegistry
 from forgeflow.settings import Settings
 
-log = logging.getLogger("forgeflow.engine")
+if TYPE_CHECKING:
+    from prefect.client.schemas.objects import FlowRun
 
-#: Exit codes of a finished job, as the job processes of earlier versions used them.
-EXIT_CODES = {"succeeded": 0, "failed": 1, "invalid": 2, "cancelled": 3}
-#: How long a job waits for a Prefect server too busy to create its flow run before it fails.
-PREFECT_BUSY_WAIT_S = 300.0
-
-
-def _prefect_busy(exc: BaseException) -> bool:
-    """Whether Prefect refused or never received a request, so repeating it cannot do anything twice:
-    a 503/429 (its write lock, its rate limit) or a connection that was not made."""
-    import httpx
-
-    if isinstance(exc, httpx.HTTPStatusError):
-        return exc.response.status_code in (429, 503)
-    return isinstance(exc, httpx.ConnectError | httpx.ConnectTimeout)
-
+log = logging.getLogger("forgeflow.engine")  # the engine's log lines keep their name
 
 #: Finished jobs the engine remembers (for status and for an API that re-attaches).
 FINISHED_KEPT = 2000
 
-
-class NotAPipelineRun(Exception):
-    """A handed-over flow run is not a run of the pipeline flow: the engine runs only those."""
-
-
-class _TerminalWatch:
-    """Passes events on and remembers whether the job's terminal status went out; once ``muted``
-    (the job was lost to its caller), passes nothing on."""
-
-    def __init__(self, inner: EventSink) -> None:
-        self.inner = inner
-        self.terminal_sent = False
-        self.muted = False
-        self.emitted = 0
-
-    def emit(self, event: Event) -> None:
-        if self.muted:
-            return
-        self.emitted += 1
-        if is_terminal_event(event):
-            self.terminal_sent = True
-        self.inner.emit(event)
-
-    def flush(self, timeout: float = 10.0) -> bool:
-        return self.inner.flush(timeout)
-
-    def close(self) -> None:  # the inner sink may serve other jobs: its owner closes it
-        pass
-
-
-class StreamSink:
-    """Events of one job for a caller that streams them (``forgeflow run`` against the engine)."""
-
-    def __init__(self) -> None:
-        self.queue: queue.Queue[Event | None] = queue.Queue()
-
-    def emit(self, event: Event) -> None:
-        self.queue.put(event)
-
-    def flush(self, timeout: float = 10.0) -> bool:
-        return True
-
-    def close(self) -> None:
-        self.queue.put(None)
-
-
-@dataclass(eq=False)  # a job is itself, not its field values
-class EngineJob:
-    job_id: str
-    pipeline: Any
-    input: dict[str, Any]
-    sink: EventSink
-    submitted_at: float = field(default_factory=time.time)
-    started_at: float | None = None
-    finished_at: float | None = None
-    status: str = "queued"  # queued (waiting for a job slot) | running | succeeded | failed | invalid | cancelled
-    envelope: dict[str, Any] | None = None
-    waiting_for: str | None = None
-    done: threading.Event = field(default_factory=threading.Event)
-    #: A deployment's flow run that a Prefect worker handed over (run as it is, not created anew).
-    flow_run: Any = None
-    #: Why the job was stopped without a word of its own (the process that handed it over died).
-    lost: str | None = None
-    watch: _TerminalWatch | None = None
-
-    def view(self) -> dict[str, Any]:
-        return {
-            "job_id": self.job_id,
-            "status": self.status,
-            "exit_code": EXIT_CODES.get(self.status),
-            "submitted_at": self.submitted_at,
-            "started_at": self.started_at,
-            "finished_at": self.finished_at,
-            "waiting_for": self.waiting_for,
-        }
-
-
-#: How long the engine trusts the Prefect server's default result storage (see _remember_result_storage).
-RESULT_STORAGE_TTL_S = 60.0
-
-
-def _remember_result_storage() -> None:
-    """Ask the Prefect server for its default result storage once a minute, not twice per flow run.
-
-    Prefect reads it (``GET /admin/storage``) when a flow is called and again for its result store:
-    two of the nine requests of an engine's flow run, for a setting an operator changes rarely. ForgeFlow's
-    flows persist no result, so a change reaches the engine's runs within the minute. Left as it is
-    when this Prefect has no such function."""
-    from prefect import results
-
-    read = getattr(results, "_read_server_default_result_storage_block_id", None)
-    if read is None or getattr(read, "forgeflow_cached", False):
-        return
-    lock = threading.Lock()
-    last: list[tuple[float, Any]] = []
-
-    def cached() -> Any:
-        now = time.monotonic()
-        with lock:
-            if last and now - last[0][0] < RESULT_STORAGE_TTL_S:
-                return last[0][1]
-        value = read()
-        with lock:
-            last[:] = [(now, value)]
-        return value
-
-    cached.forgeflow_cached = True  # type: ignore[attr-defined]
-    results._read_server_default_result_storage_block_id = cached
+__all__ = ["FINISHED_KEPT", "Engine", "EngineJob", "NotAPipelineRun", "StreamSink"]
 
 
 class Engine:
@@ -206,7 +88,6 @@ class Engine:
         self._queue: list[EngineJob] = []
         self._running = 0
         self._sinks: dict[tuple[str, str | None], HttpSink] = {}
-        self._prefect_settings: tuple[Any, Any] | None = None
         self._prefect_ready = prefect_ready
         self._closed = False
         self._flow_names: dict[str, str] = {}  # flow id -> name, of the flow runs handed over
@@ -217,7 +98,7 @@ class Engine:
         # holds the process's exit).
         self._ready: queue.SimpleQueue[EngineJob] = queue.SimpleQueue()
         self._job_threads = 0
-        self._tls_context: Any = None  # the TLS context of every job's Prefect client (_prefect_client)
+        self._prefect_runs = PrefectRuns()  # Prefect's settings and TLS context of every job's flow run
 
     # --- jobs ------------------------------------------------------------------------------------
 
@@ -269,7 +150,13 @@ class Engine:
                 return
 
     def submit(
-        self, job_id: str, pipeline: Any, input_data: dict[str, Any], sink: EventSink, *, flow_run: Any = None
+        self,
+        job_id: str,
+        pipeline: Any,
+        input_data: dict[str, Any],
+        sink: EventSink,
+        *,
+        flow_run: FlowRun | None = None,
     ) -> EngineJob:
         """Queue a job; it starts when one of ``max_concurrent_jobs`` is free. A job id the engine
         already runs is not started twice (the running one is returned)."""
@@ -340,80 +227,28 @@ class Engine:
             except BaseException:  # _run_job ends every job itself: this is a bug of ours
                 log.exception("job thread failed on %s", job.job_id)
 
-    def _prefect_context(self) -> Any:
-        """Prefect's settings for the engine's flow runs: without the heartbeat thread, whose join
-        costs a sync flow run ~1 s at exit (the engine and the API's reconciliation notice a lost
-        job). Built once: ``temporary_settings`` would rebuild the settings for every run (~0.27 s)."""
-        import prefect.context
-        from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY
-
-        with self._lock:
-            if self._prefect_settings is None:
-                _remember_result_storage()
-                current = prefect.context.get_settings_context()
-                self._prefect_settings = (
-                    current.profile,
-                    current.settings.copy_with_update(updates={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}),
-                )
-        profile, settings = self._prefect_settings
-        return prefect.context.SettingsContext(profile=profile, settings=settings)
-
-    def _prefect_client(self) -> Any:
-        """A Prefect client for one job's flow run, made with the engine's one TLS context.
-
-        Prefect's flow engine makes a client per flow run, and each loads a TLS context from the CA
-        bundle: about a tenth of the engine's CPU per small job. This client (open in the thread's
-        ``SyncClientContext``, which Prefect's flow and task engines use when one is open) shares a
-        context made once. It is still one client per job, with fresh connections: a client kept
-        between jobs met connections the server had closed while idle (its keep-alive is shorter
-        than the client's) and backed off for minutes."""
-        import ssl
-
-        import certifi
-        from prefect.context import SyncClientContext
-        from prefect.settings import PREFECT_API_SSL_CERT_FILE, PREFECT_API_TLS_INSECURE_SKIP_VERIFY
-
-        with self._lock:
-            if self._tls_context is None:
-                if PREFECT_API_TLS_INSECURE_SKIP_VERIFY.value():
-                    context = ssl.create_default_context()
-                    context.check_hostname = False
-                    context.verify_mode = ssl.CERT_NONE
-                else:
-                    context = ssl.create_default_context(cafile=PREFECT_API_SSL_CERT_FILE.value() or certifi.where())
-                self._tls_context = context
-        return SyncClientContext(httpx_settings={"verify": self._tls_context})
-
-    def _execute(self, job: EngineJob, services: Services, sink: _TerminalWatch) -> dict[str, Any]:
+    def _execute(self, job: EngineJob, services: Services, sink: TerminalWatch) -> dict[str, Any]:
         """The job's flow run, to its envelope. A Prefect server too busy to create the run (503
         from SQLite's write lock when many runs start at once, or not reachable) is asked again,
         with backoff, for up to :data:`PREFECT_BUSY_WAIT_S`: nothing of the job ran yet (it said
         nothing), and it stays queued meanwhile instead of failing for a moment's congestion."""
         from forgeflow.jobs.executor import PipelineExecutor
 
-        deadline = time.monotonic() + PREFECT_BUSY_WAIT_S
-        delay = 1.0
+        deadline, delay = time.monotonic() + PREFECT_BUSY_WAIT_S, 1.0
         while True:
             try:
-                with self._prefect_context(), self._prefect_client():
+                with self._prefect_runs.settings(), self._prefect_runs.client():
                     executor = PipelineExecutor(services)
                     if job.flow_run is not None:
                         return executor.execute_flow_run(job.flow_run)
                     return executor.execute(job.pipeline, job.input, job.job_id)
             except Exception as exc:
-                retry = (
-                    job.flow_run is None
-                    and sink.emitted == 0
-                    and _prefect_busy(exc)
-                    and time.monotonic() + delay < deadline
-                    and not services.is_cancelled(job.job_id)
-                    and not job.lost
-                )
-                if not retry:
+                first_try_of_a_new_run = job.flow_run is None and sink.emitted == 0 and not job.lost
+                if not (first_try_of_a_new_run and prefect_busy(exc) and time.monotonic() + delay < deadline):
                     raise
-                log.warning(
-                    "job %s: Prefect could not create its flow run (%s); asking again in %.0f s", job.job_id, exc, delay
-                )
+                if services.is_cancelled(job.job_id):
+                    raise
+                log.warning("job %s: Prefect could not create its flow run (%s); again in %.0f s", job.job_id, exc, delay)
                 time.sleep(delay)
                 delay = min(delay * 2, 10.0)
 
@@ -422,7 +257,7 @@ class Engine:
         from forgeflow.jobs.supervise import mark_flow_run
 
         threading.current_thread().name = f"job-{job.job_id}"[:60]
-        sink = job.watch = _TerminalWatch(job.sink)
+        sink = job.watch = TerminalWatch(job.sink)
         if job.lost:
             sink.muted = True
         services = Services(self.settings, self.registry, self.runner, sink)
@@ -434,7 +269,7 @@ class Engine:
                 job.sink.token,
                 max_bytes=self.settings.max_media_bytes,
             )
-        status = "failed"
+        status: JobState = "failed"
         try:
             if self._prefect_ready is not None:
                 self._prefect_ready()  # the engine's own server may still be starting
@@ -530,7 +365,7 @@ class Engine:
         with self._lock:
             return self._jobs.get(job_id)
 
-    def jobs(self, *, active_only: bool = False) -> dict[str, dict[str, Any]]:
+    def jobs(self, *, active_only: bool = False) -> dict[str, JobView]:
         """Every job the engine remembers, or (``active_only``) those queued or running."""
         with self._lock:
             return {
@@ -601,25 +436,27 @@ class Engine:
     def closed(self) -> bool:
         return self._closed
 
-    def status(self) -> dict[str, Any]:
+    def status(self) -> EngineStatus:
         pools = self.pool.status() if hasattr(self.pool, "status") else {}
         with self._lock:
             running = [j.view() for j in self._jobs.values() if j.status == "running"]
             queued = [j.view() for j in self._queue]
             finished = sum(1 for j in self._jobs.values() if j.finished_at is not None)
-        return {
-            "pid": os.getpid(),
-            "started_at": self.started_at,
-            "uptime_s": round(time.time() - self.started_at, 1),
-            "idle_s": round(self.idle_s(), 1),
-            "runner": self.settings.runner,
-            "prefect_api_url": self.prefect_api_url,
-            "max_concurrent_jobs": self.settings.max_concurrent_jobs,
-            "jobs": {"running": running, "queued": queued, "finished": finished},
-            "devices": self.slots.status(),
-            "batching": self.runner.status(),
-            **pools,
-        }
+        return EngineStatus.model_validate(
+            {
+                "pid": os.getpid(),
+                "started_at": self.started_at,
+                "uptime_s": round(time.time() - self.started_at, 1),
+                "idle_s": round(self.idle_s(), 1),
+                "runner": self.settings.runner,
+                "prefect_api_url": self.prefect_api_url,
+                "max_concurrent_jobs": self.settings.max_concurrent_jobs,
+                "jobs": {"running": running, "queued": queued, "finished": finished},
+                "devices": self.slots.status(),
+                "batching": self.runner.status(),
+                **pools,
+            }
+        )
 
     def close(self, wait_s: float = 0.0) -> None:
         with self._lock:

@@ -175,14 +175,9 @@ class LifecycleStore:
 
     def ended_without_fault(self, plugin: str, duration_ms: float) -> None:
         """A call ended in a way that says nothing about the plugin's health (cancelled, or the tool
-        refused the caller's input): INITIALIZED again, the call counted, no failure, the last error kept."""
-        self._write(
-            "INSERT INTO plugin_state (plugin, state, calls, last_duration_ms, updated_at)"
-            " VALUES (?, 'INITIALIZED', 1, ?, ?)"
-            " ON CONFLICT(plugin) DO UPDATE SET state='INITIALIZED', calls=calls+1,"
-            " last_duration_ms=excluded.last_duration_ms, updated_at=excluded.updated_at",
-            (plugin, duration_ms, time.time()),
-        )
+        refused the caller's input): INITIALIZED again, the call counted, no failure, the last error
+        kept — what a success records."""
+        self.succeeded(plugin, duration_ms)
 
     def failed(self, plugin: str, error: str, error_type: str, duration_ms: float | None) -> None:
         self._write(

@@ -1,8 +1,9 @@
-"""The engine's control endpoint: HTTP/1.1 on a Unix socket (``<home>/engine.sock``, mode 0600).
+"""The engine daemon's control endpoint: HTTP/1.1 on a Unix socket (``<home>/engine.sock``, mode 0600).
 
 Only processes of this host that may open the socket file can reach it: no port, no token. The
 engine knows nothing of FastAPI; the API (and ``forgeflow run``, and flow runs that Prefect workers
-start) talk to it with :class:`forgeflow.engine.client.EngineClient`.
+start) talk to it with :class:`forgeflow.engine.client.EngineClient`. Every body below is a model of
+:mod:`forgeflow.engine.control`, which both sides use.
 
 =========================  ===============================================================
 ``GET /status``            pools, workers, warm models, job queue, device slots
@@ -22,7 +23,8 @@ start) talk to it with :class:`forgeflow.engine.client.EngineClient`.
 ``POST /shutdown``         ``{"drain": true}``: leave once the running jobs end; else now
 =========================  ===============================================================
 
-Run it with ``forgeflow engine start`` (background) or ``forgeflow engine run`` (foreground);
+Run it with ``forgeflow engine start`` (background), ``forgeflow engine run`` (foreground) or
+``python -m forgeflow.host``;
 ``forgeflow run`` starts one in the background when none runs (``--started-by "forgeflow run"``,
 ``--idle-stop-s`` from ``FORGEFLOW_ENGINE_IDLE_STOP_S``).
 
@@ -36,7 +38,6 @@ a job's flow run begins once Prefect answers. A stop, however it comes (idle tim
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import signal
@@ -45,11 +46,22 @@ import socketserver
 import sys
 import threading
 import time
+from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
+from pydantic import BaseModel, ValidationError
+
+from forgeflow.engine import control
+from forgeflow.engine.runners.base import Progress, ToolCall
+from forgeflow.events.sinks import EventSink
+from forgeflow.host.job import EngineJob, NotAPipelineRun, StreamSink
 from forgeflow.processes import pid_alive
+
+if TYPE_CHECKING:  # the core imports jobs (and Prefect with them): only main() imports it, when a daemon starts
+    from forgeflow.host.core import Engine
+    from forgeflow.jobs.prefect_server import LocalPrefectServer
 
 log = logging.getLogger("forgeflow.engine")
 
@@ -68,7 +80,7 @@ class EngineService:
 
     def __init__(
         self,
-        engine: Any,
+        engine: Engine,
         socket_path: Path,
         owner_pid: int | None = None,
         *,
@@ -117,17 +129,19 @@ class EngineService:
         if self._server is not None:
             threading.Thread(target=self._server.shutdown, daemon=True).start()
 
-    def life(self) -> dict[str, Any]:
-        """Who started the engine and when it stops by itself (``forgeflow engine status``)."""
+    def status(self) -> control.EngineStatus:
+        """The engine's status with who started it and when it stops by itself (``forgeflow engine status``)."""
         idle = self.engine.idle_s()
-        return {
-            "started_by": self.started_by,
-            "owner_pid": self.owner_pid,
-            "idle_stop_s": self.idle_stop_s,
-            "idle_stop_in_s": round(max(0.0, self.idle_stop_s - idle), 1) if self.idle_stop_s else None,
-            "draining": self.draining,
-            "stopping": self.stopping,
-        }
+        return self.engine.status().model_copy(
+            update={
+                "started_by": self.started_by,
+                "owner_pid": self.owner_pid,
+                "idle_stop_s": self.idle_stop_s,
+                "idle_stop_in_s": round(max(0.0, self.idle_stop_s - idle), 1) if self.idle_stop_s else None,
+                "draining": self.draining,
+                "stopping": self.stopping,
+            }
+        )
 
     def _watch(self) -> None:
         while not self.stopped.is_set():
@@ -147,24 +161,30 @@ class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     service: EngineService
 
-    def log_message(self, format: str, *args: Any) -> None:
+    def log_message(self, format: str, *args: object) -> None:
         log.debug("engine request: " + format, *args)
 
     def address_string(self) -> str:
         return "unix"
 
     # --- plumbing ----------------------------------------------------------------------------------
-    def _body(self) -> Any:
+    def _body(self) -> bytes:
         length = int(self.headers.get("Content-Length") or 0)
-        return json.loads(self.rfile.read(length) or b"{}") if length else {}
+        return self.rfile.read(length) if length else b"{}"
 
-    def _send(self, status: int, payload: Any) -> None:
-        data = json.dumps(payload, default=str).encode()
+    def _send(self, status: int, payload: BaseModel | dict[str, control.JobView]) -> None:
+        if isinstance(payload, BaseModel):
+            data = payload.model_dump_json(fallback=str).encode()  # a pool's extra fields may hold paths
+        else:
+            data = control.JOBS_ANSWER.dump_json(payload)
         self.send_response(status)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(data)))
         self.end_headers()
         self.wfile.write(data)
+
+    def _error(self, status: int, message: str) -> None:
+        self._send(status, control.ErrorAnswer(error=message))
 
     def _start_lines(self) -> None:
         """Start an NDJSON answer (one JSON object per line, sent as it comes; the connection closes after)."""
@@ -174,127 +194,147 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
         self.close_connection = True
 
-    def _line(self, payload: Any) -> None:
-        self.wfile.write(json.dumps(payload, default=str).encode() + b"\n")
+    def _line(self, payload: BaseModel) -> None:
+        self.wfile.write(payload.model_dump_json(exclude_unset=True, fallback=str).encode() + b"\n")
         self.wfile.flush()
+
+    def _job_or_404(self, job: EngineJob | None) -> None:
+        self._send(200, job.view()) if job else self._error(404, "unknown job")
 
     def do_GET(self) -> None:
         engine = self.service.engine
-        if self.path == "/status":
-            self._send(200, {**engine.status(), **self.service.life()})
-        elif self.path == "/jobs":
+        if self.path == control.STATUS:
+            self._send(200, self.service.status())
+        elif self.path == control.JOBS:
             self._send(200, engine.jobs())
-        elif self.path == "/jobs?active=1":
+        elif self.path == control.ACTIVE_JOBS:
             self._send(200, engine.jobs(active_only=True))
-        elif self.path.startswith("/jobs/"):
-            job = engine.job(self.path.split("/", 2)[2])
-            self._send(200, job.view()) if job else self._send(404, {"error": "unknown job"})
+        elif self.path.startswith(control.JOBS + "/"):
+            self._job_or_404(engine.job(self.path.split("/", 2)[2]))
         else:
-            self._send(404, {"error": f"no route {self.path}"})
+            self._error(404, f"no route {self.path}")
 
     def do_POST(self) -> None:
-        try:
-            body = self._body()
-        except (ValueError, json.JSONDecodeError) as exc:
-            self._send(400, {"error": f"malformed JSON: {exc}"})
+        route = _POST_ROUTES.get(self.path)
+        if route is None and self.path.startswith(control.JOBS + "/") and self.path.endswith("/cancel"):
+            route = _Handler._cancel
+        if route is None:
+            self._error(404, f"no route {self.path}")
             return
+        body = self._body()
         try:
-            self._route(body)
+            route(self, body)
+        except ValidationError as exc:  # a body that is not the route's model: say what is wrong
+            self._error(400, f"bad request body for {self.path}: {exc}")
         except Exception as exc:  # an engine bug answers 500, never kills the engine
             log.exception("engine request %s failed", self.path)
             try:
-                self._send(500, {"error": f"{type(exc).__name__}: {exc}"})
+                self._error(500, f"{type(exc).__name__}: {exc}")
             except OSError:
                 pass
 
-    def _route(self, body: dict[str, Any]) -> None:
-        from forgeflow.engine.core import StreamSink
-        from forgeflow.engine.runners.base import Progress, ToolCall
-
+    # --- routes (each validates its body with its model of forgeflow.engine.control) ------------------
+    def _submit(self, body: bytes) -> None:
         service, engine = self.service, self.service.engine
-        if self.path == "/jobs":
-            if engine.closed:
-                self._send(503, {"error": "the engine is stopping: start a new one"})
-                return
-            if service.draining:
-                service.draining = False  # a new job: whoever sends it wants the engine
-            stream = bool(body.get("stream"))
-            target = body.get("sink") or {}
-            if stream:
-                sink: Any = StreamSink()
-            elif target.get("api_url"):
-                sink = engine.http_sink(target["api_url"], target.get("ingest_token"))
-            else:
-                self._send(400, {"error": "a job needs a sink (api_url) or stream: true"})
-                return
-            if body.get("flow_run_id"):
-                from forgeflow.engine.core import NotAPipelineRun
-
-                try:
-                    job = engine.submit_flow_run(str(body["flow_run_id"]), sink, handed_by=body.get("handed_by"))
-                except NotAPipelineRun as exc:
-                    self._send(409, {"error": str(exc)})
-                    return
-            else:
-                job = engine.submit(str(body["job_id"]), body["pipeline"], body.get("input") or {}, sink)
-            if not stream:
-                self._send(202, job.view())
-                return
-            self._start_lines()
-            for event in engine.stream(job):
-                self._line(
-                    {"event": event.model_dump(mode="json")}
-                    if event is not None
-                    else {"envelope": job.envelope, "status": job.status}
-                )
-        elif self.path.startswith("/jobs/") and self.path.endswith("/cancel"):
-            job = engine.cancel(self.path.split("/")[2])
-            self._send(200, job.view()) if job else self._send(404, {"error": "unknown job"})
-        elif self.path == "/calls":
-            result = engine.call(ToolCall.model_validate(body))
-            self._send(200, result.model_dump(mode="json"))
-        elif self.path == "/calls?progress=1":
-            self._start_lines()
-            client_gone = False
-
-            def send_progress(progress: Progress) -> None:
-                nonlocal client_gone
-                if not client_gone:
-                    try:
-                        self._line({"progress": progress.model_dump(mode="json")})
-                    except OSError:  # the caller went away; the call still ends normally
-                        client_gone = True
-
-            result = engine.call(ToolCall.model_validate(body), send_progress)
-            if not client_gone:
-                self._line({"result": result.model_dump(mode="json")})
-        elif self.path == "/warm":
-            self._send(200, {"started": engine.warm(list(body.get("plugins") or []))})
-        elif self.path == "/owner":
-            service.owner_pid = body.get("pid")
-            service.draining = False
-            if service.owner_pid is not None:
-                service.idle_stop_s = 0.0  # its owner decides when it goes
-            self._send(200, {"owner_pid": service.owner_pid})
-        elif self.path == "/idle-stop":
-            try:
-                seconds = float(body.get("seconds", -1.0))
-            except (TypeError, ValueError):
-                seconds = -1.0
-            if not seconds >= 0:
-                self._send(400, {"error": "seconds must be a number >= 0"})
-                return
-            service.idle_stop_s = seconds
-            self._send(200, service.life())
-        elif self.path == "/shutdown":
-            if body.get("drain"):
-                service.draining = True
-                self._send(200, {"draining": True, "active_jobs": engine.active_jobs})
-            else:
-                self._send(200, {"stopping": True})
-                service.stop()
+        request = control.JOB_REQUEST.validate_json(body)
+        if engine.closed:
+            self._error(503, "the engine is stopping: start a new one")
+            return
+        if service.draining:
+            service.draining = False  # a new job: whoever sends it wants the engine
+        stream = isinstance(request, control.SubmitJob) and request.stream
+        sink: EventSink
+        if stream:
+            sink = StreamSink()
+        elif request.sink is not None:
+            sink = engine.http_sink(request.sink.api_url, request.sink.ingest_token)
         else:
-            self._send(404, {"error": f"no route {self.path}"})
+            self._error(400, "a job needs a sink (api_url) or stream: true")
+            return
+        if isinstance(request, control.HandOverFlowRun):
+            try:
+                job = engine.submit_flow_run(request.flow_run_id, sink, handed_by=request.handed_by)
+            except NotAPipelineRun as exc:
+                self._error(409, str(exc))
+                return
+        else:
+            job = engine.submit(request.job_id, request.pipeline, request.input, sink)
+        if not stream:
+            self._send(202, job.view())
+            return
+        self._start_lines()
+        for event in engine.stream(job):
+            self._line(
+                control.JobStreamLine(event=event.model_dump(mode="json"))
+                if event is not None
+                else control.JobStreamLine(envelope=job.envelope, status=job.status)
+            )
+
+    def _cancel(self, body: bytes) -> None:
+        self._job_or_404(self.service.engine.cancel(self.path.split("/")[2]))
+
+    def _call(self, body: bytes) -> None:
+        result = self.service.engine.call(ToolCall.model_validate_json(body))
+        self._send(200, result)
+
+    def _call_with_progress(self, body: bytes) -> None:
+        call = ToolCall.model_validate_json(body)
+        self._start_lines()
+        client_gone = False
+
+        def send_progress(progress: Progress) -> None:
+            nonlocal client_gone
+            if not client_gone:
+                try:
+                    self._line(control.CallStreamLine(progress=progress))
+                except OSError:  # the caller went away; the call still ends normally
+                    client_gone = True
+
+        result = self.service.engine.call(call, send_progress)
+        if not client_gone:
+            self._line(control.CallStreamLine(result=result))
+
+    def _warm(self, body: bytes) -> None:
+        request = control.WarmRequest.model_validate_json(body)
+        self._send(200, control.WarmAnswer(started=self.service.engine.warm(request.plugins)))
+
+    def _owner(self, body: bytes) -> None:
+        service = self.service
+        service.owner_pid = control.OwnerRequest.model_validate_json(body).pid
+        service.draining = False
+        if service.owner_pid is not None:
+            service.idle_stop_s = 0.0  # its owner decides when it goes
+        self._send(200, control.OwnerAnswer(owner_pid=service.owner_pid))
+
+    def _idle_stop(self, body: bytes) -> None:
+        try:
+            request = control.IdleStopRequest.model_validate_json(body)
+        except ValidationError:
+            self._error(400, "seconds must be a number >= 0")
+            return
+        self.service.idle_stop_s = request.seconds
+        self._send(200, self.service.status())
+
+    def _shutdown(self, body: bytes) -> None:
+        service = self.service
+        if control.ShutdownRequest.model_validate_json(body).drain:
+            service.draining = True
+            self._send(200, control.ShutdownAnswer(draining=True, active_jobs=service.engine.active_jobs))
+        else:
+            self._send(200, control.ShutdownAnswer(stopping=True))
+            service.stop()
+
+
+#: ``POST`` routes by path (a job's cancel, whose path names the job, is matched apart).
+_POST_ROUTES: dict[str, Callable[[_Handler, bytes], None]] = {
+    control.JOBS: _Handler._submit,
+    control.CALLS: _Handler._call,
+    control.CALLS_WITH_PROGRESS: _Handler._call_with_progress,
+    control.WARM: _Handler._warm,
+    control.OWNER: _Handler._owner,
+    control.IDLE_STOP: _Handler._idle_stop,
+    control.SHUTDOWN: _Handler._shutdown,
+}
 
 
 def _answers(path: Path) -> bool:
@@ -314,7 +354,7 @@ class PrefectReadiness:
     jobs and starts workers: ``import prefect`` and, for a server of the engine's own, its first
     answer. :meth:`wait` is what a job waits for before its flow run."""
 
-    def __init__(self, server: Any, api_url: str, timeout_s: float = 300.0) -> None:
+    def __init__(self, server: LocalPrefectServer | None, api_url: str, timeout_s: float = 300.0) -> None:
         self.server = server
         self.api_url = api_url
         self.timeout_s = timeout_s
@@ -343,7 +383,7 @@ class PrefectReadiness:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m forgeflow.engine", description="ForgeFlow's engine for this host.")
+    parser = argparse.ArgumentParser(prog="python -m forgeflow.host", description="ForgeFlow's engine for this host.")
     parser.add_argument("--owner-pid", type=int, default=None, help="leave once this process is gone and no job runs")
     parser.add_argument(
         "--idle-stop-s", type=float, default=0.0, help="leave after this many seconds without a job or call (0: never)"
@@ -381,7 +421,7 @@ def main(argv: list[str] | None = None) -> int:
         os.environ["PREFECT_API_URL"] = prefect_server.launch()  # it migrates its database meanwhile
     try:
         readiness = PrefectReadiness(prefect_server, os.environ["PREFECT_API_URL"])
-        from forgeflow.engine.core import Engine
+        from forgeflow.host.core import Engine
 
         engine = Engine(settings, prefect_ready=readiness.wait)
         service = EngineService(

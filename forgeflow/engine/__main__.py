@@ -1,5 +1,0 @@
-import sys
-
-from forgeflow.engine.server import main
-
-sys.exit(main())

@@ -1,0 +1,109 @@
+"""Prefect for the daemon's flow runs: settings without the heartbeat thread, one TLS context, and
+the server's default result storage asked once a minute (each saves time on every flow run)."""
+
+from __future__ import annotations
+
+import ssl
+import threading
+import time
+from typing import TYPE_CHECKING
+from uuid import UUID
+
+if TYPE_CHECKING:
+    from prefect.context import SettingsContext, SyncClientContext
+    from prefect.settings import Profile, Settings
+
+#: How long the engine trusts the Prefect server's default result storage (see _remember_result_storage).
+RESULT_STORAGE_TTL_S = 60.0
+#: How long a job waits for a Prefect server too busy to create its flow run before it fails.
+PREFECT_BUSY_WAIT_S = 300.0
+
+
+def prefect_busy(exc: BaseException) -> bool:
+    """Whether Prefect refused or never received a request, so repeating it cannot do anything twice:
+    a 503/429 (its write lock, its rate limit) or a connection that was not made."""
+    import httpx
+
+    if isinstance(exc, httpx.HTTPStatusError):
+        return exc.response.status_code in (429, 503)
+    return isinstance(exc, httpx.ConnectError | httpx.ConnectTimeout)
+
+
+def _remember_result_storage() -> None:
+    """Ask the Prefect server for its default result storage once a minute, not twice per flow run.
+
+    Prefect reads it (``GET /admin/storage``) when a flow is called and again for its result store:
+    two of the nine requests of an engine's flow run, for a setting an operator changes rarely. ForgeFlow's
+    flows persist no result, so a change reaches the engine's runs within the minute. Left as it is
+    when this Prefect has no such function."""
+    from prefect import results
+
+    read = getattr(results, "_read_server_default_result_storage_block_id", None)
+    if read is None or getattr(read, "forgeflow_cached", False):
+        return
+    lock = threading.Lock()
+    last: list[tuple[float, UUID | None]] = []
+
+    def cached() -> UUID | None:
+        now = time.monotonic()
+        with lock:
+            if last and now - last[0][0] < RESULT_STORAGE_TTL_S:
+                return last[0][1]
+        value: UUID | None = read()
+        with lock:
+            last[:] = [(now, value)]
+        return value
+
+    cached.forgeflow_cached = True  # type: ignore[attr-defined]
+    results._read_server_default_result_storage_block_id = cached
+
+
+class PrefectRuns:
+    """What every flow run of the daemon shares of Prefect, made once (thread-safe)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._prefect_settings: tuple[Profile, Settings] | None = None
+        self._tls_context: ssl.SSLContext | None = None
+
+    def settings(self) -> SettingsContext:
+        """Prefect's settings for the engine's flow runs: without the heartbeat thread, whose join
+        costs a sync flow run ~1 s at exit (the engine and the API's reconciliation notice a lost
+        job). Built once: ``temporary_settings`` would rebuild the settings for every run (~0.27 s)."""
+        import prefect.context
+        from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY
+
+        with self._lock:
+            if self._prefect_settings is None:
+                _remember_result_storage()
+                current = prefect.context.get_settings_context()
+                self._prefect_settings = (
+                    current.profile,
+                    current.settings.copy_with_update(updates={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}),
+                )
+        profile, settings = self._prefect_settings
+        return prefect.context.SettingsContext(profile=profile, settings=settings)
+
+    def client(self) -> SyncClientContext:
+        """A Prefect client for one job's flow run, made with the engine's one TLS context.
+
+        Prefect's flow engine makes a client per flow run, and each loads a TLS context from the CA
+        bundle: about a tenth of the engine's CPU per small job. This client (open in the thread's
+        ``SyncClientContext``, which Prefect's flow and task engines use when one is open) shares a
+        context made once. It is still one client per job, with fresh connections: a client kept
+        between jobs met connections the server had closed while idle (its keep-alive is shorter
+        than the client's) and backed off for minutes."""
+        import certifi
+        from prefect.context import SyncClientContext
+        from prefect.settings import PREFECT_API_SSL_CERT_FILE, PREFECT_API_TLS_INSECURE_SKIP_VERIFY
+
+        with self._lock:
+            if self._tls_context is None:
+                if PREFECT_API_TLS_INSECURE_SKIP_VERIFY.value():
+                    context = ssl.create_default_context()
+                    context.check_hostname = False
+                    context.verify_mode = ssl.CERT_NONE
+                else:
+                    context = ssl.create_default_context(cafile=PREFECT_API_SSL_CERT_FILE.value() or certifi.where())
+                self._tls_context = context
+        return SyncClientContext(httpx_settings={"verify": self._tls_context})
