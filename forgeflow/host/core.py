@@ -248,7 +248,9 @@ class Engine:
                     raise
                 if services.is_cancelled(job.job_id):
                     raise
-                log.warning("job %s: Prefect could not create its flow run (%s); again in %.0f s", job.job_id, exc, delay)
+                log.warning(
+                    "job %s: Prefect could not create its flow run (%s); again in %.0f s", job.job_id, exc, delay
+                )
                 time.sleep(delay)
                 delay = min(delay * 2, 10.0)
 

@@ -14,11 +14,11 @@ import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from forgeflow.plugins.lifecycle import LifecycleStore
-from forgeflow.plugins.registry import PluginRegistry
 from forgeflow.engine.runners.base import Runner
 from forgeflow.events.sinks import EventSink, sink_from_settings
 from forgeflow.jobs.media_sync import MediaSync
+from forgeflow.plugins.lifecycle import LifecycleStore
+from forgeflow.plugins.registry import PluginRegistry
 from forgeflow.settings import Settings, get_settings
 
 __all__ = ["ENGINE_PROCESS_ENV", "Services", "current_services", "use_services"]
