@@ -23,18 +23,17 @@ import asyncio
 import logging
 import os
 import time
-from pathlib import Path
 from typing import Any
 
 from anyio import to_thread
 
 from forgeflow.api.batches import batch_service
 from forgeflow.api.deps import ApiState
+from forgeflow.api.engine_jobs import EngineJobHandle
+from forgeflow.api.spool_import import import_spool
 from forgeflow.api.store.rows import JobRow
-from forgeflow.events import spool
-from forgeflow.events.models import Event, JobStatusEvent, PipelineError, parse_event
+from forgeflow.events.models import Event, JobStatusEvent, PipelineError
 from forgeflow.jobs.deployment import DeploymentRun
-from forgeflow.jobs.supervise import JobProcess
 from forgeflow.pipeline import outcome
 from forgeflow.pipeline.definition import raw_stages
 from forgeflow.pipeline.outcome import EndReason
@@ -45,71 +44,6 @@ log = logging.getLogger(__name__)
 CANCELLED_BY_USER = "cancelled by the user"
 #: How often the launcher's loop looks after the running batches (crash retries, end, progress).
 BATCH_CHECK_S = 0.5
-
-
-def import_spool(state: ApiState, *, skip_live_writers: bool = True) -> int:
-    """Store the events of spool files whose writer is gone, deleting each file once stored."""
-    stored = 0
-    for file in spool.spool_files(state.settings.spool_dir):
-        claimed = spool.claim(file, skip_live_writers=skip_live_writers)
-        if claimed is not None:
-            stored += _import_file(state, claimed)
-    return stored
-
-
-def _import_file(state: ApiState, path: Path) -> int:
-    good: list[Event] = []
-    bad: list[str] = []
-    for data in spool.read_events(path):
-        try:
-            good.append(parse_event(data))
-        except Exception as exc:
-            bad.append(f"{exc}: {data!r}"[:2000])
-    stored = 0
-    for i in range(0, len(good), 200):
-        stored += len(state.store.ingest(good[i : i + 200], publish=state.publish, resolve_plugin=state.resolve_plugin))
-    if bad:
-        log.error("spool file %s had %d unreadable events; kept in %s.bad", path.name, len(bad), path.name)
-        path.with_name(path.name + ".bad").write_text("\n".join(bad), encoding="utf-8")
-    path.unlink(missing_ok=True)
-    return stored
-
-
-class EngineJobHandle(JobProcess):
-    """A job running in the engine with pid ``pid``, watched like a job process: ``poll`` gives its
-    exit code (0 succeeded, 1 failed, 2 invalid, 3 cancelled), ``-1`` when the engine is gone or has
-    lost it; ``kill`` SIGKILLs the engine (every job it runs ends ``crashed``: for drills and clean-up)."""
-
-    def __init__(self, job_id: str, client: Any, pid: int, create_time: float | None = None) -> None:
-        super().__init__(job_id, pid, None, create_time)
-        self.client = client
-
-    def poll(self, active: dict[str, dict[str, Any]] | None = None) -> int | None:
-        """The job's exit code, or None while it runs. ``active``: the engine's queued and running
-        jobs, asked once for all of a tick's handles (a job among them is still running; only one
-        that is not costs a request of its own)."""
-        from forgeflow.engine.client import EngineUnavailable
-
-        if not self._alive():
-            return -1
-        if active is not None and self.job_id in active:
-            return None
-        try:
-            view = self.client.job(self.job_id)
-        except EngineUnavailable as exc:
-            return -1 if exc.status_code == 404 else None
-        code = view.get("exit_code")
-        return int(code) if code is not None else None
-
-    def cancel(self, grace_s: float = 10.0) -> int | None:
-        """Cancel the job in the engine (its stage's worker is killed); the engine itself stays."""
-        from forgeflow.engine.client import EngineUnavailable
-
-        try:
-            self.client.cancel(self.job_id)
-        except EngineUnavailable as exc:
-            log.warning("could not cancel job %s in the engine: %s", self.job_id, exc)
-        return self.wait(grace_s)
 
 
 class Launcher:

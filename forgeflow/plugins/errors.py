@@ -6,6 +6,8 @@ Each carries enough context (plugin, tool, field) for a message a user can act o
 
 from __future__ import annotations
 
+from pydantic import ValidationError
+
 
 class ForgeFlowError(Exception):
     """Base of every error ForgeFlow raises on purpose."""
@@ -85,3 +87,12 @@ class WorkerCrashed(ForgeFlowError):
     """The sandboxed process died (signal, ``os._exit``) or broke the protocol."""
 
     error_type = "WorkerCrashed"
+
+
+def format_validation_error(exc: ValidationError) -> str:
+    """One line per pydantic error: ``field.path: message``."""
+    parts = []
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err["loc"]) or "(root)"
+        parts.append(f"{loc}: {err['msg']}")
+    return "; ".join(parts)

@@ -41,7 +41,7 @@ from typing import TYPE_CHECKING, Any, Generic, TypeVar, get_args
 from pydantic import BaseModel, GetCoreSchemaHandler, GetJsonSchemaHandler
 from pydantic_core import core_schema
 
-from forgeflow.plugins.errors import InputError, OutputError
+from forgeflow.plugins.errors import InputError, OutputError, format_validation_error
 from forgeflow.plugins.frame_chunks import (
     COMPRESSION,
     FORMAT,
@@ -132,8 +132,6 @@ class FrameStream(Generic[R]):
 
     def __iter__(self) -> Iterator[R]:
         from pydantic import ValidationError
-
-        from forgeflow.plugins.sdk import format_validation_error
 
         for position, item in enumerate(self._records):
             if isinstance(item, self.record_type) or not self._source:

@@ -27,7 +27,7 @@ from forgeflow.plugins import frames
 from forgeflow.plugins.batching import BatchGather, BatchSpec, GroupFn
 from forgeflow.plugins.cache import OutputCache
 from forgeflow.plugins.checkpoints import Checkpoints
-from forgeflow.plugins.errors import ConfigError, InputError, OutputError, PluginUnavailable
+from forgeflow.plugins.errors import ConfigError, InputError, OutputError, PluginUnavailable, format_validation_error
 from forgeflow.settings import MATCH_MEDIA_BYTES
 
 if TYPE_CHECKING:
@@ -198,15 +198,6 @@ class FramesRead(BaseModel):
 
 
 RunFn = Callable[[Any, Any, ToolContext], Any]
-
-
-def format_validation_error(exc: ValidationError) -> str:
-    """One line per pydantic error: ``field.path: message``."""
-    parts = []
-    for err in exc.errors():
-        loc = ".".join(str(p) for p in err["loc"]) or "(root)"
-        parts.append(f"{loc}: {err['msg']}")
-    return "; ".join(parts)
 
 
 #: How a job's annotated media (:mod:`forgeflow.jobs.annotate`) draws the items of an output field a
