@@ -221,6 +221,8 @@ class Launcher:
                 self.ended[job_id] = (code, time.monotonic())
                 if isinstance(proc, DeploymentRun):
                     self.ended_runs[job_id] = proc
+                    if proc.host_lost:  # a dead host sends no late events: no grace to wait out
+                        self.ended[job_id] = (code, time.monotonic() - self.exit_grace_s)
                 await to_thread.run_sync(self.state.store.set_exit_code, job_id, code)
             for job_id, (code, since) in list(self.ended.items()):
                 if await to_thread.run_sync(self.state.store.has_terminal, job_id):

@@ -3,11 +3,12 @@ the server's default result storage asked once a minute (each saves time on ever
 
 from __future__ import annotations
 
-import ssl
 import threading
 import time
 from typing import TYPE_CHECKING
 from uuid import UUID
+
+from forgeflow.jobs.deployment import prefect_tls_context
 
 if TYPE_CHECKING:
     from prefect.context import SettingsContext, SyncClientContext
@@ -64,7 +65,6 @@ class PrefectRuns:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._prefect_settings: tuple[Profile, Settings] | None = None
-        self._tls_context: ssl.SSLContext | None = None
 
     def settings(self) -> SettingsContext:
         """Prefect's settings for the engine's flow runs: without the heartbeat thread, whose join
@@ -93,17 +93,6 @@ class PrefectRuns:
         context made once. It is still one client per job, with fresh connections: a client kept
         between jobs met connections the server had closed while idle (its keep-alive is shorter
         than the client's) and backed off for minutes."""
-        import certifi
         from prefect.context import SyncClientContext
-        from prefect.settings import PREFECT_API_SSL_CERT_FILE, PREFECT_API_TLS_INSECURE_SKIP_VERIFY
 
-        with self._lock:
-            if self._tls_context is None:
-                if PREFECT_API_TLS_INSECURE_SKIP_VERIFY.value():
-                    context = ssl.create_default_context()
-                    context.check_hostname = False
-                    context.verify_mode = ssl.CERT_NONE
-                else:
-                    context = ssl.create_default_context(cafile=PREFECT_API_SSL_CERT_FILE.value() or certifi.where())
-                self._tls_context = context
-        return SyncClientContext(httpx_settings={"verify": self._tls_context})
+        return SyncClientContext(httpx_settings={"verify": prefect_tls_context()})

@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import logging
 import os
+import ssl
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from functools import cache
 from typing import Any
 
 log = logging.getLogger("forgeflow.jobs.deployment")
@@ -22,15 +24,45 @@ log = logging.getLogger("forgeflow.jobs.deployment")
 EXIT_CODES = {"COMPLETED": 0, "FAILED": 1, "CRASHED": -1, "CANCELLED": -2}
 
 
+@cache
+def prefect_tls_context() -> ssl.SSLContext:
+    """The process's TLS context for the Prefect API, as Prefect's client would make it from its
+    settings (``PREFECT_API_TLS_INSECURE_SKIP_VERIFY``, ``PREFECT_API_SSL_CERT_FILE``, else certifi),
+    made once: loading the CA bundle is tens of ms of CPU, seconds on a busy host."""
+    import certifi
+    from prefect.settings import PREFECT_API_SSL_CERT_FILE, PREFECT_API_TLS_INSECURE_SKIP_VERIFY
+
+    if PREFECT_API_TLS_INSECURE_SKIP_VERIFY.value():
+        context = ssl.create_default_context()
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+        return context
+    return ssl.create_default_context(cafile=PREFECT_API_SSL_CERT_FILE.value() or certifi.where())
+
+
 @contextmanager
 def prefect_client() -> Iterator[Any]:
     """A synchronous Prefect client for ``PREFECT_API_URL`` as it is now (the service may set it
-    after Prefect froze its settings at import)."""
-    from prefect.client.orchestration import get_client
-    from prefect.settings import PREFECT_API_URL, temporary_settings
+    after Prefect froze its settings at import).
+
+    Made directly, with the process's one TLS context: ``get_client`` under ``temporary_settings``
+    rebuilds Prefect's settings and loads the CA bundle, ~0.1 s of CPU per client, which a launcher
+    reading each job's flow run every second paid per read (0.5 ms now). Still one client per use:
+    one kept between uses met connections the server had closed while idle."""
+    from prefect.client.orchestration import SyncPrefectClient, get_client
+    from prefect.settings import PREFECT_API_AUTH_STRING, PREFECT_API_KEY
 
     url = os.environ.get("PREFECT_API_URL")
-    with temporary_settings(updates={PREFECT_API_URL: url} if url else {}), get_client(sync_client=True) as client:
+    if not url:  # Prefect's own choice (its settings' URL, or an ephemeral server)
+        with get_client(sync_client=True) as client:
+            yield client
+        return
+    with SyncPrefectClient(
+        url,
+        auth_string=PREFECT_API_AUTH_STRING.value(),
+        api_key=PREFECT_API_KEY.value(),
+        httpx_settings={"verify": prefect_tls_context()},
+    ) as client:
         yield client
 
 
@@ -45,6 +77,7 @@ class DeploymentRun:
         self._code: int | None = None
         self._next_read = 0.0
         self._claimed_at: float | None = None  # when a worker first took the run (left Scheduled)
+        self.host_lost = False  # ended by :meth:`lost`: nothing more will come from its host
         self.create_time = None  # no process on this host
 
     @classmethod
@@ -122,6 +155,7 @@ class DeploymentRun:
         from forgeflow.jobs.supervise import mark_flow_run
 
         mark_flow_run(self.flow_run_id, "crashed", reason)
+        self.host_lost = True
         self.reason = f"Crashed ({reason})"
         self._code = EXIT_CODES["CRASHED"]
 

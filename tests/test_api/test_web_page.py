@@ -131,6 +131,20 @@ def _job_id_from(page: Any) -> str:
     return unquote(page.url.split("#/jobs/", 1)[1])
 
 
+def _wait_for_stage_running(page: Any, api: Any, job_id: str, index: int) -> None:
+    """Wait until the page shows stage ``index`` running; if it never does, say what the job and the
+    page went through instead (a timeout alone tells nothing)."""
+    from playwright.sync_api import TimeoutError as PlaywrightTimeout
+
+    try:
+        page.wait_for_selector(f'#stages > li[data-stage-index="{index}"][data-status="running"]', timeout=LONG)
+    except PlaywrightTimeout:
+        job = api.client().get(f"/v1/jobs/{job_id}").json()
+        seen = page.eval_on_selector_all("#messages > li", "items => items.map(i => i.textContent.slice(0, 120))")
+        stage_log = page.evaluate("window.__stageLog")
+        pytest.fail(f"stage {index} never showed running; job: {job}; stage log: {stage_log}; messages: {seen}")
+
+
 def _seqs(page: Any) -> list[int]:
     return [int(s) for s in page.eval_on_selector_all("#messages > li", "items => items.map(i => i.dataset.seq)")]
 
@@ -157,15 +171,17 @@ def test_upload_run_watch_the_stages_live_and_play_the_annotated_video(
     page.get_by_role("button", name="Run pipeline").click()
     job_id = _job_id_from(page)
 
-    # Live: stage 1 runs while the page already shows stage 0 completed and the job running.
-    page.wait_for_selector('#stages > li[data-stage-index="1"][data-status="running"]', timeout=LONG)
+    # Live: detection (seconds of model work) runs while the page shows the job running. The pose
+    # stage reuses the poses detection computed (reuse_outputs) and lasts ~0.1 s: too short to wait
+    # for, so the page's stage log (every change, from a MutationObserver) shows it ran in turn.
+    _wait_for_stage_running(page, api, job_id, 0)
     _screenshot(page, "job-page-running.png")
     expect(page.locator("#job-status")).to_have_text("running")
-    assert _stage_statuses(page)[0] == "completed"
     expect(page.locator("#job-status")).to_have_text("succeeded", timeout=LONG)
 
     log = page.evaluate("window.__stageLog")
     assert log[-1]["stages"] == ["completed"] * 3
+    assert any(entry["stages"][:2] == ["completed", "running"] for entry in log), log
     for index in (0, 1):  # the model stages run long enough to be seen running
         running = next(i for i, entry in enumerate(log) if entry["stages"][index] == "running")
         done = next(i for i, entry in enumerate(log) if entry["stages"][index] == "completed")

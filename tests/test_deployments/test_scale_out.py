@@ -118,7 +118,9 @@ def test_jobs_spread_over_two_hosts_and_a_dead_host_crashes_only_its_jobs(two_ho
 
     for job_id in on_b:  # the API notices the silence and ends them
         assert wait_job(api, job_id, timeout=60)["status"] == "crashed"
-    assert time.monotonic() - killed_at < 30
+    noticed_after = time.monotonic() - killed_at
+    print(f"host B's jobs ended crashed {noticed_after:.1f} s after it died")
+    assert noticed_after < 30
     jobs = {job_id: wait_job(api, job_id, timeout=180) for job_id in ids}
     crashed = {job_id for job_id, job in jobs.items() if job["status"] == "crashed"}
     assert on_b <= crashed, {j: jobs[j]["status"] for j in on_b}
