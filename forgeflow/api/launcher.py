@@ -4,6 +4,8 @@
   engine (:mod:`forgeflow.engine`, started on demand: one long-lived process with warm worker
   pools), which runs it as one Prefect flow run and posts its events to the ingest endpoint. The
   engine's pid is stored with the job before anything else happens to it.
+* Each launched job is a :class:`~forgeflow.jobs.handle.JobHandle` (an engine job, or a flow run in
+  deployment mode) that says how it ended, as a status.
 * A job whose engine dies without a stored terminal status (SIGKILL, OOM killer) gets its terminal
   messages from ``reconcile_crash`` after a short grace period (and after the spool folder is
   imported, in case its last events were spooled rather than delivered).
@@ -23,7 +25,7 @@ import asyncio
 import logging
 import os
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from anyio import to_thread
 
@@ -34,14 +36,23 @@ from forgeflow.api.spool_import import import_spool
 from forgeflow.api.store.rows import JobRow
 from forgeflow.events.models import Event, JobStatusEvent, PipelineError
 from forgeflow.jobs.deployment import DeploymentRun
+from forgeflow.jobs.flow_runs import mark_flow_run
+from forgeflow.jobs.handle import JobEnd, JobHandle
+from forgeflow.jobs.reconcile import reconcile_crash
 from forgeflow.pipeline import outcome
 from forgeflow.pipeline.definition import raw_stages
 from forgeflow.pipeline.outcome import EndReason
 from forgeflow.processes import pid_alive, process_create_time
 
+if TYPE_CHECKING:
+    from forgeflow.engine.client import EngineClient
+    from forgeflow.engine.control import JobView
+
 log = logging.getLogger(__name__)
 
 CANCELLED_BY_USER = "cancelled by the user"
+#: Where the launcher runs a job: this host's engine, or a deployment's flow run (each a JobHandle).
+HANDLE_KINDS: tuple[type[JobHandle], ...] = (EngineJobHandle, DeploymentRun)
 #: How often the launcher's loop looks after the running batches (crash retries, end, progress).
 BATCH_CHECK_S = 0.5
 
@@ -54,15 +65,16 @@ class Launcher:
         self.exit_grace_s = exit_grace_s
         self.cancel_grace_s = cancel_grace_s
         self.poll_interval_s = poll_interval_s
-        self.procs: dict[str, Any] = {}  # job_id -> JobProcess
-        self.ended: dict[str, tuple[int | None, float]] = {}  # job_id -> (exit code, monotonic time)
+        self.procs: dict[str, EngineJobHandle | DeploymentRun] = {}  # the launched jobs being watched
+        #: Jobs that ended with no terminal status stored yet: how they ended (None: unknown), and when.
+        self.ended: dict[str, tuple[JobEnd | None, float]] = {}
         self.ended_runs: dict[str, DeploymentRun] = {}  # job_id -> its ended flow run, for the reason
         self._lock = asyncio.Lock()
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._cancel_tasks: set[asyncio.Task[Any]] = set()
         self.enabled = True
-        self._engine: Any = None  # EngineClient, once an engine was found or started
+        self._engine: EngineClient | None = None  # once an engine was found or started
         self._engine_pid = 0
         self._engine_created: float | None = None
         self._started = time.monotonic()
@@ -76,11 +88,12 @@ class Launcher:
         self._task = asyncio.create_task(self._run(), name="forgeflow-launcher")
 
     async def stop(self) -> None:
-        if self._engine is not None:  # the engine finishes its running jobs, then leaves
+        engine = self._engine
+        if engine is not None:  # the engine finishes its running jobs, then leaves
             from forgeflow.engine.client import EngineUnavailable
 
             try:
-                await to_thread.run_sync(lambda: self._engine.shutdown(drain=True))
+                await to_thread.run_sync(lambda: engine.shutdown(drain=True))
             except EngineUnavailable:
                 pass
         if self._task is not None:
@@ -168,7 +181,7 @@ class Launcher:
             else:
                 self.ended[job["id"]] = (None, time.monotonic() - self.exit_grace_s)
 
-    def engine(self) -> Any:
+    def engine(self) -> EngineClient:
         """This host's engine client: the running engine (adopted), or one started now."""
         from forgeflow.engine.client import EngineUnavailable, ensure_engine
 
@@ -212,19 +225,18 @@ class Launcher:
         async with self._lock:
             if self.deployment_mode and self.procs:
                 await to_thread.run_sync(self._find_lost_hosts)
-            codes = await to_thread.run_sync(self._poll_all)  # may ask the engine or Prefect: off the event loop
+            ends = await to_thread.run_sync(self._poll_all)  # may ask the engine or Prefect: off the event loop
             for job_id, proc in list(self.procs.items()):
-                code = codes.get(job_id)
-                if code is None:
+                end = ends.get(job_id)
+                if end is None:
                     continue
                 del self.procs[job_id]
-                self.ended[job_id] = (code, time.monotonic())
+                self.ended[job_id] = (end, time.monotonic())
                 if isinstance(proc, DeploymentRun):
                     self.ended_runs[job_id] = proc
                     if proc.host_lost:  # a dead host sends no late events: no grace to wait out
-                        self.ended[job_id] = (code, time.monotonic() - self.exit_grace_s)
-                await to_thread.run_sync(self.state.store.set_exit_code, job_id, code)
-            for job_id, (code, since) in list(self.ended.items()):
+                        self.ended[job_id] = (end, time.monotonic() - self.exit_grace_s)
+            for job_id, (end, since) in list(self.ended.items()):
                 if await to_thread.run_sync(self.state.store.has_terminal, job_id):
                     del self.ended[job_id]
                     continue
@@ -234,7 +246,7 @@ class Launcher:
                         await to_thread.run_sync(import_spool, self.state)
                     continue
                 del self.ended[job_id]
-                await to_thread.run_sync(self._reconcile, job_id, code)
+                await to_thread.run_sync(self._reconcile, job_id, end)
             if not self.enabled:
                 return
             if time.monotonic() >= self._next_batch_check:
@@ -245,21 +257,21 @@ class Launcher:
                 for job in await to_thread.run_sync(self.state.store.jobs_to_launch, free):
                     await to_thread.run_sync(self._launch, job)
 
-    def _poll_all(self) -> dict[str, int | None]:
-        """Every watched job's exit code (None: still running), in one thread hop and, for the jobs on
+    def _poll_all(self) -> dict[str, JobEnd | None]:
+        """How every watched job ended (None: still running), in one thread hop and, for the jobs on
         this host's engine, one request for all of them (not one per job every tick)."""
         from forgeflow.engine.client import EngineUnavailable
 
-        active: dict[str, dict[str, Any]] | None = None
+        active: dict[str, JobView] | None = None
         if self._engine is not None and any(isinstance(p, EngineJobHandle) for p in self.procs.values()):
             try:
                 active = self._engine.jobs(active_only=True)
             except EngineUnavailable:
                 active = None  # each handle finds out for itself
-        codes: dict[str, int | None] = {}
+        ends: dict[str, JobEnd | None] = {}
         for job_id, proc in list(self.procs.items()):
-            codes[job_id] = proc.poll(active) if isinstance(proc, EngineJobHandle) else proc.poll()
-        return codes
+            ends[job_id] = proc.poll(active) if isinstance(proc, EngineJobHandle) else proc.poll()
+        return ends
 
     def _find_lost_hosts(self) -> None:
         """Deployment mode: a job whose flow run a worker took and whose host has sent no heartbeat
@@ -329,14 +341,14 @@ class Launcher:
         self.procs[job_id] = proc
         log.info("job %s runs on the engine (pid %s)", job_id, pid)
 
-    def _running_engine(self) -> Any:
+    def _running_engine(self) -> EngineClient:
         """The engine client of the last launch while its process lives (no status round trip per
         job), else :meth:`engine`."""
         if self._engine is not None and pid_alive(self._engine_pid, self._engine_created):
             return self._engine
         return self.engine()
 
-    def _submit(self, client: Any, job: JobRow) -> None:
+    def _submit(self, client: EngineClient, job: JobRow) -> None:
         client.submit(
             job["id"],
             job["pipeline"],
@@ -364,7 +376,7 @@ class Launcher:
     def _store_terminal(self, job_id: str, batch: list[Event]) -> None:
         self.state.store.ingest(batch, publish=self.state.publish, resolve_plugin=self.state.resolve_plugin)
 
-    def _reconcile(self, job_id: str, code: int | None) -> None:
+    def _reconcile(self, job_id: str, end: JobEnd | None) -> None:
         store = self.state.store
         job = store.get_job(job_id)
         if job is None or store.has_terminal(job_id):
@@ -373,14 +385,14 @@ class Launcher:
         ended_as = run.final_reason() if run is not None else None
         if ended_as is not None:
             reason = f"its flow run {job.get('flow_run_id')} ended without reporting a result: {ended_as}"
-        elif code is None or code < 0:
+        elif end is not None and end.reason:
+            reason = end.reason
+        elif end is None or end.status == "crashed":
             reason = f"the engine running the job (pid {job.get('pid')}) ended without reporting its result"
         else:
-            reason = f"the job ended (exit code {code}) without reporting a result"
+            reason = f"the engine ended the job {end.status} without reporting its result"
         batch: list[Event]
         try:
-            from forgeflow.jobs.supervise import reconcile_crash
-
             batch = list(
                 reconcile_crash(
                     job_id,
@@ -414,8 +426,6 @@ class Launcher:
             flow_run_id = job.get("flow_run_id")
             if flow_run_id:
                 try:
-                    from forgeflow.jobs.supervise import mark_flow_run
-
                     mark_flow_run(flow_run_id, "cancelled", CANCELLED_BY_USER)
                 except Exception:
                     log.warning("could not mark flow run %s cancelled", flow_run_id)

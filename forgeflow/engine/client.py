@@ -80,8 +80,8 @@ class EngineClient:
 
     def _job(
         self, method: str, path: str, body: BaseModel | None = None, timeout: float | None = None
-    ) -> dict[str, Any]:
-        return control.JobView.model_validate_json(self._request(method, path, body, timeout)).model_dump(mode="json")
+    ) -> control.JobView:
+        return control.JobView.model_validate_json(self._request(method, path, body, timeout))
 
     def alive(self) -> bool:
         try:
@@ -98,22 +98,21 @@ class EngineClient:
         """The engine's status as JSON (what ``forgeflow engine status --json`` and ``GET /v1/engine`` show)."""
         return self.engine_status().model_dump(mode="json")
 
-    def jobs(self, *, active_only: bool = False) -> dict[str, dict[str, Any]]:
+    def jobs(self, *, active_only: bool = False) -> dict[str, control.JobView]:
         """The engine's jobs by id (``active_only``: the queued and running ones)."""
-        answer = self._request("GET", control.ACTIVE_JOBS if active_only else control.JOBS)
-        return {
-            job_id: view.model_dump(mode="json") for job_id, view in control.JOBS_ANSWER.validate_json(answer).items()
-        }
+        return control.JOBS_ANSWER.validate_json(
+            self._request("GET", control.ACTIVE_JOBS if active_only else control.JOBS)
+        )
 
     def submit(
         self, job_id: str, pipeline: Any, input_data: dict[str, Any], *, api_url: str, ingest_token: str | None
-    ) -> dict[str, Any]:
+    ) -> control.JobView:
         sink = control.SinkTarget(api_url=api_url, ingest_token=ingest_token)
         return self._job(
             "POST", control.JOBS, control.SubmitJob(job_id=job_id, pipeline=pipeline, input=input_data, sink=sink)
         )
 
-    def submit_flow_run(self, flow_run_id: str, *, api_url: str, ingest_token: str | None) -> dict[str, Any]:
+    def submit_flow_run(self, flow_run_id: str, *, api_url: str, ingest_token: str | None) -> control.JobView:
         """Hand over a deployment's flow run (a Prefect worker's): the engine runs it as it is."""
         body = control.HandOverFlowRun(
             flow_run_id=flow_run_id,
@@ -143,10 +142,10 @@ class EngineClient:
         except httpx.HTTPError as exc:
             raise EngineUnavailable(f"lost the engine mid-job: {exc}") from None
 
-    def job(self, job_id: str) -> dict[str, Any]:
+    def job(self, job_id: str) -> control.JobView:
         return self._job("GET", control.job_path(job_id), timeout=5.0)
 
-    def cancel(self, job_id: str) -> dict[str, Any]:
+    def cancel(self, job_id: str) -> control.JobView:
         return self._job("POST", control.cancel_path(job_id))
 
     def call(self, call: ToolCall, on_progress: ProgressCallback | None = None) -> CallResult:

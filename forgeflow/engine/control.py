@@ -80,7 +80,6 @@ class JobView(BaseModel):
 
     job_id: str
     status: JobState
-    exit_code: int | None = None  # kept for callers that still read it (issue 22 item 1 removes it)
     submitted_at: float
     started_at: float | None = None
     finished_at: float | None = None

@@ -106,8 +106,8 @@ class Engine:
         """Queue a flow run of the ``pipeline`` deployment that a Prefect worker handed over
         (``python -m forgeflow.jobs.handoff``, process ``handed_by``): it runs here, on the warm
         pools, as that flow run; it is cancelled when that process dies (the worker lost it)."""
-        from forgeflow.jobs.deployment import prefect_client
         from forgeflow.jobs.flow import FLOW_NAME
+        from forgeflow.jobs.flow_runs import prefect_client
 
         with prefect_client() as client:
             flow_run = client.read_flow_run(flow_run_id)
@@ -139,7 +139,7 @@ class Engine:
                 log.warning("job %s: the process that handed it over (pid %s) is gone: stopping it", job.job_id, pid)
                 job.lost = f"its flow run's process (pid {pid}) died"
                 if job.flow_run is not None:  # Crashed before the cancel could end it Failed
-                    from forgeflow.jobs.supervise import mark_flow_run
+                    from forgeflow.jobs.flow_runs import mark_flow_run
 
                     mark_flow_run(str(job.flow_run.id), "crashed", job.lost)
                 if job.watch is not None:
@@ -256,7 +256,7 @@ class Engine:
 
     def _run_job(self, job: EngineJob) -> None:
         from forgeflow.jobs.flow import last_flow_run_id
-        from forgeflow.jobs.supervise import mark_flow_run
+        from forgeflow.jobs.flow_runs import mark_flow_run
 
         threading.current_thread().name = f"job-{job.job_id}"[:60]
         sink = job.watch = TerminalWatch(job.sink)
@@ -311,7 +311,7 @@ class Engine:
                 sink.flush(timeout=5.0)
         finally:
             if job.lost and job.flow_run is not None:  # the stopped run may have said Failed since
-                from forgeflow.jobs.supervise import mark_flow_run
+                from forgeflow.jobs.flow_runs import mark_flow_run
 
                 mark_flow_run(str(job.flow_run.id), "crashed", job.lost)
             if services.media_sync is not None:

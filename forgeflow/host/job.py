@@ -15,9 +15,6 @@ from forgeflow.events.sinks import EventSink
 if TYPE_CHECKING:
     from prefect.client.schemas.objects import FlowRun
 
-#: Exit codes of a finished job, as the job processes of earlier versions used them.
-EXIT_CODES = {"succeeded": 0, "failed": 1, "invalid": 2, "cancelled": 3}
-
 
 class NotAPipelineRun(Exception):
     """A handed-over flow run is not a run of the pipeline flow: the engine runs only those."""
@@ -87,7 +84,6 @@ class EngineJob:
         return JobView(
             job_id=self.job_id,
             status=self.status,
-            exit_code=EXIT_CODES.get(self.status),
             submitted_at=self.submitted_at,
             started_at=self.started_at,
             finished_at=self.finished_at,

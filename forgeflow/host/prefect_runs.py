@@ -8,7 +8,7 @@ import time
 from typing import TYPE_CHECKING
 from uuid import UUID
 
-from forgeflow.jobs.deployment import prefect_tls_context
+from forgeflow.jobs.flow_runs import prefect_tls_context
 
 if TYPE_CHECKING:
     from prefect.context import SettingsContext, SyncClientContext

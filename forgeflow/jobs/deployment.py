@@ -2,68 +2,31 @@
 
 The API creates the flow run with :func:`prefect.deployments.run_deployment` (the job id, pipeline
 and input as parameters; the job id as idempotency key, so a relaunch never makes a second run) and
-watches it like a job process: :meth:`DeploymentRun.poll` gives an exit code once Prefect says the
-flow run has ended, :attr:`DeploymentRun.reason` the state's message (why a worker crashed it).
+watches it as a :class:`~forgeflow.jobs.handle.JobHandle`: :meth:`DeploymentRun.poll` says how the
+job ended once Prefect says its flow run has, with the state's message as the reason (why a worker
+crashed it, say).
 The flow run itself sends the job's messages to the API's ingest endpoint, from whichever host runs it.
 """
 
 from __future__ import annotations
 
 import logging
-import os
-import ssl
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
-from functools import cache
 from typing import Any
+
+from forgeflow.exit_codes import JobEnding
+from forgeflow.jobs.flow_runs import mark_flow_run, prefect_client
+from forgeflow.jobs.handle import JobEnd
 
 log = logging.getLogger("forgeflow.jobs.deployment")
 
-#: Exit codes a flow run's final state stands for (as a job process's would).
-EXIT_CODES = {"COMPLETED": 0, "FAILED": 1, "CRASHED": -1, "CANCELLED": -2}
-
-
-@cache
-def prefect_tls_context() -> ssl.SSLContext:
-    """The process's TLS context for the Prefect API, as Prefect's client would make it from its
-    settings (``PREFECT_API_TLS_INSECURE_SKIP_VERIFY``, ``PREFECT_API_SSL_CERT_FILE``, else certifi),
-    made once: loading the CA bundle is tens of ms of CPU, seconds on a busy host."""
-    import certifi
-    from prefect.settings import PREFECT_API_SSL_CERT_FILE, PREFECT_API_TLS_INSECURE_SKIP_VERIFY
-
-    if PREFECT_API_TLS_INSECURE_SKIP_VERIFY.value():
-        context = ssl.create_default_context()
-        context.check_hostname = False
-        context.verify_mode = ssl.CERT_NONE
-        return context
-    return ssl.create_default_context(cafile=PREFECT_API_SSL_CERT_FILE.value() or certifi.where())
-
-
-@contextmanager
-def prefect_client() -> Iterator[Any]:
-    """A synchronous Prefect client for ``PREFECT_API_URL`` as it is now (the service may set it
-    after Prefect froze its settings at import).
-
-    Made directly, with the process's one TLS context: ``get_client`` under ``temporary_settings``
-    rebuilds Prefect's settings and loads the CA bundle, ~0.1 s of CPU per client, which a launcher
-    reading each job's flow run every second paid per read (0.5 ms now). Still one client per use:
-    one kept between uses met connections the server had closed while idle."""
-    from prefect.client.orchestration import SyncPrefectClient, get_client
-    from prefect.settings import PREFECT_API_AUTH_STRING, PREFECT_API_KEY
-
-    url = os.environ.get("PREFECT_API_URL")
-    if not url:  # Prefect's own choice (its settings' URL, or an ephemeral server)
-        with get_client(sync_client=True) as client:
-            yield client
-        return
-    with SyncPrefectClient(
-        url,
-        auth_string=PREFECT_API_AUTH_STRING.value(),
-        api_key=PREFECT_API_KEY.value(),
-        httpx_settings={"verify": prefect_tls_context()},
-    ) as client:
-        yield client
+#: How a job ended, by its flow run's final state type.
+ENDING_OF_STATE: dict[str, JobEnding] = {
+    "COMPLETED": "succeeded",
+    "FAILED": "failed",
+    "CRASHED": "crashed",
+    "CANCELLED": "cancelled",
+}
 
 
 class DeploymentRun:
@@ -73,12 +36,10 @@ class DeploymentRun:
         self.job_id = job_id
         self.flow_run_id = flow_run_id
         self.poll_interval_s = poll_interval_s
-        self.reason: str | None = None  # the final state's message
-        self._code: int | None = None
+        self._end: JobEnd | None = None
         self._next_read = 0.0
         self._claimed_at: float | None = None  # when a worker first took the run (left Scheduled)
         self.host_lost = False  # ended by :meth:`lost`: nothing more will come from its host
-        self.create_time = None  # no process on this host
 
     @classmethod
     def start(
@@ -111,11 +72,12 @@ class DeploymentRun:
             )
         return cls(job_id, str(flow_run.id), poll_interval_s)  # type: ignore[union-attr]  # sync: a FlowRun
 
-    def poll(self) -> int | None:
-        """The exit code the flow run's final state stands for, or None while it has not ended
-        (read from Prefect at most every ``poll_interval_s``; None too while Prefect cannot answer)."""
-        if self._code is not None or time.monotonic() < self._next_read:
-            return self._code
+    def poll(self) -> JobEnd | None:
+        """How the job ended, by its flow run's final state (reason: the state and its message), or
+        None while it has not (read from Prefect at most every ``poll_interval_s``; None too while
+        Prefect cannot answer)."""
+        if self._end is not None or time.monotonic() < self._next_read:
+            return self._end
         self._next_read = time.monotonic() + self.poll_interval_s
         try:
             with prefect_client() as client:
@@ -127,9 +89,8 @@ class DeploymentRun:
             self._claimed_at = time.monotonic()
         if state is None or not state.is_final():
             return None
-        self.reason = self._describe(state)
-        self._code = EXIT_CODES.get(state.type.value, -1)
-        return self._code
+        self._end = JobEnd(ENDING_OF_STATE.get(state.type.value, "crashed"), self._describe(state))
+        return self._end
 
     def claimed_for(self) -> float:
         """Seconds since a worker took the run (0 while it waits for one: no host to lose yet)."""
@@ -142,8 +103,11 @@ class DeploymentRun:
             with prefect_client() as client:
                 state = client.read_flow_run(self.flow_run_id).state
         except Exception:
-            return self.reason
-        return self._describe(state) if state is not None and state.is_final() else self.reason
+            return self._reason()
+        return self._describe(state) if state is not None and state.is_final() else self._reason()
+
+    def _reason(self) -> str | None:
+        return None if self._end is None else self._end.reason
 
     @staticmethod
     def _describe(state: Any) -> str:
@@ -152,14 +116,11 @@ class DeploymentRun:
     def lost(self, reason: str) -> None:
         """The job's host stopped answering (no heartbeat): nobody will finish the flow run, so it is
         marked Crashed with ``reason`` and counts as ended."""
-        from forgeflow.jobs.supervise import mark_flow_run
-
         mark_flow_run(self.flow_run_id, "crashed", reason)
         self.host_lost = True
-        self.reason = f"Crashed ({reason})"
-        self._code = EXIT_CODES["CRASHED"]
+        self._end = JobEnd("crashed", f"Crashed ({reason})")
 
-    def cancel(self, grace_s: float = 10.0) -> int | None:
+    def cancel(self, grace_s: float = 10.0) -> JobEnd | None:
         """Ask Prefect to cancel the flow run (its worker stops it; the flow's cancellation hook ends
         the job), then wait up to ``grace_s`` for it to end."""
         from prefect.states import Cancelled, Cancelling
@@ -176,8 +137,8 @@ class DeploymentRun:
         deadline = time.monotonic() + grace_s
         while time.monotonic() < deadline:
             self._next_read = 0.0
-            if self.poll() is not None:
-                return self._code
+            if (end := self.poll()) is not None:
+                return end
             time.sleep(min(self.poll_interval_s, 0.5))
         return None
 

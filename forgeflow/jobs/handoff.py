@@ -50,7 +50,7 @@ def main() -> ExitCode:
         job = client.submit_flow_run(flow_run_id, api_url=settings.api_url, ingest_token=token)
     except EngineUnavailable:  # no engine, or not a pipeline run (409): Prefect's engine runs the flow it names
         _cold_start()
-    job_id = job["job_id"]
+    job_id = job.job_id
     cancel_by: list[float] = []
 
     def on_signal(signum: int, frame: FrameType | None) -> None:
@@ -69,9 +69,8 @@ def main() -> ExitCode:
         except EngineUnavailable:
             print(f"lost this host's engine while it ran job {job_id}", file=sys.stderr)
             return ExitCode.FAILED
-        status = view.get("status")
-        if is_job_ending(status):
-            return exit_code_for(status)
+        if is_job_ending(view.status):
+            return exit_code_for(view.status)
         if cancel_by and time.monotonic() > cancel_by[0]:  # the engine did not end it in time: cancelled here
             return ExitCode.CANCELLED
         time.sleep(POLL_S)

@@ -25,10 +25,10 @@ from forgeflow.canonical import canonical_json
 from forgeflow.engine.runners.base import CallResult
 from forgeflow.events.models import PipelineError
 from forgeflow.jobs.annotated_media import Annotation, annotate_live, drawn_live, layers_of, with_annotated_media
+from forgeflow.jobs.checkpoints import checkpoint_path
 from forgeflow.jobs.job_run import CANCELLED, JobRun, PipelineFailed, StageFailed
 from forgeflow.jobs.overlap import end_feeds, streamed_fields, wait_for_feeds
 from forgeflow.jobs.services import ENGINE_PROCESS_ENV, Services, current_services, use_services
-from forgeflow.jobs.supervise import checkpoint_path
 from forgeflow.pipeline import outcome as job_end
 from forgeflow.pipeline.definition import PipelineDefinition
 from forgeflow.pipeline.outcome import ResultEnvelope, StageReport

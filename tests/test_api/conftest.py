@@ -6,6 +6,7 @@ auth and the OpenAPI document are checked in process (``in_process_factory``): n
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import json
 import os
@@ -25,6 +26,7 @@ from typing import Any
 import httpx
 import pytest
 
+from forgeflow.processes import pid_alive
 from tests.conftest import free_port, wait_http
 
 TOKEN_HEADER = "Authorization"
@@ -304,7 +306,10 @@ def api_factory(request: pytest.FixtureRequest, tmp_path: Path, database_url: st
         launcher = server.app.state.forgeflow.launcher if server.app is not None else None
         server.stop()
         for proc in list(launcher.procs.values()) if launcher else []:
-            proc.kill()  # a test that failed half-way leaves no job process behind
+            pid = getattr(proc, "pid", None)  # a test that failed half-way leaves no engine running its job
+            if pid is not None and pid_alive(pid, getattr(proc, "create_time", None)):
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.killpg(pid, signal.SIGKILL)
 
 
 @pytest.fixture

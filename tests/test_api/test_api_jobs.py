@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 
+from forgeflow.jobs.handle import JobEnd
 from tests.test_api.conftest import THREE_STAGES, ApiServer, wait_job, ws_collect
 
 TERMINAL = {"succeeded", "failed", "cancelled", "crashed"}
@@ -235,7 +236,10 @@ def test_cancel_running_and_queued_jobs(api_factory: Any, prefect_api_url: str) 
     job = wait_job(client, running, timeout=60)
     assert job["status"] == "cancelled"
     assert job["envelope"]["ok"] is False
-    assert proc.wait(30) is not None  # the job process (and its process group) is gone
+    deadline = time.monotonic() + 30
+    while (end := proc.poll()) is None and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert end == JobEnd("cancelled")  # the engine ended it cancelled, and keeps running
     assert _flow_run_state(prefect_api_url, job["flow_run_id"]) == "CANCELLED"
     messages, _ = ws_collect(f"{api.ws_url}/v1/ws/jobs/{running}")
     _assert_gapless(messages)

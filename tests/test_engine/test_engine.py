@@ -8,7 +8,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -18,40 +18,6 @@ from forgeflow.engine.client import EngineClient, ensure_engine
 from forgeflow.settings import Settings
 
 SLEEP = {"plugin": "testkit", "tool": "sleep"}
-
-
-@pytest.fixture
-def start_engine(tmp_path: Path, prefect_api_url: str) -> Iterator[Callable[..., EngineClient]]:
-    started: list[tuple[EngineClient, int]] = []
-
-    def start(**overrides: Any) -> EngineClient:
-        settings = Settings(home=tmp_path / f"home{len(started)}", **overrides)
-        client, status = ensure_engine(settings, env={"PREFECT_API_URL": prefect_api_url}, timeout=180)
-        started.append((client, status["pid"]))
-        return client
-
-    yield start
-    import contextlib
-    import os
-    import signal
-
-    from forgeflow.processes import pid_alive
-
-    for client, pid in started:
-        try:
-            client.shutdown(drain=False)
-        except Exception:
-            pass
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline:
-            with contextlib.suppress(ChildProcessError):
-                os.waitpid(pid, os.WNOHANG)  # the engine is this process's child: reap it once it exits
-            if not pid_alive(pid):  # gone, or a zombie (which os.kill(pid, 0) would still find)
-                break
-            time.sleep(0.1)
-        else:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(pid, signal.SIGKILL)
 
 
 def run(
@@ -289,7 +255,7 @@ def test_forgeflow_run_uses_the_running_engine(start_engine: Any, tmp_path: Path
     )
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout)["result"]["total"] == 12
-    finished = [j for j in client.jobs().values() if j["status"] == "succeeded"]
+    finished = [j for j in client.jobs().values() if j.status == "succeeded"]
     assert len(finished) == 1  # the job ran in the engine, not in the command's own process
 
 

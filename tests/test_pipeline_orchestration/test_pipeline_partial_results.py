@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from forgeflow.jobs.supervise import checkpoint_path
+from forgeflow.jobs.checkpoints import checkpoint_path
 
 from .conftest import chain
 

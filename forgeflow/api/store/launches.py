@@ -131,7 +131,3 @@ class LaunchBook:
         )
         with self.db.reading() as conn:
             return [job_row(r) for r in conn.execute(query).mappings()]
-
-    def set_exit_code(self, job_id: str, code: int | None) -> None:
-        with self.db.writing() as conn:
-            conn.execute(update(jobs).where(jobs.c.id == job_id).values(exit_code=code, updated_at=utcnow()))

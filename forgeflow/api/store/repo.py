@@ -122,9 +122,6 @@ class Store:
     def silent_jobs(self, job_ids: Iterable[str], silent_s: float) -> list[JobRow]:
         return self.launches.silent_jobs(job_ids, silent_s)
 
-    def set_exit_code(self, job_id: str, code: int | None) -> None:
-        self.launches.set_exit_code(job_id, code)
-
     # --- templates -------------------------------------------------------------------------------
     def create_template(
         self, template_id: str, name: str, definition: dict[str, Any], created_by: str | None = None

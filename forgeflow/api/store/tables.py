@@ -67,7 +67,7 @@ jobs = Table(
     Column("pid_create_time", Float, nullable=True),
     Column("launched_at", TZDateTime, nullable=True),
     Column("heartbeat_at", TZDateTime, nullable=True),  # when the job's host last said it runs it
-    Column("exit_code", Integer, nullable=True),
+    Column("exit_code", Integer, nullable=True),  # written by versions before JobEnd; kept for their rows
     Column("cancel_requested", Boolean, nullable=False, default=False),
     Column("envelope", JSONType, nullable=True),
     Column("error", Text, nullable=True),
