@@ -239,6 +239,14 @@ class Settings(BaseSettings):
     batch_max_files: int = Field(10_000, ge=1, description="Most files one batch takes.")
     ws_queue_size: int = Field(1000, ge=10, description="Messages buffered per WebSocket client before it is dropped.")
     ws_ping_interval_s: float = Field(20.0, gt=0, description="Seconds between WebSocket pings to each client.")
+    http_keep_alive_s: float = Field(
+        30.0,
+        gt=0,
+        le=600,
+        description="How long the API keeps an idle HTTP connection open. Longer than clients keep theirs "
+        "(httpx: 5 s), so the client closes an idle connection first and never sends a request on one the "
+        "server is closing (a read error under load).",
+    )
     ws_compression: bool = Field(
         False,
         description="Compress WebSocket messages (permessage-deflate) for clients that offer it. Off: a "

@@ -15,12 +15,33 @@ import logging
 import os
 import signal
 import sys
+from typing import TYPE_CHECKING, Any
 
 from forgeflow.api.auth import InsecureBind, InvalidTokens, check_access_settings
 from forgeflow.jobs.prefect_server import LocalPrefectServer
 from forgeflow.settings import Settings, get_settings
 
+if TYPE_CHECKING:
+    import uvicorn
+
 log = logging.getLogger(__name__)
+
+
+def uvicorn_config(app: Any, settings: Settings, *, host: str, log_level: str, **overrides: Any) -> uvicorn.Config:
+    """How uvicorn serves the API (``serve`` and the tests' in-process servers alike)."""
+    import uvicorn
+
+    options: dict[str, Any] = {
+        "ws": "websockets-sansio",
+        "ws_ping_interval": settings.ws_ping_interval_s,
+        "ws_ping_timeout": settings.ws_ping_interval_s,
+        "ws_per_message_deflate": settings.ws_compression,
+        "timeout_keep_alive": settings.http_keep_alive_s,
+        "timeout_graceful_shutdown": 5,
+        "proxy_headers": False,
+        **overrides,
+    }
+    return uvicorn.Config(app, host=host, port=settings.api_port, log_level=log_level, **options)
 
 
 def serve(settings: Settings | None = None, *, log_level: str = "info") -> None:
@@ -44,19 +65,7 @@ def serve(settings: Settings | None = None, *, log_level: str = "info") -> None:
         os.environ["PREFECT_API_URL"] = prefect_url
     try:
         app = create_app(settings, api_url=local_api_url(settings), prefect_api_url=prefect_url, prestart_engine=True)
-        config = uvicorn.Config(
-            app,
-            host=settings.api_host,
-            port=settings.api_port,
-            ws="websockets-sansio",
-            ws_ping_interval=settings.ws_ping_interval_s,
-            ws_ping_timeout=settings.ws_ping_interval_s,
-            ws_per_message_deflate=settings.ws_compression,
-            log_level=log_level,
-            timeout_graceful_shutdown=5,
-            proxy_headers=False,
-        )
-        uvicorn.Server(config).run()
+        uvicorn.Server(uvicorn_config(app, settings, host=settings.api_host, log_level=log_level)).run()
     finally:
         if prefect is not None:
             prefect.stop()

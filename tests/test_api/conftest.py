@@ -236,17 +236,11 @@ def start_thread_server(
     import uvicorn
 
     from forgeflow.api.app import create_app
+    from forgeflow.api.server import uvicorn_config
 
     app = create_app(settings, prefect_api_url=prefect_api_url, launch_jobs=launch_jobs)
-    config = uvicorn.Config(
-        app,
-        host="127.0.0.1",
-        port=settings.api_port,
-        log_level="warning",
-        ws="websockets-sansio",
-        ws_ping_interval=5,
-        ws_ping_timeout=20,
-        ws_per_message_deflate=settings.ws_compression,
+    config = uvicorn_config(
+        app, settings, host="127.0.0.1", log_level="warning", ws_ping_interval=5, ws_ping_timeout=20
     )
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, name="api-server", daemon=True)
