@@ -7,7 +7,7 @@ start) talk to it with :class:`forgeflow.engine.client.EngineClient`. Every body
 
 =========================  ===============================================================
 ``GET /status``            pools, workers, warm models, job queue, device slots
-``GET /jobs``              every job the engine knows: status, exit code, waiting_for
+``GET /jobs``              every job the engine knows: status, waiting_for
                           (``?active=1``: only the queued and running ones)
 ``POST /jobs``             ``{job_id, pipeline, input, sink: {api_url, ingest_token}}`` → 202;
                            with ``"stream": true`` the answer streams the job's events as

@@ -130,7 +130,7 @@ def test_cancel_stops_the_running_stage_with_one_start_and_one_end(start_engine:
     thread.join(60)
     assert time.monotonic() - started < 15
     events, end = box["value"]
-    assert end["status"] == "cancelled"
+    assert end["status"] == "cancelled", end
     envelope = end["envelope"]
     assert envelope["error_type"] == "Cancelled" and envelope["error"] == "cancelled by request"
     assert [s["status"] for s in envelope["stages"]] == ["cancelled", "skipped"]

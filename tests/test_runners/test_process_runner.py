@@ -56,6 +56,25 @@ def test_fresh_mode_uses_a_new_process_per_call(make_runner):
     assert all(group_gone(p, within_s=3) for p in pids)  # reaped in the background
 
 
+def test_a_cancel_that_kills_the_worker_as_its_call_is_sent_ends_the_call_cancelled(runner, monkeypatch):
+    """The race a loaded host met: the cancel sees the worker serving the job and kills it just
+    before the call is written to it. The call ends ``Cancelled``, not a runner error."""
+    from forgeflow.engine.runners.worker_process import Worker
+
+    send = Worker.send
+
+    def cancelled_first(self: Worker, message: dict) -> None:
+        runner.cancel_job("racing")
+        send(self, message)
+
+    monkeypatch.setattr(Worker, "send", cancelled_first)
+    result = runner.run(call("sleep", config={"seconds": 30}, job_id="racing"))
+    assert (result.ok, result.error_type, result.error) == (False, "Cancelled", "cancelled by request")
+    monkeypatch.undo()
+    runner.forget_job("racing")
+    assert runner.run(call("noop", job_id="next")).ok  # the pool serves on with a new worker
+
+
 def test_result_fields(runner):
     result = runner.run(call("numbers", config={"start": 5}, inputs={"count": 3}))
     assert result.ok

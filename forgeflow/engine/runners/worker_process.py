@@ -10,11 +10,12 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import threading
 import time
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
-from forgeflow.engine.runners.protocol import MessageReader, write_message
+from forgeflow.engine.runners.protocol import MessageReader, PeerClosed, write_message
 
 if TYPE_CHECKING:
     import psutil
@@ -64,6 +65,9 @@ class Worker:
         self.log_path = log_path
         assert proc.stdin is not None and proc.stdout is not None
         self._stdin: IO[bytes] = proc.stdin
+        # A cancel kills the worker (and closes its pipes) from another thread, possibly just as a
+        # call is being sent: the lock keeps a send off a descriptor closed, or reused, under it.
+        self._pipes_lock = threading.Lock()
         self.reader = MessageReader(proc.stdout.fileno())
         self.version: str | None = None
         self.calls = 0
@@ -81,7 +85,11 @@ class Worker:
         return self.proc.poll() is None
 
     def send(self, message: dict[str, Any]) -> None:
-        write_message(self._stdin.fileno(), message)
+        """Write one message to the worker; :class:`PeerClosed` when it was killed already."""
+        with self._pipes_lock:
+            if self._stdin.closed:
+                raise PeerClosed("the worker's protocol stream was closed")
+            write_message(self._stdin.fileno(), message)
 
     def kill(self) -> int | None:
         """SIGKILL the whole process group and reap the worker; its return code."""
@@ -99,7 +107,8 @@ class Worker:
     def stop(self, grace_s: float = 2.0) -> None:
         """Ask the worker to leave (close its stdin), then kill what is left of its group."""
         try:
-            self._stdin.close()
+            with self._pipes_lock:
+                self._stdin.close()
         except OSError:
             pass
         try:
@@ -124,12 +133,13 @@ class Worker:
 
     def _close_pipes(self) -> None:
         self.reader.close()
-        for stream in (self.proc.stdin, self.proc.stdout):
-            try:
-                if stream is not None:
-                    stream.close()
-            except OSError:
-                pass
+        with self._pipes_lock:  # after the kill: a send blocked on a full pipe has failed by now
+            for stream in (self.proc.stdin, self.proc.stdout):
+                try:
+                    if stream is not None:
+                        stream.close()
+                except OSError:
+                    pass
 
     # -- memory -------------------------------------------------------------------------------
 
