@@ -9,7 +9,14 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeAlias
+
+from pydantic import JsonValue
+
+#: A JSON object as Python holds it (what ``json.loads`` gives for one). Values are pydantic's
+#: recursive ``JsonValue``, so mypy checks what goes in and makes readers narrow what comes out;
+#: take ``Mapping[str, JsonValue]`` where a function only reads (``dict`` is invariant).
+JsonObject: TypeAlias = dict[str, JsonValue]
 
 
 def canonical_json(value: Any, *, default: Callable[[Any], Any] | None = None) -> str:
