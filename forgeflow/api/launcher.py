@@ -38,6 +38,7 @@ from forgeflow.events.models import Event, JobStatusEvent, PipelineError
 from forgeflow.jobs.deployment import DeploymentRun
 from forgeflow.jobs.flow_runs import mark_flow_run
 from forgeflow.jobs.handle import JobEnd, JobHandle
+from forgeflow.jobs.placement import JobOrigin, place_job
 from forgeflow.jobs.reconcile import reconcile_crash
 from forgeflow.pipeline import outcome
 from forgeflow.pipeline.definition import raw_stages
@@ -109,8 +110,10 @@ class Launcher:
 
     @property
     def deployment_mode(self) -> bool:
-        """Whether jobs run as flow runs of a Prefect deployment (on workers) instead of on this host."""
-        return self.state.settings.launch == "deployment"
+        """Whether jobs run as flow runs of a Prefect deployment (on workers) instead of on this host's
+        engine (:func:`forgeflow.jobs.placement.place_job` decides, for the API as for the CLI)."""
+        placement = place_job(self.state.settings, JobOrigin.API, engine_running=self._engine is not None)
+        return placement.where == "deployment"
 
     def prestart_engine(self) -> None:
         """Start (or adopt) the engine in the background, so the first job does not wait for it."""

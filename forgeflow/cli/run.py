@@ -74,7 +74,7 @@ def run(
     settings = get_settings()
     # The engine starts (or is found) while this process validates the pipeline.
     plugins = [str(s.get("plugin")) for s in raw_stages(document) if isinstance(s, dict) and s.get("plugin")]
-    engine_ready = None if no_engine else _engine_for_run(settings, plugins)
+    engine_ready = _engine_for_run(settings, plugins, no_engine=no_engine)
     job_id = (
         job_id or (document.get("job_id") if isinstance(document, dict) else None) or f"job-{uuid.uuid4().hex[:12]}"
     )
@@ -122,22 +122,24 @@ def run(
     raise typer.Exit(exit_code_for(job_status_of(envelope)))
 
 
-def _engine_for_run(settings: Settings, plugins: list[str]) -> Future[EngineClient] | None:
-    """This host's engine for a run, as a future: the running one, or (``auto_engine``) one started
-    now in the background, warming ``plugins``' workers; None: the job runs in this process."""
+def _engine_for_run(settings: Settings, plugins: list[str], *, no_engine: bool) -> Future[EngineClient] | None:
+    """This host's engine for a run, as a future: the running one, or one started now in the
+    background, warming ``plugins``' workers (:func:`forgeflow.jobs.placement.place_job` decides);
+    None: the job runs in this process."""
     from concurrent.futures import Future, ThreadPoolExecutor
 
     from forgeflow.engine.client import STARTED_BY_RUN, EngineClient, ensure_engine
+    from forgeflow.jobs.placement import JobOrigin, place_job
 
-    if not settings.use_engine:
-        return None
     client = EngineClient(settings.engine_socket_path)
-    if client.alive():
+    running = not no_engine and settings.use_engine and client.alive()
+    placement = place_job(settings, JobOrigin.CLI, engine_running=running, no_engine=no_engine)
+    if placement.where != "engine":
+        return None
+    if not placement.start_engine:
         found: Future[EngineClient] = Future()
         found.set_result(client)
         return found
-    if not settings.auto_engine or settings.runner == "inline":
-        return None
     use_local_prefect()  # the engine uses a running local Prefect server, else starts its own
     idle = settings.engine_idle_stop_s
     console.print(

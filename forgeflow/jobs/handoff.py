@@ -36,18 +36,24 @@ def _cold_start() -> NoReturn:
 
 def main() -> ExitCode:
     from forgeflow.engine.client import EngineClient, EngineUnavailable
+    from forgeflow.jobs.placement import JobOrigin, place_job
     from forgeflow.redact import install_log_redaction
     from forgeflow.settings import get_settings
 
     install_log_redaction()
     flow_run_id = os.environ.get("PREFECT__FLOW_RUN_ID")
     settings = get_settings()
-    if not flow_run_id or not settings.api_url or not settings.use_engine:
-        _cold_start()
     client = EngineClient(settings.engine_socket_path)
+    if not flow_run_id:  # not started by a worker for a flow run: nothing to hand over
+        _cold_start()
+    engine_running = settings.use_engine and client.alive()
+    if place_job(settings, JobOrigin.FLOW_RUN, engine_running=engine_running).where != "engine":
+        _cold_start()
+    api_url = settings.api_url
+    assert api_url is not None  # place_job sends a flow run to the engine only with an API for its events
     token = settings.ingest_token.get_secret_value() if settings.ingest_token else None
     try:
-        job = client.submit_flow_run(flow_run_id, api_url=settings.api_url, ingest_token=token)
+        job = client.submit_flow_run(flow_run_id, api_url=api_url, ingest_token=token)
     except EngineUnavailable:  # no engine, or not a pipeline run (409): Prefect's engine runs the flow it names
         _cold_start()
     job_id = job.job_id

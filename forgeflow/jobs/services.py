@@ -62,7 +62,9 @@ class Services:
 
 
 def _engine_runner(settings: Settings) -> Runner | None:
-    if not settings.use_engine or settings.runner != "process" or os.environ.get(ENGINE_PROCESS_ENV):
+    from forgeflow.jobs.placement import stage_calls_on_engine
+
+    if not stage_calls_on_engine(settings, in_engine=bool(os.environ.get(ENGINE_PROCESS_ENV))):
         return None
     from forgeflow.engine.client import EngineClient, EngineRunner
 
