@@ -20,7 +20,7 @@ from pydantic_core import core_schema
 JsonObject: TypeAlias = dict[str, JsonValue]
 
 #: A :data:`JsonObject` field of a pydantic model, validated as a ``dict`` with ``str`` keys whose values
-#: pass as they are (what a ``dict[str, Any]`` field always did): pydantic's ``JsonValue`` validation
+#: pass as they are (as an unparametrized ``dict`` value type always did): pydantic's ``JsonValue`` validation
 #: would copy each value (about 600 times slower on a large result) and word its errors differently.
 #: What makes the values storable JSON is checked where it matters (:func:`storable`).
 JsonObjectField = Annotated[
@@ -28,6 +28,12 @@ JsonObjectField = Annotated[
     GetPydanticSchema(
         lambda _source, _handler: core_schema.dict_schema(core_schema.str_schema(), core_schema.any_schema())
     ),
+]
+#: A JSON array parameter or field, validated (and described in JSON Schema) as a plain ``list`` is:
+#: its items pass as they are, as :data:`JsonObjectField`'s values do.
+JsonArrayField = Annotated[
+    list[JsonValue],
+    GetPydanticSchema(lambda _source, _handler: core_schema.list_schema(core_schema.any_schema())),
 ]
 
 _T = TypeVar("_T")
