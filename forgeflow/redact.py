@@ -14,7 +14,6 @@ from __future__ import annotations
 import logging
 import re
 import threading
-from typing import Any
 
 REDACTED = "[redacted]"
 
@@ -37,7 +36,7 @@ def redact(text: str) -> str:
     return _SUBPROTOCOL.sub(rf"\g<1>{REDACTED}", text)
 
 
-def _redact_value(value: Any) -> Any:
+def _redact_value(value: object) -> object:
     return redact(value) if isinstance(value, str) else value
 
 
@@ -69,7 +68,7 @@ def install_log_redaction() -> None:
             return
         make = logging.getLogRecordFactory()
 
-        def factory(*args: Any, **kwargs: Any) -> logging.LogRecord:
+        def factory(*args: object, **kwargs: object) -> logging.LogRecord:
             return redact_record(make(*args, **kwargs))
 
         logging.setLogRecordFactory(factory)

@@ -10,7 +10,7 @@ import json
 import os
 from functools import lru_cache
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Literal
 
 from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -289,7 +289,7 @@ class Settings(BaseSettings):
 
     @field_validator("media_input_roots", mode="before")
     @classmethod
-    def _paths(cls, value: Any) -> Any:
+    def _paths(cls, value: object) -> object:
         if not isinstance(value, str):
             return value
         text = value.strip()
@@ -302,7 +302,7 @@ class Settings(BaseSettings):
 
     @field_validator("pool_sizes", "device_slots", "batch_sizes", "batch_waits_ms", mode="before")
     @classmethod
-    def _counts(cls, value: Any) -> Any:
+    def _counts(cls, value: object) -> object:
         if not isinstance(value, str):
             return value
         text = value.strip()

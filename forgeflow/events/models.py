@@ -11,8 +11,9 @@ document): strict types (no ``"5"`` for 5), finite numbers, and bounds that ever
 from __future__ import annotations
 
 import uuid
+from collections.abc import Mapping
 from datetime import UTC, datetime
-from typing import Annotated, Any, Literal
+from typing import Annotated, Literal
 
 from pydantic import (
     AfterValidator,
@@ -20,13 +21,23 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
+    JsonValue,
     PlainSerializer,
     StringConstraints,
     TypeAdapter,
     WithJsonSchema,
 )
 
-from forgeflow.canonical import MAX_AMOUNT, MAX_COUNT, MAX_STAGES, storable, whole_if_integral, without_nul
+from forgeflow.canonical import (
+    MAX_AMOUNT,
+    MAX_COUNT,
+    MAX_STAGES,
+    JsonObject,
+    JsonObjectField,
+    storable,
+    whole_if_integral,
+    without_nul,
+)
 from forgeflow.pipeline.outcome import (
     NAME_MAX,
     RESULT_KEYS,
@@ -55,17 +66,17 @@ Text = Annotated[str, _NUL_SAFE]
 FlowRunId = Annotated[str, StringConstraints(max_length=64), _NUL_SAFE]
 
 
-def _whole_number(value: Any) -> Any:
+def _whole_number(value: object) -> object:
     """``3.0`` is the integer 3 (as in JSON Schema); a string never is (strict mode keeps ``"3"`` out)."""
     return int(value) if isinstance(value, float) and value.is_integer() else value
 
 
-def _whole_numbers(value: Any) -> Any:
+def _whole_numbers(value: JsonValue) -> JsonValue:
     if isinstance(value, dict):
         return {k: _whole_numbers(v) for k, v in value.items()}
     if isinstance(value, list):
         return [_whole_numbers(v) for v in value]
-    return _whole_number(value)
+    return whole_if_integral(value) if isinstance(value, float) else value  # as _whole_number
 
 
 WholeNumber = BeforeValidator(_whole_number)
@@ -76,47 +87,49 @@ Amount = Annotated[float, Field(ge=0, le=MAX_AMOUNT)]
 Units = PlainSerializer(whole_if_integral)
 
 
-def _envelope_shape(value: dict[str, Any]) -> dict[str, Any]:
+def _envelope_shape(value: JsonObject) -> JsonObject:
     """A result envelope (as :class:`ResultEnvelope` reads it, strictly) that every store can hold
     (U+0000 kept as U+FFFD, as in every text of a message)."""
     ResultEnvelope.model_validate(_whole_numbers(value), strict=True)
-    return without_nul(storable(value, allow_nul=True))  # type: ignore[no-any-return]
+    return without_nul(storable(value, allow_nul=True))
 
 
-def _without_refs(schema: Any, defs: dict[str, Any]) -> Any:
+def _without_refs(schema: JsonValue, defs: Mapping[str, JsonValue]) -> JsonValue:
     """``schema`` with each ``$ref`` to ``defs`` replaced by what it names (to embed it elsewhere)."""
     if isinstance(schema, list):
         return [_without_refs(item, defs) for item in schema]
     if not isinstance(schema, dict):
         return schema
-    if "$ref" in schema:
-        return _without_refs(defs[schema["$ref"].rsplit("/", 1)[-1]], defs)
+    if isinstance(ref := schema.get("$ref"), str):
+        return _without_refs(defs[ref.rsplit("/", 1)[-1]], defs)
     return {key: _without_refs(value, defs) for key, value in schema.items() if key != "$defs"}
 
 
 _ENVELOPE_SCHEMA = ResultEnvelope.model_json_schema()
 EnvelopeData = Annotated[
-    dict[str, Any],
+    JsonObjectField,
     AfterValidator(_envelope_shape),
     WithJsonSchema(_without_refs(_ENVELOPE_SCHEMA, _ENVELOPE_SCHEMA.get("$defs", {}))),
 ]
 
 
-def _json_object(value: dict[str, Any]) -> dict[str, Any]:
-    return without_nul(storable(value, allow_nul=True))  # type: ignore[no-any-return]
+def _json_object(value: JsonObject) -> JsonObject:
+    return without_nul(storable(value, allow_nul=True))
 
 
 #: A JSON object every store can hold (U+0000 kept as U+FFFD).
-JsonObject = Annotated[dict[str, Any], AfterValidator(_json_object)]
+StoredJsonObject = Annotated[JsonObjectField, AfterValidator(_json_object)]
 
 
 def utc_timestamp() -> str:
     return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
-def _type_required(schema: dict[str, Any]) -> None:
+def _type_required(schema: JsonObject) -> None:
     """``type`` has a default for Python code, but a message on the wire must name its kind."""
-    schema["required"] = sorted({*schema.get("required", []), "type"})
+    required = schema.get("required", [])
+    named = [name for name in required if isinstance(name, str)] if isinstance(required, list) else []
+    schema["required"] = [*sorted({*named, "type"})]
 
 
 class _Event(BaseModel):
@@ -205,17 +218,17 @@ class JobStatusEvent(_Event):
     waiting_for: Text | None = Field(
         None, description="Why a running job is not progressing: it waits for a device slot."
     )
-    pipeline: JsonObject | None = Field(
+    pipeline: StoredJsonObject | None = Field(
         None,
         description="The flow run's pipeline, on its way to the store with the running message (a run "
         "started from the Prefect UI or a schedule becomes a job with it); kept on the job, not the message.",
     )
-    input: JsonObject | None = Field(None, description="The flow run's job input, like `pipeline`.")
+    input: StoredJsonObject | None = Field(None, description="The flow run's job input, like `pipeline`.")
 
     def summarized(self) -> JobStatusEvent:
         """This message as stored and sent: the envelope's result and partial result replaced by their
         sizes, the pipeline and input left to the job."""
-        update: dict[str, Any] = {}
+        update: dict[str, JsonValue] = {}
         if self.envelope is not None and any(k in self.envelope for k in RESULT_KEYS):
             update["envelope"] = envelope_summary(self.envelope)
         if self.pipeline is not None or self.input is not None:
@@ -235,7 +248,7 @@ EVENT_TYPES = frozenset(
 )
 
 
-def parse_event(data: dict[str, Any]) -> Event:
+def parse_event(data: Mapping[str, object]) -> Event:
     return EVENT_ADAPTER.validate_python(data)
 
 

@@ -15,8 +15,11 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any, Literal, TypedDict
+from typing import Literal, TypedDict
 
+from pydantic import JsonValue
+
+from forgeflow.canonical import JsonObject
 from forgeflow.events.models import (
     Event,
     JobStatusEvent,
@@ -37,7 +40,7 @@ class JobState(TypedDict):
     id: str
     status: JobStatus
     source: str
-    pipeline: dict[str, Any]
+    pipeline: JsonObject
     created_at: datetime
     started_at: datetime | None
     flow_run_id: str | None
@@ -135,7 +138,7 @@ def stage_ended(
 _REPORTED_MEASURES = ("duration_ms", "result_size_bytes", "peak_memory_mb")
 
 
-def replay(reports: Sequence[StageReport], events: Iterable[Mapping[str, Any]]) -> list[StageReport]:
+def replay(reports: Sequence[StageReport], events: Iterable[Mapping[str, JsonValue]]) -> list[StageReport]:
     """The reports as a job's stored stage events (their JSON) left them: each start makes its stage
     running, each end completed or failed with the measures of that call — the stage rules of
     :func:`reduce`. Events that name no known stage are ignored; the given reports are not changed."""
@@ -152,12 +155,21 @@ def replay(reports: Sequence[StageReport], events: Iterable[Mapping[str, Any]]) 
             ended = stage_ended(
                 bool(event.get("ok")),
                 None,
-                event.get("duration_ms"),
-                event.get("result_size_bytes"),
-                event.get("peak_memory_mb"),
+                _number(event.get("duration_ms")),
+                _count(event.get("result_size_bytes")),
+                _number(event.get("peak_memory_mb")),
             )
             out[index] = out[index].model_copy(update={k: ended[k] for k in ("status", *_REPORTED_MEASURES)})
     return out
+
+
+def _number(value: JsonValue) -> float | None:
+    """A stored event's measure (a number; anything else, which a stored event never holds, as none)."""
+    return value if isinstance(value, int | float) and not isinstance(value, bool) else None
+
+
+def _count(value: JsonValue) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
 class _Reducer:
@@ -292,7 +304,8 @@ class _Reducer:
             if job["source"] == "external" and event.pipeline is not None and not job["pipeline"].get("stages"):
                 # A flow run this service did not start (the Prefect UI, a schedule): its job gets
                 # the pipeline and input the run carries, as if it had been submitted here.
-                stages_total = len(event.pipeline.get("stages") or [])
+                listed = event.pipeline.get("stages")
+                stages_total = len(listed) if isinstance(listed, list | dict | str) else 0
                 self.set_job(pipeline=event.pipeline, input=event.input or {}, stages_total=stages_total)
             self.set_job(status="running")
             if job["started_at"] is None:
@@ -307,9 +320,11 @@ class _Reducer:
                 error=envelope.get("error") or job["error"] or status,
                 error_type=envelope.get("error_type") or job["error_type"],
             )
-        if "stages_executed" in envelope:
-            self.set_job(stages_completed=max(int(envelope["stages_executed"] or 0), job["stages_completed"]))
-        for data in envelope.get("stages") or []:
+        # (the event's validation made stages_executed a number and stages a list)
+        if "stages_executed" in envelope and isinstance(executed := envelope["stages_executed"] or 0, int | float):
+            self.set_job(stages_completed=max(int(executed), job["stages_completed"]))
+        listed = envelope.get("stages") or []
+        for data in listed if isinstance(listed, list) else []:
             self.stage_report(StageReport.model_validate(data))  # the event's validation checked its shape
 
     def stage_report(self, report: StageReport) -> None:

@@ -23,13 +23,17 @@ import uuid
 from collections import defaultdict
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import httpx
 
+from forgeflow.canonical import JsonObject
 from forgeflow.events import spool
 from forgeflow.events.models import Event, is_terminal_event
 from forgeflow.tls import tls_context
+
+if TYPE_CHECKING:
+    from forgeflow.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -124,7 +128,7 @@ class HttpSink:
         self.linger_s = linger_s
         headers = {"Authorization": f"Bearer {token}"} if token else {}
         self._client = httpx.Client(headers=headers, timeout=request_timeout_s, verify=tls_context())
-        self._queue: queue.Queue[dict[str, Any]] = queue.Queue()
+        self._queue: queue.Queue[JsonObject] = queue.Queue()
         self._pending = 0
         self._pending_lock = threading.Lock()
         self._idle = threading.Event()
@@ -206,7 +210,7 @@ class HttpSink:
         self._next_heartbeat = now + self.heartbeat_s
         self._post([], alive=alive)
 
-    def _linger(self, batch: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    def _linger(self, batch: list[JsonObject]) -> list[JsonObject]:
         """Wait up to ``linger_s`` for more events before a batch goes out, unless it is full or ends
         a job: a stage's end, the job's progress and the next stage's start come within milliseconds,
         and one request for them costs the API a third of three."""
@@ -224,8 +228,8 @@ class HttpSink:
             item.pop(_SEND_NOW, None)
         return batch
 
-    def _take(self, limit: int) -> list[dict[str, Any]]:
-        items: list[dict[str, Any]] = []
+    def _take(self, limit: int) -> list[JsonObject]:
+        items: list[JsonObject] = []
         while len(items) < limit:
             try:
                 items.append(self._queue.get_nowait())
@@ -233,7 +237,7 @@ class HttpSink:
                 break
         return items
 
-    def _outage(self, batch: list[dict[str, Any]]) -> None:
+    def _outage(self, batch: list[JsonObject]) -> None:
         """The service is unreachable: keep everything on disk, in order, and retry until it answers."""
         self._append_spool(batch)
         backoff = 0.2
@@ -256,7 +260,7 @@ class HttpSink:
         if items:
             self._append_spool(items)
 
-    def _append_spool(self, batch: list[dict[str, Any]]) -> None:
+    def _append_spool(self, batch: list[JsonObject]) -> None:
         with self._spool_lock:
             spool.append_events(self._spool_path, batch)
 
@@ -266,8 +270,8 @@ class HttpSink:
             if self._pending == 0:
                 self._idle.set()
 
-    def _post(self, batch: list[dict[str, Any]], alive: list[str] | None = None) -> bool:
-        body: dict[str, Any] = {"events": batch}
+    def _post(self, batch: list[JsonObject], alive: list[str] | None = None) -> bool:
+        body: dict[str, list[JsonObject] | list[str]] = {"events": batch}
         if alive:
             body["alive"] = alive
         try:
@@ -302,7 +306,7 @@ class HttpSink:
                 return
 
 
-def sink_from_settings(settings: Any) -> EventSink:
+def sink_from_settings(settings: Settings) -> EventSink:
     """HttpSink to ``settings.api_url`` when set, else an in-memory sink."""
     if settings.api_url:
         token = settings.ingest_token.get_secret_value() if settings.ingest_token else None

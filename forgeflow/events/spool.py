@@ -12,11 +12,13 @@ import logging
 import os
 import re
 import uuid
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
+from pydantic import JsonValue
+
+from forgeflow.canonical import JsonObject
 from forgeflow.processes import pid_alive
 
 log = logging.getLogger(__name__)
@@ -29,7 +31,7 @@ def new_spool_path(spool_dir: Path) -> Path:
     return spool_dir / f"{os.getpid()}-{uuid.uuid4().hex[:8]}.jsonl"
 
 
-def append_events(path: Path, batch: Iterable[dict[str, Any]]) -> None:
+def append_events(path: Path, batch: Iterable[Mapping[str, JsonValue]]) -> None:
     """Append events durably (fsync) to a spool file."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("a", encoding="utf-8") as fh:
@@ -38,11 +40,11 @@ def append_events(path: Path, batch: Iterable[dict[str, Any]]) -> None:
         os.fsync(fh.fileno())
 
 
-def read_events(path: Path) -> list[dict[str, Any]]:
+def read_events(path: Path) -> list[JsonObject]:
     """The events of one spool file; a torn last line is skipped."""
     if not path.exists():
         return []
-    events = []
+    events: list[JsonObject] = []
     for line in path.read_text(encoding="utf-8").splitlines():
         if line.strip():
             try:

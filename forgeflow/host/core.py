@@ -106,11 +106,13 @@ class Engine:
         """Queue a flow run of the ``pipeline`` deployment that a Prefect worker handed over
         (``python -m forgeflow.jobs.handoff``, process ``handed_by``): it runs here, on the warm
         pools, as that flow run; it is cancelled when that process dies (the worker lost it)."""
+        from uuid import UUID
+
         from forgeflow.jobs.flow import FLOW_NAME
         from forgeflow.jobs.flow_runs import prefect_client
 
         with prefect_client() as client:
-            flow_run = client.read_flow_run(flow_run_id)
+            flow_run = client.read_flow_run(UUID(flow_run_id))
             flow_name = self._flow_names.get(str(flow_run.flow_id))
             if flow_name is None:
                 flow_name = self._flow_names[str(flow_run.flow_id)] = client.read_flow(flow_run.flow_id).name

@@ -22,12 +22,18 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
+
+from pydantic import JsonValue
 
 from forgeflow.plugins.errors import MediaError, MediaNotFound
 from forgeflow.plugins.frames import is_frames, is_live, iter_frame_records
 from forgeflow.plugins.media import MediaKind, MediaStore, sniff
 from forgeflow.plugins.sdk import DRAW_KINDS, DrawKind
+
+if TYPE_CHECKING:
+    import cv2
+    from cv2.typing import MatLike
 
 __all__ = [
     "SKELETON",
@@ -146,7 +152,7 @@ class _Cursor:
         return items
 
 
-def _label(image: Any, text: str, x: int, y: int, color: tuple[int, int, int], scale: float) -> None:
+def _label(image: MatLike, text: str, x: int, y: int, color: tuple[int, int, int], scale: float) -> None:
     import cv2
 
     thickness = max(1, round(scale * 2))
@@ -159,13 +165,13 @@ def _label(image: Any, text: str, x: int, y: int, color: tuple[int, int, int], s
 
 
 def annotate_frame(
-    image: Any,
+    image: MatLike,
     players: list[dict[str, Any]],
     poses: list[dict[str, Any]],
     actions: list[dict[str, Any]],
     *,
     min_keypoint_confidence: float = 0.3,
-) -> Any:
+) -> MatLike:
     """Draw one frame's ``boxes`` (``players``), ``poses`` and ``labels`` (``actions``) items onto
     ``image`` (BGR, modified in place); the items' shapes are :data:`~forgeflow.plugins.sdk.DrawKind`'s."""
     import cv2
@@ -211,7 +217,7 @@ def annotate_frame(
     return image
 
 
-def has_drawable(result: dict[str, Any] | None, layers: Layers) -> bool:
+def has_drawable(result: Mapping[str, JsonValue] | None, layers: Layers) -> bool:
     """Whether ``result`` holds something :func:`annotate_media` draws: a non-empty list, or a frames
     artifact, in a field of ``layers``."""
     if not result:
@@ -237,7 +243,7 @@ class AnnotatedFile:
 
 def annotate_media(
     source_path: Path | str,
-    result: dict[str, Any],
+    result: Mapping[str, JsonValue],
     out_path: Path | str,
     store: MediaStore | None = None,
     *,
@@ -277,7 +283,7 @@ class _Frames:
     """A result's drawn fields (boxes, poses, labels), read forward frame by frame as the video is drawn
     (frames in increasing order): which of them a frame shows."""
 
-    def __init__(self, result: dict[str, Any], layers: Layers, store: MediaStore | None = None) -> None:
+    def __init__(self, result: Mapping[str, JsonValue], layers: Layers, store: MediaStore | None = None) -> None:
         # one cursor per kind, in DRAW_KINDS order: a kind no field holds reads as an empty output
         fields = [layers.get(kind) for kind in DRAW_KINDS]
         self.cursors = [
@@ -298,7 +304,7 @@ class _Frames:
         a 4-frame video, one that read every 2nd frame of 64 a 64-frame one)."""
         return self.last_annotated < 0 or index <= self.last_annotated + (self.stride or 1) - 1
 
-    def draw(self, index: int, image: Any) -> None:
+    def draw(self, index: int, image: MatLike) -> None:
         found = [c.take(index) for c in self.cursors]
         if any(items is not None for items in found):
             self.current = [items or [] for items in found]
@@ -397,7 +403,9 @@ def _annotate_video(source: Path, frames: _Frames, out: Path) -> int:
         tmp.unlink(missing_ok=True)
 
 
-def _pipe_frames(cap: Any, frame: Any, frames: _Frames, proc: subprocess.Popen[bytes], name: str) -> int:
+def _pipe_frames(
+    cap: cv2.VideoCapture, frame: MatLike, frames: _Frames, proc: subprocess.Popen[bytes], name: str
+) -> int:
     """Draw ``frame`` and every later one of ``cap`` that the result covers and write them to ffmpeg's
     stdin, which is closed after the last one (or when ffmpeg stops reading); returns the frames written."""
     assert proc.stdin is not None

@@ -18,8 +18,8 @@ import tempfile
 import threading
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any
 
+from forgeflow.canonical import JsonObject
 from forgeflow.jobs.annotate import Layers, annotate_media, has_drawable
 from forgeflow.jobs.job_run import JobRun
 from forgeflow.jobs.media_sync import MediaSync
@@ -71,8 +71,8 @@ def annotated_filename(job_id: str, kind: MediaKind) -> str:
 def annotate_job(
     settings: Settings,
     job_id: str,
-    job_input: dict[str, Any],
-    result: dict[str, Any] | None,
+    job_input: JsonObject,
+    result: JsonObject | None,
     layers: Layers,
     media_sync: MediaSync | None = None,
 ) -> Annotation:
@@ -113,9 +113,7 @@ def _failed(job_id: str, message: str) -> str:
     return error
 
 
-def drawn_live(
-    run: JobRun, stages: Sequence[ResolvedStage], layers: Layers, input_data: dict[str, Any]
-) -> dict[str, int]:
+def drawn_live(run: JobRun, stages: Sequence[ResolvedStage], layers: Layers, input_data: JsonObject) -> dict[str, int]:
     """The drawn fields and the stages that make them, when the job's media can be annotated while its
     last stage runs: each is a ``FrameStream`` its stage writes as a feed. Empty otherwise (the job is
     annotated after its stages)."""
@@ -127,10 +125,10 @@ def drawn_live(
     return drawn if streamed else {}
 
 
-def annotate_live(run: JobRun, drawn: dict[str, int], layers: Layers, input_data: dict[str, Any]) -> Annotation:
+def annotate_live(run: JobRun, drawn: dict[str, int], layers: Layers, input_data: JsonObject) -> Annotation:
     """The job's annotated media drawn from its stages' feeds while they still write (the video is read
     and encoded alongside the last stage, not after it); (None, None) when the job stopped first."""
-    feeds: dict[str, Any] = {}
+    feeds: JsonObject = {}
     for key, index in drawn.items():
         ready = run.feeding.setdefault(index, threading.Event())
         while not ready.wait(0.1):
@@ -146,8 +144,8 @@ def annotate_live(run: JobRun, drawn: dict[str, int], layers: Layers, input_data
 
 def with_annotated_media(
     run: JobRun,
-    input_data: dict[str, Any],
-    result: dict[str, Any],
+    input_data: JsonObject,
+    result: JsonObject,
     layers: Layers,
     envelope: ResultEnvelope,
     drawn: Annotation = (None, None),

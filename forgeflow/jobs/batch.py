@@ -23,8 +23,10 @@ from pathlib import Path
 from typing import Any
 
 from prefect import flow
-from prefect.context import get_run_context
+from prefect.context import FlowRunContext
+from pydantic import JsonValue
 
+from forgeflow.canonical import JsonArrayField, JsonObject, JsonObjectField
 from forgeflow.jobs.batch_client import BatchClient, folder_files
 
 BATCH_FLOW_NAME = "forgeflow-batch"
@@ -35,11 +37,11 @@ class BatchNeedsApi(RuntimeError):
     """The batch flow runs where no API is configured."""
 
 
-def load_pipeline(pipeline: dict[str, Any] | list[Any] | str) -> dict[str, Any] | list[Any]:
+def load_pipeline(pipeline: JsonObject | list[JsonValue] | str) -> JsonObject | list[JsonValue]:
     """A pipeline document, or the path of a JSON file holding one (relative paths: to the working
     directory, the deployment's code folder)."""
     if isinstance(pipeline, str):
-        document: dict[str, Any] | list[Any] = json.loads(Path(pipeline).read_text(encoding="utf-8"))
+        document: JsonObject | list[JsonValue] = json.loads(Path(pipeline).read_text(encoding="utf-8"))
         return document
     return pipeline
 
@@ -57,7 +59,7 @@ def _client() -> BatchClient:
     return BatchClient(settings.api_url, token.get_secret_value() if token else None)
 
 
-def _pipeline_fields(document: dict[str, Any] | list[Any]) -> dict[str, Any]:
+def _pipeline_fields(document: JsonObject | list[JsonValue]) -> JsonObject:
     if isinstance(document, dict) and "pipeline_id" in document:
         return {"pipeline_id": document["pipeline_id"]}
     return {"pipeline": document}
@@ -96,7 +98,7 @@ def _write_out_dir(client: BatchClient, batch: dict[str, Any], out_dir: Path) ->
 
 @flow(name=BATCH_FLOW_NAME, persist_result=False, validate_parameters=True)
 def batch_flow(
-    pipeline: dict[str, Any] | list[Any] | str,
+    pipeline: JsonObjectField | JsonArrayField | str,
     folder: str,
     pattern: str = "*",
     out_dir: str | None = None,
@@ -109,8 +111,9 @@ def batch_flow(
     own job on any worker. ``force``: compute every file again (by default a file whose work was done
     before takes that result). Returns ``{"batch_id", "status", "files", "succeeded", "reused",
     "failed": [names], "jobs": {name: job_id}}``."""
-    run = get_run_context().flow_run  # type: ignore[union-attr]
-    assert run is not None
+    context = FlowRunContext.get()
+    run = context.flow_run if context is not None else None
+    assert run is not None  # the flow's body runs in its flow run
     document = load_pipeline(pipeline)
     with _client() as client:
         paths = folder_files(Path(folder), pattern, max_files)

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
 
+from forgeflow.canonical import JsonObject
 from forgeflow.settings import Settings
 
 
@@ -14,7 +14,7 @@ def checkpoint_path(settings: Settings, job_id: str) -> Path:
     return settings.jobs_dir / job_id / "checkpoint.json"
 
 
-def read_checkpoint(settings: Settings, job_id: str) -> dict[str, Any]:
+def read_checkpoint(settings: Settings, job_id: str) -> JsonObject:
     """The job's last checkpoint ({} when it wrote none, or it cannot be read)."""
     path = checkpoint_path(settings, job_id)
     try:

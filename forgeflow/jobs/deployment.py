@@ -12,11 +12,16 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any
+from typing import TYPE_CHECKING
+from uuid import UUID
 
+from forgeflow.canonical import JsonObject
 from forgeflow.exit_codes import JobEnding
 from forgeflow.jobs.flow_runs import mark_flow_run, prefect_client
 from forgeflow.jobs.handle import JobEnd
+
+if TYPE_CHECKING:
+    from prefect.client.schemas.objects import State
 
 log = logging.getLogger("forgeflow.jobs.deployment")
 
@@ -47,17 +52,18 @@ class DeploymentRun:
         deployment: str,
         *,
         job_id: str,
-        pipeline: dict[str, Any],
-        input_data: dict[str, Any],
+        pipeline: JsonObject,
+        input_data: JsonObject,
         poll_interval_s: float = 1.0,
         parent_flow_run_id: str | None = None,
     ) -> DeploymentRun:
         """Create the job's flow run (Scheduled now; a worker of the deployment's pool picks it up).
         With ``parent_flow_run_id`` (a batch's flow run) it is a child run of that one: the Prefect
         UI shows it under the batch, as ``run_deployment(as_subflow=True)`` inside it would."""
+        from prefect.client.schemas.objects import FlowRun
         from prefect.deployments import run_deployment
 
-        parameters = {"pipeline": pipeline, "input": input_data, "job_id": job_id}
+        parameters: JsonObject = {"pipeline": pipeline, "input": input_data, "job_id": job_id}
         if parent_flow_run_id is not None:
             return cls(job_id, _child_flow_run(deployment, parameters, job_id, parent_flow_run_id), poll_interval_s)
         with prefect_client():  # run_deployment makes its own client, with these settings
@@ -70,7 +76,8 @@ class DeploymentRun:
                 idempotency_key=f"forgeflow-job-{job_id}",
                 tags=["forgeflow"],
             )
-        return cls(job_id, str(flow_run.id), poll_interval_s)  # type: ignore[union-attr]  # sync: a FlowRun
+        assert isinstance(flow_run, FlowRun)  # run_deployment called from sync code returns the flow run
+        return cls(job_id, str(flow_run.id), poll_interval_s)
 
     def poll(self) -> JobEnd | None:
         """How the job ended, by its flow run's final state (reason: the state and its message), or
@@ -81,7 +88,7 @@ class DeploymentRun:
         self._next_read = time.monotonic() + self.poll_interval_s
         try:
             with prefect_client() as client:
-                state = client.read_flow_run(self.flow_run_id).state
+                state = client.read_flow_run(UUID(self.flow_run_id)).state
         except Exception as exc:
             log.warning("could not read flow run %s of job %s: %s", self.flow_run_id, self.job_id, exc)
             return None
@@ -101,7 +108,7 @@ class DeploymentRun:
         have had the last word, a Crashed after a Failed, say)."""
         try:
             with prefect_client() as client:
-                state = client.read_flow_run(self.flow_run_id).state
+                state = client.read_flow_run(UUID(self.flow_run_id)).state
         except Exception:
             return self._reason()
         return self._describe(state) if state is not None and state.is_final() else self._reason()
@@ -110,7 +117,7 @@ class DeploymentRun:
         return None if self._end is None else self._end.reason
 
     @staticmethod
-    def _describe(state: Any) -> str:
+    def _describe(state: State[object]) -> str:
         return f"{state.name} ({state.message})" if state.message else str(state.name)
 
     def lost(self, reason: str) -> None:
@@ -127,7 +134,7 @@ class DeploymentRun:
 
         try:
             with prefect_client() as client:
-                state = client.read_flow_run(self.flow_run_id).state
+                state = client.read_flow_run(UUID(self.flow_run_id)).state
                 # A run no worker has started yet has nothing to stop: it is cancelled at once.
                 running = state is not None and state.is_running()
                 ending = Cancelling if running else Cancelled
@@ -143,17 +150,15 @@ class DeploymentRun:
         return None
 
 
-def _child_flow_run(deployment: str, parameters: dict[str, Any], job_id: str, parent_flow_run_id: str) -> str:
+def _child_flow_run(deployment: str, parameters: JsonObject, job_id: str, parent_flow_run_id: str) -> str:
     """Create the job's flow run of ``deployment`` as a child of flow run ``parent_flow_run_id``: a
     task run in the parent stands for it (what ``run_deployment(as_subflow=True)`` makes)."""
-    from uuid import UUID
-
     from prefect import Task
     from prefect.states import Pending, Scheduled
 
     with prefect_client() as client:
         found = client.read_deployment_by_name(deployment)
-        stand_in: Task[Any, None] = Task(name=f"job-{job_id}", fn=lambda: None)
+        stand_in: Task[[], None] = Task(name=f"job-{job_id}", fn=lambda: None)
         task_run = client.create_task_run(
             task=stand_in, flow_run_id=UUID(parent_flow_run_id), dynamic_key=job_id, state=Pending()
         )

@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING
 
-from forgeflow.jobs.flow import flow_parameters, pipeline_flow
+from pydantic import JsonValue
+
+from forgeflow.canonical import JsonObject
+from forgeflow.jobs.flow import FlowResult, flow_parameters, pipeline_flow
 from forgeflow.jobs.stages import PipelineFailed, Services, current_services, use_services
 from forgeflow.pipeline.definition import PipelineDefinition
+
+if TYPE_CHECKING:
+    from prefect.client.schemas.objects import FlowRun, State
 
 
 class PipelineExecutor:
@@ -22,10 +28,10 @@ class PipelineExecutor:
 
     def execute(
         self,
-        pipeline: PipelineDefinition | dict[str, Any] | list[dict[str, Any]],
-        input_data: dict[str, Any],
+        pipeline: PipelineDefinition | JsonObject | list[JsonValue],
+        input_data: JsonObject,
         job_id: str,
-    ) -> dict[str, Any]:
+    ) -> JsonObject:
         document = pipeline.model_dump(mode="json") if isinstance(pipeline, PipelineDefinition) else pipeline
         services = self.services or current_services()
         parameters = flow_parameters(document, input_data, job_id, services.settings.jobs_dir / job_id)
@@ -33,19 +39,20 @@ class PipelineExecutor:
             state = pipeline_flow(**parameters, return_state=True)
         return self._envelope(state)
 
-    def execute_flow_run(self, flow_run: Any) -> dict[str, Any]:
+    def execute_flow_run(self, flow_run: FlowRun) -> JsonObject:
         """Run a flow run that exists already (one a deployment made, handed over by a Prefect
         worker) in this process, with its own parameters; returns the envelope like :meth:`execute`."""
+        from prefect.client.schemas.objects import State
         from prefect.flow_engine import run_flow
 
         with use_services(self.services or current_services()):
             state = run_flow(pipeline_flow, flow_run=flow_run, parameters=flow_run.parameters, return_type="state")
+        assert isinstance(state, State)  # what run_flow returns for return_type="state" (the flow is sync)
         return self._envelope(state)
 
     @staticmethod
-    def _envelope(state: Any) -> dict[str, Any]:
-        if state.is_completed():
-            envelope: dict[str, Any] = state.result()
+    def _envelope(state: State[FlowResult] | State[JsonObject]) -> JsonObject:
+        if state.is_completed() and isinstance(envelope := state.result(), dict):  # a completed run's envelope
             return envelope
         outcome = state.result(raise_on_failure=False)
         if isinstance(outcome, PipelineFailed):

@@ -15,15 +15,17 @@ import collections
 import json
 import threading
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal, TypedDict
 
-from prefect import flow, task
+from prefect import Flow, Task, flow, task
 from prefect.cache_policies import NO_CACHE
-from prefect.context import get_run_context
+from prefect.client.schemas.objects import FlowRun, State, TaskRun
+from prefect.context import FlowRunContext
+from prefect.flows import FlowStateHook
 from prefect.states import Failed
-from pydantic import ValidationError
+from pydantic import JsonValue, ValidationError
 
-from forgeflow.canonical import canonical_json
+from forgeflow.canonical import JsonArrayField, JsonObject, JsonObjectField, canonical_json
 from forgeflow.events.models import JobStatusEvent, abnormal_end
 from forgeflow.jobs.stages import JobRun, PipelineFailed, current_services, execute
 from forgeflow.pipeline import outcome as job_end
@@ -61,26 +63,28 @@ def last_flow_run_id(job_id: str) -> str | None:
 # --- one Prefect task per stage ---------------------------------------------------------------
 
 
-def _run_stage_as_task(run: JobRun, stage: ResolvedStage, inputs: dict[str, Any]) -> dict[str, Any]:
+#: A stage's Prefect task: the stage's inputs in, its outputs out.
+StageTask = Task[[JsonObject], JsonObject]
+
+
+def _run_stage_as_task(run: JobRun, stage: ResolvedStage, inputs: JsonObject) -> JsonObject:
     """A stage as a Prefect task, named so the UI shows index, plugin and tool; its state hooks make
     the stage's transitions (start, end, error) on the run."""
     label = f"stage-{stage.index}: {stage.name}"
 
-    def on_running(tsk: Any, task_run: Any, state: Any) -> None:
+    def on_running(tsk: StageTask, task_run: TaskRun, state: State[JsonObject]) -> None:
         run.stage_started(stage, attempt=getattr(task_run, "run_count", 1) or 1)
 
-    def on_completion(tsk: Any, task_run: Any, state: Any) -> None:
+    def on_completion(tsk: StageTask, task_run: TaskRun, state: State[JsonObject]) -> None:
         run.stage_completed(stage)
 
-    def on_failure(tsk: Any, task_run: Any, state: Any) -> None:
+    def on_failure(tsk: StageTask, task_run: TaskRun, state: State[JsonObject]) -> None:
         run.stage_failed(stage, state.message)
 
-    def run_stage(stage_inputs: dict[str, Any]) -> dict[str, Any]:
+    def run_stage(stage_inputs: JsonObject) -> JsonObject:
         return run.call_stage(stage, stage_inputs)
 
-    # mypy cannot pick one of task()'s overloads for hooks given as lists: the call is checked at run time.
-    stage_task = task(  # type: ignore[call-overload]
-        run_stage,
+    stage_task: StageTask = task(
         name=label,
         task_run_name=label,
         retries=stage.stage.retries,
@@ -95,16 +99,20 @@ def _run_stage_as_task(run: JobRun, stage: ResolvedStage, inputs: dict[str, Any]
         on_running=[on_running],
         on_completion=[on_completion],
         on_failure=[on_failure],
-    )
-    outputs: dict[str, Any] = stage_task(inputs)
-    return outputs
+    )(run_stage)
+    return stage_task(inputs)
 
 
 # --- flow-level hooks: the terminal message when the body could not send it -------------------
 
 
-def _flow_ended_abnormally(status: Literal["crashed", "cancelled"]) -> Any:
-    def hook(flow: Any, flow_run: Any, state: Any) -> None:  # Prefect passes them by name
+#: What the pipeline flow returns: the result envelope, or the Failed state carrying it (Prefect makes a
+#: state that a flow returns its flow run's final state).
+FlowResult = JsonObject | State[JsonObject]
+
+
+def _flow_ended_abnormally(status: Literal["crashed", "cancelled"]) -> FlowStateHook[..., FlowResult]:
+    def hook(flow: Flow[..., FlowResult], flow_run: FlowRun, state: State[FlowResult]) -> None:  # passed by name
         if str(flow_run.id) in _ended_runs:
             return  # the body already sent the job's terminal message (a cancel, say)
         run = _active_runs.pop(str(flow_run.id), None)
@@ -135,14 +143,24 @@ def _flow_ended_abnormally(status: Literal["crashed", "cancelled"]) -> Any:
 INLINE_PARAMETERS_MAX = 256 * 1024
 
 
-def flow_parameters(pipeline: Any, input_data: dict[str, Any], job_id: str, spill_dir: Path) -> dict[str, Any]:
+class FlowParameters(TypedDict, total=False):
+    """The parameters of a job's flow run (:func:`pipeline_flow`'s)."""
+
+    pipeline: JsonObject | list[JsonValue] | None
+    input: JsonObject | None
+    job_id: str
+    parameters_file: str
+
+
+def flow_parameters(
+    pipeline: JsonObject | list[JsonValue] | None, input_data: JsonObject, job_id: str, spill_dir: Path
+) -> FlowParameters:
     """The parameters of a job's flow run: ``{pipeline, input, job_id}`` when they are small enough,
     else ``{job_id, parameters_file}`` naming ``spill_dir/parameters.json`` (the job's folder), so a
     job input of any size the API accepts reaches its flow run."""
-    parameters = {"pipeline": pipeline, "input": input_data}
-    text = canonical_json(parameters)
+    text = canonical_json({"pipeline": pipeline, "input": input_data})
     if len(text.encode()) <= INLINE_PARAMETERS_MAX:
-        return {**parameters, "job_id": job_id}
+        return {"pipeline": pipeline, "input": input_data, "job_id": job_id}
     spill_dir.mkdir(parents=True, exist_ok=True)
     path = spill_dir / "parameters.json"
     path.write_text(text, encoding="utf-8")
@@ -164,11 +182,11 @@ def _run_name() -> str:
     on_cancellation=[_flow_ended_abnormally("cancelled")],
 )
 def pipeline_flow(
-    pipeline: dict[str, Any] | list[Any] | None = None,
-    input: dict[str, Any] | None = None,
+    pipeline: JsonObjectField | JsonArrayField | None = None,
+    input: JsonObjectField | None = None,
     job_id: str | None = None,
     parameters_file: str | None = None,
-) -> dict[str, Any]:
+) -> FlowResult:
     """Run a ForgeFlow pipeline: one task per stage, stage N's outputs feeding stage N+1.
 
     Parameters are plain JSON so the Prefect UI, schedules and the API can all start it:
@@ -180,7 +198,8 @@ def pipeline_flow(
     carries :class:`PipelineFailed`, whose ``envelope`` holds the partial result.
     """
     services = current_services()
-    this_run = get_run_context().flow_run  # type: ignore[union-attr]
+    context = FlowRunContext.get()
+    this_run = context.flow_run if context is not None else None
     assert this_run is not None  # the flow's body runs in its flow run
     flow_run_id = str(this_run.id)
     job_id = job_id or flow_run_id
@@ -211,7 +230,7 @@ def pipeline_flow(
         return execute(run, definition, parse_error, input_data, _run_stage_as_task).to_dict()
     except PipelineFailed as failed:
         # An expected outcome, not a bug: end the run Failed with the envelope, without a traceback.
-        return Failed(message=str(failed), data=failed)  # type: ignore[return-value]
+        return Failed(message=str(failed), data=failed)
     except Exception as exc:  # a bug of ours must still end the job with a terminal message
         run.finish(
             "failed",

@@ -9,7 +9,10 @@ import ssl
 from collections.abc import Iterator
 from contextlib import contextmanager
 from functools import cache
-from typing import Any
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from prefect.client.orchestration import SyncPrefectClient
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +34,7 @@ def prefect_tls_context() -> ssl.SSLContext:
 
 
 @contextmanager
-def prefect_client() -> Iterator[Any]:
+def prefect_client() -> Iterator[SyncPrefectClient]:
     """A synchronous Prefect client for ``PREFECT_API_URL`` as it is now (the service may set it
     after Prefect froze its settings at import).
 
@@ -62,7 +65,7 @@ def mark_flow_run(flow_run_id: str, status: str, message: str) -> None:
         from prefect.client.schemas.objects import State
         from prefect.states import Cancelled, Crashed
 
-        state: State[Any] = Crashed(message=message) if status == "crashed" else Cancelled(message=message)
+        state: State[None] = Crashed(message=message) if status == "crashed" else Cancelled(message=message)
         with prefect_client() as client:
             client.set_flow_run_state(flow_run_id, state, force=True)
     except Exception as exc:  # the job's terminal message matters more than Prefect's bookkeeping

@@ -11,9 +11,12 @@ from __future__ import annotations
 import shutil
 import threading
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any
 
+from pydantic import JsonValue
+
+from forgeflow.canonical import JsonObject
 from forgeflow.engine.runners.base import CallResult, FramesRead, Progress, ToolCall
 from forgeflow.events.models import (
     Event,
@@ -105,7 +108,7 @@ class JobRun:
             )
         )
 
-    def call_stage(self, stage: ResolvedStage, inputs: dict[str, Any]) -> dict[str, Any]:
+    def call_stage(self, stage: ResolvedStage, inputs: JsonObject) -> JsonObject:
         """The stage's tool call through the runner: its outputs, or :class:`StageFailed`. A job that
         resumes takes the outputs of a call that completed in an earlier attempt instead."""
         self._sync_media(stage, inputs)
@@ -118,7 +121,7 @@ class JobRun:
             self.outcomes[stage.index] = CallResult(ok=True, outputs=done)
             self.reports[stage.index].from_checkpoint = True
             with self._lock:
-                self.artifact_bytes += sum(v["size_bytes"] for v in done.values() if is_frames(v))
+                self.artifact_bytes += _frames_bytes(done.values())
             # its readers get its outputs whole when its feeds end (nothing is journalled this time)
             prepare_feeds(self.checkpoints, key, stage, MediaStore(settings.media_root), resume=False)
             self.feeding.setdefault(stage.index, threading.Event()).set()
@@ -153,12 +156,12 @@ class JobRun:
         if not result.ok:
             raise StageFailed(stage, result)
         with self._lock:
-            self.artifact_bytes += sum(v["size_bytes"] for v in (result.outputs or {}).values() if is_frames(v))
+            self.artifact_bytes += _frames_bytes((result.outputs or {}).values())
         self.checkpoints.mark_done(key, result.outputs or {})
         self._sync_media(stage, result.outputs or {}, made_by=result)
         return result.outputs or {}
 
-    def _keyed(self, inputs: dict[str, Any]) -> dict[str, Any]:
+    def _keyed(self, inputs: JsonObject) -> JsonObject:
         """The inputs as a call key sees them: a per-frame output of an earlier stage (finished or still
         being written) by the call that makes it, so overlapping or not, the key is the same."""
         return {
@@ -168,7 +171,7 @@ class JobRun:
             for name, value in inputs.items()
         }
 
-    def _completed_before(self, key: str) -> dict[str, Any] | None:
+    def _completed_before(self, key: str) -> JsonObject | None:
         """A completed call's outputs, when every media ref and artifact chunk they name is still here."""
         done = self.checkpoints.done(key)
         if done is None:
@@ -205,7 +208,7 @@ class JobRun:
                 )
             )
 
-    def _sync_media(self, stage: ResolvedStage, values: dict[str, Any], made_by: CallResult | None = None) -> None:
+    def _sync_media(self, stage: ResolvedStage, values: JsonObject, made_by: CallResult | None = None) -> None:
         """On a host apart from the API (:class:`~forgeflow.jobs.media_sync.MediaSync`): fetch the media
         refs of a stage's inputs before its call, upload those of its outputs (``made_by``) after it.
         A transfer that fails fails the stage with the error naming the ref and the API."""
@@ -283,6 +286,13 @@ class JobRun:
         if status == "succeeded":  # nothing left to resume
             for key in self.call_keys.values():
                 self.checkpoints.forget(key)
+
+
+def _frames_bytes(values: Iterable[JsonValue]) -> int:
+    """The bytes of the per-frame artifacts among a call's outputs (their descriptors' ``size_bytes``)."""
+    return sum(
+        v["size_bytes"] for v in values if is_frames(v) and isinstance(v, dict) and isinstance(v["size_bytes"], int)
+    )
 
 
 def _stage_end(job_id: str, stage: ResolvedStage, result: CallResult, ok: bool) -> StageEnd:

@@ -33,10 +33,10 @@ import re
 import threading
 from dataclasses import dataclass
 from email.message import Message
-from typing import Any
 
 import httpx
 
+from forgeflow.canonical import JsonObject
 from forgeflow.plugins.errors import MediaError, MediaNotFound, MediaTooLarge
 from forgeflow.plugins.frames import FRAMES_KEY, chunk_refs, is_frames
 from forgeflow.plugins.media import REF_PREFIX, MediaDigestMismatch, MediaStore, MediaWriter
@@ -79,10 +79,10 @@ class MediaSyncStats:
     remote_hits: int = 0
 
 
-def media_refs(value: Any) -> list[str]:
+def media_refs(value: object) -> list[str]:
     """Every media ref (``sha256:`` and 64 hex digits, the whole string) in a JSON value, in order, once."""
     found: dict[str, None] = {}
-    stack = [value]
+    stack: list[object] = [value]
     while stack:
         item = stack.pop()
         if isinstance(item, str):
@@ -95,7 +95,7 @@ def media_refs(value: Any) -> list[str]:
     return list(found)
 
 
-def _frames_values(value: Any) -> list[dict[str, Any]]:
+def _frames_values(value: object) -> list[JsonObject]:
     """The per-frame artifact descriptors among a stage's input or output values."""
     if not isinstance(value, dict):
         return []
@@ -139,7 +139,7 @@ class MediaSync:
         return cls(settings.api_url, MediaStore(settings.media_root), token, max_bytes=settings.max_media_bytes)
 
     # --- before a stage -------------------------------------------------------------------------
-    def fetch(self, value: Any) -> list[str]:
+    def fetch(self, value: object) -> list[str]:
         """Download every media ref in ``value`` (a stage's inputs) that this host's store lacks;
         returns the refs downloaded. Raises a MediaError naming the ref and the API."""
         fetched = []
@@ -241,13 +241,17 @@ class MediaSync:
                 log.info("fetching %s broke after %d bytes (%s); resuming", ref, partial.size, _describe(exc))
 
     # --- after a stage --------------------------------------------------------------------------
-    def upload(self, value: Any) -> list[str]:
+    def upload(self, value: object) -> list[str]:
         """Send every media ref in ``value`` (a stage's outputs) that is in this host's store and not
         on the API to ``POST /v1/media``; returns the refs uploaded. Refs this host lacks are not
         media it made and are left alone."""
         uploaded = []
         # a per-frame artifact's chunks go before its manifest, so the API never names a missing chunk
-        chunks = [chunk_refs(self.store, v) for v in _frames_values(value) if self.store.has(v[FRAMES_KEY])]
+        chunks = [
+            chunk_refs(self.store, v)
+            for v in _frames_values(value)
+            if isinstance(ref := v[FRAMES_KEY], str) and self.store.has(ref)  # (a descriptor's ref is text)
+        ]
         if chunks:
             uploaded += self.upload(chunks)
         for ref in media_refs(value):

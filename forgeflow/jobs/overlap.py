@@ -15,9 +15,13 @@ never journalled (it stays inline): its reader starts when its writer ends, as w
 from __future__ import annotations
 
 import threading
+from collections.abc import Mapping
 from concurrent.futures import Future
-from typing import Any
+from pathlib import Path
 
+from pydantic import JsonValue
+
+from forgeflow.canonical import JsonObject
 from forgeflow.pipeline.validation import ResolvedStage
 from forgeflow.plugins.checkpoints import Checkpoints
 from forgeflow.plugins.frames import end_feed, frame_fields, has_chunks, keep_journalled, live_feed, open_feed
@@ -37,7 +41,7 @@ def streamed_fields(producer: ResolvedStage, consumer: ResolvedStage) -> tuple[s
     return tuple(sorted(taken)) if taken and taken <= streamed else ()
 
 
-def _journals(checkpoints: Checkpoints, key: str, stage: ResolvedStage) -> list[Any]:
+def _journals(checkpoints: Checkpoints, key: str, stage: ResolvedStage) -> list[Path]:
     paths = [checkpoints.journal(key, name) for name in frame_fields(stage.tool.output_model)]
     return [p for p in paths if p is not None]
 
@@ -58,7 +62,7 @@ def end_feeds(
     key: str | None,
     stage: ResolvedStage,
     failed: str | None,
-    outputs: dict[str, Any] | None = None,
+    outputs: Mapping[str, JsonValue] | None = None,
 ) -> None:
     """A stage's call ended with ``outputs``: the readers of its feeds finish with them (or fail with
     ``failed``)."""
@@ -75,9 +79,9 @@ def wait_for_feeds(
     producer: ResolvedStage,
     keys: dict[int, str],
     ready: threading.Event,
-    future: Future[Any],
+    future: Future[JsonObject],
     fields: tuple[str, ...],
-) -> dict[str, Any] | None:
+) -> JsonObject | None:
     """Live feeds of ``fields`` once ``producer`` (running as ``future``) has journalled a chunk of
     each; None when it ends first (its outputs are then read as they are)."""
     while not future.done():

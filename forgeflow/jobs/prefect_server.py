@@ -24,13 +24,16 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 import httpx
 import psutil
 
 from forgeflow.jobs import prefect_db_cache
 from forgeflow.processes import die_with_parent, pid_alive, process_create_time
+
+if TYPE_CHECKING:
+    from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 
 def free_port() -> int:
@@ -196,15 +199,15 @@ RETRY_AFTER_S = (0.05, 0.5)
 class RetryAfterOn503:
     """ASGI wrapper: every 503 response gets ``Retry-After`` (unless it has one)."""
 
-    def __init__(self, app: Any) -> None:
+    def __init__(self, app: ASGIApp) -> None:
         self.app = app
 
-    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
 
-        async def send_with_hint(message: Any) -> None:
+        async def send_with_hint(message: Message) -> None:
             if message["type"] == "http.response.start" and message.get("status") == 503:
                 headers = list(message.get("headers") or [])
                 if not any(name.lower() == b"retry-after" for name, _ in headers):

@@ -13,10 +13,17 @@ from __future__ import annotations
 import argparse
 import asyncio
 import sys
-from typing import Any
+from typing import TYPE_CHECKING
 
 from prefect.utilities.processutils import command_to_string
 from prefect.workers.process import ProcessJobConfiguration, ProcessWorker
+
+if TYPE_CHECKING:
+    from uuid import UUID
+
+    from prefect.client.schemas.objects import Flow as APIFlow
+    from prefect.client.schemas.objects import FlowRun, WorkPool
+    from prefect.client.schemas.responses import DeploymentResponse
 
 HANDOFF_MODULE = "forgeflow.jobs.handoff"
 
@@ -24,8 +31,16 @@ HANDOFF_MODULE = "forgeflow.jobs.handoff"
 class HandoffJobConfiguration(ProcessJobConfiguration):
     """A flow run's process: the handoff, in the worker's own interpreter (no ``PATH`` lookup)."""
 
-    def prepare_for_flow_run(self, *args: Any, **kwargs: Any) -> None:
-        super().prepare_for_flow_run(*args, **kwargs)
+    def prepare_for_flow_run(
+        self,
+        flow_run: FlowRun,
+        deployment: DeploymentResponse | None = None,
+        flow: APIFlow | None = None,
+        work_pool: WorkPool | None = None,
+        worker_name: str | None = None,
+        worker_id: UUID | None = None,
+    ) -> None:
+        super().prepare_for_flow_run(flow_run, deployment, flow, work_pool, worker_name, worker_id)
         if not self._command_configured:
             self.command = command_to_string([sys.executable, "-m", HANDOFF_MODULE])
             self._command_configured = True

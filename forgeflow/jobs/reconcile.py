@@ -3,7 +3,9 @@ behind (its events and its checkpoint), and its Prefect flow run marked as it en
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Mapping, Sequence
+
+from pydantic import JsonValue
 
 from forgeflow.events.models import Event, abnormal_end
 from forgeflow.events.reduce import replay
@@ -18,8 +20,8 @@ def reconcile_crash(
     *,
     reason: str,
     flow_run_id: str | None,
-    pipeline: dict[str, Any],
-    events: list[dict[str, Any]],
+    pipeline: JsonValue,
+    events: Sequence[Mapping[str, JsonValue]],
     settings: Settings | None = None,
 ) -> list[Event]:
     """Terminal messages for a job whose engine, host or process died without sending them.
@@ -41,7 +43,9 @@ def reconcile_crash(
         status="crashed",
         error=reason,
         error_type=outcome.EndReason.FLOW_RUN_CRASHED,
-        partial_result=read_checkpoint(settings, job_id).get("partial_result", {}),
+        partial_result=partial
+        if isinstance(partial := read_checkpoint(settings, job_id).get("partial_result", {}), dict)
+        else {},
     )
     out: list[Event] = list(
         abnormal_end(

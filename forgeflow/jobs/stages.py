@@ -19,9 +19,8 @@ import threading
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import wait as futures_wait
-from typing import Any
 
-from forgeflow.canonical import canonical_json
+from forgeflow.canonical import JsonObject, canonical_json
 from forgeflow.engine.runners.base import CallResult
 from forgeflow.events.models import PipelineError
 from forgeflow.jobs.annotated_media import Annotation, annotate_live, drawn_live, layers_of, with_annotated_media
@@ -50,7 +49,7 @@ __all__ = [
 ]
 
 
-def _write_checkpoint(settings: Settings, job_id: str, result: dict[str, Any], reports: list[StageReport]) -> None:
+def _write_checkpoint(settings: Settings, job_id: str, result: JsonObject, reports: list[StageReport]) -> None:
     """Partial results on disk, so a job killed without hooks still reports what it had."""
     path = checkpoint_path(settings, job_id)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -61,10 +60,10 @@ def _write_checkpoint(settings: Settings, job_id: str, result: dict[str, Any], r
 
 
 #: Runs one stage of a run with its inputs and returns its outputs (raises when it fails).
-StageDriver = Callable[[JobRun, ResolvedStage, dict[str, Any]], dict[str, Any]]
+StageDriver = Callable[[JobRun, ResolvedStage, JsonObject], JsonObject]
 
 
-def run_stage_directly(run: JobRun, stage: ResolvedStage, inputs: dict[str, Any]) -> dict[str, Any]:
+def run_stage_directly(run: JobRun, stage: ResolvedStage, inputs: JsonObject) -> JsonObject:
     """A stage in this thread, without Prefect: the same transitions a Prefect task's hooks make."""
     run.stage_started(stage)
     try:
@@ -76,7 +75,7 @@ def run_stage_directly(run: JobRun, stage: ResolvedStage, inputs: dict[str, Any]
     return outputs
 
 
-def _feeding(run: JobRun, stage: ResolvedStage, inputs: dict[str, Any], run_stage: StageDriver) -> dict[str, Any]:
+def _feeding(run: JobRun, stage: ResolvedStage, inputs: JsonObject, run_stage: StageDriver) -> JsonObject:
     """A stage that a next one reads as it goes: when its call ends, so do its feeds."""
     try:
         outputs = run_stage(run, stage, inputs)
@@ -92,7 +91,7 @@ def execute(
     run: JobRun,
     definition: PipelineDefinition | None,
     parse_error: PipelineValidationError | None,
-    input_data: dict[str, Any],
+    input_data: JsonObject,
     run_stage: StageDriver = run_stage_directly,
 ) -> ResultEnvelope:
     """Validate, run every stage with ``run_stage``, and end the job: the success envelope, or
@@ -129,12 +128,12 @@ def execute(
         if stage.index < len(run.reports):
             run.reports[stage.index].plugin = stage.plugin
     context = dict(input_data)
-    result: dict[str, Any] = {}
+    result: JsonObject = {}
     stages = validated.stages
     # A stage that a next one may read while it writes (overlap.streamed_fields) runs in a thread of
     # its own; every other stage runs here, as it always did.
     pool = ThreadPoolExecutor(max_workers=len(stages), thread_name_prefix="forgeflow-stage")
-    started: list[tuple[ResolvedStage, Future[dict[str, Any]] | None]] = []
+    started: list[tuple[ResolvedStage, Future[JsonObject] | None]] = []
     collected = 0  # started stages whose outputs joined the context
 
     def collect(upto: int) -> None:
@@ -150,7 +149,7 @@ def execute(
             collected += 1
 
     current: list[ResolvedStage] = [stages[0]]
-    pending_outputs: dict[int, dict[str, Any]] = {}
+    pending_outputs: dict[int, JsonObject] = {}
     layers = layers_of(stage.tool for stage in stages)  # what the stages' tools declare to draw on the job's media
     annotation: Future[Annotation] | None = None  # drawn as the stages go
     try:
@@ -191,8 +190,9 @@ def execute(
     except BaseException as exc:
         stage = current[0]
         run.stopping.set()
-        running: list[Future[Any]] = [f for _, f in started if f is not None]
-        futures_wait(running + ([annotation] if annotation is not None else []))
+        futures_wait([f for _, f in started if f is not None])
+        if annotation is not None:
+            futures_wait([annotation])
         for earlier, future in started[collected:]:  # what stages before the failed one made is kept
             if earlier.index >= stage.index or future is None:
                 break

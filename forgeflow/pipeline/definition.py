@@ -8,18 +8,21 @@ A pipeline file may be the definition object or the seed's job form ``{"pipeline
 from __future__ import annotations
 
 import math
-from typing import Any, Literal
+from typing import Literal
 
 from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    JsonValue,
     PrivateAttr,
     SerializerFunctionWrapHandler,
     field_validator,
     model_serializer,
     model_validator,
 )
+
+from forgeflow.canonical import JsonObject, JsonObjectField
 
 #: Where a stage's tool call runs: warm sandboxed worker processes, warm locked-down Docker
 #: containers, or the caller's own process (plugin unit tests only).
@@ -45,7 +48,7 @@ class PipelineStage(BaseModel):
         "the plugin's canonical name in `plugin` and keeps the alias here.",
     )
     tool: str = Field(min_length=1, max_length=200, description="Tool name.")
-    config: dict[str, Any] = Field(default_factory=dict, description="Tool configuration (validated by the tool).")
+    config: JsonObjectField = Field(default_factory=dict, description="Tool configuration (validated by the tool).")
     timeout_seconds: float | None = Field(
         None, gt=0, description="This stage's timeout in seconds; default: the pipeline's."
     )
@@ -89,9 +92,9 @@ class PipelineDefinition(BaseModel):
     )
 
     @model_serializer(mode="wrap")
-    def _without_default_resume(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+    def _without_default_resume(self, handler: SerializerFunctionWrapHandler) -> JsonObject:
         # `resume` is said only when set: every pipeline written before it keeps its exact JSON.
-        data: dict[str, Any] = handler(self)
+        data: JsonObject = handler(self)
         if not self.resume:
             data.pop("resume", None)
         return data
@@ -105,7 +108,7 @@ class PipelineDefinition(BaseModel):
 
     @model_validator(mode="before")
     @classmethod
-    def _accept_seed_list_form(cls, data: Any) -> Any:
+    def _accept_seed_list_form(cls, data: object) -> object:
         # The seed writes jobs as {"pipeline": [stages]}; a bare list of stages is accepted too.
         if isinstance(data, list):
             return {"stages": data}
@@ -135,12 +138,12 @@ class PipelineDefinition(BaseModel):
         return self.stages[index].effective_runner
 
     @classmethod
-    def from_legacy(cls, plugin_id: str, tool_name: str, config: dict[str, Any] | None = None) -> PipelineDefinition:
+    def from_legacy(cls, plugin_id: str, tool_name: str, config: JsonObject | None = None) -> PipelineDefinition:
         """A Phase 11 single-plugin job ``{plugin_id, tool_name, config}`` as a one-stage pipeline."""
         return cls(stages=[PipelineStage(plugin=plugin_id, tool=tool_name, config=config or {})])
 
 
-def pipeline_json_schema() -> dict[str, Any]:
+def pipeline_json_schema() -> JsonObject:
     """The published JSON Schema of pipeline files (``forgeflow schema``): every form a pipeline file
     may take — the definition object (``stages``), the seed's job form (``{"pipeline": [...]}``, other
     job fields such as ``job_id`` and ``input`` allowed) and a bare list of stages."""
@@ -168,7 +171,7 @@ def pipeline_json_schema() -> dict[str, Any]:
     }
 
 
-def raw_stages(document: Any) -> list[Any]:
+def raw_stages(document: object) -> list[JsonValue]:
     """The stages of a pipeline document as written (a definition's JSON, the seed's
     ``{"pipeline": [...]}`` or a bare list), unvalidated; ``[]`` for anything else."""
     if isinstance(document, list):

@@ -18,11 +18,11 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
 from enum import StrEnum
-from typing import Any, Literal
+from typing import Literal
 
-from pydantic import BaseModel, Field, model_validator
+from pydantic import BaseModel, Field, JsonValue, model_validator
 
-from forgeflow.canonical import MAX_AMOUNT, MAX_COUNT, MAX_STAGES, canonical_bytes
+from forgeflow.canonical import MAX_AMOUNT, MAX_COUNT, MAX_STAGES, JsonObject, JsonObjectField, canonical_bytes
 
 #: Longest plugin, tool or error type name a report holds (what the stores' columns hold).
 NAME_MAX = 200
@@ -129,12 +129,12 @@ class ResultEnvelope(BaseModel):
     """
 
     ok: bool
-    result: dict[str, Any] | None = None
+    result: JsonObjectField | None = None
     stages_executed: int = Field(0, ge=0, le=MAX_STAGES)
     error: str | None = None
     error_type: str | None = Field(None, max_length=NAME_MAX)
     stage_failed: int | None = Field(None, ge=0, lt=MAX_STAGES)
-    partial_result: dict[str, Any] | None = None
+    partial_result: JsonObjectField | None = None
     stages: list[StageReport] = Field(default_factory=list)
     annotated_media: AnnotatedMedia | None = None
     annotated_media_error: str | None = None
@@ -158,7 +158,7 @@ class ResultEnvelope(BaseModel):
             self.truncated = any(bool(r.truncated) for r in seen)
         return self
 
-    def to_dict(self) -> dict[str, Any]:
+    def to_dict(self) -> JsonObject:
         """The envelope with the keys of its kind only (success or failure), and the annotated
         media's and frame counts' keys only when set."""
         data = self.model_dump(mode="json")
@@ -219,7 +219,7 @@ def completed_count(reports: Iterable[StageReport]) -> int:
     return sum(1 for r in reports if r.status == "completed")
 
 
-def succeeded(result: dict[str, Any], reports: Sequence[StageReport]) -> ResultEnvelope:
+def succeeded(result: JsonObject, reports: Sequence[StageReport]) -> ResultEnvelope:
     """Every stage completed: the last context is the result."""
     return ResultEnvelope(ok=True, result=result, stages_executed=completed_count(reports), stages=list(reports))
 
@@ -230,7 +230,7 @@ def failed(
     error: str,
     error_type: str,
     stage_failed: int | None,
-    partial_result: dict[str, Any] | None = None,
+    partial_result: JsonObject | None = None,
     ending: Literal["failed", "cancelled"] = "failed",
 ) -> ResultEnvelope:
     """A run that stopped at ``stage_failed`` (``None``: before or outside any stage)."""
@@ -244,7 +244,7 @@ def ended_abnormally(
     status: Literal["crashed", "cancelled"],
     error: str,
     error_type: str,
-    partial_result: dict[str, Any] | None = None,
+    partial_result: JsonObject | None = None,
 ) -> ResultEnvelope:
     """A run killed (``crashed``) or cancelled while it ran: the running stage is the one that failed
     (crash) or was cancelled; with none running, the first stage that had not run is blamed."""
@@ -266,7 +266,7 @@ def _stopped(
     error: str,
     error_type: str,
     stage_failed: int | None,
-    partial_result: dict[str, Any] | None,
+    partial_result: JsonObject | None,
 ) -> ResultEnvelope:
     return ResultEnvelope(
         ok=False,
@@ -292,18 +292,19 @@ def not_started(reports: Sequence[StageReport], *, error: str, error_type: str) 
     )
 
 
-def as_cancelled(envelope: Mapping[str, Any], error: str) -> dict[str, Any]:
+def as_cancelled(envelope: Mapping[str, JsonValue], error: str) -> JsonObject:
     """A crash envelope of a job whose cancel was requested: it ended because it was cancelled."""
-    stages = [
+    listed = envelope.get("stages") or []
+    stages: list[JsonValue] = [
         {**s, "status": "cancelled", "error": error, "error_type": EndReason.CANCELLED.value}
-        if s.get("status") == "failed" and s.get("index") == envelope.get("stage_failed")
+        if isinstance(s, dict) and s.get("status") == "failed" and s.get("index") == envelope.get("stage_failed")
         else s
-        for s in envelope.get("stages") or []
+        for s in (listed if isinstance(listed, list) else [])
     ]
     return {**envelope, "ok": False, "error": error, "error_type": EndReason.CANCELLED.value, "stages": stages}
 
 
-def job_status_of(envelope: Mapping[str, Any]) -> TerminalStatus:
+def job_status_of(envelope: Mapping[str, JsonValue]) -> TerminalStatus:
     """The terminal job status an envelope a run returned stands for."""
     if envelope.get("ok"):
         return "succeeded"
@@ -328,11 +329,11 @@ def shown_stage_status(stage_status: StageStatus, job_status: str) -> StageStatu
 RESULT_KEYS = ("result", "partial_result")
 
 
-def envelope_summary(envelope: Mapping[str, Any]) -> dict[str, Any]:
+def envelope_summary(envelope: Mapping[str, JsonValue]) -> JsonObject:
     """The envelope as a realtime message carries it: ``result`` / ``partial_result`` replaced by
     ``result_size_bytes`` / ``partial_result_size_bytes`` (canonical JSON). The whole envelope is
     stored once, with the job (``GET /v1/jobs/{id}``), however many clients watch it."""
-    summary = {k: v for k, v in envelope.items() if k not in RESULT_KEYS}
+    summary: JsonObject = {k: v for k, v in envelope.items() if k not in RESULT_KEYS}
     for key in RESULT_KEYS:
         if key in envelope:
             summary[f"{key}_size_bytes"] = len(canonical_bytes(envelope[key]))

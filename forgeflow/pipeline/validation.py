@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import difflib
 import functools
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Annotated, Any
 
 from pydantic import BaseModel, TypeAdapter, ValidationError
 
+from forgeflow.canonical import JsonObject
 from forgeflow.pipeline.compat import field_schema, incompatibility
 from forgeflow.pipeline.definition import PipelineDefinition, PipelineStage
 from forgeflow.plugins.errors import ForgeFlowError
@@ -94,7 +96,7 @@ def definition_error(exc: ValidationError, stages_key: str | None = "stages") ->
     return PipelineValidationError(issues)
 
 
-def parse_definition(data: Any, *, list_named_by_caller: bool = False) -> PipelineDefinition:
+def parse_definition(data: object, *, list_named_by_caller: bool = False) -> PipelineDefinition:
     """Parse a pipeline document (definition, seed list form, or bare list) or raise issues. An issue
     with the list of stages names the key the document holds it under (``stages`` or ``pipeline``),
     or none for a bare list, or when ``list_named_by_caller`` (the caller wrapped a list its user sent)."""
@@ -121,7 +123,7 @@ class ResolvedStage:
     stage: PipelineStage
     plugin: str
     tool: Tool
-    config: dict[str, Any]
+    config: JsonObject
     timeout_s: float
     input_fields: tuple[str, ...]
     output_fields: tuple[str, ...]
@@ -161,7 +163,7 @@ class ValidatedPipeline:
 
 def validate_pipeline(
     definition: PipelineDefinition,
-    input_data: dict[str, Any] | None,
+    input_data: JsonObject | None,
     registry: PluginRegistry,
     settings: Settings | None = None,
 ) -> ValidatedPipeline:
@@ -325,7 +327,9 @@ def _field_adapter(model: type[BaseModel], name: str) -> TypeAdapter[Any]:
     return TypeAdapter(annotation)
 
 
-def _check_input_value(value: Any, model: type[BaseModel], name: str, issue: Any) -> None:
+def _check_input_value(
+    value: object, model: type[BaseModel], name: str, issue: Callable[[str, str | None, str], None]
+) -> None:
     try:
         _field_adapter(model, name).validate_python(value)
     except ValidationError as exc:
