@@ -25,21 +25,25 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 
-from forgeflow.plugins.builtin._vision import (
+from forgeflow.plugins.builtin._predictions import (
     PREDICT_CONF_FLOOR,
     Prediction,
-    VisionConfig,
     cached_prediction,
-    iou,
-    load_yolo,
     predict_frames,
     prediction_key,
+)
+from forgeflow.plugins.builtin._ultralytics import (
+    load_yolo,
+    resolve_device,
+    setup_ultralytics,
+)
+from forgeflow.plugins.builtin._vision import (
+    VisionConfig,
+    iou,
     r2,
     r4,
     report_frames,
-    resolve_device,
     resolve_weights,
-    setup_ultralytics,
     vision_unavailable_reason,
 )
 from forgeflow.plugins.builtin.schemas import FramePlayers, FramePoses, Pose

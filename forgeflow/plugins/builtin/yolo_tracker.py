@@ -31,17 +31,21 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 
+from forgeflow.plugins.builtin._predictions import (
+    predict_frames,
+)
+from forgeflow.plugins.builtin._ultralytics import (
+    load_yolo,
+    resolve_device,
+    setup_ultralytics,
+)
 from forgeflow.plugins.builtin._vision import (
     VisionConfig,
     batched,
-    load_yolo,
-    predict_frames,
     r2,
     r4,
     report_frames,
-    resolve_device,
     resolve_weights,
-    setup_ultralytics,
     vision_unavailable_reason,
 )
 from forgeflow.plugins.builtin.schemas import FramePlayers, MediaInput, Player
