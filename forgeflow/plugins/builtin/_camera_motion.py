@@ -6,13 +6,16 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Iterator, Sequence
-from typing import Any
+from typing import TYPE_CHECKING
 
 from forgeflow.plugins.builtin._action_rules import NO_OFFSET, Offset
 from forgeflow.plugins.builtin.schemas import FramePoses
 from forgeflow.plugins.errors import InputError
 from forgeflow.plugins.media_reader import MediaReader
 from forgeflow.plugins.sdk import ToolContext
+
+if TYPE_CHECKING:
+    from cv2.typing import MatLike
 
 __all__ = ["camera_offsets"]
 
@@ -41,10 +44,10 @@ class _PanMeter:
     def __init__(self, frame_width: int, width: int = 320) -> None:
         self.factor = min(1.0, width / max(frame_width, 1))
         self.total: Offset = NO_OFFSET
-        self._prev: Any = None
-        self._window: Any = None
+        self._prev: MatLike | None = None
+        self._window: MatLike | None = None
 
-    def update(self, image: Any, boxes: Sequence[Sequence[float]]) -> Offset:
+    def update(self, image: MatLike, boxes: Sequence[Sequence[float]]) -> Offset:
         import cv2
         import numpy as np
 

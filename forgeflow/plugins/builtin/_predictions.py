@@ -4,13 +4,24 @@ and joined with other jobs' passes of a batch (:func:`model_passes`)."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 from forgeflow.plugins.builtin._ultralytics import predict
 from forgeflow.plugins.cache import file_digest
 from forgeflow.plugins.sdk import ToolContext
+
+if TYPE_CHECKING:
+    import numpy as np
+    import torch
+    from cv2.typing import MatLike
+    from numpy.typing import NDArray
+    from ultralytics.engine.results import Boxes, Results
+    from ultralytics.models import YOLO
+
+    from forgeflow.plugins.media_reader import Frame
 
 __all__ = [
     "PREDICT_CONF_FLOOR",
@@ -33,19 +44,18 @@ PREDICT_CONF_FLOOR = 0.1
 class Prediction:
     """One frame's detections, in the model's (score) order."""
 
-    data: Any  # numpy float32 (N, 6): x1, y1, x2, y2, confidence, class
-    keypoints: Any | None  # numpy float32 (N, K, 3) for pose models, else None
+    data: NDArray[np.float32]  # (N, 6): x1, y1, x2, y2, confidence, class
+    keypoints: NDArray[np.float32] | None  # (N, K, 3) for pose models, else None
     orig_shape: tuple[int, int]
 
     @classmethod
-    def from_result(cls, result: Any) -> Prediction:
-        import numpy as np
-
-        data = result.boxes.data.cpu().numpy().astype(np.float32, copy=False)
-        kps = (
-            result.keypoints.data.cpu().numpy().astype(np.float32, copy=False) if result.keypoints is not None else None
-        )
-        return cls(data, kps, tuple(int(v) for v in result.orig_shape))  # type: ignore[arg-type]
+    def from_result(cls, result: Results) -> Prediction:
+        if result.boxes is None:
+            raise TypeError("an Ultralytics result without boxes: not a detection or pose model's")
+        data = _float32(result.boxes.data)
+        kps = _float32(result.keypoints.data) if result.keypoints is not None else None
+        height, width = result.orig_shape
+        return cls(data, kps, (int(height), int(width)))
 
     def encode(self) -> bytes:
         import io
@@ -53,10 +63,11 @@ class Prediction:
         import numpy as np
 
         buf = io.BytesIO()
-        arrays = {"data": self.data, "shape": np.asarray(self.orig_shape, dtype=np.int64)}
-        if self.keypoints is not None:
-            arrays["keypoints"] = self.keypoints
-        np.savez(buf, **arrays)
+        shape = np.asarray(self.orig_shape, dtype=np.int64)
+        if self.keypoints is None:
+            np.savez(buf, data=self.data, shape=shape)
+        else:
+            np.savez(buf, data=self.data, shape=shape, keypoints=self.keypoints)
         return buf.getvalue()
 
     @classmethod
@@ -79,11 +90,20 @@ class Prediction:
         kps = self.keypoints[keep] if self.keypoints is not None else None
         return Prediction(self.data[keep], kps, self.orig_shape)
 
-    def boxes(self) -> Any:
+    def boxes(self) -> Boxes:
         """As Ultralytics ``Boxes`` (what the tracker takes)."""
         from ultralytics.engine.results import Boxes
 
         return Boxes(self.data, self.orig_shape)
+
+
+def _float32(data: torch.Tensor | NDArray[np.generic]) -> NDArray[np.float32]:
+    """An Ultralytics result's tensor as a float32 numpy array on the CPU."""
+    import numpy as np
+    import torch
+
+    array = data.cpu().numpy() if isinstance(data, torch.Tensor) else data
+    return array.astype(np.float32, copy=False)
 
 
 def prediction_key(
@@ -96,8 +116,8 @@ def prediction_key(
 
 
 def predict_frames(
-    model: Any,
-    frames: list[Any],
+    model: YOLO,
+    frames: Sequence[Frame],
     ctx: ToolContext,
     *,
     weights: Path,
@@ -130,8 +150,9 @@ def predict_frames(
         for f in frames
     ]
     cached = [ctx.cache.get(k) for k in keys]
-    if all(blob is not None for blob in cached):
-        found = [Prediction.decode(blob) for blob in cached]  # type: ignore[arg-type]
+    blobs = [blob for blob in cached if blob is not None]
+    if len(blobs) == len(cached):
+        found = [Prediction.decode(blob) for blob in blobs]
     else:
         found = model_passes(
             ctx, model, images, weights=weights, device=device, imgsz=imgsz, confidence=floor, classes=None
@@ -144,8 +165,8 @@ def predict_frames(
 
 def model_passes(
     ctx: ToolContext,
-    model: Any,
-    images: list[Any],
+    model: YOLO,
+    images: Sequence[MatLike],
     *,
     weights: Path,
     device: str,
@@ -170,10 +191,10 @@ def model_passes(
     wanted = tuple(classes) if classes is not None else None
     key = ("ultralytics.predict", str(weights), device, imgsz, confidence, wanted, shape)
 
-    def passes(groups: list[list[Any]]) -> list[list[Prediction]]:
+    def passes(groups: list[list[MatLike]]) -> list[list[Prediction]]:
         from forgeflow.settings import get_settings
 
-        def run(batch: list[Any]) -> list[Prediction]:
+        def run(batch: list[MatLike]) -> list[Prediction]:
             results = predict(model, batch, device=device, imgsz=imgsz, confidence=confidence, classes=classes)
             return [Prediction.from_result(r) for r in results]
 

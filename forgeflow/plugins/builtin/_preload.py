@@ -8,4 +8,4 @@ from forgeflow.plugins.builtin._ultralytics import setup_ultralytics
 setup_ultralytics()
 
 import ultralytics.trackers.byte_tracker  # noqa: E402,F401 - ByteTrack and its lap dependency
-from ultralytics import YOLO  # type: ignore[attr-defined]  # noqa: E402,F401
+from ultralytics.models import YOLO  # noqa: E402,F401 - what ``from ultralytics import YOLO`` gives

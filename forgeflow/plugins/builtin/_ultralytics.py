@@ -20,10 +20,15 @@ import shutil
 import tempfile
 import threading
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, cast
 
 from forgeflow.plugins.errors import ConfigError, DeviceUnavailable
 from forgeflow.plugins.sdk import resource
+
+if TYPE_CHECKING:
+    from cv2.typing import MatLike
+    from ultralytics.engine.results import Results
+    from ultralytics.models import YOLO
 
 __all__ = ["load_yolo", "predict", "resolve_device", "setup_ultralytics", "torch_threads"]
 
@@ -149,10 +154,10 @@ def resolve_device(device: str) -> str:
 
 
 @resource
-def load_yolo(weights: str, device: str) -> Any:
+def load_yolo(weights: str, device: str) -> YOLO:
     """An Ultralytics YOLO model on ``device``, loaded once per worker process."""
     setup_ultralytics()
-    from ultralytics import YOLO  # type: ignore[attr-defined]
+    from ultralytics.models import YOLO  # what ``from ultralytics import YOLO`` gives
 
     try:
         model = YOLO(weights, task=None)
@@ -166,19 +171,23 @@ _predict_lock = threading.Lock()
 
 
 def predict(
-    model: Any, images: list[Any], *, device: str, imgsz: int, confidence: float, classes: list[int] | None
-) -> list[Any]:
+    model: YOLO, images: list[MatLike], *, device: str, imgsz: int, confidence: float, classes: list[int] | None
+) -> list[Results]:
     """Run ``model`` on BGR frames; one Ultralytics Results per frame (no saving, no printing)."""
     with _predict_lock:  # one predictor per model object: never run it from two threads at once
-        results: list[Any] = model.predict(
-            source=images,
-            device=device,
-            imgsz=imgsz,
-            conf=confidence,
-            classes=classes,
-            verbose=False,
-            save=False,
-            stream=False,
-            half=False,
+        # stream=False on a detection or pose model: a list of one Results per image
+        results = cast(
+            "list[Results]",
+            model.predict(
+                source=images,
+                device=device,
+                imgsz=imgsz,
+                conf=confidence,
+                classes=classes,
+                verbose=False,
+                save=False,
+                stream=False,
+                half=False,
+            ),
         )
     return results
