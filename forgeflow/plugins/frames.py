@@ -32,7 +32,6 @@ third-party tools keep working unchanged; only streaming ones have flat memory.
 from __future__ import annotations
 
 import itertools
-import json
 import types
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -69,6 +68,7 @@ from forgeflow.plugins.frame_feeds import (
     live_records,
     open_feed,
 )
+from forgeflow.plugins.frame_journal import JournalEntry, journal_chunk, keep_journalled
 
 if TYPE_CHECKING:
     from pydantic.json_schema import JsonSchemaValue
@@ -76,7 +76,8 @@ if TYPE_CHECKING:
     from forgeflow.canonical import JsonObject
     from forgeflow.plugins.media import MediaStore
 
-# The artifact's bytes are :mod:`.frame_chunks`', live feeds :mod:`.frame_feeds`'; their names that the
+# The artifact's bytes are :mod:`.frame_chunks`', live feeds :mod:`.frame_feeds`', chunk journals
+# :mod:`.frame_journal`'s; their names that the
 # rest of ForgeFlow uses are importable from here, the one module a per-frame output is known by.
 __all__ = [
     "FORMAT",
@@ -86,6 +87,7 @@ __all__ = [
     "FrameStream",
     "FrameWriter",
     "FramesDescriptor",
+    "JournalEntry",
     "LiveFeed",
     "UpstreamFailed",
     "chunk_refs",
@@ -323,13 +325,8 @@ class FrameWriter:
             self._counts[key] = self._counts.get(key, 0) + value
         if self.on_chunk is not None:
             self.on_chunk(sum(c["frames"] for c in self._chunks))
-        if self.journal is not None:
-            try:
-                self.journal.parent.mkdir(parents=True, exist_ok=True)
-                with self.journal.open("a", encoding="utf-8") as fh:
-                    fh.write(json.dumps({**chunk, "counts": counts}, sort_keys=True) + "\n")
-            except OSError:
-                self.journal = None  # no checkpoints (a read-only or full disk): never fail the call
+        if self.journal is not None and not journal_chunk(self.journal, {**chunk, "counts": counts}):
+            self.journal = None  # no checkpoints (a read-only or full disk): never fail the call
 
     def finish(self) -> list[JsonValue] | JsonObject:
         """The inline list (at most one chunk of records, nothing stored) or the artifact's descriptor."""
@@ -372,41 +369,6 @@ class FrameWriter:
     @property
     def size_bytes(self) -> int:
         return self._size
-
-
-class JournalEntry(ChunkEntry):
-    """A line of a chunk journal: a chunk stored, and the items of each list column it holds."""
-
-    counts: dict[str, int]
-
-
-def keep_journalled(journal: Path, store: MediaStore) -> list[JournalEntry] | None:
-    """The chunks a journal names that an attempt may continue from: those still in the store, in frame
-    order, up to the first line a kill cut short or the first chunk lost. The journal is rewritten to
-    hold just those, so what is appended next follows them. None: the journal cannot be rewritten."""
-    try:
-        lines = journal.read_text(encoding="utf-8").splitlines()
-    except FileNotFoundError:
-        return []  # nothing journalled: nothing to keep
-    except OSError:
-        return None
-    kept: list[JournalEntry] = []
-    for line in lines:
-        try:
-            chunk: JournalEntry = json.loads(line)
-            ref, first, last = chunk["ref"], int(chunk["first_frame"]), int(chunk["last_frame"])
-        except (ValueError, KeyError, TypeError):
-            break  # a line cut by the kill: what came before it holds
-        if (kept and first <= kept[-1]["last_frame"]) or not store.has(ref):
-            break
-        kept.append({**chunk, "first_frame": first, "last_frame": last})
-    try:
-        tmp = journal.with_name(journal.name + ".tmp")
-        tmp.write_text("".join(line + "\n" for line in lines[: len(kept)]), encoding="utf-8")
-        tmp.replace(journal)
-    except OSError:
-        return None
-    return kept
 
 
 def _frame_index(record: Mapping[str, JsonValue]) -> int:
