@@ -36,9 +36,8 @@ from email.message import Message
 
 import httpx
 
-from forgeflow.canonical import JsonObject
 from forgeflow.plugins.errors import MediaError, MediaNotFound, MediaTooLarge
-from forgeflow.plugins.frames import FRAMES_KEY, chunk_refs, is_frames
+from forgeflow.plugins.frames import FRAMES_KEY, FramesDescriptor, chunk_refs, is_frames
 from forgeflow.plugins.media import REF_PREFIX, MediaDigestMismatch, MediaStore, MediaWriter
 from forgeflow.settings import MATCH_MEDIA_BYTES, Settings
 from forgeflow.tls import tls_context
@@ -95,7 +94,7 @@ def media_refs(value: object) -> list[str]:
     return list(found)
 
 
-def _frames_values(value: object) -> list[JsonObject]:
+def _frames_values(value: object) -> list[FramesDescriptor]:
     """The per-frame artifact descriptors among a stage's input or output values."""
     if not isinstance(value, dict):
         return []

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Hashable, Sequence
+from collections.abc import Callable, Hashable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
@@ -61,9 +61,9 @@ class _Request(Generic[T, R]):
 
 
 @dataclass(eq=False)
-class _Group:
+class _Group(Generic[T, R]):
     started: float
-    requests: list[_Request[Any, Any]] = field(default_factory=list)
+    requests: list[_Request[T, R]] = field(default_factory=list)
 
 
 class BatchGather:
@@ -80,7 +80,7 @@ class BatchGather:
         self.max_wait_s = max(0.0, max_wait_s)
         self._live = calls
         self._cond = threading.Condition()
-        self._groups: dict[Hashable, _Group] = {}
+        self._groups: dict[Hashable, _Group[Any, Any]] = {}  # each key's items and results: its own types
         #: Calls (groups) per ``fn`` run, in order (what the batch really joined; for tests and logs).
         self.runs: list[int] = []
 
@@ -98,9 +98,10 @@ class BatchGather:
     def call(self, key: Hashable, items: Sequence[T], fn: GroupFn[T, R]) -> list[R]:
         request: _Request[T, R] = _Request(list(items))
         with self._cond:
-            group = self._groups.get(key)
-            if group is None:
-                group = self._groups[key] = _Group(time.monotonic())
+            found: _Group[T, R] | None = self._groups.get(key)
+            if found is None:
+                found = self._groups[key] = _Group(time.monotonic())
+            group = found
             group.requests.append(request)
             self._cond.notify_all()
             while True:
@@ -118,7 +119,7 @@ class BatchGather:
         self._run(group, fn)
         return self._outcome(request)
 
-    def _run(self, group: _Group, fn: GroupFn[Any, Any]) -> None:
+    def _run(self, group: _Group[T, R], fn: GroupFn[T, R]) -> None:
         requests = group.requests
         try:
             answers = _answers(fn([request.items for request in requests]), [len(r.items) for r in requests])
@@ -149,7 +150,7 @@ class BatchGather:
         return request.results
 
 
-def _answers(answers: Any, sizes: list[int]) -> list[list[Any]]:
+def _answers(answers: Iterable[Iterable[R]], sizes: list[int]) -> list[list[R]]:
     """``fn``'s answer checked: one result list per group, one result per item."""
     out = [list(group) for group in answers]
     if [len(group) for group in out] != sizes:

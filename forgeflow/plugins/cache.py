@@ -22,7 +22,6 @@ import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 from forgeflow.canonical import canonical_json
 
@@ -47,7 +46,7 @@ class OutputCache:
         return self.root is not None
 
     @staticmethod
-    def key(*parts: Any) -> str:
+    def key(*parts: object) -> str:
         """SHA-256 of the canonical JSON of ``parts``: equal parts, equal key, in any process."""
         text = canonical_json(parts, default=str)
         return hashlib.sha256(text.encode("utf-8")).hexdigest()

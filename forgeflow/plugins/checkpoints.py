@@ -25,10 +25,12 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
 
-from forgeflow.canonical import canonical_json
+from pydantic import JsonValue
+
+from forgeflow.canonical import JsonObject, canonical_json
 
 __all__ = ["CHECKPOINTS_DIR", "Checkpoints", "call_key"]
 
@@ -38,7 +40,7 @@ CHECKPOINTS_DIR = "checkpoints"
 MAX_DONE_BYTES = 1024**2
 
 
-def _local_file_stamp(value: Any) -> Any:
+def _local_file_stamp(value: JsonValue) -> JsonValue:
     """A local media path as (path, size, mtime): the same path with other bytes is another call."""
     if isinstance(value, str) and value.startswith("/") and len(value) < 4096:
         try:
@@ -49,7 +51,9 @@ def _local_file_stamp(value: Any) -> Any:
     return value
 
 
-def call_key(plugin: str, version: str, tool: str, config: dict[str, Any], inputs: dict[str, Any]) -> str:
+def call_key(
+    plugin: str, version: str, tool: str, config: Mapping[str, JsonValue], inputs: Mapping[str, JsonValue]
+) -> str:
     """The key of a call: equal for calls that must give the same outputs."""
     stamped = {name: _local_file_stamp(value) for name, value in sorted(inputs.items())}
     text = canonical_json(["forgeflow.call/1", plugin, version, tool, config, stamped], default=str)
@@ -73,7 +77,7 @@ class Checkpoints:
         safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in field)[:100]
         return self._dir(key) / f"{safe}.jsonl"
 
-    def done(self, key: str) -> dict[str, Any] | None:
+    def done(self, key: str) -> JsonObject | None:
         """The outputs of call ``key`` when it completed before (None otherwise)."""
         if self.root is None:
             return None
@@ -83,7 +87,7 @@ class Checkpoints:
             return None
         return data if isinstance(data, dict) else None
 
-    def mark_done(self, key: str, outputs: dict[str, Any]) -> None:
+    def mark_done(self, key: str, outputs: Mapping[str, JsonValue]) -> None:
         """Keep a completed call's outputs; never fails the job. Its journals stay: a stage that overlapped
         it may still be reading them (they go with the job's checkpoints when it succeeds)."""
         if self.root is None:

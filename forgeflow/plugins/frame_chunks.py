@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import io
 import json
-from typing import IO, TYPE_CHECKING, Any
+from collections.abc import Mapping, Sequence
+from typing import IO, TYPE_CHECKING, Final, Required, TypedDict, TypeGuard
 
-from pydantic import BaseModel
+from pydantic import BaseModel, JsonValue
 
 from forgeflow.plugins.errors import InputError
 
@@ -21,13 +22,17 @@ if TYPE_CHECKING:
     from pathlib import Path
 
     import pyarrow as pa
+    from pydantic.json_schema import JsonSchemaValue
 
+    from forgeflow.canonical import JsonObject
     from forgeflow.plugins.media import MediaStore
 
 __all__ = [
     "COMPRESSION",
     "FORMAT",
     "FRAMES_KEY",
+    "ChunkEntry",
+    "FramesDescriptor",
     "arrow_table",
     "chunk_refs",
     "chunk_rows",
@@ -40,17 +45,47 @@ __all__ = [
 ]
 
 #: The key that marks a value as a frames descriptor; its value is the manifest's media ref.
-FRAMES_KEY = "$frames"
+FRAMES_KEY: Final = "$frames"
 FORMAT = "parquet"
 COMPRESSION = "zstd"
 
 
-def is_frames(value: Any) -> bool:
+class ChunkEntry(TypedDict):
+    """A row of an artifact's manifest: one chunk's media ref and the frames it holds."""
+
+    ref: str
+    first_frame: int
+    last_frame: int
+    frames: int
+    size_bytes: int
+
+
+#: What a per-frame output written as an artifact holds (:meth:`forgeflow.plugins.frames.FrameWriter.finish`):
+#: the manifest's ref under ``$frames``, and what the artifact is.
+FramesDescriptor = TypedDict(
+    "FramesDescriptor",
+    {
+        "$frames": Required[str],
+        "format": str,
+        "record": str,
+        "frames": int,
+        "first_frame": int | None,
+        "last_frame": int | None,
+        "chunks": int,
+        "size_bytes": int,
+        "counts": dict[str, int],
+        "columns": dict[str, str],
+    },
+    total=False,
+)
+
+
+def is_frames(value: object) -> TypeGuard[FramesDescriptor]:
     """Whether ``value`` is a frames descriptor (an artifact by ref), not inline data."""
     return isinstance(value, dict) and isinstance(value.get(FRAMES_KEY), str)
 
 
-def _arrow_type(schema: dict[str, Any], defs: dict[str, Any]) -> pa.DataType | None:
+def _arrow_type(schema: JsonSchemaValue, defs: JsonSchemaValue) -> pa.DataType | None:
     """The Arrow type of a JSON Schema node (None where a node has no columnar form)."""
     import pyarrow as pa
 
@@ -104,7 +139,7 @@ def _is_json_column(schema: pa.Schema) -> bool:
     return list(schema.names) == ["frame_index", "record"]
 
 
-def arrow_table(records: list[dict[str, Any]], schema: pa.Schema) -> pa.Table:
+def arrow_table(records: Sequence[Mapping[str, JsonValue]], schema: pa.Schema) -> pa.Table:
     import pyarrow as pa
 
     if _is_json_column(schema):
@@ -113,10 +148,10 @@ def arrow_table(records: list[dict[str, Any]], schema: pa.Schema) -> pa.Table:
     return pa.Table.from_pylist(records, schema=schema)
 
 
-def table_rows(table: pa.Table) -> list[dict[str, Any]]:
+def table_rows(table: pa.Table) -> list[JsonObject]:
     if _is_json_column(table.schema):
         return [json.loads(text) for text in table.column("record").to_pylist()]
-    rows: list[dict[str, Any]] = table.to_pylist()
+    rows: list[JsonObject] = table.to_pylist()
     return rows
 
 
@@ -134,21 +169,23 @@ def read_parquet(data: Path | str | IO[bytes] | pa.NativeFile) -> pa.Table:
     return pq.read_table(data)
 
 
-def manifest(store: MediaStore, descriptor: dict[str, Any]) -> list[dict[str, Any]]:
+def manifest(store: MediaStore, descriptor: FramesDescriptor) -> list[ChunkEntry]:
+    """The chunks of an artifact, in frame order."""
+    ref = descriptor[FRAMES_KEY]
     try:
-        rows: list[dict[str, Any]] = read_parquet(store.path(descriptor[FRAMES_KEY])).to_pylist()
+        rows: list[ChunkEntry] = read_parquet(store.path(ref)).to_pylist()  # the manifest's fixed schema
     except Exception as exc:
-        raise InputError(f"cannot read frames artifact {descriptor[FRAMES_KEY]}: {type(exc).__name__}: {exc}") from None
+        raise InputError(f"cannot read frames artifact {ref}: {type(exc).__name__}: {exc}") from None
     return rows
 
 
-def chunk_rows(store: MediaStore, chunk: dict[str, Any]) -> list[dict[str, Any]]:
+def chunk_rows(store: MediaStore, chunk: ChunkEntry) -> list[JsonObject]:
     try:
         return table_rows(read_parquet(store.path(chunk["ref"])))
     except Exception as exc:
         raise InputError(f"cannot read frames chunk {chunk['ref']}: {type(exc).__name__}: {exc}") from None
 
 
-def chunk_refs(store: MediaStore, descriptor: dict[str, Any]) -> list[str]:
+def chunk_refs(store: MediaStore, descriptor: FramesDescriptor) -> list[str]:
     """The media refs of an artifact's chunks (its manifest must be in ``store``)."""
     return [chunk["ref"] for chunk in manifest(store, descriptor)]

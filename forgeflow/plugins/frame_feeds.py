@@ -12,17 +12,21 @@ import json
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Final, TypedDict, TypeGuard
+
+from pydantic import JsonValue
 
 from forgeflow.plugins.errors import InputError
 from forgeflow.plugins.frame_chunks import chunk_rows, is_frames, manifest
 
 if TYPE_CHECKING:
+    from forgeflow.canonical import JsonObject
     from forgeflow.plugins.media import MediaStore
 
 __all__ = [
     "LIVE_KEY",
     "LIVE_POLL_S",
+    "LiveFeed",
     "UpstreamFailed",
     "end_feed",
     "has_chunks",
@@ -40,17 +44,21 @@ class UpstreamFailed(InputError):
 
 
 #: The key of a live feed: a per-frame output its stage is still writing, named by its chunk journal.
-LIVE_KEY = "$frames_live"
+LIVE_KEY: Final = "$frames_live"
 #: How often a reader of a live feed looks for the next chunk.
 LIVE_POLL_S = 0.05
 
 
-def is_live(value: Any) -> bool:
+#: A live feed's value: the journal of the chunks written so far.
+LiveFeed = TypedDict("LiveFeed", {"$frames_live": str})
+
+
+def is_live(value: object) -> TypeGuard[LiveFeed]:
     """Whether ``value`` is a live feed (an output still being written), not a finished one."""
     return isinstance(value, dict) and isinstance(value.get(LIVE_KEY), str)
 
 
-def live_feed(journal: Path) -> dict[str, Any]:
+def live_feed(journal: Path) -> JsonObject:  # a LiveFeed, as the JSON of a stage's inputs
     """The value a consumer stage gets for an output whose chunks are journalled to ``journal`` as they come."""
     return {LIVE_KEY: str(journal)}
 
@@ -72,7 +80,7 @@ def open_feed(journal: Path) -> None:
     _end_path(journal).unlink(missing_ok=True)
 
 
-def end_feed(journal: Path, *, failed: str | None = None, value: Any = None) -> None:
+def end_feed(journal: Path, *, failed: str | None = None, value: JsonValue = None) -> None:
     """The producer's call ended with ``value`` (the output: inline records or an artifact): its
     readers finish with what they did not read yet, or, when it ``failed``, raise :class:`UpstreamFailed`."""
     end = _end_path(journal)
@@ -85,7 +93,7 @@ def end_feed(journal: Path, *, failed: str | None = None, value: Any = None) -> 
         pass
 
 
-def live_records(store: MediaStore, value: dict[str, Any]) -> Iterator[dict[str, Any]]:
+def live_records(store: MediaStore, value: LiveFeed) -> Iterator[JsonObject]:
     """The records of a live feed as its chunks are journalled, until its producer's call ends."""
     journal = Path(value[LIVE_KEY])
     end = _end_path(journal)

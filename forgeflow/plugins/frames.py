@@ -32,13 +32,13 @@ third-party tools keep working unchanged; only streaming ones have flat memory.
 from __future__ import annotations
 
 import itertools
-import json
-from collections.abc import Callable, Iterable, Iterator
+import types
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Generic, TypeVar, get_args
+from typing import IO, TYPE_CHECKING, Any, Generic, TypeVar, get_args
 
-from pydantic import BaseModel, GetCoreSchemaHandler, GetJsonSchemaHandler
+from pydantic import BaseModel, GetCoreSchemaHandler, GetJsonSchemaHandler, JsonValue
 from pydantic_core import core_schema
 
 from forgeflow.plugins.errors import InputError, OutputError, format_validation_error
@@ -46,6 +46,8 @@ from forgeflow.plugins.frame_chunks import (
     COMPRESSION,
     FORMAT,
     FRAMES_KEY,
+    ChunkEntry,
+    FramesDescriptor,
     arrow_table,
     chunk_refs,
     chunk_rows,
@@ -57,6 +59,7 @@ from forgeflow.plugins.frame_chunks import (
 )
 from forgeflow.plugins.frame_feeds import (
     LIVE_KEY,
+    LiveFeed,
     UpstreamFailed,
     end_feed,
     has_chunks,
@@ -65,13 +68,16 @@ from forgeflow.plugins.frame_feeds import (
     live_records,
     open_feed,
 )
+from forgeflow.plugins.frame_journal import JournalEntry, journal_chunk, keep_journalled
 
 if TYPE_CHECKING:
     from pydantic.json_schema import JsonSchemaValue
 
+    from forgeflow.canonical import JsonObject
     from forgeflow.plugins.media import MediaStore
 
-# The artifact's bytes are :mod:`.frame_chunks`', live feeds :mod:`.frame_feeds`'; their names that the
+# The artifact's bytes are :mod:`.frame_chunks`', live feeds :mod:`.frame_feeds`', chunk journals
+# :mod:`.frame_journal`'s; their names that the
 # rest of ForgeFlow uses are importable from here, the one module a per-frame output is known by.
 __all__ = [
     "FORMAT",
@@ -80,6 +86,9 @@ __all__ = [
     "ArtifactBudgetExceeded",
     "FrameStream",
     "FrameWriter",
+    "FramesDescriptor",
+    "JournalEntry",
+    "LiveFeed",
     "UpstreamFailed",
     "chunk_refs",
     "end_feed",
@@ -149,7 +158,7 @@ class FrameStream(Generic[R]):
         return f"FrameStream[{self.record_type.__name__}](frames={self.frames})"
 
     @classmethod
-    def __get_pydantic_core_schema__(cls, source: Any, handler: GetCoreSchemaHandler) -> core_schema.CoreSchema:
+    def __get_pydantic_core_schema__(cls, source: object, handler: GetCoreSchemaHandler) -> core_schema.CoreSchema:
         args = get_args(source)
         if len(args) != 1 or not (isinstance(args[0], type) and issubclass(args[0], BaseModel)):
             raise TypeError("FrameStream needs a record model: FrameStream[MyFrameRecord]")
@@ -157,7 +166,7 @@ class FrameStream(Generic[R]):
         if "frame_index" not in record_type.model_fields:
             raise TypeError(f"{record_type.__name__} needs an int field 'frame_index' to be a FrameStream record")
 
-        def validate(value: Any, as_list: core_schema.ValidatorFunctionWrapHandler) -> FrameStream[Any]:
+        def validate(value: object, as_list: core_schema.ValidatorFunctionWrapHandler) -> FrameStream[BaseModel]:
             if isinstance(value, FrameStream):
                 return value
             if isinstance(value, (list, tuple)):  # inline (small): checked at once, errors located
@@ -169,7 +178,7 @@ class FrameStream(Generic[R]):
                 raise ValueError(f"expected a list of {record_type.__name__} records or a frames artifact")
             return FrameStream(value, record_type)  # a tool's own iterable: the writer checks each record
 
-        list_schema = handler.generate_schema(list[record_type])  # type: ignore[valid-type]
+        list_schema = handler.generate_schema(types.GenericAlias(list, (record_type,)))  # list[record_type]
         return core_schema.no_info_wrap_validator_function(
             validate,
             list_schema,
@@ -220,15 +229,15 @@ class FrameWriter:
     resume_after: int | None = None
     #: Hears the frames stored so far after each chunk (progress of a tool that reports none).
     on_chunk: Callable[[int], None] | None = None
-    _pending: list[dict[str, Any]] = field(default_factory=list)
-    _chunks: list[dict[str, Any]] = field(default_factory=list)
+    _pending: list[JsonObject] = field(default_factory=list)
+    _chunks: list[ChunkEntry] = field(default_factory=list)
     _counts: dict[str, int] = field(default_factory=dict)
     _frames: int = 0
     _size: int = 0
     _first: int | None = None
     _last: int | None = None
 
-    def write_all(self, records: Iterable[Any]) -> list[dict[str, Any]] | dict[str, Any]:
+    def write_all(self, records: Iterable[object]) -> list[JsonValue] | JsonObject:
         for item in records:
             self.append(item)
         return self.finish()
@@ -247,7 +256,15 @@ class FrameWriter:
         if kept is None:
             self.journal = None
         for chunk in kept or []:
-            self._chunks.append({k: chunk[k] for k in ("ref", "first_frame", "last_frame", "frames", "size_bytes")})
+            self._chunks.append(
+                {
+                    "ref": chunk["ref"],
+                    "first_frame": chunk["first_frame"],
+                    "last_frame": chunk["last_frame"],
+                    "frames": chunk["frames"],
+                    "size_bytes": chunk["size_bytes"],
+                }
+            )
             self._frames += int(chunk["frames"])
             self._size += int(chunk["size_bytes"])
             for key, value in (chunk.get("counts") or {}).items():
@@ -257,7 +274,7 @@ class FrameWriter:
         self.resume_after = self._last
         return self._last
 
-    def append(self, item: Any) -> None:
+    def append(self, item: object) -> None:
         try:
             model = item if isinstance(item, self.record_type) else self.record_type.model_validate(item)
         except Exception as exc:
@@ -284,7 +301,7 @@ class FrameWriter:
             self._flush(self._pending[: self.chunk_frames])
             del self._pending[: self.chunk_frames]
 
-    def _flush(self, records: list[dict[str, Any]]) -> None:
+    def _flush(self, records: list[JsonObject]) -> None:
         data = parquet_bytes(arrow_table(records, record_schema(self.record_type)))
         self._size += len(data)
         if self.budget_bytes is not None and self._size > self.budget_bytes:
@@ -293,11 +310,12 @@ class FrameWriter:
                 f"({self.budget_bytes} bytes left of FORGEFLOW_MAX_ARTIFACT_BYTES_PER_JOB) after "
                 f"{self._frames} frames"
             )
-        info = self.store.put_bytes(data, filename=f"{self.field_name}-{records[0]['frame_index']}.parquet")
-        chunk = {
+        first, last = _frame_index(records[0]), _frame_index(records[-1])
+        info = self.store.put_bytes(data, filename=f"{self.field_name}-{first}.parquet")
+        chunk: ChunkEntry = {
             "ref": info.ref,
-            "first_frame": records[0]["frame_index"],
-            "last_frame": records[-1]["frame_index"],
+            "first_frame": first,
+            "last_frame": last,
             "frames": len(records),
             "size_bytes": len(data),
         }
@@ -307,18 +325,14 @@ class FrameWriter:
             self._counts[key] = self._counts.get(key, 0) + value
         if self.on_chunk is not None:
             self.on_chunk(sum(c["frames"] for c in self._chunks))
-        if self.journal is not None:
-            try:
-                self.journal.parent.mkdir(parents=True, exist_ok=True)
-                with self.journal.open("a", encoding="utf-8") as fh:
-                    fh.write(json.dumps({**chunk, "counts": counts}, sort_keys=True) + "\n")
-            except OSError:
-                self.journal = None  # no checkpoints (a read-only or full disk): never fail the call
+        if self.journal is not None and not journal_chunk(self.journal, {**chunk, "counts": counts}):
+            self.journal = None  # no checkpoints (a read-only or full disk): never fail the call
 
-    def finish(self) -> list[dict[str, Any]] | dict[str, Any]:
+    def finish(self) -> list[JsonValue] | JsonObject:
         """The inline list (at most one chunk of records, nothing stored) or the artifact's descriptor."""
         if not self._chunks:
-            records, self._pending = self._pending, []
+            records: list[JsonValue] = list(self._pending)
+            self._pending = []
             return records
         if self._pending:
             self._flush(self._pending)
@@ -357,36 +371,15 @@ class FrameWriter:
         return self._size
 
 
-def keep_journalled(journal: Path, store: MediaStore) -> list[dict[str, Any]] | None:
-    """The chunks a journal names that an attempt may continue from: those still in the store, in frame
-    order, up to the first line a kill cut short or the first chunk lost. The journal is rewritten to
-    hold just those, so what is appended next follows them. None: the journal cannot be rewritten."""
-    try:
-        lines = journal.read_text(encoding="utf-8").splitlines()
-    except FileNotFoundError:
-        return []  # nothing journalled: nothing to keep
-    except OSError:
-        return None
-    kept: list[dict[str, Any]] = []
-    for line in lines:
-        try:
-            chunk = json.loads(line)
-            ref, first, last = chunk["ref"], int(chunk["first_frame"]), int(chunk["last_frame"])
-        except (ValueError, KeyError, TypeError):
-            break  # a line cut by the kill: what came before it holds
-        if (kept and first <= kept[-1]["last_frame"]) or not store.has(ref):
-            break
-        kept.append({**chunk, "first_frame": first, "last_frame": last})
-    try:
-        tmp = journal.with_name(journal.name + ".tmp")
-        tmp.write_text("".join(line + "\n" for line in lines[: len(kept)]), encoding="utf-8")
-        tmp.replace(journal)
-    except OSError:
-        return None
-    return kept
+def _frame_index(record: Mapping[str, JsonValue]) -> int:
+    """A dumped record's ``frame_index`` (an int field of every record model: :class:`FrameStream`)."""
+    index = record["frame_index"]
+    if not isinstance(index, int):
+        raise TypeError(f"frame_index {index!r} is not an int")
+    return index
 
 
-def _list_counts(records: list[dict[str, Any]]) -> dict[str, int]:
+def _list_counts(records: Sequence[Mapping[str, JsonValue]]) -> dict[str, int]:
     """Items of each list column, summed over ``records`` (``players``: people detected)."""
     counts: dict[str, int] = {}
     for record in records:
@@ -399,38 +392,44 @@ def _list_counts(records: list[dict[str, Any]]) -> dict[str, int]:
 # --- reading ----------------------------------------------------------------------------------------
 
 
-def _artifact_records(store: MediaStore, descriptor: dict[str, Any]) -> Iterator[dict[str, Any]]:
+def _artifact_records(store: MediaStore, descriptor: FramesDescriptor) -> Iterator[JsonObject]:
     for chunk in manifest(store, descriptor):
         yield from chunk_rows(store, chunk)
 
 
-def iter_frame_records(value: Any, store: MediaStore) -> Iterator[dict[str, Any]]:
+def iter_frame_records(value: object, store: MediaStore) -> Iterator[JsonObject]:
     """The records of a per-frame value, inline list, artifact or live feed, one chunk in memory at a time."""
     if is_frames(value):
         yield from _artifact_records(store, value)
     elif is_live(value):
         yield from live_records(store, value)
     elif isinstance(value, list):
-        yield from value
+        yield from _inline_records(value)
 
 
-def page_frames(value: Any, store: MediaStore, start: int, limit: int) -> tuple[list[dict[str, Any]], int | None]:
+def page_frames(value: object, store: MediaStore, start: int, limit: int) -> tuple[list[JsonObject], int | None]:
     """Up to ``limit`` records from frame ``start`` on, and the frame the next page starts at (None: no
     more). Only the chunks from ``start`` on are read, and only until the page is full."""
 
-    def records() -> Iterator[dict[str, Any]]:
+    def records() -> Iterator[JsonObject]:
         if not is_frames(value):
-            yield from value or []
+            yield from _inline_records(value)
             return
         for chunk in manifest(store, value):
             if chunk["last_frame"] >= start:
                 yield from chunk_rows(store, chunk)
 
-    page = list(itertools.islice((r for r in records() if r.get("frame_index", -1) >= start), limit + 1))
-    return page[:limit], (page[limit]["frame_index"] if len(page) > limit else None)
+    def from_start(record: JsonObject) -> bool:
+        index = record.get("frame_index", -1)
+        return isinstance(index, (int, float)) and index >= start
+
+    page = list(itertools.islice(filter(from_start, records()), limit + 1))
+    return page[:limit], (_frame_index(page[limit]) if len(page) > limit else None)
 
 
-def write_frames_file(value: Any, store: MediaStore, out: Any, record_type: type[BaseModel] | None = None) -> int:
+def write_frames_file(
+    value: object, store: MediaStore, out: str | Path | IO[bytes], record_type: type[BaseModel] | None = None
+) -> int:
     """One Parquet file of a per-frame output (a row group per chunk) written to ``out`` (a path or a
     binary file), chunk by chunk; returns the number of records. An inline list is written the same way."""
     import pyarrow as pa
@@ -446,7 +445,7 @@ def write_frames_file(value: Any, store: MediaStore, out: Any, record_type: type
                 writer.write_table(table)
                 count += table.num_rows
         else:
-            rows = list(value or [])
+            rows = list(_inline_records(value))
             schema = record_schema(record_type) if record_type is not None else None
             table = pa.Table.from_pylist(rows, schema=schema) if schema is not None else pa.Table.from_pylist(rows)
             writer = pq.ParquetWriter(out, table.schema, compression=COMPRESSION)
@@ -458,13 +457,27 @@ def write_frames_file(value: Any, store: MediaStore, out: Any, record_type: type
     return count
 
 
-def open_stream(value: dict[str, Any], record_type: type[R], store: MediaStore) -> FrameStream[R]:
+def open_stream(value: FramesDescriptor | LiveFeed, record_type: type[R], store: MediaStore) -> FrameStream[R]:
     """An artifact's (or a live feed's) records as the :class:`FrameStream` a tool iterates, read from
     ``store`` a chunk at a time."""
-    frames = value.get("frames")
+    if is_frames(value):
+        frames = value.get("frames")
+        source = value[FRAMES_KEY]
+    elif is_live(value):
+        frames, source = None, value[LIVE_KEY]
+    else:
+        raise InputError("neither a frames artifact nor a live feed")
     return FrameStream(
         iter_frame_records(value, store),
         record_type,
         frames=frames if isinstance(frames, int) else None,
-        source=value.get(FRAMES_KEY) or value[LIVE_KEY],
+        source=source,
     )
+
+
+def _inline_records(value: object) -> Iterator[JsonObject]:
+    """The records of an inline per-frame value (a list of JSON objects; None: no records)."""
+    if isinstance(value, list):
+        for record in value:
+            if isinstance(record, dict):
+                yield record

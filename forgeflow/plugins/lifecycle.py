@@ -13,11 +13,10 @@ from __future__ import annotations
 import sqlite3
 import threading
 import time
-from collections.abc import Mapping
 from dataclasses import asdict, replace
 from enum import StrEnum
 from pathlib import Path
-from typing import Any
+from typing import TypedDict
 
 from pydantic.dataclasses import dataclass
 
@@ -28,6 +27,19 @@ class LifecycleState(StrEnum):
     RUNNING = "RUNNING"
     FAILED = "FAILED"
     UNAVAILABLE = "UNAVAILABLE"
+
+
+class SeenStatus(TypedDict):
+    """A plugin's lifecycle as another source saw it (the API's observations from stage events:
+    :class:`forgeflow.events.reduce.ObservedRow` has this shape)."""
+
+    state: str
+    last_error: str | None
+    last_error_type: str | None
+    calls: int
+    failures: int
+    last_duration_ms: float | None
+    updated_at: float
 
 
 @dataclass
@@ -48,7 +60,7 @@ class PluginStatus:
         data["state"] = self.state.value
         return data
 
-    def merged_with(self, seen: Mapping[str, Any] | None) -> PluginStatus:
+    def merged_with(self, seen: SeenStatus | None) -> PluginStatus:
         """This host's view merged with what another source saw (the API's observations from the stage
         events it ingests, workers on other machines): the newer state wins, counts take the larger.
         An UNAVAILABLE plugin stays so: it cannot load here, whatever ran elsewhere."""

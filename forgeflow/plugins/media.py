@@ -15,9 +15,12 @@ import re
 import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import IO, Any, Literal
+from typing import IO, TYPE_CHECKING, Literal
 
 from forgeflow.plugins.errors import MediaError, MediaNotFound, MediaTooLarge
+
+if TYPE_CHECKING:
+    from forgeflow.canonical import JsonObject
 
 # FFmpeg prints its own complaints about corrupt files to stderr; ours are the MediaErrors below.
 os.environ.setdefault("OPENCV_FFMPEG_LOGLEVEL", "-8")
@@ -48,7 +51,7 @@ class MediaInfo:
     media_type: str
     filename: str | None = None
 
-    def to_dict(self) -> dict[str, Any]:
+    def to_dict(self) -> JsonObject:
         return asdict(self)
 
 

@@ -12,10 +12,13 @@ import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 from forgeflow.plugins.errors import MediaError, MediaNotFound, MediaTooLarge
 from forgeflow.plugins.media import CHUNK_BYTES, MediaKind, sniff
+
+if TYPE_CHECKING:
+    from cv2.typing import MatLike
 
 __all__ = ["Frame", "FrameSeeker", "MediaReader"]
 
@@ -24,7 +27,7 @@ __all__ = ["Frame", "FrameSeeker", "MediaReader"]
 class Frame:
     index: int
     timestamp_s: float
-    image: Any  # numpy.ndarray, HxWx3 BGR uint8
+    image: MatLike  # numpy.ndarray, HxWx3 BGR uint8
 
 
 class MediaReader:
@@ -91,7 +94,7 @@ class MediaReader:
                 f"frame size {width}x{height} is over the limit of {self.max_pixels} pixels: {self.path.name}"
             )
 
-    def _read_image(self) -> Any:
+    def _read_image(self) -> MatLike:
         import cv2
         import numpy as np
 

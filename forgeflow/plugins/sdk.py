@@ -19,9 +19,9 @@ import time
 from collections.abc import Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, TypeVar, get_args
+from typing import TYPE_CHECKING, Literal, ParamSpec, TypeVar, get_args
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, JsonValue, ValidationError
 
 from forgeflow.plugins import frames
 from forgeflow.plugins.batching import BatchGather, BatchSpec, GroupFn
@@ -31,11 +31,15 @@ from forgeflow.plugins.errors import ConfigError, InputError, OutputError, Plugi
 from forgeflow.settings import MATCH_MEDIA_BYTES
 
 if TYPE_CHECKING:
+    from pydantic.json_schema import JsonSchemaValue
+
+    from forgeflow.canonical import JsonObject
     from forgeflow.plugins.media import MediaStore
     from forgeflow.plugins.media_reader import MediaReader
 
 T = TypeVar("T")
 R = TypeVar("R")
+P = ParamSpec("P")
 
 __all__ = [
     "DRAW_KINDS",
@@ -90,7 +94,7 @@ class ToolContext:
     tool: str = ""
     cache: OutputCache = field(default_factory=OutputCache)
     #: Where :meth:`progress` sends ``{done, total, message}`` (set by the worker; None: nowhere).
-    progress_sink: Callable[[dict[str, Any]], None] | None = field(default=None, repr=False)
+    progress_sink: Callable[[JsonObject], None] | None = field(default=None, repr=False)
     progress_interval_s: float = 0.5
     #: The batch this call is part of (set by the worker; None: the call runs alone).
     gather: BatchGather | None = field(default=None, repr=False)
@@ -98,7 +102,7 @@ class ToolContext:
     _progress_sent_at: float | None = field(default=None, init=False, repr=False)
     _readers: list[MediaReader] = field(default_factory=list, init=False, repr=False)
     _tool_reports: bool = field(default=False, init=False, repr=False)
-    _progress_sent: dict[str, Any] | None = field(default=None, init=False, repr=False)
+    _progress_sent: JsonObject | None = field(default=None, init=False, repr=False)
 
     def progress(self, done: float, total: float | None, message: str | None = None) -> None:
         """Report that ``done`` of ``total`` units (frames, say) are done; ``total`` None when unknown.
@@ -136,7 +140,11 @@ class ToolContext:
             sent_at = self._progress_sent_at
             if not final and sent_at is not None and now - sent_at < self.progress_interval_s:
                 return
-            report = {"done": done, "total": total, "message": None if message is None else str(message)[:200]}
+            report: JsonObject = {
+                "done": done,
+                "total": total,
+                "message": None if message is None else str(message)[:200],
+            }
             if report == self._progress_sent:  # a final report that repeats the last one says nothing new
                 return
             self._progress_sent_at, self._progress_sent = now, report
@@ -197,7 +205,10 @@ class FramesRead(BaseModel):
     max_frames: int | None = None
 
 
-RunFn = Callable[[Any, Any, ToolContext], Any]
+#: A tool's function: ``fn(inputs, config, ctx)``, inputs and config as the tool's own models, returning
+#: its output model (or what validates as it).
+RunFn = Callable[..., object]
+F = TypeVar("F", bound=RunFn)
 
 
 #: How a job's annotated media (:mod:`forgeflow.jobs.annotate`) draws the items of an output field a
@@ -233,7 +244,7 @@ class Tool:
     #: the job's stage loop draws is what its tools declare here, never a field it knows by name.
     draws: tuple[tuple[str, DrawKind], ...] = ()
 
-    def schemas(self) -> dict[str, dict[str, Any]]:
+    def schemas(self) -> dict[str, JsonSchemaValue]:
         """JSON Schemas of config, input and output (the tool's manifest)."""
         return {
             "config": self.config_model.model_json_schema(),
@@ -241,7 +252,7 @@ class Tool:
             "output": self.output_model.model_json_schema(),
         }
 
-    def parse_config(self, config: dict[str, Any] | None) -> BaseModel:
+    def parse_config(self, config: Mapping[str, JsonValue] | None) -> BaseModel:
         try:
             return self.config_model.model_validate(config or {})
         except ValidationError as exc:
@@ -251,7 +262,7 @@ class Tool:
                 tool=self.name,
             ) from None
 
-    def parse_inputs(self, inputs: dict[str, Any], store: MediaStore | None = None) -> BaseModel:
+    def parse_inputs(self, inputs: Mapping[str, JsonValue], store: MediaStore | None = None) -> BaseModel:
         """The inputs as the tool's input model. A frames artifact (a per-frame output passed by ref) is
         opened from ``store``: a ``FrameStream`` field reads it as the tool iterates, a ``list`` field
         gets every record. Without a store (a call checked before it runs) artifacts are not read:
@@ -270,15 +281,20 @@ class Tool:
                 tool=self.name,
             ) from None
 
-    def _open_frames(self, name: str, value: dict[str, Any], store: MediaStore | None) -> Any:
+    def _open_frames(
+        self, name: str, value: frames.FramesDescriptor | frames.LiveFeed, store: MediaStore | None
+    ) -> list[JsonObject] | frames.FrameStream[BaseModel]:
         record_type = frames.frame_fields(self.input_model).get(name)
         if record_type is None:  # a list field: every record, in memory
             return list(frames.iter_frame_records(value, store)) if store is not None else []
         if store is None:
-            return frames.FrameStream((), record_type, frames=value.get("frames"))
+            count = value.get("frames") if frames.is_frames(value) else None
+            return frames.FrameStream((), record_type, frames=count)
         return frames.open_stream(value, record_type, store)
 
-    def invoke(self, config: dict[str, Any] | None, inputs: dict[str, Any], ctx: ToolContext) -> dict[str, Any]:
+    def invoke(
+        self, config: Mapping[str, JsonValue] | None, inputs: Mapping[str, JsonValue], ctx: ToolContext
+    ) -> JsonObject:
         """Validate, run, validate the output, and return it as JSON-ready data.
 
         ``FrameStream`` inputs read artifacts from ``ctx.media_store`` as the tool iterates them (a
@@ -296,7 +312,7 @@ class Tool:
                 plugin=self.plugin_name,
                 tool=self.name,
             ) from None
-        result: dict[str, Any] = model.model_dump(mode="json", exclude=set(writers))
+        result: JsonObject = model.model_dump(mode="json", exclude=set(writers))
         for name, writer in writers.items():
             writer.budget_bytes = ctx.artifact_budget_bytes
             result[name] = writer.write_all(getattr(model, name))
@@ -304,7 +320,7 @@ class Tool:
                 ctx.artifact_budget_bytes -= writer.size_bytes
         return result
 
-    def _writers(self, ctx: ToolContext) -> dict[str, Any]:
+    def _writers(self, ctx: ToolContext) -> dict[str, frames.FrameWriter]:
         """A writer per ``FrameStream`` output, journalling its chunks; a resumable tool's start with
         those of an earlier attempt when the job resumes (``ctx.resume_after``: where all of them end)."""
         writers = {
@@ -376,7 +392,7 @@ class Plugin:
         resumable: bool = False,
         batch: BatchSpec | bool | None = None,
         draws: Mapping[str, DrawKind] | None = None,
-    ) -> Callable[[RunFn], RunFn]:
+    ) -> Callable[[F], F]:
         """Register ``fn(inputs, config, ctx)`` as a tool (its name defaults to the function's).
 
         ``resumable=True``: the tool's per-frame outputs depend on each frame alone, so a retried job
@@ -399,7 +415,7 @@ class Plugin:
             if kind not in DRAW_KINDS:
                 raise ValueError(f"draws gives {field_name!r} the kind {kind!r}; known kinds: {', '.join(DRAW_KINDS)}")
 
-        def register(fn: RunFn) -> RunFn:
+        def register(fn: F) -> F:
             tool_name = name or fn.__name__
             if tool_name in self.tools:
                 raise ValueError(f"plugin {self.name!r} already has a tool {tool_name!r}")
@@ -452,17 +468,17 @@ def resource_loads() -> int:
     return _resource_loads
 
 
-def resource(fn: Callable[..., T]) -> Callable[..., T]:
+def resource(fn: Callable[P, T]) -> Callable[P, T]:
     """Cache what ``fn`` loads for the life of the worker process, per distinct arguments.
 
     Use it for model weights: the first call of a warm worker loads them, later calls reuse them.
     Thread-safe: concurrent first calls load once.
     """
-    cache: dict[Any, T] = {}
+    cache: dict[Hashable, T] = {}
     lock = threading.Lock()
 
     @functools.wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> T:
+    def wrapper(*args: P.args, **kwargs: P.kwargs) -> T:
         global _resource_loads
         key = (args, tuple(sorted(kwargs.items())))
         with lock:

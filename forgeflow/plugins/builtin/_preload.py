@@ -3,9 +3,9 @@ memory limit applies: torch maps ~3-4 GB of address space on import and would ot
 against the first call's budget. Sets Ultralytics up offline and quiet first (never import
 Ultralytics any other way). Never imported by the API process."""
 
-from forgeflow.plugins.builtin._vision import setup_ultralytics
+from forgeflow.plugins.builtin._ultralytics import setup_ultralytics
 
 setup_ultralytics()
 
 import ultralytics.trackers.byte_tracker  # noqa: E402,F401 - ByteTrack and its lap dependency
-from ultralytics import YOLO  # type: ignore[attr-defined]  # noqa: E402,F401
+from ultralytics.models import YOLO  # noqa: E402,F401 - what ``from ultralytics import YOLO`` gives

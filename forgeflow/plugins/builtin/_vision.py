@@ -1,42 +1,51 @@
-"""Shared plumbing of the built-in vision plugins: config, device, weights, quiet offline Ultralytics.
+"""Shared plumbing of the built-in vision plugins: config, availability, weights, small helpers.
 
-Nothing here imports torch or Ultralytics at module level: the API process imports the plugin
-modules for discovery and must stay light. Heavy imports happen inside the functions that run a
-tool (in the sandboxed worker).
+Nothing here (nor in the modules it re-exports) imports torch or Ultralytics at module level: the
+API process imports the plugin modules for discovery and must stay light. Heavy imports happen
+inside the functions that run a tool (in the sandboxed worker).
 
 * :class:`VisionConfig` — the seed's config fields (``device``, ``confidence``, ``imgsz``,
   ``model``, ``max_frames``, ``frame_stride``) shared by every vision tool.
-* :func:`resolve_device` — ``auto`` | ``cpu`` | ``cuda`` | ``cuda:N``; a CUDA device that does not
-  exist raises :class:`DeviceUnavailable`, never a silent fallback to the CPU.
+* :func:`vision_unavailable_reason` — a missing package or missing default weights, found without
+  importing anything.
 * :func:`resolve_weights` — a model name (``light`` → the bundled ``yolo11n-pose.pt``, or
   ``<FORGEFLOW_HOME>/models/<name>.pt``) or an absolute path → the weights file.
-* :func:`setup_ultralytics` — offline, quiet, no auto-install, a private config dir with a local
-  font (so nothing ever tries to download ``Arial.ttf``), explicit torch thread count.
-* :func:`load_yolo` — one Ultralytics model per (weights, device) per worker process
-  (:func:`forgeflow.plugins.sdk.resource`).
-* :func:`predict_frames` — one model pass per frame per job: predictions go through the job's
-  ``ctx.cache``, so the detection and the pose stage share the pose model's pass (see
-  :data:`PREDICT_CONF_FLOOR`).
+* :mod:`._ultralytics` — Ultralytics offline and quiet (:func:`setup_ultralytics`), the device
+  (:func:`resolve_device`), the model (:func:`load_yolo`) and a pass (:func:`predict`).
+* :mod:`._predictions` — one model pass per frame per job (:func:`predict_frames`): predictions go
+  through the job's ``ctx.cache``, so the detection and the pose stage share the pose model's pass
+  (see :data:`PREDICT_CONF_FLOOR`).
+
+The names of those two modules are re-exported here.
 """
 
 from __future__ import annotations
 
 import importlib.util
-import os
 import re
-import shutil
-import tempfile
-import threading
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from forgeflow.plugins.cache import file_digest
-from forgeflow.plugins.errors import ConfigError, DeviceUnavailable
-from forgeflow.plugins.sdk import ToolContext, resource
+from forgeflow.plugins.builtin._predictions import (
+    PREDICT_CONF_FLOOR,
+    Prediction,
+    cached_prediction,
+    model_passes,
+    predict_frames,
+    prediction_key,
+)
+from forgeflow.plugins.builtin._ultralytics import (
+    load_yolo,
+    predict,
+    resolve_device,
+    setup_ultralytics,
+    torch_threads,
+)
+from forgeflow.plugins.errors import ConfigError
+from forgeflow.plugins.sdk import ToolContext
 
 __all__ = [
     "COCO_KEYPOINTS",
@@ -44,21 +53,27 @@ __all__ = [
     "PREDICT_CONF_FLOOR",
     "Prediction",
     "VisionConfig",
+    "batched",
     "bundled_pose_weights",
+    "cached_prediction",
     "iou",
     "load_yolo",
     "missing_vision_packages",
     "model_passes",
     "predict",
     "predict_frames",
+    "prediction_key",
     "r2",
     "r4",
+    "report_frames",
     "resolve_device",
     "resolve_weights",
     "setup_ultralytics",
     "torch_threads",
     "vision_unavailable_reason",
 ]
+
+T = TypeVar("T")
 
 #: COCO-17 keypoint order of every ``keypoints`` list the plugins emit.
 COCO_KEYPOINTS: tuple[str, ...] = (
@@ -211,163 +226,7 @@ def resolve_weights(model: str) -> Path:
     )
 
 
-# --- Ultralytics, offline and quiet ---------------------------------------------------------------
-
-_setup_lock = threading.Lock()
-_setup_done = False
-
-
-def _font_source() -> Path | None:
-    """A TTF shipped by an installed package (matplotlib's DejaVuSans) or the system."""
-    spec = importlib.util.find_spec("matplotlib")
-    if spec is not None and spec.origin:
-        candidate = Path(spec.origin).parent / "mpl-data" / "fonts" / "ttf" / "DejaVuSans.ttf"
-        if candidate.is_file():
-            return candidate
-    for root in ("/usr/share/fonts", "/usr/local/share/fonts"):
-        if os.path.isdir(root):
-            for found in sorted(Path(root).rglob("*.ttf")):
-                return found
-    return None
-
-
-def _config_dir() -> Path:
-    """YOLO_CONFIG_DIR: under FORGEFLOW_HOME when writable, else a private temp dir."""
-    if os.environ.get("YOLO_CONFIG_DIR"):
-        return Path(os.environ["YOLO_CONFIG_DIR"])
-    try:
-        from forgeflow.settings import get_settings
-
-        candidate = get_settings().home / "ultralytics"
-        (candidate / "Ultralytics").mkdir(parents=True, exist_ok=True)
-        if os.access(candidate / "Ultralytics", os.W_OK):
-            return candidate
-    except OSError:
-        pass
-    candidate = Path(tempfile.gettempdir()) / f"forgeflow-ultralytics-{os.getuid()}"
-    (candidate / "Ultralytics").mkdir(parents=True, exist_ok=True)
-    return candidate
-
-
-def torch_threads() -> int:
-    """Threads for torch: the ``torch_threads`` setting, else the CPUs this process may use."""
-    from forgeflow.settings import get_settings
-
-    configured = get_settings().torch_threads
-    if configured:
-        return configured
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # not Linux
-        return max(1, os.cpu_count() or 1)
-
-
-def setup_ultralytics() -> None:
-    """Make Ultralytics offline and quiet; call before (and instead of) importing it anywhere.
-
-    Sets YOLO_OFFLINE, YOLO_VERBOSE=False, YOLO_AUTOINSTALL=False and a private YOLO_CONFIG_DIR
-    holding a local TTF as Arial.ttf / Arial.Unicode.ttf (Ultralytics downloads those otherwise),
-    and fixes the torch thread count (Ultralytics would set OMP_NUM_THREADS=1 when unset).
-    """
-    global _setup_done
-    with _setup_lock:
-        if _setup_done:
-            return
-        threads = torch_threads()
-        os.environ["YOLO_OFFLINE"] = "1"
-        os.environ["YOLO_VERBOSE"] = "False"
-        os.environ["YOLO_AUTOINSTALL"] = "False"
-        os.environ.setdefault("OMP_NUM_THREADS", str(threads))
-        config_dir = _config_dir()
-        os.environ["YOLO_CONFIG_DIR"] = str(config_dir)
-        font = _font_source()
-        if font is not None:
-            for name in ("Arial.ttf", "Arial.Unicode.ttf"):
-                target = config_dir / "Ultralytics" / name
-                if not target.exists():
-                    tmp = target.with_suffix(f".tmp{os.getpid()}")
-                    shutil.copyfile(font, tmp)
-                    os.replace(tmp, target)
-        import torch
-
-        torch.set_num_threads(threads)
-        import ultralytics  # noqa: F401 - imported here, after the environment is set
-        from ultralytics.utils import LOGGER, SETTINGS
-
-        LOGGER.setLevel("ERROR")
-        try:  # never phone home, never write runs/ next to the caller
-            SETTINGS.update({"sync": False, "hub": False})  # type: ignore[no-untyped-call]
-        except Exception:  # settings keys differ between versions: not fatal
-            pass
-        _setup_done = True
-
-
-def resolve_device(device: str) -> str:
-    """``auto`` | ``cpu`` | ``cuda`` | ``cuda:N`` → a torch device string; DeviceUnavailable if absent."""
-    import torch
-
-    device = device.strip().lower()
-    if device == "cpu":
-        return "cpu"
-    cuda = torch.cuda.is_available()
-    if device == "auto":
-        return "cuda:0" if cuda else "cpu"
-    if not device.startswith("cuda"):
-        raise ConfigError(f"unknown device {device!r}: use 'auto', 'cpu', 'cuda' or 'cuda:N'")
-    if not cuda:
-        build = torch.version.cuda
-        why = (
-            f"torch {torch.__version__} (CUDA {build}) sees no CUDA device"
-            if build
-            else f"torch {torch.__version__} is a CPU-only build"
-        )
-        raise DeviceUnavailable(
-            f"device {device!r} requested but no CUDA GPU is available on this host: {why}. "
-            "Use device 'cpu' or 'auto', or run this stage on a GPU worker."
-        )
-    index = int(device.split(":", 1)[1]) if ":" in device else 0
-    count = torch.cuda.device_count()
-    if index >= count:
-        raise DeviceUnavailable(
-            f"device {device!r} requested but this host has {count} CUDA device(s) (cuda:0..cuda:{count - 1})"
-        )
-    return f"cuda:{index}"
-
-
-@resource
-def load_yolo(weights: str, device: str) -> Any:
-    """An Ultralytics YOLO model on ``device``, loaded once per worker process."""
-    setup_ultralytics()
-    from ultralytics import YOLO  # type: ignore[attr-defined]
-
-    try:
-        model = YOLO(weights, task=None)
-    except Exception as exc:  # a corrupt or foreign file: say which
-        raise ConfigError(f"cannot load model weights {weights}: {type(exc).__name__}: {exc}") from None
-    model.to(device)
-    return model
-
-
-_predict_lock = threading.Lock()
-
-
-def predict(
-    model: Any, images: list[Any], *, device: str, imgsz: int, confidence: float, classes: list[int] | None
-) -> list[Any]:
-    """Run ``model`` on BGR frames; one Ultralytics Results per frame (no saving, no printing)."""
-    with _predict_lock:  # one predictor per model object: never run it from two threads at once
-        results: list[Any] = model.predict(
-            source=images,
-            device=device,
-            imgsz=imgsz,
-            conf=confidence,
-            classes=classes,
-            verbose=False,
-            save=False,
-            stream=False,
-            half=False,
-        )
-    return results
+# --- helpers of the tools ----------------------------------------------------------------------------
 
 
 def report_frames(ctx: ToolContext, done: int, total: int | None, *, final: bool = False) -> None:
@@ -381,8 +240,9 @@ def report_frames(ctx: ToolContext, done: int, total: int | None, *, final: bool
         ctx.progress(done, total, f"{done}/{total} frames")
 
 
-def batched(items: Iterable[Any], size: int) -> Iterator[list[Any]]:
-    chunk: list[Any] = []
+def batched(items: Iterable[T], size: int) -> Iterator[list[T]]:
+    """``items`` in lists of ``size`` (the last one shorter)."""
+    chunk: list[T] = []
     for item in items:
         chunk.append(item)
         if len(chunk) >= size:
@@ -399,178 +259,3 @@ def iou(a: Sequence[float], b: Sequence[float]) -> float:
     inter = max(0.0, ix2 - ix1) * max(0.0, iy2 - iy1)
     union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
     return inter / union if union > 0 else 0.0
-
-
-# --- one model pass per frame per job ---------------------------------------------------------------
-
-#: With the job cache on, every vision tool asks the model for detections down to this confidence
-#: (or its own, if lower) and keeps those above its own threshold afterwards, so tools with
-#: different thresholds share one pass per frame. Ultralytics keeps a box when its score is over the
-#: threshold and no kept higher-scoring box of its class overlaps it, so the boxes over a threshold
-#: are the same whether the lower ones were computed too (checked byte for byte by the tests).
-PREDICT_CONF_FLOOR = 0.1
-
-
-@dataclass(frozen=True)
-class Prediction:
-    """One frame's detections, in the model's (score) order."""
-
-    data: Any  # numpy float32 (N, 6): x1, y1, x2, y2, confidence, class
-    keypoints: Any | None  # numpy float32 (N, K, 3) for pose models, else None
-    orig_shape: tuple[int, int]
-
-    @classmethod
-    def from_result(cls, result: Any) -> Prediction:
-        import numpy as np
-
-        data = result.boxes.data.cpu().numpy().astype(np.float32, copy=False)
-        kps = (
-            result.keypoints.data.cpu().numpy().astype(np.float32, copy=False) if result.keypoints is not None else None
-        )
-        return cls(data, kps, tuple(int(v) for v in result.orig_shape))  # type: ignore[arg-type]
-
-    def encode(self) -> bytes:
-        import io
-
-        import numpy as np
-
-        buf = io.BytesIO()
-        arrays = {"data": self.data, "shape": np.asarray(self.orig_shape, dtype=np.int64)}
-        if self.keypoints is not None:
-            arrays["keypoints"] = self.keypoints
-        np.savez(buf, **arrays)
-        return buf.getvalue()
-
-    @classmethod
-    def decode(cls, blob: bytes) -> Prediction:
-        import io
-
-        import numpy as np
-
-        with np.load(io.BytesIO(blob), allow_pickle=False) as npz:
-            kps = npz["keypoints"] if "keypoints" in npz.files else None
-            return cls(npz["data"], kps, (int(npz["shape"][0]), int(npz["shape"][1])))
-
-    def select(self, confidence: float, classes: list[int] | None) -> Prediction:
-        """The detections Ultralytics would have returned for ``confidence`` and ``classes``."""
-        import numpy as np
-
-        keep = self.data[:, 4] > confidence
-        if classes is not None:
-            keep &= np.isin(self.data[:, 5], np.asarray(classes, dtype=np.float32))
-        kps = self.keypoints[keep] if self.keypoints is not None else None
-        return Prediction(self.data[keep], kps, self.orig_shape)
-
-    def boxes(self) -> Any:
-        """As Ultralytics ``Boxes`` (what the tracker takes)."""
-        from ultralytics.engine.results import Boxes
-
-        return Boxes(self.data, self.orig_shape)
-
-
-def prediction_key(
-    ctx: ToolContext, *, weights: Path, media: Path, frame_index: int, device: str, imgsz: int, floor: float, batch: int
-) -> str:
-    """The cache key of one frame's pass: model file, media content, frame, and what shapes the pass."""
-    return ctx.cache.key(
-        "ultralytics.predict/1", file_digest(weights), file_digest(media), frame_index, device, imgsz, floor, batch
-    )
-
-
-def predict_frames(
-    model: Any,
-    frames: list[Any],
-    ctx: ToolContext,
-    *,
-    weights: Path,
-    media: Path,
-    device: str,
-    imgsz: int,
-    confidence: float,
-    classes: list[int] | None,
-) -> list[Prediction]:
-    """Predictions for ``frames`` (Frame objects of ``media``), through the job's cache when it is on.
-    The model pass goes through ``ctx.batched``: in a batch of several jobs' calls it is one worker's
-    pass for all of them (see :func:`model_passes`)."""
-    images = [f.image for f in frames]
-    if not ctx.cache.enabled:
-        return model_passes(
-            ctx, model, images, weights=weights, device=device, imgsz=imgsz, confidence=confidence, classes=classes
-        )
-    floor = min(confidence, PREDICT_CONF_FLOOR)
-    keys = [
-        prediction_key(
-            ctx,
-            weights=weights,
-            media=media,
-            frame_index=f.index,
-            device=device,
-            imgsz=imgsz,
-            floor=floor,
-            batch=len(frames),
-        )
-        for f in frames
-    ]
-    cached = [ctx.cache.get(k) for k in keys]
-    if all(blob is not None for blob in cached):
-        found = [Prediction.decode(blob) for blob in cached]  # type: ignore[arg-type]
-    else:
-        found = model_passes(
-            ctx, model, images, weights=weights, device=device, imgsz=imgsz, confidence=floor, classes=None
-        )
-        for key, prediction in zip(keys, found, strict=True):
-            ctx.cache.misses += 1
-            ctx.cache.put(key, prediction.encode())
-    return [p.select(confidence, classes) for p in found]
-
-
-def model_passes(
-    ctx: ToolContext,
-    model: Any,
-    images: list[Any],
-    *,
-    weights: Path,
-    device: str,
-    imgsz: int,
-    confidence: float,
-    classes: list[int] | None,
-) -> list[Prediction]:
-    """``images``' predictions, one Ultralytics pass for this call's images, joined with the passes
-    that other jobs' calls of a batch ask for at the same time (``ctx.batched``; same model, device,
-    size, threshold, classes and image shape).
-
-    Joined, each call's images still go through a pass of their own, as they would alone: a CPU or
-    GPU convolution gives an image results that differ in the last float bits with what else shares
-    its forward pass, and that could move a rounded coordinate. So results stay byte-identical to
-    unbatched calls; the batch saves the per-call work around the pass (one worker call, one device
-    slot, the calls' decoding and writing overlapped with the passes). ``FORGEFLOW_VISION_JOINED_PASSES``
-    runs the whole batch through one forward pass instead (faster on a GPU; results equal to about
-    1e-4 px and 1e-4 confidence, not byte for byte)."""
-    if not images:
-        return []
-    shape = tuple(images[0].shape)  # one call's images share a shape (Ultralytics pads a mixed batch)
-    wanted = tuple(classes) if classes is not None else None
-    key = ("ultralytics.predict", str(weights), device, imgsz, confidence, wanted, shape)
-
-    def passes(groups: list[list[Any]]) -> list[list[Prediction]]:
-        from forgeflow.settings import get_settings
-
-        def run(batch: list[Any]) -> list[Prediction]:
-            results = predict(model, batch, device=device, imgsz=imgsz, confidence=confidence, classes=classes)
-            return [Prediction.from_result(r) for r in results]
-
-        if len(groups) > 1 and get_settings().vision_joined_passes:
-            joined = run([image for group in groups for image in group])
-            out, at = [], 0
-            for group in groups:
-                out.append(joined[at : at + len(group)])
-                at += len(group)
-            return out
-        return [run(group) for group in groups]
-
-    return ctx.batched(key, images, passes)
-
-
-def cached_prediction(ctx: ToolContext, key: str) -> Prediction | None:
-    blob = ctx.cache.get(key)
-    return Prediction.decode(blob) if blob is not None else None

@@ -21,32 +21,35 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 from pydantic import BaseModel, Field
 
-from forgeflow.plugins.builtin._vision import (
+from forgeflow.plugins.builtin._predictions import (
     PREDICT_CONF_FLOOR,
     Prediction,
-    VisionConfig,
     cached_prediction,
-    iou,
-    load_yolo,
     predict_frames,
     prediction_key,
+)
+from forgeflow.plugins.builtin._ultralytics import load_yolo, resolve_device, setup_ultralytics
+from forgeflow.plugins.builtin._vision import (
+    VisionConfig,
+    iou,
     r2,
     r4,
     report_frames,
-    resolve_device,
     resolve_weights,
-    setup_ultralytics,
     vision_unavailable_reason,
 )
-from forgeflow.plugins.builtin.schemas import FramePlayers, FramePoses, Pose
+from forgeflow.plugins.builtin.schemas import FramePlayers, FramePoses, Player, Pose
 from forgeflow.plugins.errors import ConfigError, InputError, MediaError
 from forgeflow.plugins.frames import FrameStream
 from forgeflow.plugins.media_reader import FrameSeeker, MediaReader
 from forgeflow.plugins.sdk import BatchSpec, Plugin, ToolContext
+
+if TYPE_CHECKING:
+    from ultralytics.models import YOLO
 
 plugin = Plugin(
     "pose-estimator",
@@ -149,7 +152,7 @@ def _poses(
     """Each wanted frame's poses, frame by frame as the players stream in: a frame an earlier stage of this
     job already ran the same model on is not decoded at all (its prediction comes from ``ctx.cache``).
     Each frame's poses depend on that frame alone: a resumed call starts after ``ctx.resume_after``."""
-    model: Any = None
+    model: YOLO | None = None
     floor = min(config.confidence, PREDICT_CONF_FLOOR)
     total = players.frames
     done = 0
@@ -208,7 +211,7 @@ def _poses(
         report_frames(ctx, done, total, final=True)
 
 
-def _pose_model(weights: Path, device: str, config: PoseConfig) -> Any:
+def _pose_model(weights: Path, device: str, config: PoseConfig) -> YOLO:
     setup_ultralytics()
     model = load_yolo(str(weights), device)
     if getattr(model, "task", "pose") != "pose":
@@ -216,7 +219,7 @@ def _pose_model(weights: Path, device: str, config: PoseConfig) -> Any:
     return model
 
 
-def _match(prediction: Prediction, players: list[Any], config: PoseConfig) -> list[Pose]:
+def _match(prediction: Prediction, players: list[Player], config: PoseConfig) -> list[Pose]:
     """The prediction's poses matched one-to-one to the frame's players (see :func:`match_poses`)."""
     poses: list[Pose] = []
     if prediction.keypoints is None or not len(prediction.data):

@@ -27,26 +27,28 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from types import SimpleNamespace
-from typing import Any
+from typing import TYPE_CHECKING, TypedDict
 
 from pydantic import BaseModel, Field
 
+from forgeflow.plugins.builtin._predictions import predict_frames
+from forgeflow.plugins.builtin._ultralytics import load_yolo, resolve_device, setup_ultralytics
 from forgeflow.plugins.builtin._vision import (
     VisionConfig,
     batched,
-    load_yolo,
-    predict_frames,
     r2,
     r4,
     report_frames,
-    resolve_device,
     resolve_weights,
-    setup_ultralytics,
     vision_unavailable_reason,
 )
 from forgeflow.plugins.builtin.schemas import FramePlayers, MediaInput, Player
 from forgeflow.plugins.frames import FrameStream
 from forgeflow.plugins.sdk import BatchSpec, Plugin, ToolContext
+
+if TYPE_CHECKING:
+    from cv2.typing import MatLike
+    from ultralytics.trackers.byte_tracker import BYTETracker
 
 plugin = Plugin(
     "forgesyte-yolo-tracker",
@@ -106,13 +108,21 @@ class TracksOutput(BaseModel):
     tracks: list[TrackSummary]
 
 
-def _sort_key(p: Player) -> tuple[Any, ...]:
+def _sort_key(p: Player) -> tuple[bool | int | float, ...]:
     return (p.track_id is None, p.track_id or 0, *p.box, -p.confidence)
+
+
+class TrackerOptions(TypedDict, total=False):
+    """ByteTrack's settings a tool may change (:func:`_new_tracker`'s keywords)."""
+
+    track_buffer: int
+    match_thresh: float
+    new_track_thresh: float | None
 
 
 def _new_tracker(
     confidence: float, *, track_buffer: int = 30, match_thresh: float = 0.8, new_track_thresh: float | None = None
-) -> Any:
+) -> BYTETracker:
     from ultralytics.trackers.byte_tracker import BYTETracker
 
     args = SimpleNamespace(
@@ -127,7 +137,7 @@ def _new_tracker(
     return BYTETracker(args)  # type: ignore[no-untyped-call]
 
 
-def _histogram(image: Any) -> Any:
+def _histogram(image: MatLike) -> MatLike:
     import cv2
 
     small = cv2.resize(image, (160, 90), interpolation=cv2.INTER_AREA)
@@ -136,7 +146,7 @@ def _histogram(image: Any) -> Any:
     return cv2.normalize(hist, hist).flatten()
 
 
-def _is_scene_cut(previous: Any, current: Any, threshold: float) -> bool:
+def _is_scene_cut(previous: MatLike | None, current: MatLike, threshold: float) -> bool:
     import cv2
 
     if previous is None or threshold <= 0:
@@ -151,7 +161,7 @@ def detect(
     *,
     classes: list[int] | None,
     track: bool,
-    tracker_options: dict[str, Any] | None = None,
+    tracker_options: TrackerOptions | None = None,
     scene_cut: float = 0.5,
 ) -> Iterator[FramePlayers]:
     """Detect (and track) players in every selected frame of ``media``, frame by frame (a generator:
@@ -196,7 +206,7 @@ def detect(
             players = [
                 Player(
                     box=[r2(v) for v in boxes.xyxy[i]],
-                    confidence=r4(boxes.conf[i]),
+                    confidence=r4(float(boxes.conf[i])),
                     class_id=int(boxes.cls[i]),
                     class_name=str(names.get(int(boxes.cls[i]), int(boxes.cls[i]))),
                     track_id=ids[i],
