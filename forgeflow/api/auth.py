@@ -36,7 +36,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
-from typing import Any
+from typing import TypedDict
 
 # The first API module `forgeflow serve` imports: without the api extra it stops here and says so
 # (python-multipart is checked too: Starlette would only complain at the first upload).
@@ -82,6 +82,13 @@ _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@-]{0,63}$")
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
 
+class PrincipalDict(TypedDict):
+    """A principal as JSON (:class:`~forgeflow.api.models.Caller` without ``auth_required``)."""
+
+    name: str | None
+    scopes: list[Scope]
+
+
 @dataclass(frozen=True)
 class Principal:
     """The caller: a token's name (None on an open service) and what it may do. ``worker``: the
@@ -94,7 +101,7 @@ class Principal:
     def may(self, scope: Scope | str) -> bool:
         return Scope(scope) in self.scopes
 
-    def to_dict(self) -> dict[str, Any]:
+    def to_dict(self) -> PrincipalDict:
         return {"name": self.name, "scopes": sorted(self.scopes, key=list(Scope).index)}
 
 
@@ -120,7 +127,7 @@ def hash_token(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
 
 
-def parse_scopes(values: Iterable[Any], where: str) -> frozenset[Scope]:
+def parse_scopes(values: Iterable[object], where: str) -> frozenset[Scope]:
     scopes = set()
     for value in values:
         try:
@@ -135,7 +142,7 @@ def parse_token_file(path: Path) -> list[TokenEntry]:
     each ``{name, scopes, sha256}``. Raises ValueError naming the entry and what is wrong."""
     text = path.read_text(encoding="utf-8")
     try:
-        data: Any = tomllib.loads(text) if path.suffix.lower() == ".toml" else json.loads(text)
+        data: object = tomllib.loads(text) if path.suffix.lower() == ".toml" else json.loads(text)
     except (json.JSONDecodeError, tomllib.TOMLDecodeError) as exc:
         raise ValueError(f"{path}: not valid {path.suffix.lstrip('.').upper() or 'JSON'}: {exc}") from None
     items = data.get("tokens", []) if isinstance(data, dict) else data

@@ -12,7 +12,10 @@ from __future__ import annotations
 import csv
 import io
 import json
-from typing import Any
+from collections.abc import Mapping
+from typing import TypedDict
+
+from pydantic import JsonValue
 
 from forgeflow.api.store.batches import FileState
 from forgeflow.plugins.frames import is_frames
@@ -20,23 +23,49 @@ from forgeflow.plugins.frames import is_frames
 COLUMNS = ("position", "name", "media", "status", "job_id", "reused_from", "attempts", "records", "error", "error_type")
 
 
-def record_counts(envelope: dict[str, Any] | None) -> dict[str, int]:
+class FileView(TypedDict):
+    """One file as ``GET /v1/batches/{id}`` shows it (:class:`~forgeflow.api.batch_models.BatchFile`)."""
+
+    position: int
+    name: str
+    media: str | None
+    job_id: str | None
+    status: str
+    reused_from: str | None
+    attempts: int
+    error: str | None
+    error_type: str | None
+
+
+class SummaryRow(FileView):
+    """A row of the summary: the file, and its record counts as a JSON object text."""
+
+    records: str
+
+
+def _count(value: JsonValue) -> int:
+    """A count a frames descriptor holds (null: none)."""
+    return int(value) if isinstance(value, (int, float, str)) else 0
+
+
+def record_counts(envelope: Mapping[str, JsonValue] | None) -> dict[str, int]:
     """Per output of the job's result: frames of a per-frame artifact and its summed counts, or a list's length."""
     if not envelope:
         return {}
     result = envelope.get("result") if envelope.get("ok") else envelope.get("partial_result")
     counts: dict[str, int] = {}
-    for name, value in (result or {}).items():
-        if is_frames(value):
-            counts[name] = int(value.get("frames") or 0)
-            for key, count in (value.get("counts") or {}).items():
-                counts[f"{name}.{key}"] = int(count)
+    for name, value in (result if isinstance(result, dict) else {}).items():
+        if isinstance(value, dict) and is_frames(value):
+            counts[name] = _count(value.get("frames") or 0)
+            per_item = value.get("counts")
+            for key, count in (per_item if isinstance(per_item, dict) else {}).items():
+                counts[f"{name}.{key}"] = _count(count)
         elif isinstance(value, list):
             counts[name] = len(value)
     return counts
 
 
-def file_view(state: FileState, status: str) -> dict[str, Any]:
+def file_view(state: FileState, status: str) -> FileView:
     """One file as ``GET /v1/batches/{id}`` shows it."""
     f = state.file
     return {
@@ -52,7 +81,7 @@ def file_view(state: FileState, status: str) -> dict[str, Any]:
     }
 
 
-def summary_rows(files: list[tuple[FileState, str]]) -> list[dict[str, Any]]:
+def summary_rows(files: list[tuple[FileState, str]]) -> list[SummaryRow]:
     """The summary's rows (``records`` as a JSON object text, so both formats hold it as one column)."""
     return [
         {**file_view(state, status), "records": json.dumps(record_counts(state.envelope), sort_keys=True)}
@@ -60,7 +89,7 @@ def summary_rows(files: list[tuple[FileState, str]]) -> list[dict[str, Any]]:
     ]
 
 
-def to_csv(rows: list[dict[str, Any]]) -> bytes:
+def to_csv(rows: list[SummaryRow]) -> bytes:
     out = io.StringIO()
     writer = csv.DictWriter(out, fieldnames=COLUMNS, extrasaction="ignore", lineterminator="\n")
     writer.writeheader()
@@ -68,7 +97,7 @@ def to_csv(rows: list[dict[str, Any]]) -> bytes:
     return out.getvalue().encode()
 
 
-def to_parquet(rows: list[dict[str, Any]]) -> bytes:
+def to_parquet(rows: list[SummaryRow]) -> bytes:
     import pyarrow as pa
     import pyarrow.parquet as pq
 

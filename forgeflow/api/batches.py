@@ -18,8 +18,9 @@ import hashlib
 import json
 import logging
 import uuid
-from typing import Any
+from typing import TypedDict
 
+from forgeflow.api.batch_models import BatchSummaryItem, BatchView
 from forgeflow.api.batch_summary import file_view
 from forgeflow.api.deps import ApiState
 from forgeflow.api.hub import Notice
@@ -27,7 +28,7 @@ from forgeflow.api.reuse import work_key
 from forgeflow.api.store import iso, utcnow
 from forgeflow.api.store.batches import BatchRepo, FileState, NewFile
 from forgeflow.api.store.rows import BatchRow
-from forgeflow.canonical import canonical_json
+from forgeflow.canonical import JsonObject, canonical_json
 from forgeflow.pipeline.outcome import TERMINAL_STATUSES
 from forgeflow.plugins.errors import MediaError
 
@@ -35,6 +36,26 @@ log = logging.getLogger(__name__)
 
 #: The statuses of a file whose work may be tried again by a retry of the batch.
 RETRYABLE = frozenset({"failed", "crashed", "cancelled"})
+
+
+class _SummaryFields(TypedDict):
+    """The fields of a :class:`~forgeflow.api.batch_models.BatchSummaryItem` but ``counts``."""
+
+    batch_id: str
+    name: str
+    status: str
+    pipeline_id: str | None
+    source: JsonObject
+    max_concurrency: int
+    force: bool
+    created_by: str | None
+    flow_run_id: str | None
+    cancel_requested: bool
+    created_at: str | None
+    updated_at: str | None
+    finished_at: str | None
+    files_total: int
+    links: dict[str, str]
 
 
 def new_batch_id() -> str:
@@ -98,11 +119,11 @@ class BatchService:
         self,
         *,
         name: str | None,
-        pipeline: dict[str, Any],
+        pipeline: JsonObject,
         template_id: str | None,
-        source: dict[str, Any],
+        source: JsonObject,
         files: list[NewFile],
-        extra_input: dict[str, Any],
+        extra_input: JsonObject,
         max_concurrency: int | None,
         force: bool,
         created_by: str | None,
@@ -128,9 +149,9 @@ class BatchService:
         self.supervise_one(batch_id)
         return self.repo.get(batch_id) or batch
 
-    def _file_input(self, batch: BatchRow, media: str) -> dict[str, Any]:
+    def _file_input(self, batch: BatchRow, media: str) -> JsonObject:
         extra = batch["source"].get("input") or {}
-        return {**extra, "media": media}
+        return {**(extra if isinstance(extra, dict) else {}), "media": media}
 
     def _new_attempt(
         self, batch: BatchRow, state: FileState, *, attempt: int, retry_of: str | None, created_by: str | None
@@ -139,7 +160,7 @@ class BatchService:
         media = state.file["media"]
         assert media is not None
         input_data = self._file_input(batch, media)
-        pipeline = batch["pipeline"] if retry_of is None else {**batch["pipeline"], "resume": True}
+        pipeline: JsonObject = batch["pipeline"] if retry_of is None else {**batch["pipeline"], "resume": True}
         try:
             key: str | None = work_key(
                 batch["pipeline"],
@@ -203,7 +224,7 @@ class BatchService:
             if retried:
                 files = self.repo.files(batch_id)
         counts = counts_of(files)
-        values: dict[str, Any] = {}
+        values: dict[str, object] = {}
         if counts != batch["counts"]:
             values["counts"] = counts
         if batch["status"] == "running" and counts["done"] == counts["total"]:
@@ -273,7 +294,10 @@ class BatchService:
         return [s.file["name"] for s in again]
 
     # --- views -----------------------------------------------------------------------------------
-    def summary_item(self, batch: BatchRow) -> dict[str, Any]:
+    def summary_item(self, batch: BatchRow) -> BatchSummaryItem:
+        return BatchSummaryItem(**self._summary_fields(batch), counts=self.full_counts(batch))
+
+    def _summary_fields(self, batch: BatchRow) -> _SummaryFields:
         base = f"/v1/batches/{batch['id']}"
         return {
             "batch_id": batch["id"],
@@ -290,7 +314,6 @@ class BatchService:
             "updated_at": iso(batch["updated_at"]),
             "finished_at": iso(batch["finished_at"]),
             "files_total": batch["files_total"],
-            "counts": self.full_counts(batch),
             "links": {
                 "self": base,
                 "cancel": f"{base}/cancel",
@@ -300,19 +323,18 @@ class BatchService:
             },
         }
 
-    def view(self, batch: BatchRow) -> dict[str, Any]:
+    def view(self, batch: BatchRow) -> BatchView:
         files = self.repo.files(batch["id"])
         counts = counts_of(files)
         per_s, eta = rate(batch, counts)
-        item = self.summary_item(batch)
-        item["counts"] = {**item["counts"], **counts}
-        return {
-            **item,
-            "pipeline": batch["pipeline"],
-            "files_per_s": per_s,
-            "eta_s": eta,
-            "files": [file_view(f, file_status(f)) for f in files],
-        }
+        return BatchView(
+            **self._summary_fields(batch),
+            counts={**self.full_counts(batch), **counts},
+            pipeline=batch["pipeline"],
+            files_per_s=per_s,
+            eta_s=eta,
+            files=[file_view(f, file_status(f)) for f in files],
+        )
 
 
 def batch_service(state: ApiState) -> BatchService:

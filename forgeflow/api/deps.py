@@ -5,7 +5,7 @@ from __future__ import annotations
 import inspect
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 from fastapi import Request, Security, params
 from fastapi.routing import APIRoute
@@ -53,7 +53,7 @@ class ApiState:
     api_url: str
     prefect_api_url: str | None
     launcher: JobLauncher | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
+    extra: dict[str, object] = field(default_factory=dict)
 
     def publish(self, stored: list[StoredEvent]) -> None:
         self.hub.publish_threadsafe(stored)
@@ -66,7 +66,7 @@ class ApiState:
 
 
 def get_state(conn: HTTPConnection) -> ApiState:
-    return conn.app.state.forgeflow  # type: ignore[no-any-return]
+    return cast(ApiState, conn.app.state.forgeflow)  # create_app (and the tests' apps) set it
 
 
 def _authorize(
@@ -111,7 +111,7 @@ def method_scope(methods: set[str]) -> Scope:
     return max(scopes, key=list(Scope).index)  # the strongest, should a route take several methods
 
 
-def _declares_guard(endpoint: Callable[..., Any], dependencies: Sequence[params.Depends] | None) -> bool:
+def _declares_guard(endpoint: Callable[..., object], dependencies: Sequence[params.Depends] | None) -> bool:
     declared = [d.dependency for d in dependencies or ()]
     declared += [
         p.default.dependency

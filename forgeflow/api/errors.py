@@ -3,12 +3,14 @@ is not JSON: ``line`` and ``column`` instead of ``field``)."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from enum import StrEnum
-from typing import Any
+from typing import TypedDict
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from pydantic_core import ErrorDetails
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import compile_path
 
@@ -40,11 +42,13 @@ class ApiError(Exception):
         error_type: str = ApiErrorType.BAD_REQUEST,
         field: str | None = None,
         headers: dict[str, str] | None = None,
-        **extra: Any,
+        **extra: object,
     ) -> None:
         super().__init__(error)
         self.status = status
-        self.body: dict[str, Any] = {"error": error, "error_type": error_type, **extra}
+        self.error = error
+        self.error_type = error_type
+        self.body: dict[str, object] = {"error": error, "error_type": error_type, **extra}
         if field is not None:
             self.body["field"] = field
         self.headers = headers
@@ -55,7 +59,7 @@ def not_found(kind: str, ident: str, hint: str | None = None) -> ApiError:
     return ApiError(404, message, ApiErrorType.NOT_FOUND)
 
 
-def _loc(loc: tuple[Any, ...] | list[Any]) -> str:
+def _loc(loc: Sequence[object]) -> str:
     """``events.1.ok`` for pydantic's ``("body", "events", 1, "pipeline_stage_end", "ok")``: where the
     field is, without the request part or the event union's tag."""
     parts = [str(p) for p in loc if p not in EVENT_TYPES]
@@ -64,7 +68,7 @@ def _loc(loc: tuple[Any, ...] | list[Any]) -> str:
     return ".".join(parts)
 
 
-async def _malformed_json(request: Request, error: dict[str, Any]) -> dict[str, Any]:
+async def _malformed_json(request: Request, error: ErrorDetails) -> dict[str, object]:
     """The body of a 422 for a request body that is not JSON: the line, column and reason, as
     ``forgeflow validate`` says them (FastAPI gives only the character offset, in ``loc``)."""
     loc = error.get("loc", ())
@@ -83,6 +87,14 @@ async def _malformed_json(request: Request, error: dict[str, Any]) -> dict[str, 
     }
 
 
+class _Issue(TypedDict):
+    """A problem of a request that does not validate, as a 422's ``issues`` lists it."""
+
+    field: str | None
+    location: int | str | None
+    message: str
+
+
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
@@ -90,11 +102,11 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
-        errors = exc.errors()
+        errors: Sequence[ErrorDetails] = exc.errors()
         malformed = next((e for e in errors if e.get("type") == "json_invalid"), None)
         if malformed is not None:
             return JSONResponse(await _malformed_json(request, malformed), status_code=422)
-        issues = []
+        issues: list[_Issue] = []
         for err in errors:
             loc = err.get("loc", ())
             field = _loc(loc)
@@ -102,7 +114,7 @@ def install_error_handlers(app: FastAPI) -> None:
             if inner:
                 field = f"{field}.{inner}" if field else str(inner)
             issues.append({"field": field, "location": loc[0] if loc else None, "message": err.get("msg", "")})
-        first: dict[str, Any] = issues[0] if issues else {"field": None, "message": "invalid request"}
+        first: _Issue = issues[0] if issues else {"field": None, "location": None, "message": "invalid request"}
         message = f"{first['field']}: {first['message']}" if first["field"] else first["message"]
         if len(issues) > 1:
             message += f" (and {len(issues) - 1} more)"

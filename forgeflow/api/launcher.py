@@ -25,7 +25,7 @@ import asyncio
 import logging
 import os
 import time
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from anyio import to_thread
 
@@ -73,7 +73,7 @@ class Launcher:
         self._lock = asyncio.Lock()
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
-        self._cancel_tasks: set[asyncio.Task[Any]] = set()
+        self._cancel_tasks: set[asyncio.Task[object]] = set()
         self.enabled = True
         self._engine: EngineClient | None = None  # once an engine was found or started
         self._engine_pid = 0
@@ -476,6 +476,6 @@ class Launcher:
                     self.ended[job_id] = (None, time.monotonic())
         return await to_thread.run_sync(store.get_job, job_id) or job
 
-    def _cancel_done(self, task: asyncio.Task[Any]) -> None:
+    def _cancel_done(self, task: asyncio.Task[object]) -> None:
         self._cancel_tasks.discard(task)
         self.wake()

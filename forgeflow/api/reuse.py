@@ -12,9 +12,12 @@ is done afresh. ``force`` (batches) or leaving ``reuse`` off (API jobs) computes
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
 
+from pydantic import JsonValue
+
+from forgeflow.api.store.rows import pipeline_stages
 from forgeflow.canonical import canonical_json
 from forgeflow.plugins import MediaStore
 from forgeflow.plugins.registry import PluginRegistry
@@ -35,21 +38,22 @@ def media_digest(media: MediaStore, source: str, input_roots: list[Path]) -> str
 
 
 def work_key(
-    pipeline: dict[str, Any],
-    input_data: dict[str, Any],
+    pipeline: Mapping[str, JsonValue],
+    input_data: Mapping[str, JsonValue],
     registry: PluginRegistry,
     media: MediaStore,
     input_roots: list[Path],
 ) -> str:
     """The job's work key (see the module's docstring)."""
-    stages = []
+    stages: list[JsonValue] = []
     versions: dict[str, str | None] = {}
-    for stage in pipeline.get("stages") or []:
-        entry = registry.resolve(stage["plugin"])
+    for stage in pipeline_stages(pipeline):
+        entry = registry.resolve(str(stage["plugin"]))
         versions[entry.name] = entry.version
         stages.append({"plugin": entry.name, "tool": stage["tool"], "config": stage.get("config") or {}})
     inputs = dict(input_data)
-    if isinstance(inputs.get("media"), str):
-        inputs["media"] = media_digest(media, inputs["media"], input_roots)
+    source = inputs.get("media")
+    if isinstance(source, str):
+        inputs["media"] = media_digest(media, source, input_roots)
     text = canonical_json({"input": inputs, "stages": stages, "plugins": versions})
     return hashlib.sha256(text.encode()).hexdigest()

@@ -17,7 +17,7 @@ from fastapi.concurrency import run_in_threadpool
 
 from forgeflow.api.auth import Principal, Scope
 from forgeflow.api.batch_models import BatchCreate, BatchList, BatchMedia, BatchRetried, BatchView
-from forgeflow.api.batch_summary import summary_rows, to_csv, to_parquet
+from forgeflow.api.batch_summary import SummaryRow, summary_rows, to_csv, to_parquet
 from forgeflow.api.batches import batch_service, file_status
 from forgeflow.api.deps import ApiState, WorkerScopedRoute, authorize_worker, get_state
 from forgeflow.api.errors import ApiError, ApiErrorType, not_found
@@ -25,6 +25,7 @@ from forgeflow.api.models import MAX_POSITION, NO_NUL, ErrorBody
 from forgeflow.api.routers.jobs import check_cheap_limits, parse_pipeline, validation_error
 from forgeflow.api.store.batches import NewFile
 from forgeflow.api.store.rows import BatchRow
+from forgeflow.canonical import JsonObject
 from forgeflow.pipeline.definition import PipelineDefinition
 from forgeflow.pipeline.validation import PipelineValidationError, validate_pipeline
 from forgeflow.plugins.errors import MediaError
@@ -100,7 +101,7 @@ async def _definition(state: ApiState, body: BatchCreate) -> tuple[PipelineDefin
         if template is None:
             raise not_found("pipeline", body.pipeline_id, "list them with GET /v1/pipelines")
         return PipelineDefinition.model_validate(template["definition"]), template["id"]
-    raw: Any = {"stages": body.pipeline} if isinstance(body.pipeline, list) else body.pipeline
+    raw: JsonObject | None = {"stages": body.pipeline} if isinstance(body.pipeline, list) else body.pipeline
     return parse_pipeline(raw, prefix="pipeline", list_form=isinstance(body.pipeline, list)), None
 
 
@@ -120,7 +121,7 @@ async def create_batch(
     response: Response,
     state: ApiState = Depends(get_state),
     principal: Principal = Security(authorize_worker, scopes=[Scope.RUN]),
-) -> dict[str, Any]:
+) -> BatchView:
     """Each file becomes its own job (`batch_id` set), run by any worker of the fleet, at most
     `max_concurrency` at once. A file whose work an earlier job did (same media content, pipeline
     and plugin versions) takes that job's result at once (`reused_from`) unless `force`: running a
@@ -161,7 +162,7 @@ async def create_batch(
                 field="media",
             )
         files = await run_in_threadpool(_media_files, state, body.media)
-        source: dict[str, Any] = {"media": len(files)}
+        source: JsonObject = {"media": len(files)}
     else:
         assert body.folder is not None
         files = await run_in_threadpool(_folder_files, state, body.folder, body.pattern)
@@ -190,17 +191,17 @@ async def list_batches(
     limit: int = Query(50, ge=1, le=500),
     offset: int = Query(0, ge=0, le=MAX_POSITION),
     state: ApiState = Depends(get_state),
-) -> dict[str, Any]:
+) -> BatchList:
     """Newest first."""
     service = batch_service(state)
     rows, total = await run_in_threadpool(service.repo.page, limit, offset)
-    return {
-        "items": [service.summary_item(r) for r in rows],
-        "total": total,
-        "limit": limit,
-        "offset": offset,
-        "next_offset": offset + limit if offset + limit < total else None,
-    }
+    return BatchList(
+        items=[service.summary_item(r) for r in rows],
+        total=total,
+        limit=limit,
+        offset=offset,
+        next_offset=offset + limit if offset + limit < total else None,
+    )
 
 
 async def _batch(state: ApiState, batch_id: str) -> BatchRow:
@@ -211,7 +212,7 @@ async def _batch(state: ApiState, batch_id: str) -> BatchRow:
 
 
 @router.get("/{batch_id}", response_model=BatchView, summary="A batch: progress and each file's job", responses=ERRORS)
-async def get_batch(batch_id: str = BatchIdPath, state: ApiState = Depends(get_state)) -> dict[str, Any]:
+async def get_batch(batch_id: str = BatchIdPath, state: ApiState = Depends(get_state)) -> BatchView:
     batch = await _batch(state, batch_id)
     return await run_in_threadpool(batch_service(state).view, batch)
 
@@ -231,7 +232,7 @@ async def cancel_batch(
     batch_id: str = BatchIdPath,
     state: ApiState = Depends(get_state),
     principal: Principal = Security(authorize_worker, scopes=[Scope.RUN]),
-) -> dict[str, Any]:
+) -> BatchView:
     """No file starts from now on: queued jobs are cancelled at once, running ones are cancelled (their
     flow runs too) and end `cancelled`; the batch ends `cancelled` once they did."""
     batch = await _batch(state, batch_id)
@@ -260,7 +261,7 @@ async def retry_batch(
     batch_id: str = BatchIdPath,
     state: ApiState = Depends(get_state),
     principal: Principal = Security(authorize_worker, scopes=[Scope.RUN]),
-) -> dict[str, Any]:
+) -> BatchRetried:
     """Each file that failed, crashed or was cancelled gets a new job that resumes its last one (its
     completed stages are not run again); the files that succeeded stay as they are."""
     batch = await _batch(state, batch_id)
@@ -270,10 +271,10 @@ async def retry_batch(
     if not retried:
         raise ApiError(409, f"batch {batch_id!r} has no failed file to retry", ApiErrorType.CONFLICT)
     batch = await _batch(state, batch_id)
-    return {"batch_id": batch_id, "status": batch["status"], "retried": retried}
+    return BatchRetried(batch_id=batch_id, status=batch["status"], retried=retried)
 
 
-async def _summary_rows(state: ApiState, batch_id: str) -> list[dict[str, Any]]:
+async def _summary_rows(state: ApiState, batch_id: str) -> list[SummaryRow]:
     await _batch(state, batch_id)
     files = await run_in_threadpool(lambda: batch_service(state).repo.files(batch_id, envelopes=True))
     return summary_rows([(f, file_status(f)) for f in files])

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 from fastapi import APIRouter, Depends
 from fastapi.concurrency import run_in_threadpool
 
@@ -20,7 +18,7 @@ router = APIRouter(tags=["engine"], route_class=ScopedRoute)
     "(size, busy, idle, waiting calls per plugin), `workers` (pid, plugin, state, calls, `model_loads`, "
     "resident memory) and the idle-memory budget.",
 )
-async def engine_status(state: ApiState = Depends(get_state)) -> dict[str, Any]:
+async def engine_status(state: ApiState = Depends(get_state)) -> dict[str, object]:
     from forgeflow.engine.client import EngineClient, EngineUnavailable
 
     client = EngineClient(state.settings.engine_socket_path, timeout=10.0)

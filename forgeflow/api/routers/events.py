@@ -24,8 +24,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Coroutine
 from dataclasses import dataclass
-from typing import Any
 
 from fastapi import APIRouter, Depends, Request, WebSocket
 from fastapi.concurrency import run_in_threadpool
@@ -64,7 +64,7 @@ def _check_ingest(request: Request) -> None:
         422: {"model": ErrorBody, "description": "An event is malformed (nothing of the batch is stored)."},
     },
 )
-async def ingest_events(request: Request, batch: IngestBatch, state: ApiState = Depends(get_state)) -> dict[str, Any]:
+async def ingest_events(request: Request, batch: IngestBatch, state: ApiState = Depends(get_state)) -> IngestResult:
     """Body `{"events": [event, ...], "alive": [job_id, ...]}`. Events are stored (a re-delivered
     `event_id` once), numbered per job, and then broadcast. Each job's status, stage table and plugin
     lifecycle follow from them. `alive` (and every event) tells that a job's host still runs it."""
@@ -77,7 +77,7 @@ async def ingest_events(request: Request, batch: IngestBatch, state: ApiState = 
         await run_in_threadpool(state.store.heard_from, alive)
     if state.launcher is not None and any(e.terminal for e in stored):
         state.launcher.wake()
-    return {"received": len(parsed), "stored": len(stored), "duplicates": len(parsed) - len(stored)}
+    return IngestResult(received=len(parsed), stored=len(stored), duplicates=len(parsed) - len(stored))
 
 
 # --- WebSockets -----------------------------------------------------------------------------------
@@ -103,7 +103,7 @@ async def _admit(websocket: WebSocket, state: ApiState) -> bool:
         if not principal.may(Scope.READ):
             raise forbidden(principal, Scope.READ)
     except ApiError as exc:
-        await _deny(websocket, exc.status, exc.body["error"], exc.body["error_type"])
+        await _deny(websocket, exc.status, exc.error, exc.error_type)
         return False
     return True
 
@@ -132,7 +132,12 @@ async def _drain_client(websocket: WebSocket) -> None:
 
 
 async def _run_stream(
-    websocket: WebSocket, state: ApiState, sub: Subscription, sender: Any, pos: _Position, resume_param: str
+    websocket: WebSocket,
+    state: ApiState,
+    sub: Subscription,
+    sender: Coroutine[object, object, str],
+    pos: _Position,
+    resume_param: str,
 ) -> None:
     reader = asyncio.create_task(_drain_client(websocket))
     sending = asyncio.create_task(sender)

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 from fastapi import APIRouter, Depends
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
@@ -21,14 +19,14 @@ router = APIRouter(tags=["health"])
     summary="Service health",
     responses={503: {"model": Health, "description": "The database does not answer."}},
 )
-async def healthz(state: ApiState = Depends(get_state)) -> Any:
+async def healthz(state: ApiState = Depends(get_state)) -> dict[str, object] | JSONResponse:
     try:
         await run_in_threadpool(state.store.ping)
         database = "ok"
     except Exception as exc:
         database = f"error: {type(exc).__name__}"
     launcher = state.launcher
-    body = {
+    body: dict[str, object] = {
         "status": "ok" if database == "ok" else "degraded",
         "version": __version__,
         "database": database,

@@ -5,11 +5,13 @@ from __future__ import annotations
 import hashlib
 import re
 import uuid
+from collections.abc import Mapping
 from typing import Any
 from urllib.parse import quote
 
 from fastapi import APIRouter, Depends, Path, Query, Response, Security
 from fastapi.concurrency import run_in_threadpool
+from pydantic import JsonValue
 
 from forgeflow.api.auth import Principal, Scope, forbidden
 from forgeflow.api.deps import ApiState, ScopedRoute, authorize, get_state, within_submission_quota
@@ -26,12 +28,13 @@ from forgeflow.api.models import (
     JobList,
     JobPipelineView,
     JobView,
+    RawPipeline,
 )
 from forgeflow.api.reuse import work_key
 from forgeflow.api.routers.views import job_summary, job_view, pipeline_view
 from forgeflow.api.store import Conflict
 from forgeflow.api.store.rows import JobRow
-from forgeflow.canonical import canonical_json
+from forgeflow.canonical import JsonObject, canonical_json
 from forgeflow.pipeline.definition import PipelineDefinition, raw_stages
 from forgeflow.pipeline.outcome import JobStatus, is_terminal
 from forgeflow.pipeline.validation import (
@@ -50,7 +53,7 @@ ERRORS: dict[int | str, dict[str, Any]] = {
 }
 
 
-def validation_error(exc: Any, *, prefix: str, legacy: bool = False) -> ApiError:
+def validation_error(exc: PipelineValidationError, *, prefix: str, legacy: bool = False) -> ApiError:
     """A PipelineValidationError as a 422 whose ``field`` points into the request body."""
     issues = [i.model_dump() for i in exc.issues]
     first = issues[0] if issues else {}
@@ -79,11 +82,11 @@ def validation_error(exc: Any, *, prefix: str, legacy: bool = False) -> ApiError
     return ApiError(422, exc.message, exc.error_type, field=field, issues=issues)
 
 
-def _validate(state: ApiState, definition: PipelineDefinition, input_data: dict[str, Any] | None) -> ValidatedPipeline:
+def _validate(state: ApiState, definition: PipelineDefinition, input_data: JsonObject | None) -> ValidatedPipeline:
     return validate_pipeline(definition, input_data, state.registry, state.settings)
 
 
-def check_cheap_limits(state: ApiState, pipeline: Any, input_data: dict[str, Any] | None) -> None:
+def check_cheap_limits(state: ApiState, pipeline: RawPipeline, input_data: Mapping[str, JsonValue] | None) -> None:
     """Limits that cost nothing to check, before the pipeline is parsed and validated."""
     settings = state.settings
     stages = raw_stages(pipeline)
@@ -114,7 +117,7 @@ def check_media(state: ApiState, media: Any) -> None:
         raise ApiError(422, exc.message, exc.error_type, field="input.media") from None
 
 
-def parse_pipeline(raw: Any, *, prefix: str, list_form: bool = False) -> PipelineDefinition:
+def parse_pipeline(raw: JsonObject | None, *, prefix: str, list_form: bool = False) -> PipelineDefinition:
     """``raw`` parsed, or a 422 whose field starts with ``prefix``; ``list_form``: ``raw`` wraps the
     list of stages the user sent as ``prefix`` (a problem with that list names ``prefix`` alone)."""
     try:
@@ -146,7 +149,7 @@ async def submit_job(
     response: Response,
     state: ApiState = Depends(get_state),
     principal: Principal = Security(authorize, scopes=[Scope.RUN]),
-) -> dict[str, Any]:
+) -> JobAccepted:
     """Validates the pipeline against the installed plugins and the job input, stores the job as
     `queued` and returns at once (202). The job runs as its own Prefect flow run; follow it on
     `GET /v1/jobs/{job_id}` or `WS /v1/ws/jobs/{job_id}`."""
@@ -180,13 +183,13 @@ async def submit_job(
     template_id = None
     legacy = False
     if form == "pipeline":
-        raw: Any = body.pipeline
-        if isinstance(raw, list):
-            raw = {"stages": raw}
+        if isinstance(body.pipeline, list):
+            listed: JsonObject = {"stages": body.pipeline}
             if body.timeout_seconds is not None:
-                raw["timeout_seconds"] = body.timeout_seconds
+                listed["timeout_seconds"] = body.timeout_seconds
             if body.description is not None:
-                raw["description"] = body.description
+                listed["description"] = body.description
+            raw: JsonObject | None = listed
         elif body.timeout_seconds is not None or body.description is not None:
             raise ApiError(
                 422,
@@ -194,6 +197,8 @@ async def submit_job(
                 ApiErrorType.REQUEST_VALIDATION,
                 field="timeout_seconds",
             )
+        else:
+            raw = body.pipeline
         definition = parse_pipeline(raw, prefix="pipeline", list_form=isinstance(body.pipeline, list))
         source = "inline"
     elif form == "pipeline_id":
@@ -218,7 +223,7 @@ async def submit_job(
                 ApiErrorType.REQUEST_VALIDATION,
                 field="tool_name",
             )
-        stage = {"plugin": body.plugin_id, "tool": body.tool_name, "config": body.config or {}}
+        stage: JsonObject = {"plugin": body.plugin_id, "tool": body.tool_name, "config": body.config or {}}
         raw = {"stages": [stage]}
         if body.timeout_seconds is not None:
             raw["timeout_seconds"] = body.timeout_seconds
@@ -234,7 +239,7 @@ async def submit_job(
         await run_in_threadpool(check_media, state, body.input.get("media"))
 
     pipeline = validated.canonical_definition().model_dump(mode="json")
-    request: dict[str, Any] = {"source": source, "pipeline_id": template_id, "pipeline": pipeline, "input": body.input}
+    request: JsonObject = {"source": source, "pipeline_id": template_id, "pipeline": pipeline, "input": body.input}
     if body.reuse:  # said only when set: a submission without it keeps its request hash
         request["reuse"] = True
     request_hash = hashlib.sha256(canonical_json(request).encode()).hexdigest()
@@ -260,7 +265,7 @@ async def submit_job(
     return _accepted(state, response, job, created)
 
 
-def job_work_key(state: ApiState, pipeline: dict[str, Any], input_data: dict[str, Any]) -> str | None:
+def job_work_key(state: ApiState, pipeline: Mapping[str, JsonValue], input_data: Mapping[str, JsonValue]) -> str | None:
     """The job's work key (:mod:`forgeflow.api.reuse`); None when its media cannot be read here."""
     try:
         return work_key(pipeline, input_data, state.registry, state.media, state.settings.media_input_roots)
@@ -268,7 +273,7 @@ def job_work_key(state: ApiState, pipeline: dict[str, Any], input_data: dict[str
         return None
 
 
-def _accepted(state: ApiState, response: Response, job: JobRow, created: bool) -> dict[str, Any]:
+def _accepted(state: ApiState, response: Response, job: JobRow, created: bool) -> JobAccepted:
     """The answer to a stored submission (202 when it made the job, 200 when it was there), the
     launcher woken for a new one."""
     if created and state.launcher is not None:
@@ -276,15 +281,15 @@ def _accepted(state: ApiState, response: Response, job: JobRow, created: bool) -
     job_id = job["id"]
     response.status_code = 202 if created else 200
     response.headers["Location"] = f"/v1/jobs/{quote(job_id, safe='')}"
-    return {
-        "job_id": job_id,
-        "status": job["status"],
-        "created": created,
-        "pipeline_id": job["template_id"],
-        "created_by": job["created_by"],
-        "retry_of": job["retry_of"],
-        "reused_from": job.get("reused_from"),
-        "links": {
+    return JobAccepted(
+        job_id=job_id,
+        status=job["status"],
+        created=created,
+        pipeline_id=job["template_id"],
+        created_by=job["created_by"],
+        retry_of=job["retry_of"],
+        reused_from=job.get("reused_from"),
+        links={
             "self": f"/v1/jobs/{job_id}",
             "pipeline": f"/v1/jobs/{job_id}/pipeline",
             "events": f"/v1/jobs/{job_id}/events",
@@ -292,7 +297,7 @@ def _accepted(state: ApiState, response: Response, job: JobRow, created: bool) -
             "cancel": f"/v1/jobs/{job_id}/cancel",
             "outputs": f"/v1/jobs/{job_id}/outputs",
         },
-    }
+    )
 
 
 @router.get("", response_model=JobList, summary="List jobs", responses=ERRORS)
@@ -302,16 +307,16 @@ async def list_jobs(
     limit: int = Query(50, ge=1, le=500),
     offset: int = Query(0, ge=0, le=MAX_POSITION),
     state: ApiState = Depends(get_state),
-) -> dict[str, Any]:
+) -> JobList:
     """Newest first."""
     rows, total = await run_in_threadpool(state.store.list_jobs, list(status or []), limit, offset, pipeline_id)
-    return {
-        "items": [job_summary(r) for r in rows],
-        "total": total,
-        "limit": limit,
-        "offset": offset,
-        "next_offset": offset + limit if offset + limit < total else None,
-    }
+    return JobList(
+        items=[job_summary(r) for r in rows],
+        total=total,
+        limit=limit,
+        offset=offset,
+        next_offset=offset + limit if offset + limit < total else None,
+    )
 
 
 JobIdPath = Path(..., min_length=1, max_length=128, pattern=NO_NUL, description="The job id.")
@@ -325,7 +330,7 @@ async def _job(state: ApiState, job_id: str) -> JobRow:
 
 
 @router.get("/{job_id}", response_model=JobView, summary="A job: status and result envelope", responses=ERRORS)
-async def get_job(job_id: str = JobIdPath, state: ApiState = Depends(get_state)) -> dict[str, Any]:
+async def get_job(job_id: str = JobIdPath, state: ApiState = Depends(get_state)) -> JobView:
     job = await _job(state, job_id)
     rows = await run_in_threadpool(state.store.stage_rows, job_id)
     return job_view(job, rows)
@@ -337,7 +342,7 @@ async def get_job(job_id: str = JobIdPath, state: ApiState = Depends(get_state))
     summary="Pipeline execution state of a job",
     responses=ERRORS,
 )
-async def get_job_pipeline(job_id: str = JobIdPath, state: ApiState = Depends(get_state)) -> dict[str, Any]:
+async def get_job_pipeline(job_id: str = JobIdPath, state: ApiState = Depends(get_state)) -> JobPipelineView:
     """`{job_id, pipeline, stages_executed, current_stage, status}` plus every stage's status,
     timings and error."""
     job = await _job(state, job_id)
@@ -351,17 +356,17 @@ async def get_job_events(
     after_seq: int = Query(0, ge=0, le=MAX_POSITION, description="Only messages with a larger seq."),
     limit: int = Query(1000, ge=1, le=10_000),
     state: ApiState = Depends(get_state),
-) -> dict[str, Any]:
+) -> EventList:
     import json
 
     job = await _job(state, job_id)
     stored = await run_in_threadpool(state.store.events_after, job_id, after_seq, limit)
-    return {
-        "job_id": job_id,
-        "events": [json.loads(e.payload) for e in stored],
-        "last_seq": job["last_seq"],
-        "next_after_seq": stored[-1].seq if len(stored) == limit and stored[-1].seq < job["last_seq"] else None,
-    }
+    return EventList(
+        job_id=job_id,
+        events=[json.loads(e.payload) for e in stored],
+        last_seq=job["last_seq"],
+        next_after_seq=stored[-1].seq if len(stored) == limit and stored[-1].seq < job["last_seq"] else None,
+    )
 
 
 @router.post(
@@ -379,7 +384,7 @@ async def cancel_job(
     job_id: str = JobIdPath,
     state: ApiState = Depends(get_state),
     principal: Principal = Security(authorize, scopes=[Scope.RUN]),
-) -> dict[str, Any]:
+) -> CancelResult:
     """A queued job is cancelled at once; a running one gets SIGTERM (its flow run is cancelled and
     its running stage killed), SIGKILL after a grace period. Its terminal `cancelled` message
     follows on the job's stream. A `run` token cancels the jobs it submitted; another's job needs
@@ -397,7 +402,7 @@ async def cancel_job(
         job = await state.launcher.cancel(job_id, by=principal.name)
     except KeyError:
         raise not_found("job", job_id) from None
-    return {"job_id": job_id, "status": job["status"], "cancel_requested": True, "cancelled_by": job["cancelled_by"]}
+    return CancelResult(job_id=job_id, status=job["status"], cancel_requested=True, cancelled_by=job["cancelled_by"])
 
 
 @router.post(
@@ -418,7 +423,7 @@ async def retry_job(
     job_id: str = JobIdPath,
     state: ApiState = Depends(get_state),
     principal: Principal = Security(authorize, scopes=[Scope.RUN]),
-) -> dict[str, Any]:
+) -> JobAccepted:
     """A new job, linked to this one (`retry_of`), with the same pipeline and input and `resume: true`:
     the stages that completed (same plugin version, tool, config and inputs) are not run again, their
     outputs and artifacts are taken as they are; a stage that was interrupted (its host or engine lost)
@@ -430,7 +435,7 @@ async def retry_job(
         raise ApiError(
             409, f"job {job_id!r} cannot be retried: {reason}", ApiErrorType.CONFLICT, job_status=job["status"]
         )
-    pipeline = {**job["pipeline"], "resume": True}
+    pipeline: JsonObject = {**job["pipeline"], "resume": True}
     retry_id = _retry_id(job_id, job_id)
     while (
         (earlier := await run_in_threadpool(state.store.get_job, retry_id)) is not None

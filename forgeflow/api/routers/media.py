@@ -7,7 +7,7 @@ import base64
 import errno
 import re
 from functools import partial
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from fastapi import APIRouter, Depends, Path, Request
 from fastapi.concurrency import run_in_threadpool
@@ -209,7 +209,7 @@ async def _receive_raw(request: Request, batches: _Batches) -> str | None:
         }
     },
 )
-async def upload_media(request: Request, state: ApiState = Depends(get_state)) -> dict[str, Any]:
+async def upload_media(request: Request, state: ApiState = Depends(get_state)) -> MediaView:
     """Multipart form with a `file` field (or the raw bytes as `application/octet-stream`,
     `image/*`, `video/*`). Answers `{"ref": "sha256:...", ...}`: use it as `{"input": {"media": ref}}`.
     Storing the same bytes twice gives the same ref."""
@@ -246,7 +246,7 @@ async def upload_media(request: Request, state: ApiState = Depends(get_state)) -
         ) from None
     finally:
         await run_in_threadpool(writer.close)  # deletes what was not committed
-    return info.to_dict()
+    return MediaView.model_validate(info.to_dict())
 
 
 @router.get(
@@ -261,9 +261,9 @@ async def upload_media(request: Request, state: ApiState = Depends(get_state)) -
 async def media_info(
     ref: str = Path(..., pattern=MEDIA_REF_PATTERN, description="A media ref: `sha256:` and 64 hex digits."),
     state: ApiState = Depends(get_state),
-) -> dict[str, Any]:
+) -> MediaView:
     try:
-        return (await run_in_threadpool(state.media.info, ref)).to_dict()
+        return MediaView.model_validate((await run_in_threadpool(state.media.info, ref)).to_dict())
     except MediaNotFound:
         raise not_found("media ref", ref) from None
     except MediaError as exc:

@@ -16,11 +16,13 @@ from typing import Any
 from fastapi import APIRouter, Depends, Path, Query
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse
+from pydantic import JsonValue
 from starlette.background import BackgroundTask
 
 from forgeflow.api.deps import ApiState, ScopedRoute, get_state
 from forgeflow.api.errors import ApiError, ApiErrorType, not_found
-from forgeflow.api.models import MAX_POSITION, NO_NUL, ErrorBody, FramePage, JobOutputs
+from forgeflow.api.models import MAX_POSITION, NO_NUL, ErrorBody, FramePage, JobOutput, JobOutputs
+from forgeflow.canonical import JsonObject
 from forgeflow.plugins.errors import MediaError
 from forgeflow.plugins.frames import FRAMES_KEY, is_frames, page_frames, write_frames_file
 
@@ -38,7 +40,7 @@ JobIdPath = Path(..., min_length=1, max_length=128, pattern=NO_NUL, description=
 OutputPath = Path(..., min_length=1, max_length=200, pattern=NO_NUL, description="The output's name (`players`).")
 
 
-async def _result(state: ApiState, job_id: str) -> dict[str, Any]:
+async def _result(state: ApiState, job_id: str) -> JsonObject:
     """The job's result, or what its completed stages made when it failed (empty while it runs)."""
     job = await run_in_threadpool(state.store.get_job, job_id)
     if job is None:
@@ -48,13 +50,13 @@ async def _result(state: ApiState, job_id: str) -> dict[str, Any]:
     return result if isinstance(result, dict) else {}
 
 
-def _is_per_frame(value: Any) -> bool:
+def _is_per_frame(value: JsonValue) -> bool:
     return is_frames(value) or (
         isinstance(value, list) and all(isinstance(r, dict) and isinstance(r.get("frame_index"), int) for r in value)
     )
 
 
-async def _output(state: ApiState, job_id: str, name: str) -> Any:
+async def _output(state: ApiState, job_id: str, name: str) -> JsonValue:
     value = (await _result(state, job_id)).get(name)
     if value is None or not _is_per_frame(value):
         raise ApiError(
@@ -65,30 +67,31 @@ async def _output(state: ApiState, job_id: str, name: str) -> Any:
     return value
 
 
-def _describe(job_id: str, name: str, value: Any) -> dict[str, Any]:
+def _describe(job_id: str, name: str, value: JsonValue) -> JobOutput:
     base = f"/v1/jobs/{job_id}/outputs/{name}"
     links = {"download_url": base, "frames_url": f"{base}/frames"}
-    if is_frames(value):
+    if isinstance(value, dict) and is_frames(value):
         info = {k: v for k, v in value.items() if k != FRAMES_KEY}
-        return {"name": name, "stored": "artifact", "ref": value[FRAMES_KEY], **info, **links}
-    indices = [r["frame_index"] for r in value]
-    return {
-        "name": name,
-        "stored": "inline",
-        "frames": len(value),
-        "first_frame": indices[0] if indices else None,
-        "last_frame": indices[-1] if indices else None,
+        return JobOutput.model_validate({"name": name, "stored": "artifact", "ref": value[FRAMES_KEY], **info, **links})
+    records = value if isinstance(value, list) else []  # per frame: a list of records
+    indices = [r["frame_index"] for r in records if isinstance(r, dict)]
+    return JobOutput(
+        name=name,
+        stored="inline",
+        frames=len(records),
+        first_frame=indices[0] if indices else None,
+        last_frame=indices[-1] if indices else None,
         **links,
-    }
+    )
 
 
 @router.get("/{job_id}/outputs", response_model=JobOutputs, summary="A job's per-frame outputs", responses=ERRORS)
-async def list_outputs(job_id: str = JobIdPath, state: ApiState = Depends(get_state)) -> dict[str, Any]:
+async def list_outputs(job_id: str = JobIdPath, state: ApiState = Depends(get_state)) -> JobOutputs:
     """Each per-frame output of the job's result (or partial result): stored inline or as a chunked
     Parquet artifact (ref, frame range, chunks, size, item counts, column types), with its links."""
     result = await _result(state, job_id)
     outputs = [_describe(job_id, name, value) for name, value in result.items() if _is_per_frame(value)]
-    return {"job_id": job_id, "outputs": outputs}
+    return JobOutputs(job_id=job_id, outputs=outputs)
 
 
 @router.get(
@@ -103,7 +106,7 @@ async def get_output_frames(
     start: int = Query(0, ge=0, le=MAX_POSITION, description="First frame index of the page."),
     limit: int = Query(100, ge=1, le=MAX_PAGE, description=f"Most frames in the page (at most {MAX_PAGE})."),
     state: ApiState = Depends(get_state),
-) -> dict[str, Any]:
+) -> FramePage:
     """The records with ``frame_index >= start``, at most ``limit`` of them, in frame order;
     ``next_start`` is where the next page starts (null after the last). Only the chunks that hold the
     page are read."""
@@ -112,14 +115,7 @@ async def get_output_frames(
         frames, next_start = await run_in_threadpool(page_frames, value, state.media, start, limit)
     except MediaError as exc:
         raise ApiError(404, exc.message, ApiErrorType.NOT_FOUND) from None
-    return {
-        "job_id": job_id,
-        "output": name,
-        "start": start,
-        "limit": limit,
-        "frames": frames,
-        "next_start": next_start,
-    }
+    return FramePage(job_id=job_id, output=name, start=start, limit=limit, frames=frames, next_start=next_start)
 
 
 @router.get(

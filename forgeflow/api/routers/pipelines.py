@@ -18,12 +18,15 @@ from forgeflow.api.models import (
     PipelineCheck,
     PipelineCheckResult,
     PipelineCreate,
+    StageStats,
     TemplateDetail,
     TemplateSummary,
 )
 from forgeflow.api.routers.jobs import check_cheap_limits, check_media, parse_pipeline, validation_error
 from forgeflow.api.routers.views import template_summary
 from forgeflow.api.store import Conflict
+from forgeflow.api.store.templates import StageFigures
+from forgeflow.canonical import JsonObject
 from forgeflow.pipeline.definition import PipelineDefinition
 
 router = APIRouter(prefix="/v1/pipelines", tags=["pipelines"], route_class=ScopedRoute)
@@ -64,14 +67,14 @@ def _template_definition(body: PipelineCreate) -> PipelineDefinition:
     stages = body.stages if body.stages is not None else body.pipeline
     if stages is None:
         raise ApiError(422, "a template needs 'stages'", ApiErrorType.REQUEST_VALIDATION, field="stages")
-    raw: dict[str, Any] = {"stages": stages}
+    raw: JsonObject = {"stages": stages}
     for name in ("timeout_seconds", "description", "runner"):
         if getattr(body, name) is not None:
             raw[name] = getattr(body, name)
     return parse_pipeline(raw, prefix="stages" if body.stages is not None else "pipeline", list_form=True)
 
 
-async def _validated_template(state: ApiState, body: PipelineCreate) -> dict[str, Any]:
+async def _validated_template(state: ApiState, body: PipelineCreate) -> JsonObject:
     """The definition of a template to store: valid, every stage's plugin named canonically, and no
     stage that needs a field only a later stage produces (a job could never give it in time)."""
     from forgeflow.pipeline.validation import STAGE_ORDER, PipelineValidationError, validate_pipeline
@@ -111,7 +114,7 @@ async def create_pipeline(
     response: Response,
     state: ApiState = Depends(get_state),
     principal: Principal = Security(authorize, scopes=[Scope.RUN]),
-) -> dict[str, Any]:
+) -> TemplateSummary:
     """The stages are validated against the installed plugins (job inputs are checked when a job
     uses the template); a stage that needs a field only a later stage produces is refused. The id
     is a slug of the name: `"Soccer Analysis"` → `soccer-analysis`. `PUT /v1/pipelines/{id}` replaces
@@ -140,7 +143,7 @@ async def create_pipeline(
     },
     dependencies=[Security(authorize, scopes=[Scope.READ])],  # a POST that stores nothing: reading is enough
 )
-async def check_pipeline(body: PipelineCheck, state: ApiState = Depends(get_state)) -> dict[str, Any]:
+async def check_pipeline(body: PipelineCheck, state: ApiState = Depends(get_state)) -> PipelineCheckResult:
     """The checks of `POST /v1/jobs` for an inline pipeline, without storing or running anything (what
     a form calls while someone types): its limits, the pipeline document, the installed plugins and
     tools, each stage's config, the inputs each stage needs from the job input or an earlier stage and
@@ -149,7 +152,7 @@ async def check_pipeline(body: PipelineCheck, state: ApiState = Depends(get_stat
     from forgeflow.pipeline.validation import PipelineValidationError, validate_pipeline
 
     check_cheap_limits(state, body.pipeline, body.input)
-    raw = {"stages": body.pipeline} if isinstance(body.pipeline, list) else body.pipeline
+    raw: JsonObject | None = {"stages": body.pipeline} if isinstance(body.pipeline, list) else body.pipeline
     definition = parse_pipeline(raw, prefix="pipeline", list_form=isinstance(body.pipeline, list))
     try:
         validated = await run_in_threadpool(validate_pipeline, definition, body.input, state.registry, state.settings)
@@ -157,15 +160,15 @@ async def check_pipeline(body: PipelineCheck, state: ApiState = Depends(get_stat
         raise validation_error(exc, prefix="pipeline") from None
     if body.input is not None and "media" in validated.job_input_fields:
         await run_in_threadpool(check_media, state, body.input.get("media"))
-    return {
-        "stages": [s.name for s in validated.stages],
-        "job_input_fields": list(validated.job_input_fields),
-        "warnings": [w.model_dump() for w in validated.warnings],
-    }
+    return PipelineCheckResult(
+        stages=[s.name for s in validated.stages],
+        job_input_fields=list(validated.job_input_fields),
+        warnings=[w.model_dump() for w in validated.warnings],
+    )
 
 
 @router.get("", response_model=list[TemplateSummary], summary="List pipeline templates", responses=ERRORS)
-async def list_pipelines(state: ApiState = Depends(get_state)) -> list[dict[str, Any]]:
+async def list_pipelines(state: ApiState = Depends(get_state)) -> list[TemplateSummary]:
     """`[{id, name, stages, created_at}, ...]`, oldest first."""
     rows = await run_in_threadpool(state.store.list_templates)
     return [template_summary(r) for r in rows]
@@ -175,7 +178,7 @@ PipelineIdPath = Path(..., min_length=1, max_length=200, pattern=NO_NUL, descrip
 
 
 @router.get("/{pipeline_id}", response_model=TemplateDetail, summary="A template with its statistics", responses=ERRORS)
-async def get_pipeline(pipeline_id: str = PipelineIdPath, state: ApiState = Depends(get_state)) -> dict[str, Any]:
+async def get_pipeline(pipeline_id: str = PipelineIdPath, state: ApiState = Depends(get_state)) -> TemplateDetail:
     """`{id, name, stages, last_used, success_rate, ...}`: run counts by status, mean duration of
     succeeded runs, and per stage the runs, failures and mean duration."""
     row = await run_in_threadpool(state.store.get_template, pipeline_id)
@@ -183,22 +186,30 @@ async def get_pipeline(pipeline_id: str = PipelineIdPath, state: ApiState = Depe
         raise not_found("pipeline", pipeline_id)
     stats = await run_in_threadpool(state.store.template_stats, pipeline_id)
     summary = template_summary(row)
-    by_index = {s["stage_index"]: s for s in stats.pop("stage_stats")}
+    by_index = {s["stage_index"]: s for s in stats["stage_stats"]}
     stage_stats = []
-    for index, stage in enumerate(summary["stages"]):
-        item = by_index.get(index) or {
-            "stage_index": index,
-            "runs": 0,
-            "completed": 0,
-            "failed": 0,
-            "mean_duration_ms": None,
-            "min_duration_ms": None,
-            "max_duration_ms": None,
-        }
-        stage_stats.append({**item, "plugin": stage.get("plugin", ""), "tool": stage.get("tool", "")})
+    for index, stage in enumerate(summary.stages):
+        figures = by_index.get(index) or StageFigures(
+            stage_index=index,
+            runs=0,
+            completed=0,
+            failed=0,
+            mean_duration_ms=None,
+            min_duration_ms=None,
+            max_duration_ms=None,
+        )
+        stage_stats.append(StageStats(**figures, plugin=stage.get("plugin", ""), tool=stage.get("tool", "")))
     definition = PipelineDefinition.model_validate(row["definition"])
     fields = await run_in_threadpool(_job_input_fields, state, definition)
-    return {**summary, **stats, "stage_stats": stage_stats, "job_input_fields": fields}
+    return TemplateDetail(
+        **summary.model_dump(),
+        last_used=stats["last_used"],
+        runs=stats["runs"],
+        success_rate=stats["success_rate"],
+        mean_duration_ms=stats["mean_duration_ms"],
+        stage_stats=stage_stats,
+        job_input_fields=fields,
+    )
 
 
 @router.put(
@@ -212,7 +223,7 @@ async def get_pipeline(pipeline_id: str = PipelineIdPath, state: ApiState = Depe
 )
 async def replace_pipeline(
     body: PipelineCreate, pipeline_id: str = PipelineIdPath, state: ApiState = Depends(get_state)
-) -> dict[str, Any]:
+) -> TemplateSummary:
     """Replaces a saved template's stages, timeout, runner and description with the body's (the same
     form and checks as `POST /v1/pipelines`). Its id, statistics and the jobs that used it stay (each
     job keeps its own copy of the stages); the name may change only as far as its id does not."""

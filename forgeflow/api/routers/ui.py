@@ -12,11 +12,11 @@ from __future__ import annotations
 import functools
 import json
 from pathlib import Path
-from typing import Any
 
 from fastapi import APIRouter, FastAPI
 from fastapi.responses import HTMLResponse, RedirectResponse
 from fastapi.staticfiles import StaticFiles
+from pydantic import JsonValue
 
 from forgeflow import __version__
 
@@ -31,7 +31,7 @@ CONTENT_SECURITY_POLICY = (
 )
 
 #: What the Run form offers as a start: the soccer pipeline of ``examples/soccer-analysis.json``.
-EXAMPLE_PIPELINE: list[dict[str, Any]] = [
+EXAMPLE_PIPELINE: list[JsonValue] = [
     {"plugin": "forgesyte-yolo-tracker", "tool": "detect_players", "config": {"device": "auto", "confidence": 0.25}},
     {"plugin": "pose-estimator", "tool": "estimate_poses", "config": {"device": "auto", "model": "light"}},
     {"plugin": "classifier", "tool": "classify_actions", "config": {}},

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
 
 from sqlalchemy import func, insert, null, select, update
 
@@ -17,6 +16,7 @@ from forgeflow.api.store.db import Database
 from forgeflow.api.store.rows import BatchFileRow, BatchRow, batch_file_row, batch_row
 from forgeflow.api.store.tables import batch_files, batches, jobs
 from forgeflow.api.store.times import utcnow
+from forgeflow.canonical import JsonObject
 
 
 @dataclass(frozen=True)
@@ -38,7 +38,7 @@ class FileState:
     reused_from: str | None
     error: str | None
     error_type: str | None
-    envelope: dict[str, Any] | None
+    envelope: JsonObject | None
     started_at: datetime | None
     finished_at: datetime | None
 
@@ -54,9 +54,9 @@ class BatchRepo:
         *,
         batch_id: str,
         name: str,
-        pipeline: dict[str, Any],
+        pipeline: JsonObject,
         template_id: str | None,
-        source: dict[str, Any],
+        source: JsonObject,
         max_concurrency: int,
         force: bool,
         created_by: str | None,

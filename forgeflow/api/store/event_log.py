@@ -9,13 +9,12 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
 
 from sqlalchemy import func, select
 
 from forgeflow.api.store.db import Database
 from forgeflow.api.store.tables import events
-from forgeflow.canonical import MAX_COUNT
+from forgeflow.canonical import MAX_COUNT, JsonObject
 from forgeflow.pipeline.outcome import TERMINAL_STATUSES
 
 
@@ -72,7 +71,7 @@ class EventLog:
         with self.db.reading() as conn:
             return conn.execute(select(func.max(events.c.id))).scalar() or 0
 
-    def dicts(self, job_id: str) -> list[dict[str, Any]]:
+    def dicts(self, job_id: str) -> list[JsonObject]:
         """The job's events as the JSON objects stored, in ``seq`` order."""
         with self.db.reading() as conn:
             rows = conn.execute(select(events.c.payload).where(events.c.job_id == job_id).order_by(events.c.seq))

@@ -4,17 +4,16 @@ their stage rows, and a request to cancel. What a job's events change is the ing
 
 from __future__ import annotations
 
-from typing import Any
-
 from sqlalchemy import func, insert, select, update
 from sqlalchemy.exc import IntegrityError
 
 from forgeflow.api.store.audit import record_audit
 from forgeflow.api.store.db import Conflict, Database
 from forgeflow.api.store.ingest import Ingestor, Publish
-from forgeflow.api.store.rows import JobRow, StageRow, job_row, stage_row
+from forgeflow.api.store.rows import JobRow, StageRow, job_row, pipeline_stages, stage_row
 from forgeflow.api.store.tables import jobs, stage_runs
 from forgeflow.api.store.times import utcnow
+from forgeflow.canonical import JsonObject
 from forgeflow.events.models import JobStatusEvent
 from forgeflow.pipeline.outcome import TERMINAL_STATUSES
 
@@ -30,8 +29,8 @@ class JobRepo:
         self,
         *,
         job_id: str,
-        pipeline: dict[str, Any],
-        input_data: dict[str, Any],
+        pipeline: JsonObject,
+        input_data: JsonObject,
         request_hash: str,
         source: str,
         template_id: str | None,
@@ -69,7 +68,7 @@ class JobRepo:
                             updated_at=now,
                             cancel_requested=False,
                             last_seq=1,
-                            stages_total=len(pipeline.get("stages", [])),
+                            stages_total=len(pipeline_stages(pipeline)),
                             stages_completed=0,
                             created_by=created_by,
                             retry_of=retry_of,

@@ -18,7 +18,6 @@ Its methods delegate to them (the names callers have always used).
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from typing import Any
 
 from forgeflow.api.store.audit import AuditLog
 from forgeflow.api.store.batches import BatchRepo
@@ -29,7 +28,8 @@ from forgeflow.api.store.jobs import JobRepo
 from forgeflow.api.store.launches import LaunchBook
 from forgeflow.api.store.plugins import PluginObservations
 from forgeflow.api.store.rows import AuditRow, JobRow, PluginObservedRow, StageRow, TemplateRow
-from forgeflow.api.store.templates import TemplateRepo
+from forgeflow.api.store.templates import TemplateRepo, TemplateStats
+from forgeflow.canonical import JsonObject
 from forgeflow.events.models import Event
 
 
@@ -74,7 +74,7 @@ class Store:
     def max_cursor(self) -> int:
         return self.event_log.max_cursor()
 
-    def event_dicts(self, job_id: str) -> list[dict[str, Any]]:
+    def event_dicts(self, job_id: str) -> list[JsonObject]:
         return self.event_log.dicts(job_id)
 
     # --- jobs ----------------------------------------------------------------------------------
@@ -124,11 +124,11 @@ class Store:
 
     # --- templates -------------------------------------------------------------------------------
     def create_template(
-        self, template_id: str, name: str, definition: dict[str, Any], created_by: str | None = None
+        self, template_id: str, name: str, definition: JsonObject, created_by: str | None = None
     ) -> TemplateRow:
         return self.templates.create(template_id, name, definition, created_by)
 
-    def update_template(self, template_id: str, name: str, definition: dict[str, Any]) -> TemplateRow | None:
+    def update_template(self, template_id: str, name: str, definition: JsonObject) -> TemplateRow | None:
         return self.templates.update(template_id, name, definition)
 
     def get_template(self, template_id: str) -> TemplateRow | None:
@@ -140,7 +140,7 @@ class Store:
     def delete_template(self, template_id: str, by: str | None = None) -> bool:
         return self.templates.delete(template_id, by)
 
-    def template_stats(self, template_id: str) -> dict[str, Any]:
+    def template_stats(self, template_id: str) -> TemplateStats:
         return self.templates.stats(template_id)
 
     # --- audit, meta, plugins --------------------------------------------------------------------

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from datetime import datetime
-from typing import Any, TypedDict, cast
+from typing import TypedDict, cast
 
+from pydantic import JsonValue
 from sqlalchemy import RowMapping
 
+from forgeflow.canonical import JsonObject
 from forgeflow.events.reduce import ObservedRow
 from forgeflow.pipeline.outcome import JobStatus, StageStatus
 
@@ -20,8 +22,8 @@ class JobRow(TypedDict):
     status: JobStatus
     source: str
     template_id: str | None
-    pipeline: dict[str, Any]
-    input: dict[str, Any]
+    pipeline: JsonObject
+    input: JsonObject
     request_hash: str
     created_at: datetime
     updated_at: datetime
@@ -34,7 +36,7 @@ class JobRow(TypedDict):
     heartbeat_at: datetime | None
     exit_code: int | None
     cancel_requested: bool
-    envelope: dict[str, Any] | None
+    envelope: JsonObject | None
     error: str | None
     error_type: str | None
     last_seq: int
@@ -52,9 +54,9 @@ class BatchRow(TypedDict):
     id: str
     name: str
     status: str
-    pipeline: dict[str, Any]
+    pipeline: JsonObject
     template_id: str | None
-    source: dict[str, Any]
+    source: JsonObject
     max_concurrency: int
     force: bool
     created_by: str | None
@@ -92,13 +94,13 @@ class StageRow(TypedDict):
     peak_memory_mb: float | None
     error: str | None
     error_type: str | None
-    progress: dict[str, Any] | None
+    progress: JsonObject | None
 
 
 class TemplateRow(TypedDict):
     id: str
     name: str
-    definition: dict[str, Any]
+    definition: JsonObject
     created_at: datetime
     updated_at: datetime
     created_by: str | None
@@ -144,3 +146,9 @@ def batch_row(row: StoredRow) -> BatchRow:
 
 def batch_file_row(row: StoredRow) -> BatchFileRow:
     return cast(BatchFileRow, dict(row))
+
+
+def pipeline_stages(pipeline: Mapping[str, JsonValue] | None) -> list[JsonObject]:
+    """The stages of a stored pipeline definition (a job's or a batch's ``pipeline`` column), in order."""
+    stages = (pipeline or {}).get("stages") or []
+    return [stage for stage in stages if isinstance(stage, dict)] if isinstance(stages, list) else []

@@ -3,7 +3,7 @@ what their runs say about them."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TypedDict
 
 from sqlalchemy import case, delete, func, insert, select, update
 from sqlalchemy.exc import IntegrityError
@@ -13,7 +13,30 @@ from forgeflow.api.store.db import Conflict, Database
 from forgeflow.api.store.rows import TemplateRow, template_row
 from forgeflow.api.store.tables import jobs, pipelines, stage_runs
 from forgeflow.api.store.times import aware, iso, utcnow
+from forgeflow.canonical import JsonObject
 from forgeflow.pipeline.outcome import TERMINAL_STATUSES
+
+
+class StageFigures(TypedDict):
+    """One stage's runs of a template's jobs."""
+
+    stage_index: int
+    runs: int
+    completed: int
+    failed: int
+    mean_duration_ms: float | None
+    min_duration_ms: float | None
+    max_duration_ms: float | None
+
+
+class TemplateStats(TypedDict):
+    """What a template's runs say about it (:meth:`TemplateRepo.stats`)."""
+
+    last_used: str | None
+    runs: dict[str, int]
+    success_rate: float | None
+    mean_duration_ms: float | None
+    stage_stats: list[StageFigures]
 
 
 class TemplateRepo:
@@ -22,9 +45,7 @@ class TemplateRepo:
     def __init__(self, db: Database) -> None:
         self.db = db
 
-    def create(
-        self, template_id: str, name: str, definition: dict[str, Any], created_by: str | None = None
-    ) -> TemplateRow:
+    def create(self, template_id: str, name: str, definition: JsonObject, created_by: str | None = None) -> TemplateRow:
         """Store a new template; :class:`Conflict` when its id or name is taken."""
         now = utcnow()
         with self.db.write_lock:
@@ -48,7 +69,7 @@ class TemplateRepo:
         assert template is not None
         return template
 
-    def update(self, template_id: str, name: str, definition: dict[str, Any]) -> TemplateRow | None:
+    def update(self, template_id: str, name: str, definition: JsonObject) -> TemplateRow | None:
         """Replace a template's name and definition (its id and runs stay); None when there is none."""
         with self.db.writing() as conn:
             changed = conn.execute(
@@ -75,7 +96,7 @@ class TemplateRepo:
                 record_audit(conn, by, "template.delete", template_id)
             return deleted
 
-    def stats(self, template_id: str) -> dict[str, Any]:
+    def stats(self, template_id: str) -> TemplateStats:
         """The template's runs by status, success rate, mean duration and per-stage figures."""
         with self.db.reading() as conn:
             counts: dict[str, int] = dict(
