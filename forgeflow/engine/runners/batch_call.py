@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING
 from forgeflow.engine.runners import Prepared, prepare, progress_relay, result_from_message
 from forgeflow.engine.runners.base import CallResult, ProgressCallback, ToolCall
 from forgeflow.engine.runners.call_exchange import MemoryExceeded, RssWatchdog
-from forgeflow.engine.runners.protocol import DeadlineExceeded, PeerClosed, ProtocolError
+from forgeflow.engine.runners.protocol import DeadlineExceeded, PeerClosed, ProtocolError, int_field
 from forgeflow.engine.runners.worker_process import Worker
 from forgeflow.pipeline.outcome import EndReason
 from forgeflow.plugins.errors import StageTimeout
@@ -186,7 +186,7 @@ def _drive(
             if message.get("type") != "result":
                 raise ProtocolError(f"unexpected {message.get('type')!r} message in a batch")
             answered[index] = True
-            worker.loads = int(message.get("resource_loads") or worker.loads)
+            worker.loads = int_field(message, "resource_loads") or worker.loads
             recycle = recycle or bool(message.get("recycle"))
             result = result_from_message(message)
             if result.peak_memory_mb is None and watchdog.peak_rss:

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 from forgeflow.engine.runners import Prepared, progress_relay, result_from_message
 from forgeflow.engine.runners.base import CallResult, ProgressCallback, ToolCall
-from forgeflow.engine.runners.protocol import DeadlineExceeded, PeerClosed, ProtocolError
+from forgeflow.engine.runners.protocol import DeadlineExceeded, PeerClosed, ProtocolError, int_field
 from forgeflow.engine.runners.worker_log import LOG_TAIL_BYTES, file_size, read_log_tail
 from forgeflow.engine.runners.worker_process import Worker
 from forgeflow.pipeline.outcome import EndReason
@@ -152,7 +152,7 @@ def exchange(
             WorkerCrashed, f"{label}: {worker.noun} sent an unexpected {message.get('type')!r} message"
         ), False
     result = result_from_message(message)
-    worker.loads = int(message.get("resource_loads") or worker.loads)
+    worker.loads = int_field(message, "resource_loads") or worker.loads
     if result.peak_memory_mb is None and watchdog.peak_rss:
         result.peak_memory_mb = round(watchdog.peak_rss / 2**20, 1)
     recycle = bool(message.get("recycle"))

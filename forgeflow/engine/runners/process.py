@@ -49,7 +49,7 @@ from forgeflow.engine.runners import LifecycleRecorder, Prepared, prepare
 from forgeflow.engine.runners.base import CallResult, ProgressCallback, ToolCall
 from forgeflow.engine.runners.batch_call import BatchPart, run_batch
 from forgeflow.engine.runners.call_exchange import CallLimits, exchange
-from forgeflow.engine.runners.protocol import DeadlineExceeded, PeerClosed, ProtocolError
+from forgeflow.engine.runners.protocol import DeadlineExceeded, PeerClosed, ProtocolError, text_field
 from forgeflow.engine.runners.worker_log import LOG_TAIL_BYTES, file_size, read_log_tail, trim_log, worker_log_path
 from forgeflow.engine.runners.worker_process import Worker
 from forgeflow.pipeline.outcome import EndReason
@@ -467,7 +467,7 @@ class ProcessRunner:
             return None, CallResult.failure(
                 WorkerCrashed, f"{plugin}: worker sent {message.get('type')!r} instead of 'ready'"
             )
-        worker.version = message.get("version")
+        worker.version = text_field(message, "version")
         self.lifecycle.initialized(plugin)
         return worker, None
 
