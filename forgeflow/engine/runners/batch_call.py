@@ -28,6 +28,7 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from forgeflow.canonical import JsonObject
 from forgeflow.engine.runners import Prepared, prepare, progress_relay, result_from_message
 from forgeflow.engine.runners.base import CallResult, ProgressCallback, ToolCall
 from forgeflow.engine.runners.call_exchange import MemoryExceeded, RssWatchdog
@@ -113,7 +114,7 @@ def _drive(
     label = f"{prepared.plugin}.{prepared.tool.name}"
     settings = runner.settings
     limits = [int(p.call.memory_limit_mb or settings.stage_memory_limit_mb) for p in parts]
-    request = {
+    request: JsonObject = {
         "type": "batch",
         "tool": prepared.tool.name,
         "config": parts[0].call.config,

@@ -22,6 +22,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from forgeflow.canonical import JsonObject
 from forgeflow.engine.runners import Prepared, progress_relay, result_from_message
 from forgeflow.engine.runners.base import CallResult, ProgressCallback, ToolCall
 from forgeflow.engine.runners.protocol import DeadlineExceeded, PeerClosed, ProtocolError, int_field
@@ -82,7 +83,7 @@ def exchange(
     was killed, crashed or asked to be recycled may not)."""
     label = f"{prepared.plugin}.{prepared.tool.name}"
     limit_mb = limits.memory_limit_mb
-    request = {
+    request: JsonObject = {
         "type": "call",
         "tool": prepared.tool.name,
         "config": call.config,
