@@ -439,7 +439,7 @@ class Engine:
         return self._closed
 
     def status(self) -> EngineStatus:
-        pools = self.pool.status() if hasattr(self.pool, "status") else {}
+        pools = self.pool.status()
         with self._lock:
             running = [j.view() for j in self._jobs.values() if j.status == "running"]
             queued = [j.view() for j in self._queue]

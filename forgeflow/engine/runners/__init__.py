@@ -56,7 +56,7 @@ __all__ = [
 log = logging.getLogger("forgeflow.runners")
 
 
-def get_runner(settings: Settings, registry: PluginRegistry) -> Runner:
+def get_runner(settings: Settings, registry: PluginRegistry) -> RunnerSet:
     """The host's runner, a :class:`~.dispatch.RunnerSet`: each call to the runner it asks for,
     else to ``settings.runner`` (``process``, ``docker`` or ``inline``); see :mod:`.dispatch`."""
     from forgeflow.engine.runners.dispatch import RunnerSet

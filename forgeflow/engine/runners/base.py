@@ -9,7 +9,7 @@ crashes are all reported as failed results. It also records the plugin's lifecyc
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from typing import Annotated, Any, Protocol, TypedDict, Unpack
+from typing import Annotated, Any, Literal, NotRequired, Protocol, TypedDict, Unpack
 
 from pydantic import BaseModel, Field, JsonValue, PlainSerializer, computed_field
 
@@ -18,7 +18,17 @@ from forgeflow.pipeline.definition import RunnerKind
 from forgeflow.plugins.errors import ForgeFlowError
 from forgeflow.plugins.sdk import FramesRead
 
-__all__ = ["CallResult", "FramesRead", "Progress", "ProgressCallback", "Runner", "ToolCall"]
+__all__ = [
+    "CallResult",
+    "FramesRead",
+    "PoolRow",
+    "PoolStatus",
+    "Progress",
+    "ProgressCallback",
+    "Runner",
+    "ToolCall",
+    "WorkerRow",
+]
 
 
 class ToolCall(BaseModel):
@@ -123,3 +133,41 @@ class Runner(Protocol):
 
     def close(self) -> None:
         """Stop every worker this runner started."""
+
+
+class WorkerRow(TypedDict):
+    """One worker of a runner's pools, as its ``status()`` shows it."""
+
+    plugin: str
+    pid: int
+    state: Literal["idle", "busy"]
+    job_id: str | None
+    calls: int
+    model_loads: int
+    rss_mb: float
+    idle_s: float | None
+    container: NotRequired[str | None]  # the docker runner's: the container's short id
+    runner: NotRequired[str]  # the runner set's: which runner the worker is of
+
+
+class PoolRow(TypedDict):
+    """One plugin's pool of a runner, as its ``status()`` shows it."""
+
+    plugin: str
+    size: int
+    busy: int
+    idle: int
+    starting: int
+    waiting_calls: int
+    runner: NotRequired[str]  # the runner set's: which runner the pool is of
+
+
+class PoolStatus(TypedDict):
+    """A pool runner's ``status()``: its workers and pools (the engine's status shows its fields)."""
+
+    workers: list[WorkerRow]
+    pools: list[PoolRow]
+    idle_memory_mb: float
+    idle_memory_budget_mb: int
+    evicted: int
+    runners: NotRequired[list[str]]  # the runner set's: the runners it has started
