@@ -191,10 +191,12 @@ def _run_on_engine(
         try:
             for line in client.stream(job_id, definition.model_dump(mode="json"), job_input):
                 began = True
+                event, ended = line.get("event"), line.get("envelope")
                 if "event" in line:
-                    sink.emit(parse_event(line["event"]))
+                    if isinstance(event, dict):
+                        sink.emit(parse_event(event))
                 else:
-                    envelope = line.get("envelope")
+                    envelope = ended if isinstance(ended, dict) else None
             break
         except KeyboardInterrupt:
             client.cancel(job_id)
