@@ -75,9 +75,8 @@ def run(
     # The engine starts (or is found) while this process validates the pipeline.
     plugins = [str(s.get("plugin")) for s in raw_stages(document) if isinstance(s, dict) and s.get("plugin")]
     engine_ready = None if no_engine else _engine_for_run(settings, plugins)
-    job_id = (
-        job_id or (document.get("job_id") if isinstance(document, dict) else None) or f"job-{uuid.uuid4().hex[:12]}"
-    )
+    given_id = document.get("job_id") if isinstance(document, dict) else None
+    job_id = job_id or (given_id if isinstance(given_id, str) else None) or f"job-{uuid.uuid4().hex[:12]}"
     registry = plugin_registry()
     try:
         definition = parse_definition(document)
