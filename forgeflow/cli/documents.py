@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
-from pydantic import JsonValue
 
-from forgeflow.canonical import JsonObject
 from forgeflow.cli.output import console
 from forgeflow.exit_codes import ExitCode
+
+if TYPE_CHECKING:
+    from pydantic import JsonValue
+
+    from forgeflow.canonical import JsonObject
 
 #: ``--input-json``, the same option of ``run`` and ``validate``: read by :func:`read_job_input`.
 INPUT_JSON_OPTION = typer.Option(None, "--input-json", help="Job input as JSON (or a JSON file).", metavar="JSON")
