@@ -4,18 +4,23 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 import typer
 
 from forgeflow.cli.output import console
 from forgeflow.exit_codes import ExitCode
 
+if TYPE_CHECKING:
+    from pydantic import JsonValue
+
+    from forgeflow.canonical import JsonObject
+
 #: ``--input-json``, the same option of ``run`` and ``validate``: read by :func:`read_job_input`.
 INPUT_JSON_OPTION = typer.Option(None, "--input-json", help="Job input as JSON (or a JSON file).", metavar="JSON")
 
 
-def load_document(path: Path) -> dict[str, Any] | list[Any]:
+def load_document(path: Path) -> JsonObject | list[JsonValue]:
     """Read a pipeline file, turning unreadable or malformed JSON into a clear message and exit 2."""
     try:
         text = path.read_text(encoding="utf-8")
@@ -23,16 +28,17 @@ def load_document(path: Path) -> dict[str, Any] | list[Any]:
         console.print(f"[red]cannot read {path}: {exc.strerror or exc}[/red]")
         raise typer.Exit(ExitCode.INVALID) from None
     try:
-        document: dict[str, Any] | list[Any] = json.loads(text)
+        document: JsonObject | list[JsonValue] = json.loads(text)
         return document
     except json.JSONDecodeError as exc:
         console.print(f"[red]{path}: malformed JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}[/red]")
         raise typer.Exit(ExitCode.INVALID) from None
 
 
-def read_job_input(document: dict[str, Any] | list[Any], media: Path | None, input_json: str | None) -> dict[str, Any]:
+def read_job_input(document: JsonObject | list[JsonValue], media: Path | None, input_json: str | None) -> JsonObject:
     """The job input: the file's own ``input``, then ``--input-json``, then ``--input`` media."""
-    data: dict[str, Any] = dict(document.get("input") or {}) if isinstance(document, dict) else {}
+    given = document.get("input") if isinstance(document, dict) else None
+    data: JsonObject = dict(given) if isinstance(given, dict) else {}
     if input_json:
         text = Path(input_json).read_text(encoding="utf-8") if Path(input_json).is_file() else input_json
         try:

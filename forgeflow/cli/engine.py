@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import TYPE_CHECKING
 
 import typer
 from rich.table import Table
@@ -12,6 +12,11 @@ from forgeflow.cli.help import ProseHelp
 from forgeflow.cli.local_prefect import use_local_prefect
 from forgeflow.cli.output import console, out, print_json
 from forgeflow.exit_codes import ExitCode
+
+if TYPE_CHECKING:
+    from collections.abc import Mapping
+
+    from pydantic import JsonValue
 
 engine_app = typer.Typer(
     cls=ProseHelp, help="This host's engine: warm worker pools shared by every job.", no_args_is_help=True
@@ -122,7 +127,7 @@ def engine_status(as_json: bool = typer.Option(False, "--json", help="Print JSON
     out.print(workers)
 
 
-def _engine_life(status: dict[str, Any]) -> str:
+def _engine_life(status: Mapping[str, JsonValue]) -> str:
     """Who started the engine and when it stops by itself, in a line."""
     owner = status.get("owner_pid")
     started = f"started by {status.get('started_by') or (f'its owner, pid {owner}' if owner else 'hand')}"

@@ -1,12 +1,17 @@
 """``--help`` that reads as prose, for every command group of the ``forgeflow`` command.
 
-Typer vends its own copy of click, whose classes it does not export: the hooks below take ``Any``."""
+Typer vends its own copy of click, whose classes it does not export: the hooks below name them
+from ``typer._click`` (for mypy only) and forward a group's settings to Typer as they are."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import typer
+
+if TYPE_CHECKING:
+    from typer._click.core import Command, Context
+    from typer._click.formatting import HelpFormatter
 
 
 class ProseHelp(typer.core.TyperGroup):
@@ -24,12 +29,12 @@ class ProseHelp(typer.core.TyperGroup):
             if not isinstance(command, typer.core.TyperGroup):  # a group of ours does its own
                 _prose_params(command)
 
-    def format_help(self, ctx: Any, formatter: Any) -> None:
+    def format_help(self, ctx: Context, formatter: HelpFormatter) -> None:
         _prose_params(self)  # the root's completion options are added after __init__
         super().format_help(ctx, formatter)
 
 
-def _prose_params(command: Any) -> None:
+def _prose_params(command: Command) -> None:
     """Name a command's parameters as :class:`ProseHelp` says, ``--help`` (made on demand) included."""
     for param in command.params:
         name = (param.metavar or param.name or "").upper()
@@ -42,7 +47,7 @@ def _prose_params(command: Any) -> None:
             param.metavar = "" if param.is_flag else name
     make_help_option = command.get_help_option
 
-    def help_option(ctx: Any) -> Any:
+    def help_option(ctx: Context) -> typer.core.TyperOption | None:
         option = make_help_option(ctx)
         if option is not None:
             option.metavar = ""

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import typer
 from rich import box
@@ -14,6 +14,10 @@ from forgeflow.cli.output import console, out, print_json
 from forgeflow.exit_codes import ExitCode
 
 if TYPE_CHECKING:
+    from collections.abc import Mapping
+
+    from pydantic import JsonValue
+
     from forgeflow.plugins.registry import PluginRegistry
 
 plugins_app = typer.Typer(cls=ProseHelp, help="Installed plugins and their lifecycle.", no_args_is_help=True)
@@ -87,29 +91,41 @@ def plugins_show(
         out.print(table)
 
 
-def _schema_fields(schema: dict[str, Any], *, with_defaults: bool) -> list[tuple[str, str, str, str]]:
+def _schema_fields(schema: Mapping[str, JsonValue], *, with_defaults: bool) -> list[tuple[str, str, str, str]]:
     """``(field, type, default, description)`` for each property of a model's JSON Schema; with
     ``with_defaults``, the default is "required" for a field without one."""
     rows = []
-    required = set(schema.get("required", []))
-    for field, spec in schema.get("properties", {}).items():
+    required = {name for name in _listed(schema.get("required")) if isinstance(name, str)}
+    for field, value in _object(schema.get("properties")).items():
+        spec = _object(value)
         default = ""
         if with_defaults:
             default = "required" if field in required else json.dumps(spec.get("default"))
-        rows.append((field, _schema_type(spec), default, spec.get("description", "")))
+        description = spec.get("description", "")
+        rows.append((field, _schema_type(spec), default, description if isinstance(description, str) else ""))
     return rows
 
 
-def _schema_type(spec: dict[str, Any]) -> str:
+def _schema_type(spec: Mapping[str, JsonValue]) -> str:
     """A short name of a JSON Schema type: ``integer``, ``array of FramePlayers``, ``"cpu" | "cuda"``."""
     if "$ref" in spec:
         return str(spec["$ref"]).rsplit("/", 1)[-1]
     if "enum" in spec:
-        return " | ".join(json.dumps(value) for value in spec["enum"])
+        return " | ".join(json.dumps(value) for value in _listed(spec["enum"]))
     if "const" in spec:
         return json.dumps(spec["const"])
     if "anyOf" in spec:
-        return " | ".join(_schema_type(option) for option in spec["anyOf"])
+        return " | ".join(_schema_type(_object(option)) for option in _listed(spec["anyOf"]))
     if spec.get("type") == "array":
-        return f"array of {_schema_type(spec.get('items', {}))}"
+        return f"array of {_schema_type(_object(spec.get('items')))}"
     return str(spec.get("type", "any"))
+
+
+def _object(value: JsonValue) -> Mapping[str, JsonValue]:
+    """``value`` when it is a JSON object (a schema, its properties), else an empty one."""
+    return value if isinstance(value, dict) else {}
+
+
+def _listed(value: JsonValue) -> list[JsonValue]:
+    """``value`` when it is a JSON array (a schema's ``required``, ``enum``, ``anyOf``), else an empty one."""
+    return value if isinstance(value, list) else []

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from rich import box
 from rich.console import Console
@@ -16,6 +16,10 @@ from rich.table import Table
 from forgeflow.cli.output import console
 
 if TYPE_CHECKING:
+    from collections.abc import Mapping
+
+    from pydantic import JsonValue
+
     from forgeflow.events.models import Event
     from forgeflow.events.sinks import MemorySink
     from forgeflow.settings import Settings
@@ -48,9 +52,10 @@ def show_progress(progress: Progress, bars: list[TaskID], event: Event) -> None:
         progress.stop_task(bar)
 
 
-def print_summary(results: Console, envelope: dict[str, Any], elapsed: float, job_id: str) -> None:
+def print_summary(results: Console, envelope: Mapping[str, JsonValue], elapsed: float, job_id: str) -> None:
     """The stage table and the result's fields on ``results``; a failure's reason on stderr."""
-    stages = envelope.get("stages", [])
+    listed = envelope.get("stages", [])
+    stages = [report for report in listed if isinstance(report, dict)] if isinstance(listed, list) else []
     # "0: plugin.tool" as the progress bars name it. No cell breaks mid-word: with two spaces between
     # columns and no side rules, the soccer pipeline's table fits 80 columns ("peak mem" wraps at its space).
     names = [f"{report['index']}: {report['plugin']}.{report['tool']}" for report in stages]
@@ -74,14 +79,14 @@ def print_summary(results: Console, envelope: dict[str, Any], elapsed: float, jo
         status = report["status"]
         table.add_row(
             name,
-            f"[{colors.get(status, 'white')}]{status}[/]",
+            f"[{colors.get(str(status), 'white')}]{status}[/]",
             f"{report['duration_ms']:.0f} ms" if report.get("duration_ms") is not None else "",
             _size(report.get("result_size_bytes")),
             f"{report['peak_memory_mb']:.0f} MB" if report.get("peak_memory_mb") else "",
         )
     results.print(table)
     result = envelope.get("result") if envelope["ok"] else envelope.get("partial_result")
-    if result:
+    if isinstance(result, dict) and result:
         parts = [_described(key, value) for key, value in result.items()]
         results.print(("result · " if envelope["ok"] else "partial result · ") + ", ".join(parts))
     if not envelope["ok"]:
@@ -96,22 +101,23 @@ def _duration(seconds: float) -> str:
     return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
 
 
-def _described(key: str, value: Any) -> str:
+def _described(key: str, value: JsonValue) -> str:
     from forgeflow.plugins.frames import is_frames
 
-    if is_frames(value):
+    if isinstance(value, dict) and is_frames(value):
         return f"{key}: {value['frames']} frame(s) in {value['chunks']} chunk(s), {_size(value['size_bytes'])}"
     return f"{key}: {len(value)} item(s)" if isinstance(value, list) else f"{key}: {value!r}"[:80]
 
 
-def _size(value: int | None) -> str:
-    if value is None:
+def _size(value: JsonValue) -> str:
+    """A size in bytes as ``12.3 KB`` or ``512 B``; ``""`` for none (or what is not a number)."""
+    if not isinstance(value, (int, float)):
         return ""
     return f"{value / 1024:.1f} KB" if value >= 1024 else f"{value} B"
 
 
 def write_outputs(
-    results: Console, out_dir: Path, envelope: dict[str, Any], sink: MemorySink, settings: Settings
+    results: Console, out_dir: Path, envelope: Mapping[str, JsonValue], sink: MemorySink, settings: Settings
 ) -> None:
     from forgeflow.events.models import JobStatusEvent
 
@@ -124,15 +130,15 @@ def write_outputs(
     written = [out_dir / "result.json", out_dir / "events.jsonl"]
     written += _write_frame_outputs(out_dir, envelope, settings)
     annotated = envelope.get("annotated_media")
-    if annotated:  # the job drew its result on its media and stored it: a copy of that file
+    if isinstance(annotated, dict) and annotated:  # the job drew its result on its media and stored it: a copy
         from forgeflow.plugins import MediaError, MediaStore
 
         suffix = _ANNOTATED_SUFFIXES.get(
-            annotated.get("media_type"), ".mp4" if annotated.get("kind") == "video" else ".jpg"
+            str(annotated.get("media_type")), ".mp4" if annotated.get("kind") == "video" else ".jpg"
         )
         target = out_dir / f"annotated{suffix}"
         try:
-            shutil.copyfile(MediaStore(settings.media_root).path(annotated["ref"]), target)
+            shutil.copyfile(MediaStore(settings.media_root).path(str(annotated["ref"])), target)
             written.append(target)
         except (MediaError, OSError) as exc:
             console.print(f"[yellow]annotated media {annotated['ref']} not copied: {exc}[/yellow]")
@@ -142,7 +148,7 @@ def write_outputs(
         results.print(f"wrote {path}")
 
 
-def _write_frame_outputs(out_dir: Path, envelope: dict[str, Any], settings: Settings) -> list[Path]:
+def _write_frame_outputs(out_dir: Path, envelope: Mapping[str, JsonValue], settings: Settings) -> list[Path]:
     """``<output>.parquet`` for each per-frame output of the (partial) result, written a chunk at a time:
     what an analyst opens with pandas, polars or DuckDB (result.json names them by ref)."""
     from forgeflow.plugins import MediaError, MediaStore
@@ -151,8 +157,8 @@ def _write_frame_outputs(out_dir: Path, envelope: dict[str, Any], settings: Sett
     result = envelope.get("result") if envelope.get("ok") else envelope.get("partial_result")
     store = MediaStore(settings.media_root)
     written = []
-    for key, value in (result or {}).items():
-        if not is_frames(value):
+    for key, value in (result if isinstance(result, dict) else {}).items():
+        if not (isinstance(value, dict) and is_frames(value)):
             continue
         target = out_dir / f"{key}.parquet"
         try:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import time
 import uuid
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import typer
 from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
@@ -22,6 +22,7 @@ from forgeflow.exit_codes import ExitCode, exit_code_for
 if TYPE_CHECKING:
     from concurrent.futures import Future
 
+    from forgeflow.canonical import JsonObject
     from forgeflow.engine.client import EngineClient
     from forgeflow.events.sinks import MemorySink
     from forgeflow.pipeline.definition import PipelineDefinition
@@ -75,9 +76,8 @@ def run(
     # The engine starts (or is found) while this process validates the pipeline.
     plugins = [str(s.get("plugin")) for s in raw_stages(document) if isinstance(s, dict) and s.get("plugin")]
     engine_ready = _engine_for_run(settings, plugins, no_engine=no_engine)
-    job_id = (
-        job_id or (document.get("job_id") if isinstance(document, dict) else None) or f"job-{uuid.uuid4().hex[:12]}"
-    )
+    given_id = document.get("job_id") if isinstance(document, dict) else None
+    job_id = job_id or (given_id if isinstance(given_id, str) else None) or f"job-{uuid.uuid4().hex[:12]}"
     registry = plugin_registry()
     try:
         definition = parse_definition(document)
@@ -177,26 +177,28 @@ def _engine_or_none(engine_ready: Future[EngineClient] | None) -> EngineClient |
 def _run_on_engine(
     client: EngineClient,
     definition: PipelineDefinition,
-    job_input: dict[str, Any],
+    job_input: JsonObject,
     job_id: str,
     sink: MemorySink,
     settings: Settings,
-) -> dict[str, Any]:
+) -> JsonObject:
     """Hand the job to the engine (warm models, its Prefect) and follow its events. An engine that
     went away before the job began (it stopped after its idle time just then) is started again."""
     from forgeflow.engine.client import STARTED_BY_RUN, EngineUnavailable, ensure_engine
     from forgeflow.events.models import parse_event
 
-    envelope: dict[str, Any] | None = None
+    envelope: JsonObject | None = None
     for attempt in (1, 2):
         began = False
         try:
             for line in client.stream(job_id, definition.model_dump(mode="json"), job_input):
                 began = True
+                event, ended = line.get("event"), line.get("envelope")
                 if "event" in line:
-                    sink.emit(parse_event(line["event"]))
+                    if isinstance(event, dict):
+                        sink.emit(parse_event(event))
                 else:
-                    envelope = line.get("envelope")
+                    envelope = ended if isinstance(ended, dict) else None
             break
         except KeyboardInterrupt:
             client.cancel(job_id)
@@ -222,12 +224,12 @@ def _run_on_engine(
 def _run_here(
     settings: Settings,
     definition: PipelineDefinition,
-    job_input: dict[str, Any],
+    job_input: JsonObject,
     job_id: str,
     sink: MemorySink,
     *,
     verbose: bool,
-) -> dict[str, Any]:
+) -> JsonObject:
     """Run the job in this process: a running local Prefect server if there is one (else Prefect's
     ephemeral one), and the first stage's worker starting while Prefect does."""
     import logging

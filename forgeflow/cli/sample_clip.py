@@ -13,9 +13,12 @@ from __future__ import annotations
 import importlib.util
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 from forgeflow.plugins.errors import MediaError
+
+if TYPE_CHECKING:
+    from cv2.typing import MatLike
 
 __all__ = ["assets_dir", "make_sample_clip", "sample_frames"]
 
@@ -37,8 +40,8 @@ def assets_dir() -> Path:
 
 
 def _pan(
-    image: Any, start: tuple[float, float, float], end: tuple[float, float, float], n: int, size: tuple[int, int]
-) -> Iterator[Any]:
+    image: MatLike, start: tuple[float, float, float], end: tuple[float, float, float], n: int, size: tuple[int, int]
+) -> Iterator[MatLike]:
     """``n`` frames of a window (x, y, width) moving linearly from ``start`` to ``end``, scaled to ``size``."""
     import cv2
     import numpy as np
@@ -55,7 +58,7 @@ def _pan(
         )
 
 
-def sample_frames(frames: int = 64, size: tuple[int, int] = (640, 360)) -> Iterator[Any]:
+def sample_frames(frames: int = 64, size: tuple[int, int] = (640, 360)) -> Iterator[MatLike]:
     """The clip's frames (BGR uint8 arrays), first half over bus.jpg, second half over zidane.jpg."""
     import cv2
 
@@ -84,7 +87,7 @@ def make_sample_clip(
     out = Path(out_path)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.stem}.partial{out.suffix or '.mp4'}")
-    fourcc = cv2.VideoWriter_fourcc(*"mp4v")  # type: ignore[attr-defined]
+    fourcc = cv2.VideoWriter.fourcc(*"mp4v")
     writer = cv2.VideoWriter(str(tmp), fourcc, float(fps), tuple(size))
     if not writer.isOpened():
         raise MediaError("OpenCV cannot write MP4 (mp4v) video here: is this OpenCV build missing FFmpeg?")

@@ -28,12 +28,15 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 import httpx
 
 from forgeflow.processes import pid_alive, process_create_time
 from forgeflow.settings import Settings
+
+if TYPE_CHECKING:
+    from forgeflow.canonical import JsonObject
 
 #: Where ``prefect.yaml`` and the work pool's template are: the source tree ForgeFlow runs from.
 CODE_DIR = Path(__file__).resolve().parents[2]
@@ -357,7 +360,7 @@ def _stop_group(pid: int, create_time: float | None, grace_s: float) -> None:
             time.sleep(0.1)
 
 
-def status(settings: Settings) -> dict[str, Any] | None:
+def status(settings: Settings) -> JsonObject | None:
     """The stack as ``stack.json`` names it, with each process's liveness; None when there is none."""
     state = stack_dir(settings) / "stack.json"
     if not state.exists():

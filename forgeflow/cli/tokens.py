@@ -15,7 +15,7 @@ import secrets
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import TypedDict
 
 import typer
 
@@ -39,7 +39,15 @@ def _tokens_file(path: Path | None) -> Path:
     return configured
 
 
-def _read_entries(path: Path) -> list[dict[str, Any]]:
+class TokenEntry(TypedDict):
+    """One entry of a tokens file: the token's name, its scopes and its hash."""
+
+    name: str
+    scopes: list[str]
+    sha256: str
+
+
+def _read_entries(path: Path) -> list[TokenEntry]:
     """The file's entries, checked as the API checks them (an empty list for a file not made yet)."""
     from forgeflow.api.auth import parse_token_file
 
@@ -56,7 +64,7 @@ def _read_entries(path: Path) -> list[dict[str, Any]]:
     return [{"name": e.name, "scopes": sorted(e.scopes), "sha256": e.sha256} for e in entries]
 
 
-def _write_entries(path: Path, entries: list[dict[str, Any]]) -> None:
+def _write_entries(path: Path, entries: list[TokenEntry]) -> None:
     """Replace the file at once (the API never reads half of it), readable by the owner only."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)

@@ -12,12 +12,15 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 import typer
 
 from forgeflow.cli.output import console
 from forgeflow.exit_codes import ExitCode, exit_code_for, is_job_ending
+
+if TYPE_CHECKING:
+    from forgeflow.canonical import JsonObject
 
 
 def _token(token_file: Path | None) -> str | None:
@@ -82,10 +85,12 @@ def watch(
             ) as ws:
                 attempts = 0
                 for text in ws:
-                    message: dict[str, Any] = json.loads(text)
-                    position = max(position, int(message.get("seq", position)))
+                    message: JsonObject = json.loads(text)
+                    seq = message.get("seq", position)
+                    position = max(position, seq if isinstance(seq, int) else position)
                     if message.get("type") == "job_status":
-                        status = message.get("status")
+                        said = message.get("status")
+                        status = said if isinstance(said, str) else None
                     sys.stdout.write(json.dumps(message, separators=(",", ":")) + "\n")
                     sys.stdout.flush()
                 if ws.close_code == 1000 and ws.close_reason == "job finished":

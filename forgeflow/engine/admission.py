@@ -13,14 +13,38 @@ import glob
 import os
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from functools import partial
+from typing import Generic, NotRequired, TypedDict, TypeVar
+
+from pydantic import JsonValue
 
 from forgeflow.engine.runners.base import CallResult, ProgressCallback, Runner, ToolCall
 from forgeflow.pipeline.outcome import EndReason
 
-__all__ = ["AdmittedRunner", "DeviceSlots", "device_of", "host_gpu_count"]
+__all__ = ["AdmittedRunner", "DeviceSlots", "DeviceState", "Ticket", "device_of", "host_gpu_count"]
+
+#: The runner an :class:`AdmittedRunner` wraps.
+RunnerT = TypeVar("RunnerT", bound=Runner)
+
+
+class Ticket(TypedDict):
+    """Who holds, or waits for, a slot of a device: a stage of a job (or a batch of them)."""
+
+    job_id: str | None
+    stage_index: int | None
+    plugin: str
+    tool: str
+    since: NotRequired[float]  # when it began to wait (time.time())
+
+
+class DeviceState(TypedDict):
+    """One device's slots as :meth:`DeviceSlots.status` shows them."""
+
+    slots: int
+    running: list[Ticket]
+    waiting: list[Ticket]
 
 
 def host_gpu_count() -> int:
@@ -28,7 +52,7 @@ def host_gpu_count() -> int:
     return len([p for p in glob.glob("/dev/nvidia[0-9]*") if os.path.basename(p)[6:].isdigit()])
 
 
-def device_of(config: dict[str, Any], gpus: int) -> str:
+def device_of(config: Mapping[str, JsonValue], gpus: int) -> str:
     """The device a stage with ``config`` runs on: ``cpu`` or ``cuda:N``."""
     device = str(config.get("device") or "cpu").strip().lower()
     if device == "auto":
@@ -41,8 +65,8 @@ def device_of(config: dict[str, Any], gpus: int) -> str:
 @dataclass
 class _Device:
     slots: int
-    running: list[dict[str, Any]] = field(default_factory=list)
-    waiting: list[dict[str, Any]] = field(default_factory=list)
+    running: list[Ticket] = field(default_factory=list)
+    waiting: list[Ticket] = field(default_factory=list)
 
 
 class DeviceSlots:
@@ -71,7 +95,7 @@ class DeviceSlots:
     def acquire(
         self,
         device: str,
-        ticket: dict[str, Any],
+        ticket: Ticket,
         *,
         cancelled: Callable[[], bool],
         on_wait: Callable[[str], None] | None = None,
@@ -99,7 +123,7 @@ class DeviceSlots:
                 state.waiting.remove(ticket)
                 self._cond.notify_all()
 
-    def release(self, device: str, ticket: dict[str, Any]) -> None:
+    def release(self, device: str, ticket: Ticket) -> None:
         with self._cond:
             state = self._device(device)
             for i, held in enumerate(state.running):
@@ -112,23 +136,25 @@ class DeviceSlots:
         with self._cond:
             self._cond.notify_all()
 
-    def status(self) -> dict[str, Any]:
+    def status(self) -> dict[str, DeviceState]:
         with self._cond:
             return {
                 name: {
                     "slots": d.slots,
-                    "running": [dict(t) for t in d.running],
-                    "waiting": [dict(t) for t in d.waiting],
+                    "running": [t.copy() for t in d.running],
+                    "waiting": [t.copy() for t in d.waiting],
                 }
                 for name, d in sorted(self._devices.items())
             }
 
 
-class AdmittedRunner:
+class AdmittedRunner(Generic[RunnerT]):
     """A runner whose calls first take a slot of their device (see :class:`DeviceSlots`)."""
 
-    def __init__(self, inner: Any, slots: DeviceSlots, on_wait: Callable[[ToolCall, str], None] | None = None) -> None:
-        self.inner: Runner = inner
+    def __init__(
+        self, inner: RunnerT, slots: DeviceSlots, on_wait: Callable[[ToolCall, str], None] | None = None
+    ) -> None:
+        self.inner = inner
         self.name = getattr(inner, "name", "process")
         self.slots = slots
         self.on_wait = on_wait
@@ -139,12 +165,17 @@ class AdmittedRunner:
 
     def run(self, call: ToolCall, on_progress: ProgressCallback | None = None) -> CallResult:
         device = device_of(call.config, self.slots.gpus)
-        ticket = {"job_id": call.job_id, "stage_index": call.stage_index, "plugin": call.plugin, "tool": call.tool}
+        ticket: Ticket = {
+            "job_id": call.job_id,
+            "stage_index": call.stage_index,
+            "plugin": call.plugin,
+            "tool": call.tool,
+        }
         admitted = self.slots.acquire(
             device,
             ticket,
             cancelled=lambda: self.is_cancelled(call.job_id),
-            on_wait=(lambda reason: self.on_wait(call, reason)) if self.on_wait else None,  # type: ignore[misc]
+            on_wait=partial(self.on_wait, call) if self.on_wait else None,
         )
         if not admitted:
             return CallResult.failure(EndReason.CANCELLED, "cancelled by request")

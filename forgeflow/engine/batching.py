@@ -25,21 +25,46 @@ import logging
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Protocol, TypedDict
 
-from forgeflow.engine.admission import AdmittedRunner, device_of
-from forgeflow.engine.runners.base import CallResult, ProgressCallback, ToolCall
+from forgeflow.engine.admission import AdmittedRunner, Ticket, device_of
+from forgeflow.engine.runners.base import CallResult, ProgressCallback, Runner, ToolCall
 from forgeflow.engine.runners.batch_call import BatchPart
 from forgeflow.pipeline.outcome import EndReason
 from forgeflow.plugins.registry import PluginRegistry
+from forgeflow.plugins.sdk import Tool
 from forgeflow.settings import Settings
 
-__all__ = ["BatchLimits", "BatchingRunner", "batch_limits"]
+__all__ = ["BatchLimits", "BatchPool", "BatchingRunner", "BatchingStatus", "batch_limits"]
 
 log = logging.getLogger("forgeflow.engine.batching")
 
 #: How often a gathering batch looks for cancelled calls.
 GATHER_TICK_S = 0.05
+
+
+#: What makes calls one batch: runner, plugin, plugin version, tool, validated config (as JSON).
+BatchKey = tuple[str | None, str, str | None, str, str]
+
+
+class BatchPool(Runner, Protocol):
+    """The pool a :class:`BatchingRunner` runs its batches on (a runner set)."""
+
+    def takes_batches(self, kind: str | None) -> bool:
+        """Whether calls to runner ``kind`` may run in batches."""
+        ...
+
+    def run_batch(self, parts: list[BatchPart], max_wait_ms: float) -> None:
+        """Run the calls of ``parts`` as one worker call, answering each part."""
+        ...
+
+
+class BatchingStatus(TypedDict):
+    """:meth:`BatchingRunner.status`: the batches run so far, and those gathering calls now."""
+
+    batches: int
+    batched_calls: int
+    gathering: list[int]
 
 
 @dataclass(frozen=True)
@@ -50,7 +75,7 @@ class BatchLimits:
     max_wait_ms: float
 
 
-def batch_limits(settings: Settings, plugin: str, tool: Any) -> BatchLimits | None:
+def batch_limits(settings: Settings, plugin: str, tool: Tool) -> BatchLimits | None:
     """The batch limits of ``plugin``'s ``tool`` on this host, or None when its calls run alone."""
     spec = getattr(tool, "batch", None)
     if not settings.batching or spec is None:
@@ -65,7 +90,7 @@ def batch_limits(settings: Settings, plugin: str, tool: Any) -> BatchLimits | No
 
 @dataclass(eq=False)
 class _Batch:
-    key: tuple[Any, ...]
+    key: BatchKey
     limits: BatchLimits
     device: str
     number: int
@@ -77,13 +102,13 @@ class _Batch:
 class BatchingRunner:
     """The engine's runner: batchable calls run in batches, the others through ``admitted`` as before."""
 
-    def __init__(self, admitted: AdmittedRunner, settings: Settings, registry: PluginRegistry) -> None:
+    def __init__(self, admitted: AdmittedRunner[BatchPool], settings: Settings, registry: PluginRegistry) -> None:
         self.admitted = admitted
         self.name = admitted.name
         self.settings = settings
         self.registry = registry
         self._cond = threading.Condition()
-        self._open: dict[tuple[Any, ...], _Batch] = {}
+        self._open: dict[BatchKey, _Batch] = {}
         self._numbers = itertools.count(1)
         #: Batches run so far and the calls they held (``status``).
         self.batches = 0
@@ -95,7 +120,7 @@ class BatchingRunner:
     def close(self) -> None:
         self.admitted.close()
 
-    def status(self) -> dict[str, Any]:
+    def status(self) -> BatchingStatus:
         with self._cond:
             return {
                 "batches": self.batches,
@@ -123,7 +148,7 @@ class BatchingRunner:
 
     # -- what batches together -------------------------------------------------------------------
 
-    def _key(self, call: ToolCall) -> tuple[tuple[Any, ...], BatchLimits] | None:
+    def _key(self, call: ToolCall) -> tuple[BatchKey, BatchLimits] | None:
         pool = self.admitted.inner
         takes = getattr(pool, "takes_batches", None)
         if takes is None or not takes(call.runner):
@@ -158,7 +183,12 @@ class BatchingRunner:
             return list(batch.parts)
 
     def _drive(self, batch: _Batch) -> None:
-        ticket = {"job_id": f"batch-{batch.number}", "stage_index": None, "plugin": batch.key[1], "tool": batch.key[3]}
+        ticket: Ticket = {
+            "job_id": f"batch-{batch.number}",
+            "stage_index": None,
+            "plugin": batch.key[1],
+            "tool": batch.key[3],
+        }
         slots = self.admitted.slots
         admitted = False
         try:
@@ -192,7 +222,7 @@ class BatchingRunner:
                 parts[0].resolve(self.admitted.inner.run(parts[0].call, parts[0].on_progress))
             else:
                 log.info("batch %d: %d calls of %s.%s", batch.number, len(parts), batch.key[1], batch.key[3])
-                self.admitted.inner.run_batch(parts, batch.limits.max_wait_ms)  # type: ignore[attr-defined]
+                self.admitted.inner.run_batch(parts, batch.limits.max_wait_ms)
         except Exception as exc:
             log.exception("batch %d failed", batch.number)
             for part in batch.parts:

@@ -13,8 +13,9 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-from pydantic import BaseModel
+from pydantic import BaseModel, JsonValue
 
+from forgeflow.canonical import JsonObject
 from forgeflow.engine import control
 from forgeflow.engine.locks import start_lock
 from forgeflow.engine.runners import progress_relay
@@ -105,7 +106,7 @@ class EngineClient:
         )
 
     def submit(
-        self, job_id: str, pipeline: Any, input_data: dict[str, Any], *, api_url: str, ingest_token: str | None
+        self, job_id: str, pipeline: JsonValue, input_data: JsonObject, *, api_url: str, ingest_token: str | None
     ) -> control.JobView:
         sink = control.SinkTarget(api_url=api_url, ingest_token=ingest_token)
         return self._job(
@@ -121,7 +122,7 @@ class EngineClient:
         )
         return self._job("POST", control.JOBS, body)
 
-    def stream(self, job_id: str, pipeline: Any, input_data: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    def stream(self, job_id: str, pipeline: JsonValue, input_data: JsonObject) -> Iterator[JsonObject]:
         """Run a job and yield its events (``{"event": ...}``) then ``{"envelope": ..., "status": ...}``."""
         body = control.SubmitJob(job_id=job_id, pipeline=pipeline, input=input_data, stream=True)
         try:

@@ -9,10 +9,11 @@ a line.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, JsonValue, TypeAdapter
 
+from forgeflow.canonical import JsonObject
 from forgeflow.engine.runners.base import CallResult, Progress
 
 #: What a job is doing: waiting for a job slot, running, or how it ended.
@@ -57,7 +58,7 @@ class SubmitJob(_Body):
 
     job_id: str
     pipeline: JsonValue  # a pipeline as its JSON (the job's flow validates it)
-    input: dict[str, Any] = Field(default_factory=dict)
+    input: JsonObject = Field(default_factory=dict)
     sink: SinkTarget | None = None
     stream: bool = False
 
@@ -110,8 +111,8 @@ class EngineStatus(BaseModel):
     prefect_api_url: str | None
     max_concurrent_jobs: int
     jobs: JobCounts
-    devices: dict[str, Any]
-    batching: dict[str, Any]
+    devices: JsonObject  # DeviceSlots.status(): each device's slots, running and waiting tickets
+    batching: JsonObject  # BatchingRunner.status()
     # the daemon's life (EngineService.life)
     started_by: str | None = None
     owner_pid: int | None = None
@@ -124,8 +125,8 @@ class EngineStatus(BaseModel):
 class JobStreamLine(BaseModel):
     """A line of a streamed job: an event as it happens, then one last line with the envelope."""
 
-    event: dict[str, Any] | None = None
-    envelope: dict[str, Any] | None = None
+    event: JsonObject | None = None
+    envelope: JsonObject | None = None
     status: JobState | None = None
 
 

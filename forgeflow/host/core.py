@@ -29,8 +29,11 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
+from pydantic import JsonValue
+
+from forgeflow.canonical import JsonObject
 from forgeflow.engine.admission import AdmittedRunner, DeviceSlots
 from forgeflow.engine.batching import BatchingRunner
 from forgeflow.engine.control import EngineStatus, JobState, JobView
@@ -154,8 +157,8 @@ class Engine:
     def submit(
         self,
         job_id: str,
-        pipeline: Any,
-        input_data: dict[str, Any],
+        pipeline: JsonValue,
+        input_data: JsonObject,
         sink: EventSink,
         *,
         flow_run: FlowRun | None = None,
@@ -229,7 +232,7 @@ class Engine:
             except BaseException:  # _run_job ends every job itself: this is a bug of ours
                 log.exception("job thread failed on %s", job.job_id)
 
-    def _execute(self, job: EngineJob, services: Services, sink: TerminalWatch) -> dict[str, Any]:
+    def _execute(self, job: EngineJob, services: Services, sink: TerminalWatch) -> JsonObject:
         """The job's flow run, to its envelope. A Prefect server too busy to create the run (503
         from SQLite's write lock when many runs start at once, or not reachable) is asked again,
         with backoff, for up to :data:`PREFECT_BUSY_WAIT_S`: nothing of the job ran yet (it said
@@ -243,7 +246,10 @@ class Engine:
                     executor = PipelineExecutor(services)
                     if job.flow_run is not None:
                         return executor.execute_flow_run(job.flow_run)
-                    return executor.execute(job.pipeline, job.input, job.job_id)
+                    # the flow validates the JSON that came: anything but an object or a list of stages
+                    # ends the job invalid there
+                    pipeline = job.pipeline if isinstance(job.pipeline, (dict, list)) else None
+                    return executor.execute(pipeline, job.input, job.job_id)
             except Exception as exc:
                 first_try_of_a_new_run = job.flow_run is None and sink.emitted == 0 and not job.lost
                 if not (first_try_of_a_new_run and prefect_busy(exc) and time.monotonic() + delay < deadline):
@@ -441,7 +447,7 @@ class Engine:
         return self._closed
 
     def status(self) -> EngineStatus:
-        pools = self.pool.status() if hasattr(self.pool, "status") else {}
+        pools = self.pool.status()
         with self._lock:
             running = [j.view() for j in self._jobs.values() if j.status == "running"]
             queued = [j.view() for j in self._queue]

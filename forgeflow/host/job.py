@@ -6,7 +6,7 @@ import queue
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from forgeflow.engine.control import JobState, JobView
 from forgeflow.events.models import Event, is_terminal_event
@@ -14,6 +14,9 @@ from forgeflow.events.sinks import EventSink
 
 if TYPE_CHECKING:
     from prefect.client.schemas.objects import FlowRun
+    from pydantic import JsonValue
+
+    from forgeflow.canonical import JsonObject
 
 
 class NotAPipelineRun(Exception):
@@ -64,14 +67,14 @@ class StreamSink:
 @dataclass(eq=False)  # a job is itself, not its field values
 class EngineJob:
     job_id: str
-    pipeline: Any  # the pipeline as its JSON (the job's flow validates it)
-    input: dict[str, Any]
+    pipeline: JsonValue  # the pipeline as its JSON (the job's flow validates it)
+    input: JsonObject
     sink: EventSink
     submitted_at: float = field(default_factory=time.time)
     started_at: float | None = None
     finished_at: float | None = None
     status: JobState = "queued"  # queued: waiting for a job slot
-    envelope: dict[str, Any] | None = None
+    envelope: JsonObject | None = None
     waiting_for: str | None = None
     done: threading.Event = field(default_factory=threading.Event)
     #: A deployment's flow run that a Prefect worker handed over (run as it is, not created anew).

@@ -11,6 +11,8 @@ from uuid import UUID
 from forgeflow.jobs.flow_runs import prefect_tls_context
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from prefect.context import SettingsContext, SyncClientContext
     from prefect.settings import Profile, Settings
 
@@ -42,21 +44,30 @@ def _remember_result_storage() -> None:
     read = getattr(results, "_read_server_default_result_storage_block_id", None)
     if read is None or getattr(read, "forgeflow_cached", False):
         return
-    lock = threading.Lock()
-    last: list[tuple[float, UUID | None]] = []
+    results._read_server_default_result_storage_block_id = _CachedRead(read)
 
-    def cached() -> UUID | None:
+
+class _CachedRead:
+    """Prefect's read of the server's default result storage, asked again only after
+    :data:`RESULT_STORAGE_TTL_S` (see :func:`_remember_result_storage`)."""
+
+    #: What marks Prefect's function as replaced already.
+    forgeflow_cached = True
+
+    def __init__(self, read: Callable[[], UUID | None]) -> None:
+        self._read = read
+        self._lock = threading.Lock()
+        self._last: list[tuple[float, UUID | None]] = []
+
+    def __call__(self) -> UUID | None:
         now = time.monotonic()
-        with lock:
-            if last and now - last[0][0] < RESULT_STORAGE_TTL_S:
-                return last[0][1]
-        value: UUID | None = read()
-        with lock:
-            last[:] = [(now, value)]
+        with self._lock:
+            if self._last and now - self._last[0][0] < RESULT_STORAGE_TTL_S:
+                return self._last[0][1]
+        value = self._read()
+        with self._lock:
+            self._last[:] = [(now, value)]
         return value
-
-    cached.forgeflow_cached = True  # type: ignore[attr-defined]
-    results._read_server_default_result_storage_block_id = cached
 
 
 class PrefectRuns:

@@ -28,7 +28,7 @@ class PipelineExecutor:
 
     def execute(
         self,
-        pipeline: PipelineDefinition | JsonObject | list[JsonValue],
+        pipeline: PipelineDefinition | JsonObject | list[JsonValue] | None,
         input_data: JsonObject,
         job_id: str,
     ) -> JsonObject:

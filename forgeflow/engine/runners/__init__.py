@@ -23,13 +23,19 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
+from forgeflow.canonical import JsonObject
 from forgeflow.engine.runners.base import CallResult, FramesRead, Progress, ProgressCallback, Runner, ToolCall
+from forgeflow.engine.runners.protocol import int_field, number_field, object_field, text_field
 from forgeflow.pipeline.outcome import NOT_THE_PLUGINS_DOING
 from forgeflow.plugins.errors import ForgeFlowError, InputError
 
 if TYPE_CHECKING:
+    from forgeflow.engine.runners.dispatch import RunnerSet
+    from forgeflow.engine.runners.docker import DockerRunner
+    from forgeflow.engine.runners.inline import InlineRunner
+    from forgeflow.engine.runners.process import ProcessRunner
     from forgeflow.plugins.registry import PluginEntry, PluginRegistry
     from forgeflow.plugins.sdk import Tool
     from forgeflow.settings import Settings
@@ -50,7 +56,7 @@ __all__ = [
 log = logging.getLogger("forgeflow.runners")
 
 
-def get_runner(settings: Settings, registry: PluginRegistry) -> Runner:
+def get_runner(settings: Settings, registry: PluginRegistry) -> RunnerSet:
     """The host's runner, a :class:`~.dispatch.RunnerSet`: each call to the runner it asks for,
     else to ``settings.runner`` (``process``, ``docker`` or ``inline``); see :mod:`.dispatch`."""
     from forgeflow.engine.runners.dispatch import RunnerSet
@@ -58,7 +64,11 @@ def get_runner(settings: Settings, registry: PluginRegistry) -> Runner:
     return RunnerSet(settings, registry)
 
 
-def __getattr__(name: str) -> Any:  # lazy: importing the package starts nothing heavy
+def __getattr__(
+    name: str,
+) -> (
+    type[ProcessRunner] | type[InlineRunner] | type[DockerRunner] | type[RunnerSet]
+):  # lazy: importing the package starts nothing heavy
     if name == "ProcessRunner":
         from forgeflow.engine.runners.process import ProcessRunner
 
@@ -119,7 +129,7 @@ class LifecycleRecorder:
     def __init__(self, registry: PluginRegistry) -> None:
         self.store = registry.lifecycle
 
-    def _do(self, method: str, *args: Any) -> None:
+    def _do(self, method: str, *args: str | float) -> None:
         if self.store is None:
             return
         try:
@@ -142,30 +152,30 @@ class LifecycleRecorder:
             self._do("failed", plugin, result.error or "", result.error_type or "Error", result.duration_ms)
 
 
-def result_from_message(message: dict[str, Any]) -> CallResult:
+def result_from_message(message: JsonObject) -> CallResult:
     """A worker's ``result`` message as a :class:`CallResult`."""
     return CallResult(
         ok=bool(message.get("ok")),
-        outputs=message.get("outputs") if message.get("ok") else None,
-        error=message.get("error"),
-        error_type=message.get("error_type"),
-        traceback=message.get("traceback"),
-        duration_ms=float(message.get("duration_ms") or 0.0),
-        result_size_bytes=int(message.get("result_size_bytes") or 0),
-        peak_memory_mb=message.get("peak_memory_mb"),
-        reused_outputs=int(message.get("reused_outputs") or 0),
-        computed_outputs=int(message.get("computed_outputs") or 0),
+        outputs=object_field(message, "outputs") if message.get("ok") else None,
+        error=text_field(message, "error"),
+        error_type=text_field(message, "error_type"),
+        traceback=text_field(message, "traceback"),
+        duration_ms=float(number_field(message, "duration_ms") or 0.0),
+        result_size_bytes=int_field(message, "result_size_bytes") or 0,
+        peak_memory_mb=number_field(message, "peak_memory_mb"),
+        reused_outputs=int_field(message, "reused_outputs") or 0,
+        computed_outputs=int_field(message, "computed_outputs") or 0,
         frames=FramesRead.model_validate(message["frames"]) if message.get("frames") else None,
     )
 
 
-def progress_relay(on_progress: ProgressCallback | None) -> Callable[[dict[str, Any]], None] | None:
+def progress_relay(on_progress: ProgressCallback | None) -> Callable[[JsonObject], None] | None:
     """What passes a tool's ``{done, total, message}`` reports on to ``on_progress``: malformed
     reports are dropped and a callback that raises is logged, so neither can fail the call."""
     if on_progress is None:
         return None
 
-    def relay(update: dict[str, Any]) -> None:
+    def relay(update: JsonObject) -> None:
         progress = Progress.from_message(update)
         if progress is None:
             return

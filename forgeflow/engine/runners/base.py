@@ -8,17 +8,27 @@ crashes are all reported as failed results. It also records the plugin's lifecyc
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Annotated, Any, Protocol
+from collections.abc import Callable, Mapping
+from typing import Annotated, Any, Literal, NotRequired, Protocol, TypedDict, Unpack
 
-from pydantic import BaseModel, Field, PlainSerializer, computed_field
+from pydantic import BaseModel, Field, JsonValue, PlainSerializer, computed_field
 
 from forgeflow.canonical import whole_if_integral
 from forgeflow.pipeline.definition import RunnerKind
 from forgeflow.plugins.errors import ForgeFlowError
 from forgeflow.plugins.sdk import FramesRead
 
-__all__ = ["CallResult", "FramesRead", "Progress", "ProgressCallback", "Runner", "ToolCall"]
+__all__ = [
+    "CallResult",
+    "FramesRead",
+    "PoolRow",
+    "PoolStatus",
+    "Progress",
+    "ProgressCallback",
+    "Runner",
+    "ToolCall",
+    "WorkerRow",
+]
 
 
 class ToolCall(BaseModel):
@@ -46,6 +56,17 @@ class ToolCall(BaseModel):
     resume: bool = Field(False, description="The job resumes: a resumable tool continues after its journalled chunks.")
 
 
+class ResultDetails(TypedDict, total=False):
+    """What a failed :class:`CallResult` may say besides its error (:meth:`CallResult.failure`)."""
+
+    traceback: str | None
+    result_size_bytes: int
+    peak_memory_mb: float | None
+    reused_outputs: int
+    computed_outputs: int
+    frames: FramesRead | None
+
+
 class CallResult(BaseModel):
     """What came of a :class:`ToolCall`."""
 
@@ -65,7 +86,7 @@ class CallResult(BaseModel):
 
     @classmethod
     def failure(
-        cls, kind: type[ForgeFlowError] | str, error: str, duration_ms: float = 0.0, **extra: Any
+        cls, kind: type[ForgeFlowError] | str, error: str, duration_ms: float = 0.0, **extra: Unpack[ResultDetails]
     ) -> CallResult:
         """A failed result; ``kind`` is the error's class (its ``error_type`` travels) or, for an
         error of the plugin's own, the name of its exception class."""
@@ -89,7 +110,7 @@ class Progress(BaseModel):
         return min(1.0, self.done / self.total) if self.total else None
 
     @classmethod
-    def from_message(cls, message: dict[str, Any]) -> Progress | None:
+    def from_message(cls, message: Mapping[str, JsonValue]) -> Progress | None:
         """A worker's ``progress`` message, or None when it is malformed (a plugin cannot break the call)."""
         try:
             return cls.model_validate({k: message.get(k) for k in ("done", "total", "message")})
@@ -112,3 +133,41 @@ class Runner(Protocol):
 
     def close(self) -> None:
         """Stop every worker this runner started."""
+
+
+class WorkerRow(TypedDict):
+    """One worker of a runner's pools, as its ``status()`` shows it."""
+
+    plugin: str
+    pid: int
+    state: Literal["idle", "busy"]
+    job_id: str | None
+    calls: int
+    model_loads: int
+    rss_mb: float
+    idle_s: float | None
+    container: NotRequired[str | None]  # the docker runner's: the container's short id
+    runner: NotRequired[str]  # the runner set's: which runner the worker is of
+
+
+class PoolRow(TypedDict):
+    """One plugin's pool of a runner, as its ``status()`` shows it."""
+
+    plugin: str
+    size: int
+    busy: int
+    idle: int
+    starting: int
+    waiting_calls: int
+    runner: NotRequired[str]  # the runner set's: which runner the pool is of
+
+
+class PoolStatus(TypedDict):
+    """A pool runner's ``status()``: its workers and pools (the engine's status shows its fields)."""
+
+    workers: list[WorkerRow]
+    pools: list[PoolRow]
+    idle_memory_mb: float
+    idle_memory_budget_mb: int
+    evicted: int
+    runners: NotRequired[list[str]]  # the runner set's: the runners it has started

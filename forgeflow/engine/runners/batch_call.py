@@ -28,10 +28,11 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from forgeflow.canonical import JsonObject
 from forgeflow.engine.runners import Prepared, prepare, progress_relay, result_from_message
 from forgeflow.engine.runners.base import CallResult, ProgressCallback, ToolCall
 from forgeflow.engine.runners.call_exchange import MemoryExceeded, RssWatchdog
-from forgeflow.engine.runners.protocol import DeadlineExceeded, PeerClosed, ProtocolError
+from forgeflow.engine.runners.protocol import DeadlineExceeded, PeerClosed, ProtocolError, int_field
 from forgeflow.engine.runners.worker_process import Worker
 from forgeflow.pipeline.outcome import EndReason
 from forgeflow.plugins.errors import StageTimeout
@@ -113,7 +114,7 @@ def _drive(
     label = f"{prepared.plugin}.{prepared.tool.name}"
     settings = runner.settings
     limits = [int(p.call.memory_limit_mb or settings.stage_memory_limit_mb) for p in parts]
-    request = {
+    request: JsonObject = {
         "type": "batch",
         "tool": prepared.tool.name,
         "config": parts[0].call.config,
@@ -186,7 +187,7 @@ def _drive(
             if message.get("type") != "result":
                 raise ProtocolError(f"unexpected {message.get('type')!r} message in a batch")
             answered[index] = True
-            worker.loads = int(message.get("resource_loads") or worker.loads)
+            worker.loads = int_field(message, "resource_loads") or worker.loads
             recycle = recycle or bool(message.get("recycle"))
             result = result_from_message(message)
             if result.peak_memory_mb is None and watchdog.peak_rss:

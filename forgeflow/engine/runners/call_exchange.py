@@ -22,9 +22,10 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from forgeflow.canonical import JsonObject
 from forgeflow.engine.runners import Prepared, progress_relay, result_from_message
 from forgeflow.engine.runners.base import CallResult, ProgressCallback, ToolCall
-from forgeflow.engine.runners.protocol import DeadlineExceeded, PeerClosed, ProtocolError
+from forgeflow.engine.runners.protocol import DeadlineExceeded, PeerClosed, ProtocolError, int_field
 from forgeflow.engine.runners.worker_log import LOG_TAIL_BYTES, file_size, read_log_tail
 from forgeflow.engine.runners.worker_process import Worker
 from forgeflow.pipeline.outcome import EndReason
@@ -82,7 +83,7 @@ def exchange(
     was killed, crashed or asked to be recycled may not)."""
     label = f"{prepared.plugin}.{prepared.tool.name}"
     limit_mb = limits.memory_limit_mb
-    request = {
+    request: JsonObject = {
         "type": "call",
         "tool": prepared.tool.name,
         "config": call.config,
@@ -152,7 +153,7 @@ def exchange(
             WorkerCrashed, f"{label}: {worker.noun} sent an unexpected {message.get('type')!r} message"
         ), False
     result = result_from_message(message)
-    worker.loads = int(message.get("resource_loads") or worker.loads)
+    worker.loads = int_field(message, "resource_loads") or worker.loads
     if result.peak_memory_mb is None and watchdog.peak_rss:
         result.peak_memory_mb = round(watchdog.peak_rss / 2**20, 1)
     recycle = bool(message.get("recycle"))

@@ -17,9 +17,9 @@ from __future__ import annotations
 
 import threading
 import time
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
-from forgeflow.engine.runners.base import CallResult, ProgressCallback, Runner, ToolCall
+from forgeflow.engine.runners.base import CallResult, PoolStatus, ProgressCallback, Runner, ToolCall
 from forgeflow.pipeline.outcome import EndReason
 
 if TYPE_CHECKING:
@@ -188,9 +188,9 @@ class RunnerSet:
                 pids.extend(of(plugin))
         return sorted(pids)
 
-    def status(self) -> dict[str, Any]:
+    def status(self) -> PoolStatus:
         """Every runner's pools and workers together; each row says its ``runner``."""
-        merged: dict[str, Any] = {
+        merged: PoolStatus = {
             "runners": sorted(self.runners()),
             "workers": [],
             "pools": [],
@@ -202,7 +202,7 @@ class RunnerSet:
             of = getattr(runner, "status", None)
             if of is None:
                 continue
-            status = of()
+            status: PoolStatus = of()
             merged["workers"] += [{**row, "runner": kind} for row in status.get("workers", [])]
             merged["pools"] += [{**row, "runner": kind} for row in status.get("pools", [])]
             merged["idle_memory_mb"] = round(merged["idle_memory_mb"] + status.get("idle_memory_mb", 0.0), 1)

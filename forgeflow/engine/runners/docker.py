@@ -54,16 +54,23 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from forgeflow.engine.runners import Prepared
-from forgeflow.engine.runners.base import CallResult, ProgressCallback, ToolCall
+from forgeflow.engine.runners.base import CallResult, PoolStatus, ProgressCallback, ToolCall
 from forgeflow.engine.runners.process import ProcessRunner
 from forgeflow.engine.runners.worker_log import worker_log_path
 from forgeflow.engine.runners.worker_process import Worker
 from forgeflow.plugins.errors import DeviceUnavailable
 
 if TYPE_CHECKING:
+    from collections.abc import Mapping
+
+    from docker import DockerClient
+    from docker.models.containers import Container
+    from pydantic import JsonValue
+
+    from forgeflow.canonical import JsonObject
     from forgeflow.plugins.registry import PluginRegistry
     from forgeflow.settings import Settings
 
@@ -89,7 +96,7 @@ class ContainerKey:
     gpus: bool
 
 
-def wants_device(config: dict[str, Any]) -> str:
+def wants_device(config: Mapping[str, JsonValue]) -> str:
     """The ``device`` a call's config asks for (``cpu``, ``auto``, ``cuda``, ``cuda:N``; ``""`` when none)."""
     return str(config.get("device") or "").strip().lower()
 
@@ -107,7 +114,7 @@ class ContainerWorker(Worker):
         proc: subprocess.Popen[bytes],
         log_path: Path,
         key: ContainerKey,
-        container: Any,
+        container: Container,
         scratch: Path,
     ) -> None:
         super().__init__(plugin, proc, log_path, key)
@@ -115,7 +122,7 @@ class ContainerWorker(Worker):
         self.container_id: str = container.id
         self.scratch = scratch
         self.media_dir = scratch / "media"
-        self.state: dict[str, Any] = {}
+        self.state: JsonObject = {}  # the container's final ``State`` (docker inspect), once removed
         self.on_removed: Callable[[ContainerWorker], None] | None = None
         self._removed = False
         self._remove_lock = threading.Lock()
@@ -149,7 +156,10 @@ class ContainerWorker(Worker):
     def exit_description(self, returncode: int | None) -> str:
         if self.state.get("OOMKilled"):
             return "was OOM-killed at its memory cgroup limit"
-        code = self.state.get("ExitCode") if self.state.get("Status") in ("exited", "dead") else returncode
+        exit_code = self.state.get("ExitCode")
+        code = returncode
+        if self.state.get("Status") in ("exited", "dead"):
+            code = exit_code if isinstance(exit_code, int) else None
         if code is None:
             return "stopped answering"
         if code > 128:
@@ -199,7 +209,7 @@ class DockerRunner(ProcessRunner):
 
     name = "docker"
 
-    def __init__(self, settings: Settings, registry: PluginRegistry, client: Any = None) -> None:
+    def __init__(self, settings: Settings, registry: PluginRegistry, client: DockerClient | None = None) -> None:
         super().__init__(settings, registry)
         self._client = client
         self._client_lock = threading.Lock()
@@ -223,7 +233,7 @@ class DockerRunner(ProcessRunner):
             except Exception:
                 pass
 
-    def client(self) -> Any:
+    def client(self) -> DockerClient:
         with self._client_lock:
             if self._client is None:
                 import docker
@@ -233,7 +243,7 @@ class DockerRunner(ProcessRunner):
             return self._client
 
     @staticmethod
-    def _remove_orphans(client: Any) -> None:
+    def _remove_orphans(client: DockerClient) -> None:
         """Remove containers that a docker runner of this host left behind when its process was
         killed (SIGKILL runs no cleanup; its containers stopped when their stdin closed)."""
         from forgeflow.processes import pid_alive
@@ -256,7 +266,7 @@ class DockerRunner(ProcessRunner):
                 except Exception:
                     pass
 
-    def gpus_available(self, client: Any) -> bool:
+    def gpus_available(self, client: DockerClient) -> bool:
         """Whether the engine has the ``nvidia`` runtime (asked once)."""
         if self._gpu_runtime is None:
             try:
@@ -272,7 +282,7 @@ class DockerRunner(ProcessRunner):
                 w.container_id for w in self._all if isinstance(w, ContainerWorker) and plugin in (None, w.plugin)
             )
 
-    def status(self) -> dict[str, Any]:
+    def status(self) -> PoolStatus:
         status = super().status()
         with self._lock:
             ids = {w.pid: w.container_id[:12] for w in self._all if isinstance(w, ContainerWorker)}
@@ -292,7 +302,7 @@ class DockerRunner(ProcessRunner):
         gpus = self._gpus_for({}, plugin)
         return ContainerKey(int(self.settings.stage_memory_limit_mb), gpus is True)
 
-    def _gpus_for(self, config: dict[str, Any], label: str) -> bool | CallResult:
+    def _gpus_for(self, config: Mapping[str, JsonValue], label: str) -> bool | CallResult:
         """Whether a call with ``config`` gets the GPUs; DeviceUnavailable when it needs them and the
         engine has no ``nvidia`` runtime."""
         from docker.errors import DockerException

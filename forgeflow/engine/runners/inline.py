@@ -12,11 +12,15 @@ the plugin's exception class name with a traceback, ``MemoryError``), the same `
 from __future__ import annotations
 
 import threading
-from typing import Any
+from typing import TYPE_CHECKING
 
 from forgeflow.engine.runners import LifecycleRecorder, prepare, progress_relay, result_from_message
 from forgeflow.engine.runners.base import CallResult, ProgressCallback, ToolCall
 from forgeflow.engine.runners.worker import build_context, execute_call
+
+if TYPE_CHECKING:
+    from forgeflow.plugins.registry import PluginRegistry
+    from forgeflow.settings import Settings
 
 
 class InlineRunner:
@@ -24,7 +28,7 @@ class InlineRunner:
 
     name = "inline"
 
-    def __init__(self, settings: Any, registry: Any) -> None:
+    def __init__(self, settings: Settings, registry: PluginRegistry) -> None:
         self.settings = settings
         self.registry = registry
         self.lifecycle = LifecycleRecorder(registry)

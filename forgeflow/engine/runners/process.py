@@ -43,13 +43,13 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from forgeflow.engine.runners import LifecycleRecorder, Prepared, prepare
-from forgeflow.engine.runners.base import CallResult, ProgressCallback, ToolCall
+from forgeflow.engine.runners.base import CallResult, PoolStatus, ProgressCallback, ToolCall, WorkerRow
 from forgeflow.engine.runners.batch_call import BatchPart, run_batch
 from forgeflow.engine.runners.call_exchange import CallLimits, exchange
-from forgeflow.engine.runners.protocol import DeadlineExceeded, PeerClosed, ProtocolError
+from forgeflow.engine.runners.protocol import DeadlineExceeded, PeerClosed, ProtocolError, text_field
 from forgeflow.engine.runners.worker_log import LOG_TAIL_BYTES, file_size, read_log_tail, trim_log, worker_log_path
 from forgeflow.engine.runners.worker_process import Worker
 from forgeflow.pipeline.outcome import EndReason
@@ -176,7 +176,7 @@ class ProcessRunner:
                 _count_down(self._warming, plugin)
                 self._cond.notify_all()
 
-    def status(self) -> dict[str, Any]:
+    def status(self) -> PoolStatus:
         """Pools as plain data: every worker (pid, plugin, busy job, calls, model loads, memory)."""
         with self._lock:
             workers = list(self._all)
@@ -185,7 +185,7 @@ class ProcessRunner:
             starting = dict(self._starting)
             evicted = self._evicted
         now = time.monotonic()
-        rows: list[dict[str, Any]] = []
+        rows: list[WorkerRow] = []
         for w in sorted(workers, key=lambda w: (w.plugin, w.pid)):
             rows.append(
                 {
@@ -467,7 +467,7 @@ class ProcessRunner:
             return None, CallResult.failure(
                 WorkerCrashed, f"{plugin}: worker sent {message.get('type')!r} instead of 'ready'"
             )
-        worker.version = message.get("version")
+        worker.version = text_field(message, "version")
         self.lifecycle.initialized(plugin)
         return worker, None
 

@@ -30,8 +30,11 @@ import os
 import selectors
 import struct
 import time
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Mapping
+
+from pydantic import JsonValue
+
+from forgeflow.canonical import JsonObject
 
 HEADER = struct.Struct(">I")
 #: Largest message accepted (outputs travel by value; media travel by reference).
@@ -50,14 +53,14 @@ class DeadlineExceeded(TimeoutError):
     """No complete message arrived before the deadline."""
 
 
-def encode(message: dict[str, Any]) -> bytes:
+def encode(message: Mapping[str, JsonValue]) -> bytes:
     body = json.dumps(message, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode()
     if len(body) > MAX_MESSAGE_BYTES:
         raise ProtocolError(f"message of {len(body)} bytes is over the limit of {MAX_MESSAGE_BYTES}")
     return HEADER.pack(len(body)) + body
 
 
-def write_message(fd: int, message: dict[str, Any]) -> None:
+def write_message(fd: int, message: Mapping[str, JsonValue]) -> None:
     """Write one framed message to a blocking file descriptor (all of it)."""
     data = memoryview(encode(message))
     while data:
@@ -65,7 +68,7 @@ def write_message(fd: int, message: dict[str, Any]) -> None:
         data = data[written:]
 
 
-def _decode(body: bytes) -> dict[str, Any]:
+def _decode(body: bytes) -> JsonObject:
     try:
         message = json.loads(body)
     except ValueError as exc:
@@ -75,7 +78,7 @@ def _decode(body: bytes) -> dict[str, Any]:
     return message
 
 
-def read_message_blocking(fd: int) -> dict[str, Any] | None:
+def read_message_blocking(fd: int) -> JsonObject | None:
     """Read one message from a blocking descriptor; None on a clean EOF before a header."""
     header = _read_exactly(fd, HEADER.size, allow_eof=True)
     if header is None:
@@ -102,6 +105,30 @@ def _read_exactly(fd: int, n: int, *, allow_eof: bool) -> bytes | None:
     return b"".join(chunks)
 
 
+def text_field(message: Mapping[str, JsonValue], key: str) -> str | None:
+    """``message[key]`` when it is a string, else None."""
+    value = message.get(key)
+    return value if isinstance(value, str) else None
+
+
+def int_field(message: Mapping[str, JsonValue], key: str) -> int | None:
+    """``message[key]`` when it is an integer, else None."""
+    value = message.get(key)
+    return value if isinstance(value, int) else None
+
+
+def number_field(message: Mapping[str, JsonValue], key: str) -> float | None:
+    """``message[key]`` when it is a number (an integer or a float), else None."""
+    value = message.get(key)
+    return value if isinstance(value, (int, float)) else None
+
+
+def object_field(message: Mapping[str, JsonValue], key: str) -> JsonObject | None:
+    """``message[key]`` when it is a JSON object, else None."""
+    value = message.get(key)
+    return value if isinstance(value, dict) else None
+
+
 class MessageReader:
     """Reads framed messages from a non-blocking descriptor, waiting at most until a deadline.
 
@@ -123,7 +150,7 @@ class MessageReader:
         except Exception:  # pragma: no cover - best effort
             pass
 
-    def _take(self) -> dict[str, Any] | None:
+    def _take(self) -> JsonObject | None:
         if len(self._buffer) < HEADER.size:
             return None
         (length,) = HEADER.unpack_from(self._buffer)
@@ -136,9 +163,7 @@ class MessageReader:
         del self._buffer[:end]
         return _decode(body)
 
-    def read(
-        self, deadline: float, tick: float | None = None, on_tick: Callable[[], None] | None = None
-    ) -> dict[str, Any]:
+    def read(self, deadline: float, tick: float | None = None, on_tick: Callable[[], None] | None = None) -> JsonObject:
         """The next message. ``on_tick()`` (if given) runs about every ``tick`` seconds while waiting;
         an exception it raises ends the wait."""
         period = tick if on_tick is not None else None

@@ -36,11 +36,18 @@ import time
 import traceback
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from forgeflow.engine.runners.protocol import int_field, object_field, text_field
 
 if TYPE_CHECKING:
+    from collections.abc import Mapping
+
+    from pydantic import JsonValue
+
+    from forgeflow.canonical import JsonObject
     from forgeflow.plugins.media import MediaStore
-    from forgeflow.plugins.sdk import Tool, ToolContext
+    from forgeflow.plugins.sdk import Plugin, Tool, ToolContext
     from forgeflow.settings import Settings
 
 #: ``FORGEFLOW_WORKER_RLIMIT_AS``: ``auto`` (default: on, except on hosts with an NVIDIA driver,
@@ -165,7 +172,7 @@ def build_context(
     job_id: str | None = None,
     stage_index: int | None = None,
     media_store: MediaStore | None = None,
-    progress_sink: Callable[[dict[str, Any]], None] | None = None,
+    progress_sink: Callable[[JsonObject], None] | None = None,
     artifact_budget_bytes: int | None = None,
     checkpoint_key: str | None = None,
     resume: bool = False,
@@ -201,28 +208,28 @@ def build_context(
 
 def execute_call(
     tool: Tool,
-    request: dict[str, Any],
+    request: Mapping[str, JsonValue],
     ctx: ToolContext,
     *,
     enforce_memory: bool,
     measure_peak: bool,
     max_output_bytes: int | None = None,
-) -> dict[str, Any]:
+) -> JsonObject:
     """Run one call and describe its outcome as a ``result`` message. Never raises. Outputs over
     ``max_output_bytes`` (as canonical JSON) are an ``OutputError``: they never leave the worker."""
     from forgeflow.canonical import canonical_bytes, storable_problem
     from forgeflow.plugins.errors import ForgeFlowError, StageMemoryExceeded
 
-    limit_mb = request.get("memory_limit_mb")
+    limit_mb = int_field(request, "memory_limit_mb")
     label = f"{tool.plugin_name}.{tool.name}"
     peak_ok = measure_peak and reset_peak_memory()
     error: BaseException | None = None
-    outputs: dict[str, Any] | None = None
+    outputs: JsonObject | None = None
     limit = AddressSpaceLimit(limit_mb, enforce_memory and rlimit_wanted())
     start = time.perf_counter()
     try:
         with limit:
-            outputs = tool.invoke(request.get("config") or {}, request.get("inputs") or {}, ctx)
+            outputs = tool.invoke(object_field(request, "config") or {}, object_field(request, "inputs") or {}, ctx)
     except BaseException as exc:
         error = exc
     finally:
@@ -230,7 +237,7 @@ def execute_call(
         ctx.end_progress()  # nothing the tool left running may report after the result
     duration_ms = (time.perf_counter() - start) * 1000.0
     peak_kb = proc_status_kb("VmHWM") if peak_ok else None
-    result: dict[str, Any] = {
+    result: JsonObject = {
         "type": "result",
         "ok": error is None,
         "outputs": None,
@@ -246,7 +253,7 @@ def execute_call(
         "frames": seen.model_dump() if (seen := ctx.frames_seen()) is not None else None,
     }
     if error is None:
-        stage = request.get("stage_index")
+        stage = int_field(request, "stage_index")
         where = f"stage {stage} ({label})" if stage is not None else label
         try:
             size = result["result_size_bytes"] = len(canonical_bytes(outputs))
@@ -313,7 +320,7 @@ def _format_traceback(exc: BaseException) -> str:
 # --- plugin loading ----------------------------------------------------------------------------
 
 
-def load_plugin(name: str) -> tuple[Any, str | None]:
+def load_plugin(name: str) -> tuple[Plugin | None, str | None]:
     """The installed plugin named ``name`` (entry point group ``forgeflow.plugins``), or why not."""
     from importlib.metadata import entry_points
 
@@ -334,29 +341,32 @@ def load_plugin(name: str) -> tuple[Any, str | None]:
     return entry.plugin, None
 
 
-class _OverlayMediaStore:
-    """Reads from a read-only media root, writes new media to a writable folder (Docker mode)."""
+def overlay_media_store(read_root: Path, write_root: Path) -> MediaStore:
+    """A media store that reads from a read-only media root and writes new media to a writable
+    folder (Docker mode)."""
+    from forgeflow.plugins.errors import MediaNotFound
+    from forgeflow.plugins.media import MediaInfo, MediaStore
 
-    def __new__(cls, read_root: Path, write_root: Path) -> MediaStore:  # type: ignore[misc]
-        from forgeflow.plugins.errors import MediaNotFound
-        from forgeflow.plugins.media import MediaInfo, MediaStore
+    read_store = MediaStore(read_root)
 
-        read_store = MediaStore(read_root)
+    class Overlay(MediaStore):
+        def path(self, ref: str) -> Path:
+            try:
+                return read_store.path(ref)
+            except MediaNotFound:
+                return MediaStore.path(self, ref)
 
-        class Overlay(MediaStore):
-            def path(self, ref: str) -> Path:
-                try:
-                    return read_store.path(ref)
-                except MediaNotFound:
-                    return MediaStore.path(self, ref)
+        def info(self, ref: str) -> MediaInfo:
+            try:
+                return read_store.info(ref)
+            except MediaNotFound:
+                return MediaStore.info(self, ref)
 
-            def info(self, ref: str) -> MediaInfo:
-                try:
-                    return read_store.info(ref)
-                except MediaNotFound:
-                    return MediaStore.info(self, ref)
+    return Overlay(write_root)
 
-        return Overlay(write_root)
+
+#: The name this went by when it was a class.
+_OverlayMediaStore = overlay_media_store
 
 
 # --- main loops ----------------------------------------------------------------------------------
@@ -371,16 +381,16 @@ def serve(plugin_name: str, proto_in: int, proto_out: int, media_out: Path | Non
         write_message(proto_out, {"type": "unavailable", "reason": reason})
         return 0
     settings = get_settings()
-    store = _OverlayMediaStore(settings.media_root, media_out) if media_out is not None else None
+    store = overlay_media_store(settings.media_root, media_out) if media_out is not None else None
     write_message(proto_out, {"type": "ready", "pid": os.getpid(), "plugin": plugin.name, "version": plugin.version})
     from forgeflow.plugins.sdk import resource_loads
 
-    def send_progress(update: dict[str, Any]) -> None:
+    def send_progress(update: JsonObject) -> None:
         send({"type": "progress", **update})
 
     send_lock = threading.Lock()
 
-    def send(reply: dict[str, Any]) -> None:  # a batch's calls answer from their own threads
+    def send(reply: JsonObject) -> None:  # a batch's calls answer from their own threads
         with send_lock:
             write_message(proto_out, reply)
 
@@ -407,15 +417,15 @@ def serve(plugin_name: str, proto_in: int, proto_out: int, media_out: Path | Non
 
 
 def run_request(
-    plugin: Any,
-    request: dict[str, Any],
+    plugin: Plugin,
+    request: Mapping[str, JsonValue],
     settings: Settings,
     *,
     measure_peak: bool,
     media_store: MediaStore | None = None,
-    progress_sink: Callable[[dict[str, Any]], None] | None = None,
-) -> dict[str, Any]:
-    tool_name = request.get("tool", "")
+    progress_sink: Callable[[JsonObject], None] | None = None,
+) -> JsonObject:
+    tool_name = text_field(request, "tool") or ""
     tool = plugin.tools.get(tool_name)
     if tool is None:
         return {
@@ -435,21 +445,21 @@ def request_context(
     settings: Settings,
     plugin: str,
     tool: str,
-    request: dict[str, Any],
+    request: Mapping[str, JsonValue],
     media_store: MediaStore | None,
-    progress_sink: Callable[[dict[str, Any]], None] | None,
+    progress_sink: Callable[[JsonObject], None] | None,
 ) -> ToolContext:
     """The context of the call ``request`` describes (a ``call`` message, or an item of a ``batch``)."""
     return build_context(
         settings,
         plugin,
         tool,
-        request.get("job_id"),
-        request.get("stage_index"),
+        text_field(request, "job_id"),
+        int_field(request, "stage_index"),
         media_store=media_store,
         progress_sink=progress_sink,
-        artifact_budget_bytes=request.get("artifact_budget_bytes"),
-        checkpoint_key=request.get("checkpoint_key"),
+        artifact_budget_bytes=int_field(request, "artifact_budget_bytes"),
+        checkpoint_key=text_field(request, "checkpoint_key"),
         resume=bool(request.get("resume")),
     )
 

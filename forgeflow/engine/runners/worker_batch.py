@@ -17,9 +17,10 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    from forgeflow.canonical import JsonObject
     from forgeflow.plugins.media import MediaStore
     from forgeflow.plugins.sdk import Plugin
     from forgeflow.settings import Settings
@@ -29,18 +30,20 @@ __all__ = ["run_batch"]
 
 def run_batch(
     plugin: Plugin,
-    message: dict[str, Any],
+    message: JsonObject,
     settings: Settings,
-    send: Callable[[dict[str, Any]], None],
+    send: Callable[[JsonObject], None],
     media_store: MediaStore | None = None,
 ) -> bool:
     """Run every item of a ``batch`` message, sending each item's progress and result through
     ``send`` (thread-safe); True when the worker must leave afterwards (a MemoryError, say)."""
+    from forgeflow.engine.runners.protocol import number_field
     from forgeflow.engine.runners.worker import AddressSpaceLimit, execute_call, request_context, rlimit_wanted
     from forgeflow.plugins.batching import BatchGather
     from forgeflow.plugins.sdk import resource_loads
 
-    items: list[dict[str, Any]] = list(message.get("items") or [])
+    listed = message.get("items")
+    items = [item for item in listed if isinstance(item, dict)] if isinstance(listed, list) else []
     tool = plugin.tools.get(str(message.get("tool", "")))
     if tool is None:
         for index in range(len(items)):
@@ -55,22 +58,23 @@ def run_batch(
                 }
             )
         return False
-    gather = BatchGather(len(items), float(message.get("max_wait_ms") or 0.0) / 1000.0)
+    gather = BatchGather(len(items), float(number_field(message, "max_wait_ms") or 0.0) / 1000.0)
     lock = threading.Lock()
     recycle = False
     armed = threading.Event()
 
-    def part(index: int, item: dict[str, Any]) -> None:
+    def part(index: int, item: JsonObject) -> None:
         nonlocal recycle
         # this thread's malloc arena (64 MB of address space, reserved on its first allocation)
         # exists before the batch's address-space limit: it must not count against the calls
         bytearray(1 << 17)
         armed.wait()
 
-        def progress(update: dict[str, Any]) -> None:
+        def progress(update: JsonObject) -> None:
             send({"type": "progress", "item": index, **update})
 
-        request = {**item, "tool": tool.name, "config": message.get("config") or {}}
+        result: JsonObject
+        request: JsonObject = {**item, "tool": tool.name, "config": message.get("config") or {}}
         try:
             ctx = request_context(settings, plugin.name, tool.name, item, media_store, progress)
             ctx.gather = gather
@@ -91,7 +95,7 @@ def run_batch(
             recycle = recycle or bool(result.get("recycle"))
         send(result)
 
-    limit_mb = message.get("memory_limit_mb")
+    limit_mb = number_field(message, "memory_limit_mb")
     threads = [
         threading.Thread(target=part, args=(index, item), name=f"batch-item-{index}", daemon=True)
         for index, item in enumerate(items)

@@ -13,12 +13,15 @@ import subprocess
 import threading
 import time
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Any
+from typing import IO, TYPE_CHECKING
 
 from forgeflow.engine.runners.protocol import MessageReader, PeerClosed, write_message
 
 if TYPE_CHECKING:
+    from collections.abc import Mapping
+
     import psutil
+    from pydantic import JsonValue
 
 __all__ = ["CHILDREN_REFRESH_S", "Worker", "describe_exit"]
 
@@ -84,7 +87,7 @@ class Worker:
     def alive(self) -> bool:
         return self.proc.poll() is None
 
-    def send(self, message: dict[str, Any]) -> None:
+    def send(self, message: Mapping[str, JsonValue]) -> None:
         """Write one message to the worker; :class:`PeerClosed` when it was killed already."""
         with self._pipes_lock:
             if self._stdin.closed:
