@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from typing import TYPE_CHECKING
 
 from forgeflow.exit_codes import is_job_ending
@@ -15,7 +16,12 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("forgeflow.api.launcher")
 
-__all__ = ["EngineJobHandle"]
+__all__ = ["EngineJobHandle", "engine_gone_reason"]
+
+
+def engine_gone_reason(pid: int | None) -> str:
+    """Why a job on the engine with ``pid`` crashed when the engine left without its result."""
+    return f"the engine running the job (pid {pid}) ended without reporting its result"
 
 
 class EngineJobHandle:
@@ -30,7 +36,7 @@ class EngineJobHandle:
         self.create_time = create_time
 
     def _gone(self) -> JobEnd:
-        return JobEnd("crashed", f"the engine running the job (pid {self.pid}) ended without reporting its result")
+        return JobEnd("crashed", engine_gone_reason(self.pid))
 
     def poll(self, active: dict[str, JobView] | None = None) -> JobEnd | None:
         """How the job ended, or None while it runs. ``active``: the engine's queued and running
@@ -52,8 +58,6 @@ class EngineJobHandle:
 
     def cancel(self, grace_s: float = 10.0) -> JobEnd | None:
         """Cancel the job in the engine (its stage's worker is killed); the engine itself stays."""
-        import time
-
         from forgeflow.engine.client import EngineUnavailable
 
         if self.client is not None:

@@ -31,7 +31,7 @@ from anyio import to_thread
 
 from forgeflow.api.batches import batch_service
 from forgeflow.api.deps import ApiState
-from forgeflow.api.engine_jobs import EngineJobHandle
+from forgeflow.api.engine_jobs import EngineJobHandle, engine_gone_reason
 from forgeflow.api.spool_import import import_spool
 from forgeflow.api.store.rows import JobRow
 from forgeflow.events.models import Event, JobStatusEvent, PipelineError
@@ -391,7 +391,7 @@ class Launcher:
         elif end is not None and end.reason:
             reason = end.reason
         elif end is None or end.status == "crashed":
-            reason = f"the engine running the job (pid {job.get('pid')}) ended without reporting its result"
+            reason = engine_gone_reason(job.get("pid"))
         else:
             reason = f"the engine ended the job {end.status} without reporting its result"
         batch: list[Event]

@@ -37,7 +37,8 @@ def _wait_all_ended(client: httpx.Client, count: int, timeout: float = 1100) -> 
         if len(ended) == count:
             return list(listed["items"])
         if time.monotonic() > deadline:
-            raise TimeoutError(f"{len(ended)} of {count} jobs ended")
+            running = {j["job_id"]: j["status"] for j in listed["items"] if j not in ended}
+            raise TimeoutError(f"{len(ended)} of {count} jobs ended; " + _why_unsuccessful(client, running))
         time.sleep(0.5)
 
 
@@ -47,7 +48,7 @@ def _why_unsuccessful(client: httpx.Client, unsuccessful: dict[str, Any]) -> str
     for job_id in sorted(unsuccessful)[:5]:
         events = client.get(f"/v1/jobs/{job_id}/events").json()["events"]
         lines.append(f"{job_id}: {unsuccessful[job_id]!r}; last messages: {json.dumps(events[-4:])[:3000]}")
-    return f"{len(unsuccessful)} of {BURST} jobs did not succeed:\n" + "\n".join(lines)
+    return f"{len(unsuccessful)} of {BURST} jobs did not succeed (or end):\n" + "\n".join(lines)
 
 
 # 200 flow runs: about a minute on an idle 2-core machine, several on a busy one (pytest-timeout's 300 s

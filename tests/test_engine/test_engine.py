@@ -86,7 +86,10 @@ def test_a_failing_stage_costs_only_its_own_worker(
     thread, box = in_thread(lambda: run(client, "healthy", slow))
     wait_for(lambda: any(w["job_id"] == "healthy" for w in workers_of(client, "testkit")))
     [healthy_worker] = [w["pid"] for w in workers_of(client, "testkit") if w["job_id"] == "healthy"]
-    bad = {"plugin": "testkit", "tool": tool, "config": config, "timeout_seconds": 1, "memory_limit_mb": 256}
+    # Only the hang needs a short timeout; the others must fail for their own reason, which on a loaded
+    # host can take longer than a second (touching 256 MB before the memory limit stops it).
+    timeout = 1 if tool == "hang" else 60
+    bad = {"plugin": "testkit", "tool": tool, "config": config, "timeout_seconds": timeout, "memory_limit_mb": 256}
     _, failed = run(client, "broken", [bad])
     assert failed["status"] == "failed"
     assert failed["envelope"]["error_type"] == error_type
