@@ -208,7 +208,7 @@ def create_app(
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         import os
 
-        from forgeflow.api.launcher import Launcher
+        from forgeflow.api.launching import launcher_for
 
         state = await run_in_threadpool(
             build_state,
@@ -218,7 +218,7 @@ def create_app(
         )
         state.hub.bind(asyncio.get_running_loop())
         app.state.forgeflow = state
-        launcher = Launcher(state)
+        launcher = launcher_for(state)
         launcher.enabled = launch_jobs
         state.launcher = launcher
         await launcher.start()

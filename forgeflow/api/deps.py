@@ -5,7 +5,7 @@ from __future__ import annotations
 import inspect
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol, cast
+from typing import TYPE_CHECKING, Any, cast
 
 from fastapi import Request, Security, params
 from fastapi.routing import APIRoute
@@ -17,28 +17,12 @@ from forgeflow.api.errors import ApiError, ApiErrorType
 from forgeflow.api.hub import EventHub
 from forgeflow.api.quota import SubmissionQuota
 from forgeflow.api.store import Store, StoredEvent
-from forgeflow.api.store.rows import JobRow
 from forgeflow.plugins import MediaStore
 from forgeflow.plugins.registry import PluginRegistry
 from forgeflow.settings import Settings
 
-
-class JobLauncher(Protocol):
-    """What routes ask of the service's launcher (:class:`forgeflow.api.launcher.Launcher`), which
-    itself works on an :class:`ApiState`: declared here, so the two modules do not import each other."""
-
-    @property
-    def running_count(self) -> int:
-        """Jobs this launcher runs now."""
-        ...
-
-    def wake(self) -> None:
-        """Look for queued jobs now rather than at the next tick."""
-        ...
-
-    async def cancel(self, job_id: str, by: str | None = None) -> JobRow:
-        """Cancel the job (queued or running) on ``by``'s request; the job's row after it."""
-        ...
+if TYPE_CHECKING:
+    from forgeflow.jobs.launcher import Launcher
 
 
 @dataclass
@@ -52,7 +36,7 @@ class ApiState:
     quota: SubmissionQuota
     api_url: str
     prefect_api_url: str | None
-    launcher: JobLauncher | None = None
+    launcher: Launcher | None = None
     extra: dict[str, object] = field(default_factory=dict)
 
     def publish(self, stored: list[StoredEvent]) -> None:

@@ -1,2 +1,3 @@
-"""Jobs on Prefect: the pipeline flow (one task per stage), its executor, the batch flow, the job
-supervisor (checkpoint, crash reconciliation) and the local Prefect server."""
+"""Jobs on Prefect: the pipeline flow (one task per stage), its executor, the batch flow, where a
+job runs (placement), the launcher that starts and watches jobs (against a store protocol),
+checkpoints, crash reconciliation and the local Prefect server."""

@@ -176,10 +176,10 @@ def test_the_tokens_file_holds_hashes_only_and_rotates_without_a_restart(
 
 @pytest.mark.fast
 def test_who_submitted_saved_cancelled_and_deleted(scoped: InProcessApi) -> None:
-    from forgeflow.api.launcher import Launcher
+    from forgeflow.api.launching import launcher_for
 
     api = scoped
-    api.state.launcher = Launcher(api.state)  # not started: a queued job is cancelled at once
+    api.state.launcher = launcher_for(api.state)  # not started: a queued job is cancelled at once
     client = api.client
     job = client.post("/v1/jobs", json={"pipeline": STAGES, "input": {}}, headers=bearer(RUNNER))
     assert job.status_code == 202 and job.json()["created_by"] == "runner"

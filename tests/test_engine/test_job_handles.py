@@ -9,8 +9,8 @@ import signal
 import time
 from typing import Any
 
-from forgeflow.api.engine_jobs import EngineJobHandle
 from forgeflow.engine.client import EngineUnavailable
+from forgeflow.jobs.engine_jobs import EngineJobHandle
 from forgeflow.jobs.handle import JobEnd, JobHandle
 from forgeflow.processes import pid_alive, process_create_time
 

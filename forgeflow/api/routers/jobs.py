@@ -399,9 +399,10 @@ async def cancel_job(
     if state.launcher is None:
         raise ApiError(503, "this service runs no launcher", ApiErrorType.UNAVAILABLE)
     try:
-        job = await state.launcher.cancel(job_id, by=principal.name)
+        await state.launcher.cancel(job_id, by=principal.name)
     except KeyError:
         raise not_found("job", job_id) from None
+    job = await _job(state, job_id)
     return CancelResult(job_id=job_id, status=job["status"], cancel_requested=True, cancelled_by=job["cancelled_by"])
 
 

@@ -26,10 +26,10 @@ import logging
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from forgeflow.canonical import JsonObject
-from forgeflow.engine.runners import Prepared, prepare, progress_relay, result_from_message
+from forgeflow.engine.runners import LifecycleRecorder, Prepared, prepare, progress_relay, result_from_message
 from forgeflow.engine.runners.base import CallResult, ProgressCallback, ToolCall
 from forgeflow.engine.runners.call_exchange import MemoryExceeded, RssWatchdog
 from forgeflow.engine.runners.protocol import DeadlineExceeded, PeerClosed, ProtocolError, int_field
@@ -38,9 +38,10 @@ from forgeflow.pipeline.outcome import EndReason
 from forgeflow.plugins.errors import StageTimeout
 
 if TYPE_CHECKING:
-    from forgeflow.engine.runners.process import ProcessRunner
+    from forgeflow.plugins.registry import PluginRegistry
+    from forgeflow.settings import Settings
 
-__all__ = ["BatchPart", "run_batch"]
+__all__ = ["BatchPart", "WorkerPool", "run_batch"]
 
 log = logging.getLogger("forgeflow.runners.batch")
 
@@ -66,7 +67,31 @@ class BatchPart:
         return True
 
 
-def run_batch(runner: ProcessRunner, parts: list[BatchPart], max_wait_ms: float) -> None:
+class WorkerPool(Protocol):
+    """What a batch needs of the runner whose worker it borrows: the
+    :class:`~.process.ProcessRunner` (and the Docker runner, its subclass). Named here as a protocol
+    because the runner imports this module."""
+
+    settings: Settings
+    registry: PluginRegistry
+    lifecycle: LifecycleRecorder
+
+    def run(self, call: ToolCall, on_progress: ProgressCallback | None = None) -> CallResult: ...
+
+    def is_cancelled(self, job_id: str | None) -> bool: ...
+
+    def _worker_key(self, prepared: Prepared, call: ToolCall) -> object: ...
+
+    def _acquire(
+        self, plugin: str, job_id: str | None, key: object = None
+    ) -> tuple[Worker | None, CallResult | None]: ...
+
+    def _release(self, worker: Worker) -> None: ...
+
+    def _discard(self, worker: Worker) -> None: ...
+
+
+def run_batch(runner: WorkerPool, parts: list[BatchPart], max_wait_ms: float) -> None:
     """Run ``parts`` (one plugin, tool and config) as one batch in one worker of ``runner``; every
     part is resolved when this returns. Never raises."""
     try:
@@ -77,7 +102,7 @@ def run_batch(runner: ProcessRunner, parts: list[BatchPart], max_wait_ms: float)
             part.resolve(CallResult.failure("RunnerError", f"batch runner error: {type(exc).__name__}: {exc}"))
 
 
-def _run_batch(runner: ProcessRunner, parts: list[BatchPart], max_wait_ms: float) -> None:
+def _run_batch(runner: WorkerPool, parts: list[BatchPart], max_wait_ms: float) -> None:
     live: list[tuple[BatchPart, Prepared]] = []
     for part in parts:
         prepared = prepare(runner.registry, part.call)
@@ -108,7 +133,7 @@ def _run_batch(runner: ProcessRunner, parts: list[BatchPart], max_wait_ms: float
 
 
 def _drive(
-    runner: ProcessRunner, worker: Worker, parts: list[BatchPart], prepared: Prepared, max_wait_ms: float
+    runner: WorkerPool, worker: Worker, parts: list[BatchPart], prepared: Prepared, max_wait_ms: float
 ) -> tuple[list[BatchPart], bool]:
     """Send the batch and answer its parts; the parts to retry alone and whether the worker may serve again."""
     label = f"{prepared.plugin}.{prepared.tool.name}"
@@ -213,7 +238,7 @@ def _drive(
     return [], not recycle
 
 
-def _retry_alone(runner: ProcessRunner, parts: list[BatchPart]) -> None:
+def _retry_alone(runner: WorkerPool, parts: list[BatchPart]) -> None:
     """Each part as an ordinary call of its own (a fresh worker, its own timeout), all at once."""
     if not parts:
         return

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 
 from forgeflow.engine.runners import LifecycleRecorder, prepare, progress_relay, result_from_message
 from forgeflow.engine.runners.base import CallResult, ProgressCallback, ToolCall
-from forgeflow.engine.runners.worker import build_context, execute_call
+from forgeflow.engine.runners.worker_call import build_context, execute_call
 
 if TYPE_CHECKING:
     from forgeflow.plugins.registry import PluginRegistry

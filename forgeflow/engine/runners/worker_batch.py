@@ -3,7 +3,7 @@
 The runner sends one ``batch`` message (see :mod:`.protocol`): the tool, the config all its calls
 share, the longest a call's model pass waits for the others (``max_wait_ms``), the memory limit of
 the whole batch, and one item per call (job, stage, inputs, artifact budget, checkpoint key).
-Each item runs as an ordinary call (:func:`~.worker.execute_call`: its own ``ctx``, cache, media,
+Each item runs as an ordinary call (:func:`~.worker_call.execute_call`: its own ``ctx``, cache, media,
 progress and typed result) in a thread of its own; their model passes meet in one
 :class:`~forgeflow.plugins.batching.BatchGather`. Each item's ``progress`` and ``result`` messages
 carry its ``item`` index and go out as they happen: a call that ends early is answered early, and
@@ -38,7 +38,7 @@ def run_batch(
     """Run every item of a ``batch`` message, sending each item's progress and result through
     ``send`` (thread-safe); True when the worker must leave afterwards (a MemoryError, say)."""
     from forgeflow.engine.runners.protocol import number_field
-    from forgeflow.engine.runners.worker import AddressSpaceLimit, execute_call, request_context, rlimit_wanted
+    from forgeflow.engine.runners.worker_call import AddressSpaceLimit, execute_call, request_context, rlimit_wanted
     from forgeflow.plugins.batching import BatchGather
     from forgeflow.plugins.sdk import resource_loads
 

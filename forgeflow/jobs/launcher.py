@@ -1,4 +1,8 @@
-"""The local launcher: hands queued jobs to this host's engine and watches them.
+"""The launcher: hands queued jobs to this host's engine (or a deployment's workers) and watches them.
+
+It works on a :class:`~forgeflow.jobs.launch_store.LaunchStore` (the API's store is the one there
+is, wired in ``forgeflow.api.launching``) and sends jobs' events to a
+:class:`~forgeflow.jobs.launch_store.LaunchTarget`: it knows neither the API nor its database.
 
 * Queued jobs start, oldest first, up to ``max_concurrent_jobs`` at once, each submitted to the
   engine (:mod:`forgeflow.engine`, started on demand: one long-lived process with warm worker
@@ -25,21 +29,20 @@ import asyncio
 import logging
 import os
 import time
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 from anyio import to_thread
 
-from forgeflow.api.batches import batch_service
-from forgeflow.api.deps import ApiState
-from forgeflow.api.engine_jobs import EngineJobHandle, engine_gone_reason
-from forgeflow.api.spool_import import import_spool
-from forgeflow.api.store.rows import JobRow
 from forgeflow.events.models import Event, JobStatusEvent, PipelineError
 from forgeflow.jobs.deployment import DeploymentRun
+from forgeflow.jobs.engine_jobs import EngineJobHandle, engine_gone_reason
 from forgeflow.jobs.flow_runs import mark_flow_run
 from forgeflow.jobs.handle import JobEnd, JobHandle
+from forgeflow.jobs.launch_store import LaunchedJob, LaunchStore, LaunchTarget
 from forgeflow.jobs.placement import JobOrigin, place_job
 from forgeflow.jobs.reconcile import reconcile_crash
+from forgeflow.jobs.spool_import import import_spool
 from forgeflow.pipeline import outcome
 from forgeflow.pipeline.definition import raw_stages
 from forgeflow.pipeline.outcome import EndReason
@@ -59,10 +62,23 @@ BATCH_CHECK_S = 0.5
 
 
 class Launcher:
+    """Starts queued jobs and watches them to their end. ``every_tick``: looked after every
+    :data:`BATCH_CHECK_S` while jobs are launched (the API's batches: crash retries, their end)."""
+
     def __init__(
-        self, state: ApiState, *, exit_grace_s: float = 5.0, cancel_grace_s: float = 10.0, poll_interval_s: float = 0.25
+        self,
+        store: LaunchStore,
+        target: LaunchTarget,
+        *,
+        every_tick: Callable[[], None] | None = None,
+        exit_grace_s: float = 5.0,
+        cancel_grace_s: float = 10.0,
+        poll_interval_s: float = 0.25,
     ) -> None:
-        self.state = state
+        self.store = store
+        self.target = target
+        self.settings = target.settings
+        self.every_tick = every_tick
         self.exit_grace_s = exit_grace_s
         self.cancel_grace_s = cancel_grace_s
         self.poll_interval_s = poll_interval_s
@@ -112,7 +128,7 @@ class Launcher:
     def deployment_mode(self) -> bool:
         """Whether jobs run as flow runs of a Prefect deployment (on workers) instead of on this host's
         engine (:func:`forgeflow.jobs.placement.place_job` decides, for the API as for the CLI)."""
-        placement = place_job(self.state.settings, JobOrigin.API, engine_running=self._engine is not None)
+        placement = place_job(self.settings, JobOrigin.API, engine_running=self._engine is not None)
         return placement.where == "deployment"
 
     def prestart_engine(self) -> None:
@@ -137,12 +153,12 @@ class Launcher:
     def _recover(self) -> None:
         """Import spooled events, re-attach live job processes, mark the dead ones for reconciliation."""
         try:
-            count = import_spool(self.state)
+            count = self._import_spool()
             if count:
                 log.info("imported %d spooled events", count)
         except Exception:
             log.exception("importing the spool failed")
-        active = self.state.store.launched_active_jobs()
+        active = self.store.launched_active_jobs()
         if self.deployment_mode:
             self._recover_flow_runs(active)
             return
@@ -157,8 +173,8 @@ class Launcher:
                 # Marked launching, but the API died before the pid was stored: the process may
                 # or may not exist; if it sent nothing, launch it again, else reconcile.
                 if job["last_seq"] <= 1:
-                    self.state.store.set_launched(job_id, None, None)
-                    self.state.store.reset_launch(job_id)
+                    self.store.set_launched(job_id, None, None)
+                    self.store.reset_launch(job_id)
                 else:
                     self.ended[job_id] = (None, time.monotonic() - self.exit_grace_s)
                 continue
@@ -169,18 +185,16 @@ class Launcher:
             else:
                 self.ended[job_id] = (None, time.monotonic() - self.exit_grace_s + 1.0)
 
-    def _recover_flow_runs(self, active: list[JobRow]) -> None:
+    def _recover_flow_runs(self, active: Sequence[LaunchedJob]) -> None:
         """Deployment mode: watch the flow runs of launched jobs again; launch again those whose
         flow run was never created (the idempotency key makes a second creation the same run)."""
         for job in active:
             if job["flow_run_id"]:
-                self.procs[job["id"]] = DeploymentRun(
-                    job["id"], job["flow_run_id"], self.state.settings.flow_run_poll_s
-                )
+                self.procs[job["id"]] = DeploymentRun(job["id"], job["flow_run_id"], self.settings.flow_run_poll_s)
                 log.info("watching flow run %s of job %s again", job["flow_run_id"], job["id"])
             elif job["last_seq"] <= 1:
-                self.state.store.set_launched(job["id"], None, None)
-                self.state.store.reset_launch(job["id"])
+                self.store.set_launched(job["id"], None, None)
+                self.store.reset_launch(job["id"])
             else:
                 self.ended[job["id"]] = (None, time.monotonic() - self.exit_grace_s)
 
@@ -188,10 +202,10 @@ class Launcher:
         """This host's engine client: the running engine (adopted), or one started now."""
         from forgeflow.engine.client import EngineUnavailable, ensure_engine
 
-        settings = self.state.settings
-        env = {"PREFECT_API_URL": self.state.prefect_api_url} if self.state.prefect_api_url else {}
+        settings = self.settings
+        env = {"PREFECT_API_URL": self.target.prefect_api_url} if self.target.prefect_api_url else {}
         client, status = ensure_engine(settings, env=env, owner_pid=os.getpid())
-        wanted = self.state.prefect_api_url
+        wanted = self.target.prefect_api_url
         if wanted and status.get("prefect_api_url") not in (None, wanted) and not status["jobs"]["running"]:
             log.info("the engine uses Prefect at %s, this API %s: restarting it", status.get("prefect_api_url"), wanted)
             try:
@@ -240,24 +254,24 @@ class Launcher:
                     if proc.host_lost:  # a dead host sends no late events: no grace to wait out
                         self.ended[job_id] = (end, time.monotonic() - self.exit_grace_s)
             for job_id, (end, since) in list(self.ended.items()):
-                if await to_thread.run_sync(self.state.store.has_terminal, job_id):
+                if await to_thread.run_sync(self.store.has_terminal, job_id):
                     del self.ended[job_id]
                     continue
                 waited = time.monotonic() - since
                 if waited < self.exit_grace_s:
                     if waited > 1.0:
-                        await to_thread.run_sync(import_spool, self.state)
+                        await to_thread.run_sync(self._import_spool)
                     continue
                 del self.ended[job_id]
                 await to_thread.run_sync(self._reconcile, job_id, end)
             if not self.enabled:
                 return
-            if time.monotonic() >= self._next_batch_check:
+            if self.every_tick is not None and time.monotonic() >= self._next_batch_check:
                 self._next_batch_check = time.monotonic() + BATCH_CHECK_S
-                await to_thread.run_sync(batch_service(self.state).supervise)
-            free = self.state.settings.max_concurrent_jobs - len(self.procs)
+                await to_thread.run_sync(self.every_tick)
+            free = self.settings.max_concurrent_jobs - len(self.procs)
             if free > 0:
-                for job in await to_thread.run_sync(self.state.store.jobs_to_launch, free):
+                for job in await to_thread.run_sync(self.store.jobs_to_launch, free):
                     await to_thread.run_sync(self._launch, job)
 
     def _poll_all(self) -> dict[str, JobEnd | None]:
@@ -282,7 +296,7 @@ class Launcher:
         marked Crashed. Checked once a second, and only once this service has listened that long
         itself (after a restart every heartbeat looks old)."""
         now = time.monotonic()
-        timeout = self.state.settings.heartbeat_timeout_s
+        timeout = self.settings.heartbeat_timeout_s
         if now < self._next_heartbeat_check or now - self._started < timeout:
             return
         self._next_heartbeat_check = now + 1.0
@@ -292,16 +306,16 @@ class Launcher:
             for job_id, proc in self.procs.items()
             if isinstance(proc, DeploymentRun) and proc.claimed_for() >= timeout
         }
-        for job in self.state.store.silent_jobs(list(held), timeout):
+        for job in self.store.silent_jobs(list(held), timeout):
             proc = held[job["id"]]
             log.warning("job %s: its host sent no heartbeat for %g s", job["id"], timeout)
             proc.lost(f"its host sent no heartbeat for {timeout:g} s")
 
-    def _launch(self, job: JobRow) -> None:
+    def _launch(self, job: LaunchedJob) -> None:
         from forgeflow.engine.client import EngineUnavailable
 
         job_id = job["id"]
-        store = self.state.store
+        store = self.store
         if not store.claim_launch(job_id):  # "launching": never started twice
             return
         try:
@@ -317,7 +331,7 @@ class Launcher:
         except Exception as exc:
             log.exception("could not start job %s", job_id)
             if self.deployment_mode:
-                error = f"could not create a flow run of deployment {self.state.settings.deployment!r}: {exc}"
+                error = f"could not create a flow run of deployment {self.settings.deployment!r}: {exc}"
             else:
                 error = f"could not hand the job to the engine: {exc}"
             self._store_terminal(
@@ -351,36 +365,39 @@ class Launcher:
             return self._engine
         return self.engine()
 
-    def _submit(self, client: EngineClient, job: JobRow) -> None:
+    def _submit(self, client: EngineClient, job: LaunchedJob) -> None:
         client.submit(
             job["id"],
             job["pipeline"],
             job["input"] or {},
-            api_url=self.state.api_url,
-            ingest_token=self.state.auth.ingest_token,
+            api_url=self.target.api_url,
+            ingest_token=self.target.ingest_token,
         )
 
-    def _launch_flow_run(self, job: JobRow) -> None:
-        settings = self.state.settings
+    def _launch_flow_run(self, job: LaunchedJob) -> None:
+        settings = self.settings
         batch_id = job.get("batch_id")
-        batch = self.state.store.batches.get(batch_id) if batch_id else None
+        parent = self.store.batch_flow_run_id(batch_id) if batch_id else None
         run = DeploymentRun.start(
             settings.deployment,
             job_id=job["id"],
             pipeline=job["pipeline"],
             input_data=job["input"] or {},
             poll_interval_s=settings.flow_run_poll_s,
-            parent_flow_run_id=batch["flow_run_id"] if batch else None,  # a child run of its batch's
+            parent_flow_run_id=parent,  # a child run of its batch's
         )
-        self.state.store.set_launched(job["id"], None, None, flow_run_id=run.flow_run_id)
+        self.store.set_launched(job["id"], None, None, flow_run_id=run.flow_run_id)
         self.procs[job["id"]] = run
         log.info("job %s runs as flow run %s of %s", job["id"], run.flow_run_id, settings.deployment)
 
     def _store_terminal(self, job_id: str, batch: list[Event]) -> None:
-        self.state.store.ingest(batch, publish=self.state.publish, resolve_plugin=self.state.resolve_plugin)
+        self.store.record(batch)
+
+    def _import_spool(self) -> int:
+        return import_spool(self.settings.spool_dir, self.store.record)
 
     def _reconcile(self, job_id: str, end: JobEnd | None) -> None:
-        store = self.state.store
+        store = self.store
         job = store.get_job(job_id)
         if job is None or store.has_terminal(job_id):
             return
@@ -403,7 +420,7 @@ class Launcher:
                     flow_run_id=job.get("flow_run_id"),
                     pipeline=job["pipeline"],
                     events=store.event_dicts(job_id),
-                    settings=self.state.settings,
+                    settings=self.settings,
                 )
             )
         except Exception as exc:
@@ -445,19 +462,20 @@ class Launcher:
         return event
 
     # --- cancel ----------------------------------------------------------------------------------
-    async def cancel(self, job_id: str, by: str | None = None) -> JobRow:
-        """Cancel a job: a queued one at once, a running one by signalling its process. ``by``: the name
-        of the token that asked (kept as the job's ``cancelled_by``)."""
-        store = self.state.store
+    async def cancel(self, job_id: str, by: str | None = None) -> None:
+        """Cancel a job: a queued one at once, a running one in the engine (or its flow run); KeyError
+        for a job the store does not have. ``by``: the name of the token that asked (kept as the
+        job's ``cancelled_by``)."""
+        store = self.store
         async with self._lock:
             job = await to_thread.run_sync(store.get_job, job_id)
             if job is None:
                 raise KeyError(job_id)
             if outcome.is_terminal(job["status"]):
-                return job
+                return
             await to_thread.run_sync(store.set_cancel_requested, job_id, by)
             if job["source"] == "external":
-                return {**job, "cancel_requested": True}  # run elsewhere: nothing here to signal
+                return  # run elsewhere: nothing here to signal
             if job["launched_at"] is None:
                 envelope = outcome.not_started(
                     outcome.pending_reports(raw_stages(job["pipeline"])),
@@ -474,7 +492,6 @@ class Launcher:
                     task.add_done_callback(self._cancel_done)
                 elif job_id not in self.ended:
                     self.ended[job_id] = (None, time.monotonic())
-        return await to_thread.run_sync(store.get_job, job_id) or job
 
     def _cancel_done(self, task: asyncio.Task[object]) -> None:
         self._cancel_tasks.discard(task)

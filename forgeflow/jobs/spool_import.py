@@ -5,28 +5,29 @@ is reconciled, so a job's last messages are not taken for lost)."""
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from pathlib import Path
 
-from forgeflow.api.deps import ApiState
 from forgeflow.events import spool
 from forgeflow.events.models import Event, parse_event
 
-log = logging.getLogger("forgeflow.api.launcher")
+log = logging.getLogger("forgeflow.jobs.launcher")
 
 __all__ = ["import_spool"]
 
 
-def import_spool(state: ApiState, *, skip_live_writers: bool = True) -> int:
-    """Store the events of spool files whose writer is gone, deleting each file once stored."""
+def import_spool(spool_dir: Path, record: Callable[[list[Event]], int], *, skip_live_writers: bool = True) -> int:
+    """Store (``record``) the events of the spool files in ``spool_dir`` whose writer is gone,
+    deleting each file once stored; how many events were new."""
     stored = 0
-    for file in spool.spool_files(state.settings.spool_dir):
+    for file in spool.spool_files(spool_dir):
         claimed = spool.claim(file, skip_live_writers=skip_live_writers)
         if claimed is not None:
-            stored += _import_file(state, claimed)
+            stored += _import_file(record, claimed)
     return stored
 
 
-def _import_file(state: ApiState, path: Path) -> int:
+def _import_file(record: Callable[[list[Event]], int], path: Path) -> int:
     good: list[Event] = []
     bad: list[str] = []
     for data in spool.read_events(path):
@@ -36,7 +37,7 @@ def _import_file(state: ApiState, path: Path) -> int:
             bad.append(f"{exc}: {data!r}"[:2000])
     stored = 0
     for i in range(0, len(good), 200):
-        stored += len(state.store.ingest(good[i : i + 200], publish=state.publish, resolve_plugin=state.resolve_plugin))
+        stored += record(good[i : i + 200])
     if bad:
         log.error("spool file %s had %d unreadable events; kept in %s.bad", path.name, len(bad), path.name)
         path.with_name(path.name + ".bad").write_text("\n".join(bad), encoding="utf-8")

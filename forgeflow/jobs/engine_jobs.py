@@ -1,4 +1,4 @@
-"""A job the local launcher handed to this host's engine, watched through the engine's socket."""
+"""A job the launcher handed to this host's engine, watched through the engine's socket."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ if TYPE_CHECKING:
     from forgeflow.engine.client import EngineClient
     from forgeflow.engine.control import JobView
 
-log = logging.getLogger("forgeflow.api.launcher")
+log = logging.getLogger("forgeflow.jobs.launcher")
 
 __all__ = ["EngineJobHandle", "engine_gone_reason"]
 
