@@ -47,6 +47,22 @@ _default_env("FORGEFLOW_AUTO_ENGINE", "false")
 _default_env("FORGEFLOW_PREFECT_DB_CACHE", str(_SESSION_DIR / "prefect-db-cache"))
 
 
+@pytest.hookimpl(trylast=True)
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Under ``--dist loadgroup`` an ``xdist_group`` test's node id ends with ``@<group>`` (that is how
+    pytest-xdist keeps a group in one worker). Stop the run when it does not: a pytest that keeps node
+    ids where pytest-xdist cannot change them (pytest 9 with pytest-xdist 3.8) spreads a group over
+    the workers without a word, and the stack tests then bring up a stack per worker at once."""
+    if not getattr(config.option, "loadgroup", False):
+        return
+    lost = [item.nodeid for item in items if item.get_closest_marker("xdist_group") and "@" not in item.nodeid]
+    if lost:
+        raise pytest.UsageError(
+            f"--dist loadgroup does not group {len(lost)} tests (e.g. {lost[0]}) with pytest {pytest.__version__}: "
+            "install the pytest that pyproject.toml's dev extra names"
+        )
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
