@@ -30,6 +30,7 @@ from forgeflow.events.models import (
     StageStart,
 )
 from forgeflow.pipeline.outcome import NOT_THE_PLUGINS_DOING, JobStatus, StageReport, is_terminal
+from forgeflow.plugins.lifecycle import SeenStatus
 
 PluginState = Literal["INITIALIZED", "RUNNING", "FAILED"]
 
@@ -57,16 +58,9 @@ StageValues = dict[str, object]
 JobChanges = dict[str, object]
 
 
-class ObservedRow(TypedDict):
-    """A plugin's observed health (the store's ``plugin_observed`` row less its name)."""
-
-    state: str
-    last_error: str | None
-    last_error_type: str | None
-    calls: int
-    failures: int
-    last_duration_ms: float | None
-    updated_at: float
+#: A plugin's observed health (the store's ``plugin_observed`` row less its name): the shape the
+#: plugin registry's lifecycle merges as another source's view of a plugin.
+ObservedRow = SeenStatus
 
 
 @dataclass(frozen=True)

@@ -31,7 +31,7 @@ class LifecycleState(StrEnum):
 
 class SeenStatus(TypedDict):
     """A plugin's lifecycle as another source saw it (the API's observations from stage events:
-    :class:`forgeflow.events.reduce.ObservedRow` has this shape)."""
+    :data:`forgeflow.events.reduce.ObservedRow` is this type)."""
 
     state: str
     last_error: str | None
