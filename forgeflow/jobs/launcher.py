@@ -62,8 +62,8 @@ BATCH_CHECK_S = 0.5
 
 
 class Launcher:
-    """Starts queued jobs and watches them to their end. ``every_tick``: looked after every
-    :data:`BATCH_CHECK_S` while jobs are launched (the API's batches: crash retries, their end)."""
+    """Starts queued jobs and watches them to their end. ``every_tick``: called from the loop every
+    :data:`BATCH_CHECK_S` while launching is enabled (the API's batches: crash retries, their end)."""
 
     def __init__(
         self,
