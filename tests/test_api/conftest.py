@@ -350,9 +350,11 @@ class InProcessApi:
         )
 
     def close(self) -> None:
-        self.client.close()
-        self.portal.close()
-        self.state.store.close()
+        try:
+            self.client.close()
+        finally:  # the portal's thread is not a daemon: left open, it would keep pytest from exiting
+            self.portal.close()
+            self.state.store.close()
 
 
 _EMPTY_STORE: list[Path] = []

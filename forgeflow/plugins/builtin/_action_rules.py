@@ -110,10 +110,18 @@ class _Obs:
         return (self.kp[3 * i] - self.offset[0], self.kp[3 * i + 1] - self.offset[1])
 
     def mid(self, pair: Sequence[int]) -> tuple[float, float] | None:
-        pts = [p for p in (self.point(i) for i in pair) if p is not None]
-        if not pts:
+        """The mean of the visible points of ``pair`` (None when none is): :meth:`point`'s arithmetic,
+        inline, as it runs several times per observation."""
+        kp, (ox, oy) = self.kp, self.offset
+        n, sx, sy = 0, 0.0, 0.0
+        for i in pair:
+            if kp[3 * i + 2] >= self.min_conf:
+                sx += kp[3 * i] - ox
+                sy += kp[3 * i + 1] - oy
+                n += 1
+        if not n:
             return None
-        return (sum(p[0] for p in pts) / len(pts), sum(p[1] for p in pts) / len(pts))
+        return (sx / n, sy / n)
 
     def quality(self, idx: Sequence[int]) -> float:
         used = [self.kp[3 * i + 2] for i in idx if self.vis(i)]
@@ -166,11 +174,17 @@ def _median_of_sorted(ordered: Sequence[float]) -> float:
 
 
 def _slope(ts: list[float], vs: list[float]) -> float:
+    """The least-squares slope of ``vs`` over ``ts``, in one pass (it runs for every observation of
+    every track); the sums add in the same order as ``sum()`` would, so the results are the same bits."""
     mt, mv = sum(ts) / len(ts), sum(vs) / len(vs)
-    var = sum((t - mt) ** 2 for t in ts)
+    var = cov = 0.0
+    for t, v in zip(ts, vs, strict=True):
+        d = t - mt
+        var += d**2
+        cov += d * (v - mv)
     if var <= 0:
         return 0.0
-    return sum((t - mt) * (v - mv) for t, v in zip(ts, vs, strict=True)) / var
+    return cov / var
 
 
 # --- rules ---------------------------------------------------------------------------------------
