@@ -90,6 +90,7 @@ def test_create_job_is_idempotent_by_request_and_conflicts_otherwise(store: Stor
     assert json.loads(published[0].payload)["status"] == "queued"
     again, created = new_job(store, "j1", body="same")
     assert created is False and again["created_at"] == job["created_at"] and again["last_seq"] == 1
+    assert again == job  # the row the insert returned is the row as stored, read back
     with pytest.raises(Conflict, match="different request"):
         new_job(store, "j1", body="other")
     assert [e.seq for e in store.events_after("j1", 0)] == [1]  # nothing more was stored

@@ -231,38 +231,57 @@ async def submit_job(
         source = "legacy"
         legacy = True
 
+    job, created = await run_in_threadpool(
+        _store_submission,
+        state,
+        body,
+        definition,
+        source=source,
+        template_id=template_id,
+        legacy=legacy,
+        created_by=principal.name,
+    )
+    return _accepted(state, response, job, created)
+
+
+def _store_submission(
+    state: ApiState,
+    body: JobCreate,
+    definition: PipelineDefinition,
+    *,
+    source: str,
+    template_id: str | None,
+    legacy: bool,
+    created_by: str | None,
+) -> tuple[JobRow, bool]:
+    """Validate a submission against the installed plugins, check its media, and store it (or find
+    it stored): all in one worker thread, as a hop to the threadpool and back costs about as much as
+    any one of these steps for a small job."""
     try:
-        validated = await run_in_threadpool(_validate, state, definition, body.input)
+        validated = _validate(state, definition, body.input)
     except PipelineValidationError as exc:
         raise validation_error(exc, prefix="pipeline", legacy=legacy) from None
     if "media" in validated.job_input_fields:
-        await run_in_threadpool(check_media, state, body.input.get("media"))
-
+        check_media(state, body.input.get("media"))
     pipeline = validated.canonical_definition().model_dump(mode="json")
     request: JsonObject = {"source": source, "pipeline_id": template_id, "pipeline": pipeline, "input": body.input}
     if body.reuse:  # said only when set: a submission without it keeps its request hash
         request["reuse"] = True
-    request_hash = hashlib.sha256(canonical_json(request).encode()).hexdigest()
-    key = await run_in_threadpool(job_work_key, state, pipeline, body.input)
-    job_id = body.job_id or f"job-{uuid.uuid4().hex}"
     try:
-        job, created = await run_in_threadpool(
-            lambda: state.store.create_job(
-                job_id=job_id,
-                pipeline=pipeline,
-                input_data=body.input,
-                request_hash=request_hash,
-                source=source,
-                template_id=template_id,
-                created_by=principal.name,
-                work_key=key,
-                reuse=body.reuse,
-                publish=state.publish,
-            )
+        return state.store.create_job(
+            job_id=body.job_id or f"job-{uuid.uuid4().hex}",
+            pipeline=pipeline,
+            input_data=body.input,
+            request_hash=hashlib.sha256(canonical_json(request).encode()).hexdigest(),
+            source=source,
+            template_id=template_id,
+            created_by=created_by,
+            work_key=job_work_key(state, pipeline, body.input),
+            reuse=body.reuse,
+            publish=state.publish,
         )
     except Conflict as exc:
         raise ApiError(409, str(exc), ApiErrorType.CONFLICT, field="job_id") from None
-    return _accepted(state, response, job, created)
 
 
 def job_work_key(state: ApiState, pipeline: Mapping[str, JsonValue], input_data: Mapping[str, JsonValue]) -> str | None:

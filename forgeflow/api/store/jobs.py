@@ -55,34 +55,41 @@ class JobRepo:
             try:
                 with self.db.writing() as conn:
                     # No read first: the insert itself finds an id in use (IntegrityError, below).
-                    conn.execute(
-                        insert(jobs).values(
-                            id=job_id,
-                            status="queued",
-                            source=source,
-                            template_id=template_id,
-                            pipeline=pipeline,
-                            input=input_data,
-                            request_hash=request_hash,
-                            created_at=now,
-                            updated_at=now,
-                            cancel_requested=False,
-                            last_seq=1,
-                            stages_total=len(pipeline_stages(pipeline)),
-                            stages_completed=0,
-                            created_by=created_by,
-                            retry_of=retry_of,
-                            batch_id=batch_id,
-                            work_key=work_key,
-                            reused_from=(done["reused_from"] or done["id"]) if done else None,
-                        )
+                    # A new job's row comes back from the insert (RETURNING) where the database can;
+                    # reused work changes the row after it, so that one is read again.
+                    returning = done is None and conn.dialect.insert_returning
+                    row = None
+                    statement = insert(jobs).values(
+                        id=job_id,
+                        status="queued",
+                        source=source,
+                        template_id=template_id,
+                        pipeline=pipeline,
+                        input=input_data,
+                        request_hash=request_hash,
+                        created_at=now,
+                        updated_at=now,
+                        cancel_requested=False,
+                        last_seq=1,
+                        stages_total=len(pipeline_stages(pipeline)),
+                        stages_completed=0,
+                        created_by=created_by,
+                        retry_of=retry_of,
+                        batch_id=batch_id,
+                        work_key=work_key,
+                        reused_from=(done["reused_from"] or done["id"]) if done else None,
                     )
+                    if returning:
+                        row = conn.execute(statement.returning(*jobs.c)).mappings().first()
+                    else:
+                        conn.execute(statement)
                     if done is None:
                         stored = [self.ingestor.first_event(conn, job_id, now)]
                     else:  # reused work: queued, then succeeded with the earlier job's envelope
                         reused = JobStatusEvent(job_id=job_id, status="succeeded", envelope=done["envelope"])
                         stored = self.ingestor.write(conn, [JobStatusEvent(job_id=job_id, status="queued"), reused])
-                    row = conn.execute(select(jobs).where(jobs.c.id == job_id)).mappings().first()
+                    if row is None:
+                        row = conn.execute(select(jobs).where(jobs.c.id == job_id)).mappings().first()
             except IntegrityError:
                 # The id is taken (a repeated submission, or another API process created it first).
                 existing = self.get(job_id)
