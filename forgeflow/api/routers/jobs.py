@@ -39,7 +39,6 @@ from forgeflow.pipeline.definition import PipelineDefinition, raw_stages
 from forgeflow.pipeline.outcome import JobStatus, is_terminal
 from forgeflow.pipeline.validation import (
     PipelineValidationError,
-    ValidatedPipeline,
     parse_definition,
     validate_pipeline,
 )
@@ -80,10 +79,6 @@ def validation_error(exc: PipelineValidationError, *, prefix: str, legacy: bool 
                 parts.append(name)
             field = ".".join(parts)
     return ApiError(422, exc.message, exc.error_type, field=field, issues=issues)
-
-
-def _validate(state: ApiState, definition: PipelineDefinition, input_data: JsonObject | None) -> ValidatedPipeline:
-    return validate_pipeline(definition, input_data, state.registry, state.settings)
 
 
 def check_cheap_limits(state: ApiState, pipeline: RawPipeline, input_data: Mapping[str, JsonValue] | None) -> None:
@@ -258,7 +253,7 @@ def _store_submission(
     it stored): all in one worker thread, as a hop to the threadpool and back costs about as much as
     any one of these steps for a small job."""
     try:
-        validated = _validate(state, definition, body.input)
+        validated = validate_pipeline(definition, body.input, state.registry, state.settings)
     except PipelineValidationError as exc:
         raise validation_error(exc, prefix="pipeline", legacy=legacy) from None
     if "media" in validated.job_input_fields:
