@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import statistics
@@ -127,15 +128,19 @@ class Watcher:
 
         async with websockets.connect(url, max_size=None) as ws:
             self._ready.set()
-            async for raw in ws:
-                now = time.perf_counter()
-                m = json.loads(raw)
-                job = m.get("job_id")
-                if m["type"] == "pipeline_stage_start":
-                    self.first_start.setdefault(job, now)
-                if m["type"] == "job_status" and m["status"] in ("succeeded", "failed", "cancelled", "crashed"):
-                    self.terminal.setdefault(job, now)
-                    self.status[job] = m["status"]
+            with contextlib.suppress(websockets.ConnectionClosed):  # the API stops at the bench's end
+                await self._read(ws)
+
+    async def _read(self, ws: Any) -> None:
+        async for raw in ws:
+            now = time.perf_counter()
+            m = json.loads(raw)
+            job = m.get("job_id")
+            if m["type"] == "pipeline_stage_start":
+                self.first_start.setdefault(job, now)
+            if m["type"] == "job_status" and m["status"] in ("succeeded", "failed", "cancelled", "crashed"):
+                self.terminal.setdefault(job, now)
+                self.status[job] = m["status"]
 
 
 def tree_rss_mb(pid: int) -> float:

@@ -175,6 +175,20 @@ def submit_all(url: str, ws: Watcher, media: str | None, ids: list[str], pipelin
     return max(ws.terminal[j] for j in ids) - t
 
 
+def completed_task_runs(prefect_url: str) -> int:
+    body = {"task_runs": {"state": {"type": {"any_": ["COMPLETED"]}}}}
+    return int(httpx.post(f"{prefect_url}/task_runs/count", json=body, timeout=30).json())
+
+
+def wait_recorded(prefect_url: str, count: int, timeout: float = 60.0) -> None:
+    """Until Prefect's database holds ``count`` completed task runs."""
+    deadline = time.monotonic() + timeout
+    while completed_task_runs(prefect_url) < count:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"Prefect recorded fewer than {count} completed task runs in {timeout:g}s")
+        time.sleep(0.1)
+
+
 def profile_start(pids: dict[str, int], out: Path, seconds: float) -> list[subprocess.Popen[bytes]]:
     spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
     out.mkdir(parents=True, exist_ok=True)
@@ -273,9 +287,13 @@ def run_store(store: str, args: argparse.Namespace, direct: dict[str, float] | N
                     seconds=max(5.0, args.burst * 1.5),
                 )
                 time.sleep(1.0)
+            recorded = completed_task_runs(prefect_url)
             before = cpu_seconds(pids)
             elapsed = submit_all(url, ws, media, [f"{name}-{i}" for i in range(args.burst)], pipeline)
-            time.sleep(0.5)  # the last events' ingest and Prefect's last state writes
+            # Prefect records task runs from their events a little later (in batches): the CPU counts
+            # until every stage of the burst is a completed task run in Prefect's database.
+            wait_recorded(prefect_url, recorded + args.burst * len(pipeline))
+            time.sleep(0.5)  # the last events' ingest
             after = cpu_seconds(pids)
             for spy in spies:
                 spy.wait()

@@ -1,12 +1,13 @@
-"""Prefect for the daemon's flow runs: settings without the heartbeat thread, one TLS context, and
-the server's default result storage asked once a minute (each saves time on every flow run)."""
+"""Prefect for the daemon's flow runs: settings without the heartbeat thread, one TLS context, the
+server's default result storage and whether it wants CSRF tokens asked once a minute (each saves
+time or a request on every flow run)."""
 
 from __future__ import annotations
 
 import threading
 import time
 from typing import TYPE_CHECKING
-from uuid import UUID
+from uuid import UUID, uuid4
 
 from forgeflow.jobs.flow_runs import prefect_tls_context
 
@@ -70,28 +71,61 @@ class _CachedRead:
         return value
 
 
+def csrf_protection_off(api_url: str) -> bool:
+    """Whether the Prefect server at ``api_url`` says its CSRF protection is off (Prefect's default).
+
+    Prefect's client asks a server for a CSRF token (``GET /csrf-token``) before its first change,
+    and learns from the 422 that the server needs none: one of the requests of every flow run, since
+    each run has a client of its own. Anything but that answer (an error, a token, no server) is
+    "on", which keeps Prefect's own behaviour."""
+    import httpx
+
+    try:
+        response = httpx.get(
+            f"{api_url.rstrip('/')}/csrf-token",
+            params={"client": str(uuid4())},
+            timeout=5,
+            verify=prefect_tls_context(),
+        )
+    except httpx.HTTPError:
+        return False
+    return response.status_code == 422 and "CSRF protection is disabled" in response.text
+
+
 class PrefectRuns:
     """What every flow run of the daemon shares of Prefect, made once (thread-safe)."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._prefect_settings: tuple[Profile, Settings] | None = None
+        #: When the server's CSRF protection was last asked, and whether it was off.
+        self._csrf: tuple[float, bool] | None = None
 
     def settings(self) -> SettingsContext:
         """Prefect's settings for the engine's flow runs: without the heartbeat thread, whose join
         costs a sync flow run ~1 s at exit (the engine and the API's reconciliation notice a lost
-        job). Built once: ``temporary_settings`` would rebuild the settings for every run (~0.27 s)."""
+        job), and without the CSRF token request when the server has no CSRF protection (asked again
+        every :data:`RESULT_STORAGE_TTL_S`, so a server restarted with it is followed). Built once
+        per answer: ``temporary_settings`` would rebuild the settings for every run (~0.27 s)."""
         import prefect.context
-        from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY
+        from prefect.settings import PREFECT_CLIENT_CSRF_SUPPORT_ENABLED, PREFECT_FLOWS_HEARTBEAT_FREQUENCY
 
         with self._lock:
+            now = time.monotonic()
+            if self._csrf is None or now - self._csrf[0] >= RESULT_STORAGE_TTL_S:
+                base = prefect.context.get_settings_context().settings
+                off = bool(base.api.url) and csrf_protection_off(str(base.api.url))
+                if self._csrf is None or off != self._csrf[1]:
+                    self._prefect_settings = None
+                self._csrf = (now, off)
             if self._prefect_settings is None:
                 _remember_result_storage()
                 current = prefect.context.get_settings_context()
-                self._prefect_settings = (
-                    current.profile,
-                    current.settings.copy_with_update(updates={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}),
+                csrf = current.settings.client.csrf_support_enabled and not self._csrf[1]
+                settings = current.settings.copy_with_update(
+                    updates={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None, PREFECT_CLIENT_CSRF_SUPPORT_ENABLED: csrf}
                 )
+                self._prefect_settings = (current.profile, settings)
         profile, settings = self._prefect_settings
         return prefect.context.SettingsContext(profile=profile, settings=settings)
 

@@ -55,6 +55,20 @@ LEAN_SERVICES_OFF = (
 )
 
 
+#: How Prefect's task-run recorder writes here (the caller's environment still wins). Prefect's default
+#: writes every task-run event in a transaction of its own (batch size 1): a stage's Pending, Running
+#: and Completed are three upserts of its ``task_run`` row and three state rows, each behind SQLite's
+#: one writer, which made the recorder the Prefect server's largest cost per job. Batched, up to
+#: ``BATCH_SIZE`` events (or what came within ``FLUSH_INTERVAL``) are written in one transaction with
+#: bulk statements (Prefect's own ``record_bulk_task_run_events``). A task run then reaches the Prefect
+#: UI up to a second later; the interval cannot be shorter (Prefect takes its whole seconds: 0.5
+#: would be 0, a loop that never sleeps).
+TASK_RUN_RECORDER_BATCHING = {
+    "PREFECT_SERVER_SERVICES_TASK_RUN_RECORDER_BATCH_SIZE": "50",
+    "PREFECT_SERVER_SERVICES_TASK_RUN_RECORDER_FLUSH_INTERVAL": "1",
+}
+
+
 class LocalPrefectServer:
     """``prefect server start`` on 127.0.0.1 as a child process in its own process group."""
 
@@ -231,6 +245,8 @@ def main(argv: list[str] | None = None) -> int:
     from forgeflow.redact import install_log_redaction
 
     install_log_redaction()  # its access log is one of the stack's logs
+    for name, value in TASK_RUN_RECORDER_BATCHING.items():
+        os.environ.setdefault(name, value)
     if args.parent_pid is not None:
         # Whoever started the server may be SIGKILLed: the kernel then stops the server too.
         die_with_parent(args.parent_pid, signal.SIGTERM)

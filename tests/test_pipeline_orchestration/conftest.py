@@ -116,16 +116,24 @@ def ingest() -> Iterator[IngestServer]:
     server.stop()
 
 
-def prefect_task_runs(flow_run_id: str) -> list[dict[str, Any]]:
-    """The task runs of one flow run, read from the real Prefect server's REST API."""
+def prefect_task_runs(flow_run_id: str, count: int, timeout: float = 15.0) -> list[dict[str, Any]]:
+    """The task runs of one flow run, read from the real Prefect server's REST API once ``count`` of
+    them are there in a final state: Prefect records task runs from their events in batches, up to a
+    second after the flow run ended (``TASK_RUN_RECORDER_BATCHING``)."""
     import os
 
     import httpx
 
     body = {"task_runs": {"flow_run_id": {"any_": [flow_run_id]}}, "sort": "EXPECTED_START_TIME_ASC"}
-    response = httpx.post(f"{os.environ['PREFECT_API_URL']}/task_runs/filter", json=body, timeout=10)
-    response.raise_for_status()
-    return response.json()
+    deadline = time.monotonic() + timeout
+    while True:
+        response = httpx.post(f"{os.environ['PREFECT_API_URL']}/task_runs/filter", json=body, timeout=10)
+        response.raise_for_status()
+        runs: list[dict[str, Any]] = response.json()
+        final = [r for r in runs if r["state"] and r["state"]["type"] not in ("PENDING", "RUNNING", "SCHEDULED")]
+        if len(final) >= count or time.monotonic() > deadline:
+            return runs
+        time.sleep(0.1)
 
 
 def prefect_flow_run(flow_run_id: str) -> dict[str, Any]:

@@ -1,5 +1,6 @@
 """The local Prefect server ForgeFlow starts never outlives its owner: it dies with it (even a
-SIGKILLed one), and a server whose owner is gone is stopped by the next owner of the same home."""
+SIGKILLed one), and a server whose owner is gone is stopped by the next owner of the same home; it
+records task runs in batches."""
 
 from __future__ import annotations
 
@@ -8,9 +9,11 @@ import subprocess
 import sys
 import time
 
+import httpx
 import psutil
+import pytest
 
-from forgeflow.jobs.prefect_server import LocalPrefectServer, free_port
+from forgeflow.jobs.prefect_server import TASK_RUN_RECORDER_BATCHING, LocalPrefectServer, free_port
 from forgeflow.processes import pid_alive
 
 
@@ -80,3 +83,17 @@ def test_a_server_whose_owner_is_gone_is_stopped_by_the_next_owner(tmp_path):
         alive.wait(10)
     finally:
         stale.kill()
+
+
+def test_the_server_records_task_runs_in_batches(prefect_api_url):
+    if os.environ.get("PREFECT_SERVER_SERVICES_TASK_RUN_RECORDER_BATCH_SIZE"):
+        pytest.skip("the caller's environment sets the recorder's batching")
+    # What the running server (the session's, started like every local one) has in force.
+    settings = httpx.get(f"{prefect_api_url}/admin/settings", timeout=10).json()
+    recorder = settings["server"]["services"]["task_run_recorder"]
+    assert (
+        str(recorder["batch_size"])
+        == TASK_RUN_RECORDER_BATCHING["PREFECT_SERVER_SERVICES_TASK_RUN_RECORDER_BATCH_SIZE"]
+    )
+    assert recorder["batch_size"] > 1
+    assert float(recorder["flush_interval"]) == 1.0

@@ -22,7 +22,7 @@ def test_pipeline_error_in_stage_2_stops_execution(executor, services):
 
     flow_run_id = next(e.flow_run_id for e in services.sink.events if e.type == "job_status")
     assert prefect_flow_run(flow_run_id)["state"]["type"] == "FAILED"
-    states = {r["name"]: r["state"]["type"] for r in prefect_task_runs(flow_run_id)}
+    states = {r["name"]: r["state"]["type"] for r in prefect_task_runs(flow_run_id, 3)}
     assert states == {
         "stage-0: testkit.numbers": "COMPLETED",
         "stage-1: testkit.scale": "COMPLETED",

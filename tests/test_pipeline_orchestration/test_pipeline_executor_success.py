@@ -51,7 +51,7 @@ def test_one_prefect_task_per_stage_named_by_index_plugin_and_tool(executor, ser
     flow_run = prefect_flow_run(flow_run_id)
     assert flow_run["name"] == "job-job-prefect"
     assert flow_run["state"]["type"] == "COMPLETED"
-    runs = prefect_task_runs(flow_run_id)
+    runs = prefect_task_runs(flow_run_id, 3)
     assert sorted(r["name"] for r in runs) == [
         "stage-0: testkit.numbers",
         "stage-1: testkit.scale",
