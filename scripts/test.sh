@@ -34,6 +34,11 @@ printf '\033[1m[test]\033[0m %s\n' "ruff check, ruff format --check, mypy, lint-
 # The docker runner's tests call the test plugins inside containers: a test image, not the real one.
 export FORGEFLOW_DOCKER_IMAGE=forgeflow-worker:cpu-test
 bash deployments/build_image.sh cpu --test-plugins
+# The suite starts hundreds of Python processes (APIs, engines, workers, CLIs): each keeps the
+# bytecode of what it compiled (the tests as pytest rewrites them too) even where the environment says
+# not to (PYTHONDONTWRITEBYTECODE), so that no module is compiled twice. __pycache__ is ignored by git
+# and left out of the worker images.
+unset PYTHONDONTWRITEBYTECODE
 # Two pytest-xdist workers by default (FORGEFLOW_TEST_WORKERS=0 runs in one process); a test group
 # (the vision tests' shared fixtures) stays in one worker.
 exec .venv/bin/python -m pytest -n "${FORGEFLOW_TEST_WORKERS:-2}" --dist loadgroup "$@"
