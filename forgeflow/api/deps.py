@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, cast
 
@@ -49,14 +49,24 @@ class ApiState:
             return name
 
 
-def get_state(conn: HTTPConnection) -> ApiState:
+def api_state(conn: HTTPConnection) -> ApiState:
     return cast(ApiState, conn.app.state.forgeflow)  # create_app (and the tests' apps) set it
+
+
+# The dependencies below are ``async def`` though nothing in them waits (a token is compared and
+# hashed, the tokens file stat()ed, a quota bucket counted): FastAPI runs a plain ``def`` dependency
+# in its threadpool, a hop there and back per dependency and request, three on a submission.
+
+
+async def get_state(conn: HTTPConnection) -> ApiState:
+    """The API's state (``Depends(get_state)``); :func:`api_state` outside dependencies."""
+    return api_state(conn)
 
 
 def _authorize(
     request: Request, scopes: SecurityScopes, credentials: HTTPAuthorizationCredentials | None, *, worker: bool
 ) -> Principal:
-    principal = get_state(request).auth.identify(credentials.credentials if credentials else None, worker=worker)
+    principal = api_state(request).auth.identify(credentials.credentials if credentials else None, worker=worker)
     if not principal.worker:
         for scope in scopes.scopes:
             if not principal.may(scope):
@@ -64,7 +74,7 @@ def _authorize(
     return principal
 
 
-def authorize(
+async def authorize(
     request: Request,
     scopes: SecurityScopes,
     credentials: HTTPAuthorizationCredentials | None = Security(bearer_scheme),
@@ -74,7 +84,7 @@ def authorize(
     return _authorize(request, scopes, credentials, worker=False)
 
 
-def authorize_worker(
+async def authorize_worker(
     request: Request,
     scopes: SecurityScopes,
     credentials: HTTPAuthorizationCredentials | None = Security(bearer_scheme),
@@ -109,7 +119,7 @@ class ScopedRoute(APIRoute):
     """A route behind a token: it declares its guard (``Security(authorize, scopes=[...])`` as a
     dependency or a parameter), or gets the one its method implies (:data:`METHOD_SCOPES`)."""
 
-    guard: Callable[..., Principal] = authorize
+    guard: Callable[..., Awaitable[Principal]] = authorize
 
     def __init__(self, path: str, endpoint: Callable[..., Any], **kwargs: Any) -> None:
         dependencies = list(kwargs.pop("dependencies", None) or [])
@@ -125,10 +135,12 @@ class WorkerScopedRoute(ScopedRoute):
     guard = authorize_worker
 
 
-def within_submission_quota(request: Request, principal: Principal = Security(authorize, scopes=[Scope.RUN])) -> None:
+async def within_submission_quota(
+    request: Request, principal: Principal = Security(authorize, scopes=[Scope.RUN])
+) -> None:
     """Dependency of every route that submits work (jobs; batches when the API takes them): one
     submission from the token's bucket, else 429 with ``Retry-After``."""
-    state = get_state(request)
+    state = api_state(request)
     if principal.name is None:  # an open service: one caller, nobody to be fair to
         return
     wait = state.quota.take(principal.name)

@@ -33,7 +33,7 @@ from fastapi.responses import JSONResponse
 from starlette.websockets import WebSocketDisconnect, WebSocketState
 
 from forgeflow.api.auth import WS_PROTOCOL, Scope, forbidden, ws_subprotocols
-from forgeflow.api.deps import ApiState, get_state
+from forgeflow.api.deps import ApiState, api_state, get_state
 from forgeflow.api.errors import ApiError, ApiErrorType
 from forgeflow.api.hub import Notice, Subscription
 from forgeflow.api.models import MAX_POSITION, ErrorBody, IngestBatch, IngestResult
@@ -48,8 +48,8 @@ REPLAY_PAGE = 500
 MAX_INGEST_BYTES = 64 * 1024 * 1024
 
 
-def _check_ingest(request: Request) -> None:
-    get_state(request).auth.check_ingest(request)
+async def _check_ingest(request: Request) -> None:
+    api_state(request).auth.check_ingest(request)
 
 
 @router.post(
@@ -237,7 +237,7 @@ async def _send_all(websocket: WebSocket, state: ApiState, sub: Subscription, po
 @router.websocket("/v1/ws/jobs/{job_id}")
 async def ws_job(websocket: WebSocket, job_id: str) -> None:
     """Messages of one job: `?after_seq=N` replays what came after N (default 0), then live."""
-    state = get_state(websocket)
+    state = api_state(websocket)
     if not await _admit(websocket, state):
         return
     try:
@@ -258,7 +258,7 @@ async def ws_job(websocket: WebSocket, job_id: str) -> None:
 @router.websocket("/v1/ws/jobs")
 async def ws_all_jobs(websocket: WebSocket) -> None:
     """Messages of every job, each with a global `cursor`; `?after_cursor=N` replays what came after N."""
-    state = get_state(websocket)
+    state = api_state(websocket)
     if not await _admit(websocket, state):
         return
     try:
