@@ -227,6 +227,8 @@ def run_store(store: str, args: argparse.Namespace, direct: dict[str, float] | N
     home = Path(tempfile.mkdtemp(prefix=f"ff-bench-orch-{store}-"))
     pg = Postgres() if store == "postgresql" else None
     env = {**os.environ, "PREFECT_UI_ENABLED": "false", "PREFECT_LOGGING_LEVEL": "WARNING"}
+    if args.torch_threads:  # the service's workers only: the direct loop keeps the default
+        env["FORGEFLOW_TORCH_THREADS"] = str(args.torch_threads)
     api_db = None
     if pg is not None:
         env["PREFECT_API_DATABASE_CONNECTION_URL"] = pg.database("asyncpg")
@@ -353,6 +355,7 @@ def main() -> int:
     parser.add_argument("--stores", default="sqlite,postgresql")
     parser.add_argument("--jobs", type=int, default=10)
     parser.add_argument("--burst", type=int, default=20)
+    parser.add_argument("--torch-threads", type=int, default=None, help="FORGEFLOW_TORCH_THREADS for the workers")
     parser.add_argument("--events", type=int, default=200, help="events sent to the 100 WebSocket clients")
     parser.add_argument("--submissions", type=int, default=400)
     parser.add_argument("--pipeline", choices=["soccer", "noop"], default="soccer")
