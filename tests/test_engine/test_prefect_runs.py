@@ -7,7 +7,7 @@ from forgeflow.host.prefect_runs import PrefectRuns, csrf_protection_off
 from forgeflow.jobs.prefect_server import free_port
 
 
-def test_a_server_without_csrf_protection_is_asked_once_and_no_run_asks_for_a_token(prefect_api_url):
+def test_the_runs_of_a_server_without_csrf_protection_skip_the_token_request(prefect_api_url):
     from prefect.settings import PREFECT_CLIENT_CSRF_SUPPORT_ENABLED, PREFECT_FLOWS_HEARTBEAT_FREQUENCY
 
     assert csrf_protection_off(prefect_api_url)  # Prefect's default server
