@@ -447,6 +447,21 @@ def main() -> int:
     return 0
 
 
+def start_prefect(home: Path, env: dict[str, str]) -> tuple[Any, str]:
+    """A local Prefect server under ``home`` started with ``env`` (this process's environment is put
+    back after): the server and its API URL."""
+    from forgeflow.jobs.prefect_server import LocalPrefectServer
+
+    saved = dict(os.environ)
+    os.environ.update(env)
+    prefect = LocalPrefectServer(home)
+    try:
+        return prefect, prefect.start(timeout=180)
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+
+
 def start_api(env: dict[str, str]) -> subprocess.Popen[bytes]:
     """``forgeflow.api.server`` (which starts the engine) in its own session, with ``env``."""
     return subprocess.Popen(

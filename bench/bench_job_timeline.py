@@ -28,7 +28,7 @@ import httpx
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_deployment import wait_healthy
-from bench_engine import Watcher, free_port, start_api, stop_stack
+from bench_engine import Watcher, free_port, start_api, start_prefect, stop_stack
 
 NOOP = [{"plugin": "testkit", "tool": "noop", "config": {}}] * 3
 
@@ -96,21 +96,12 @@ def prefect_requests(rounds: int = 20) -> dict[str, float]:
 
 
 def main() -> int:
-    from forgeflow.jobs.prefect_server import LocalPrefectServer
-
     parser = argparse.ArgumentParser()
     parser.add_argument("--jobs", type=int, default=12)
     args = parser.parse_args()
     home = Path(tempfile.mkdtemp(prefix="ff-bench-timeline-"))
     env = {**os.environ, "PREFECT_UI_ENABLED": "false", "PREFECT_LOGGING_LEVEL": "WARNING"}
-    saved = dict(os.environ)
-    os.environ.update(env)
-    prefect = LocalPrefectServer(home / "prefect")
-    try:
-        prefect_url = prefect.start(timeout=180)
-    finally:
-        os.environ.clear()
-        os.environ.update(saved)
+    prefect, prefect_url = start_prefect(home / "prefect", env)
     port = free_port()
     env.update({"FORGEFLOW_HOME": str(home / "ff"), "PREFECT_API_URL": prefect_url, "FORGEFLOW_API_PORT": str(port)})
     api = start_api(env)

@@ -48,7 +48,16 @@ sys.path.insert(0, str(HERE))
 
 import bench_api  # noqa: E402
 from bench_deployment import wait_healthy  # noqa: E402
-from bench_engine import SOCCER, Watcher, cpu_seconds, free_port, p50, start_api, stop_stack  # noqa: E402
+from bench_engine import (  # noqa: E402
+    SOCCER,
+    Watcher,
+    cpu_seconds,
+    free_port,
+    p50,
+    start_api,
+    start_prefect,
+    stop_stack,
+)
 
 NOOP = [
     {"plugin": "testkit", "tool": "noop", "config": {}},
@@ -222,8 +231,6 @@ def top_functions(path: Path, n: int = 25) -> list[tuple[str, float]]:
 def run_store(store: str, args: argparse.Namespace, direct: dict[str, float] | None) -> dict[str, Any]:
     from ultralytics import ASSETS
 
-    from forgeflow.jobs.prefect_server import LocalPrefectServer
-
     home = Path(tempfile.mkdtemp(prefix=f"ff-bench-orch-{store}-"))
     pg = Postgres() if store == "postgresql" else None
     env = {**os.environ, "PREFECT_UI_ENABLED": "false", "PREFECT_LOGGING_LEVEL": "WARNING"}
@@ -233,14 +240,7 @@ def run_store(store: str, args: argparse.Namespace, direct: dict[str, float] | N
     if pg is not None:
         env["PREFECT_API_DATABASE_CONNECTION_URL"] = pg.database("asyncpg")
         api_db = pg.database("psycopg")
-    saved = dict(os.environ)
-    os.environ.update(env)
-    prefect = LocalPrefectServer(home / "prefect")
-    try:
-        prefect_url = prefect.start(timeout=180)
-    finally:
-        os.environ.clear()
-        os.environ.update(saved)
+    prefect, prefect_url = start_prefect(home / "prefect", env)
     port = free_port()
     env.update(
         {
