@@ -165,6 +165,20 @@ def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     return _new_database(request, tmp_path)
 
 
+@pytest.fixture
+def store(store_url: str) -> Iterator[Any]:
+    """A store at the head revision on ``store_url`` (on SQLite a copy of an empty one: see
+    :func:`_copy_empty_store`)."""
+    from forgeflow.api.store import Store
+
+    if store_url.startswith("sqlite:///"):
+        _copy_empty_store(Path(store_url.removeprefix("sqlite:///")))
+    store = Store(store_url)
+    store.migrate()  # one query at the head: the migrations' own tests are in test_api_store.py
+    yield store
+    store.close()
+
+
 # --- the server -----------------------------------------------------------------------------------
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -22,14 +21,6 @@ from forgeflow.events.models import (
 )
 from forgeflow.events.reduce import replay
 from forgeflow.pipeline import outcome
-
-
-@pytest.fixture
-def store(store_url: str) -> Iterator[Store]:
-    store = Store(store_url)
-    store.migrate()
-    yield store
-    store.close()
 
 
 def new_job(store: Store, job_id: str, *, body: str = "h", stages: int = 2, template_id: str | None = None):
@@ -361,10 +352,10 @@ def test_a_running_job_whose_host_went_silent_is_found_and_a_heard_one_is_not(st
     store.set_launched("claimed", None, None, flow_run_id="run-of-claimed")  # a worker took it, said nothing
     store.heard_from(["quiet", "heard", "ended"])
     store.ingest([JobStatusEvent(job_id="ended", status="succeeded", envelope=None)])
-    time.sleep(1.2)
+    time.sleep(0.6)
     store.heard_from(["heard"])
     asked = ["quiet", "heard", "unlaunched", "claimed", "ended"]
-    silent = {j["id"] for j in store.silent_jobs(asked, silent_s=1.0)}
+    silent = {j["id"] for j in store.silent_jobs(asked, silent_s=0.4)}
     assert silent == {"quiet", "claimed"}  # never launched: nothing to lose; ended: nothing to watch
     assert store.get_job("heard")["heartbeat_at"] is not None  # type: ignore[index]
     assert store.silent_jobs([], silent_s=0.0) == []

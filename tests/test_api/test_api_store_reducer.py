@@ -6,7 +6,7 @@ the store took the events one by one or in one batch (SQLite and PostgreSQL)."""
 from __future__ import annotations
 
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import pytest
 
@@ -28,14 +28,6 @@ from forgeflow.pipeline import outcome
 #: Job columns the reducer derives from events (the rest are the submission's or the launcher's).
 DERIVED = ("status", "error", "error_type", "stages_total", "stages_completed", "envelope", "flow_run_id", "pipeline")
 TIMES = ("started_at", "finished_at")
-
-
-@pytest.fixture
-def store(store_url: str) -> Iterator[Store]:
-    store = Store(store_url)
-    store.migrate()
-    yield store
-    store.close()
 
 
 def new_job(store: Store, job_id: str, plugin: str, stages: int = 3) -> JobRow:

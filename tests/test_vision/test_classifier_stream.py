@@ -7,8 +7,10 @@ import json
 import math
 import time
 import tracemalloc
-from collections.abc import Iterator
+from bisect import bisect_left, bisect_right
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Generic, TypeVar
 
 import pytest
 
@@ -32,6 +34,8 @@ from forgeflow.plugins.builtin.classifier import (
 from forgeflow.plugins.builtin.schemas import FrameActions, FramePoses
 from forgeflow.plugins.errors import InputError
 from tests.test_vision.test_classifier_rules import FPS, L, pose_of, skeleton
+
+T = TypeVar("T")
 
 # --- the computation before streaming: every frame at once, O(n²) windows per track -----------------
 
@@ -63,8 +67,12 @@ def reference_classify(
         rows.append(row)
     for track in tracks.values():
         torsos = [(o.t, torso) for o in track if (torso := o.torso()) is not None]
+        by_time = _ByTime(torsos, lambda pair: pair[0])
         for o in track:
-            near = [v for t, v in torsos if scale_window_s is None or abs(t - o.t) <= scale_window_s / 2 + 1e-9]
+            if scale_window_s is None:
+                near = [v for _, v in torsos]
+            else:
+                near = [v for _, v in by_time.within(o.t, scale_window_s / 2)]
             if near:
                 o.scale = _median(near)
     for row in rows:
@@ -83,13 +91,28 @@ def reference_classify(
 
 
 def _reference_temporal_rules(track: list[_Obs], cfg: ClassifierConfig) -> None:
-    """Each observation's speed and jump windows found by scanning its whole track."""
+    """Each observation's speed and jump windows: the entries of its whole track within them."""
     entries = [_Near(o.t, *o.anchor(), o.ankle_y()) for o in track]
-    half_speed, half_jump = cfg.speed_window_s / 2, cfg.jump_window_s / 2
+    by_time = _ByTime(entries, lambda e: e.t)
     for o in track:
-        near = [e for e in entries if abs(e.t - o.t) <= half_speed + 1e-9]
-        win = [e for e in entries if abs(e.t - o.t) <= half_jump + 1e-9]
-        _temporal_rules(o, near, win, cfg)
+        _temporal_rules(o, by_time.within(o.t, cfg.speed_window_s / 2), by_time.within(o.t, cfg.jump_window_s / 2), cfg)
+
+
+class _ByTime(Generic[T]):
+    """A track's entries and their times in order. ``within(t, half)`` is the brute-force scan
+    ``[e for e in entries if abs(time(e) - t) <= half + 1e-9]``, the same entries in the same order,
+    with the predicate checked only on the entries whose time can pass it (found by bisection with a
+    1e-6 margin), so that the reference stays quick on clips of hundreds of frames."""
+
+    def __init__(self, entries: list[T], time_of: Callable[[T], float]) -> None:
+        self.entries, self.time_of = entries, time_of
+        self.order = sorted(range(len(entries)), key=lambda i: time_of(entries[i]))
+        self.times = [time_of(entries[i]) for i in self.order]
+
+    def within(self, t: float, half: float) -> list[T]:
+        low, high = bisect_left(self.times, t - half - 1e-6), bisect_right(self.times, t + half + 1e-6)
+        picked = (self.entries[i] for i in sorted(self.order[low:high]))
+        return [e for e in picked if abs(self.time_of(e) - t) <= half + 1e-9]
 
 
 # --- synthetic matches ------------------------------------------------------------------------------
