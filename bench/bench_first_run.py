@@ -1,6 +1,6 @@
 """A new user's first ``forgeflow run`` and the next one, against the one-pass Ultralytics script.
 
-    .venv/bin/python bench/bench_first_run.py [--runs 3] [--no-embedded]
+    .venv/bin/python bench/bench_first_run.py [--runs 3] [--no-embedded] [--torch-threads N]
 
 The README's main job, ``forgeflow run examples/soccer-analysis.json --input examples/sample.mp4``
 (64 frames, 640x360), whole process wall time (the command's start to its exit), median of
@@ -73,12 +73,19 @@ def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--no-embedded", action="store_true", help="skip the `--no-engine` rows")
+    parser.add_argument(
+        "--torch-threads",
+        type=int,
+        default=None,
+        help="FORGEFLOW_TORCH_THREADS for ForgeFlow's workers (the script keeps its own)",
+    )
     args = parser.parse_args()
     if not CLIP.exists():
         subprocess.run([*CLI, "sample-clip", str(CLIP)], check=True)
     base = Path(tempfile.mkdtemp(prefix="ff-bench-first-run-"))
     cache = base / "prefect-db-cache"
     clean = {k: v for k, v in os.environ.items() if not k.startswith(("FORGEFLOW_", "PREFECT_"))}
+    threads = {} if args.torch_threads is None else {"FORGEFLOW_TORCH_THREADS": str(args.torch_threads)}
     run = [*CLI, "run", str(PIPELINE), "--input", str(CLIP)]
     rows: dict[str, list[float]] = {"first_on_machine": [], "first": [], "next": [], "direct": [], "embedded": []}
     ready: dict[str, list[float]] = {"first_on_machine": [], "first": []}
@@ -91,6 +98,7 @@ def main() -> int:
                     **clean,
                     "FORGEFLOW_HOME": str(base / f"{name}-{round_}"),
                     "FORGEFLOW_PREFECT_DB_CACHE": str(cache),
+                    **threads,
                 }
 
             shutil.rmtree(cache, ignore_errors=True)  # no kept database: the machine's first run
