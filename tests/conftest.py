@@ -123,7 +123,10 @@ def prefect_api_url() -> Iterator[str]:
         yield url  # the caller brought their own Prefect server
         return
     os.environ["PREFECT_UI_ENABLED"] = "false"
-    server = LocalPrefectServer(_SESSION_DIR / "prefect-server", port=_OWN_PREFECT_PORT)
+    cache = os.environ.get("FORGEFLOW_PREFECT_DB_CACHE")
+    server = LocalPrefectServer(
+        _SESSION_DIR / "prefect-server", port=_OWN_PREFECT_PORT, db_cache=Path(cache) if cache else None
+    )
     server.start(timeout=180)
     try:
         yield url

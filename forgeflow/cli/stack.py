@@ -2,7 +2,8 @@
 
 ``up`` starts, each in its own session with its log under ``FORGEFLOW_HOME/stack/``:
 
-1. a Prefect server (API and UI on ``prefect_port``, 4200; its SQLite under ``FORGEFLOW_HOME/prefect``
+1. a Prefect server (API and UI on ``prefect_port``, 4200; its SQLite under ``FORGEFLOW_HOME/prefect``,
+   a new one started from the machine's kept empty database (:mod:`forgeflow.jobs.prefect_db_cache`),
    unless ``PREFECT_API_DATABASE_CONNECTION_URL`` names PostgreSQL), then the ``forgeflow-process``
    work pool (``deployments/work-pools/forgeflow-process.json``) and the deployments of
    ``prefect.yaml`` (``prefect deploy --all``);
@@ -32,6 +33,7 @@ from typing import TYPE_CHECKING
 
 import httpx
 
+from forgeflow.jobs import prefect_db_cache
 from forgeflow.processes import pid_alive, process_create_time
 from forgeflow.settings import Settings
 
@@ -181,6 +183,8 @@ def up(
         prefect_home = settings.home / "prefect"
         prefect_home.mkdir(parents=True, exist_ok=True)
         server_env = {**base, "PREFECT_HOME": str(prefect_home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+        # A new home's server starts from the machine's kept empty database instead of migrating one.
+        fresh_database = prefect_db_cache.prepare_home(prefect_home, settings.prefect_db_cache, server_env)
         server = _start(
             "prefect-server",
             [python, "-m", "forgeflow.jobs.prefect_server", "--host", bind, "--port", str(prefect_port)],
@@ -190,6 +194,8 @@ def up(
         stack.processes.append(server)
         stack.save(state)
         _wait_http(f"{prefect_url}/health", server, 180)
+        if fresh_database:  # migrated just now, nothing run yet: the next new home starts from a copy
+            prefect_db_cache.keep_copy(prefect_home, settings.prefect_db_cache)
 
         client_env = {**base, "PREFECT_API_URL": prefect_url, "FORGEFLOW_CODE_DIR": str(CODE_DIR)}
         setup_log = folder / "setup.log"

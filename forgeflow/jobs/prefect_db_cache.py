@@ -62,6 +62,18 @@ def seed_home(prefect_home: Path, cache_dir: Path | None) -> bool:
     return True
 
 
+def prepare_home(prefect_home: Path, cache_dir: Path | None, env: dict[str, str]) -> bool:
+    """Before a server of ``prefect_home`` starts with ``env``: seed the home (:func:`seed_home`) and,
+    when seeded, tell the server there is nothing to migrate or register (the caller's ``env`` still
+    wins). Returns whether the server will make a fresh database, of which :func:`keep_copy` keeps a
+    copy once the server answers."""
+    seeded = seed_home(prefect_home, cache_dir)
+    if seeded:  # this Prefect version's database, migrated and with its block types: nothing to redo
+        env.setdefault("PREFECT_API_DATABASE_MIGRATE_ON_START", "false")
+        env.setdefault("PREFECT_API_BLOCKS_REGISTER_ON_START", "false")
+    return not seeded and not (Path(prefect_home) / DB_FILE).exists()
+
+
 def keep_copy(prefect_home: Path, cache_dir: Path | None) -> bool:
     """Keep the database of a server that has just migrated a fresh one (and has run nothing yet),
     unless a copy is kept already; whether it did. A consistent snapshot (SQLite's backup), written

@@ -136,11 +136,7 @@ class LocalPrefectServer:
         }
         env.pop("PREFECT_API_URL", None)
         self.stop_stale()
-        seeded = prefect_db_cache.seed_home(self.home, self.db_cache)
-        self._fresh_database = not seeded and not (self.home / prefect_db_cache.DB_FILE).exists()
-        if seeded:  # this Prefect version's database, migrated and with its block types: nothing to redo
-            env.setdefault("PREFECT_API_DATABASE_MIGRATE_ON_START", "false")
-            env.setdefault("PREFECT_API_BLOCKS_REGISTER_ON_START", "false")
+        self._fresh_database = prefect_db_cache.prepare_home(self.home, self.db_cache, env)
         if self.lean:
             for name in LEAN_SERVICES_OFF:
                 env.setdefault(name, "false")

@@ -61,3 +61,24 @@ def test_a_server_on_another_database_neither_takes_nor_makes_a_copy(tmp_path, m
     monkeypatch.setenv("PREFECT_API_DATABASE_CONNECTION_URL", "postgresql+asyncpg://prefect@localhost/prefect")
     assert prefect_db_cache.seed_home(tmp_path / "new", cache) is False
     assert not (tmp_path / "new" / "prefect.db").exists()
+
+
+def test_a_home_made_ready_for_its_server_says_whether_to_keep_a_copy(tmp_path, monkeypatch):
+    """``prepare_home``, as ``LocalPrefectServer`` and ``forgeflow up`` call it: a seeded home's server
+    is told there is nothing to migrate (the caller's setting still wins); a home without a kept copy
+    makes a fresh database, to be kept once the server answers; a home with a database does neither."""
+    monkeypatch.delenv("PREFECT_API_DATABASE_CONNECTION_URL", raising=False)
+    cache = tmp_path / "cache"
+    env: dict[str, str] = {}
+    assert prefect_db_cache.prepare_home(tmp_path / "first", cache, env) is True  # nothing kept yet
+    assert env == {}
+    assert prefect_db_cache.keep_copy(migrated_home(tmp_path / "migrated"), cache)
+
+    env = {"PREFECT_API_BLOCKS_REGISTER_ON_START": "true"}
+    assert prefect_db_cache.prepare_home(tmp_path / "second", cache, env) is False
+    assert env == {"PREFECT_API_DATABASE_MIGRATE_ON_START": "false", "PREFECT_API_BLOCKS_REGISTER_ON_START": "true"}
+    assert version_of(tmp_path / "second" / "prefect.db") == "head"
+
+    env = {}
+    assert prefect_db_cache.prepare_home(tmp_path / "migrated", cache, env) is False  # its own database
+    assert env == {}
