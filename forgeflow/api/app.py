@@ -192,7 +192,7 @@ def build_state(settings: Settings, *, api_url: str, prefect_api_url: str | None
 
 
 #: The OpenAPI document, built once per process: it is a function of the code alone (the routes,
-#: their models, the title and version; no setting enters it), and building it costs ~0.2 s of CPU.
+#: their models, the title and version; no setting enters it), and building it costs ~0.3-0.5 s of CPU.
 #: The 405 answer's ``Allow`` reads it too. Nothing changes it once built.
 _OPENAPI_DOCUMENT: list[dict[str, Any]] = []
 

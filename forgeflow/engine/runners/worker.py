@@ -73,11 +73,9 @@ def isolate_stdio() -> tuple[int, int]:
 
 def load_plugin(name: str) -> tuple[Plugin | None, str | None]:
     """The installed plugin named ``name`` (entry point group ``forgeflow.plugins``), or why not."""
-    from importlib.metadata import entry_points
+    from forgeflow.plugins.registry import ENTRY_POINT_GROUP, installed_entry_points, load_entry_point
 
-    from forgeflow.plugins.registry import ENTRY_POINT_GROUP, load_entry_point
-
-    matches = list(entry_points(group=ENTRY_POINT_GROUP, name=name))
+    matches = [ep for ep in installed_entry_points() if ep.name == name]
     if not matches:
         return None, f"no installed plugin named {name!r} (entry point group {ENTRY_POINT_GROUP!r})"
     entry = load_entry_point(matches[0])
