@@ -171,8 +171,7 @@ def store(store_url: str) -> Iterator[Any]:
     :func:`_copy_empty_store`)."""
     from forgeflow.api.store import Store
 
-    if store_url.startswith("sqlite:///"):
-        _copy_empty_store(Path(store_url.removeprefix("sqlite:///")))
+    _copy_empty_store(store_url)
     store = Store(store_url)
     store.migrate()  # one query at the head: the migrations' own tests are in test_api_store.py
     yield store
@@ -374,10 +373,17 @@ class InProcessApi:
 _EMPTY_STORE: list[Path] = []
 
 
-def _copy_empty_store(database: Path) -> None:
-    """Put an empty store at the head revision at ``database``: a copy of one this process migrated
-    once. Running every migration again costs ~60 ms per app; the migrations themselves are the
-    store tests' subject (``test_api_store.py``), and every uvicorn-served API still runs them."""
+def _copy_empty_store(database_url: str) -> None:
+    """Put an empty store at the head revision where ``database_url`` names a SQLite file that does
+    not exist yet: a copy of one this process migrated once (any other URL is left alone). Running
+    every migration again costs ~60 ms per store; the migrations themselves are the store tests'
+    subject (``test_api_store.py``), and every uvicorn-served API still runs them."""
+    from sqlalchemy.engine import make_url
+
+    url = make_url(database_url)
+    if url.get_backend_name() != "sqlite" or not url.database or Path(url.database).exists():
+        return
+    database = Path(url.database)
     if not _EMPTY_STORE:
         from forgeflow.api.store import Store
 
@@ -421,13 +427,10 @@ class _OneHopTransport(httpx.BaseTransport):
 def start_in_process(settings: Any, *, token: str | None = None) -> InProcessApi:
     from anyio.from_thread import start_blocking_portal
     from fastapi.testclient import TestClient
-    from sqlalchemy.engine import make_url
 
     from forgeflow.api.app import build_state, create_app, local_api_url
 
-    url = make_url(settings.resolved_database_url)
-    if url.get_backend_name() == "sqlite" and url.database and not Path(url.database).exists():
-        _copy_empty_store(Path(url.database))
+    _copy_empty_store(settings.resolved_database_url)
     app = create_app(settings, launch_jobs=False)
     app.state.forgeflow = build_state(settings, api_url=local_api_url(settings), prefect_api_url=None)
     # Not entered as a context manager: that would run the lifespan (launcher, spool import, engine).
