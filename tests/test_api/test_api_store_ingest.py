@@ -346,18 +346,21 @@ def test_an_infrastructure_failure_is_not_blamed_on_the_plugin(store: Store):
 
 
 def test_a_running_job_whose_host_went_silent_is_found_and_a_heard_one_is_not(store: Store) -> None:
-    for job_id in ("quiet", "heard", "unlaunched", "claimed", "ended"):
+    for job_id in ("quiet", "heard", "busy", "unlaunched", "claimed", "ended"):
         new_job(store, job_id)
-    store.ingest([JobStatusEvent(job_id=j, status="running") for j in ("quiet", "heard", "ended")])
+    store.ingest([JobStatusEvent(job_id=j, status="running") for j in ("quiet", "heard", "busy", "ended")])
     store.set_launched("claimed", None, None, flow_run_id="run-of-claimed")  # a worker took it, said nothing
-    store.heard_from(["quiet", "heard", "ended"])
+    store.ingest([], alive=["quiet", "heard", "busy", "ended"])
     store.ingest([JobStatusEvent(job_id="ended", status="succeeded", envelope=None)])
     time.sleep(0.6)
-    store.heard_from(["heard"])
-    asked = ["quiet", "heard", "unlaunched", "claimed", "ended"]
+    store.ingest([], alive=["heard"])  # a heartbeat alone
+    progress = PipelineProgress(job_id="busy", stages_total=1, stages_completed=0, percent=50)
+    store.ingest([progress], alive=["busy"])  # with an event, in the transaction that stores it
+    asked = ["quiet", "heard", "busy", "unlaunched", "claimed", "ended"]
     silent = {j["id"] for j in store.silent_jobs(asked, silent_s=0.4)}
     assert silent == {"quiet", "claimed"}  # never launched: nothing to lose; ended: nothing to watch
     assert store.get_job("heard")["heartbeat_at"] is not None  # type: ignore[index]
+    assert [e.type for e in store.events_after("busy", 0)] == ["job_status", "job_status", "pipeline_progress"]
     assert store.silent_jobs([], silent_s=0.0) == []
 
 

@@ -69,12 +69,10 @@ async def ingest_events(request: Request, batch: IngestBatch, state: ApiState = 
     `event_id` once), numbered per job, and then broadcast. Each job's status, stage table and plugin
     lifecycle follow from them. `alive` (and every event) tells that a job's host still runs it."""
     parsed = batch.events
-    stored = await run_in_threadpool(
-        lambda: state.store.ingest(parsed, publish=state.publish, resolve_plugin=state.resolve_plugin)
-    )
     alive = {*batch.alive, *(e.job_id for e in parsed)}
-    if alive:
-        await run_in_threadpool(state.store.heard_from, alive)
+    stored = await run_in_threadpool(
+        lambda: state.store.ingest(parsed, publish=state.publish, resolve_plugin=state.resolve_plugin, alive=alive)
+    )
     if state.launcher is not None and any(e.terminal for e in stored):
         state.launcher.wake()
     return IngestResult(received=len(parsed), stored=len(stored), duplicates=len(parsed) - len(stored))

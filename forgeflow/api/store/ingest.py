@@ -39,6 +39,10 @@ _STAGE_INSERT = insert(stage_runs)
 _JOB_FOR_UPDATE = select(jobs).where(jobs.c.id == bindparam("w_job_id")).with_for_update()
 _JOB_UPDATE = update(jobs).where(jobs.c.id == bindparam("w_job_id"))
 _EVENT_INSERT = insert(events).returning(events.c.id)
+_EVENT_ID_STORED = select(events.c.event_id).where(events.c.event_id == bindparam("w_event_id"))
+# Several rows in one statement; the ids come back in the order of the rows (SQLAlchemy's
+# insertmanyvalues, on SQLite and PostgreSQL).
+_EVENTS_INSERT_IN_ORDER = insert(events).returning(events.c.id, sort_by_parameter_order=True)
 _STAGE_KEYS = ("job_id", "stage_index")
 
 
@@ -81,24 +85,39 @@ class Ingestor:
         self.db = db
 
     def ingest(
-        self, batch: Iterable[Event], *, publish: Publish | None = None, resolve_plugin: ResolvePlugin | None = None
+        self,
+        batch: Iterable[Event],
+        *,
+        publish: Publish | None = None,
+        resolve_plugin: ResolvePlugin | None = None,
+        alive: Iterable[str] = (),
     ) -> list[StoredEvent]:
-        """Store new events (duplicates by ``event_id`` are skipped), then publish them in order."""
+        """Store new events (duplicates by ``event_id`` are skipped), then publish them in order.
+
+        ``alive`` names jobs whose hosts said they still run them: their heartbeat is written in the
+        same transaction (on the row the batch updates anyway, for a job with new events)."""
         batch = list(batch)
-        if not batch:
+        heard = set(alive)
+        if not batch and not heard:
             return []
         with self.db.write_lock:
             with self.db.writing() as conn:
-                stored = self.write(conn, batch, resolve_plugin)
+                stored = self.write(conn, batch, resolve_plugin, heard=heard)
             if publish and stored:
                 publish(stored)
         return stored
 
     def write(
-        self, conn: Connection, batch: list[Event], resolve_plugin: ResolvePlugin | None = None
+        self,
+        conn: Connection,
+        batch: list[Event],
+        resolve_plugin: ResolvePlugin | None = None,
+        *,
+        heard: set[str] | None = None,
     ) -> list[StoredEvent]:
-        """Store ``batch`` in the caller's transaction (under the write lock) and return what was new."""
-        existing = _stored_ids(conn, {e.event_id for e in batch})
+        """Store ``batch`` in the caller's transaction (under the write lock) and return what was new;
+        the jobs in ``heard`` get their heartbeat."""
+        existing = _stored_ids(conn, {e.event_id for e in batch}) if batch else set()
         in_batch: dict[str, _JobInBatch] = {}
         plugins = ObservedPlugins(conn, resolve_plugin)
         stored: list[StoredEvent] = []
@@ -121,27 +140,47 @@ class Ingestor:
             cursor = conn.execute(_EVENT_INSERT, {**row, "payload": text, "received_at": now}).scalar_one()
             job.apply(event, plugins)
             stored.append(StoredEvent(cursor, event.job_id, seq, event.type, text, is_terminal_event(event)))
-        for job in in_batch.values():
+        heard = set(heard or ())
+        for job_id, job in in_batch.items():
+            if job_id in heard:  # its row is written below anyway (a new event changes its last seq)
+                job.changes["heartbeat_at"] = now
+                heard.discard(job_id)
             job.flush(conn, now)
         plugins.flush()
+        ids = sorted(heard)
+        for i in range(0, len(ids), 500):
+            conn.execute(update(jobs).where(jobs.c.id.in_(ids[i : i + 500])).values(heartbeat_at=now))
         return stored
 
     @staticmethod
-    def first_event(conn: Connection, job_id: str, now: datetime) -> StoredEvent:
-        """A new job's first message (``job_status`` queued, seq 1), written as :meth:`write` would
-        write it, without the reads that an event of an existing job needs."""
-        event = JobStatusEvent(job_id=job_id, status="queued")
-        data = event.summarized().model_dump(mode="json")
-        data["seq"] = 1
-        text = event_text(data)
-        row = {"job_id": job_id, "seq": 1, "event_id": event.event_id, "type": event.type}
-        cursor = conn.execute(_EVENT_INSERT, {**row, "payload": text, "received_at": now}).scalar_one()
-        return StoredEvent(cursor, job_id, 1, event.type, text, False)
+    def first_events(conn: Connection, new_jobs: list[tuple[str, datetime]]) -> list[StoredEvent]:
+        """New jobs' first messages (``job_status`` queued, seq 1), one per ``(job_id, received_at)``
+        and in that order, written as :meth:`write` would write them, without the reads that an event
+        of an existing job needs: one statement for them all."""
+        rows: list[dict[str, object]] = []
+        texts: list[str] = []
+        for job_id, now in new_jobs:
+            event = JobStatusEvent(job_id=job_id, status="queued")
+            data = event.summarized().model_dump(mode="json")
+            data["seq"] = 1
+            texts.append(event_text(data))
+            row = {"job_id": job_id, "seq": 1, "event_id": event.event_id, "type": event.type}
+            rows.append({**row, "payload": texts[-1], "received_at": now})
+        if len(rows) == 1:
+            cursors = [conn.execute(_EVENT_INSERT, rows[0]).scalar_one()]
+        else:
+            cursors = list(conn.execute(_EVENTS_INSERT_IN_ORDER, rows).scalars())
+        return [
+            StoredEvent(cursor, job_id, 1, "job_status", text, False)
+            for cursor, (job_id, _), text in zip(cursors, new_jobs, texts, strict=True)
+        ]
 
 
 def _stored_ids(conn: Connection, event_ids: set[str]) -> set[str]:
     """Which of these event ids are stored already."""
     ids = list(event_ids)
+    if len(ids) == 1:  # most batches: a statement built once (an IN list is rendered per execution)
+        return set(conn.execute(_EVENT_ID_STORED, {"w_event_id": ids[0]}).scalars())
     existing: set[str] = set()
     for i in range(0, len(ids), 500):
         chunk = ids[i : i + 500]

@@ -110,14 +110,6 @@ class LaunchBook:
         with self.db.writing() as conn:
             conn.execute(update(jobs).where(jobs.c.id == job_id).values(launched_at=None, pid=None))
 
-    def heard_from(self, job_ids: Iterable[str]) -> None:
-        """The hosts of these jobs said they still run them (a heartbeat)."""
-        ids = sorted(set(job_ids))
-        now = utcnow()
-        with self.db.writing() as conn:
-            for i in range(0, len(ids), 500):
-                conn.execute(update(jobs).where(jobs.c.id.in_(ids[i : i + 500])).values(heartbeat_at=now))
-
     def silent_jobs(self, job_ids: Iterable[str], silent_s: float) -> list[JobRow]:
         """Of these jobs, those not ended whose host has said nothing for ``silent_s`` seconds."""
         ids = list(job_ids)

@@ -60,10 +60,16 @@ class Store:
 
     # --- events --------------------------------------------------------------------------------
     def ingest(
-        self, batch: Iterable[Event], *, publish: Publish | None = None, resolve_plugin: ResolvePlugin | None = None
+        self,
+        batch: Iterable[Event],
+        *,
+        publish: Publish | None = None,
+        resolve_plugin: ResolvePlugin | None = None,
+        alive: Iterable[str] = (),
     ) -> list[StoredEvent]:
-        """Store new events (duplicates by ``event_id`` are skipped), then publish them in order."""
-        return self.ingestor.ingest(batch, publish=publish, resolve_plugin=resolve_plugin)
+        """Store new events (duplicates by ``event_id`` are skipped), then publish them in order; the
+        jobs named ``alive`` get their heartbeat in the same transaction."""
+        return self.ingestor.ingest(batch, publish=publish, resolve_plugin=resolve_plugin, alive=alive)
 
     def events_after(self, job_id: str, after_seq: int, limit: int = 1000) -> list[StoredEvent]:
         return self.event_log.after_seq(job_id, after_seq, limit)
@@ -115,9 +121,6 @@ class Store:
 
     def reset_launch(self, job_id: str) -> None:
         self.launches.reset_launch(job_id)
-
-    def heard_from(self, job_ids: Iterable[str]) -> None:
-        self.launches.heard_from(job_ids)
 
     def silent_jobs(self, job_ids: Iterable[str], silent_s: float) -> list[JobRow]:
         return self.launches.silent_jobs(job_ids, silent_s)
