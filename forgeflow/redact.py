@@ -42,7 +42,12 @@ def _redact_value(value: object) -> object:
 
 def redact_record(record: logging.LogRecord) -> logging.LogRecord:
     """Redact a record in place: message, each argument (uvicorn's access formatter reads them one by
-    one, so they stay a tuple), and the exception text (formatted now, as the formatter would)."""
+    one, so they stay a tuple), and the exception text.
+
+    The exception text is formatted and redacted when a handler first reads it (a plain record
+    becomes a :class:`_RedactedRecord`), not here: a record that a filter drops costs no traceback.
+    Prefect's server, say, drops uvicorn's record of every retryable "database is locked", which a
+    burst of jobs makes dozens of; formatted at once, they were ~9 % of that server's CPU."""
     if isinstance(record.msg, str):
         record.msg = redact(record.msg)
     if isinstance(record.args, tuple):
@@ -50,10 +55,30 @@ def redact_record(record: logging.LogRecord) -> logging.LogRecord:
     elif isinstance(record.args, dict):
         record.args = {k: _redact_value(v) for k, v in record.args.items()}
     if record.exc_info and not record.exc_text:
-        record.exc_text = redact(logging.Formatter().formatException(record.exc_info))
+        if type(record) is logging.LogRecord:
+            record.__class__ = _RedactedRecord
+        else:  # a record class of someone else's: formatted now, as the formatter would
+            record.exc_text = redact(logging.Formatter().formatException(record.exc_info))
     if record.stack_info:
         record.stack_info = redact(record.stack_info)
     return record
+
+
+class _RedactedRecord(logging.LogRecord):
+    """A log record whose exception text is formatted, and redacted, when first read:
+    ``logging.Formatter.format`` reads ``exc_text`` and formats ``exc_info`` itself only when it is
+    empty, so every handler gets the redacted text."""
+
+    @property
+    def exc_text(self) -> str | None:
+        text: str | None = self.__dict__.get("_exc_text")
+        if text is None and self.exc_info:
+            text = self.__dict__["_exc_text"] = redact(logging.Formatter().formatException(self.exc_info))
+        return text
+
+    @exc_text.setter
+    def exc_text(self, value: str | None) -> None:
+        self.__dict__["_exc_text"] = value
 
 
 _installed = False

@@ -285,7 +285,7 @@ def test_websockets_take_the_bearer_subprotocol_and_refuse_a_token_in_the_url(ap
 
 
 @pytest.mark.fast
-def test_logs_never_hold_credentials() -> None:
+def test_logs_never_hold_credentials(monkeypatch: pytest.MonkeyPatch) -> None:
     from forgeflow.redact import REDACTED, redact, redact_record
 
     secret = "Zq9-tOkEn_value"
@@ -320,8 +320,19 @@ def test_logs_never_hold_credentials() -> None:
         import sys
 
         failed = logging.LogRecord("x", logging.ERROR, "", 0, "boom", None, sys.exc_info())
+    # The traceback is formatted when a handler first formats the record, not when it is made (a
+    # record a filter drops costs none), and then once for every handler.
+    formatted: list[object] = []
+    format_exception = logging.Formatter.formatException
+    monkeypatch.setattr(
+        logging.Formatter, "formatException", lambda self, ei: formatted.append(ei) or format_exception(self, ei)
+    )
     redact_record(failed)
-    assert secret not in logging.Formatter().format(failed)
+    assert formatted == []
+    text = logging.Formatter().format(failed)
+    assert secret not in text and REDACTED in text and "RuntimeError" in text and "Traceback" in text
+    assert logging.Formatter("%(levelname)s %(message)s").format(failed).endswith(text.split("\n", 1)[1])
+    assert len(formatted) == 1
 
 
 @pytest.mark.fast
