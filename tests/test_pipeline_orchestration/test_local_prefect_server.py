@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import httpx
 import psutil
@@ -97,3 +98,63 @@ def test_the_server_records_task_runs_in_batches(prefect_api_url):
     )
     assert recorder["batch_size"] > 1
     assert float(recorder["flush_interval"]) == 1.0
+
+
+def _read_then_write_while_another_commits(db_path: Path) -> int:
+    """Prefect's write transaction on SQLite reads, another connection commits a row meanwhile, then
+    the transaction writes: what happens to Prefect's server when jobs arrive together. The rows at
+    the end (2 when both writes were kept)."""
+    import asyncio
+    import sqlite3
+    import threading
+
+    from prefect.server.database.configurations import AioSqliteConfiguration
+    from sqlalchemy import text
+
+    with sqlite3.connect(db_path) as setup:
+        setup.execute("PRAGMA journal_mode=WAL")
+        setup.execute("CREATE TABLE runs (n INTEGER)")
+
+    def other_writer() -> None:
+        with sqlite3.connect(db_path, timeout=10) as other:
+            other.execute("INSERT INTO runs VALUES (1)")
+
+    async def scenario() -> None:
+        config = AioSqliteConfiguration(connection_url=f"sqlite+aiosqlite:///{db_path}")
+        engine = await config.engine()
+        try:
+            async with await config.session(engine) as session, config.begin_transaction(session):
+                await session.execute(text("SELECT count(*) FROM runs"))
+                writer = threading.Thread(target=other_writer)
+                writer.start()
+                await asyncio.sleep(0.3)  # the other writer commits now, or waits for this one
+                await session.execute(text("INSERT INTO runs VALUES (2)"))
+            writer.join(15)
+        finally:
+            await engine.dispose()
+
+    asyncio.run(scenario())
+    with sqlite3.connect(db_path) as check:
+        return int(check.execute("SELECT count(*) FROM runs").fetchone()[0])
+
+
+def test_prefect_s_sqlite_writes_wait_their_turn_instead_of_failing(tmp_path: Path) -> None:
+    """Prefect's own deferred transaction fails at once with "database is locked" when another writer
+    commits between its read and its write (its server then answers 503 and the client repeats the
+    request); the server ForgeFlow starts begins every write transaction IMMEDIATE, so it waits."""
+    from prefect.server.database import configurations
+    from sqlalchemy.exc import OperationalError
+
+    from forgeflow.jobs.prefect_server import _sqlite_writes_wait_their_turn
+
+    prefects_own = configurations.AioSqliteConfiguration.begin_transaction
+    with pytest.raises(OperationalError, match="database is locked"):
+        _read_then_write_while_another_commits(tmp_path / "deferred.db")
+    try:
+        _sqlite_writes_wait_their_turn()
+        patched = configurations.AioSqliteConfiguration.begin_transaction
+        _sqlite_writes_wait_their_turn()  # once is enough: not wrapped twice
+        assert configurations.AioSqliteConfiguration.begin_transaction is patched is not prefects_own
+        assert _read_then_write_while_another_commits(tmp_path / "immediate.db") == 2
+    finally:
+        configurations.AioSqliteConfiguration.begin_transaction = prefects_own  # type: ignore[method-assign]
