@@ -1,9 +1,10 @@
 """Where one small job's time goes, from POST to its terminal message on the WebSocket.
 
     PYTHONPATH=$PWD:$PWD/tests/plugin_packages/forgeflow-testplugins \
-        .venv/bin/python bench/bench_job_timeline.py [--jobs 12]
+        .venv/bin/python bench/bench_job_timeline.py [--jobs 12] [--store sqlite|postgresql]
 
-A local Prefect server and ``forgeflow serve`` (API + engine) on SQLite in a fresh home, as in
+A local Prefect server and ``forgeflow serve`` (API + engine) in a fresh home, on SQLite or on a
+throwaway PostgreSQL cluster (one database for Prefect, one for the API), as in
 ``bench_orchestration.py``. Jobs of three testkit no-op stages run one at a time; each stored
 message's timestamp is read against the submitting client's clock (same machine), and the median of
 each mark is printed (the first two jobs are left out: warm-up). Then the requests a flow run makes
@@ -29,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_deployment import wait_healthy
 from bench_engine import Watcher, free_port, start_api, start_prefect, stop_stack
+from bench_orchestration import Postgres
 
 NOOP = [{"plugin": "testkit", "tool": "noop", "config": {}}] * 3
 
@@ -98,9 +100,14 @@ def prefect_requests(rounds: int = 20) -> dict[str, float]:
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--jobs", type=int, default=12)
+    parser.add_argument("--store", choices=["sqlite", "postgresql"], default="sqlite")
     args = parser.parse_args()
     home = Path(tempfile.mkdtemp(prefix="ff-bench-timeline-"))
     env = {**os.environ, "PREFECT_UI_ENABLED": "false", "PREFECT_LOGGING_LEVEL": "WARNING"}
+    pg = Postgres() if args.store == "postgresql" else None
+    if pg is not None:
+        env["PREFECT_API_DATABASE_CONNECTION_URL"] = pg.database("asyncpg")
+        env["FORGEFLOW_DATABASE_URL"] = pg.database("psycopg")
     prefect, prefect_url = start_prefect(home / "prefect", env)
     port = free_port()
     env.update({"FORGEFLOW_HOME": str(home / "ff"), "PREFECT_API_URL": prefect_url, "FORGEFLOW_API_PORT": str(port)})
@@ -110,7 +117,7 @@ def main() -> int:
         wait_healthy(url)
         ws = Watcher(url.replace("http", "ws") + "/v1/ws/jobs")
         runs = [job_marks(url, ws, f"timeline-{i}") for i in range(args.jobs + 2)][2:]
-        print(f"one job of three no-op stages at a time, median of {len(runs)} (ms from the POST):")
+        print(f"{args.store}: one job of three no-op stages at a time, median of {len(runs)} (ms from the POST):")
         for name in runs[-1]:
             values = [marks[name] for marks in runs if name in marks]
             print(f"  {name:40s} {statistics.median(values) * 1000:7.1f}")
@@ -120,6 +127,8 @@ def main() -> int:
             print(f"  {name:40s} {seconds * 1000:7.1f}")
     finally:
         stop_stack(api, home / "ff", prefect)
+        if pg is not None:
+            pg.stop()
     return 0
 
 
