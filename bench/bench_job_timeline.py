@@ -1,7 +1,7 @@
 """Where one small job's time goes, from POST to its terminal message on the WebSocket.
 
     PYTHONPATH=$PWD:$PWD/tests/plugin_packages/forgeflow-testplugins \
-        .venv/bin/python bench/bench_job_timeline.py [--jobs 12] [--store sqlite|postgresql]
+        .venv/bin/python bench/bench_job_timeline.py [--jobs 12] [--store sqlite|postgresql] [--pipeline noop|soccer]
 
 A local Prefect server and ``forgeflow serve`` (API + engine) in a fresh home, on SQLite or on a
 throwaway PostgreSQL cluster (one database for Prefect, one for the API), as in
@@ -29,7 +29,7 @@ import httpx
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_deployment import wait_healthy
-from bench_engine import Watcher, free_port, start_api, start_prefect, stop_stack
+from bench_engine import SOCCER, Watcher, free_port, start_api, start_prefect, stop_stack
 from bench_orchestration import Postgres
 
 NOOP = [{"plugin": "testkit", "tool": "noop", "config": {}}] * 3
@@ -47,11 +47,13 @@ def _mark(event: dict[str, object]) -> str:
     return str(event["type"])
 
 
-def job_marks(url: str, ws: Watcher, job_id: str) -> dict[str, float]:
+def job_marks(
+    url: str, ws: Watcher, job_id: str, pipeline: list[dict[str, object]], job_input: dict[str, object]
+) -> dict[str, float]:
     """Seconds from the POST to each message of the job (first of each kind) and to the WebSocket."""
     with httpx.Client(base_url=url, timeout=60) as client:
         start, clock = time.time(), time.perf_counter()
-        response = client.post("/v1/jobs", json={"job_id": job_id, "pipeline": NOOP, "input": {}})
+        response = client.post("/v1/jobs", json={"job_id": job_id, "pipeline": pipeline, "input": job_input})
         assert response.status_code == 202, response.text
         marks = {"POST answered": time.perf_counter() - clock}
         while job_id not in ws.terminal:
@@ -101,6 +103,7 @@ def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--jobs", type=int, default=12)
     parser.add_argument("--store", choices=["sqlite", "postgresql"], default="sqlite")
+    parser.add_argument("--pipeline", choices=["noop", "soccer"], default="noop")
     args = parser.parse_args()
     home = Path(tempfile.mkdtemp(prefix="ff-bench-timeline-"))
     env = {**os.environ, "PREFECT_UI_ENABLED": "false", "PREFECT_LOGGING_LEVEL": "WARNING"}
@@ -116,8 +119,16 @@ def main() -> int:
     try:
         wait_healthy(url)
         ws = Watcher(url.replace("http", "ws") + "/v1/ws/jobs")
-        runs = [job_marks(url, ws, f"timeline-{i}") for i in range(args.jobs + 2)][2:]
-        print(f"{args.store}: one job of three no-op stages at a time, median of {len(runs)} (ms from the POST):")
+        pipeline, job_input = NOOP, {}
+        if args.pipeline == "soccer":  # one image (Ultralytics' bus.jpg) through the three vision stages
+            from ultralytics import ASSETS
+
+            with open(Path(ASSETS) / "bus.jpg", "rb") as fh:
+                media = httpx.post(f"{url}/v1/media", files={"file": ("bus.jpg", fh, "image/jpeg")}).json()["ref"]
+            pipeline, job_input = SOCCER, {"media": media}
+        runs = [job_marks(url, ws, f"timeline-{i}", pipeline, job_input) for i in range(args.jobs + 2)][2:]
+        stages = "three no-op stages" if args.pipeline == "noop" else "the soccer pipeline on one image"
+        print(f"{args.store}: one job of {stages} at a time, median of {len(runs)} (ms from the POST):")
         for name in runs[-1]:
             values = [marks[name] for marks in runs if name in marks]
             print(f"  {name:40s} {statistics.median(values) * 1000:7.1f}")
