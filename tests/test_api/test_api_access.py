@@ -321,7 +321,7 @@ def test_logs_never_hold_credentials(monkeypatch: pytest.MonkeyPatch) -> None:
 
         failed = logging.LogRecord("x", logging.ERROR, "", 0, "boom", None, sys.exc_info())
     # The traceback is formatted when a handler first formats the record, not when it is made (a
-    # record a filter drops costs none), and then once for every handler.
+    # record a filter drops costs none), and that one text serves every later handler.
     formatted: list[object] = []
     format_exception = logging.Formatter.formatException
     monkeypatch.setattr(
