@@ -1,6 +1,6 @@
 """A new user's first ``forgeflow run`` and the next one, against the one-pass Ultralytics script.
 
-    .venv/bin/python bench/bench_first_run.py [--runs 3] [--no-embedded] [--torch-threads N]
+    .venv/bin/python bench/bench_first_run.py [--runs 3] [--no-embedded] [--torch-threads N] [--spawned]
 
 The README's main job, ``forgeflow run examples/soccer-analysis.json --input examples/sample.mp4``
 (64 frames, 640x360), whole process wall time (the command's start to its exit), median of
@@ -15,6 +15,8 @@ The README's main job, ``forgeflow run examples/soccer-analysis.json --input exa
 * **next run** — the same command again: the engine the first run started is warm;
 * **direct** — the 20-line one-pass script (``bench_engine.ONE_PASS``: ``YOLO(pose).track`` on the
   clip and a per-player rule), a fresh process;
+* **spawned** (with ``--spawned``) — the first and the next run in another new home with
+  ``FORGEFLOW_WORKER_FORK_SERVER=false``: every vision worker imports torch itself;
 * **embedded** (unless ``--no-embedded``) — ``forgeflow run --no-engine`` in a fresh home: the job
   in the command's own process with Prefect's ephemeral server, as every first run was before.
 
@@ -79,6 +81,11 @@ def main() -> int:
         default=None,
         help="FORGEFLOW_TORCH_THREADS for ForgeFlow's workers (the script keeps its own)",
     )
+    parser.add_argument(
+        "--spawned",
+        action="store_true",
+        help="also the first and next run with every worker spawned (FORGEFLOW_WORKER_FORK_SERVER=false)",
+    )
     args = parser.parse_args()
     if not CLIP.exists():
         subprocess.run([*CLI, "sample-clip", str(CLIP)], check=True)
@@ -87,8 +94,16 @@ def main() -> int:
     clean = {k: v for k, v in os.environ.items() if not k.startswith(("FORGEFLOW_", "PREFECT_"))}
     threads = {} if args.torch_threads is None else {"FORGEFLOW_TORCH_THREADS": str(args.torch_threads)}
     run = [*CLI, "run", str(PIPELINE), "--input", str(CLIP)]
-    rows: dict[str, list[float]] = {"first_on_machine": [], "first": [], "next": [], "direct": [], "embedded": []}
-    ready: dict[str, list[float]] = {"first_on_machine": [], "first": []}
+    rows: dict[str, list[float]] = {
+        "first_on_machine": [],
+        "first": [],
+        "next": [],
+        "first_spawned": [],
+        "next_spawned": [],
+        "direct": [],
+        "embedded": [],
+    }
+    ready: dict[str, list[float]] = {"first_on_machine": [], "first": [], "first_spawned": []}
     load_before = os.getloadavg()
     try:
         for round_ in range(args.runs):
@@ -115,6 +130,14 @@ def main() -> int:
             if seconds is not None:
                 ready["first"].append(seconds)
 
+            if args.spawned:  # the same with no fork server: each vision worker imports torch itself
+                env = {**home("spawned"), "FORGEFLOW_WORKER_FORK_SERVER": "false"}
+                rows["first_spawned"].append(timed(run, env))
+                rows["next_spawned"].append(timed(run, env))
+                seconds = prefect_ready_s(stop_engine(env))
+                if seconds is not None:
+                    ready["first_spawned"].append(seconds)
+
             rows["direct"].append(timed([sys.executable, "-c", ONE_PASS, str(CLIP)], clean))
             if not args.no_embedded:
                 rows["embedded"].append(timed([*run, "--no-engine"], home("embedded")))
@@ -129,6 +152,8 @@ def main() -> int:
     table = [
         ("first run in a new home: no engine running (starts in the background)", "first", "≤ 1.3×"),
         ("next run: the engine that run started, warm", "next", "≤ 0.9×"),
+        ("first run in a new home, every worker spawned (no fork server)", "first_spawned", "—"),
+        ("next run, every worker spawned", "next_spawned", "—"),
         ("first run on this machine: no kept Prefect database either", "first_on_machine", "—"),
         ("`--no-engine`: the job in the command (every first run before)", "embedded", "—"),
     ]

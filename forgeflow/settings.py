@@ -53,6 +53,10 @@ class Settings(BaseSettings):
     )
     stage_memory_limit_mb: int = Field(4096, ge=64, description="Default memory limit of one stage call.")
     worker_startup_timeout_s: float = Field(120.0, gt=0, description="Time a worker may take to import its plugin.")
+    worker_fork_server: bool = Field(
+        True,
+        description="Fork the workers of plugins with preload modules (torch) from one process that imported them.",
+    )
     torch_threads: int | None = Field(
         None, ge=1, description="Threads torch may use in a worker; default: the CPUs the process may use."
     )

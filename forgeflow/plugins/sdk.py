@@ -374,6 +374,7 @@ class Plugin:
         self.description = description
         # Modules a worker imports when it starts, before any call's memory limit applies: heavy
         # frameworks (torch maps ~4 GB of address space on import) load once, outside the budget.
+        # The process runner imports them once in a fork server and forks the workers from it.
         self.preload = tuple(preload)
         self.tools: dict[str, Tool] = {}
         self._availability_check: Callable[[], str | None] | None = None

@@ -24,7 +24,8 @@ resident memory adds up to more than ``idle_worker_memory_mb`` are stopped, leas
 first. ``cancel_job(job_id)`` kills the worker serving that job (its call answers ``Cancelled``)
 and stops the job's calls that still wait for a worker. Thread-safe.
 
-This module is the pool; a worker process is :mod:`.worker_process`, one call's exchange with it
+Workers of a plugin with ``preload`` modules (torch) are forked from a server that imported them
+once (:mod:`.worker_fork`). This module is the pool; a worker process is :mod:`.worker_process`, one call's exchange with it
 (timeout, memory watchdog, crash diagnosis) :mod:`.call_exchange`, its log :mod:`.worker_log`.
 
 The docker runner (:mod:`.docker`) is this runner with containers as its workers: it overrides how a
@@ -50,6 +51,7 @@ from forgeflow.engine.runners.base import CallResult, PoolStatus, ProgressCallba
 from forgeflow.engine.runners.batch_call import BatchPart, run_batch
 from forgeflow.engine.runners.call_exchange import CallLimits, exchange
 from forgeflow.engine.runners.protocol import DeadlineExceeded, PeerClosed, ProtocolError, text_field
+from forgeflow.engine.runners.worker_fork import ForkServers
 from forgeflow.engine.runners.worker_log import LOG_TAIL_BYTES, file_size, read_log_tail, trim_log, worker_log_path
 from forgeflow.engine.runners.worker_process import Worker
 from forgeflow.pipeline.outcome import EndReason
@@ -90,6 +92,12 @@ class ProcessRunner:
         # threads, thread pools) would kill warm workers with them.
         self._spawner = ThreadPoolExecutor(max_workers=1, thread_name_prefix="forgeflow-spawner")
         self._env = self._worker_env()
+        self._fork_servers = ForkServers(
+            self._env,
+            worker_log_path(settings.logs_dir, "fork-server"),
+            settings.worker_startup_timeout_s,
+            enabled=settings.worker_fork_server,
+        )
 
     # -- public -------------------------------------------------------------------------------
 
@@ -118,6 +126,7 @@ class ProcessRunner:
         for worker in workers:
             worker.kill()
         self._spawner.shutdown(wait=False)
+        self._fork_servers.close()
 
     def __enter__(self) -> ProcessRunner:
         return self
@@ -409,6 +418,9 @@ class ProcessRunner:
             str(os.getpid()),
         ]
 
+        entry = self.registry.entries.get(plugin)  # its Plugin(preload=...): forked from their fork server
+        preload = tuple(entry.plugin.preload) if entry is not None and entry.plugin is not None else ()
+
         def spawn() -> subprocess.Popen[bytes]:
             with log_path.open("ab") as log_file:
                 return subprocess.Popen(
@@ -421,7 +433,8 @@ class ProcessRunner:
                     env=self._env,
                 )
 
-        return Worker(plugin, self._spawner.submit(spawn).result(), log_path, key)
+        forked = self._fork_servers.fork(preload, plugin, log_path, self._spawner) if preload else None
+        return Worker(plugin, forked or self._spawner.submit(spawn).result(), log_path, key)
 
     def _spawn_worker(self, plugin: str, key: object = None) -> tuple[Worker | None, CallResult | None]:
         log_path = self._log_path(plugin)

@@ -165,16 +165,24 @@ def serve(plugin_name: str, proto_in: int, proto_out: int, media_out: Path | Non
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="forgeflow-worker", description=__doc__.splitlines()[0])
-    parser.add_argument("--plugin", required=True, help="canonical name of an installed plugin")
+    parser.add_argument("--plugin", help="canonical name of an installed plugin")
     parser.add_argument("--parent-pid", type=int, default=None)
     parser.add_argument("--media-out", type=Path, help="writable folder for media a tool stores (Docker mode)")
+    parser.add_argument("--fork-server", type=int, metavar="FD", help="fork workers on the socket FD (.worker_fork)")
+    parser.add_argument("--preload", action="append", default=[], help="a module the fork server imports first")
     args = parser.parse_args(argv)
 
-    proto_in, proto_out = isolate_stdio()
     faulthandler.enable(file=sys.stderr, all_threads=True)
     from forgeflow.processes import die_with_parent
 
     die_with_parent(args.parent_pid)
+    if args.fork_server is not None:
+        from forgeflow.engine.runners.worker_fork import serve_forks
+
+        return serve_forks(args.fork_server, args.preload, main)
+    if not args.plugin:
+        parser.error("--plugin is required")
+    proto_in, proto_out = isolate_stdio()
     print(
         f"[forgeflow worker pid={os.getpid()} plugin={args.plugin} started {time.strftime('%Y-%m-%dT%H:%M:%S')}]",
         file=sys.stderr,

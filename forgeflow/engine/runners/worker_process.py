@@ -23,6 +23,8 @@ if TYPE_CHECKING:
     import psutil
     from pydantic import JsonValue
 
+    from forgeflow.engine.runners.worker_fork import ForkedProcess
+
 __all__ = ["CHILDREN_REFRESH_S", "Worker", "describe_exit"]
 
 #: How often the watchdog refreshes the list of the worker's child processes.
@@ -59,7 +61,9 @@ class Worker:
     #: How long a worker whose pipe closed gets to report how it ended.
     exit_wait_s = 1.0
 
-    def __init__(self, plugin: str, proc: subprocess.Popen[bytes], log_path: Path, key: object = None) -> None:
+    def __init__(
+        self, plugin: str, proc: subprocess.Popen[bytes] | ForkedProcess, log_path: Path, key: object = None
+    ) -> None:
         self.plugin = plugin
         self.key = key  # what calls it may serve besides its plugin (None: any call of the plugin)
         self.proc = proc

@@ -1,5 +1,5 @@
-"""Imported by a vision plugin's worker when it starts (``Plugin(preload=[...])``), before any call's
-memory limit applies: torch maps ~3-4 GB of address space on import and would otherwise count
+"""Imported by a vision plugin's worker when it starts (``Plugin(preload=[...])``; by the process runner's
+fork server, once, for every vision worker it forks), before any call's memory limit applies: torch maps ~3-4 GB of address space on import and would otherwise count
 against the first call's budget. Sets Ultralytics up offline and quiet first (never import
 Ultralytics any other way). Never imported by the API process."""
 

@@ -15,7 +15,16 @@ from pydantic import BaseModel, Field
 from forgeflow.plugins import BatchSpec, EmptyModel, FrameStream, Plugin, ToolContext
 from forgeflow.plugins.builtin.schemas import FramePlayers, FramePoses, Player, Pose
 
-plugin = Plugin("testkit", "0.1.0", aliases=["tk"], description="Test tools for ForgeFlow itself.")
+# Its workers are forked from a fork server that imported these first, as the vision plugins' workers
+# are from one that imported torch (forgeflow.engine.runners.worker_fork): the misbehaving tools below
+# (hang, segfault, allocate, hard_exit, ...) are tried on forked workers.
+plugin = Plugin(
+    "testkit",
+    "0.1.0",
+    aliases=["tk"],
+    description="Test tools for ForgeFlow itself.",
+    preload=["forgeflow.plugins.builtin.schemas"],
+)
 
 
 # --- a well-behaved typed chain --------------------------------------------------------------
