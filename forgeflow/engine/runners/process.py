@@ -125,8 +125,8 @@ class ProcessRunner:
             self._idle.clear()
         for worker in workers:
             worker.kill()
+        self._fork_servers.close()  # before the spawning thread ends: they die with it
         self._spawner.shutdown(wait=False)
-        self._fork_servers.close()
 
     def __enter__(self) -> ProcessRunner:
         return self
