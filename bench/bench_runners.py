@@ -64,6 +64,13 @@ def main() -> int:
     parser.add_argument("--n-docker", type=int, default=8, help="calls for the fresh-container docker row")
     parser.add_argument("--no-docker", action="store_true")
     parser.add_argument("--no-write", action="store_true", help="print only; leave runners.md alone")
+    parser.add_argument(
+        "--vision",
+        type=int,
+        default=0,
+        metavar="N",
+        help="also time N starts of a pose-estimator worker while a detector worker is warm (forked, spawned)",
+    )
     args = parser.parse_args()
 
     os.environ.setdefault("FORGEFLOW_HOME", tempfile.mkdtemp(prefix="forgeflow-bench-"))
@@ -139,11 +146,15 @@ def main() -> int:
         rows.append(("process, warm worker, no lifecycle store", measure(checked(bare), args.n_warm, 10)))
     finally:
         bare.close()
-    cold = get_runner(settings.model_copy(update={"runner": "process", "reuse_workers": False}), registry)
-    try:
-        rows.append(("process, fresh process per call (cold)", measure(checked(cold), args.n_cold, 1)))
-    finally:
-        cold.close()
+    # testkit preloads a module, as the vision plugins do (torch): its fresh workers are forks of a
+    # fork server (worker_fork.py); with the setting off each one is a new interpreter.
+    for label, fork_server in (("forked", True), ("spawned", False)):
+        update = {"runner": "process", "reuse_workers": False, "worker_fork_server": fork_server}
+        cold = get_runner(settings.model_copy(update=update), registry)
+        try:
+            rows.append((f"process, fresh process per call, {label}", measure(checked(cold), args.n_cold, 1)))
+        finally:
+            cold.close()
 
     if docker_ok:
         cold_docker = get_runner(settings.model_copy(update={"runner": "docker", "reuse_workers": False}), registry)
@@ -156,6 +167,20 @@ def main() -> int:
             )
         finally:
             cold_docker.close()
+
+    for label, fork_server in (("forked", True), ("spawned", False)) if args.vision else ():
+        starts = []
+        for _ in range(args.vision):  # a pool that grows: the torch plugins' second worker, to `ready`
+            update = {"runner": "process", "worker_fork_server": fork_server}
+            grown = get_runner(settings.model_copy(update=update), registry).runner("process")
+            try:
+                grown.warm("forgesyte-yolo-tracker")
+                started = time.perf_counter()
+                grown.warm("pose-estimator")
+                starts.append((time.perf_counter() - started) * 1000.0)
+            finally:
+                grown.close()
+        rows.append((f"a vision worker ready (pose-estimator, its detector warm), {label}", starts))
 
     direct = statistics.median(rows[0][1])
     lines = [
