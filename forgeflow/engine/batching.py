@@ -5,7 +5,10 @@ many jobs at once (20 one-image jobs submitted together, say). :class:`BatchingR
 engine's runner: a batchable call joins the open batch of its **key** (runner, plugin, plugin
 version, tool, validated config) or opens one, and waits for its own answer. A batch closes when it
 holds ``max_batch`` calls, or when ``max_wait_ms`` has passed since it opened **and** it has a slot
-of its device (calls go on joining while the device is busy: that is when batching pays). It then
+of its device (calls go on joining while the device is busy: that is when batching pays). A batch
+that nobody could join skips the wait: its call is the only call in flight and ``alone`` (the
+engine) says its job is the host's only one, with no other process calling; a lone job would
+otherwise wait ``max_wait_ms`` for nobody at each batchable stage. It then
 holds **one** device slot and runs as one call of one warm worker (:mod:`.runners.batch_call`),
 which answers each job's part on its own. A batch that closes with one call runs it exactly as an
 unbatched call. Calls that cannot batch (tools without ``batch=``, ``FORGEFLOW_BATCHING=false``,
@@ -24,6 +27,7 @@ import json
 import logging
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol, TypedDict
 
@@ -94,6 +98,8 @@ class _Batch:
     limits: BatchLimits
     device: str
     number: int
+    #: Whether it waits ``max_wait_ms`` for more calls (not when nobody could join it).
+    gathers: bool = True
     opened: float = field(default_factory=time.monotonic)
     parts: list[BatchPart] = field(default_factory=list)
     closed: bool = False
@@ -102,13 +108,23 @@ class _Batch:
 class BatchingRunner:
     """The engine's runner: batchable calls run in batches, the others through ``admitted`` as before."""
 
-    def __init__(self, admitted: AdmittedRunner[BatchPool], settings: Settings, registry: PluginRegistry) -> None:
+    def __init__(
+        self,
+        admitted: AdmittedRunner[BatchPool],
+        settings: Settings,
+        registry: PluginRegistry,
+        alone: Callable[[ToolCall], bool] | None = None,
+    ) -> None:
+        """``alone(call)``: whether ``call`` comes from the only caller of the host (its only job, no
+        other process calling), so that no other call could join its batch."""
         self.admitted = admitted
+        self.alone = alone
         self.name = admitted.name
         self.settings = settings
         self.registry = registry
         self._cond = threading.Condition()
         self._open: dict[BatchKey, _Batch] = {}
+        self._in_flight = 0  # calls in run() now
         self._numbers = itertools.count(1)
         #: Batches run so far and the calls they held (``status``).
         self.batches = 0
@@ -134,15 +150,22 @@ class BatchingRunner:
             return self.admitted.run(call, on_progress)
         key, limits = found
         part = BatchPart(call, on_progress)
+        alone = self.alone is not None and self.alone(call)
         with self._cond:
+            self._in_flight += 1
             batch = self._open.get(key)
             if batch is None or batch.closed or len(batch.parts) >= limits.max_batch:
                 device = device_of(call.config, self.admitted.slots.gpus)
-                batch = self._open[key] = _Batch(key, limits, device, next(self._numbers))
+                gathers = not (alone and self._in_flight == 1)
+                batch = self._open[key] = _Batch(key, limits, device, next(self._numbers), gathers)
                 threading.Thread(target=self._drive, args=(batch,), name=f"batch-{batch.number}", daemon=True).start()
             batch.parts.append(part)
             self._cond.notify_all()
-        part.done.wait()
+        try:
+            part.done.wait()
+        finally:
+            with self._cond:
+                self._in_flight -= 1
         assert part.result is not None
         return part.result
 
@@ -192,7 +215,7 @@ class BatchingRunner:
         slots = self.admitted.slots
         admitted = False
         try:
-            deadline = batch.opened + batch.limits.max_wait_ms / 1000.0
+            deadline = batch.opened + (batch.limits.max_wait_ms / 1000.0 if batch.gathers else 0.0)
             with self._cond:
                 while len(batch.parts) < batch.limits.max_batch and self._drop_cancelled(batch):
                     remaining = deadline - time.monotonic()

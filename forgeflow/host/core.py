@@ -82,7 +82,7 @@ class Engine:
         self.pool = get_runner(settings, self.registry)
         self.slots = DeviceSlots(settings.device_slots)
         self.runner = BatchingRunner(
-            AdmittedRunner(self.pool, self.slots, on_wait=self._stage_waits), settings, self.registry
+            AdmittedRunner(self.pool, self.slots, on_wait=self._stage_waits), settings, self.registry, self._alone
         )
         self.started_at = time.time()
         self.prefect_api_url = os.environ.get("PREFECT_API_URL")
@@ -388,6 +388,12 @@ class Engine:
     def active_jobs(self) -> int:
         with self._lock:
             return self._running + len(self._queue)
+
+    def _alone(self, call: ToolCall) -> bool:
+        """Whether ``call`` is of the engine's only job while no other process calls: nothing could
+        join its batch, so it does not wait for company (:mod:`forgeflow.engine.batching`)."""
+        with self._lock:
+            return self._running + len(self._queue) == 1 and not self._calls and call.job_id in self._jobs
 
     def _stage_waits(self, call: ToolCall, reason: str) -> None:
         """A stage waits for a device slot: the job says so (a ``running`` status with ``waiting_for``)."""

@@ -349,6 +349,24 @@ def test_concurrent_jobs_share_batches_and_keep_their_own_events(start_engine: A
     assert client.status()["batching"]["batches"] < 4
 
 
+def test_the_hosts_only_job_does_not_wait_for_company_at_a_batchable_stage(start_engine: Any, tmp_path: Path) -> None:
+    """A batch that no other call could join skips its gathering wait (forgeflow/engine/batching.py):
+    the host's only job runs its batchable stage at once, though the tool's batches wait 30 s for
+    company. (Jobs at once still gather: the test above.)"""
+    from datetime import datetime
+
+    client = start_engine(batch_waits_ms={"testkit.batch_probe": 30_000})
+    record = tmp_path / "passes.txt"
+    stage = {"plugin": "testkit", "tool": "batch_probe", "config": {"record": str(record)}}
+    events, last = run(client, "alone", [stage], {"value": 3})
+    assert last["status"] == "succeeded", last
+    assert last["envelope"]["result"]["doubled"] == 6
+    at = {e["type"]: datetime.fromisoformat(e["timestamp"].replace("Z", "+00:00")) for e in events}
+    took = (at["pipeline_stage_end"] - at["pipeline_stage_start"]).total_seconds()
+    assert took < 15, f"the stage waited {took:.1f} s for company that could not come"
+    assert client.status()["batching"]["batches"] == 1
+
+
 class _BusyPrefect:
     """A real HTTP proxy in front of the session's Prefect server that answers 503 (what Prefect's
     SQLite write lock gives under load) to the first ``refusals`` flow-run creations."""
