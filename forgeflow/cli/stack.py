@@ -132,15 +132,16 @@ def _start(name: str, argv: list[str], env: dict[str, str], folder: Path, cwd: P
 
 def _wait_http(url: str, part: StackProcess, timeout: float, headers: dict[str, str] | None = None) -> None:
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if not pid_alive(part.pid, part.create_time):
-            raise StackError(f"{part.name} exited while starting; see {part.log}")
-        try:
-            if httpx.get(url, timeout=2, headers=headers).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.3)
+    with httpx.Client(timeout=2, headers=headers) as client:  # one CA bundle load, not one per poll
+        while time.monotonic() < deadline:
+            if not pid_alive(part.pid, part.create_time):
+                raise StackError(f"{part.name} exited while starting; see {part.log}")
+            try:
+                if client.get(url).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.3)
     raise StackError(f"{part.name} did not answer at {url} within {timeout:g} s; see {part.log}")
 
 

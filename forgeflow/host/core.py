@@ -43,6 +43,7 @@ from forgeflow.events.models import Event, JobStatusEvent, PipelineError
 from forgeflow.events.sinks import EventSink, HttpSink
 from forgeflow.host.job import EngineJob, NotAPipelineRun, StreamSink, TerminalWatch
 from forgeflow.host.prefect_runs import PREFECT_BUSY_WAIT_S, PrefectRuns, prefect_busy
+from forgeflow.jobs.job_run import start_first_stage
 from forgeflow.jobs.media_sync import MediaSync
 from forgeflow.jobs.stages import Services
 from forgeflow.pipeline import outcome
@@ -97,8 +98,7 @@ class Engine:
         #: Stage calls of other processes in flight, and when the engine last had work (monotonic).
         self._calls = 0
         self._last_active = time.monotonic()
-        # Job threads live on between jobs (daemon threads, as before: a job still running never
-        # holds the process's exit).
+        # Job threads live on between jobs (daemon threads: a running job never holds the process's exit).
         self._ready: queue.SimpleQueue[EngineJob] = queue.SimpleQueue()
         self._job_threads = 0
         self._prefect_runs = PrefectRuns()  # Prefect's settings and TLS context of every job's flow run
@@ -281,6 +281,8 @@ class Engine:
             )
         status: JobState = "failed"
         try:
+            if job.flow_run is None:  # its first stage's call runs while its flow run is made
+                services.head_start = start_first_stage(services, job.job_id, job.pipeline, job.input)
             if self._prefect_ready is not None:
                 self._prefect_ready()  # the engine's own server may still be starting
             envelope = self._execute(job, services, sink)
@@ -319,9 +321,9 @@ class Engine:
                 sink.flush(timeout=5.0)
         finally:
             if job.lost and job.flow_run is not None:  # the stopped run may have said Failed since
-                from forgeflow.jobs.flow_runs import mark_flow_run
-
                 mark_flow_run(str(job.flow_run.id), "crashed", job.lost)
+            if services.head_start is not None:  # not taken over: stopped with the job
+                services.head_start.settle(getattr(self.pool, "cancel_job", None))
             if services.media_sync is not None:
                 services.media_sync.close()
             self._pool_forget(job.job_id)

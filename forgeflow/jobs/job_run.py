@@ -8,13 +8,14 @@ feeds, media sync, frame counts) and emits ``stage_start`` / ``stage_progress`` 
 
 from __future__ import annotations
 
+import logging
 import shutil
 import threading
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from pydantic import JsonValue
+from pydantic import JsonValue, ValidationError
 
 from forgeflow.canonical import JsonObject
 from forgeflow.engine.runners.base import CallResult, FramesRead, Progress, ToolCall
@@ -28,11 +29,13 @@ from forgeflow.events.models import (
     StageWarning,
     progress,
 )
+from forgeflow.jobs.head_start import HeadStart
 from forgeflow.jobs.media_sync import media_refs
 from forgeflow.jobs.overlap import prepare_feeds
 from forgeflow.jobs.services import Services
+from forgeflow.pipeline.definition import PipelineDefinition
 from forgeflow.pipeline.outcome import EndReason, JobStatus, ResultEnvelope, StageReport
-from forgeflow.pipeline.validation import ResolvedStage
+from forgeflow.pipeline.validation import PipelineValidationError, ResolvedStage, validate_pipeline
 from forgeflow.plugins.cache import job_cache_dir
 from forgeflow.plugins.checkpoints import Checkpoints, call_key
 from forgeflow.plugins.errors import ForgeFlowError, MediaError
@@ -40,6 +43,8 @@ from forgeflow.plugins.frames import chunk_refs, is_frames, is_live
 from forgeflow.plugins.media import MediaStore
 
 __all__ = ["CANCELLED", "JobRun", "PipelineFailed", "StageFailed"]
+
+log = logging.getLogger("forgeflow.jobs")
 
 #: error_type of a stage (and a job) stopped by a cancel request.
 CANCELLED = EndReason.CANCELLED.value
@@ -110,13 +115,11 @@ class JobRun:
 
     def call_stage(self, stage: ResolvedStage, inputs: JsonObject) -> JsonObject:
         """The stage's tool call through the runner: its outputs, or :class:`StageFailed`. A job that
-        resumes takes the outputs of a call that completed in an earlier attempt instead."""
+        resumes takes the outputs of a call that completed in an earlier attempt instead; a call the
+        engine started ahead of the stage's task (:mod:`forgeflow.jobs.head_start`) is taken over."""
         self._sync_media(stage, inputs)
         settings = self.services.settings
-        entry = self.services.registry.resolve(stage.plugin)
-        key = self.call_keys[stage.index] = call_key(
-            stage.plugin, entry.version or "", stage.tool.name, stage.config, self._keyed(inputs)
-        )
+        key = self.call_keys[stage.index] = stage_call_key(self.services, stage, self._keyed(inputs))
         if self.resume and (done := self._completed_before(key)) is not None:
             self.outcomes[stage.index] = CallResult(ok=True, outputs=done)
             self.reports[stage.index].from_checkpoint = True
@@ -126,24 +129,23 @@ class JobRun:
             prepare_feeds(self.checkpoints, key, stage, MediaStore(settings.media_root), resume=False)
             self.feeding.setdefault(stage.index, threading.Event()).set()
             return done
-        prepare_feeds(self.checkpoints, key, stage, MediaStore(settings.media_root), self.resume)
-        self.feeding.setdefault(stage.index, threading.Event()).set()
-        call = ToolCall(
-            plugin=stage.plugin,
-            tool=stage.tool.name,
-            config=stage.config,
-            inputs=inputs,
-            timeout_s=stage.timeout_s,
-            memory_limit_mb=stage.stage.memory_limit_mb or settings.stage_memory_limit_mb,
-            job_id=self.job_id,
-            stage_index=stage.index,
-            runner=stage.stage.effective_runner,
-            artifact_budget_bytes=max(0, settings.max_artifact_bytes_per_job - self.artifact_bytes),
-            checkpoint_key=key,
-            resume=self.resume,
-        )
-        self.call_started[stage.index] = time.monotonic()
-        result = self.services.runner.run(call, lambda update: self.stage_progress(stage, update))
+        call = stage_call(self.services, self.job_id, stage, inputs, key, self.artifact_bytes, self.resume)
+        head = self.services.head_start
+
+        def on_progress(update: Progress) -> None:
+            self.stage_progress(stage, update)
+
+        if head is not None and head.adopt(call):  # its feeds were readied when it started
+            self.feeding.setdefault(stage.index, threading.Event()).set()
+            self.call_started[stage.index] = head.started
+            result = head.result(on_progress)
+        else:
+            if head is not None and head.call.checkpoint_key == key:
+                head.wait()  # a call it could not adopt: its journals are this call's
+            prepare_feeds(self.checkpoints, key, stage, MediaStore(settings.media_root), self.resume)
+            self.feeding.setdefault(stage.index, threading.Event()).set()
+            self.call_started[stage.index] = time.monotonic()
+            result = self.services.runner.run(call, on_progress)
         self.outcomes[stage.index] = result
         report = self.reports[stage.index]
         report.duration_ms = result.duration_ms
@@ -286,6 +288,63 @@ class JobRun:
         if status == "succeeded":  # nothing left to resume
             for key in self.call_keys.values():
                 self.checkpoints.forget(key)
+
+
+def stage_call_key(services: Services, stage: ResolvedStage, keyed_inputs: JsonObject) -> str:
+    """The stage's call key (:func:`~forgeflow.plugins.checkpoints.call_key`): its checkpoints' name."""
+    entry = services.registry.resolve(stage.plugin)
+    return call_key(stage.plugin, entry.version or "", stage.tool.name, stage.config, keyed_inputs)
+
+
+def stage_call(
+    services: Services,
+    job_id: str,
+    stage: ResolvedStage,
+    inputs: JsonObject,
+    key: str,
+    artifact_bytes: int = 0,
+    resume: bool = False,
+) -> ToolCall:
+    """The runner's call of a stage of ``job_id`` (``artifact_bytes``: what the job's artifacts take so far)."""
+    settings = services.settings
+    return ToolCall(
+        plugin=stage.plugin,
+        tool=stage.tool.name,
+        config=stage.config,
+        inputs=inputs,
+        timeout_s=stage.timeout_s,
+        memory_limit_mb=stage.stage.memory_limit_mb or settings.stage_memory_limit_mb,
+        job_id=job_id,
+        stage_index=stage.index,
+        runner=stage.stage.effective_runner,
+        artifact_budget_bytes=max(0, settings.max_artifact_bytes_per_job - artifact_bytes),
+        checkpoint_key=key,
+        resume=resume,
+    )
+
+
+def start_first_stage(services: Services, job_id: str, pipeline: JsonValue, input_data: JsonValue) -> HeadStart | None:
+    """Start a new job's first stage call ahead of its flow run (:mod:`forgeflow.jobs.head_start`): the
+    call its task will make, its feeds readied. None where it could differ from the task's own call:
+    a pipeline that does not validate (the flow says why), a job that resumes, media of another host."""
+    if services.media_sync is not None or not isinstance(pipeline, dict | list) or not isinstance(input_data, dict):
+        return None
+    try:
+        definition = PipelineDefinition.model_validate(pipeline)
+        stages = validate_pipeline(definition, input_data, services.registry, services.settings).stages
+    except (ValidationError, PipelineValidationError):
+        return None
+    except Exception:  # whatever it is, the flow's own validation meets it and says so
+        log.debug("job %s: no head start", job_id, exc_info=True)
+        return None
+    if definition.resume or not stages:
+        return None
+    stage = stages[0]
+    inputs = {name: input_data[name] for name in stage.input_fields if name in input_data}
+    key = stage_call_key(services, stage, inputs)  # a first stage reads no earlier stage's frames
+    settings = services.settings
+    prepare_feeds(Checkpoints(settings.checkpoints_dir), key, stage, MediaStore(settings.media_root), resume=False)
+    return HeadStart(stage_call(services, job_id, stage, inputs, key), stage, services.runner.run)
 
 
 def _frames_bytes(values: Iterable[JsonValue]) -> int:

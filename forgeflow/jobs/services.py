@@ -13,6 +13,7 @@ import os
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from forgeflow.engine.runners.base import Runner
 from forgeflow.events.sinks import EventSink, sink_from_settings
@@ -20,6 +21,9 @@ from forgeflow.jobs.media_sync import MediaSync
 from forgeflow.plugins.lifecycle import LifecycleStore
 from forgeflow.plugins.registry import PluginRegistry
 from forgeflow.settings import Settings, get_settings
+
+if TYPE_CHECKING:
+    from forgeflow.jobs.head_start import HeadStart
 
 __all__ = ["ENGINE_PROCESS_ENV", "Services", "current_services", "use_services"]
 
@@ -36,6 +40,9 @@ class Services:
     #: Fetches the media a stage reads from the API and uploads what it made (a host apart from the
     #: API: ``FORGEFLOW_API_URL`` set); None: this host's media store is the one (embedded mode).
     media_sync: MediaSync | None = None
+    #: The job's first stage call, started by the engine ahead of its flow run (the engine's services
+    #: of one job: :mod:`forgeflow.jobs.head_start`); its task takes it over.
+    head_start: HeadStart | None = None
 
     @classmethod
     def from_settings(cls, settings: Settings | None = None, sink: EventSink | None = None) -> Services:

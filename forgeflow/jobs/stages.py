@@ -169,7 +169,8 @@ def execute(
                     makers = [i for i, (s, _) in enumerate(started[:-1]) if needs & set(s.output_fields)]
                     collect(max(makers, default=-1) + 1)
             current[0] = stage
-            if services.is_cancelled(run.job_id):  # cancelled between two stages: start no other
+            ahead = services.head_start is not None and services.head_start.stage.index == stage.index
+            if services.is_cancelled(run.job_id) and not ahead:  # cancelled between two stages: start no other
                 run.outcomes[stage.index] = CallResult.failure(CANCELLED, "cancelled by request")
                 run.reports[stage.index].status = "cancelled"
                 raise StageFailed(stage, run.outcomes[stage.index])

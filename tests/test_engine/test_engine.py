@@ -3,6 +3,7 @@ session's real Prefect server, real sandboxed workers and, for the vision tests,
 
 from __future__ import annotations
 
+import contextlib
 import json
 import subprocess
 import sys
@@ -436,3 +437,133 @@ def test_a_prefect_server_too_busy_to_create_the_flow_run_delays_the_job_and_fai
     finally:
         client.shutdown(drain=False)
         busy.close()
+
+
+class _StalledPrefect:
+    """A TCP proxy in front of the session's Prefect server that holds every connection made while
+    ``stalled`` until it is cleared: a Prefect server that does not answer yet (still starting)."""
+
+    def __init__(self, upstream: str) -> None:
+        import socket
+        from urllib.parse import urlsplit
+
+        target = urlsplit(upstream)
+        self.upstream = (target.hostname or "127.0.0.1", target.port or 80)
+        self.stalled = threading.Event()
+        self.released = threading.Event()
+        self.waiting = 0
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.listener.getsockname()[1]}{target.path}"
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+
+    def _serve(self, conn: Any) -> None:
+        import socket
+
+        if self.stalled.is_set():
+            self.waiting += 1
+            self.released.wait(120)
+        upstream = socket.create_connection(self.upstream)
+
+        def pump(src: Any, dst: Any) -> None:
+            try:
+                while data := src.recv(65536):
+                    dst.sendall(data)
+            except OSError:
+                pass
+            finally:
+                for sock in (src, dst):
+                    with contextlib.suppress(OSError):
+                        sock.shutdown(socket.SHUT_RDWR)
+
+        threading.Thread(target=pump, args=(upstream, conn), daemon=True).start()
+        pump(conn, upstream)
+
+    def close(self) -> None:
+        self.released.set()
+        self.listener.close()
+
+
+def test_a_jobs_first_stage_runs_while_its_flow_run_is_made(tmp_path: Path, prefect_api_url: str) -> None:
+    """The engine starts a job's first stage call as it takes the job (forgeflow/jobs/head_start.py):
+    while Prefect does not answer, the call runs and ends, once. The stage's task takes it over: the
+    job is still one flow run with one task run per stage, each stage called once, and its messages
+    keep their order, the progress made before the task's start included."""
+    import httpx
+
+    proxy = _StalledPrefect(prefect_api_url)
+    settings = Settings(home=tmp_path / "home", progress_interval_s=0)
+    client, _ = ensure_engine(settings, env={"PREFECT_API_URL": proxy.url}, timeout=180)
+    try:
+        stages = [
+            {"plugin": "testkit", "tool": "steps", "config": {"steps": 3, "delay_s": 0.05}},
+            {"plugin": "testkit", "tool": "noop", "config": {}},
+        ]
+        proxy.stalled.set()
+        thread, box = in_thread(lambda: run(client, "ahead", stages))
+        wait_for(lambda: sum(w["calls"] for w in workers_of(client, "testkit")) == 1)
+        time.sleep(0.5)
+        assert proxy.waiting >= 1  # the job's flow run is not made yet
+        assert sum(w["calls"] for w in workers_of(client, "testkit")) == 1  # the second stage waits for its task
+        assert client.job("ahead").status == "running"
+        proxy.released.set()
+        thread.join(120)
+        events, last = box["value"]
+        assert last["status"] == "succeeded", last
+        assert last["envelope"]["result"] == {"steps": 3}
+        assert sum(w["calls"] for w in workers_of(client, "testkit")) == 2  # each stage's call made once
+        assert events[0]["type"] == "job_status" and events[0]["status"] == "running"
+        first = [(e["type"], e.get("done")) for e in events if e.get("stage_index") == 0]
+        assert first == [
+            ("pipeline_stage_start", None),
+            *[("pipeline_stage_progress", i) for i in (1, 2, 3)],
+            ("pipeline_stage_end", None),
+        ]
+        kinds = [(e["type"], e.get("stage_index")) for e in events]
+        assert kinds.index(("pipeline_stage_end", 0)) < kinds.index(("pipeline_stage_start", 1))
+        body = {"task_runs": {"flow_run_id": {"any_": [events[0]["flow_run_id"]]}}}
+        deadline = time.monotonic() + 15
+        while True:  # Prefect records task runs from their events, up to a second later
+            task_runs = httpx.post(f"{prefect_api_url}/task_runs/filter", json=body, timeout=10).json()
+            states = sorted((r["name"], r["state"]["type"]) for r in task_runs if r["state"])
+            if [t for _, t in states] == ["COMPLETED", "COMPLETED"] or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
+        assert states == [("stage-0: testkit.steps", "COMPLETED"), ("stage-1: testkit.noop", "COMPLETED")]
+    finally:
+        client.shutdown(drain=False)
+        proxy.close()
+
+
+def test_a_job_whose_flow_run_never_starts_stops_the_call_that_ran_ahead(tmp_path: Path) -> None:
+    """The engine's Prefect server never answers: the job fails saying so, and its first stage's
+    call, started ahead of the flow run, is stopped with it (no worker is left serving the job)."""
+    from forgeflow.host.core import Engine
+    from forgeflow.host.job import StreamSink
+
+    def serving() -> bool:
+        return any(w["job_id"] == "never" and w["state"] == "busy" for w in engine.pool.status()["workers"])
+
+    def prefect_ready() -> None:
+        wait_for(serving)  # the first stage's call runs while Prefect is awaited
+        raise RuntimeError("Prefect at http://127.0.0.1:9/api did not start: it exited with 1")
+
+    engine = Engine(Settings(home=tmp_path / "home"), prefect_ready=prefect_ready)
+    try:
+        job = engine.submit("never", {"stages": [{**SLEEP, "config": {"seconds": 60}}]}, {}, StreamSink())
+        assert job.done.wait(45)
+        assert job.status == "failed"
+        assert job.envelope is not None and job.envelope["error_type"] == "FlowRunError"
+        assert "did not start" in job.envelope["error"]
+        assert not serving()
+        events = [e for e in engine.stream(job) if e is not None]
+        assert [e.type for e in events] == ["pipeline_error", "job_status"]
+    finally:
+        engine.close()
