@@ -52,8 +52,14 @@ class PipelineExecutor:
 
     @staticmethod
     def _envelope(state: State[FlowResult] | State[JsonObject]) -> JsonObject:
-        if state.is_completed() and isinstance(envelope := state.result(), dict):  # a completed run's envelope
-            return envelope
+        from prefect.utilities.annotations import quote
+
+        if state.is_completed():  # a completed run's envelope, quoted so that Prefect did not walk it
+            envelope: object = state.result()
+            if isinstance(envelope, quote):
+                envelope = envelope.unquote()
+            if isinstance(envelope, dict):
+                return envelope
         outcome = state.result(raise_on_failure=False)
         if isinstance(outcome, PipelineFailed):
             return outcome.envelope.to_dict()

@@ -15,7 +15,7 @@ import collections
 import json
 import threading
 from pathlib import Path
-from typing import Literal, TypedDict
+from typing import Literal, TypedDict, cast
 
 from prefect import Flow, Task, flow, task
 from prefect.cache_policies import NO_CACHE
@@ -23,6 +23,7 @@ from prefect.client.schemas.objects import FlowRun, State, TaskRun
 from prefect.context import FlowRunContext
 from prefect.flows import FlowStateHook
 from prefect.states import Failed
+from prefect.utilities.annotations import quote
 from pydantic import JsonValue, ValidationError
 
 from forgeflow.canonical import JsonArrayField, JsonObject, JsonObjectField, canonical_json
@@ -100,7 +101,17 @@ def _run_stage_as_task(run: JobRun, stage: ResolvedStage, inputs: JsonObject) ->
         on_completion=[on_completion],
         on_failure=[on_failure],
     )(run_stage)
-    return stage_task(inputs)
+    return stage_task(_unwalked(inputs))
+
+
+def _unwalked(value: JsonObject) -> JsonObject:
+    """A stage's inputs, or a flow's envelope, as Prefect should pass them on: untouched.
+
+    Prefect walks a task's arguments (twice per stage) and a flow's return value looking for futures
+    to resolve and to record as dependencies: every frame of a clip's detections, poses and actions,
+    ~0.5 s of a 64-frame job's tail. They hold none. ``quote`` stops the walk; Prefect hands the
+    task the dict itself, and :mod:`forgeflow.jobs.executor` unwraps the flow's return (hence the cast)."""
+    return cast("JsonObject", quote(value))
 
 
 # --- flow-level hooks: the terminal message when the body could not send it -------------------
@@ -227,7 +238,7 @@ def pipeline_flow(
         )
     )
     try:
-        return execute(run, definition, parse_error, input_data, _run_stage_as_task).to_dict()
+        return _unwalked(execute(run, definition, parse_error, input_data, _run_stage_as_task).to_dict())
     except PipelineFailed as failed:
         # An expected outcome, not a bug: end the run Failed with the envelope, without a traceback.
         return Failed(message=str(failed), data=failed)
