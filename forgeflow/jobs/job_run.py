@@ -135,17 +135,14 @@ class JobRun:
         def on_progress(update: Progress) -> None:
             self.stage_progress(stage, update)
 
-        if head is not None and head.adopt(call):  # its feeds were readied when it started
-            self.feeding.setdefault(stage.index, threading.Event()).set()
-            self.call_started[stage.index] = head.started
-            result = head.result(on_progress)
-        else:
+        early = head if head is not None and head.adopt(call) else None
+        if early is None:  # an adopted call's feeds were readied when it started
             if head is not None and head.call.checkpoint_key == key:
                 head.wait()  # a call it could not adopt: its journals are this call's
             prepare_feeds(self.checkpoints, key, stage, MediaStore(settings.media_root), self.resume)
-            self.feeding.setdefault(stage.index, threading.Event()).set()
-            self.call_started[stage.index] = time.monotonic()
-            result = self.services.runner.run(call, on_progress)
+        self.feeding.setdefault(stage.index, threading.Event()).set()
+        self.call_started[stage.index] = early.started if early is not None else time.monotonic()
+        result = early.result(on_progress) if early is not None else self.services.runner.run(call, on_progress)
         self.outcomes[stage.index] = result
         report = self.reports[stage.index]
         report.duration_ms = result.duration_ms
