@@ -1,4 +1,4 @@
-"""A batch on two hosts sharing PostgreSQL (test_scale_out's fixture): its files spread over both hosts'
+"""A batch on two hosts sharing PostgreSQL (the fleet of conftest.py): its files spread over both hosts'
 workers; when host B is killed mid-batch, the files it held are retried on host A and every file ends
 with exactly one succeeded job."""
 
@@ -12,9 +12,8 @@ import httpx
 import pytest
 
 from tests.batch_helpers import file_work, make_images, wait_batch
-from tests.test_api.conftest import postgres_cluster  # noqa: F401  (the fixture)
 from tests.test_deployments import KEEP_ALIVE, PrefectRest
-from tests.test_deployments.test_scale_out import _kill_host, host_of_flow_run, two_hosts  # noqa: F401
+from tests.test_deployments.test_scale_out import _kill_host, host_of_flow_run
 
 pytestmark = pytest.mark.xdist_group("stack")
 
@@ -23,7 +22,7 @@ SLEEP_S = 3.0
 
 
 def test_a_killed_hosts_files_are_retried_elsewhere_and_each_file_succeeds_once(
-    two_hosts: tuple[Any, Path, Path],  # noqa: F811
+    two_hosts: tuple[Any, Path, Path],
     tmp_path: Path,
 ) -> None:
     started, _, home_b = two_hosts

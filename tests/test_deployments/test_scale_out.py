@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -15,8 +14,7 @@ import httpx
 import psutil
 import pytest
 
-from tests.conftest import free_port
-from tests.test_api.conftest import PostgresCluster, postgres_cluster, wait_job  # noqa: F401  (the fixture)
+from tests.test_api.conftest import wait_job
 from tests.test_deployments import KEEP_ALIVE, PrefectRest
 
 pytestmark = pytest.mark.xdist_group("stack")
@@ -50,44 +48,6 @@ def _kill_host(home: Path) -> int:
             except psutil.Error:
                 pass
     return killed
-
-
-@pytest.fixture
-def two_hosts(postgres_cluster: PostgresCluster, tmp_path: Path) -> Iterator[tuple[Any, Path, Path]]:  # noqa: F811
-    from forgeflow.cli import stack
-    from forgeflow.settings import Settings
-
-    prefect_db = postgres_cluster.new_database().replace("postgresql+psycopg://", "postgresql+asyncpg://")
-    api_db = postgres_cluster.new_database()
-    home_a, home_b = tmp_path / "host-a", tmp_path / "host-b"
-    server_env = {"PREFECT_API_DATABASE_CONNECTION_URL": prefect_db, "FORGEFLOW_DATABASE_URL": api_db}
-    saved = {k: os.environ.get(k) for k in (*server_env, "FORGEFLOW_HOME")}
-    try:
-        os.environ.update(server_env, FORGEFLOW_HOME=str(home_a))
-        started = stack.up(
-            Settings(home=home_a), prefect_port=free_port(), api_port=free_port(), workers=1, jobs_per_worker=2
-        )
-        token = (stack.stack_dir(Settings(home=home_a)) / "ingest-token").read_text().strip()
-        for key in server_env:  # host B knows only the two URLs and its token
-            os.environ.pop(key)
-        os.environ["FORGEFLOW_HOME"] = str(home_b)
-        stack.join(
-            Settings(home=home_b),
-            prefect_api_url=started.prefect_api_url,
-            api_url=started.api_url,
-            ingest_token=token,
-            workers=1,
-            jobs_per_worker=2,
-        )
-        yield started, home_a, home_b
-    finally:
-        for home in (home_b, home_a):
-            stack.down(Settings(home=home))
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
 
 
 def test_jobs_spread_over_two_hosts_and_a_dead_host_crashes_only_its_jobs(two_hosts: tuple[Any, Path, Path]) -> None:
