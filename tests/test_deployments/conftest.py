@@ -3,36 +3,18 @@ worker, on PostgreSQL) is started once for both; each test joins a host B of its
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.conftest import free_port
+from tests.conftest import environment, free_port
 from tests.test_api.conftest import PostgresCluster, postgres_cluster  # noqa: F401  (the fixture)
 
+#: What a fleet host's processes inherit: host A its databases and home; host B (which must know only
+#: the two URLs and its token) its home alone.
 FLEET_ENV = ("PREFECT_API_DATABASE_CONNECTION_URL", "FORGEFLOW_DATABASE_URL", "FORGEFLOW_HOME")
-
-
-@contextmanager
-def _environment(**values: str) -> Iterator[None]:
-    """``os.environ`` with ``values`` set and the other fleet variables unset, restored afterwards (a
-    stack's processes inherit it: host B must know only the two URLs and its token)."""
-    saved = {k: os.environ.get(k) for k in FLEET_ENV}
-    try:
-        for key in FLEET_ENV:
-            os.environ.pop(key, None)
-        os.environ.update(values)
-        yield
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
 
 
 @pytest.fixture(scope="session")
@@ -48,11 +30,12 @@ def host_a(
     prefect_db = postgres_cluster.new_database().replace("postgresql+psycopg://", "postgresql+asyncpg://")
     home_a = tmp_path_factory.mktemp("fleet") / "host-a"
     try:
-        with _environment(
-            PREFECT_API_DATABASE_CONNECTION_URL=prefect_db,
-            FORGEFLOW_DATABASE_URL=postgres_cluster.new_database(),
-            FORGEFLOW_HOME=str(home_a),
-        ):
+        server_env = {
+            "PREFECT_API_DATABASE_CONNECTION_URL": prefect_db,
+            "FORGEFLOW_DATABASE_URL": postgres_cluster.new_database(),
+            "FORGEFLOW_HOME": str(home_a),
+        }
+        with environment(server_env):
             started = stack.up(
                 Settings(home=home_a), prefect_port=free_port(), api_port=free_port(), workers=1, jobs_per_worker=2
             )
@@ -71,7 +54,7 @@ def two_hosts(host_a: tuple[Any, Path, str], tmp_path: Path) -> Iterator[tuple[A
     started, home_a, token = host_a
     home_b = tmp_path / "host-b"
     try:
-        with _environment(FORGEFLOW_HOME=str(home_b)):
+        with environment({"FORGEFLOW_HOME": str(home_b)}, unset=FLEET_ENV):
             stack.join(
                 Settings(home=home_b),
                 prefect_api_url=started.prefect_api_url,

@@ -5,7 +5,6 @@ and a second nightly run (made as the scheduler makes one, Scheduled) computes o
 
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,7 +15,7 @@ import pytest
 import yaml
 
 from tests.batch_helpers import calls, file_work, make_images
-from tests.conftest import free_port
+from tests.conftest import environment, free_port
 from tests.test_deployments import KEEP_ALIVE, PrefectRest
 
 pytestmark = pytest.mark.xdist_group("stack")
@@ -33,21 +32,16 @@ def stack_up(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Any, Pr
 
     home = tmp_path_factory.mktemp("batch-stack")
     settings = Settings(home=home)
-    saved = os.environ.get("FORGEFLOW_HOME")
-    os.environ["FORGEFLOW_HOME"] = str(home)
-    try:
-        started = stack.up(settings, prefect_port=free_port(), api_port=free_port(), workers=1, jobs_per_worker=3)
-        yield (
-            started,
-            PrefectRest(started.prefect_api_url),
-            httpx.Client(base_url=started.api_url, timeout=30, limits=KEEP_ALIVE),
-        )
-    finally:
-        stack.down(settings)
-        if saved is None:
-            os.environ.pop("FORGEFLOW_HOME", None)
-        else:
-            os.environ["FORGEFLOW_HOME"] = saved
+    with environment({"FORGEFLOW_HOME": str(home)}):
+        try:
+            started = stack.up(settings, prefect_port=free_port(), api_port=free_port(), workers=1, jobs_per_worker=3)
+            yield (
+                started,
+                PrefectRest(started.prefect_api_url),
+                httpx.Client(base_url=started.api_url, timeout=30, limits=KEEP_ALIVE),
+            )
+        finally:
+            stack.down(settings)
 
 
 def _run_deployment(prefect: PrefectRest, name: str, parameters: dict[str, Any], **body: Any) -> str:

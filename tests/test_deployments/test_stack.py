@@ -16,7 +16,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.conftest import free_port
+from tests.conftest import environment, free_port
 from tests.test_api.conftest import wait_job, ws_collect
 from tests.test_deployments import KEEP_ALIVE, PrefectRest
 
@@ -78,20 +78,14 @@ def running(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Running]:
 
     home = tmp_path_factory.mktemp("stack-home")
     settings = Settings(home=home, api_token=SecretStr(CANARY))
-    saved = {k: os.environ.get(k) for k in ("FORGEFLOW_HOME", "PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS")}
-    os.environ["FORGEFLOW_HOME"] = str(home)
-    os.environ["PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS"] = "1"  # schedule-made runs within seconds
-    try:
-        started = stack.up(settings, prefect_port=free_port(), api_port=free_port(), workers=1)
-        parts = list(started.processes)
-        yield Running(started, home)
-    finally:
-        stopped = stack.down(settings)
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
+    # PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS: schedule-made runs within seconds
+    with environment({"FORGEFLOW_HOME": str(home), "PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS": "1"}):
+        try:
+            started = stack.up(settings, prefect_port=free_port(), api_port=free_port(), workers=1)
+            parts = list(started.processes)
+            yield Running(started, home)
+        finally:
+            stopped = stack.down(settings)
     from forgeflow.processes import pid_alive
 
     assert {p.name for p in parts} <= {*stopped, "never"}  # every part was still running until down

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pytest
@@ -11,6 +10,7 @@ import pytest
 from forgeflow.canonical import canonical_json
 from forgeflow.pipeline.definition import PipelineDefinition
 from forgeflow.plugins.media import MediaStore
+from tests.conftest import environment
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 
@@ -28,20 +28,15 @@ def engine(tmp_path_factory, prefect_api_url, assets):
     from forgeflow.settings import get_settings
 
     home = tmp_path_factory.mktemp("ffhome-examples")
-    saved = {k: os.environ.get(k) for k in ("FORGEFLOW_HOME", "FORGEFLOW_MEDIA_INPUT_ROOTS")}
-    os.environ["FORGEFLOW_HOME"] = str(home)
-    os.environ["FORGEFLOW_MEDIA_INPUT_ROOTS"] = json.dumps([str(assets)])
-    get_settings.cache_clear()
-    services = Services.from_settings(get_settings(), sink=MemorySink())
     try:
-        yield PipelineExecutor(services), services
+        with environment({"FORGEFLOW_HOME": str(home), "FORGEFLOW_MEDIA_INPUT_ROOTS": json.dumps([str(assets)])}):
+            get_settings.cache_clear()
+            services = Services.from_settings(get_settings(), sink=MemorySink())
+            try:
+                yield PipelineExecutor(services), services
+            finally:
+                services.close()
     finally:
-        services.close()
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
         get_settings.cache_clear()
 
 
